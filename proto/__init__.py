@@ -1,0 +1,1 @@
+"""gRPC API definition and stubs (issue 6)."""

@@ -1,0 +1,1 @@
+"""Retriever: chunker, embedder and faiss index (issue 5)."""

@@ -1,0 +1,1 @@
+"""Edges of kvblend: CLI, evaluation, benchmarks, later the gRPC server."""

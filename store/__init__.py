@@ -1,0 +1,1 @@
+"""Tiered chunk-KV store (issue 4)."""
