@@ -1,0 +1,159 @@
+"""The per-layer step of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2), positions explicit.
+
+Full prefill, decode, full KV reuse and selective recompute are all this one step, run on different
+sets of positions: it takes the hidden states of the tokens being computed and their absolute
+positions, writes their K/V into the cache at those positions and attends to the cache with a
+causal mask built from positions. The weights are the Hugging Face modules' own; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from blend.cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Rope types whose inverse frequencies do not depend on the sequence length and whose cos/sin are not
+# rescaled: for those, rotating by p then by d is exactly rotating by p + d, which re-placement needs.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class UnsupportedModel(ValueError):
+    """The model uses a setting the per-layer step does not implement; it must not be served."""
+
+
+def rope_settings(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return dict(params)
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModel(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    rope_type = rope_settings(config).get("rope_type", rope_settings(config).get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UnsupportedModel(
+            f"rope scaling {rope_type!r} is not implemented by the per-layer step "
+            f"(supported: {', '.join(STATIC_ROPE_TYPES)})"
+        )
+    partial = getattr(config, "partial_rotary_factor", None) or rope_settings(config).get(
+        "partial_rotary_factor"
+    )
+    if partial not in (None, 1, 1.0):
+        raise UnsupportedModel(f"partial_rotary_factor={partial} is not implemented (only full rotary)")
+    if getattr(config, "use_sliding_window", False) or (
+        model_type == "mistral" and getattr(config, "sliding_window", None)
+    ):
+        raise UnsupportedModel(
+            f"sliding_window={getattr(config, 'sliding_window', None)} attention is not implemented"
+        )
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaStep:
+    """Explicit-position view of a loaded Hugging Face Llama-family causal LM (batch of one request)."""
+
+    def __init__(self, hf_model):
+        check_supported(hf_model.config)
+        config = hf_model.config
+        self.hf = hf_model
+        self.config = config
+        self.layers = hf_model.model.layers
+        self.n_layers = config.num_hidden_layers
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        rotary = hf_model.model.rotary_emb
+        if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+            raise UnsupportedModel(f"rope attention_scaling={rotary.attention_scaling} is not implemented")
+        self.inv_freq = rotary.inv_freq.float()
+        self.scale = self.layers[0].self_attn.scaling
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.model.embed_tokens.weight.device
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache.empty(self.n_layers, capacity, self.n_kv_heads, self.head_dim, self.dtype, self.device)
+
+    # --- RoPE -------------------------------------------------------------------------------------
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape [T, 1, head_dim] for absolute (or relative, for re-rotation) positions."""
+        freqs = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos(), emb.sin()
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Apply RoPE to x [T, heads, head_dim] at the given positions (computed in float32)."""
+        cos, sin = self.cos_sin(positions)
+        xf = x.float()
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+    def rerotate(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """Move rotated keys [T, heads, head_dim] from position p to p + delta (rotations compose)."""
+        if delta == 0:
+            return k
+        return self.rotate(k, torch.full((k.shape[0],), delta, device=k.device))
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf.model.embed_tokens(token_ids.to(self.device))
+
+    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
+        """Rotated q [T, n_heads, d], rotated k and v [T, n_kv_heads, d] for hidden states h [T, hidden]."""
+        block = self.layers[layer]
+        attn = block.self_attn
+        x = block.input_layernorm(h)
+        n = h.shape[0]
+        q = attn.q_proj(x).view(n, self.n_heads, self.head_dim)
+        k = attn.k_proj(x).view(n, self.n_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(n, self.n_kv_heads, self.head_dim)
+        cos, sin = self.cos_sin(positions)
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
+        return q, k, v
+
+    def attend(self, layer: int, h, q, positions: torch.Tensor, cache: KVCache, length: int):
+        """Attention of q over cache[:length] with an exact causal mask from absolute positions, then MLP."""
+        block = self.layers[layer]
+        keys, values = cache.keys_values(layer, length)  # [n_kv, length, d]
+        # Exact causal mask: query at position p sees keys at positions <= p, whatever else is cached.
+        mask = positions.to(keys.device)[:, None] >= torch.arange(length, device=keys.device)[None, :]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask[None, None],
+            scale=self.scale, enable_gqa=True,
+        )
+        out = out[0].transpose(0, 1).reshape(h.shape[0], self.n_heads * self.head_dim)
+        h = h + block.self_attn.o_proj(out)
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    def step(self, layer: int, h, positions: torch.Tensor, cache: KVCache, length: int):
+        q, k, v = self.qkv(layer, h, positions)
+        cache.write(layer, positions, k, v)
+        return self.attend(layer, h, q, positions, cache, length)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.hf.lm_head(self.hf.model.norm(h)).float()
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """All layers over the given tokens; returns logits of every given token. Prefill and decode."""
+        length = int(positions.max()) + 1
+        h = self.embed(token_ids)
+        for layer in range(self.n_layers):
+            h = self.step(layer, h, positions, cache, length)
+        return self.logits(h)

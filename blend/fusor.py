@@ -1,0 +1,198 @@
+"""The fusor: full prefill, prefix caching, full KV reuse and CacheBlend, as one layer loop.
+
+The modes differ only in which positions are computed at which layer and which cached segments are
+placed into the buffer first:
+
+    mode    cached segments placed        computed at layer < check   from the check layer on
+    full    none                          every token                 every token
+    prefix  system prefix + first chunk   the rest                    the rest
+    reuse   system prefix + all chunks    the question                the question
+    blend   system prefix + all chunks    every chunk + question      top `ratio` chunk tokens + question
+
+Chunk KV comes from a `KVSource`, which yields one layer at a time, so a source may still be loading
+layer i + 1 while layer i computes; the fusor never does I/O itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from blend.adapter import LlamaStep
+from blend.cache import ChunkKV, KVCache
+from blend.prompt import PromptLayout
+
+MODES = ("full", "prefix", "reuse", "blend")
+SELECTORS = ("v", "k")
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    mode: str = "blend"
+    ratio: float = 0.15
+    check_layer: int = 1
+    selector: str = "v"
+    # Gradual filtering: the kept set starts at min(1, 2 * ratio) at the check layer and shrinks
+    # linearly to `ratio` over `gradual_layers` layers, each step ranking by that layer's deviation.
+    gradual_layers: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r} (choose one of {', '.join(MODES)})")
+        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"recompute ratio {self.ratio!r} is outside [0, 1]")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"unknown selector {self.selector!r} (choose one of {', '.join(SELECTORS)})")
+        if self.check_layer < 1:
+            raise ValueError(f"check layer {self.check_layer} must be >= 1 (layer 0 always runs in full)")
+        if self.gradual_layers < 0:
+            raise ValueError(f"gradual_layers {self.gradual_layers} must be >= 0")
+
+    @property
+    def label(self) -> str:
+        if self.mode != "blend":
+            return self.mode
+        suffix = "" if self.selector == "v" else f"/{self.selector}"
+        suffix += f"/gradual{self.gradual_layers}" if self.gradual_layers else ""
+        return f"blend@{self.ratio:g}{suffix}"
+
+
+class KVSource(Protocol):
+    """Cached segments (system prefix first, then chunks in layout order), delivered per layer."""
+
+    starts: Sequence[int]  # the position each segment's K was rotated at when it was computed
+
+    def layer(self, index: int) -> Sequence[torch.Tensor]:
+        """One [T, 2, kv_heads, head_dim] block per segment for this layer, on the compute device."""
+        ...
+
+
+class MemorySource:
+    """Chunk KV already in memory on the compute device."""
+
+    def __init__(self, entries: Sequence[ChunkKV]):
+        self.entries = list(entries)
+        self.starts = [entry.start for entry in self.entries]
+
+    def layer(self, index: int) -> list[torch.Tensor]:
+        return [entry.kv[index] for entry in self.entries]
+
+
+@dataclass
+class Prefill:
+    cache: KVCache
+    length: int
+    logits: torch.Tensor  # first-token logits (the last prompt token's), float32
+    recomputed: int  # chunk tokens recomputed from the check layer on
+
+
+def cached_entries(mode: str, prefix: ChunkKV, chunks: Sequence[ChunkKV], layout: PromptLayout) -> list[ChunkKV]:
+    """The cached segments a mode places, checked against the layout so a cache never meets wrong text."""
+    if tuple(prefix.token_ids) != tuple(layout.prefix):
+        raise ValueError("the cached system prefix does not match the prompt's prefix tokens")
+    for index, (entry, ids) in enumerate(zip(chunks, layout.chunks)):
+        if tuple(entry.token_ids) != tuple(ids):
+            raise ValueError(f"cached KV of chunk {index} was computed for other tokens than the prompt's")
+    if len(chunks) != len(layout.chunks):
+        raise ValueError(f"{len(chunks)} cached chunks for a prompt of {len(layout.chunks)} chunks")
+    count = {"full": 0, "prefix": 1 + min(1, len(chunks)), "reuse": 1 + len(chunks), "blend": 1 + len(chunks)}
+    return ([prefix] + list(chunks))[: count[mode]]
+
+
+def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, old_starts, new_starts) -> None:
+    for block, old, new in zip(blocks, old_starts, new_starts):
+        length = block.shape[0]
+        if length == 0:
+            continue
+        target = cache.data[layer, new : new + length]
+        target.copy_(block, non_blocking=True)
+        if new != old:  # K was rotated at its computed positions; move it to where it sits now
+            target[:, 0] = step.rerotate(target[:, 0], new - old)
+
+
+def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
+    """Layer -> fraction of chunk tokens kept from that layer on (blend only)."""
+    if config.mode != "blend":
+        return {}
+    if config.check_layer >= n_layers:
+        raise ValueError(f"check layer {config.check_layer} is past the model's last layer {n_layers - 1}")
+    if config.gradual_layers <= 1:
+        return {config.check_layer: config.ratio}
+    start, end = min(1.0, 2 * config.ratio), config.ratio
+    steps = min(config.gradual_layers, n_layers - config.check_layer)
+    return {
+        config.check_layer + s: start + (end - start) * s / max(1, steps - 1) for s in range(steps)
+    }
+
+
+def _deviation(cache: KVCache, layer: int, positions, k, v, selector: str) -> torch.Tensor:
+    """Squared L2 distance, per token summed over heads, between fresh and cached K or V."""
+    cached = cache.data[layer].index_select(0, positions)[:, 1 if selector == "v" else 0]
+    fresh = v if selector == "v" else k
+    return (fresh.float() - cached.float()).pow(2).sum(dim=(1, 2))
+
+
+def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: KVSource | None,
+            capacity: int | None = None) -> Prefill:
+    """Fill a KV buffer for the whole prompt under `config.mode` and return the first-token logits."""
+    n = len(layout)
+    if not layout.suffix:
+        raise ValueError("the prompt layout has no question tokens")
+    capacity = max(capacity or n, n)
+    device = step.device
+    cache = step.new_cache(capacity)
+    ids = torch.tensor(layout.token_ids, device=device)
+    segment_starts = [0] + layout.chunk_starts()
+    old_starts = list(source.starts) if source is not None else []
+    new_starts = segment_starts[: len(old_starts)]
+    question_start = n - len(layout.suffix)
+    covered = (segment_starts + [question_start])[len(old_starts)]  # prompt tokens the placed segments fill
+    schedule = _schedule(config, step.n_layers)
+    if config.mode == "blend":
+        if len(old_starts) != 1 + len(layout.chunks):
+            raise ValueError("blend needs the cached system prefix and every chunk's KV")
+        first = len(layout.prefix)  # the system prefix sits where it was computed: its cache is exact
+    else:
+        first = covered
+    positions = torch.arange(first, n, device=device)
+    n_chunk_tokens = question_start - len(layout.prefix)
+    h = step.embed(ids[first:])
+    for layer in range(step.n_layers):
+        if source is not None:
+            _place(step, cache, layer, source.layer(layer), old_starts, new_starts)
+        if layer not in schedule:
+            h = step.step(layer, h, positions, cache, n)
+            continue
+        q, k, v = step.qkv(layer, h, positions)
+        is_chunk = positions < question_start
+        score = _deviation(cache, layer, positions, k, v, config.selector)
+        budget = min(int(is_chunk.sum()), round(schedule[layer] * n_chunk_tokens))
+        score = torch.where(is_chunk, score, torch.full_like(score, float("inf")))
+        keep = torch.topk(score, budget + int((~is_chunk).sum())).indices.sort().values
+        h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
+        cache.write(layer, positions, k, v)
+        h = step.attend(layer, h, q, positions, cache, n)
+    recomputed = int((positions < question_start).sum())
+    return Prefill(cache=cache, length=n, logits=step.logits(h[-1]), recomputed=recomputed)
+
+
+def compute_kv(step: LlamaStep, token_ids: Sequence[int], behind: ChunkKV | None = None) -> ChunkKV:
+    """Per-layer K/V of `token_ids` computed on their own, right behind `behind` (e.g. the system prefix).
+
+    The prefix's own K/V are dropped from the result; the chunk's K stays rotated at the positions it
+    was computed at, recorded as `start`, so it can be re-rotated exactly to any new offset.
+    """
+    start = len(behind) if behind is not None else 0
+    count = len(token_ids)
+    cache = step.new_cache(start + count)
+    if behind is not None and start:
+        cache.data[:, :start].copy_(behind.kv)
+    if count:
+        positions = torch.arange(start, start + count, device=step.device)
+        h = step.embed(torch.tensor(list(token_ids), device=step.device))
+        for layer in range(step.n_layers):
+            h = step.step(layer, h, positions, cache, start + count)
+    return ChunkKV(token_ids=tuple(token_ids), start=start, kv=cache.data[:, start:].clone())
