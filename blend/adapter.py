@@ -91,23 +91,40 @@ class LlamaStep:
 
     # --- RoPE -------------------------------------------------------------------------------------
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape [T, 1, head_dim] for absolute (or relative, for re-rotation) positions."""
-        freqs = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos(), emb.sin()
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotation angles [T, head_dim / 2], rounded to float32 exactly as the Hugging Face forward does."""
+        return positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Apply RoPE to x [T, heads, head_dim] at the given positions (computed in float32)."""
-        cos, sin = self.cos_sin(positions)
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape [T, 1, head_dim] at absolute positions."""
+        return self._cos_sin(self.angles(positions))
+
+    @staticmethod
+    def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.cat((angles, angles), dim=-1)[:, None, :]
+        return emb.cos().float(), emb.sin().float()
+
+    @staticmethod
+    def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
-    def rerotate(self, k: torch.Tensor, delta: int) -> torch.Tensor:
-        """Move rotated keys [T, heads, head_dim] from position p to p + delta (rotations compose)."""
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Apply RoPE to x [T, heads, head_dim] at the given positions."""
+        return self._apply(x, *self.cos_sin(positions))
+
+    def rerotate(self, k: torch.Tensor, start: int, delta: int) -> torch.Tensor:
+        """Move keys [T, heads, head_dim] rotated at positions start.. to start + delta..
+
+        Rotations compose, but the forward rounds each angle to float32; rotating by the difference
+        of the two rounded angles (taken in float64) lands exactly on the K the forward computes at
+        the new position, where rotating by delta's own angle would be off by the rounding.
+        """
         if delta == 0:
             return k
-        return self.rotate(k, torch.full((k.shape[0],), delta, device=k.device))
+        positions = torch.arange(start, start + k.shape[0], device=k.device)
+        turn = self.angles(positions + delta).double() - self.angles(positions).double()
+        return self._apply(k, *self._cos_sin(turn))
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -124,9 +141,7 @@ class LlamaStep:
         k = attn.k_proj(x).view(n, self.n_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(n, self.n_kv_heads, self.head_dim)
         cos, sin = self.cos_sin(positions)
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
-        return q, k, v
+        return self._apply(q, cos, sin), self._apply(k, cos, sin), v
 
     def attend(self, layer: int, h, q, positions: torch.Tensor, cache: KVCache, length: int):
         """Attention of q over cache[:length] with an exact causal mask from absolute positions, then MLP."""

@@ -110,7 +110,7 @@ def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, old_starts, new_
         target = cache.data[layer, new : new + length]
         target.copy_(block, non_blocking=True)
         if new != old:  # K was rotated at its computed positions; move it to where it sits now
-            target[:, 0] = step.rerotate(target[:, 0], new - old)
+            target[:, 0] = step.rerotate(target[:, 0], old, new - old)
 
 
 def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:

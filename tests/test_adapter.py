@@ -1,0 +1,117 @@
+"""The per-layer step reproduces the Hugging Face forward for each supported family (tiny random models)."""
+
+import pytest
+import torch
+
+from blend.adapter import LlamaStep, UnsupportedModel
+from blend.decode import greedy
+from blend.loader import gate
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("mistral", {}), ("qwen2", {})])
+def test_full_prefill_matches_hf_forward(family, extra):
+    model = tiny_model(family, **extra)
+    step = LlamaStep(model)
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = model(ids[None]).logits[0]
+        ours = step.forward(ids, torch.arange(40), step.new_cache(40))
+    assert (ours - reference).abs().max() < 1e-4
+
+
+def test_prefill_in_pieces_equals_one_prefill(tiny):
+    """Positions are explicit, so computing a prompt in three calls fills the same cache."""
+    ids = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        whole_cache = tiny.new_cache(30)
+        whole = tiny.forward(ids, torch.arange(30), whole_cache)
+        cache = tiny.new_cache(30)
+        for lo, hi in ((0, 7), (7, 20), (20, 30)):
+            last = tiny.forward(ids[lo:hi], torch.arange(lo, hi), cache)
+    assert (last[-1] - whole[-1]).abs().max() < 1e-5
+    assert (cache.data - whole_cache.data).abs().max() < 1e-5
+
+
+def test_greedy_decode_matches_hf_generate(tiny):
+    prompt = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = tiny.hf.generate(prompt[None], attention_mask=torch.ones(1, 12, dtype=torch.long), max_new_tokens=10, do_sample=False, min_new_tokens=10,
+                                    pad_token_id=0)[0, 12:].tolist()
+        cache = tiny.new_cache(22)
+        logits = tiny.forward(prompt, torch.arange(12), cache)[-1]
+        ours = list(greedy(tiny, cache, 12, logits, 10, stop_ids=set()))
+    assert ours == expected
+
+
+def test_rerotation_is_exact(tiny):
+    """K computed at position p, then rotated by d, equals K computed at p + d."""
+    k = torch.randn(16, tiny.n_kv_heads, tiny.head_dim, generator=torch.Generator().manual_seed(4))
+    for p, d in ((0, 5), (100, 37), (311, -200)):
+        at_p = tiny.rotate(k, torch.arange(p, p + 16))
+        at_p_plus_d = tiny.rotate(k, torch.arange(p + d, p + d + 16))
+        assert (tiny.rerotate(at_p, p, d) - at_p_plus_d).abs().max() < 1e-5
+
+
+def test_attention_mask_is_exact_for_sparse_positions(tiny):
+    """A query at position p sees keys 0..p only, even when later positions hold keys (blend's case)."""
+    ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        cache = tiny.new_cache(20)
+        tiny.forward(ids, torch.arange(20), cache)  # every slot filled, including later ones
+        positions = torch.tensor([3, 11])
+        h = torch.randn(2, tiny.config.hidden_size, generator=torch.Generator().manual_seed(6))
+        q, _, _ = tiny.qkv(2, h, positions)
+        out = tiny.attend(2, h, q, positions, cache, 20)
+        for row, p in enumerate(positions.tolist()):
+            alone = tiny.attend(2, h[row : row + 1], q[row : row + 1], positions[row : row + 1],
+                                _truncated(cache, p + 1), p + 1)
+            assert (out[row] - alone[0]).abs().max() < 1e-5
+
+
+def _truncated(cache, length):
+    from blend.cache import KVCache
+
+    return KVCache(cache.data[:, :length].clone())
+
+
+@pytest.mark.parametrize(
+    "family,overrides,named",
+    [
+        ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+        ("llama", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                    "long_factor": [1.0] * 8, "factor": 2.0,
+                                    "original_max_position_embeddings": 256}}, "longrope"),
+        ("mistral", {"sliding_window": 64}, "sliding_window"),
+        ("gpt2", {}, "gpt2"),
+    ],
+)
+def test_unsupported_settings_are_refused_by_name(family, overrides, named):
+    from transformers import AutoConfig
+
+    from blend.adapter import check_supported
+
+    config = AutoConfig.for_model(family, **overrides)
+    with pytest.raises(UnsupportedModel, match=named):
+        check_supported(config)
+
+
+def test_partial_rotary_is_refused():
+    from transformers import AutoConfig
+
+    from blend.adapter import check_supported
+
+    config = AutoConfig.for_model("llama", partial_rotary_factor=0.5)
+    with pytest.raises(UnsupportedModel, match="partial_rotary_factor"):
+        check_supported(config)
+
+
+def test_gate_refuses_a_step_that_disagrees_with_the_model(tiny):
+    def tokenizer(text, add_special_tokens=True):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+    assert gate(tiny, tokenizer) < 1e-4
+    broken = LlamaStep(tiny.hf)
+    broken.inv_freq = broken.inv_freq * 1.5  # a RoPE the model was not trained with
+    with pytest.raises(UnsupportedModel, match="does not reproduce"):
+        gate(broken, tokenizer)
