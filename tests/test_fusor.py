@@ -1,0 +1,117 @@
+"""Facts about the four modes on a tiny random Llama: they are one loop over different positions."""
+
+import pytest
+import torch
+
+from blend.decode import greedy
+from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill
+from blend.prompt import PromptLayout
+
+
+def _layout(seed=0, chunk_lengths=(9, 14, 11)):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: tuple(torch.randint(0, 128, (n,), generator=g).tolist())  # noqa: E731
+    return PromptLayout(prefix=rand(6), chunks=tuple(rand(n) for n in chunk_lengths), suffix=rand(5))
+
+
+def _run(step, layout, config, capacity=None):
+    prefix = compute_kv(step, layout.prefix)
+    chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+    source = MemorySource(cached_entries(config.mode, prefix, chunks, layout))
+    with torch.inference_mode():
+        return prefill(step, layout, config, source if config.mode != "full" else None, capacity)
+
+
+def _answer(step, filled, n=8):
+    with torch.inference_mode():
+        return list(greedy(step, filled.cache, filled.length, filled.logits, n, stop_ids=set()))
+
+
+def test_blend_ratio_one_reproduces_full(tiny):
+    layout = _layout()
+    full = _run(tiny, layout, BlendConfig(mode="full"), len(layout) + 8)
+    blend = _run(tiny, layout, BlendConfig(mode="blend", ratio=1.0), len(layout) + 8)
+    assert (blend.logits - full.logits).abs().max() < 1e-4
+    assert blend.recomputed == sum(map(len, layout.chunks))
+    assert _answer(tiny, blend) == _answer(tiny, full)
+
+
+def test_gradual_filtering_at_ratio_one_reproduces_full(tiny):
+    layout = _layout(seed=3)
+    full = _run(tiny, layout, BlendConfig(mode="full"))
+    blend = _run(tiny, layout, BlendConfig(mode="blend", ratio=1.0, gradual_layers=3))
+    assert (blend.logits - full.logits).abs().max() < 1e-4
+
+
+def test_reuse_of_one_chunk_at_its_computed_position_reproduces_full(tiny):
+    layout = _layout(seed=1, chunk_lengths=(12,))
+    full = _run(tiny, layout, BlendConfig(mode="full"), len(layout) + 8)
+    reuse = _run(tiny, layout, BlendConfig(mode="reuse"), len(layout) + 8)
+    assert (reuse.logits - full.logits).abs().max() < 1e-4
+    assert _answer(tiny, reuse) == _answer(tiny, full)
+
+
+def test_prefix_mode_reproduces_full(tiny):
+    """Prefix caching reuses only the exact prefix (system prompt + first chunk), so it is lossless."""
+    layout = _layout(seed=2)
+    full = _run(tiny, layout, BlendConfig(mode="full"))
+    prefix = _run(tiny, layout, BlendConfig(mode="prefix"))
+    assert (prefix.logits - full.logits).abs().max() < 1e-4
+
+
+def test_reuse_of_several_chunks_differs_from_full(tiny):
+    """Chunks that never attended to each other are not full prefill: the test above could not pass
+    by accident of a mode silently falling back to full."""
+    layout = _layout(seed=4)
+    full = _run(tiny, layout, BlendConfig(mode="full"))
+    reuse = _run(tiny, layout, BlendConfig(mode="reuse"))
+    assert (reuse.logits - full.logits).abs().max() > 1e-3
+
+
+def test_blend_ratio_zero_matches_reuse(tiny):
+    """Ratio 0 recomputes only the question from the check layer on. Layer 0 still recomputes every
+    token, whose K/V equal the re-rotated cache up to float rounding, so the match is within 1e-5,
+    not bitwise; from the check layer on every chunk position keeps its cached K/V exactly."""
+    layout = _layout(seed=5)
+    reuse = _run(tiny, layout, BlendConfig(mode="reuse"))
+    blend = _run(tiny, layout, BlendConfig(mode="blend", ratio=0.0))
+    assert blend.recomputed == 0
+    assert (blend.logits - reuse.logits).abs().max() < 1e-5
+    chunk_end = len(layout) - len(layout.suffix)
+    assert torch.equal(blend.cache.data[1:, :chunk_end], reuse.cache.data[1:, :chunk_end])
+
+
+def test_blend_recomputes_the_requested_fraction(tiny):
+    layout = _layout(seed=6, chunk_lengths=(20, 20, 20))
+    blend = _run(tiny, layout, BlendConfig(mode="blend", ratio=0.25))
+    assert blend.recomputed == round(0.25 * 60)
+    reuse = _run(tiny, layout, BlendConfig(mode="reuse"))
+    assert (blend.logits - reuse.logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs,named",
+    [
+        ({"mode": "fast"}, "'fast'"),
+        ({"ratio": 1.5}, "1.5"),
+        ({"ratio": -0.1}, "-0.1"),
+        ({"selector": "q"}, "'q'"),
+        ({"check_layer": 0}, "check layer 0"),
+    ],
+)
+def test_bad_blend_settings_name_the_value(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        BlendConfig(**kwargs)
+
+
+def test_check_layer_past_the_model_is_refused(tiny):
+    with pytest.raises(ValueError, match="check layer 9"):
+        _run(tiny, _layout(), BlendConfig(mode="blend", check_layer=9))
+
+
+def test_cache_for_other_tokens_is_refused(tiny):
+    layout = _layout(seed=7)
+    prefix = compute_kv(tiny, layout.prefix)
+    chunks = [compute_kv(tiny, ids, behind=prefix) for ids in reversed(layout.chunks)]
+    with pytest.raises(ValueError, match="chunk 0"):
+        cached_entries("blend", prefix, chunks, layout)
