@@ -1,0 +1,135 @@
+"""Chunks as store entries: one manifest plus one entry per layer, so layers can be read one at a time.
+
+The manifest (token ids, start, layer count, block shape, dtype) is written after every layer, so a
+reader that finds it can expect the layers; if one of them has since been evicted or found corrupt
+the chunk is a miss, never a partial answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from blend.cache import ChunkKV
+from store.codec import CODE_DTYPES, DTYPE_CODES
+from store.config import StoreConfig
+from store.keys import check_chunk_key, layer_key, manifest_key
+from store.tiered import TieredStore
+
+log = logging.getLogger(__name__)
+
+Compute = Callable[[int], ChunkKV]  # index of the chunk in the request -> its K/V computed on its own
+
+
+@dataclass(frozen=True)
+class Manifest:
+    token_ids: tuple[int, ...]
+    start: int
+    n_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int]:
+        return (len(self.token_ids), 2, self.kv_heads, self.head_dim)
+
+    @classmethod
+    def of(cls, chunk: ChunkKV) -> "Manifest":
+        kv = chunk.kv
+        if kv.dim() != 5 or kv.shape[1] != len(chunk.token_ids) or kv.shape[2] != 2:
+            raise ValueError(f"chunk K/V of shape {list(kv.shape)} is not [n_layers, {len(chunk.token_ids)} "
+                             f"tokens, 2, kv_heads, head_dim]")
+        if kv.dtype not in DTYPE_CODES:
+            raise ValueError(f"chunk K/V dtype {kv.dtype} is not storable (use one of {list(DTYPE_CODES)})")
+        return cls(tuple(chunk.token_ids), chunk.start, kv.shape[0], kv.shape[3], kv.shape[4], kv.dtype)
+
+    def to_tensor(self) -> torch.Tensor:
+        head = [self.start, self.n_layers, self.kv_heads, self.head_dim, DTYPE_CODES[self.dtype]]
+        return torch.tensor(head + list(self.token_ids), dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> "Manifest":
+        values = tensor.tolist() if tensor.dtype == torch.int64 and tensor.dim() == 1 else []
+        if len(values) < 5 or values[4] not in CODE_DTYPES:
+            raise ValueError(f"not a chunk manifest: {tensor.dtype} tensor of shape {list(tensor.shape)}")
+        start, n_layers, kv_heads, head_dim, code = values[:5]
+        return cls(tuple(values[5:]), start, n_layers, kv_heads, head_dim, CODE_DTYPES[code])
+
+
+class ChunkStore:
+    """Whole chunks and single layers of chunks, over a `TieredStore`. Thread-safe."""
+
+    def __init__(self, tiered: TieredStore):
+        self.tiered = tiered
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> "ChunkStore":
+        return cls(TieredStore.from_config(config))
+
+    def put(self, key: str, chunk: ChunkKV) -> bool:
+        """Store every layer, then the manifest; False (logged) if some entry could not be stored."""
+        manifest = Manifest.of(chunk)
+        check_chunk_key(key)
+        stored = all([self.tiered.put(layer_key(key, i), chunk.kv[i]) for i in range(manifest.n_layers)])
+        return self.tiered.put(manifest_key(key), manifest.to_tensor()) and stored
+
+    def manifest(self, key: str) -> Manifest | None:
+        """The chunk's manifest; each call counts as one use of the chunk for admission."""
+        self.tiered.note_use(check_chunk_key(key))
+        value = self.tiered.get(manifest_key(key))
+        if value is None:
+            return None
+        try:
+            return Manifest.from_tensor(value)
+        except ValueError as err:
+            log.warning("store: manifest of chunk %s is unreadable (%s); treated as a miss", key, err)
+            return None
+
+    def layer(self, key: str, manifest: Manifest, index: int) -> torch.Tensor | None:
+        """One layer's [T, 2, kv_heads, head_dim] block, or None if it is missing or does not fit the manifest."""
+        if not 0 <= index < manifest.n_layers:
+            raise ValueError(f"layer {index} is outside the chunk's {manifest.n_layers} layers")
+        block = self.tiered.get(layer_key(key, index))
+        if block is None:
+            return None
+        if tuple(block.shape) != manifest.block_shape or block.dtype != manifest.dtype:
+            log.warning("store: layer %d of chunk %s is %s %s, its manifest says %s %s; treated as a miss",
+                        index, key, block.dtype, list(block.shape), manifest.dtype, list(manifest.block_shape))
+            return None
+        return block
+
+    def get(self, key: str, device: str | torch.device = "cpu") -> ChunkKV | None:
+        """The whole chunk on `device`, or None if its manifest or any layer is missing."""
+        manifest = self.manifest(key)
+        if manifest is None:
+            return None
+        kv = torch.empty((manifest.n_layers, *manifest.block_shape), dtype=manifest.dtype, device=device)
+        for index in range(manifest.n_layers):
+            block = self.layer(key, manifest, index)
+            if block is None:
+                return None
+            kv[index].copy_(block)
+        return ChunkKV(token_ids=manifest.token_ids, start=manifest.start, kv=kv)
+
+    def get_or_compute(self, keys: Sequence[str], compute: Compute,
+                       device: str | torch.device = "cpu") -> list[ChunkKV]:
+        """Each chunk looked up on its own; a missing one is computed by `compute(index)` and written back."""
+        chunks = []
+        for index, key in enumerate(keys):
+            chunk = self.get(key, device)
+            if chunk is None:
+                chunk = compute(index)
+                self.put(key, chunk)
+            chunks.append(chunk)
+        return chunks
+
+    def source(self, keys: Sequence[str], compute: Compute | None = None,
+               device: str | torch.device = "cpu", prefetch: bool = True):
+        """A `KVSource` over these chunks that loads layer i + 1 while layer i is consumed."""
+        from store.source import StoreSource
+
+        return StoreSource(self, keys, compute, device, prefetch)

@@ -1,0 +1,123 @@
+"""Bytes for what leaves process memory (Redis, disk): a small checked header, then the tensor.
+
+    offset  size       field
+    0       4          magic b"KVBL"
+    4       2          codec version (FORMAT_VERSION)
+    6       1          flags: bit 0 = int8 quantized
+    7       1          dtype code of the tensor as stored by the caller (DTYPE_CODES)
+    8       1          ndim
+    9       4 * ndim   shape, uint32 each
+    ..      8          payload length in bytes
+    ..      4          crc32 of everything before it and of the payload
+    ..      payload    raw little-endian elements; quantized: float32 scales [*shape[:-1]], then int8 [*shape]
+
+All integers little-endian. A value whose magic, version, lengths or checksum do not match raises
+`CorruptEntry`; the store treats that as a miss and deletes the value, so a flipped byte or a
+truncated write is never returned as K/V.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+MAGIC = b"KVBL"
+# One version for the K/V layout ([T, 2, kv_heads, head_dim] per layer) and for these bytes; it is
+# part of every chunk key, so a bump leaves old entries unreachable instead of misread.
+FORMAT_VERSION = 1
+QUANTIZED = 1
+
+DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int64: 4, torch.int8: 5, torch.uint8: 6}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+MAX_NDIM = 8
+
+_FIXED = struct.Struct("<4sHBBB")
+_TAIL = struct.Struct("<QI")
+
+
+class CorruptEntry(ValueError):
+    """A stored value that fails its header or checksum check."""
+
+
+def _bytes_of(tensor: torch.Tensor) -> np.ndarray:
+    # A uint8 view shares memory with the tensor, so the only copy is the final join.
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
+
+
+def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax int8 over the last dim (per token, per k/v, per head for a [T, 2, H, D] block).
+
+    Each element is off by at most half a step, absmax / 254, of its own row.
+    """
+    values = tensor.detach().cpu().float()
+    scales = values.abs().amax(dim=-1, keepdim=True) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row stays zero
+    codes = torch.round(values / scales).clamp_(-127, 127).to(torch.int8)
+    return codes, scales.squeeze(-1)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.float() * scales.unsqueeze(-1)).to(dtype)
+
+
+def encode(tensor: torch.Tensor, quantize_floats: bool = False) -> bytes:
+    if tensor.dtype not in DTYPE_CODES:
+        raise ValueError(f"cannot encode dtype {tensor.dtype} (supported: {', '.join(map(str, DTYPE_CODES))})")
+    if tensor.dim() > MAX_NDIM or tensor.dim() == 0:
+        raise ValueError(f"cannot encode a tensor of {tensor.dim()} dims (1 to {MAX_NDIM})")
+    if quantize_floats and tensor.is_floating_point() and tensor.numel():
+        codes, scales = quantize(tensor)
+        parts, flags = [_bytes_of(scales), _bytes_of(codes)], QUANTIZED
+    else:
+        parts, flags = [_bytes_of(tensor)], 0
+    length = sum(part.nbytes for part in parts)
+    head = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, DTYPE_CODES[tensor.dtype], tensor.dim())
+    head += struct.pack(f"<{tensor.dim()}I", *tensor.shape) + struct.pack("<Q", length)
+    crc = zlib.crc32(head)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return b"".join([head, struct.pack("<I", crc), *parts])
+
+
+def decode(value: bytes | bytearray | memoryview) -> torch.Tensor:
+    """The tensor `encode` was given (dequantized if it was stored as int8); CorruptEntry if damaged."""
+    view = memoryview(value)
+    if len(view) < _FIXED.size:
+        raise CorruptEntry(f"value of {len(view)} bytes is shorter than the {_FIXED.size}-byte header")
+    magic, version, flags, code, ndim = _FIXED.unpack_from(view)
+    if magic != MAGIC:
+        raise CorruptEntry(f"magic {bytes(magic)!r} is not {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise CorruptEntry(f"codec version {version}, this build reads {FORMAT_VERSION}")
+    if code not in CODE_DTYPES or not 0 < ndim <= MAX_NDIM or flags & ~QUANTIZED:
+        raise CorruptEntry(f"bad header fields: dtype code {code}, ndim {ndim}, flags {flags:#x}")
+    shape_at = _FIXED.size
+    tail_at = shape_at + 4 * ndim
+    if len(view) < tail_at + _TAIL.size:
+        raise CorruptEntry(f"value of {len(view)} bytes is shorter than its {tail_at + _TAIL.size}-byte header")
+    shape = struct.unpack_from(f"<{ndim}I", view, shape_at)
+    length, crc = _TAIL.unpack_from(view, tail_at)
+    payload_at = tail_at + _TAIL.size
+    if len(view) - payload_at != length:
+        raise CorruptEntry(f"payload is {len(view) - payload_at} bytes, header says {length} (truncated?)")
+    if zlib.crc32(view[payload_at:], zlib.crc32(view[: tail_at + 8])) != crc:
+        raise CorruptEntry("checksum mismatch")
+    dtype = CODE_DTYPES[code]
+    elements = int(np.prod(shape))
+    if flags & QUANTIZED:
+        n_scales = elements // shape[-1] if shape[-1] else 0
+        expected = 4 * n_scales + elements
+    else:
+        expected = elements * torch.empty((), dtype=dtype).element_size()
+    if expected != length:
+        raise CorruptEntry(f"payload of {length} bytes does not fit shape {list(shape)} of {dtype}")
+    # copy() makes the buffer writable and owned, so the tensor never aliases Redis's or a file's bytes.
+    raw = torch.from_numpy(np.frombuffer(view, dtype=np.uint8, count=length, offset=payload_at).copy())
+    if not flags & QUANTIZED:
+        return raw.view(dtype).reshape(shape)
+    scales = raw[: 4 * n_scales].view(torch.float32).reshape(shape[:-1])
+    codes = raw[4 * n_scales :].view(torch.int8).reshape(shape)
+    return dequantize(codes, scales, dtype)

@@ -1,0 +1,47 @@
+"""Store configuration: tiers, their byte budgets and the placement policy, built once at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    # Tiers from fastest to slowest; a tier with a zero budget or no location is left out.
+    gpu_bytes: int = 0  # GPU tier budget; ignored (with a log line) when CUDA is not available
+    cpu_bytes: int = 2 * GiB  # CPU tier budget (pinned memory when CUDA is available)
+    disk_path: Path | None = None  # local directory; keeps the cache across restarts
+    disk_bytes: int = 20 * GiB
+    # Redis is the bottom tier when set: it takes what disk (or memory) evicts and evicts by its own
+    # maxmemory policy, so it has no budget here (see docs/store.md). Password and TLS go in the URL.
+    redis_url: str | None = None
+    redis_prefix: str = "kvblend:"
+    redis_timeout_s: float = 1.0  # socket connect and read timeout
+    redis_retry_s: float = 5.0  # after a failure, Redis is skipped this long before it is tried again
+    quantize: bool = False  # int8 K/V (per token, per head absmax) in the Redis and disk tiers
+    # Uses of a chunk (per request, counted in a frequency sketch) before it may enter a memory tier
+    # that is not the bottom tier; 1 is plain LRU. 2 keeps a flood of one-off chunks out of GPU/CPU.
+    admit_after: int = 2
+    sketch_width: int = 1 << 16  # counters per sketch row; about 4x the distinct chunks in play
+
+    def __post_init__(self):
+        if self.disk_path is not None:
+            object.__setattr__(self, "disk_path", Path(self.disk_path).expanduser())
+        for name in ("gpu_bytes", "cpu_bytes", "disk_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} {value!r} must be a byte count >= 0")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix://")
+        if self.redis_timeout_s <= 0 or self.redis_retry_s < 0:
+            raise ValueError(f"redis timeout {self.redis_timeout_s!r} must be > 0 and retry "
+                             f"{self.redis_retry_s!r} >= 0 seconds")
+        if self.admit_after < 1:
+            raise ValueError(f"admit_after {self.admit_after!r} must be >= 1 (1 admits on first use)")
+        if self.sketch_width < 16 or self.sketch_width & (self.sketch_width - 1):
+            raise ValueError(f"sketch_width {self.sketch_width!r} must be a power of two >= 16")
+        if not (self.gpu_bytes or self.cpu_bytes or self.disk_path or self.redis_url):
+            raise ValueError("no tier configured: set cpu_bytes, gpu_bytes, disk_path or redis_url")

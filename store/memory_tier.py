@@ -1,0 +1,54 @@
+"""GPU and CPU tiers: tensors held in a dict on one device (CPU pinned when CUDA is present)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+
+
+class MemoryTier:
+    volatile = True
+
+    def __init__(self, name: str, device: str | torch.device = "cpu", pin: bool | None = None):
+        self.name = name
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"tier {name!r} wants device {self.device} but CUDA is not available")
+        # Pinned host memory lets the copy to the GPU be one asynchronous DMA.
+        self.pin = torch.cuda.is_available() and self.device.type == "cpu" if pin is None else pin
+        self._entries: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def contains(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self._entries.get(key)
+
+    def put(self, key: str, value: torch.Tensor) -> int:
+        # Own a copy: a caller's tensor may be a view into a larger one, or be modified later.
+        stored = torch.empty(value.shape, dtype=value.dtype, device=self.device, pin_memory=self.pin)
+        stored.copy_(value)
+        size = stored.numel() * stored.element_size()
+        with self._lock:
+            old = self._entries.get(key)
+            self._bytes += size - (0 if old is None else old.numel() * old.element_size())
+            self._entries[key] = stored
+        return size
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.numel() * old.element_size()
+
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def entries(self) -> Iterator[tuple[str, int]]:
+        with self._lock:
+            items = list(self._entries.items())
+        return iter([(key, value.numel() * value.element_size()) for key, value in items])

@@ -1,0 +1,119 @@
+"""Redis tier: codec-encoded entries under a key prefix; an outage turns into misses, never errors.
+
+When a call fails to connect or times out, the tier logs one warning and is skipped (reads miss,
+writes are dropped and counted) for `retry_s` seconds; the next call after that tries the server
+again, and the tier is back in use as soon as one succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from store import codec
+
+log = logging.getLogger(__name__)
+
+_OUTAGE = (redis.ConnectionError, redis.TimeoutError, OSError)
+_MISSING = object()
+
+
+def _safe_url(url: str) -> str:
+    # Never log a password: keep scheme and host only.
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
+class RedisTier:
+    volatile = False
+
+    def __init__(self, url: str, prefix: str = "kvblend:", quantize: bool = False,
+                 timeout_s: float = 1.0, retry_s: float = 5.0, name: str = "redis"):
+        self.name = name
+        self.url = _safe_url(url)
+        self.prefix = prefix
+        self.quantize = quantize
+        self.retry_s = retry_s
+        # One retry: after a server restart the first call on a pooled connection fails, a fresh one works.
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           retry=Retry(NoBackoff(), 1))
+        self.skipped_writes = 0
+        self._down_until = 0.0  # monotonic time before which the server is not tried
+        self._down = False
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        return not self._down
+
+    def _call(self, method, *args, default=None):
+        if self._down and time.monotonic() < self._down_until:
+            return _MISSING
+        try:
+            result = method(*args)
+        except _OUTAGE as err:
+            with self._lock:
+                if not self._down:
+                    log.warning("redis at %s is unreachable (%s): reads are misses and writes are skipped; "
+                                "retrying every %.1f s", self.url, err, self.retry_s)
+                self._down = True
+                self._down_until = time.monotonic() + self.retry_s
+            return _MISSING
+        if self._down:
+            with self._lock:
+                if self._down:
+                    log.warning("redis at %s is back (%d writes were skipped while it was down)",
+                                self.url, self.skipped_writes)
+                self._down = False
+        return result
+
+    def check(self) -> bool:
+        """Try the server now (ignoring the back-off); True when it answers."""
+        self._down_until = 0.0
+        return self._call(self.client.ping) is not _MISSING
+
+    def contains(self, key: str) -> bool:
+        found = self._call(self.client.exists, self.prefix + key)
+        return found is not _MISSING and bool(found)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self._call(self.client.get, self.prefix + key)
+        if value is _MISSING or value is None:
+            return None
+        return codec.decode(value)
+
+    def put(self, key: str, value: torch.Tensor) -> int | None:
+        data = codec.encode(value, self.quantize)
+        # One SET of the whole value is atomic: concurrent writers of a key leave one complete value.
+        if self._call(self.client.set, self.prefix + key, data) is _MISSING:
+            with self._lock:
+                self.skipped_writes += 1
+            return None
+        return len(data)
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete, self.prefix + key)
+
+    def _scan(self) -> list[tuple[str, int]]:
+        pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.prefix) + "*"
+        names = list(self.client.scan_iter(match=pattern, count=1000))
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.strlen(name)
+        sizes = pipe.execute()
+        return [(name.decode()[len(self.prefix):], size) for name, size in zip(names, sizes) if size]
+
+    def entries(self) -> Iterator[tuple[str, int]]:
+        """Every entry under the prefix (SCAN, O(keys): for stats and tests, not the request path)."""
+        found = self._call(self._scan)
+        return iter([] if found is _MISSING else found)
+
+    def bytes_used(self) -> int:
+        return sum(size for _, size in self.entries())

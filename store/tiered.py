@@ -1,0 +1,243 @@
+"""Tiers composed into one store: byte budgets, LRU, promotion, demotion and admission, all here.
+
+Tiers are ordered fastest first. A `get` looks in each tier in turn; a hit below the top is copied
+up into the highest tier above that admits it (the lower copy stays, so the hierarchy is
+inclusive). A `put` goes to the highest admitting tier. When a tier is over its budget its least
+recently used entries are evicted and demoted to the next tier down; the last tier drops them (a
+Redis bottom tier has no budget here and evicts by its own maxmemory policy). An entry larger than
+a tier's whole budget passes through it to the next tier.
+
+Admission keeps one-off chunks out of the small memory tiers: a volatile tier that is not the last
+tier takes an entry only once its chunk has been used `admit_after` times (uses are counted per
+request by `note_use`, in a frequency sketch). Persistent tiers and the last tier take everything,
+so nothing is lost to admission.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from store.admission import FrequencySketch
+from store.codec import CorruptEntry
+from store.config import StoreConfig
+from store.keys import chunk_of
+from store.tier import Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0  # entries that failed their checksum: deleted and counted as misses
+    evictions: int = 0  # entries pushed out of this tier by its budget
+    promotions: int = 0  # entries copied into this tier from a tier below on a hit
+    demotions: int = 0  # entries moved into this tier from the tier above on an eviction
+    load_s: float = 0.0  # time spent in successful gets from this tier
+    bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class TieredStore:
+    def __init__(self, tiers: Sequence[Tier], budgets: Sequence[int | None], admit_after: int = 1,
+                 sketch: FrequencySketch | None = None):
+        if not tiers:
+            raise ValueError("a tiered store needs at least one tier")
+        if len(tiers) != len(budgets):
+            raise ValueError(f"{len(tiers)} tiers but {len(budgets)} budgets")
+        names = [tier.name for tier in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names {names} are not unique")
+        self.tiers = list(tiers)
+        self.budgets = list(budgets)
+        self.admit_after = admit_after
+        self.sketch = sketch if sketch is not None else FrequencySketch()
+        self._stats = {tier.name: TierStats() for tier in self.tiers}
+        self._lock = threading.RLock()
+        # Per budgeted tier: key -> bytes, least recently used first. Unbudgeted tiers are not tracked.
+        self._lru: list[OrderedDict[str, int] | None] = []
+        self._used: list[int] = []
+        for tier, budget in zip(self.tiers, self.budgets):
+            lru = None if budget is None else OrderedDict(tier.entries())
+            self._lru.append(lru)
+            self._used.append(sum(lru.values()) if lru is not None else 0)
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> "TieredStore":
+        from store.disk_tier import DiskTier
+        from store.memory_tier import MemoryTier
+        from store.redis_tier import RedisTier
+
+        tiers, budgets = [], []
+        if config.gpu_bytes:
+            if torch.cuda.is_available():
+                tiers.append(MemoryTier("gpu", "cuda"))
+                budgets.append(config.gpu_bytes)
+            else:
+                log.info("store: gpu_bytes is %d but CUDA is not available; no GPU tier", config.gpu_bytes)
+        if config.cpu_bytes:
+            tiers.append(MemoryTier("cpu", "cpu"))
+            budgets.append(config.cpu_bytes)
+        if config.disk_path is not None and config.disk_bytes:
+            tiers.append(DiskTier(config.disk_path, quantize=config.quantize))
+            budgets.append(config.disk_bytes)
+        if config.redis_url is not None:
+            redis_tier = RedisTier(config.redis_url, config.redis_prefix, config.quantize,
+                                   config.redis_timeout_s, config.redis_retry_s)
+            tiers.append(redis_tier)
+            budgets.append(None)
+            if not redis_tier.check():
+                log.warning("store: starting without Redis (%s unreachable); it is used once it answers",
+                            redis_tier.url)
+        else:
+            log.info("store: no Redis URL; tiers are %s only", ", ".join(t.name for t in tiers) or "none")
+        if not tiers:
+            raise ValueError("no usable tier: CUDA is not available for gpu_bytes and no other tier is set")
+        return cls(tiers, budgets, config.admit_after, FrequencySketch(config.sketch_width))
+
+    # -- policy ---------------------------------------------------------------------------------
+
+    def note_use(self, item: str) -> None:
+        """Count one use of an item (a chunk, once per request) toward admission."""
+        self.sketch.add(item)
+
+    def _admits(self, index: int, key: str) -> bool:
+        tier = self.tiers[index]
+        if not tier.volatile or index == len(self.tiers) - 1 or self.admit_after <= 1:
+            return True
+        return self.sketch.estimate(chunk_of(key)) >= self.admit_after
+
+    def _touch(self, index: int, key: str) -> None:
+        lru = self._lru[index]
+        if lru is not None and key in lru:
+            with self._lock:
+                if key in lru:
+                    lru.move_to_end(key)
+
+    def _place(self, index: int, key: str, value: torch.Tensor) -> bool:
+        """Write into tier `index` and evict its least recently used entries down.
+
+        True when the entry is kept: in this tier, or (larger than its budget) passed to one below.
+        False when the tier skipped the write (e.g. Redis is down).
+        """
+        tier = self.tiers[index]
+        size = tier.put(key, value)
+        if size is None:
+            return False
+        lru = self._lru[index]
+        if lru is None:
+            return True
+        victims = []
+        with self._lock:
+            self._used[index] += size - lru.pop(key, 0)
+            lru[key] = size
+            while self._used[index] > self.budgets[index] and lru:
+                victim, victim_size = lru.popitem(last=False)
+                self._used[index] -= victim_size
+                victims.append(victim)
+        kept = True
+        for victim in victims:
+            demoted = self._evict(index, victim)
+            if victim == key:
+                kept = demoted
+        return kept
+
+    def _evict(self, index: int, key: str) -> bool:
+        """Remove from tier `index` and demote to the first tier below that takes it; True if one did."""
+        tier = self.tiers[index]
+        try:
+            value = tier.get(key)
+        except CorruptEntry as err:
+            self._corrupt(index, key, err)
+            value = None
+        tier.delete(key)
+        with self._lock:
+            self._stats[tier.name].evictions += 1
+        if value is None or index + 1 == len(self.tiers):
+            return False  # the bottom tier's eviction is the end of the entry, by design
+        for below in range(index + 1, len(self.tiers)):
+            # The hierarchy is inclusive: an entry promoted from below is often still there.
+            if self.tiers[below].contains(key):
+                self._touch(below, key)
+            elif not self._place(below, key, value):
+                continue  # that tier skipped the write (e.g. Redis down): try the next one
+            with self._lock:
+                self._stats[self.tiers[below].name].demotions += 1
+            return True
+        log.warning("store: entry %s evicted from %s was dropped: every tier below skipped it", key, tier.name)
+        return False
+
+    def _corrupt(self, index: int, key: str, err: CorruptEntry) -> None:
+        tier = self.tiers[index]
+        log.warning("store: entry %s in %s is corrupt (%s); deleted and treated as a miss", key, tier.name, err)
+        tier.delete(key)
+        with self._lock:
+            self._stats[tier.name].corrupt += 1
+            lru = self._lru[index]
+            if lru is not None and key in lru:
+                self._used[index] -= lru.pop(key)
+
+    # -- the map --------------------------------------------------------------------------------
+
+    def get(self, key: str) -> torch.Tensor | None:
+        for index, tier in enumerate(self.tiers):
+            started = time.perf_counter()
+            try:
+                value = tier.get(key)
+            except CorruptEntry as err:
+                self._corrupt(index, key, err)
+                value = None
+            stats = self._stats[tier.name]
+            if value is None:
+                with self._lock:
+                    stats.misses += 1
+                continue
+            with self._lock:
+                stats.hits += 1
+                stats.load_s += time.perf_counter() - started
+            self._touch(index, key)
+            for above in range(index):
+                if self._admits(above, key):
+                    if self._place(above, key, value):
+                        with self._lock:
+                            self._stats[self.tiers[above].name].promotions += 1
+                    break
+            return value
+        return None
+
+    def put(self, key: str, value: torch.Tensor) -> bool:
+        """Store in the highest tier that admits it; False (logged) if every tier skipped the write."""
+        for index in range(len(self.tiers)):
+            if self._admits(index, key) and self._place(index, key, value):
+                return True
+        log.warning("store: entry %s was not stored: every tier skipped it or it exceeds every budget", key)
+        return False
+
+    def contains(self, key: str) -> bool:
+        return any(tier.contains(key) for tier in self.tiers)
+
+    def delete(self, key: str) -> None:
+        for index, tier in enumerate(self.tiers):
+            tier.delete(key)
+            lru = self._lru[index]
+            with self._lock:
+                if lru is not None and key in lru:
+                    self._used[index] -= lru.pop(key)
+
+    def stats(self) -> dict[str, TierStats]:
+        """A snapshot per tier name, with the bytes each tier holds now."""
+        with self._lock:
+            snapshot = {name: TierStats(**asdict(stats)) for name, stats in self._stats.items()}
+        for tier in self.tiers:
+            snapshot[tier.name].bytes = tier.bytes_used()
+        return snapshot
