@@ -130,41 +130,42 @@ class TieredStore:
         True when the entry is kept: in this tier, or (larger than its budget) passed to one below.
         False when the tier skipped the write (e.g. Redis is down).
         """
-        tier = self.tiers[index]
-        size = tier.put(key, value)
-        if size is None:
-            return False
-        lru = self._lru[index]
+        tier, lru = self.tiers[index], self._lru[index]
         if lru is None:
-            return True
-        victims = []
+            return tier.put(key, value) is not None
+        # Write, account and take out the victims as one step, so that a concurrent put of a victim
+        # cannot land between its removal from the index and from the tier.
         with self._lock:
+            size = tier.put(key, value)
+            if size is None:
+                return False
             self._used[index] += size - lru.pop(key, 0)
             lru[key] = size
+            evicted = []
             while self._used[index] > self.budgets[index] and lru:
                 victim, victim_size = lru.popitem(last=False)
                 self._used[index] -= victim_size
-                victims.append(victim)
+                evicted.append((victim, self._take(index, victim)))
+            self._stats[tier.name].evictions += len(evicted)
         kept = True
-        for victim in victims:
-            demoted = self._evict(index, victim)
+        for victim, victim_value in evicted:
+            demoted = victim_value is not None and self._demote(index, victim, victim_value)
             if victim == key:
                 kept = demoted
         return kept
 
-    def _evict(self, index: int, key: str) -> bool:
-        """Remove from tier `index` and demote to the first tier below that takes it; True if one did."""
+    def _take(self, index: int, key: str) -> torch.Tensor | None:
         tier = self.tiers[index]
         try:
             value = tier.get(key)
         except CorruptEntry as err:
             self._corrupt(index, key, err)
-            value = None
+            return None
         tier.delete(key)
-        with self._lock:
-            self._stats[tier.name].evictions += 1
-        if value is None or index + 1 == len(self.tiers):
-            return False  # the bottom tier's eviction is the end of the entry, by design
+        return value
+
+    def _demote(self, index: int, key: str, value: torch.Tensor) -> bool:
+        """Into the first tier below `index` that takes it; True if one did. The bottom tier drops."""
         for below in range(index + 1, len(self.tiers)):
             # The hierarchy is inclusive: an entry promoted from below is often still there.
             if self.tiers[below].contains(key):
@@ -174,7 +175,9 @@ class TieredStore:
             with self._lock:
                 self._stats[self.tiers[below].name].demotions += 1
             return True
-        log.warning("store: entry %s evicted from %s was dropped: every tier below skipped it", key, tier.name)
+        if index + 1 < len(self.tiers):
+            log.warning("store: entry %s evicted from %s was dropped: every tier below skipped it",
+                        key, self.tiers[index].name)
         return False
 
     def _corrupt(self, index: int, key: str, err: CorruptEntry) -> None:

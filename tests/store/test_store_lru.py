@@ -1,0 +1,108 @@
+"""LRU by bytes in one place: exact eviction order, demotion down, promotion up, admission."""
+
+import torch
+from kvfixtures import block
+
+from store.codec import encode
+from store.disk_tier import DiskTier
+from store.memory_tier import MemoryTier
+from store.tiered import TieredStore
+
+ENTRY = block(0)  # every entry in these tests has this size
+SIZE = ENTRY.numel() * ENTRY.element_size()
+ENCODED = len(encode(ENTRY))
+
+
+def put_all(store: TieredStore, keys: str) -> None:
+    for seed, key in enumerate(keys):
+        assert store.put(key, block(seed))
+
+
+def held(tier) -> set[str]:
+    return {key for key, _ in tier.entries()}
+
+
+def test_budget_for_three_evicts_exactly_the_least_recently_used_into_the_tier_below(tmp_path):
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    store = TieredStore([cpu, disk], [3 * SIZE, None])
+    put_all(store, "abc")
+    assert held(cpu) == {"a", "b", "c"} and held(disk) == set()
+    assert torch.equal(store.get("a"), block(0))  # recency now: b, c, a
+    store.put("d", block(3))
+    assert held(cpu) == {"c", "a", "d"} and held(disk) == {"b"}
+    store.put("e", block(4))
+    assert held(cpu) == {"a", "d", "e"} and held(disk) == {"b", "c"}
+    assert torch.equal(disk.get("b"), block(1)) and torch.equal(disk.get("c"), block(2))
+    stats = store.stats()
+    assert (stats["cpu"].evictions, stats["disk"].demotions) == (2, 2)
+    assert stats["cpu"].bytes == 3 * SIZE == cpu.bytes_used()
+
+
+def test_a_hit_below_is_promoted_and_pushes_out_the_least_recently_used(tmp_path):
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    store = TieredStore([cpu, disk], [2 * SIZE, None])
+    put_all(store, "abc")  # a was demoted
+    assert torch.equal(store.get("a"), block(0))
+    assert held(cpu) == {"c", "a"} and held(disk) == {"a", "b"}  # inclusive: disk keeps its copy
+    stats = store.stats()
+    assert (stats["cpu"].promotions, stats["disk"].hits, stats["cpu"].misses) == (1, 1, 1)
+    assert stats["disk"].demotions == 2  # a when c came in, b when a came back
+
+
+def test_the_bottom_tier_drops_its_least_recently_used(tmp_path):
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    store = TieredStore([cpu, disk], [1 * SIZE, 2 * ENCODED])
+    put_all(store, "abcd")  # cpu: d; disk got a, b, c and dropped a
+    assert held(cpu) == {"d"} and held(disk) == {"b", "c"}
+    assert store.get("a") is None
+    assert store.stats()["disk"].evictions == 1
+
+
+def test_three_tiers_cascade(tmp_path):
+    top, middle, bottom = MemoryTier("gpu-like"), MemoryTier("cpu"), DiskTier(tmp_path)
+    store = TieredStore([top, middle, bottom], [1 * SIZE, 1 * SIZE, None])
+    put_all(store, "abc")
+    assert (held(top), held(middle), held(bottom)) == ({"c"}, {"b"}, {"a"})
+
+
+def test_an_entry_larger_than_a_budget_passes_through(tmp_path):
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    store = TieredStore([cpu, disk], [SIZE // 2, None])
+    assert store.put("big", ENTRY)
+    assert held(cpu) == set() and held(disk) == {"big"} and torch.equal(store.get("big"), ENTRY)
+
+
+def use(store: TieredStore, key: str, seed: int) -> bool:
+    """One request for `key`: count the use, read it, write it on a miss. True on a fast-tier hit."""
+    store.note_use(key)
+    fast_hit = store.tiers[0].contains(key)
+    if store.get(key) is None:
+        store.put(key, block(seed))
+    return fast_hit
+
+
+def flood_after_hot_use(tmp_path, admit_after: int) -> TieredStore:
+    store = TieredStore([MemoryTier("cpu"), DiskTier(tmp_path)], [4 * SIZE, None], admit_after=admit_after)
+    for _ in range(3):
+        for seed, key in enumerate(["h0", "h1", "h2", "h3"]):
+            use(store, key, seed)
+    for seed in range(20):
+        use(store, f"once{seed}", 100 + seed)
+    return store
+
+
+def test_admission_keeps_a_flood_of_one_off_chunks_out_of_memory(tmp_path):
+    store = flood_after_hot_use(tmp_path / "admit", admit_after=2)
+    assert held(store.tiers[0]) == {"h0", "h1", "h2", "h3"}
+    assert {f"once{seed}" for seed in range(20)} <= held(store.tiers[1])  # stored all the same
+
+
+def test_without_admission_the_same_flood_flushes_the_hot_chunks(tmp_path):
+    store = flood_after_hot_use(tmp_path / "lru", admit_after=1)
+    assert held(store.tiers[0]).isdisjoint({"h0", "h1", "h2", "h3"})
+
+
+def test_the_last_tier_admits_on_first_use_so_nothing_is_lost():
+    cpu = MemoryTier("cpu")
+    store = TieredStore([cpu], [4 * SIZE], admit_after=2)
+    assert store.put("new", ENTRY) and held(cpu) == {"new"}

@@ -1,0 +1,114 @@
+"""The store-backed KVSource: same blocks as in memory, each chunk on its own, misses computed and kept."""
+
+import pytest
+import torch
+from kvfixtures import make_chunk
+
+from blend.fusor import MemorySource
+from store.chunks import ChunkStore
+from store.keys import chunk_key, layer_key
+from store.memory_tier import MemoryTier
+from store.source import MissingChunk
+from store.tiered import TieredStore
+
+N_LAYERS = 4
+
+
+def chunks_and_keys(count=3):
+    chunks = [make_chunk(seed, n_layers=N_LAYERS, tokens=3 + seed, start=7 + seed) for seed in range(count)]
+    return chunks, [chunk_key("fp", [], chunk.token_ids, chunk.kv.dtype) for chunk in chunks]
+
+
+def new_store() -> ChunkStore:
+    return ChunkStore(TieredStore([MemoryTier("cpu")], [None]))
+
+
+def computing(chunks):
+    calls = []
+
+    def compute(index):
+        calls.append(index)
+        return chunks[index]
+
+    return compute, calls
+
+
+def layers_of(source) -> list[list[torch.Tensor]]:
+    return [list(source.layer(index)) for index in range(N_LAYERS)]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_source_yields_what_a_memory_source_yields(prefetch):
+    chunks, keys = chunks_and_keys()
+    store = new_store()
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    with store.source(keys, prefetch=prefetch) as source:
+        expected = MemorySource(chunks)
+        assert source.starts == expected.starts == [7, 8, 9]
+        for ours, theirs in zip(layers_of(source), layers_of(expected)):
+            assert len(ours) == 3 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_a_missing_chunk_is_computed_alone_and_written_back_the_others_come_from_the_store():
+    chunks, keys = chunks_and_keys()
+    store = new_store()
+    store.put(keys[0], chunks[0])
+    store.put(keys[2], chunks[2])
+    compute, calls = computing(chunks)
+    with store.source(keys, compute) as source:
+        assert all(torch.equal(a, b) for a, b in zip(source.layer(1), MemorySource(chunks).layer(1)))
+    assert calls == [1]
+    assert torch.equal(store.get(keys[1]).kv, chunks[1].kv)  # the next request hits
+
+
+def test_a_layer_lost_after_the_manifest_was_read_recomputes_that_chunk_only():
+    chunks, keys = chunks_and_keys()
+    store = new_store()
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    compute, calls = computing(chunks)
+    source = store.source(keys, compute, prefetch=False)
+    store.tiered.delete(layer_key(keys[2], 2))  # evicted between the manifest read and the layer read
+    layers = layers_of(source)
+    assert calls == [2]
+    assert all(torch.equal(a, b) for ours, theirs in zip(layers, layers_of(MemorySource(chunks)))
+               for a, b in zip(ours, theirs))
+    assert store.tiered.contains(layer_key(keys[2], 2))
+
+
+def test_without_compute_a_missing_chunk_is_an_error_naming_it():
+    chunks, keys = chunks_and_keys(1)
+    with pytest.raises(MissingChunk, match=keys[0]):
+        new_store().source(keys)
+
+
+def test_get_or_compute_looks_up_each_chunk_on_its_own():
+    chunks, keys = chunks_and_keys()
+    store = new_store()
+    store.put(keys[1], chunks[1])
+    compute, calls = computing(chunks)
+    out = store.get_or_compute(keys, compute)
+    assert calls == [0, 2] and all(torch.equal(a.kv, b.kv) for a, b in zip(out, chunks))
+    store.get_or_compute(keys, compute)
+    assert calls == [0, 2]
+
+
+def test_a_chunk_with_a_missing_layer_is_a_miss_not_a_partial_chunk():
+    chunks, keys = chunks_and_keys(1)
+    store = new_store()
+    store.put(keys[0], chunks[0])
+    store.tiered.delete(layer_key(keys[0], N_LAYERS - 1))
+    assert store.get(keys[0]) is None
+
+
+def test_put_refuses_kv_that_does_not_fit_its_tokens():
+    chunk = make_chunk(0, tokens=4)
+    bad = type(chunk)(token_ids=chunk.token_ids[:3], start=0, kv=chunk.kv)
+    with pytest.raises(ValueError, match="3 tokens"):
+        new_store().put(chunk_key("fp", [], bad.token_ids, torch.float32), bad)
+
+
+def test_a_key_that_is_not_a_content_address_is_refused():
+    with pytest.raises(ValueError, match="'chunk-1'"):
+        new_store().put("chunk-1", make_chunk(0))
