@@ -8,6 +8,7 @@ a save is one atomic rename; there is no second mapping file to fall out of step
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,11 +20,12 @@ HNSW_NEIGHBOURS = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 _SHIFT = 1 << 63
+_CHUNK_ID = re.compile(r"[0-9a-f]{16}")
 
 
 def label_of(chunk_id: str) -> int:
-    if len(chunk_id) != 16:
-        raise ValueError(f"chunk id {chunk_id!r} is not 16 hex digits")
+    if not _CHUNK_ID.fullmatch(chunk_id):
+        raise ValueError(f"chunk id {chunk_id!r} is not 16 lowercase hex digits")
     label = int(chunk_id, 16) - _SHIFT
     if label == -1:  # faiss's "no result"; one id in 2**64
         raise ValueError(f"chunk id {chunk_id!r} maps to the reserved faiss label -1")
