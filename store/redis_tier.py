@@ -1,6 +1,7 @@
 """Redis tier: codec-encoded entries under a key prefix; an outage turns into misses, never errors.
 
-When a call fails to connect or times out, the tier logs one warning and is skipped (reads miss,
+A command the server refuses (say, out of memory under `noeviction`) is a miss or a skipped write
+with a warning. When a call fails to connect or times out, the tier logs one warning and is skipped (reads miss,
 writes are dropped and counted) for `retry_s` seconds; the next call after that tries the server
 again, and the tier is back in use as soon as one succeeds.
 """
@@ -47,6 +48,7 @@ class RedisTier:
         self.skipped_writes = 0
         self._down_until = 0.0  # monotonic time before which the server is not tried
         self._down = False
+        self._last_refusal = ""
         self._lock = threading.Lock()
 
     @property
@@ -58,6 +60,12 @@ class RedisTier:
             return _MISSING
         try:
             result = method(*args)
+        except redis.ResponseError as err:  # the server answered but refused, e.g. OOM under noeviction
+            if str(err) != self._last_refusal:
+                log.warning("redis at %s refused a command (%s); treated as a miss or a skipped write "
+                            "(see docs/store.md for the maxmemory policy)", self.url, err)
+                self._last_refusal = str(err)
+            return _MISSING
         except _OUTAGE as err:
             with self._lock:
                 if not self._down:

@@ -42,18 +42,20 @@ def _free_port() -> int:
 class RedisServer:
     """A redis-server of the test's own on a free port, without persistence, to stop and restart."""
 
-    def __init__(self):
+    def __init__(self, *extra_args: str):
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not on PATH (install redis-server to run the fault tests)")
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
+        self.extra_args = list(extra_args)
+        self.password = extra_args[extra_args.index("--requirepass") + 1] if "--requirepass" in extra_args else None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+             "--daemonize", "no", *self.extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         while True:
             try:

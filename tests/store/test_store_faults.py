@@ -4,7 +4,7 @@ import logging
 import time
 
 import torch
-from kvfixtures import make_chunk
+from kvfixtures import RedisServer, make_chunk
 
 from store.chunks import ChunkStore
 from store.config import StoreConfig
@@ -96,3 +96,32 @@ def test_while_redis_is_down_it_is_not_asked_again_until_the_retry_time(redis_se
     redis_server.start()
     assert redis_tier.get("a:0") is None and not redis_tier.available  # still inside the back-off
     assert redis_tier.check() and redis_tier.available  # an explicit check ignores it
+
+
+def test_a_password_in_the_url_is_used_and_never_logged(caplog):
+    server = RedisServer("--requirepass", "s3cret-pw")
+    server.start()
+    try:
+        url = f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"
+        assert RedisTier(url, prefix="t:").put("a:0", make_chunk(0).kv[0]) is not None
+        assert RedisTier(server.url, prefix="t:").contains("a:0") is False  # without it: refused, a miss
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="store"):
+            RedisTier(url, prefix="t:").get("a:0")
+        assert "unreachable" in caplog.text and "s3cret-pw" not in caplog.text
+    finally:
+        server.stop()
+
+
+def test_a_full_redis_that_refuses_writes_skips_them_with_a_warning(caplog):
+    server = RedisServer("--maxmemory", "1mb", "--maxmemory-policy", "noeviction")
+    server.start()
+    try:
+        tier = RedisTier(server.url, prefix="t:")
+        big = torch.zeros(1 << 19)  # 2 MB: over the server's whole maxmemory
+        with caplog.at_level(logging.WARNING, logger="store"):
+            assert tier.put("big:0", big) is None
+        assert "maxmemory" in caplog.text and tier.skipped_writes == 1 and tier.available
+        assert tier.get("big:0") is None
+    finally:
+        server.stop()
