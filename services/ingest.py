@@ -1,0 +1,434 @@
+"""The ingestion job and the `ingest`, `retrieve` and `delete` subcommands.
+
+Ingest: documents -> chunks (serving model tokens) -> text + vector (sqlite, faiss) and per-layer KV
+(the KV store). A chunk is recorded complete, in one sqlite transaction with its text and vector,
+only after its KV entry is durable; a rerun skips complete chunks and reuses KV entries already
+written, so a killed job rerun ends with every chunk exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from blend.cache import ChunkKV
+from blend.fusor import compute_kv
+from blend.prompt import DEFAULT_SYSTEM, build_layout
+from retriever.chunker import Chunk, Chunker, check_chunk_tokens
+from retriever.collection import Collection
+from retriever.embedder import Embedder
+from retriever.index import INDEX_KINDS
+from retriever.sources import Document, folder_documents, jsonl_documents, musique_documents
+from store.chunks import ChunkStore, Manifest
+from store.config import StoreConfig
+from store.keys import chunk_key, layer_key, manifest_key
+
+KV_DIR = "kv"
+# The disk tier evicts past its budget; ingestion must not evict what it wrote, so the default is large.
+DEFAULT_KV_DISK_BYTES = 1 << 40
+
+
+# -- the KV store the job writes into ---------------------------------------------------------------
+
+class ChunkKVStore(Protocol):
+    """What the job needs of a KV store; `StoreKV` adapts the tiered store (store/) to it."""
+
+    def has(self, key: str) -> bool: ...
+
+    def put_chunk(self, key: str, entry: ChunkKV) -> None:
+        """Store the entry, every layer of it, or raise; it survives this process when this returns."""
+        ...
+
+    def delete_chunk(self, key: str) -> None:
+        """Remove every entry of the chunk (manifest and layers); a missing chunk is no error."""
+        ...
+
+
+class StoreKV:
+    """A `store.ChunkStore` as the job's KV store: has = manifest and every layer present."""
+
+    def __init__(self, chunks: ChunkStore):
+        self.chunks = chunks
+        self.tiered = chunks.tiered
+
+    def _manifest(self, key: str):
+        # Straight from the tiers: ChunkStore.manifest would count a use toward admission.
+        value = self.tiered.get(manifest_key(key))
+        try:
+            return Manifest.from_tensor(value) if value is not None else None
+        except ValueError:
+            return None
+
+    def has(self, key: str) -> bool:
+        manifest = self._manifest(key)
+        return manifest is not None and all(self.tiered.contains(layer_key(key, i)) for i in range(manifest.n_layers))
+
+    def put_chunk(self, key: str, entry: ChunkKV) -> None:
+        if not self.chunks.put(key, entry):
+            raise OSError(f"the KV store did not keep chunk {key} (is its disk budget too small?)")
+
+    def delete_chunk(self, key: str) -> None:
+        manifest = self._manifest(key)
+        for i in range(manifest.n_layers if manifest is not None else 0):
+            self.tiered.delete(layer_key(key, i))
+        self.tiered.delete(manifest_key(key))  # last: a delete killed part-way can be rerun
+
+
+def kv_store_config(data_dir: Path, disk_bytes: int):
+    """Where ingestion writes KV: a disk tier only, as memory tiers would lose it at exit; a server reads
+    it by pointing its store's `disk_path` at the same folder."""
+    return StoreConfig(cpu_bytes=0, disk_path=data_dir / KV_DIR, disk_bytes=disk_bytes, admit_after=1)
+
+
+def open_kv_store(data_dir: Path, disk_bytes: int = DEFAULT_KV_DISK_BYTES) -> StoreKV:
+    return StoreKV(ChunkStore.from_config(kv_store_config(data_dir, disk_bytes)))
+
+
+class KVPrecompute:
+    """Chunk KV computed behind the system prompt, as the fusor expects to find it."""
+
+    def __init__(self, model, system: str = DEFAULT_SYSTEM):
+        self.step = model.step
+        self.fingerprint = model.fingerprint
+        self.prefix_ids = build_layout(model.tokenizer, [], "x", system).prefix
+        with torch.inference_mode():
+            self.prefix = compute_kv(self.step, self.prefix_ids)
+
+    def key(self, token_ids: Sequence[int]) -> str:
+        return chunk_key(self.fingerprint, self.prefix_ids, token_ids, self.step.dtype)
+
+    def compute(self, token_ids: Sequence[int]) -> ChunkKV:
+        with torch.inference_mode():
+            return compute_kv(self.step, token_ids, behind=self.prefix)
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+@dataclass
+class IngestStats:
+    documents: int = 0
+    chunks: int = 0  # distinct chunks met in this run
+    added: int = 0  # chunks whose text and vector were new
+    skipped: int = 0  # chunks already complete: nothing done
+    kv_computed: int = 0
+    kv_tokens: int = 0
+    chunk_s: float = 0.0  # tokenizing and splitting
+    embed_s: float = 0.0
+    kv_s: float = 0.0  # computing KV
+    kv_write_s: float = 0.0  # writing it into the store
+    store_s: float = 0.0  # sqlite commits and index updates
+    wall_s: float = 0.0
+
+    @property
+    def text_rate(self) -> float:
+        """New chunks per second for text + embedding (split, embed, record, index), KV aside."""
+        seconds = self.chunk_s + self.embed_s + self.store_s
+        return self.added / seconds if seconds else 0.0
+
+    @property
+    def kv_rate(self) -> float:
+        """Chunks per second for KV precompute, computing and writing."""
+        seconds = self.kv_s + self.kv_write_s
+        return self.kv_computed / seconds if seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "text_chunks_per_s": self.text_rate, "kv_chunks_per_s": self.kv_rate,
+                "kv_tokens_per_s": self.kv_tokens / self.kv_s if self.kv_s else 0.0,
+                "kv_compute_chunks_per_s": self.kv_computed / self.kv_s if self.kv_s else 0.0}
+
+
+@dataclass
+class _Job:
+    collection: Collection
+    embedder: Embedder
+    kv: KVPrecompute | None
+    kv_store: ChunkKVStore | None
+    stats: IngestStats = field(default_factory=IngestStats)
+
+    def complete(self, chunk: Chunk) -> bool:
+        if chunk.id not in self.collection:
+            return False
+        if self.kv is None:
+            return True
+        key = self.kv.key(chunk.token_ids)
+        return key in self.collection.kv_keys(chunk.id) and self.kv_store.has(key)
+
+    def flush(self, batch: list[Chunk]) -> None:
+        started = time.perf_counter()
+        new = [chunk for chunk in batch if chunk.id not in self.collection]
+        vectors = self.embedder.embed([chunk.text for chunk in new]) if new else np.zeros((0, self.embedder.dim))
+        self.stats.embed_s += time.perf_counter() - started
+        keys = []
+        if self.kv is not None:
+            for chunk in batch:
+                key = self.kv.key(chunk.token_ids)
+                if not self.kv_store.has(key):  # written by an earlier, interrupted run: reuse it
+                    started = time.perf_counter()
+                    entry = self.kv.compute(chunk.token_ids)
+                    computed = time.perf_counter()
+                    self.kv_store.put_chunk(key, entry)
+                    self.stats.kv_s += computed - started
+                    self.stats.kv_write_s += time.perf_counter() - computed
+                    self.stats.kv_computed += 1
+                    self.stats.kv_tokens += len(chunk.token_ids)
+                keys.append((chunk.id, key))
+        started = time.perf_counter()
+        self.collection.add(new, vectors, keys)
+        self.stats.store_s += time.perf_counter() - started
+        self.stats.added += len(new)
+
+
+def ingest(documents: Iterable[Document], chunker: Chunker, collection: Collection, embedder: Embedder,
+           kv: KVPrecompute | None = None, kv_store: ChunkKVStore | None = None, batch_size: int = 32,
+           limit: int | None = None, progress: bool = True) -> IngestStats:
+    """Chunk, embed, index and (with `kv`) precompute KV for every document not already ingested."""
+    from tqdm import tqdm
+
+    if (kv is None) != (kv_store is None):
+        raise ValueError("KV precompute needs both a KVPrecompute and a KV store")
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size} must be >= 1")
+    job = _Job(collection, embedder, kv, kv_store)
+    stats = job.stats
+    seen: set[str] = set()
+    batch: list[Chunk] = []
+    began = time.perf_counter()
+    bar = tqdm(unit="chunk", desc="ingest", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for document in documents:
+            if limit is not None and stats.documents >= limit:
+                break
+            stats.documents += 1
+            started = time.perf_counter()
+            chunks = chunker.split(document.text, document.title, document.doc_id)
+            stats.chunk_s += time.perf_counter() - started
+            for chunk in chunks:
+                if chunk.id in seen:
+                    continue
+                seen.add(chunk.id)
+                stats.chunks += 1
+                if job.complete(chunk):
+                    stats.skipped += 1
+                    bar.update(1)
+                    continue
+                batch.append(chunk)
+                if len(batch) >= batch_size:
+                    job.flush(batch)
+                    bar.update(len(batch))
+                    batch = []
+        if batch:
+            job.flush(batch)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        collection.save()
+        stats.wall_s = time.perf_counter() - began
+    return stats
+
+
+def delete_chunks(collection: Collection, kv_store: ChunkKVStore, chunk_ids: Sequence[str]) -> dict[str, int]:
+    """Remove each chunk's KV entries, then its text and vector; returns KV entries removed per chunk.
+
+    KV goes first: a delete killed part-way leaves the chunk listed, so rerunning it finishes the job.
+    """
+    unknown = [cid for cid in chunk_ids if cid not in collection]
+    if unknown:
+        raise ValueError(f"unknown chunk id {unknown[0]!r} (`kvblend retrieve` lists ids; nothing was deleted)")
+    removed = {}
+    for cid in dict.fromkeys(chunk_ids):
+        keys = collection.kv_keys(cid)
+        for key in keys:
+            kv_store.delete_chunk(key)
+        collection.delete(cid)
+        removed[cid] = len(keys)
+    collection.save()
+    return removed
+
+
+# -- command line -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IngestConfig:
+    data_dir: Path
+    chunk_tokens: int = 512
+    batch_size: int = 32
+    with_kv: bool = True
+    limit: int | None = None
+    index_kind: str | None = None  # None keeps the saved index's kind (flat for a new one)
+
+    def __post_init__(self):
+        check_chunk_tokens(self.chunk_tokens)
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size} must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit {self.limit} must be >= 1")
+
+    @classmethod
+    def from_args(cls, args) -> "IngestConfig":
+        return cls(data_dir=data_dir_of(args), chunk_tokens=args.chunk_tokens, batch_size=args.batch_size,
+                   with_kv=not args.no_kv, limit=args.limit, index_kind=args.index)
+
+
+def data_dir_of(args) -> Path:
+    return Path(args.data_dir or os.environ.get("KVBLEND_DATA_DIR") or "~/.kvblend").expanduser()
+
+
+def _say(message: str) -> None:
+    print(f"kvblend: {message}", file=sys.stderr)
+
+
+def _documents(args) -> Iterable[Document]:
+    if args.dataset is not None:
+        if not args.dataset.is_file():
+            raise FileNotFoundError(f"--dataset {args.dataset}: no such file")
+        return musique_documents(args.dataset, _say)
+    if args.docs is not None:
+        return folder_documents(args.docs, _say)
+    return jsonl_documents(sys.stdin.buffer, _say)
+
+
+def serving_tokenizer(model_config):
+    """The serving model's tokenizer alone, for a job that computes no KV."""
+    from transformers import AutoTokenizer
+
+    from blend.loader import resolve
+
+    return AutoTokenizer.from_pretrained(resolve(model_config.spec, model_config.cache_dir))
+
+
+def cmd_ingest(args) -> int:
+    from services.config import ModelConfig
+
+    config = IngestConfig.from_args(args)
+    model_config = ModelConfig.from_args(args)
+    documents = _documents(args)
+    kv = kv_store = None
+    if config.with_kv:
+        from blend.loader import load
+
+        model = load(model_config.spec, model_config.cache_dir, model_config.torch_dtype, model_config.device)
+        tokenizer, kv, kv_store = model.tokenizer, KVPrecompute(model), open_kv_store(config.data_dir)
+    else:
+        tokenizer = serving_tokenizer(model_config)
+    chunker = Chunker(tokenizer, config.chunk_tokens)
+    embedder = Embedder()
+    collection = Collection(config.data_dir, embedder.dim, config.index_kind)
+    try:
+        stats = ingest(documents, chunker, collection, embedder, kv, kv_store, config.batch_size, config.limit,
+                       progress=not args.quiet)
+        total = len(collection)
+    finally:
+        collection.close()
+    line = (f"{stats.documents} documents, {stats.chunks} chunks: {stats.added} new, {stats.skipped} already "
+            f"ingested; text+embedding {stats.text_rate:.1f} chunks/s")
+    if kv is not None:
+        line += f"; KV {stats.kv_computed} chunks at {stats.kv_rate:.2f} chunks/s"
+    print(f"{line}; {total} chunks in {config.data_dir}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({**stats.as_dict(), "collection_chunks": total,
+                                                   "config": {**asdict(config), "data_dir": str(config.data_dir)},
+                                                   "model": model_config.spec}, indent=2))
+    return 0
+
+
+def _first_line(text: str, width: int = 100) -> str:
+    line = text.strip().split("\n", 1)[0]
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def cmd_retrieve(args) -> int:
+    data_dir = data_dir_of(args)
+    if args.k < 1:
+        raise ValueError(f"-k {args.k} must be >= 1")
+    if not args.query.strip():
+        raise ValueError("empty --query")
+    embedder = Embedder()
+    collection = Collection(data_dir, embedder.dim)
+    try:
+        if not len(collection):
+            raise ValueError(f"no chunks in {data_dir} (run `kvblend ingest --data-dir {data_dir}` first)")
+        hits = collection.search(embedder.embed([args.query]), args.k)[0]
+    finally:
+        collection.docs.close()
+    for hit in hits:
+        print(f"{hit.chunk_id}  {hit.score:.4f}  {_first_line(hit.chunk.text)}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    data_dir = data_dir_of(args)
+    collection = Collection(data_dir, Embedder.dim)
+    try:
+        removed = delete_chunks(collection, open_kv_store(data_dir), args.chunk_ids)
+    finally:
+        collection.close()
+    for cid, count in removed.items():
+        print(f"deleted {cid} (text, vector, {count} KV entries)")
+    return 0
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None,
+                        help="chunk texts, vectors, index and KV (default $KVBLEND_DATA_DIR or ~/.kvblend)")
+
+
+def add_parsers(subparsers) -> None:
+    from services.cli import add_model_args
+
+    ing = subparsers.add_parser("ingest", help="chunk, embed, index and precompute KV for documents")
+    source = ing.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", type=Path, help="MuSiQue-shaped JSON file (its passages are ingested)")
+    source.add_argument("--docs", type=Path, help="folder of .txt/.md files")
+    source.add_argument("--stdin", action="store_true", help='JSON lines {"text", "title", "id"} on stdin')
+    _add_data_dir(ing)
+    ing.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in serving-model tokens")
+    ing.add_argument("--batch-size", type=int, default=32, help="chunks embedded and recorded together")
+    ing.add_argument("--no-kv", action="store_true", help="text, vectors and index only; no KV precompute")
+    ing.add_argument("--limit", type=int, default=None, help="stop after this many documents")
+    ing.add_argument("--index", choices=INDEX_KINDS, default=None,
+                     help="faiss index kind (default: keep the existing one, flat for a new one)")
+    ing.add_argument("--json", dest="json_out", default=None, help="write the job's figures here")
+    ing.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_args(ing)
+    ing.set_defaults(func=cmd_ingest)
+
+    ret = subparsers.add_parser("retrieve", help="the chunks nearest a query: id, score, first line")
+    ret.add_argument("--query", required=True)
+    ret.add_argument("-k", type=int, default=5)
+    _add_data_dir(ret)
+    ret.set_defaults(func=cmd_retrieve)
+
+    rm = subparsers.add_parser("delete", help="remove chunks: text, vector and every KV entry")
+    rm.add_argument("chunk_ids", nargs="+", metavar="CHUNK_ID")
+    _add_data_dir(rm)
+    rm.set_defaults(func=cmd_delete)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.ingest ...`: these subcommands on their own, as `kvblend` runs them."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    parser = argparse.ArgumentParser(prog="kvblend")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"kvblend: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
