@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -185,8 +186,10 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 def run(args) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    result = {"torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "torch": torch.__version__, "redis_py": redis.__version__,
-              "machine": platform.platform(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    result = {"args": {key: value for key, value in vars(args).items() if key != "func"},
+              "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "redis_py": redis.__version__,
+              "machine": platform.platform(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     with tempfile.TemporaryDirectory(prefix="kvblend-bench-", dir=args.work_dir) as workdir:
         if args.only in ("all", "throughput"):
             rows = throughput(args, Path(workdir))

@@ -1,9 +1,12 @@
 """LRU by bytes in one place: exact eviction order, demotion down, promotion up, admission."""
 
+import logging
+
 import torch
 from kvfixtures import block
 
 from store.codec import encode
+from store.config import StoreConfig
 from store.disk_tier import DiskTier
 from store.memory_tier import MemoryTier
 from store.tiered import TieredStore
@@ -106,3 +109,15 @@ def test_the_last_tier_admits_on_first_use_so_nothing_is_lost():
     cpu = MemoryTier("cpu")
     store = TieredStore([cpu], [4 * SIZE], admit_after=2)
     assert store.put("new", ENTRY) and held(cpu) == {"new"}
+
+
+def test_gpu_tier_is_used_when_cuda_is_present_and_left_out_with_a_log_line_when_not(caplog):
+    with caplog.at_level(logging.INFO, logger="store"):
+        store = TieredStore.from_config(StoreConfig(gpu_bytes=10 * SIZE, cpu_bytes=10 * SIZE, admit_after=1))
+    names = [tier.name for tier in store.tiers]
+    if not torch.cuda.is_available():
+        assert names == ["cpu"] and "CUDA is not available" in caplog.text
+        return
+    assert names == ["gpu", "cpu"]
+    store.put("a", ENTRY)
+    assert store.get("a").is_cuda and torch.equal(store.get("a").cpu(), ENTRY)

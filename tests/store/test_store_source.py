@@ -112,3 +112,15 @@ def test_put_refuses_kv_that_does_not_fit_its_tokens():
 def test_a_key_that_is_not_a_content_address_is_refused():
     with pytest.raises(ValueError, match="'chunk-1'"):
         new_store().put("chunk-1", make_chunk(0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_source_delivers_each_layer_on_the_gpu():
+    chunks, keys = chunks_and_keys()
+    store = new_store()
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    assert store.tiered.tiers[0].pin  # the CPU tier holds pinned memory when CUDA is present
+    with store.source(keys, device="cuda") as source:
+        for layer, blocks in enumerate(layers_of(source)):
+            assert all(b.is_cuda and torch.equal(b.cpu(), chunk.kv[layer]) for b, chunk in zip(blocks, chunks))
