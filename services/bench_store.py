@@ -89,8 +89,10 @@ def _clear(tier: Tier) -> None:
         tier.delete(key)
 
 
-def _load_once(chunks: ChunkStore, keys: list[str], layout: Layout, tokens: int, device: torch.device) -> float:
-    buffer = torch.empty(len(keys) * tokens, 2, layout.kv_heads, layout.head_dim, dtype=layout.dtype, device=device)
+def _load_once(chunks: ChunkStore, keys: list[str], layout: Layout, tokens: int,
+               device: torch.device) -> float:
+    buffer = torch.empty(len(keys) * tokens, 2, layout.kv_heads, layout.head_dim, dtype=layout.dtype,
+                         device=device)
     started = time.perf_counter()
     with chunks.source(keys, device=device) as source:
         for layer in range(layout.n_layers):
@@ -187,8 +189,9 @@ def run(args) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     result = {"args": {key: value for key, value in vars(args).items() if key != "func"},
-              "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "redis_py": redis.__version__,
-              "machine": platform.platform(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+              "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+              "redis_py": redis.__version__, "machine": platform.platform(), "cpus": os.cpu_count(),
+              "load_average_at_start": os.getloadavg(),
               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     with tempfile.TemporaryDirectory(prefix="kvblend-bench-", dir=args.work_dir) as workdir:
         if args.only in ("all", "throughput"):
@@ -197,7 +200,8 @@ def run(args) -> int:
             print(_table(rows, [("layout", "layout", ""), ("tier", "tier", ""), ("chunks", "chunks", "d"),
                                 ("K/V MB", "kv_mb", ".1f"), ("stored MB", "stored_mb", ".1f"),
                                 ("write GB/s", "write_gb_s", ".2f"), ("load ms", "load_ms_median", ".1f"),
-                                ("load GB/s", "load_gb_s_median", ".2f"), ("best GB/s", "load_gb_s_best", ".2f")]))
+                                ("load GB/s", "load_gb_s_median", ".2f"),
+                                ("best GB/s", "load_gb_s_best", ".2f")]))
             print()
         if args.only in ("all", "replay"):
             runs = [replay(admit_after, Path(workdir), args.replay_requests) for admit_after in (1, 2)]
@@ -214,7 +218,8 @@ def run(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("bench-store", help="chunk-KV load throughput per store tier, admission replay")
+    parser = subparsers.add_parser("bench-store",
+                                   help="chunk-KV load throughput per store tier, admission replay")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--json", required=True, dest="json_out", help="where to write the figures")
     parser.add_argument("--layouts", default="smollm2,8b", help=f"comma-separated: {', '.join(LAYOUTS)}")
@@ -224,8 +229,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--replay-requests", type=int, default=3000)
     parser.add_argument("--only", choices=["all", "throughput", "replay"], default="all")
     parser.add_argument("--torch-threads", type=int, default=None,
-                        help="intra-op threads (default: torch's); 1 avoids thrashing on a busy few-core machine")
-    parser.add_argument("--work-dir", default=None, help="where the disk tier's files go (default: system temp)")
+                        help="intra-op threads (default: torch's); 1 avoids thrashing on a busy machine")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the disk tier's files go (default: system temp)")
     parser.set_defaults(func=run)
     return parser
 

@@ -1,6 +1,6 @@
 """Tiered chunk-KV store (issue 4): GPU, CPU, disk and Redis tiers under one LRU, one codec.
 
-    config = StoreConfig(cpu_bytes=4 << 30, disk_path=Path("~/.cache/kvblend/kv"), redis_url="redis://host:6379/0")
+    config = StoreConfig(cpu_bytes=4 << 30, disk_path="~/.cache/kvblend/kv", redis_url="redis://host:6379/0")
     chunks = ChunkStore.from_config(config)
     key = chunk_key(model.fingerprint, prefix_ids, token_ids, dtype)
     chunks.put(key, chunk_kv)

@@ -90,14 +90,14 @@ class ChunkStore:
             return None
 
     def layer(self, key: str, manifest: Manifest, index: int) -> torch.Tensor | None:
-        """One layer's [T, 2, kv_heads, head_dim] block, or None if it is missing or does not fit the manifest."""
+        """One layer's [T, 2, kv_heads, head_dim] block; None if missing or not fitting the manifest."""
         if not 0 <= index < manifest.n_layers:
             raise ValueError(f"layer {index} is outside the chunk's {manifest.n_layers} layers")
         block = self.tiered.get(layer_key(key, index))
         if block is None:
             return None
         if tuple(block.shape) != manifest.block_shape or block.dtype != manifest.dtype:
-            log.warning("store: layer %d of chunk %s is %s %s, its manifest says %s %s; treated as a miss",
+            log.warning("store: layer %d of chunk %s is %s %s, its manifest says %s %s; a miss",
                         index, key, block.dtype, list(block.shape), manifest.dtype, list(manifest.block_shape))
             return None
         return block

@@ -30,7 +30,9 @@ MAGIC = b"KVBL"
 FORMAT_VERSION = 1
 QUANTIZED = 1
 
-DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int64: 4, torch.int8: 5, torch.uint8: 6}
+DTYPE_CODES = {
+    torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int64: 4, torch.int8: 5, torch.uint8: 6,
+}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 MAX_NDIM = 8
 
@@ -65,7 +67,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
 
 def encode(tensor: torch.Tensor, quantize_floats: bool = False) -> bytes:
     if tensor.dtype not in DTYPE_CODES:
-        raise ValueError(f"cannot encode dtype {tensor.dtype} (supported: {', '.join(map(str, DTYPE_CODES))})")
+        supported = ", ".join(map(str, DTYPE_CODES))
+        raise ValueError(f"cannot encode dtype {tensor.dtype} (supported: {supported})")
     if tensor.dim() > MAX_NDIM or tensor.dim() == 0:
         raise ValueError(f"cannot encode a tensor of {tensor.dim()} dims (1 to {MAX_NDIM})")
     if quantize_floats and tensor.is_floating_point() and tensor.numel():
@@ -97,7 +100,8 @@ def decode(value: bytes | bytearray | memoryview) -> torch.Tensor:
     shape_at = _FIXED.size
     tail_at = shape_at + 4 * ndim
     if len(view) < tail_at + _TAIL.size:
-        raise CorruptEntry(f"value of {len(view)} bytes is shorter than its {tail_at + _TAIL.size}-byte header")
+        raise CorruptEntry(f"value of {len(view)} bytes is shorter than its {tail_at + _TAIL.size}-byte "
+                           "header")
     shape = struct.unpack_from(f"<{ndim}I", view, shape_at)
     length, crc = _TAIL.unpack_from(view, tail_at)
     payload_at = tail_at + _TAIL.size

@@ -19,7 +19,8 @@ _KEY = re.compile(r"[0-9a-f]{64}")
 MANIFEST = "m"
 
 
-def chunk_key(fingerprint: str, prefix_ids: Sequence[int], token_ids: Sequence[int], dtype: torch.dtype | str) -> str:
+def chunk_key(fingerprint: str, prefix_ids: Sequence[int], token_ids: Sequence[int],
+              dtype: torch.dtype | str) -> str:
     """sha256 of (format version, model fingerprint, dtype, the tokens computed before the chunk, its tokens).
 
     `prefix_ids` are the tokens the chunk's K/V was computed behind (e.g. the system prompt): the
@@ -28,7 +29,8 @@ def chunk_key(fingerprint: str, prefix_ids: Sequence[int], token_ids: Sequence[i
     if not fingerprint:
         raise ValueError("empty model fingerprint (pass LoadedModel.fingerprint)")
     dtype_name = str(dtype).removeprefix("torch.")
-    record = [FORMAT_VERSION, fingerprint, dtype_name, [int(i) for i in prefix_ids], [int(i) for i in token_ids]]
+    record = [FORMAT_VERSION, fingerprint, dtype_name, [int(i) for i in prefix_ids],
+              [int(i) for i in token_ids]]
     return hashlib.sha256(json.dumps(record, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -1,9 +1,9 @@
 """Redis tier: codec-encoded entries under a key prefix; an outage turns into misses, never errors.
 
 A command the server refuses (say, out of memory under `noeviction`) is a miss or a skipped write
-with a warning. When a call fails to connect or times out, the tier logs one warning and is skipped (reads miss,
-writes are dropped and counted) for `retry_s` seconds; the next call after that tries the server
-again, and the tier is back in use as soon as one succeeds.
+with a warning. When a call fails to connect or times out, the tier logs one warning and is skipped
+(reads miss, writes are dropped and counted) for `retry_s` seconds; the next call after that tries
+the server again, and the tier is back in use as soon as one succeeds.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ class StoreSource:
             self.manifests.append(manifest)
             if manifest is None:
                 self._recompute(index, "not in the store")
-        self.starts = [m.start if m is not None else self.computed[i].start for i, m in enumerate(self.manifests)]
+        self.starts = [manifest.start if manifest is not None else self.computed[index].start
+                       for index, manifest in enumerate(self.manifests)]
         layer_counts = {m.n_layers for m in self.manifests if m is not None}
         layer_counts |= {chunk.kv.shape[0] for chunk in self.computed.values()}
         if len(layer_counts) > 1:
@@ -55,7 +56,8 @@ class StoreSource:
         with torch.inference_mode():  # inference mode is per thread; this may run on the prefetch thread
             chunk = self.compute(index)
         manifest = self.manifests[index]
-        if manifest is not None and (chunk.start, tuple(chunk.token_ids)) != (manifest.start, manifest.token_ids):
+        if manifest is not None and (chunk.start, tuple(chunk.token_ids)) != (manifest.start,
+                                                                               manifest.token_ids):
             raise ValueError(f"compute({index}) returned K/V of other tokens or start {chunk.start} than "
                              f"chunk {key} (start {manifest.start}) holds")
         log.info("store: chunk %s %s; computed it on its own", key, why)

@@ -27,7 +27,10 @@ import torch
 from store.admission import FrequencySketch
 from store.codec import CorruptEntry
 from store.config import StoreConfig
+from store.disk_tier import DiskTier
 from store.keys import chunk_of
+from store.memory_tier import MemoryTier
+from store.redis_tier import RedisTier
 from store.tier import Tier
 
 log = logging.getLogger(__name__)
@@ -74,10 +77,6 @@ class TieredStore:
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> "TieredStore":
-        from store.disk_tier import DiskTier
-        from store.memory_tier import MemoryTier
-        from store.redis_tier import RedisTier
-
         tiers, budgets = [], []
         if config.gpu_bytes:
             if torch.cuda.is_available():
@@ -119,7 +118,7 @@ class TieredStore:
 
     def _touch(self, index: int, key: str) -> None:
         lru = self._lru[index]
-        if lru is not None and key in lru:
+        if lru is not None:
             with self._lock:
                 if key in lru:
                     lru.move_to_end(key)
@@ -182,7 +181,8 @@ class TieredStore:
 
     def _corrupt(self, index: int, key: str, err: CorruptEntry) -> None:
         tier = self.tiers[index]
-        log.warning("store: entry %s in %s is corrupt (%s); deleted and treated as a miss", key, tier.name, err)
+        log.warning("store: entry %s in %s is corrupt (%s); deleted and treated as a miss",
+                    key, tier.name, err)
         tier.delete(key)
         with self._lock:
             self._stats[tier.name].corrupt += 1

@@ -21,7 +21,8 @@ def test_int64_manifest_round_trip_and_is_never_quantized():
     assert torch.equal(decode(encode(ids, quantize_floats=True)), ids)
 
 
-@pytest.mark.parametrize("where", ["magic", "version", "shape", "length", "checksum", "payload first", "payload last"])
+@pytest.mark.parametrize("where", ["magic", "version", "shape", "length", "checksum", "payload first",
+                                   "payload last"])
 def test_a_flipped_byte_anywhere_is_detected(where):
     data = bytearray(encode(block(2)))
     ndim = 4
@@ -49,7 +50,8 @@ def test_int8_error_is_within_half_a_step_of_each_row(dtype):
     # half a step from rounding, plus the target dtype's own rounding of the dequantized value
     bound = step / 2 + tensor.float().abs() * (2**-8 if dtype == torch.bfloat16 else 1e-6)
     assert ((out.float() - tensor.float()).abs() <= bound + 1e-7).all()
-    assert len(data) <= tensor.numel() * (1 + 4 / 16) + 64  # one byte per element plus a float32 scale per row
+    # one byte per element plus a float32 scale per row of 16
+    assert len(data) <= tensor.numel() * (1 + 4 / 16) + 64
 
 
 def test_encode_rejects_an_unsupported_dtype_by_name():

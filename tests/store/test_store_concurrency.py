@@ -98,7 +98,8 @@ def _process_writer(root, prefix, barrier) -> None:
 def test_two_processes_writing_one_chunk_leave_one_valid_entry(tmp_path, redis_prefix):
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(2)
-    processes = [context.Process(target=_process_writer, args=(tmp_path, redis_prefix, barrier)) for _ in range(2)]
+    processes = [context.Process(target=_process_writer, args=(tmp_path, redis_prefix, barrier))
+                 for _ in range(2)]
     for process in processes:
         process.start()
     for process in processes:

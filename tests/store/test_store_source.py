@@ -123,4 +123,5 @@ def test_source_delivers_each_layer_on_the_gpu():
     assert store.tiered.tiers[0].pin  # the CPU tier holds pinned memory when CUDA is present
     with store.source(keys, device="cuda") as source:
         for layer, blocks in enumerate(layers_of(source)):
-            assert all(b.is_cuda and torch.equal(b.cpu(), chunk.kv[layer]) for b, chunk in zip(blocks, chunks))
+            assert all(block.is_cuda and torch.equal(block.cpu(), chunk.kv[layer])
+                       for block, chunk in zip(blocks, chunks))

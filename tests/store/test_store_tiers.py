@@ -127,7 +127,8 @@ def test_disk_rejects_a_key_that_is_not_a_file_name(tmp_path):
 @pytest.mark.parametrize("kind", ["disk", "redis"])
 def test_quantize_flag_stores_int8_and_reads_back_within_half_a_step(kind, tmp_path, redis_prefix):
     config = StoreConfig(cpu_bytes=0, disk_path=tmp_path if kind == "disk" else None,
-                         redis_url=REDIS_URL if kind == "redis" else None, redis_prefix=redis_prefix, quantize=True)
+                         redis_url=REDIS_URL if kind == "redis" else None, redis_prefix=redis_prefix,
+                         quantize=True)
     chunks = ChunkStore.from_config(config)
     tier = chunks.tiered.tiers[0]
     chunk = make_chunk(12, tokens=32, dim=64)
