@@ -98,7 +98,8 @@ class ChunkStore:
             return None
         if tuple(block.shape) != manifest.block_shape or block.dtype != manifest.dtype:
             log.warning("store: layer %d of chunk %s is %s %s, its manifest says %s %s; a miss",
-                        index, key, block.dtype, list(block.shape), manifest.dtype, list(manifest.block_shape))
+                        index, key, block.dtype, list(block.shape), manifest.dtype,
+                        list(manifest.block_shape))
             return None
         return block
 
