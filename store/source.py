@@ -26,6 +26,8 @@ class MissingChunk(LookupError):
 
 
 class StoreSource:
+    """Segments by chunk key (system prefix first); use it as a context manager, or read every layer."""
+
     def __init__(self, store: ChunkStore, keys: Sequence[str], compute: Compute | None = None,
                  device: str | torch.device = "cpu", prefetch: bool = True):
         self.store = store
@@ -48,6 +50,8 @@ class StoreSource:
         self.n_layers = layer_counts.pop() if layer_counts else 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-prefetch") if prefetch else None
         self._pending: dict[int, Future] = {}
+        if self._pool is not None and self.n_layers:  # layer 0 loads while the caller sets up
+            self._pending[0] = self._pool.submit(self._load, 0)
 
     def _recompute(self, index: int, why: str) -> ChunkKV:
         key = self.keys[index]
