@@ -80,6 +80,23 @@ class ChunkStore:
     def manifest(self, key: str) -> Manifest | None:
         """The chunk's manifest; each call counts as one use of the chunk for admission."""
         self.tiered.note_use(check_chunk_key(key))
+        return self._manifest(key)
+
+    def contains(self, key: str) -> bool:
+        """Manifest and every layer are in some tier. Counts no use, so ingestion can ask freely."""
+        manifest = self._manifest(check_chunk_key(key))
+        return manifest is not None and all(self.tiered.contains(layer_key(key, index))
+                                            for index in range(manifest.n_layers))
+
+    def delete(self, key: str) -> None:
+        """Every entry of the chunk from every tier; the manifest last, so a delete cut short can be rerun."""
+        manifest = self._manifest(check_chunk_key(key))
+        if manifest is not None:
+            for index in range(manifest.n_layers):
+                self.tiered.delete(layer_key(key, index))
+        self.tiered.delete(manifest_key(key))
+
+    def _manifest(self, key: str) -> Manifest | None:
         value = self.tiered.get(manifest_key(key))
         if value is None:
             return None

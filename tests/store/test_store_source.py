@@ -125,3 +125,23 @@ def test_source_delivers_each_layer_on_the_gpu():
         for layer, blocks in enumerate(layers_of(source)):
             assert all(block.is_cuda and torch.equal(block.cpu(), chunk.kv[layer])
                        for block, chunk in zip(blocks, chunks))
+
+
+def test_contains_means_every_layer_is_there_and_counts_no_use():
+    chunks, keys = chunks_and_keys(1)
+    store = new_store()
+    assert not store.contains(keys[0])
+    store.put(keys[0], chunks[0])
+    assert store.contains(keys[0]) and store.tiered.sketch.estimate(keys[0]) == 0
+    store.tiered.delete(layer_key(keys[0], 1))
+    assert not store.contains(keys[0])
+
+
+def test_delete_removes_every_entry_of_the_chunk_and_nothing_else():
+    chunks, keys = chunks_and_keys(2)
+    store = new_store()
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    store.delete(keys[0])
+    assert {key.split(":")[0] for key, _ in store.tiered.tiers[0].entries()} == {keys[1]}
+    assert store.get(keys[0]) is None and torch.equal(store.get(keys[1]).kv, chunks[1].kv)
