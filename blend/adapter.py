@@ -58,6 +58,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def causal_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Exact causal mask from absolute positions: a query at position p sees keys at positions <= p,
+    whatever else the cache holds. Additive (0 / -inf), which CPU SDPA runs about 2x faster than a
+    boolean mask of the same shape."""
+    keys = torch.arange(length, device=positions.device)
+    allowed = positions[:, None] >= keys[None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+    return mask.masked_fill_(~allowed, float("-inf"))[None, None]
+
+
 class LlamaStep:
     """Explicit-position view of a loaded Hugging Face Llama-family causal LM (batch of one request)."""
 
@@ -147,10 +157,14 @@ class LlamaStep:
         """Attention of q over cache[:length] with an exact causal mask from absolute positions, then MLP."""
         block = self.layers[layer]
         keys, values = cache.keys_values(layer, length)  # [n_kv, length, d]
-        # Exact causal mask: query at position p sees keys at positions <= p, whatever else is cached.
-        mask = positions.to(keys.device)[:, None] >= torch.arange(length, device=keys.device)[None, :]
+        if h.shape[0] == length:
+            # Positions are sorted and unique, so T == length means exactly 0..length-1: plain causal,
+            # which takes the fused (flash) kernel instead of materialising a mask.
+            mask, causal = None, True
+        else:
+            mask, causal = causal_mask(positions, length, q.dtype), False
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask[None, None],
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, is_causal=causal,
             scale=self.scale, enable_gqa=True,
         )
         out = out[0].transpose(0, 1).reshape(h.shape[0], self.n_heads * self.head_dim)
