@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default=None)
     add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
+
+    from services import bench_store, ingest, retrieval_eval
+
+    ingest.add_parsers(sub)
+    retrieval_eval.add_parsers(sub)
+    bench_store.add_parser(sub)
     return parser
 
 

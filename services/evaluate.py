@@ -23,7 +23,7 @@ import torch
 from blend.decode import greedy, stop_token_ids
 from blend.fusor import MODES, SELECTORS, BlendConfig, MemorySource, cached_entries, compute_kv, prefill
 from blend.loader import LoadedModel, load
-from blend.prompt import DEFAULT_SYSTEM, build_layout, format_passage
+from blend.prompt import DEFAULT_SYSTEM, PromptLayout, build_layout, format_passage
 from services.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def _timed_mode(model: LoadedModel, layout, config: BlendConfig, prefix, chunks,
 
 def _warm_up(model: LoadedModel, question: Question, rows, hf: bool, stops) -> None:
     """One untimed pass of every path on a short prompt, so one-time costs do not land in a row."""
-    layout = build_layout(model.tokenizer, list(question.passages[:2]), question.question, DEFAULT_SYSTEM)
+    full = build_layout(model.tokenizer, list(question.passages[:2]), question.question, DEFAULT_SYSTEM)
+    layout = PromptLayout(full.prefix, tuple(chunk[:128] for chunk in full.chunks), full.suffix[-64:])
     prefix = compute_kv(model.step, layout.prefix)
     chunks = [compute_kv(model.step, ids, behind=prefix) for ids in layout.chunks]
     if hf:
