@@ -115,13 +115,13 @@ class LlamaStep:
         return emb.cos().float(), emb.sin().float()
 
     @staticmethod
-    def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Apply RoPE to x [T, heads, head_dim] at the given positions."""
-        return self._apply(x, *self.cos_sin(positions))
+        return self.apply_rotation(x, *self.cos_sin(positions))
 
     def rerotate(self, k: torch.Tensor, start: int, delta: int) -> torch.Tensor:
         """Move keys [T, heads, head_dim] rotated at positions start.. to start + delta..
@@ -132,9 +132,13 @@ class LlamaStep:
         """
         if delta == 0:
             return k
-        positions = torch.arange(start, start + k.shape[0], device=k.device)
-        turn = self.angles(positions + delta).double() - self.angles(positions).double()
-        return self._apply(k, *self._cos_sin(turn))
+        return self.apply_rotation(k, *self.turn(start, delta, k.shape[0]))
+
+    def turn(self, start: int, delta: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin that re-rotate `count` keys from positions start.. to start + delta.. (see rerotate)."""
+        positions = torch.arange(start, start + count, device=self.device)
+        angles = self.angles(positions + delta).double() - self.angles(positions).double()
+        return self._cos_sin(angles)
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -151,7 +155,7 @@ class LlamaStep:
         k = attn.k_proj(x).view(n, self.n_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(n, self.n_kv_heads, self.head_dim)
         cos, sin = self.cos_sin(positions)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin), v
+        return self.apply_rotation(q, cos, sin), self.apply_rotation(k, cos, sin), v
 
     def attend(self, layer: int, h, q, positions: torch.Tensor, cache: KVCache, length: int):
         """Attention of q over cache[:length] with an exact causal mask from absolute positions, then MLP."""

@@ -102,15 +102,15 @@ def cached_entries(mode: str, prefix: ChunkKV, chunks: Sequence[ChunkKV], layout
     return ([prefix] + list(chunks))[: count[mode]]
 
 
-def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, old_starts, new_starts) -> None:
-    for block, old, new in zip(blocks, old_starts, new_starts):
+def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turns) -> None:
+    for block, new, turn in zip(blocks, new_starts, turns):
         length = block.shape[0]
         if length == 0:
             continue
         target = cache.data[layer, new : new + length]
         target.copy_(block, non_blocking=True)
-        if new != old:  # K was rotated at its computed positions; move it to where it sits now
-            target[:, 0] = step.rerotate(target[:, 0], old, new - old)
+        if turn is not None:  # K was rotated at its computed positions; move it to where it sits now
+            target[:, 0] = step.apply_rotation(target[:, 0], *turn)
 
 
 def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
@@ -148,6 +148,11 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
     segment_starts = [0] + layout.chunk_starts()
     old_starts = list(source.starts) if source is not None else []
     new_starts = segment_starts[: len(old_starts)]
+    boundaries = segment_starts + [n - len(layout.suffix)]
+    lengths = [boundaries[i + 1] - boundaries[i] for i in range(len(old_starts))]
+    # The same re-rotation serves every layer: compute its cos/sin once per segment.
+    turns = [step.turn(old, new - old, count) if new != old and count else None
+             for old, new, count in zip(old_starts, new_starts, lengths)]
     question_start = n - len(layout.suffix)
     covered = (segment_starts + [question_start])[len(old_starts)]  # prompt tokens the placed segments fill
     schedule = _schedule(config, step.n_layers)
@@ -162,7 +167,7 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
     h = step.embed(ids[first:])
     for layer in range(step.n_layers):
         if source is not None:
-            _place(step, cache, layer, source.layer(layer), old_starts, new_starts)
+            _place(step, cache, layer, source.layer(layer), new_starts, turns)
         if layer not in schedule:
             h = step.step(layer, h, positions, cache, n)
             continue

@@ -81,8 +81,9 @@ class EvalConfig:
                 rows.append(BlendConfig(mode=mode))
                 continue
             for selector in self.selectors:
+                # At ratio 1 every chunk token is recomputed whatever the selector: one row is enough.
                 rows += [BlendConfig(mode="blend", ratio=r, selector=selector, check_layer=self.check_layer)
-                         for r in self.ratios]
+                         for r in self.ratios if r < 1.0 or selector == self.selectors[0]]
             if self.gradual_layers:
                 rows += [BlendConfig(mode="blend", ratio=r, check_layer=self.check_layer,
                                      gradual_layers=self.gradual_layers) for r in self.ratios if r < 1.0]
