@@ -1,0 +1,204 @@
+"""A small client for the kvblend service, and `kvblend query`, which prints an answer as it streams.
+
+    client = Client("127.0.0.1:50051", token=..., tls_ca=...)
+    ids = client.ingest([{"text": ..., "title": ...}]).documents[0].chunk_ids
+    for message in client.generate("Who ...?", top_k=3):
+        print(message.text, end="")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto import kvblend_pb2 as pb
+from proto import kvblend_pb2_grpc as pb_grpc
+
+TENANT_HEADER = "kvblend-tenant"
+
+
+class Client:
+    def __init__(self, target: str, token: str | None = None, tenant: str | None = None,
+                 tls_ca: Path | None = None):
+        options = [("grpc.max_receive_message_length", 32 << 20), ("grpc.max_send_message_length", 32 << 20)]
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, credentials, options)
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.stub = pb_grpc.ChunkCacheStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata: list[tuple[str, str]] = []
+        if token:
+            self.metadata.append(("authorization", f"Bearer {token}"))
+        if tenant:
+            self.metadata.append((TENANT_HEADER, tenant))
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def ingest(self, documents: Iterable[dict], timeout: float | None = None) -> pb.IngestResponse:
+        request = pb.IngestRequest(documents=[pb.Document(**d) for d in documents])
+        return self.stub.IngestChunks(request, timeout=timeout, metadata=self.metadata)
+
+    def retrieve(self, query: str, k: int = 0, timeout: float | None = None) -> pb.RetrieveResponse:
+        return self.stub.Retrieve(pb.RetrieveRequest(query=query, k=k), timeout=timeout, metadata=self.metadata)
+
+    def generate(self, query: str, chunk_ids: Iterable[str] = (), top_k: int = 0, mode: str = "",
+                 ratio: float | None = None, max_new_tokens: int = 0, timeout: float | None = None):
+        """The response stream: iterate it for `GenerateResponse`s; `.cancel()` stops the server generating."""
+        request = pb.GenerateRequest(query=query, chunk_ids=list(chunk_ids), top_k=top_k, mode=mode,
+                                     max_new_tokens=max_new_tokens)
+        if ratio is not None:
+            request.ratio = ratio
+        return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
+
+    def answer(self, query: str, **kwargs) -> Answer:
+        """Generate and collect the whole stream."""
+        return Answer.collect(self.generate(query, **kwargs))
+
+    def delete(self, chunk_ids: Iterable[str], timeout: float | None = None) -> pb.DeleteResponse:
+        return self.stub.DeleteChunks(pb.DeleteRequest(chunk_ids=list(chunk_ids)), timeout=timeout,
+                                      metadata=self.metadata)
+
+    def stats(self, timeout: float | None = None) -> pb.StatsResponse:
+        return self.stub.Stats(pb.StatsRequest(), timeout=timeout, metadata=self.metadata)
+
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Answer:
+    """A whole Generate stream: text, token ids, TTFT (server's and as the client saw it), report, finish."""
+
+    def __init__(self):
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.ttft_s = 0.0
+        self.client_ttft_s = 0.0
+        self.report: pb.RequestReport | None = None
+        self.finish: pb.Finish | None = None
+        self.messages = 0
+
+    @classmethod
+    def collect(cls, stream: Iterator[pb.GenerateResponse], on_text=None) -> Answer:
+        answer = cls()
+        started = time.perf_counter()
+        for message in stream:
+            if answer.messages == 0:
+                answer.client_ttft_s = time.perf_counter() - started
+                answer.ttft_s = message.ttft_s
+                answer.report = message.report
+            answer.messages += 1
+            answer.text += message.text
+            answer.token_ids.extend(message.token_ids)
+            if on_text is not None and message.text:
+                on_text(message.text)
+            if message.HasField("finish"):
+                answer.finish = message.finish
+        return answer
+
+
+def format_report(answer: Answer) -> str:
+    report, finish = answer.report, answer.finish
+    label = f"blend@{report.ratio:g}" if report.mode == "blend" else report.mode
+    hits = ", ".join(f"{tier} {count}" for tier, count in sorted(report.chunks_hit.items())) or "none"
+    lines = [
+        f"mode        {label}; {len(report.chunk_ids)} chunks, {report.prompt_tokens} prompt tokens "
+        f"({report.chunk_tokens} in chunks)",
+        f"ttft        {answer.ttft_s * 1000:.1f} ms at the server, {answer.client_ttft_s * 1000:.1f} ms here "
+        f"(queue {report.queue_s * 1000:.1f}, retrieve {report.retrieve_s * 1000:.1f}, load wait "
+        f"{report.load_wait_s * 1000:.1f}, compute {report.compute_s * 1000:.1f}, missing chunks "
+        f"{report.missing_compute_s * 1000:.1f} ms; tier reads {report.load_s * 1000:.1f} ms)",
+        f"chunks      hit per tier: {hits}; missing (recomputed) {report.chunks_missing} "
+        f"({report.missing_tokens} tokens); tokens recomputed by blend {report.tokens_recomputed}",
+    ]
+    if report.quality.checked:
+        q = report.quality
+        lines.append(f"quality     first-token KL {q.kl:.4f}, agree {'yes' if q.agree else 'no'}"
+                     f"{', answered from full prefill' if q.fell_back else ''}")
+    if report.degraded_tiers:
+        lines.append(f"degraded    {', '.join(report.degraded_tiers)} unavailable (KV recomputed)")
+    if finish is not None:
+        lines.append(f"finish      {finish.reason}: {finish.tokens} tokens in {finish.seconds:.2f} s")
+    if report.chunk_ids:
+        lines.append("chunk ids   " + " ".join(report.chunk_ids))
+    return "\n".join(lines)
+
+
+def cmd_query(args) -> int:
+    token = args.token or os.environ.get("KVBLEND_TOKEN")
+    if args.chunk_ids and args.top_k:
+        raise ValueError("give --chunk-ids or --top-k, not both")
+    with Client(args.server, token=token, tenant=args.tenant, tls_ca=args.tls_ca) as client:
+        stream = client.generate(args.query, chunk_ids=args.chunk_ids or (), top_k=args.top_k or 0, mode=args.mode,
+                                 ratio=args.ratio, max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+        try:
+            answer = Answer.collect(stream, on_text=None if args.json else
+                                    (lambda text: print(text, end="", flush=True)))
+        except grpc.RpcError as err:
+            print(f"\nkvblend: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps({"text": answer.text, "token_ids": answer.token_ids, "ttft_s": answer.ttft_s,
+                          "client_ttft_s": answer.client_ttft_s,
+                          "report": MessageToDict(answer.report, preserving_proto_field_name=True),
+                          "finish": MessageToDict(answer.finish, preserving_proto_field_name=True)}, indent=2))
+    else:
+        print("\n")
+        print(format_report(answer))
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    q = subparsers.add_parser("query", help="ask a running kvblend server; prints tokens as they stream")
+    q.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    q.add_argument("--query", required=True)
+    pick = q.add_mutually_exclusive_group()
+    pick.add_argument("--chunk-ids", nargs="+", default=None, help="these chunks, in this order")
+    pick.add_argument("--top-k", type=int, default=None, help="the K chunks retrieved for the query")
+    q.add_argument("--mode", default="", choices=["", "full", "prefix", "reuse", "blend"],
+                   help="default: the server's (blend)")
+    q.add_argument("--ratio", type=float, default=None, help="blend recompute ratio (default: the server's)")
+    q.add_argument("--max-new-tokens", type=int, default=0)
+    q.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    q.add_argument("--token", default=None, help="bearer token (default $KVBLEND_TOKEN)")
+    q.add_argument("--tenant", default=None, help="tenant, on a server without auth")
+    q.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate: use TLS")
+    q.add_argument("--json", action="store_true", help="print the answer and report as JSON")
+    q.set_defaults(func=cmd_query)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.client query ...`, as `kvblend query` runs it."""
+    parser = argparse.ArgumentParser(prog="kvblend")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"kvblend: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
