@@ -35,7 +35,7 @@ from blend.fusor import MODES, BlendConfig, compute_kv, prefill
 from blend.loader import LoadedModel
 from blend.prompt import DEFAULT_SYSTEM, build_layout
 from services.catalog import Catalog
-from services.errors import Cancelled, InvalidArgument, NotFound, ServiceError
+from services.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ServiceError
 from services.scheduler import ModelWorker
 from services.serve_config import DEFAULT_TENANT, GuardConfig, ServerConfig, ServeSettings
 from services.tier_trace import trace_tiers
@@ -185,6 +185,7 @@ class Generation:
                              chunk_ids=chunk_ids, scores=scores, retrieve_s=retrieve_s)
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._expired = False
         self._tokens: Iterator[int] | None = None
         self._ids: list[int] = []
         self._shown = ""
@@ -209,11 +210,14 @@ class Generation:
     # -- the model thread's side (scheduler.Job) --------------------------------------------------
 
     def cancelled(self) -> bool:
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        if self.deadline is not None and time.monotonic() > self.deadline and not self._cancelled.is_set():
+            self._expired = True
             self._cancelled.set()
         return self._cancelled.is_set()
 
     def fail(self, error: BaseException) -> None:
+        if self._expired and isinstance(error, Cancelled):
+            error = DeadlineExceeded("the call's deadline passed before the answer was complete")
         self.engine.metrics.ended(cancelled=isinstance(error, Cancelled), failed=not isinstance(error, Cancelled))
         self._events.put(error)
         self._events.put(_DONE)

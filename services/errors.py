@@ -36,3 +36,7 @@ class Unauthenticated(ServiceError):
 
 class PermissionDenied(ServiceError):
     pass
+
+
+class DeadlineExceeded(Cancelled):
+    """The call's deadline passed before its answer was complete."""
