@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
 import redis
 
+from services import launch
 from services.client import Client
 
-ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("KVBLEND_CACHE_DIR", "~/.cache/kvblend")).expanduser()
 REDIS_URL = "redis://127.0.0.1:6379/0"
 CONTEXT = 1024  # the tiny model's context: small, so a prompt over it is cheap to build
@@ -71,73 +65,18 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
-class ServerProcess:
-    """`python -m services.server serve` on a free port, as a user starts it."""
+class ServerProcess(launch.ServerProcess):
+    """`python -m services.server serve` on a free port with a config file, as a user starts it."""
 
-    def __init__(self, folder: Path, model_dir: Path, config: dict, start_timeout: float = 180.0):
+    def __init__(self, folder: Path, model_dir: Path, config: dict):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         config_file = write_config(folder / "serve.toml", config)
-        self.stderr_path = folder / "server.err"
-        command = [sys.executable, "-m", "services.server", "serve", "--port", "0", "--model", str(model_dir),
-                   "--data-dir", str(folder / "data"), "--cache-dir", str(CACHE_DIR), "--config", str(config_file)]
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(self.stderr_path, "w"),
-                                        text=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = self._wait_serving(start_timeout)
-        self.host = "127.0.0.1"
-        self.target = f"{self.host}:{self.port}"
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def _wait_serving(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            if "kvblend: serving" in line:
-                return int(line.split(" on ", 1)[1].split()[0].rsplit(":", 1)[1])
-        self.process.kill()
-        raise RuntimeError(f"the server did not start: {self.stderr()[-3000:]}")
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def output(self, timeout: float = 0.0) -> list[str]:
-        lines = []
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                return lines
-            if line is None:
-                return lines
-            lines.append(line)
+        super().__init__(["--model", str(model_dir), "--data-dir", str(folder / "data"), "--cache-dir",
+                          str(CACHE_DIR), "--config", str(config_file)], folder / "server.err", start_timeout=180)
 
     def client(self, **kwargs) -> Client:
-        client = Client(kwargs.pop("target", self.target), **kwargs)
-        return client
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return Client(kwargs.pop("target", self.target), **kwargs)
 
 
 def redis_prefix_keys(prefix: str) -> list[bytes]:
