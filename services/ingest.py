@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -163,7 +163,8 @@ class _Job:
         key = self.kv.key(chunk.token_ids)
         return key in self.collection.kv_keys(chunk.id) and self.kv_store.has(key)
 
-    def flush(self, batch: list[Chunk]) -> None:
+    def flush(self, batch: list[Chunk], done: Callable[[int], object]) -> None:
+        """Embed, compute KV, then record the batch; `done(n)` reports chunks as their work finishes."""
         started = time.perf_counter()
         new = [chunk for chunk in batch if chunk.id not in self.collection]
         vectors = self.embedder.embed([chunk.text for chunk in new]) if new else np.zeros((0, self.embedder.dim))
@@ -182,10 +183,13 @@ class _Job:
                     self.stats.kv_computed += 1
                     self.stats.kv_tokens += len(chunk.token_ids)
                 keys.append((chunk.id, key))
+                done(1)
         started = time.perf_counter()
         self.collection.add(new, vectors, keys)
         self.stats.store_s += time.perf_counter() - started
         self.stats.added += len(new)
+        if self.kv is None:
+            done(len(batch))
 
 
 def ingest(documents: Iterable[Document], chunker: Chunker, collection: Collection, embedder: Embedder,
@@ -223,12 +227,10 @@ def ingest(documents: Iterable[Document], chunker: Chunker, collection: Collecti
                     continue
                 batch.append(chunk)
                 if len(batch) >= batch_size:
-                    job.flush(batch)
-                    bar.update(len(batch))
+                    job.flush(batch, bar.update)
                     batch = []
         if batch:
-            job.flush(batch)
-            bar.update(len(batch))
+            job.flush(batch, bar.update)
     finally:
         bar.close()
         collection.save()
@@ -311,6 +313,10 @@ def cmd_ingest(args) -> int:
 
     config = IngestConfig.from_args(args)
     model_config = ModelConfig.from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     documents = _documents(args)
     kv = kv_store = None
     if config.with_kv:
@@ -373,7 +379,7 @@ def cmd_delete(args) -> int:
     finally:
         collection.close()
     for cid, count in removed.items():
-        print(f"deleted {cid} (text, vector, {count} KV entries)")
+        print(f"deleted {cid}: text, vector and KV under {count} key(s)")
     return 0
 
 
@@ -398,6 +404,8 @@ def add_parsers(subparsers) -> None:
     ing.add_argument("--index", choices=INDEX_KINDS, default=None,
                      help="faiss index kind (default: keep the existing one, flat for a new one)")
     ing.add_argument("--json", dest="json_out", default=None, help="write the job's figures here")
+    ing.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's; 1 is faster on a CPU shared with other jobs)")
     ing.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_args(ing)
     ing.set_defaults(func=cmd_ingest)

@@ -215,3 +215,19 @@ def test_cli_ingest_retrieve_delete(tmp_path, tiny_model_dir, capsys):
     assert f"deleted {victim}" in capsys.readouterr().out
     assert main(["delete", victim, *data]) == 2
     assert f"unknown chunk id '{victim}'" in capsys.readouterr().err
+
+
+def test_recall_counts_a_passage_found_when_any_of_its_chunks_is_retrieved(tmp_path, tiny_model, embedder):
+    from services.retrieval_eval import recall_at_k
+
+    questions = json.loads(write_musique(tmp_path / "m.json").read_text())
+    chunker = Chunker(tiny_model.tokenizer, CHUNK_TOKENS)
+    collection = Collection(tmp_path / "data", embedder.dim)
+    with pytest.raises(ValueError, match="not in .* \\(ingest the same file"):
+        recall_at_k(questions, chunker, collection, embedder)
+    ingest(musique_documents(tmp_path / "m.json", _silent), chunker, collection, embedder, progress=False)
+    result = recall_at_k(questions, chunker, collection, embedder, cutoffs=(1, len(collection)))
+    assert result["questions"] == 2 and [r["passages"] for r in result["per_question"]] == [2, 2]
+    assert result[f"recall@{len(collection)}"] == 1.0  # everything retrieved: every passage found
+    assert result["recall@1"] == 0.5  # one chunk retrieved: at most one of two passages
+    collection.close()
