@@ -29,9 +29,9 @@ from retriever.collection import Collection
 from retriever.embedder import Embedder
 from retriever.index import INDEX_KINDS
 from retriever.sources import Document, folder_documents, jsonl_documents, musique_documents
-from store.chunks import ChunkStore, Manifest
+from store.chunks import ChunkStore
 from store.config import StoreConfig
-from store.keys import chunk_key, layer_key, manifest_key
+from store.keys import chunk_key
 
 KV_DIR = "kv"
 # The disk tier evicts past its budget; ingestion must not evict what it wrote, so the default is large.
@@ -55,33 +55,20 @@ class ChunkKVStore(Protocol):
 
 
 class StoreKV:
-    """A `store.ChunkStore` as the job's KV store: has = manifest and every layer present."""
+    """A `store.ChunkStore` as the job's KV store."""
 
     def __init__(self, chunks: ChunkStore):
         self.chunks = chunks
-        self.tiered = chunks.tiered
-
-    def _manifest(self, key: str):
-        # Straight from the tiers: ChunkStore.manifest would count a use toward admission.
-        value = self.tiered.get(manifest_key(key))
-        try:
-            return Manifest.from_tensor(value) if value is not None else None
-        except ValueError:
-            return None
 
     def has(self, key: str) -> bool:
-        manifest = self._manifest(key)
-        return manifest is not None and all(self.tiered.contains(layer_key(key, i)) for i in range(manifest.n_layers))
+        return self.chunks.contains(key)  # manifest and every layer; counts no use toward admission
 
     def put_chunk(self, key: str, entry: ChunkKV) -> None:
         if not self.chunks.put(key, entry):
             raise OSError(f"the KV store did not keep chunk {key} (is its disk budget too small?)")
 
     def delete_chunk(self, key: str) -> None:
-        manifest = self._manifest(key)
-        for i in range(manifest.n_layers if manifest is not None else 0):
-            self.tiered.delete(layer_key(key, i))
-        self.tiered.delete(manifest_key(key))  # last: a delete killed part-way can be rerun
+        self.chunks.delete(key)
 
 
 def kv_store_config(data_dir: Path, disk_bytes: int):
