@@ -157,28 +157,32 @@ class LlamaStep:
         cos, sin = self.cos_sin(positions)
         return self.apply_rotation(q, cos, sin), self.apply_rotation(k, cos, sin), v
 
-    def attend(self, layer: int, h, q, positions: torch.Tensor, cache: KVCache, length: int):
-        """Attention of q over cache[:length] with an exact causal mask from absolute positions, then MLP."""
+    def attend(self, layer: int, h, q, positions: torch.Tensor, cache: KVCache, length: int, mask=None):
+        """Attention of q over cache[:length] with an exact causal mask from absolute positions, then MLP.
+
+        `mask` may be passed in when the same positions run through several layers (it only depends on
+        positions and length); positions are always sorted and unique.
+        """
         block = self.layers[layer]
         keys, values = cache.keys_values(layer, length)  # [n_kv, length, d]
-        if h.shape[0] == length:
-            # Positions are sorted and unique, so T == length means exactly 0..length-1: plain causal,
-            # which takes the fused (flash) kernel instead of materialising a mask.
-            mask, causal = None, True
-        else:
-            mask, causal = causal_mask(positions, length, q.dtype), False
+        # T == length means positions are exactly 0..length-1: plain causal, which takes the fused
+        # (flash) kernel instead of materialising a mask.
+        causal = h.shape[0] == length
+        if mask is None and not causal:
+            mask = causal_mask(positions, length, q.dtype)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, is_causal=causal,
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=None if causal else mask,
+            is_causal=causal,
             scale=self.scale, enable_gqa=True,
         )
         out = out[0].transpose(0, 1).reshape(h.shape[0], self.n_heads * self.head_dim)
         h = h + block.self_attn.o_proj(out)
         return h + block.mlp(block.post_attention_layernorm(h))
 
-    def step(self, layer: int, h, positions: torch.Tensor, cache: KVCache, length: int):
+    def step(self, layer: int, h, positions: torch.Tensor, cache: KVCache, length: int, mask=None):
         q, k, v = self.qkv(layer, h, positions)
         cache.write(layer, positions, k, v)
-        return self.attend(layer, h, q, positions, cache, length)
+        return self.attend(layer, h, q, positions, cache, length, mask)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(self.hf.model.norm(h)).float()

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from blend.adapter import LlamaStep
+from blend.adapter import LlamaStep, causal_mask
 from blend.cache import ChunkKV, KVCache
 from blend.prompt import PromptLayout
 
@@ -73,12 +73,12 @@ class KVSource(Protocol):
 class MemorySource:
     """Chunk KV already in memory on the compute device."""
 
-    def __init__(self, entries: Sequence[ChunkKV]):
+    def __init__(self, entries: Sequence[ChunkKV | None]):
         self.entries = list(entries)
-        self.starts = [entry.start for entry in self.entries]
+        self.starts = [entry.start if entry is not None else 0 for entry in self.entries]
 
-    def layer(self, index: int) -> list[torch.Tensor]:
-        return [entry.kv[index] for entry in self.entries]
+    def layer(self, index: int) -> list[torch.Tensor | None]:
+        return [entry.kv[index] if entry is not None else None for entry in self.entries]
 
 
 @dataclass
@@ -104,9 +104,9 @@ def cached_entries(mode: str, prefix: ChunkKV, chunks: Sequence[ChunkKV], layout
 
 def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turns) -> None:
     for block, new, turn in zip(blocks, new_starts, turns):
-        length = block.shape[0]
-        if length == 0:
+        if block is None or block.shape[0] == 0:  # None: a chunk prefilled in full instead of loaded
             continue
+        length = block.shape[0]
         target = cache.data[layer, new : new + length]
         target.copy_(block, non_blocking=True)
         if turn is not None:  # K was rotated at its computed positions; move it to where it sits now
@@ -128,6 +128,11 @@ def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
     }
 
 
+def _mask_for(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Built once per set of positions and shared by every layer that computes them."""
+    return None if positions.shape[0] == length else causal_mask(positions, length, dtype)
+
+
 def _deviation(cache: KVCache, layer: int, positions, k, v, selector: str) -> torch.Tensor:
     """Squared L2 distance, per token summed over heads, between fresh and cached K or V."""
     cached = cache.data[layer].index_select(0, positions)[:, 1 if selector == "v" else 0]
@@ -136,8 +141,13 @@ def _deviation(cache: KVCache, layer: int, positions, k, v, selector: str) -> to
 
 
 def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: KVSource | None,
-            capacity: int | None = None) -> Prefill:
-    """Fill a KV buffer for the whole prompt under `config.mode` and return the first-token logits."""
+            capacity: int | None = None, recompute: Sequence[int] = ()) -> Prefill:
+    """Fill a KV buffer for the whole prompt under `config.mode` and return the first-token logits.
+
+    `recompute` (blend only) lists chunks prefilled in full instead of loaded (the loading
+    controller's fallback for chunks that load slower than they compute); the source may yield None
+    for them, and its start for them is ignored.
+    """
     n = len(layout)
     if not layout.suffix:
         raise ValueError("the prompt layout has no question tokens")
@@ -151,8 +161,12 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
     boundaries = segment_starts + [n - len(layout.suffix)]
     lengths = [boundaries[i + 1] - boundaries[i] for i in range(len(old_starts))]
     # The same re-rotation serves every layer: compute its cos/sin once per segment.
-    turns = [step.turn(old, new - old, count) if new != old and count else None
-             for old, new, count in zip(old_starts, new_starts, lengths)]
+    forced = sorted(set(recompute))
+    if forced and (config.mode != "blend" or forced[0] < 0 or forced[-1] >= len(layout.chunks)):
+        raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
+    skip = {1 + index for index in forced}
+    turns = [step.turn(old, new - old, count) if segment not in skip and new != old and count else None
+             for segment, (old, new, count) in enumerate(zip(old_starts, new_starts, lengths))]
     question_start = n - len(layout.suffix)
     covered = (segment_starts + [question_start])[len(old_starts)]  # prompt tokens the placed segments fill
     schedule = _schedule(config, step.n_layers)
@@ -163,23 +177,30 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
     else:
         first = covered
     positions = torch.arange(first, n, device=device)
-    n_chunk_tokens = question_start - len(layout.prefix)
+    # Positions the selection never drops: the question, and chunks prefilled in full.
+    always = torch.zeros(n, dtype=torch.bool, device=device)
+    always[question_start:] = True
+    for segment in skip:
+        always[boundaries[segment] : boundaries[segment + 1]] = True
+    n_chunk_tokens = question_start - len(layout.prefix) - sum(lengths[s] for s in skip)
     h = step.embed(ids[first:])
+    mask = _mask_for(positions, n, step.dtype)
     for layer in range(step.n_layers):
         if source is not None:
             _place(step, cache, layer, source.layer(layer), new_starts, turns)
         if layer not in schedule:
-            h = step.step(layer, h, positions, cache, n)
+            h = step.step(layer, h, positions, cache, n, mask)
             continue
         q, k, v = step.qkv(layer, h, positions)
-        is_chunk = positions < question_start
+        candidate = ~always[positions]
         score = _deviation(cache, layer, positions, k, v, config.selector)
-        budget = min(int(is_chunk.sum()), round(schedule[layer] * n_chunk_tokens))
-        score = torch.where(is_chunk, score, torch.full_like(score, float("inf")))
-        keep = torch.topk(score, budget + int((~is_chunk).sum())).indices.sort().values
+        budget = min(int(candidate.sum()), round(schedule[layer] * n_chunk_tokens))
+        score = torch.where(candidate, score, torch.full_like(score, float("inf")))
+        keep = torch.topk(score, budget + int((~candidate).sum())).indices.sort().values
         h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
+        mask = _mask_for(positions, n, step.dtype)
         cache.write(layer, positions, k, v)
-        h = step.attend(layer, h, q, positions, cache, n)
+        h = step.attend(layer, h, q, positions, cache, n, mask)
     recomputed = int((positions < question_start).sum())
     return Prefill(cache=cache, length=n, logits=step.logits(h[-1]), recomputed=recomputed)
 

@@ -132,9 +132,9 @@ def fingerprint(model, dtype: torch.dtype) -> str:
     return digest.hexdigest()[:32]
 
 
-def gate(step: LlamaStep, tokenizer) -> float:
+def gate(step: LlamaStep, token_ids: list[int]) -> float:
     """Refuse a model whose per-layer step does not reproduce its own Hugging Face forward."""
-    ids = torch.tensor(tokenizer(PROBE_PROMPT, add_special_tokens=True)["input_ids"], device=step.device)
+    ids = torch.tensor(token_ids, device=step.device)
     with torch.inference_mode():
         reference = step.hf(ids[None], use_cache=False).logits[0].float()
         ours = step.forward(ids, torch.arange(len(ids), device=step.device), step.new_cache(len(ids)))
@@ -162,7 +162,7 @@ def load(spec: str, cache_dir: Path, dtype: torch.dtype = torch.float32, device:
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(location)
     step = LlamaStep(model)
-    error = gate(step, tokenizer)
+    error = gate(step, tokenizer(PROBE_PROMPT, add_special_tokens=True)["input_ids"])
     log.info("loaded %s (%s, %d layers); step matches its forward within %.1e", spec,
              config.model_type, step.n_layers, error)
     return LoadedModel(spec=spec, step=step, tokenizer=tokenizer, fingerprint=fingerprint(model, dtype))

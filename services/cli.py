@@ -69,11 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    from services import bench_store, ingest, retrieval_eval
+    from services import bench, bench_store, ingest, retrieval_eval
 
     ingest.add_parsers(sub)
     retrieval_eval.add_parsers(sub)
     bench_store.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

@@ -107,11 +107,9 @@ def test_partial_rotary_is_refused():
 
 
 def test_gate_refuses_a_step_that_disagrees_with_the_model(tiny):
-    def tokenizer(text, add_special_tokens=True):
-        return {"input_ids": [ord(c) % 128 for c in text]}
-
-    assert gate(tiny, tokenizer) < 1e-4
+    probe = [ord(c) % 128 for c in "a probe prompt of some length, long enough to matter"]
+    assert gate(tiny, probe) < 1e-4
     broken = LlamaStep(tiny.hf)
     broken.inv_freq = broken.inv_freq * 1.5  # a RoPE the model was not trained with
     with pytest.raises(UnsupportedModel, match="does not reproduce"):
-        gate(broken, tokenizer)
+        gate(broken, probe)

@@ -115,3 +115,28 @@ def test_cache_for_other_tokens_is_refused(tiny):
     chunks = [compute_kv(tiny, ids, behind=prefix) for ids in reversed(layout.chunks)]
     with pytest.raises(ValueError, match="chunk 0"):
         cached_entries("blend", prefix, chunks, layout)
+
+
+def test_blend_with_every_chunk_prefilled_in_full_reproduces_full(tiny):
+    """The loading controller's fallback: chunks not loaded are computed in every layer."""
+    layout = _layout(seed=8)
+    prefix = compute_kv(tiny, layout.prefix)
+    full = _run(tiny, layout, BlendConfig(mode="full"))
+    source = MemorySource([prefix] + [None] * len(layout.chunks))
+    with torch.inference_mode():
+        blend = prefill(tiny, layout, BlendConfig(mode="blend", ratio=0.0), source,
+                        recompute=range(len(layout.chunks)))
+    assert (blend.logits - full.logits).abs().max() < 1e-4
+    assert blend.recomputed == sum(map(len, layout.chunks))
+
+
+def test_blend_with_one_chunk_prefilled_keeps_all_of_it(tiny):
+    layout = _layout(seed=9, chunk_lengths=(10, 10, 10))
+    prefix = compute_kv(tiny, layout.prefix)
+    chunks = [compute_kv(tiny, ids, behind=prefix) for ids in layout.chunks]
+    with torch.inference_mode():
+        blend = prefill(tiny, layout, BlendConfig(mode="blend", ratio=0.1),
+                        MemorySource([prefix, chunks[0], None, chunks[2]]), recompute=[1])
+    assert blend.recomputed == 10 + round(0.1 * 20)
+    with pytest.raises(ValueError, match="recompute chunks"):
+        prefill(tiny, layout, BlendConfig(mode="reuse"), MemorySource([prefix] + chunks), recompute=[1])
