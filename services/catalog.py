@@ -26,7 +26,8 @@ TENANTS_DIR = "tenants"
 
 
 class Catalog:
-    def __init__(self, data_dir: Path, make_embedder: Callable[[], object], make_chunker: Callable[[], object]):
+    def __init__(self, data_dir: Path, make_embedder: Callable[[], object],
+                 make_chunker: Callable[[], object]):
         self.data_dir = data_dir
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="catalog")
         self._collections: dict[str, Collection] = {}

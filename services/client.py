@@ -51,11 +51,12 @@ class Client:
         return self.stub.IngestChunks(request, timeout=timeout, metadata=self.metadata)
 
     def retrieve(self, query: str, k: int = 0, timeout: float | None = None) -> pb.RetrieveResponse:
-        return self.stub.Retrieve(pb.RetrieveRequest(query=query, k=k), timeout=timeout, metadata=self.metadata)
+        request = pb.RetrieveRequest(query=query, k=k)
+        return self.stub.Retrieve(request, timeout=timeout, metadata=self.metadata)
 
     def generate(self, query: str, chunk_ids: Iterable[str] = (), top_k: int = 0, mode: str = "",
                  ratio: float | None = None, max_new_tokens: int = 0, timeout: float | None = None):
-        """The response stream: iterate it for `GenerateResponse`s; `.cancel()` stops the server generating."""
+        """The response stream: iterate it for `GenerateResponse`s; `.cancel()` stops the generation."""
         request = pb.GenerateRequest(query=query, chunk_ids=list(chunk_ids), top_k=top_k, mode=mode,
                                      max_new_tokens=max_new_tokens)
         if ratio is not None:
@@ -150,8 +151,9 @@ def cmd_query(args) -> int:
     if args.chunk_ids and args.top_k:
         raise ValueError("give --chunk-ids or --top-k, not both")
     with Client(args.server, token=token, tenant=args.tenant, tls_ca=args.tls_ca) as client:
-        stream = client.generate(args.query, chunk_ids=args.chunk_ids or (), top_k=args.top_k or 0, mode=args.mode,
-                                 ratio=args.ratio, max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+        stream = client.generate(args.query, chunk_ids=args.chunk_ids or (), top_k=args.top_k or 0,
+                                 mode=args.mode, ratio=args.ratio, max_new_tokens=args.max_new_tokens,
+                                 timeout=args.timeout)
         try:
             answer = Answer.collect(stream, on_text=None if args.json else
                                     (lambda text: print(text, end="", flush=True)))
@@ -159,10 +161,11 @@ def cmd_query(args) -> int:
             print(f"\nkvblend: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
     if args.json:
-        print(json.dumps({"text": answer.text, "token_ids": answer.token_ids, "ttft_s": answer.ttft_s,
-                          "client_ttft_s": answer.client_ttft_s,
-                          "report": MessageToDict(answer.report, preserving_proto_field_name=True),
-                          "finish": MessageToDict(answer.finish, preserving_proto_field_name=True)}, indent=2))
+        record = {"text": answer.text, "token_ids": answer.token_ids, "ttft_s": answer.ttft_s,
+                  "client_ttft_s": answer.client_ttft_s,
+                  "report": MessageToDict(answer.report, preserving_proto_field_name=True),
+                  "finish": MessageToDict(answer.finish, preserving_proto_field_name=True)}
+        print(json.dumps(record, indent=2))
     else:
         print("\n")
         print(format_report(answer))

@@ -19,13 +19,16 @@ from pathlib import Path
 
 def load_questions(path: Path, count: int) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"--dataset {str(path)!r}: no such file (e.g. ../shared/datasets/musique_dev.json)")
+        raise FileNotFoundError(f"--dataset {str(path)!r}: no such file "
+                                "(e.g. ../shared/datasets/musique_dev.json)")
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--dataset {str(path)!r} is not JSON: {err}") from None
-    if not isinstance(items, list) or not items or not all(isinstance(i, dict) and i.get("ctxs") for i in items):
-        raise ValueError(f"--dataset {str(path)!r}: expected a list of {{question, answers, ctxs: [{{title, text}}]}}")
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) and i.get("ctxs")
+                                                           for i in items):
+        raise ValueError(f"--dataset {str(path)!r}: expected a list of "
+                         "{question, answers, ctxs: [{title, text}]}")
     return items[:count]
 
 
@@ -57,15 +60,16 @@ def run_demo(args) -> int:
                     if key[1].strip() and key not in seen:
                         seen.add(key)
                         documents.append({"title": key[0], "text": key[1], "doc_id": f"q{q}p{p}"})
-            print(f"ingesting {len(documents)} passages of {len(questions)} questions (KV precomputed now) ...",
-                  flush=True)
+            print(f"ingesting {len(documents)} passages of {len(questions)} questions "
+                  "(KV precomputed now) ...", flush=True)
             chunks = computed = 0
             began = time.perf_counter()
             for first in range(0, len(documents), args.batch):
                 response = client.ingest(documents[first:first + args.batch])
                 chunks += sum(len(d.chunk_ids) for d in response.documents)
                 computed += response.kv_computed
-                print(f"  {min(first + args.batch, len(documents))}/{len(documents)} passages, {chunks} chunks, "
+                done = min(first + args.batch, len(documents))
+                print(f"  {done}/{len(documents)} passages, {chunks} chunks, "
                       f"{time.perf_counter() - began:.0f} s", flush=True)
             question = questions[0]
             print(f"\nQ: {question['question']}\nA (blend, top {args.top_k} chunks): ", end="", flush=True)
@@ -84,8 +88,10 @@ def run_demo(args) -> int:
 
 
 def add_parsers(subparsers) -> None:
-    d = subparsers.add_parser("demo", help="start a server, ingest MuSiQue passages, ask one question in blend mode")
-    d.add_argument("--dataset", required=True, help="MuSiQue-shaped JSON, e.g. ../shared/datasets/musique_dev.json")
+    d = subparsers.add_parser("demo",
+                              help="start a server, ingest MuSiQue passages, ask one question in blend mode")
+    d.add_argument("--dataset", required=True,
+                   help="MuSiQue-shaped JSON, e.g. ../shared/datasets/musique_dev.json")
     d.add_argument("--questions", type=int, default=2, help="questions whose passages are ingested")
     d.add_argument("--top-k", type=int, default=4, help="chunks retrieved for the question")
     d.add_argument("--max-new-tokens", type=int, default=24)

@@ -16,26 +16,23 @@ addresses `kvblend ingest` writes, so a data folder ingested offline is served a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import queue
-import random
-import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-
-import torch
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from blend.cache import ChunkKV
-from blend.decode import greedy, stop_token_ids
-from blend.fusor import MODES, BlendConfig, compute_kv, prefill
+from blend.decode import stop_token_ids
+from blend.fusor import MODES, BlendConfig, compute_kv
 from blend.loader import LoadedModel
 from blend.prompt import DEFAULT_SYSTEM, build_layout
 from services.catalog import Catalog
-from services.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ServiceError
+from services.errors import Cancelled, InvalidArgument, NotFound, ServiceError
+from services.generation import Generation, Guard
 from services.scheduler import ModelWorker
 from services.serve_config import DEFAULT_TENANT, GuardConfig, ServerConfig, ServeSettings
 from services.tier_trace import trace_tiers
@@ -89,268 +86,6 @@ class GenerateParams:
     max_new_tokens: int = 0  # 0 = the server's default
 
 
-@dataclass
-class QualityCheck:
-    checked: bool = False
-    kl: float = 0.0
-    agree: bool = False
-    fell_back: bool = False
-
-
-@dataclass
-class Report:
-    mode: str
-    ratio: float
-    chunk_ids: list[str]
-    scores: list[float]
-    prompt_tokens: int = 0
-    chunk_tokens: int = 0
-    chunks_hit: dict[str, int] = field(default_factory=dict)
-    chunks_missing: int = 0
-    missing_tokens: int = 0
-    tokens_recomputed: int = 0
-    queue_s: float = 0.0
-    retrieve_s: float = 0.0
-    load_s: float = 0.0
-    load_wait_s: float = 0.0
-    compute_s: float = 0.0
-    missing_compute_s: float = 0.0
-    quality: QualityCheck = field(default_factory=QualityCheck)
-    degraded_tiers: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One streamed message: its tokens and their text; the first carries TTFT and the report, the
-    last the finish."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    ttft_s: float | None = None
-    report: Report | None = None
-    finish: Finish | None = None
-
-
-@dataclass(frozen=True)
-class Finish:
-    reason: str  # stop, length or context
-    tokens: int
-    seconds: float
-
-
-# -- the per-request KV source ------------------------------------------------------------------
-
-class _PrefixedSource:
-    """The system prefix (in memory, exact) then the store's chunks; times how long prefill waits."""
-
-    def __init__(self, prefix: ChunkKV, chunks):
-        self.prefix = prefix
-        self.chunks = chunks
-        self.starts = [prefix.start] + (list(chunks.starts) if chunks is not None else [])
-        self.wait_s = 0.0
-
-    def layer(self, index: int) -> list[torch.Tensor]:
-        started = time.perf_counter()
-        blocks = self.chunks.layer(index) if self.chunks is not None else []
-        self.wait_s += time.perf_counter() - started
-        return [self.prefix.kv[index], *blocks]
-
-    def close(self) -> None:
-        if self.chunks is not None:
-            self.chunks.close()
-
-
-# -- one generation: a job on the model thread ---------------------------------------------------
-
-_DONE = object()
-
-
-class Generation:
-    """A Generate request: prefilled and decoded on the model thread, read as an iterator of `Piece`s
-    by the caller. `cancel()` (the RPC went away) makes the model thread drop it before its next token."""
-
-    def __init__(self, engine: Engine, tenant: str, query: str, texts: list[str], chunk_ids: list[str],
-                 scores: list[float], config: BlendConfig, max_new_tokens: int, arrived: float,
-                 retrieve_s: float, deadline: float | None):
-        self.engine = engine
-        self.tenant = tenant
-        self.query = query
-        self.texts = texts
-        self.config = config
-        self.max_new_tokens = max_new_tokens
-        self.arrived = arrived
-        self.deadline = deadline
-        self.queued = arrived  # set again when it enters the queue
-        self.report = Report(mode=config.mode, ratio=config.ratio if config.mode == "blend" else 0.0,
-                             chunk_ids=chunk_ids, scores=scores, retrieve_s=retrieve_s)
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._cancelled = threading.Event()
-        self._expired = False
-        self._tokens: Iterator[int] | None = None
-        self._ids: list[int] = []
-        self._shown = ""
-        self._limit = max_new_tokens
-        self._clamped = False
-
-    # -- the caller's side ----------------------------------------------------------------------
-
-    def __iter__(self) -> Iterator[Piece]:
-        while True:
-            event = self._events.get()
-            if event is _DONE:
-                return
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-        self._events.put(_DONE)
-
-    # -- the model thread's side (scheduler.Job) --------------------------------------------------
-
-    def cancelled(self) -> bool:
-        if self.deadline is not None and time.monotonic() > self.deadline and not self._cancelled.is_set():
-            self._expired = True
-            self._cancelled.set()
-        return self._cancelled.is_set()
-
-    def fail(self, error: BaseException) -> None:
-        if self._expired and isinstance(error, Cancelled):
-            error = DeadlineExceeded("the call's deadline passed before the answer was complete")
-        self.engine.metrics.ended(cancelled=isinstance(error, Cancelled), failed=not isinstance(error, Cancelled))
-        self._events.put(error)
-        self._events.put(_DONE)
-
-    def start(self) -> bool:
-        engine, step = self.engine, self.engine.model.step
-        started = time.perf_counter()
-        self.report.queue_s = started - self.queued
-        layout = build_layout(engine.model.tokenizer, self.texts, self.query, DEFAULT_SYSTEM)
-        if layout.prefix != engine.prefix.token_ids:
-            raise RuntimeError("the prompt's system prefix is not the one the engine computed")
-        n = len(layout)
-        chunk_tokens = sum(map(len, layout.chunks))
-        limit = step.max_positions
-        if limit and n >= limit:
-            raise InvalidArgument(
-                f"the prompt is {n} tokens (system {len(layout.prefix)}, {len(layout.chunks)} chunks "
-                f"{chunk_tokens}, question {len(layout.suffix)}), over the model's context of {limit} "
-                "tokens; use fewer chunks or a shorter question")
-        if limit and n + self.max_new_tokens > limit:
-            self._limit, self._clamped = limit - n, True
-        self.report.prompt_tokens, self.report.chunk_tokens = n, chunk_tokens
-        self.report.degraded_tiers = engine.degraded_tiers()
-        filled = self._prefill(layout, n + self._limit)
-        self.report.tokens_recomputed = filled.recomputed if self.config.mode == "blend" else 0
-        if self.config.mode == "blend" and engine.guard.sample():
-            filled = self._check(layout, filled, n + self._limit)
-        self._tokens = greedy(step, filled.cache, filled.length, filled.logits, self._limit, engine.stop_ids)
-        return self._emit(first=True)
-
-    def step(self) -> bool:
-        return self._emit(first=False)
-
-    def _prefill(self, layout, capacity: int):
-        engine, step = self.engine, self.engine.model.step
-        cached = {"full": 0, "prefix": min(1, len(layout.chunks)), "reuse": len(layout.chunks),
-                  "blend": len(layout.chunks)}[self.config.mode]
-        if self.config.mode == "full":
-            started = time.perf_counter()
-            filled = prefill(step, layout, self.config, None, capacity)
-            self.report.compute_s = time.perf_counter() - started
-            return filled
-        keys = [engine.kv_key(self.tenant, ids) for ids in layout.chunks[:cached]]
-        missing_s = [0.0]
-
-        def compute(index: int) -> ChunkKV:
-            began = time.perf_counter()
-            chunk = compute_kv(step, layout.chunks[index], behind=engine.prefix)
-            missing_s[0] += time.perf_counter() - began
-            return chunk
-
-        engine.trace.watch(keys)
-        source = None
-        try:
-            began = time.perf_counter()
-            chunks = engine.store.source(keys, compute, device=step.device) if keys else None
-            build_s = time.perf_counter() - began
-            source = _PrefixedSource(engine.prefix, chunks)
-            began = time.perf_counter()
-            filled = prefill(step, layout, self.config, source, capacity)
-            prefill_s = time.perf_counter() - began
-        finally:
-            if source is not None:
-                source.close()
-            tiers, load_s = engine.trace.finish()
-        computed = chunks.computed if chunks is not None else {}
-        for index, key in enumerate(keys):
-            if index in computed:
-                continue
-            tier = tiers.get(key, "unknown")
-            self.report.chunks_hit[tier] = self.report.chunks_hit.get(tier, 0) + 1
-        self.report.chunks_missing = len(computed)
-        self.report.missing_tokens = sum(len(layout.chunks[i]) for i in computed)
-        self.report.missing_compute_s = missing_s[0]
-        self.report.load_s = load_s
-        self.report.load_wait_s = max(0.0, build_s + source.wait_s - missing_s[0])
-        self.report.compute_s = max(0.0, prefill_s - source.wait_s)
-        return filled
-
-    def _check(self, layout, blended, capacity: int):
-        """The quality guard: full prefill's first token against blend's; the full answer if too far."""
-        from services.evaluate import kl_divergence
-
-        full = prefill(self.engine.model.step, layout, BlendConfig(mode="full"), None, capacity)
-        kl = kl_divergence(full.logits, blended.logits)
-        agree = int(full.logits.argmax()) == int(blended.logits.argmax())
-        fell_back = not kl <= self.engine.guard.config.max_kl
-        self.report.quality = QualityCheck(checked=True, kl=kl, agree=agree, fell_back=fell_back)
-        self.engine.guard.record(kl, agree, fell_back)
-        return full if fell_back else blended
-
-    def _emit(self, first: bool) -> bool:
-        """Produce the next token (or the end) as one message; True while more may follow."""
-        token = None
-        if len(self._ids) < self._limit:
-            token = next(self._tokens, None)
-        now = time.perf_counter()
-        ids: tuple[int, ...] = ()
-        if token is not None:
-            self._ids.append(token)
-            ids = (token,)
-            self.engine.metrics.token()
-        text = self._new_text(final=token is None)
-        finish = None
-        if token is None:
-            reason = "stop" if len(self._ids) < self._limit else ("context" if self._clamped else "length")
-            finish = Finish(reason=reason, tokens=len(self._ids), seconds=now - self.arrived)
-        ttft = now - self.arrived if first else None
-        if first:
-            self.engine.metrics.first_token(ttft)
-        self._events.put(Piece(text=text, token_ids=ids, ttft_s=ttft, report=self.report if first else None,
-                               finish=finish))
-        if finish is None and len(self._ids) >= self._limit:
-            # The last token is out: end now rather than spend a forward on logits nobody reads.
-            reason = "context" if self._clamped else "length"
-            self._events.put(Piece(text=self._new_text(final=True), token_ids=(),
-                                   finish=Finish(reason, len(self._ids), time.perf_counter() - self.arrived)))
-            finish = True
-        if finish is not None:
-            self.engine.metrics.ended()
-            self._events.put(_DONE)
-            return False
-        return True
-
-    def _new_text(self, final: bool) -> str:
-        text = self.engine.model.tokenizer.decode(self._ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return ""  # the token ends inside a character: wait for the rest of its bytes
-        piece = text[len(self._shown):] if text.startswith(self._shown) else text
-        self._shown = text
-        return piece
-
-
 # -- metrics --------------------------------------------------------------------------------------
 
 class Metrics:
@@ -394,47 +129,16 @@ class Metrics:
         return values[len(values) // 2], values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)]
 
 
-class Guard:
-    """Sampling and bookkeeping of the quality guard (see `Generation._check`)."""
-
-    def __init__(self, config: GuardConfig):
-        self.config = config
-        self._random = random.Random(config.seed)
-        self._lock = threading.Lock()
-        self.checked = self.fell_back = self.agreed = 0
-        self.kls: list[float] = []
-
-    def sample(self) -> bool:
-        if self.config.fraction <= 0.0:
-            return False
-        with self._lock:
-            return self._random.random() < self.config.fraction
-
-    def record(self, kl: float, agree: bool, fell_back: bool) -> None:
-        with self._lock:
-            self.checked += 1
-            self.agreed += int(agree)
-            self.fell_back += int(fell_back)
-            self.kls.append(kl)
-
-    def summary(self) -> dict:
-        with self._lock:
-            return {"fraction": self.config.fraction, "max_kl": self.config.max_kl, "checked": self.checked,
-                    "fell_back": self.fell_back,
-                    "mean_kl": statistics.fmean(self.kls) if self.kls else 0.0,
-                    "agreement": self.agreed / self.checked if self.checked else 0.0}
-
-
 # -- the engine -----------------------------------------------------------------------------------
 
 class Engine:
     def __init__(self, model: LoadedModel, store: ChunkStore, catalog: Catalog, config: ServerConfig,
-                 guard: GuardConfig = GuardConfig()):
+                 guard: GuardConfig | None = None):
         self.model = model
         self.store = store
         self.catalog = catalog
         self.config = config
-        self.guard = Guard(guard)
+        self.guard = Guard(guard or GuardConfig())
         self.metrics = Metrics()
         self.draining = False
         if config.check_layer >= model.step.n_layers:
@@ -451,8 +155,8 @@ class Engine:
         self.prefix: ChunkKV = self.worker.call(system_prefix)
         limit = model.step.max_positions
         if limit and len(self.prefix) + config.chunk_tokens >= limit:
-            raise ValueError(f"server.chunk_tokens {config.chunk_tokens} plus the {len(self.prefix)}-token system "
-                             f"prompt does not fit the model's context of {limit} tokens")
+            raise ValueError(f"server.chunk_tokens {config.chunk_tokens} plus the {len(self.prefix)}-token "
+                             f"system prompt does not fit the model's context of {limit} tokens")
 
     @classmethod
     def open(cls, settings: ServeSettings) -> Engine:
@@ -478,7 +182,9 @@ class Engine:
     # -- keys and tiers --------------------------------------------------------------------------
 
     def kv_key(self, tenant: str, token_ids: Sequence[int]) -> str:
-        namespace = self.model.fingerprint if tenant == DEFAULT_TENANT else f"{self.model.fingerprint}/t/{tenant}"
+        namespace = self.model.fingerprint
+        if tenant != DEFAULT_TENANT:
+            namespace += f"/t/{tenant}"
         return chunk_key(namespace, self.prefix.token_ids, token_ids, self.model.step.dtype)
 
     def tier_availability(self) -> dict[str, bool]:
@@ -523,7 +229,8 @@ class Engine:
             keys.append((chunk.id, key))
             if self.store.contains(key):
                 continue
-            entry = self.worker.call(lambda ids=chunk.token_ids: compute_kv(self.model.step, ids, behind=self.prefix))
+            compute = functools.partial(compute_kv, self.model.step, chunk.token_ids, self.prefix)
+            entry = self.worker.call(compute)
             result.kv_computed += 1
             if not self.store.put(key, entry):
                 result.kv_not_stored += 1  # computed again when a request uses it
@@ -609,9 +316,11 @@ class Engine:
         query = self._check_query(params.query)
         config, max_new = self.blend_config(params)
         if params.chunk_ids and params.top_k:
-            raise InvalidArgument(f"give chunk_ids ({len(params.chunk_ids)}) or top_k ({params.top_k}), not both")
+            raise InvalidArgument(f"give chunk_ids ({len(params.chunk_ids)}) or top_k ({params.top_k}), "
+                                  "not both")
         if len(params.chunk_ids) > self.config.max_chunks:
-            raise InvalidArgument(f"{len(params.chunk_ids)} chunk ids, over the limit of {self.config.max_chunks}")
+            raise InvalidArgument(f"{len(params.chunk_ids)} chunk ids, over the limit of "
+                                  f"{self.config.max_chunks}")
         retrieve_s = 0.0
         if params.chunk_ids:
             chunk_ids = list(params.chunk_ids)
@@ -624,7 +333,8 @@ class Engine:
             began = time.perf_counter()
             hits = self.catalog.run(self._search, tenant, query, k)
             retrieve_s = time.perf_counter() - began
-            chunk_ids, texts, scores = [h.chunk_id for h in hits], [h.text for h in hits], [h.score for h in hits]
+            chunk_ids = [h.chunk_id for h in hits]
+            texts, scores = [h.text for h in hits], [h.score for h in hits]
         job = Generation(self, tenant, query, texts, chunk_ids, scores, config, max_new, arrived, retrieve_s,
                          deadline)
         job.queued = time.perf_counter()
@@ -654,7 +364,8 @@ class Engine:
         if not chunk_ids:
             raise InvalidArgument("no chunk ids to delete")
         if len(chunk_ids) > MAX_DELETE_IDS:
-            raise InvalidArgument(f"{len(chunk_ids)} chunk ids in one call, over the limit of {MAX_DELETE_IDS}")
+            raise InvalidArgument(f"{len(chunk_ids)} chunk ids in one call, over the limit of "
+                                  f"{MAX_DELETE_IDS}")
 
         def work() -> tuple[list[str], int]:
             collection = self.catalog.existing(tenant)
@@ -702,14 +413,8 @@ class Engine:
             "uptime_s": time.monotonic() - metrics.started, "draining": self.draining,
         }
 
-    def drain(self, timeout_s: float) -> bool:
-        """Take no new requests and finish the queued ones; True if all finished within the time."""
-        self.draining = True
-        finished = self.worker.close(wait=True, timeout=timeout_s)
-        if not finished:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish the queued and active requests (dropping any left after `timeout_s`), then close."""
+        if not self.worker.close(wait=True, timeout=timeout_s):
             self.worker.abort_all(Cancelled("the server stopped before this request finished"))
-        return finished
-
-    def close(self) -> None:
-        self.worker.close(wait=True, timeout=5.0)
         self.catalog.close()

@@ -22,7 +22,8 @@ class ServerProcess:
         self.stderr_path = stderr_path
         command = [sys.executable, "-m", "services.server", "serve", *args]
         with open(stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
+                                            text=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.port = self._wait_serving(start_timeout)

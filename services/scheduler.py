@@ -71,8 +71,10 @@ class ModelWorker:
         self.max_active = max_active
         self._waiting: deque[Job] = deque()
         self._active: deque[Job] = deque()
+        self._running = 0  # the job taking its turn now is in neither queue, but is active
         self._cond = threading.Condition()
         self._closed = False
+        self._aborted: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -104,9 +106,9 @@ class ModelWorker:
         return call.future.result(timeout)
 
     def depth(self) -> tuple[int, int]:
-        """(waiting, active)."""
+        """(waiting, active): queued jobs not started yet, and started ones (the one running included)."""
         with self._cond:
-            return len(self._waiting), len(self._active)
+            return len(self._waiting), len(self._active) + self._running
 
     def close(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Take no new jobs, finish the queued and active ones; True when the worker has stopped."""
@@ -124,6 +126,7 @@ class ModelWorker:
             self._waiting.clear()
             self._active.clear()
             self._closed = True
+            self._aborted = error  # the job taking its turn now is dropped when the turn ends
             self._cond.notify_all()
         for job in jobs:
             job.fail(error)
@@ -139,8 +142,10 @@ class ModelWorker:
                         queue.remove(job)
                         job.fail(Cancelled())
                 if self._waiting and len(self._active) < self.max_active:
+                    self._running = 1
                     return self._waiting.popleft(), True
                 if self._active:
+                    self._running = 1
                     return self._active.popleft(), False
                 if self._closed:
                     return None
@@ -160,10 +165,10 @@ class ModelWorker:
                         log.exception("request failed on the model thread")
                     job.fail(err)
                     more = False
-                if more:
-                    with self._cond:
+                with self._cond:
+                    if more and self._aborted is None:
                         self._active.append(job)
-                        self._cond.notify_all()
-                else:
-                    with self._cond:
-                        self._cond.notify_all()  # room in the queue for a waiting `call`
+                    self._running = 0
+                    self._cond.notify_all()  # room in the queue for a waiting `call`
+                if more and self._aborted is not None:
+                    job.fail(self._aborted)

@@ -9,9 +9,10 @@ over the file; an unknown section or key is an error naming it.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import tomllib
 
 from blend.fusor import MODES
 from services.config import DTYPES, ModelConfig

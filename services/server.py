@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["ChunkCache"].full_name  # kvblend.v1.ChunkCache
 TENANT_HEADER = "kvblend-tenant"
 MAX_MESSAGE_BYTES = 32 << 20
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 STATUS = {  # first match wins: subclasses before their bases
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -135,7 +136,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
         result = self.engine.ingest(tenant, documents)
         return pb.IngestResponse(
             documents=[pb.IngestedDocument(doc_id=doc_id, chunk_ids=ids)
-                       for doc_id, ids in zip(result.doc_ids, result.chunk_ids)],
+                       for doc_id, ids in zip(result.doc_ids, result.chunk_ids, strict=True)],
             chunks_added=result.added, chunks_existing=result.existing, kv_computed=result.kv_computed,
             kv_not_stored=result.kv_not_stored, seconds=result.seconds)
 
@@ -151,8 +152,9 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
 
         try:
             tenant = self.tenants.of(context)
-            params = GenerateParams(query=request.query, chunk_ids=tuple(request.chunk_ids), top_k=request.top_k,
-                                    mode=request.mode, ratio=request.ratio if request.HasField("ratio") else None,
+            ratio = request.ratio if request.HasField("ratio") else None
+            params = GenerateParams(query=request.query, chunk_ids=tuple(request.chunk_ids),
+                                    top_k=request.top_k, mode=request.mode, ratio=ratio,
                                     max_new_tokens=request.max_new_tokens)
             generation = self.engine.generate(tenant, params, context.time_remaining())
         except Exception as err:  # noqa: BLE001
@@ -180,8 +182,8 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
     @_unary
     def Stats(self, request, context):
         stats = self.engine.stats(self.tenants.of(context))
-        tiers = [pb.TierStats(**{k: v for k, v in tier.items() if k in pb.TierStats.DESCRIPTOR.fields_by_name})
-                 for tier in stats.pop("tiers")]
+        known = pb.TierStats.DESCRIPTOR.fields_by_name
+        tiers = [pb.TierStats(**{k: v for k, v in tier.items() if k in known}) for tier in stats.pop("tiers")]
         guard = pb.GuardStats(**stats.pop("guard"))
         stats.pop("fingerprint")
         return pb.StatsResponse(tiers=tiers, guard=guard, fingerprint=self.engine.model.fingerprint, **stats)
@@ -201,8 +203,7 @@ class TierHealth:
 
     def update(self, availability: dict[str, bool]) -> None:
         for name, up in availability.items():
-            status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
-            self.servicer.set(tier_health_name(name), status)
+            self.servicer.set(tier_health_name(name), SERVING if up else NOT_SERVING)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -224,13 +225,16 @@ class Server:
         config = settings.server
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self.grpc = grpc.server(ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="rpc"), options=options)
+        pool = ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="rpc")
+        self.grpc = grpc.server(pool, options=options)
         pb_grpc.add_ChunkCacheServicer_to_server(ChunkCacheServicer(engine, settings.auth), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.grpc)
         if settings.tls.enabled:
-            credentials = grpc.ssl_server_credentials([(settings.tls.key.read_bytes(), settings.tls.cert.read_bytes())])
+            pair = (settings.tls.key.read_bytes(), settings.tls.cert.read_bytes())
+            credentials = grpc.ssl_server_credentials([pair])
             self.port = self.grpc.add_secure_port(config.address, credentials)
         else:
             self.port = self.grpc.add_insecure_port(config.address)
@@ -241,7 +245,7 @@ class Server:
     def start(self) -> None:
         self.grpc.start()
         for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(name, SERVING)
 
     def drain(self) -> None:
         """Refuse new calls, let in-flight ones finish (up to `drain_s`), then stop the engine."""
@@ -283,7 +287,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default 50051; 0 picks a free one)")
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--model", default=None, help="model spec (default smollm2-135m, the embedded model)")
-    p.add_argument("--cache-dir", default=None, help="where converted weights live (default ~/.cache/kvblend)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where converted weights live (default ~/.cache/kvblend)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--redis-url", default=None, help="Redis KV tier, e.g. redis://127.0.0.1:6379/0")

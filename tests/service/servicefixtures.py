@@ -72,8 +72,9 @@ class ServerProcess(launch.ServerProcess):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         config_file = write_config(folder / "serve.toml", config)
-        super().__init__(["--model", str(model_dir), "--data-dir", str(folder / "data"), "--cache-dir",
-                          str(CACHE_DIR), "--config", str(config_file)], folder / "server.err", start_timeout=180)
+        args = ["--model", str(model_dir), "--data-dir", str(folder / "data"), "--cache-dir", str(CACHE_DIR),
+                "--config", str(config_file)]
+        super().__init__(args, folder / "server.err", start_timeout=180)
 
     def client(self, **kwargs) -> Client:
         return Client(kwargs.pop("target", self.target), **kwargs)

@@ -78,8 +78,8 @@ def test_generate_streams_tokens_with_ttft_and_report_in_every_mode(client, chun
 
 
 def test_first_use_of_a_chunk_hits_redis_then_the_cpu_tier(client):
-    ids = [d.chunk_ids[0] for d in client.ingest([{"text": "Kyoto was the capital of Japan for a thousand years.",
-                                                     "title": "Kyoto"}]).documents]
+    kyoto = {"text": "Kyoto was the capital of Japan for a thousand years.", "title": "Kyoto"}
+    ids = [d.chunk_ids[0] for d in client.ingest([kyoto]).documents]
     first = client.answer("Which city?", chunk_ids=ids, mode="reuse", max_new_tokens=1).report
     assert dict(first.chunks_hit) == {"redis": 1} and first.chunks_missing == 0
     client.answer("Which city?", chunk_ids=ids, mode="reuse", max_new_tokens=1)  # second use: admitted to CPU
@@ -126,7 +126,8 @@ def test_errors_name_the_bad_value(client, chunk_ids):
 
 def test_a_prompt_over_the_context_is_invalid_with_its_token_counts(client):
     long_text = " ".join(f"Sentence number {i} says nothing much about anything at all." for i in range(150))
-    ids = [cid for d in client.ingest([{"text": long_text, "title": "Long"}]).documents for cid in d.chunk_ids]
+    documents = client.ingest([{"text": long_text, "title": "Long"}]).documents
+    ids = [cid for d in documents for cid in d.chunk_ids]
     assert len(ids) > CONTEXT // 128
     code, details = status_of(lambda: client.generate("Summarise.", chunk_ids=ids, mode="full"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -169,7 +170,8 @@ def test_a_cancelled_stream_stops_generating(client, chunk_ids):
 
 def test_a_deadline_stops_generating(client, chunk_ids):
     before = _wait_idle(client)
-    code, _ = status_of(lambda: client.generate("Go on.", chunk_ids=chunk_ids, max_new_tokens=900, timeout=0.3))
+    code, _ = status_of(lambda: client.generate("Go on.", chunk_ids=chunk_ids, max_new_tokens=900,
+                                                timeout=0.3))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     after = _wait_idle(client)
     assert after.cancelled == before.cancelled + 1
@@ -181,7 +183,11 @@ def test_other_rpcs_answer_while_a_long_generation_runs(client, chunk_ids):
     next(stream)
     done = threading.Event()
     collected = []
-    threading.Thread(target=lambda: (collected.append(Answer.collect(stream)), done.set()), daemon=True).start()
+    def read_rest():
+        collected.append(Answer.collect(stream))
+        done.set()
+
+    threading.Thread(target=read_rest, daemon=True).start()
     latencies = []
     for _ in range(5):
         started = time.perf_counter()

@@ -55,9 +55,11 @@ def test_generate_never_crashes_the_server(plain_server, base):
     @FUZZ
     @given(query=st.one_of(texts, hostile), chunk_ids=_chunk_ids(ids),
            top_k=st.one_of(st.just(0), st.integers(-3, 40), int32),
-           mode=st.one_of(st.sampled_from(["", "full", "prefix", "reuse", "blend", "BLEND", " blend"]), texts),
+           mode=st.one_of(st.sampled_from(["", "full", "prefix", "reuse", "blend", "BLEND", " blend"]),
+                          texts),
            ratio=st.one_of(st.none(), st.floats(), st.floats(0, 1)),
-           max_new_tokens=st.one_of(st.integers(-3, 6), st.integers(1001, 2 ** 31 - 1), st.integers(-(2 ** 31), -1)))
+           max_new_tokens=st.one_of(st.integers(-3, 6), st.integers(1001, 2 ** 31 - 1),
+                                    st.integers(-(2 ** 31), -1)))
     def check(query, chunk_ids, top_k, mode, ratio, max_new_tokens):
         try:
             answer = client.answer(query, chunk_ids=chunk_ids, top_k=top_k, mode=mode, ratio=ratio,
@@ -94,7 +96,7 @@ def test_ingest_never_crashes_the_server_or_changes_what_it_does_not_report(plai
         outcomes["ok"] += 1
         assert len(response.documents) == len(documents)
         assert fuzz_client.stats().tenant_chunks == before + response.chunks_added
-        for sent, got in zip(documents, response.documents):
+        for sent, got in zip(documents, response.documents, strict=True):
             assert got.doc_id == sent["doc_id"]
 
     check()

@@ -18,9 +18,9 @@ def _self_signed(folder):
     if shutil.which("openssl") is None:
         pytest.fail("openssl is not on PATH (needed to make the TLS test certificate)")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
 
 
@@ -61,8 +61,8 @@ def test_wrong_or_missing_token_is_unauthenticated_on_every_call(server, alice_i
     for token in ("not-a-token-at-all-000", None):
         with server.client(token=token, tls_ca=server.cert) as stranger:
             calls = [lambda: stranger.ingest([{"text": "x"}]), lambda: stranger.retrieve("capital"),
-                     lambda: stranger.generate("q", chunk_ids=alice_ids[:1]), lambda: stranger.delete(alice_ids[:1]),
-                     lambda: stranger.stats()]
+                     lambda: stranger.generate("q", chunk_ids=alice_ids[:1]),
+                     lambda: stranger.delete(alice_ids[:1]), lambda: stranger.stats()]
             for call in calls:
                 code, details = status_of(call)
                 assert code == grpc.StatusCode.UNAUTHENTICATED, details
@@ -80,9 +80,9 @@ def test_another_tenants_chunks_are_not_found_through_any_call(alice, bob, alice
     assert bob.retrieve("capital of France", k=10).chunks == []
     assert bob.stats().tenant_chunks == 0
     for cid in alice_ids:
-        code, details = status_of(lambda: bob.generate("q", chunk_ids=[cid]))
+        code, details = status_of(lambda cid=cid: bob.generate("q", chunk_ids=[cid]))
         assert code == grpc.StatusCode.NOT_FOUND and cid in details
-        code, _ = status_of(lambda: bob.delete([cid]))
+        code, _ = status_of(lambda cid=cid: bob.delete([cid]))
         assert code == grpc.StatusCode.NOT_FOUND
     answer = bob.answer("What is the capital of France?", top_k=3)
     assert list(answer.report.chunk_ids) == []  # bob's retrieval sees an empty collection

@@ -1,0 +1,225 @@
+"""`kvblend bench-service`: N concurrent clients asking a server questions for a fixed time.
+
+Starts `kvblend serve` (or uses `--server`), ingests the passages of the first few questions of a
+MuSiQue-shaped file (setup, not timed), warms every question once, then runs `--clients` threads,
+each with its own channel, each asking the questions in turn (retrieval top-k, `--mode`) until
+`--duration` seconds have passed; calls started before then are waited for and counted. Prints a
+table and writes JSON: requests/s, failed calls, TTFT as the client saw it (call start to first
+message) and as the server measured it, whole-call latency, and what the reports said.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _documents(questions: list[dict]) -> list[dict]:
+    seen, documents = set(), []
+    for q, item in enumerate(questions):
+        for p, ctx in enumerate(item["ctxs"]):
+            key = (str(ctx.get("title", "")), str(ctx.get("text", "")))
+            if key[1].strip() and key not in seen:
+                seen.add(key)
+                documents.append({"title": key[0], "text": key[1], "doc_id": f"q{q}p{p}"})
+    return documents
+
+
+def run_load(target: str, questions: list[str], args) -> dict:
+    import grpc
+
+    from services.client import Answer, Client
+
+    records: list[dict] = []
+    lock = threading.Lock()
+    start_line = threading.Barrier(args.clients + 1)
+    stop_at = [0.0]
+
+    def client_loop(index: int) -> None:
+        with Client(target, token=args.token) as client:
+            client.wait_ready(30)
+            start_line.wait()
+            turn = index
+            while time.perf_counter() < stop_at[0]:
+                question = questions[turn % len(questions)]
+                turn += 1
+                began = time.perf_counter()
+                record = {"client": index, "start": began}
+                try:
+                    stream = client.generate(question, top_k=args.top_k, mode=args.mode,
+                                             max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+                    answer = Answer.collect(stream)
+                    report = answer.report
+                    record.update(ok=True, client_ttft_s=answer.client_ttft_s, server_ttft_s=answer.ttft_s,
+                                  tokens=answer.finish.tokens if answer.finish else 0, queue_s=report.queue_s,
+                                  chunks_hit=dict(report.chunks_hit), chunks_missing=report.chunks_missing,
+                                  prompt_tokens=report.prompt_tokens)
+                except grpc.RpcError as err:
+                    record.update(ok=False, code=err.code().name, details=err.details())
+                record["latency_s"] = time.perf_counter() - began
+                record["end"] = time.perf_counter()
+                with lock:
+                    records.append(record)
+
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    began = time.perf_counter()
+    stop_at[0] = began + args.duration
+    for thread in threads:
+        thread.join()
+    wall = max((r["end"] for r in records), default=began) - began
+    ok = [r for r in records if r["ok"]]
+    failed = [r for r in records if not r["ok"]]
+    hits: dict[str, int] = {}
+    for r in ok:
+        for tier, count in r["chunks_hit"].items():
+            hits[tier] = hits.get(tier, 0) + count
+    return {
+        "requests": len(records), "succeeded": len(ok), "failed": len(failed),
+        "failures": sorted({f"{r['code']}: {r['details']}" for r in failed})[:10],
+        "wall_s": wall, "requests_per_s": len(ok) / wall if wall else 0.0,
+        "tokens_per_s": sum(r["tokens"] for r in ok) / wall if wall else 0.0,
+        "client_ttft_p50_s": percentile([r["client_ttft_s"] for r in ok], 0.50),
+        "client_ttft_p99_s": percentile([r["client_ttft_s"] for r in ok], 0.99),
+        "server_ttft_p50_s": percentile([r["server_ttft_s"] for r in ok], 0.50),
+        "server_ttft_p99_s": percentile([r["server_ttft_s"] for r in ok], 0.99),
+        "latency_p50_s": percentile([r["latency_s"] for r in ok], 0.50),
+        "latency_p99_s": percentile([r["latency_s"] for r in ok], 0.99),
+        "queue_p50_s": percentile([r["queue_s"] for r in ok], 0.50),
+        "prompt_tokens_mean": statistics.fmean(r["prompt_tokens"] for r in ok) if ok else 0.0,
+        "chunks_hit": hits, "chunks_missing": sum(r["chunks_missing"] for r in ok),
+    }
+
+
+def _pair(result: dict, name: str) -> str:
+    return f"{result[name + '_p50_s']:.3f} / {result[name + '_p99_s']:.3f}"
+
+
+def format_table(result: dict, args) -> str:
+    rows = [
+        ("clients", args.clients), ("duration (s)", args.duration),
+        ("mode", args.mode if args.mode != "blend" else "blend (server's ratio)"),
+        ("requests", result["requests"]), ("failed", result["failed"]),
+        ("requests/s", f"{result['requests_per_s']:.2f}"), ("tokens/s", f"{result['tokens_per_s']:.1f}"),
+        ("TTFT p50 / p99, client (s)", _pair(result, "client_ttft")),
+        ("TTFT p50 / p99, server (s)", _pair(result, "server_ttft")),
+        ("latency p50 / p99 (s)", _pair(result, "latency")),
+        ("queue wait p50 (s)", f"{result['queue_p50_s']:.3f}"),
+        ("prompt tokens (mean)", f"{result['prompt_tokens_mean']:.0f}"),
+        ("chunk hits per tier", ", ".join(f"{t} {n}" for t, n in sorted(result["chunks_hit"].items()))),
+        ("chunks missing", result["chunks_missing"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def run(args) -> int:
+    from services.client import Client
+    from services.demo import load_questions
+    from services.launch import ServerProcess
+
+    if args.clients < 1 or args.duration <= 0 or args.questions < 1:
+        raise ValueError("--clients, --duration and --questions must be positive")
+    items = load_questions(Path(args.dataset), args.questions)
+    questions = [str(item["question"]) for item in items]
+    server = folder = None
+    target = args.server
+    load_before = os.getloadavg()
+    if target is None:
+        folder = Path(tempfile.mkdtemp(prefix="kvblend-bench-"))
+        serve_args = ["--model", args.model, "--data-dir", str(folder / "data")]
+        if args.cache_dir:
+            serve_args += ["--cache-dir", args.cache_dir]
+        if args.redis_url:
+            serve_args += ["--redis-url", args.redis_url]
+        server = ServerProcess(serve_args, folder / "server.err")
+        target = server.target
+        print(f"started kvblend serve ({args.model}) on {target}", file=sys.stderr, flush=True)
+    try:
+        with Client(target, token=args.token) as client:
+            client.wait_ready(30)
+            documents = _documents(items)
+            began = time.perf_counter()
+            for first in range(0, len(documents), 10):
+                client.ingest(documents[first:first + 10])
+            print(f"ingested {len(documents)} passages in {time.perf_counter() - began:.0f} s; warming up",
+                  file=sys.stderr, flush=True)
+            for question in questions:  # first use of every chunk, and the one-time costs, outside the run
+                client.answer(question, top_k=args.top_k, mode=args.mode, max_new_tokens=args.max_new_tokens)
+            result = run_load(target, questions, args)
+            stats = client.stats()
+            result["server_stats"] = {"failed": stats.failed, "rejected": stats.rejected,
+                                      "cancelled": stats.cancelled, "completed": stats.completed}
+    finally:
+        if server is not None:
+            server.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+    print(format_table(result, args))
+    record = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "token")},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "result": result,
+    }
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0 if result["failed"] == 0 else 1
+
+
+def add_parser(subparsers) -> None:
+    b = subparsers.add_parser("bench-service",
+                              help="N concurrent clients for a fixed time: requests/s and TTFT")
+    b.add_argument("--dataset", required=True,
+                   help="MuSiQue-shaped JSON, e.g. ../shared/datasets/musique_dev.json")
+    b.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
+    b.add_argument("--token", default=None, help="bearer token for --server")
+    b.add_argument("--model", default="smollm2-135m", help="model of the server started here")
+    b.add_argument("--cache-dir", default=None)
+    b.add_argument("--redis-url", default=None)
+    b.add_argument("--clients", type=int, default=16)
+    b.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    b.add_argument("--questions", type=int, default=2,
+                   help="questions asked in turn (their passages are ingested)")
+    b.add_argument("--top-k", type=int, default=2)
+    b.add_argument("--mode", default="blend", choices=["full", "prefix", "reuse", "blend"])
+    b.add_argument("--max-new-tokens", type=int, default=8)
+    b.add_argument("--timeout", type=float, default=None, help="per-call deadline (default none)")
+    b.add_argument("--json", dest="json_out", default="out/bench_service.json")
+    b.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvblend")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"kvblend: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
