@@ -33,7 +33,7 @@ class Hit:
 
 class Collection:
     def __init__(self, folder: Path, dim: int, index_kind: str | None = None):
-        """`index_kind` None keeps the kind of the saved index (flat for a new one); another kind rebuilds it."""
+        """`index_kind` None keeps the saved index's kind (flat for a new one); another kind rebuilds it."""
         self.folder = folder
         self.docs = DocStore(folder / DOCSTORE_FILE, dim)
         path = folder / INDEX_FILE
@@ -56,7 +56,8 @@ class Collection:
         if missing:
             self.index.add(missing, self.docs.vectors(missing))
         if stale or missing:
-            log.info("index brought in line with the chunk store: %d added, %d removed", len(missing), len(stale))
+            log.info("index brought in line with the chunk store: %d added, %d removed",
+                     len(missing), len(stale))
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -70,17 +71,19 @@ class Collection:
     def kv_keys(self, chunk_id: str) -> list[str]:
         return self.docs.kv_keys(chunk_id)
 
-    def add(self, chunks: Sequence[Chunk], vectors: np.ndarray, kv_keys: Iterable[tuple[str, str]] = ()) -> None:
+    def add(self, chunks: Sequence[Chunk], vectors: np.ndarray,
+            kv_keys: Iterable[tuple[str, str]] = ()) -> None:
         """Record chunks whose KV entries (`kv_keys`) are already durable; this is their completion record."""
         self.docs.commit(chunks, vectors, kv_keys)
         if len(chunks):
             self.index.add([c.id for c in chunks], vectors)
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        return [[Hit(cid, score, self.docs.get(cid)) for cid, score in row] for row in self.index.search(vectors, k)]
+        rankings = self.index.search(vectors, k)
+        return [[Hit(cid, score, self.docs.get(cid)) for cid, score in row] for row in rankings]
 
     def delete(self, chunk_id: str) -> None:
-        """Drop the chunk's row and vector; its KV entries are the caller's to delete first (see `kv_keys`)."""
+        """Drop the chunk's row and vector; its KV entries are the caller's to delete first (`kv_keys`)."""
         self.docs.delete(chunk_id)
         self.index.remove([chunk_id])
 

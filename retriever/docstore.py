@@ -84,13 +84,16 @@ class DocStore:
         return out
 
     def kv_keys(self, chunk_id: str) -> list[str]:
-        return [row[0] for row in self.db.execute("SELECT kv_key FROM kv_keys WHERE chunk_id = ?", (chunk_id,))]
+        rows = self.db.execute("SELECT kv_key FROM kv_keys WHERE chunk_id = ?", (chunk_id,))
+        return [row[0] for row in rows]
 
-    def commit(self, chunks: Sequence[Chunk], vectors: np.ndarray, kv_keys: Iterable[tuple[str, str]] = ()) -> None:
+    def commit(self, chunks: Sequence[Chunk], vectors: np.ndarray,
+               kv_keys: Iterable[tuple[str, str]] = ()) -> None:
         """Record new chunks (with their vectors) and (chunk id, KV key) pairs, all or nothing."""
         now = time.time()
         rows = [(c.id, c.text, c.title, c.doc_id, c.position, len(c.token_ids),
-                 np.asarray(v, dtype=np.float32).tobytes(), now) for c, v in zip(chunks, vectors, strict=True)]
+                 np.asarray(v, dtype=np.float32).tobytes(), now)
+                for c, v in zip(chunks, vectors, strict=True)]
         with self.db:
             self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.db.executemany("INSERT OR IGNORE INTO kv_keys VALUES (?, ?)", list(kv_keys))

@@ -125,5 +125,6 @@ class VectorIndex:
         if len(self) == 0:
             return [[] for _ in range(len(queries))]
         scores, labels = self._index.search(queries, min(k, len(self)))
-        return [[(chunk_id_of(label), float(score)) for label, score in zip(row_labels, row_scores) if label != -1]
+        return [[(chunk_id_of(label), float(score)) for label, score in zip(row_labels, row_scores)
+                 if label != -1]
                 for row_labels, row_scores in zip(labels, scores)]

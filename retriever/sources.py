@@ -31,7 +31,8 @@ def musique_documents(path: Path, skip: Skip) -> Iterator[Document]:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a JSON file ({err})") from None
     if not isinstance(questions, list) or not all(isinstance(q, dict) and "ctxs" in q for q in questions):
-        raise ValueError(f"{path}: expected a list of {{\"question\", \"answers\", \"ctxs\": [{{\"title\", \"text\"}}]}}")
+        raise ValueError(f"{path}: expected a list of "
+                         '{"question", "answers", "ctxs": [{"title", "text"}]}')
     seen: set[tuple[str, str]] = set()
     for q, question in enumerate(questions):
         for p, passage in enumerate(question["ctxs"]):
@@ -62,11 +63,12 @@ def read_text_file(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})") from None
+        byte = data[err.start]
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {err.start})") from None
 
 
 def folder_documents(folder: Path, skip: Skip) -> Iterator[Document]:
-    """Each .txt/.md file under `folder` (hidden ones aside), sorted by path; a '# ' first line is the title."""
+    """Each .txt/.md file under `folder` (hidden ones aside), by path; a '# ' first line is the title."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--docs {folder}: no such directory")
     for path in sorted(folder.rglob("*")):

@@ -154,7 +154,7 @@ class _Job:
         """Embed, compute KV, then record the batch; `done(n)` reports chunks as their work finishes."""
         started = time.perf_counter()
         new = [chunk for chunk in batch if chunk.id not in self.collection]
-        vectors = self.embedder.embed([chunk.text for chunk in new]) if new else np.zeros((0, self.embedder.dim))
+        vectors = self.embedder.embed([chunk.text for chunk in new]) if new else np.zeros((0, Embedder.dim))
         self.stats.embed_s += time.perf_counter() - started
         keys = []
         if self.kv is not None:
@@ -232,7 +232,8 @@ def delete_chunks(collection: Collection, kv_store: ChunkKVStore, chunk_ids: Seq
     """
     unknown = [cid for cid in chunk_ids if cid not in collection]
     if unknown:
-        raise ValueError(f"unknown chunk id {unknown[0]!r} (`kvblend retrieve` lists ids; nothing was deleted)")
+        raise ValueError(f"unknown chunk id {unknown[0]!r} (`kvblend retrieve` lists ids; "
+                         "nothing was deleted)")
     removed = {}
     for cid in dict.fromkeys(chunk_ids):
         keys = collection.kv_keys(cid)
@@ -317,8 +318,8 @@ def cmd_ingest(args) -> int:
     embedder = Embedder()
     collection = Collection(config.data_dir, embedder.dim, config.index_kind)
     try:
-        stats = ingest(documents, chunker, collection, embedder, kv, kv_store, config.batch_size, config.limit,
-                       progress=not args.quiet)
+        stats = ingest(documents, chunker, collection, embedder, kv, kv_store, config.batch_size,
+                       config.limit, progress=not args.quiet)
         total = len(collection)
     finally:
         collection.close()
@@ -328,9 +329,9 @@ def cmd_ingest(args) -> int:
         line += f"; KV {stats.kv_computed} chunks at {stats.kv_rate:.2f} chunks/s"
     print(f"{line}; {total} chunks in {config.data_dir}")
     if args.json_out:
+        settings = {**asdict(config), "data_dir": str(config.data_dir)}
         Path(args.json_out).write_text(json.dumps({**stats.as_dict(), "collection_chunks": total,
-                                                   "config": {**asdict(config), "data_dir": str(config.data_dir)},
-                                                   "model": model_config.spec}, indent=2))
+                                                   "config": settings, "model": model_config.spec}, indent=2))
     return 0
 
 
@@ -392,7 +393,8 @@ def add_parsers(subparsers) -> None:
                      help="faiss index kind (default: keep the existing one, flat for a new one)")
     ing.add_argument("--json", dest="json_out", default=None, help="write the job's figures here")
     ing.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: torch's; 1 is faster on a CPU shared with other jobs)")
+                     help="CPU threads for torch (default: torch's; 1 is faster on a CPU shared "
+                          "with other jobs)")
     ing.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_args(ing)
     ing.set_defaults(func=cmd_ingest)

@@ -26,13 +26,14 @@ def recall_at_k(questions: list[dict], chunker: Chunker, collection: Collection,
     passages_of = []
     missing = 0
     for question in questions:
-        distinct = dict.fromkeys((str(c.get("title") or ""), str(c.get("text") or "")) for c in question["ctxs"])
+        distinct = dict.fromkeys((str(c.get("title") or ""), str(c.get("text") or ""))
+                                 for c in question["ctxs"])
         chunk_sets = [{c.id for c in chunker.split(text, title)} for title, text in distinct if text.strip()]
         missing += sum(1 for ids in chunk_sets for cid in ids if cid not in collection)
         passages_of.append(chunk_sets)
     if missing:
-        raise ValueError(f"{missing} chunks of the dataset's passages are not in {collection.folder} (ingest the "
-                         "same file with the same --model and --chunk-tokens first)")
+        raise ValueError(f"{missing} chunks of the dataset's passages are not in {collection.folder} "
+                         "(ingest the same file with the same --model and --chunk-tokens first)")
     started = time.perf_counter()
     queries = embedder.embed([q["question"] for q in questions])
     rankings = collection.index.search(queries, max(cutoffs))
@@ -46,9 +47,9 @@ def recall_at_k(questions: list[dict], chunker: Chunker, collection: Collection,
             row[f"recall@{k}"] = sum(1 for ids in chunk_sets if ids & top) / len(chunk_sets)
         per_question.append(row)
     means = {f"recall@{k}": sum(r[f"recall@{k}"] for r in per_question) / len(per_question) for k in cutoffs}
-    return {"questions": len(questions), "index_chunks": len(collection.index), "index_kind": collection.index.kind,
-            "chunk_tokens": chunker.max_tokens, **means, "query_s": search_s / len(questions),
-            "per_question": per_question}
+    return {"questions": len(questions), "index_chunks": len(collection.index),
+            "index_kind": collection.index.kind, "chunk_tokens": chunker.max_tokens, **means,
+            "query_s": search_s / len(questions), "per_question": per_question}
 
 
 def cmd_retrieval_eval(args) -> int:
@@ -67,11 +68,12 @@ def cmd_retrieval_eval(args) -> int:
     finally:
         collection.docs.close()
     result.update(dataset=str(args.dataset), data_dir=str(data_dir), model=args.model)
-    print(f"{result['questions']} questions, {result['index_chunks']} chunks in a {result['index_kind']} index "
-          f"({result['chunk_tokens']}-token chunks)")
+    print(f"{result['questions']} questions, {result['index_chunks']} chunks in a {result['index_kind']} "
+          f"index ({result['chunk_tokens']}-token chunks)")
     print("| " + " | ".join(f"recall@{k}" for k in CUTOFFS) + " | query ms |")
     print("|" + "---|" * (len(CUTOFFS) + 1))
-    print("| " + " | ".join(f"{result[f'recall@{k}']:.3f}" for k in CUTOFFS) + f" | {result['query_s'] * 1e3:.1f} |")
+    figures = [f"{result[f'recall@{k}']:.3f}" for k in CUTOFFS] + [f"{result['query_s'] * 1e3:.1f}"]
+    print("| " + " | ".join(figures) + " |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     return 0

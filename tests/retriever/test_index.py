@@ -92,7 +92,8 @@ def test_collection_rebuilds_an_unsaved_or_stale_index_from_the_chunk_store(tmp_
     reopened.delete(chunks[0].id)
     reopened.docs.close()  # the row is gone, the saved index still holds its vector
     again = Collection(tmp_path, 384, index_kind="hnsw")
-    assert chunks[0].id not in again.index and len(again.index) == len(again) == len({c.id for c in chunks}) - 1
+    assert chunks[0].id not in again.index
+    assert len(again.index) == len(again) == len({c.id for c in chunks}) - 1
     assert again.index.kind == "hnsw"
     again.close()
     assert VectorIndex.load(tmp_path / INDEX_FILE).kind == "hnsw"

@@ -107,7 +107,8 @@ def test_delete_removes_text_vector_and_every_kv_entry(tmp_path, tiny_model, emb
     assert all(open_kv_store(tmp_path / "data").has(k) for keys in rows_after.values() for k in keys)
 
 
-def test_empty_binary_and_non_utf8_files_are_skipped_by_name_and_nothing_is_lost(tmp_path, tiny_model, embedder, kv):
+def test_empty_binary_and_non_utf8_files_are_skipped_by_name_and_nothing_is_lost(tmp_path, tiny_model,
+                                                                                 embedder, kv):
     data = tmp_path / "data"
     _run(data, folder_documents(write_docs(tmp_path / "good"), _silent), tiny_model, embedder, kv)
     earlier, _, _ = _state(data)

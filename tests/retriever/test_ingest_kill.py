@@ -31,11 +31,13 @@ def _rows(database: Path) -> int:
 
 def test_sigkilled_job_rerun_completes_with_every_chunk_exactly_once(tmp_path, tiny_model_dir, tiny_model):
     # Many small distinct documents: the job needs dozens of batches, so a kill lands part-way.
-    topics = {f"{name}-{i}": f"Part {i} of the {name} notes. {text}" for i in range(8) for name, text in TOPICS.items()}
+    topics = {f"{name}-{i}": f"Part {i} of the {name} notes. {text}"
+              for i in range(8) for name, text in TOPICS.items()}
     docs = write_docs(tmp_path / "docs", topics)
     data = tmp_path / "data"
-    command = [sys.executable, "-m", "services.ingest", "ingest", "--docs", str(docs), "--data-dir", str(data),
-               "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"),
+    command = [sys.executable, "-m", "services.ingest", "ingest", "--docs", str(docs),
+               "--data-dir", str(data), "--model", str(tiny_model_dir),
+               "--cache-dir", str(tmp_path / "cache"),
                "--chunk-tokens", str(CHUNK_TOKENS), "--batch-size", "4", "-q"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     chunker = Chunker(tiny_model.tokenizer, CHUNK_TOKENS)
