@@ -31,7 +31,7 @@ from blend.fusor import MODES, BlendConfig, compute_kv
 from blend.loader import LoadedModel
 from blend.prompt import DEFAULT_SYSTEM, build_layout
 from services.catalog import Catalog
-from services.errors import Cancelled, InvalidArgument, NotFound, ServiceError
+from services.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ServiceError
 from services.generation import Generation, Guard
 from services.scheduler import ModelWorker
 from services.serve_config import DEFAULT_TENANT, GuardConfig, ServerConfig, ServeSettings
@@ -202,8 +202,13 @@ class Engine:
 
     # -- ingest ------------------------------------------------------------------------------------
 
-    def ingest(self, tenant: str, documents: Sequence[DocumentIn]) -> IngestResult:
+    def ingest(self, tenant: str, documents: Sequence[DocumentIn],
+               timeout_s: float | None = None) -> IngestResult:
+        """Chunk, compute KV for new chunks (on the model thread), embed and record them. A chunk is
+        recorded only after its KV is written; past the deadline nothing is recorded, and the KV already
+        written is found again by a rerun."""
         started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         self._check_documents(documents)
 
         def split():
@@ -230,7 +235,15 @@ class Engine:
             if self.store.contains(key):
                 continue
             compute = functools.partial(compute_kv, self.model.step, chunk.token_ids, self.prefix)
-            entry = self.worker.call(compute)
+            remaining = deadline - time.monotonic() if deadline is not None else None
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"the deadline passed after {result.kv_computed} of {len(new)} "
+                                       "chunks' KV (ingest the same documents again to finish)")
+            try:
+                entry = self.worker.call(compute, remaining)
+            except TimeoutError:
+                raise DeadlineExceeded("the deadline passed while waiting for the model "
+                                       "(ingest the same documents again to finish)") from None
             result.kv_computed += 1
             if not self.store.put(key, entry):
                 result.kv_not_stored += 1  # computed again when a request uses it

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -93,17 +94,26 @@ class ModelWorker:
 
     def call(self, fn: Callable[[], object], timeout: float | None = None):
         """Run `fn` on the model thread and return its result. Waits for room in the queue rather
-        than failing: callers are jobs (ingestion) that would rather be slow than fail half-way."""
+        than failing: callers are jobs (ingestion) that would rather be slow than fail half-way.
+        TimeoutError after `timeout` seconds (the call is then withdrawn if it has not started)."""
         call = _Call(fn)
+        deadline = time.monotonic() + timeout if timeout is not None else None
         with self._cond:
             while len(self._waiting) >= self.max_waiting and not self._closed:
-                if not self._cond.wait(timeout):
-                    raise Overloaded("the request queue stayed full; retry later")
+                left = deadline - time.monotonic() if deadline is not None else None
+                if left is not None and (left <= 0 or not self._cond.wait(left)):
+                    raise TimeoutError("the request queue stayed full")
+                if left is None:
+                    self._cond.wait()
             if self._closed:
                 raise Unavailable("the server is shutting down and takes no new work")
             self._waiting.append(call)
             self._cond.notify_all()
-        return call.future.result(timeout)
+        try:
+            return call.future.result(deadline - time.monotonic() if deadline is not None else None)
+        except TimeoutError:
+            call.future.cancel()
+            raise
 
     def depth(self) -> tuple[int, int]:
         """(waiting, active): queued jobs not started yet, and started ones (the one running included)."""

@@ -64,6 +64,12 @@ def _abort(context, err: Exception):
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {str(err)[:200]}")
 
 
+def _remaining(context) -> float | None:
+    """Seconds to the call's deadline; None without one (gRPC then reports a huge number)."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e6 else None
+
+
 def _unary(method):
     @functools.wraps(method)
     def handler(self, request, context):
@@ -133,7 +139,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
 
         tenant = self.tenants.of(context)
         documents = [DocumentIn(d.text, d.title, d.doc_id) for d in request.documents]
-        result = self.engine.ingest(tenant, documents)
+        result = self.engine.ingest(tenant, documents, _remaining(context))
         return pb.IngestResponse(
             documents=[pb.IngestedDocument(doc_id=doc_id, chunk_ids=ids)
                        for doc_id, ids in zip(result.doc_ids, result.chunk_ids, strict=True)],
@@ -156,7 +162,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
             params = GenerateParams(query=request.query, chunk_ids=tuple(request.chunk_ids),
                                     top_k=request.top_k, mode=request.mode, ratio=ratio,
                                     max_new_tokens=request.max_new_tokens)
-            generation = self.engine.generate(tenant, params, context.time_remaining())
+            generation = self.engine.generate(tenant, params, _remaining(context))
         except Exception as err:  # noqa: BLE001
             _abort(context, err)
         # Called when the RPC ends for any reason: a cancelled or timed-out call stops generating.

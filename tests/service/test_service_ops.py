@@ -103,22 +103,43 @@ def test_a_full_queue_is_resource_exhausted_and_the_rest_succeed(server, client,
     assert client.stats().rejected == len(refused)
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(service_model_dir, tmp_path):
-    server = ServerProcess(tmp_path, service_model_dir, {"server": {"chunk_tokens": 128, "drain_s": 30}})
-    try:
-        with server.client() as client:
-            ids = [d.chunk_ids[0] for d in client.ingest(DOCUMENTS[:2]).documents]
-            stream = client.generate("Talk.", chunk_ids=ids, mode="blend", max_new_tokens=700)
-            first = next(stream)
-            server.process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            with Client(server.target) as late:
-                code, _ = status_of(lambda: late.stats(timeout=5))
-            assert code == grpc.StatusCode.UNAVAILABLE  # no new calls once draining
-            rest = Answer.collect(stream)
-        assert first.HasField("report") and rest.finish.reason in ("length", "context")
-        assert rest.finish.tokens == 1 + len(rest.token_ids) > 100
-        assert server.process.wait(60) == 0
-        assert any("stopped" in line for line in server.output(timeout=1.0))
-    finally:
-        server.stop()
+@pytest.fixture(scope="module")
+def offline_server(service_model_dir, tmp_path_factory):
+    """A server over a data folder that `kvblend ingest` filled before it started."""
+    from services.ingest import main as ingest_main
+
+    folder = tmp_path_factory.mktemp("offline-server")
+    docs = folder / "docs"
+    docs.mkdir()
+    for document in DOCUMENTS[:2]:
+        (docs / f"{document['doc_id']}.md").write_text(f"# {document['title']}\n{document['text']}\n")
+    assert ingest_main(["ingest", "--docs", str(docs), "--data-dir", str(folder / "data"), "--model",
+                        str(service_model_dir), "--chunk-tokens", "128", "-q"]) == 0
+    server = ServerProcess(folder, service_model_dir, {"server": {"chunk_tokens": 128, "drain_s": 30}})
+    yield server
+    server.stop()
+
+
+def test_chunks_ingested_offline_are_served_from_the_disk_tier(offline_server):
+    with offline_server.client() as client:
+        answer = client.answer("Where does the Seine flow?", top_k=2, mode="reuse", max_new_tokens=1)
+    assert len(answer.report.chunk_ids) == 2
+    assert dict(answer.report.chunks_hit) == {"disk": 2} and answer.report.chunks_missing == 0
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(offline_server):
+    server = offline_server
+    with server.client() as client:
+        ids = [h.chunk_id for h in client.retrieve("Paris", k=2).chunks]
+        stream = client.generate("Talk.", chunk_ids=ids, mode="blend", max_new_tokens=700)
+        first = next(stream)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with Client(server.target) as late:
+            code, _ = status_of(lambda: late.stats(timeout=5))
+        assert code == grpc.StatusCode.UNAVAILABLE  # no new calls once draining
+        rest = Answer.collect(stream)
+    assert first.HasField("report") and rest.finish.reason in ("length", "context")
+    assert rest.finish.tokens == 1 + len(rest.token_ids) > 100
+    assert server.process.wait(60) == 0
+    assert any("stopped" in line for line in server.output(timeout=1.0))
