@@ -65,7 +65,7 @@ def run_load(target: str, questions: list[str], args) -> dict:
                 try:
                     stream = client.generate(question, top_k=args.top_k, mode=args.mode,
                                              max_new_tokens=args.max_new_tokens, timeout=args.timeout)
-                    answer = Answer.collect(stream)
+                    answer = Answer.collect(stream, started=began)
                     report = answer.report
                     record.update(ok=True, client_ttft_s=answer.client_ttft_s, server_ttft_s=answer.ttft_s,
                                   tokens=answer.finish.tokens if answer.finish else 0, queue_s=report.queue_s,

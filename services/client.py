@@ -65,7 +65,8 @@ class Client:
 
     def answer(self, query: str, **kwargs) -> Answer:
         """Generate and collect the whole stream."""
-        return Answer.collect(self.generate(query, **kwargs))
+        started = time.perf_counter()
+        return Answer.collect(self.generate(query, **kwargs), started=started)
 
     def delete(self, chunk_ids: Iterable[str], timeout: float | None = None) -> pb.DeleteResponse:
         return self.stub.DeleteChunks(pb.DeleteRequest(chunk_ids=list(chunk_ids)), timeout=timeout,
@@ -101,9 +102,11 @@ class Answer:
         self.messages = 0
 
     @classmethod
-    def collect(cls, stream: Iterator[pb.GenerateResponse], on_text=None) -> Answer:
+    def collect(cls, stream: Iterator[pb.GenerateResponse], on_text=None,
+                started: float | None = None) -> Answer:
+        """Read the whole stream; `started` (perf_counter) is when the call was made, for the client TTFT."""
         answer = cls()
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         for message in stream:
             if answer.messages == 0:
                 answer.client_ttft_s = time.perf_counter() - started
