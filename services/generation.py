@@ -24,6 +24,7 @@ from blend.decode import greedy
 from blend.fusor import BlendConfig, compute_kv, prefill
 from blend.prompt import DEFAULT_SYSTEM, build_layout
 from services.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from services.evaluate import kl_divergence
 from services.serve_config import GuardConfig
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ class Generation:
         self._expired = False
         self._tokens: Iterator[int] | None = None
         self._ids: list[int] = []
-        self._shown = ""
+        self._text = TextStream(engine.model.tokenizer)
         self._limit = max_new_tokens
         self._clamped = False
 
@@ -241,8 +242,6 @@ class Generation:
 
     def _check(self, layout, blended, capacity: int):
         """The quality guard: full prefill's first token against blend's; the full answer if too far."""
-        from services.evaluate import kl_divergence
-
         full = prefill(self.engine.model.step, layout, BlendConfig(mode="full"), None, capacity)
         kl = kl_divergence(full.logits, blended.logits)
         agree = int(full.logits.argmax()) == int(blended.logits.argmax())
@@ -268,20 +267,37 @@ class Generation:
         if first:
             self.engine.metrics.first_token(ttft)
         ids = (token,) if token is not None else ()
-        self._events.put(Piece(text=self._new_text(final=done), token_ids=ids, ttft_s=ttft,
+        self._events.put(Piece(text=self._text.add(token, final=done), token_ids=ids, ttft_s=ttft,
                                report=self.report if first else None, finish=finish))
         if done:
             self.engine.metrics.ended()
             self._events.put(_DONE)
         return not done
 
-    def _new_text(self, final: bool) -> str:
-        text = self.engine.model.tokenizer.decode(self._ids, skip_special_tokens=True)
+
+class TextStream:
+    """Token ids in, the text each adds out, concatenating exactly to the decode of all of them.
+
+    Decodes a short window rather than the whole answer each time, and holds back a token that ends
+    inside a character until the rest of its bytes arrive (byte-level vocabularies split emoji and CJK).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._window = self._read = 0  # [window, read) was shown; [read, ...) is new
+
+    def add(self, token: int | None, final: bool = False) -> str:
+        if token is not None:
+            self.ids.append(token)
+        decode = self.tokenizer.decode
+        shown = decode(self.ids[self._window:self._read], skip_special_tokens=True)
+        text = decode(self.ids[self._window:], skip_special_tokens=True)
         if not final and text.endswith("\ufffd"):
-            return ""  # the token ends inside a character: wait for the rest of its bytes
-        piece = text[len(self._shown):] if text.startswith(self._shown) else text
-        self._shown = text
-        return piece
+            return ""
+        self._window, self._read = self._read, len(self.ids)
+        # The window starts one piece back, so a token decodes next to its left neighbour (spacing rules).
+        return text[len(shown):] if text.startswith(shown) else text
 
 
 class Guard:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from services import build_proto
 from services.errors import Overloaded, Unavailable
@@ -113,3 +114,20 @@ def test_committed_stubs_match_the_proto(tmp_path):
         committed = build_proto.ROOT / generated.relative_to(tmp_path)
         assert generated.read_text() == committed.read_text(), (
             f"{committed} is stale: run python -m services.build_proto")
+
+
+def test_streamed_text_pieces_add_up_to_the_decoded_answer(service_model_dir):
+    from transformers import AutoTokenizer
+
+    from services.generation import TextStream
+
+    tokenizer = AutoTokenizer.from_pretrained(service_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    text = "Tokyo (東京), Kyōto 🇯🇵 and sushi 🍣; café.\n\n  Two spaces"
+    samples = [tokenizer(text, add_special_tokens=False)["input_ids"],
+               torch.randint(0, len(tokenizer), (80,), generator=generator).tolist()]
+    for ids in samples:
+        stream = TextStream(tokenizer)
+        pieces = [stream.add(token, final=index == len(ids) - 1) for index, token in enumerate(ids)]
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+        assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])  # no half characters sent
