@@ -191,8 +191,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
         known = pb.TierStats.DESCRIPTOR.fields_by_name
         tiers = [pb.TierStats(**{k: v for k, v in tier.items() if k in known}) for tier in stats.pop("tiers")]
         guard = pb.GuardStats(**stats.pop("guard"))
-        stats.pop("fingerprint")
-        return pb.StatsResponse(tiers=tiers, guard=guard, fingerprint=self.engine.model.fingerprint, **stats)
+        return pb.StatsResponse(tiers=tiers, guard=guard, **stats)
 
 
 class TierHealth:
