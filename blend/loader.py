@@ -32,9 +32,9 @@ ACCEPTED = (
     "or a Hugging Face model id such as 'meta-llama/Meta-Llama-3-8B-Instruct'"
 )
 PROBE_PROMPT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and"
-# Float32 agreement with the Hugging Face forward is ~1e-5 in practice; low precision drifts more,
-# measured relative to the logit scale.
-GATE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# Relative L2 logit error. Float32 agreement with the Hugging Face forward is ~1e-6 in practice; in
+# bf16 the two round differently (our RoPE is applied in float32) and drift by a few percent.
+GATE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 
 class ModelSpecError(ValueError):
@@ -138,12 +138,14 @@ def gate(step: LlamaStep, token_ids: list[int]) -> float:
     with torch.inference_mode():
         reference = step.hf(ids[None], use_cache=False).logits[0].float()
         ours = step.forward(ids, torch.arange(len(ids), device=step.device), step.new_cache(len(ids)))
-    error = float((ours - reference).abs().max() / reference.abs().max().clamp(min=1.0))
+    # Relative L2 error over all positions' logits: scale-free, so random-weight models (tiny logits)
+    # and trained ones are judged alike.
+    error = float((ours - reference).norm() / reference.norm().clamp(min=1e-6))
     tolerance = GATE_TOLERANCE.get(step.dtype, 5e-2)
     if not error <= tolerance:
         raise UnsupportedModel(
             f"the per-layer step does not reproduce the model's own forward on the probe prompt "
-            f"(relative logit error {error:.2e} > {tolerance:.0e}); refusing to serve it"
+            f"(relative L2 logit error {error:.2e} > {tolerance:.0e}); refusing to serve it"
         )
     return error
 

@@ -69,12 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    from services import bench, bench_store, ingest, retrieval_eval
+    from services import bench, bench_service, bench_store, client, demo, ingest, retrieval_eval, server
 
     ingest.add_parsers(sub)
     retrieval_eval.add_parsers(sub)
-    bench_store.add_parser(sub)
+    server.add_parsers(sub)
+    client.add_parsers(sub)
+    demo.add_parsers(sub)
     bench.add_parser(sub)
+    bench_store.add_parser(sub)
+    bench_service.add_parser(sub)
     return parser
 
 
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ModelSpecError, UnsupportedModel, ValueError, FileNotFoundError) as err:
+    except (ModelSpecError, UnsupportedModel, ValueError, OSError, RuntimeError) as err:
         print(f"kvblend: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,8 +30,11 @@ def pin(entries: Sequence[ChunkKV]) -> list[ChunkKV]:
 
 
 class PipelinedSource:
-    def __init__(self, entries: Sequence[ChunkKV], device: torch.device | str = "cuda"):
+    def __init__(self, entries: Sequence[ChunkKV], device: torch.device | str = "cuda", timeline: bool = False):
         self.entries = list(entries)
+        # timeline: record CUDA events around every layer's copies and at every layer's request, so a
+        # profile can show the copy of layer i + 1 running while layer i computes.
+        self.timeline = {"copy_start": {}, "copy_end": {}, "compute_start": {}} if timeline else None
         for entry in self.entries:
             if not entry.kv.is_pinned():
                 raise ValueError("PipelinedSource needs chunk K/V in pinned host memory (see store.cuda_source.pin)")
@@ -59,8 +62,10 @@ class PipelinedSource:
             if layer >= 2:
                 self.copy_stream.wait_event(self.free[slot])
             buffer = self.buffers[slot]
+            self._mark("copy_start", layer, self.copy_stream)
             for entry, offset, length in zip(self.entries, self.offsets, self.lengths):
                 buffer[offset : offset + length].copy_(entry.kv[layer], non_blocking=True)
+            self._mark("copy_end", layer, self.copy_stream)
             self.ready[slot].record(self.copy_stream)
         self.issued = layer
 
@@ -74,8 +79,29 @@ class PipelinedSource:
             self._issue(index + 1)
         self._issue(index)
         compute.wait_event(self.ready[slot])
+        self._mark("compute_start", index, compute)
         buffer = self.buffers[slot]
         return [buffer[offset : offset + length] for offset, length in zip(self.offsets, self.lengths)]
+
+
+    def _mark(self, kind: str, layer: int, stream) -> None:
+        if self.timeline is not None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(stream)
+            self.timeline[kind][layer] = event
+
+    def timeline_ms(self) -> list[dict]:
+        """Per layer, after a synchronize: when its copy ran and when its compute began (ms from the
+        first copy). Layer i's compute spans compute_start[i] .. compute_start[i + 1]."""
+        marks = self.timeline
+        origin = marks["copy_start"][0]
+        rows = []
+        for layer in range(self.n_layers):
+            rows.append({"layer": layer,
+                         "copy_start": round(origin.elapsed_time(marks["copy_start"][layer]), 3),
+                         "copy_end": round(origin.elapsed_time(marks["copy_end"][layer]), 3),
+                         "compute_start": round(origin.elapsed_time(marks["compute_start"][layer]), 3)})
+        return rows
 
 
 class SyncPinnedSource:
