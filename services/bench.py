@@ -84,6 +84,32 @@ def _time(fn, repeats: int, warmup: int = 2) -> list[float]:
     return times
 
 
+def _interleaved(fns, rounds: int) -> list[list[float]]:
+    for fn in fns:
+        fn(), fn()  # warm-up
+    times = [[] for _ in fns]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for fn, bucket in zip(fns, times):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                bucket.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return times
+
+
+def _paired(base: list[float], times: list[float]) -> float:
+    """Median over rounds of base / this; rows timed apart from the rounds use medians instead."""
+    if len(base) != len(times):
+        return round(statistics.median(base) / statistics.median(times), 3)
+    return round(statistics.median(b / t for b, t in zip(base, times)), 3)
+
+
 def copy_timeline(step, layout, pinned) -> dict:
     """CUDA-event timeline of one pipelined blend request: for each layer i, does the copy of layer
     i + 1 run between the start of layer i's compute and the start of layer i + 1's?"""
@@ -177,48 +203,50 @@ def run_bench(config: BenchConfig) -> dict:
             if config.redis_url and n_chunks == config.chunks[0]:
                 sources["redis"] = _redis_source_factory(config.redis_url, entries, f"bench-{config.shape}")
             main = n_chunks == config.chunks[0]
-            results = {}
-
-            def record(label, mode, ratio, tier, fn, repeats=config.repeats):
-                times = _time(fn, repeats, warmup=1 if tier == "redis" else 2)
-                results[label] = statistics.median(times)
-                rows.append({"chunks": n_chunks, "tokens": len(layout), "label": label, "mode": mode,
-                             "ratio": ratio, "tier": tier, "ttft_ms": round(1000 * statistics.median(times), 2),
-                             "ttft_min_ms": round(1000 * min(times), 2), "repeats": repeats})
-
-            record("hf_full", "hf_full", None, None,
-                   lambda: model(ids, use_cache=True, logits_to_keep=1))
-            record("full", "full", None, None, lambda: prefill(step, layout, BlendConfig("full"), None))
+            plan = [("hf_full", "hf_full", None, None, lambda: model(ids, use_cache=True, logits_to_keep=1)),
+                    ("full", "full", None, None, lambda: prefill(step, layout, BlendConfig("full"), None))]
             if main:
-                record("prefix", "prefix", None, "gpu",
-                       lambda: prefill(step, layout, BlendConfig("prefix"), MemorySource(entries[:2])))
-                record("reuse", "reuse", None, "gpu",
-                       lambda: prefill(step, layout, BlendConfig("reuse"), MemorySource(entries)))
+                plan.append(("prefix", "prefix", None, "gpu",
+                             lambda: prefill(step, layout, BlendConfig("prefix"), MemorySource(entries[:2]))))
+                plan.append(("reuse", "reuse", None, "gpu",
+                             lambda: prefill(step, layout, BlendConfig("reuse"), MemorySource(entries))))
+            slow = []
             for tier, factory in sources.items():
                 if not main and tier not in ("gpu", "cpu"):
                     continue
                 for ratio in config.ratios if main else (0.15,):
                     if tier == "redis" and ratio != 0.15:
                         continue
-                    blend = BlendConfig("blend", ratio=ratio)
-                    record(f"blend@{ratio:g}/{tier}", "blend", ratio, tier,
-                           lambda: prefill(step, layout, blend, factory()),
-                           repeats=3 if tier == "redis" else config.repeats)
-            for row in rows:
-                if row["chunks"] == n_chunks:
-                    row["speedup_vs_full"] = round(results["full"] / (row["ttft_ms"] / 1000), 3)
-                    row["speedup_vs_hf"] = round(results["hf_full"] / (row["ttft_ms"] / 1000), 3)
+                    row = (f"blend@{ratio:g}/{tier}", "blend", ratio, tier,
+                           lambda blend=BlendConfig("blend", ratio=ratio), factory=factory:
+                           prefill(step, layout, blend, factory()))
+                    (slow if tier == "redis" else plan).append(row)
+            # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each
+            # row's speed-up is the median over rounds of full's time / its time in the same round.
+            times = _interleaved([fn for *_, fn in plan], config.repeats)
+            times += [_time(fn, 3, warmup=1) for *_, fn in slow]
+            by_label = {label: t for (label, *_), t in zip(plan + slow, times)}
+            for (label, mode, ratio, tier, _), t in zip(plan + slow, times):
+                rows.append({"chunks": n_chunks, "tokens": len(layout), "label": label, "mode": mode,
+                             "ratio": ratio, "tier": tier, "ttft_ms": round(1000 * statistics.median(t), 2),
+                             "ttft_min_ms": round(1000 * min(t), 2), "repeats": len(t),
+                             "speedup_vs_full": _paired(by_label["full"], t),
+                             "speedup_vs_hf": _paired(by_label["hf_full"], t)})
+            results = {label: statistics.median(t) for label, t in by_label.items()}
             if main:
                 per_token = results["full"] / len(layout)
                 cpu_bw = bytes_per_token * sum(map(len, entries)) / max(1e-9, results["blend@0.15/cpu-sync"]
                                                                          - results["blend@0.15/gpu"])
+                total_bytes = bytes_per_token * sum(map(len, entries))
+                bandwidths = {"cpu": cpu_bw}
+                if "blend@0.15/redis" in results:
+                    bandwidths["redis"] = total_bytes / max(1e-9, results["blend@0.15/redis"] - results["blend@0.15/gpu"])
                 meta["controller"] = {
                     tier: plan_loading([len(c) for c in chunks], [bw] * len(chunks), bytes_per_token, per_token,
                                        step.n_layers).as_dict()
-                    for tier, bw in (("cpu", cpu_bw), ("redis", 0.6e9))
+                    for tier, bw in bandwidths.items()
                 }
-                meta["controller_inputs"] = {"prefill_s_per_token": per_token, "cpu_bytes_per_s": cpu_bw,
-                                             "redis_bytes_per_s_assumed": 0.6e9}
+                meta["controller_inputs"] = {"prefill_s_per_token": per_token, "bytes_per_s": bandwidths}
                 meta["timeline"] = copy_timeline(step, layout, pinned)
                 if config.profile:
                     meta["profile"] = profile_overlap(step, layout, sources["cpu"], config.profile)
