@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gradual-layers", type=int, default=0, help="also run blend with gradual filtering")
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--no-hf", action="store_true", help="skip timing the Hugging Face forward")
+    ev.add_argument("--kv-int8", action="store_true",
+                    help="also run reuse/blend on chunk KV through the store's int8 codec (rows '/int8')")
     ev.add_argument("--json", required=True, dest="json_out")
     ev.add_argument("--plot", default=None)
     add_model_args(ev)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from blend.cache import ChunkKV
 from blend.decode import greedy, stop_token_ids
 from blend.fusor import MODES, SELECTORS, BlendConfig, MemorySource, cached_entries, compute_kv, prefill
 from blend.loader import LoadedModel, load
@@ -43,6 +44,9 @@ class EvalConfig:
     max_new_tokens: int = 16
     hf: bool = True
     plot: Path | None = None
+    # Also run reuse and blend rows on chunk KV round-tripped through the store's int8 codec (what
+    # the Redis and disk tiers hold with quantization on), labelled "/int8".
+    kv_int8: bool = False
 
     @classmethod
     def from_args(cls, args) -> "EvalConfig":
@@ -71,7 +75,7 @@ class EvalConfig:
             dataset=Path(args.dataset), json_out=Path(args.json_out), limit=args.limit, chunks=args.chunks,
             modes=modes, ratios=tuple(ratios), selectors=selectors, check_layer=args.check_layer,
             gradual_layers=args.gradual_layers, max_new_tokens=args.max_new_tokens, hf=not args.no_hf,
-            plot=Path(args.plot) if args.plot else None,
+            plot=Path(args.plot) if args.plot else None, kv_int8=args.kv_int8,
         )
 
     def rows(self) -> list[BlendConfig]:
@@ -88,6 +92,19 @@ class EvalConfig:
                 rows += [BlendConfig(mode="blend", ratio=r, check_layer=self.check_layer,
                                      gradual_layers=self.gradual_layers) for r in self.ratios if r < 1.0]
         return rows
+
+    def int8_rows(self) -> list[BlendConfig]:
+        if not self.kv_int8:
+            return []
+        return [r for r in self.rows() if r.mode in ("reuse", "blend") and r.selector == "v"
+                and not r.gradual_layers and r.ratio < 1.0]
+
+
+def int8_roundtrip(entry: ChunkKV) -> ChunkKV:
+    from store.codec import decode, encode
+
+    kv = decode(encode(entry.kv.cpu(), quantize_floats=True)).to(entry.kv.device)
+    return ChunkKV(entry.token_ids, entry.start, kv)
 
 
 # --- dataset ---------------------------------------------------------------------------------------
@@ -283,7 +300,8 @@ def evaluate(model: LoadedModel, config: EvalConfig, questions: list[Question], 
     if "blend" in config.modes and config.check_layer >= model.step.n_layers:
         raise ValueError(f"--check-layer {config.check_layer} is past the model's last layer "
                          f"{model.step.n_layers - 1}")
-    labels = (["hf_full"] if config.hf else []) + [r.label for r in rows]
+    int8_rows = config.int8_rows()
+    labels = (["hf_full"] if config.hf else []) + [r.label for r in rows] + [f"{r.label}/int8" for r in int8_rows]
     if "full" not in config.modes:
         raise ValueError("--modes must include 'full': every quality figure is measured against it")
     stops = stop_token_ids(model.tokenizer, model.step.config)
@@ -311,10 +329,16 @@ def evaluate(model: LoadedModel, config: EvalConfig, questions: list[Question], 
             for row in rows:
                 samples[row.label] = _timed_mode(model, layout, row, prefix, chunks, config.max_new_tokens, stops)
                 bar.update()
+            if int8_rows:
+                prefix8, chunks8 = int8_roundtrip(prefix), [int8_roundtrip(c) for c in chunks]
+                for row in int8_rows:
+                    samples[f"{row.label}/int8"] = _timed_mode(model, layout, row, prefix8, chunks8,
+                                                               config.max_new_tokens, stops)
+                    bar.update()
             full = samples["full"]
             record = {"index": index, "question": question.question, "answers": list(question.answers),
                       "tokens": len(layout), "rows": {}}
-            row_of = {r.label: r for r in rows}
+            row_of = {r.label: r for r in rows} | {f"{r.label}/int8": r for r in int8_rows}
             for label, sample in samples.items():
                 row = row_of.get(label)
                 record["rows"][label] = {
