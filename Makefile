@@ -29,6 +29,7 @@ proto: $(STAMP)
 	$(PY) -m services.build_proto
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:

@@ -240,7 +240,8 @@ def run_bench(config: BenchConfig) -> dict:
                 total_bytes = bytes_per_token * sum(map(len, entries))
                 bandwidths = {"cpu": cpu_bw}
                 if "blend@0.15/redis" in results:
-                    bandwidths["redis"] = total_bytes / max(1e-9, results["blend@0.15/redis"] - results["blend@0.15/gpu"])
+                    redis_s = results["blend@0.15/redis"] - results["blend@0.15/gpu"]
+                    bandwidths["redis"] = total_bytes / max(1e-9, redis_s)
                 meta["controller"] = {
                     tier: plan_loading([len(c) for c in chunks], [bw] * len(chunks), bytes_per_token, per_token,
                                        step.n_layers).as_dict()
@@ -250,7 +251,6 @@ def run_bench(config: BenchConfig) -> dict:
                 meta["timeline"] = copy_timeline(step, layout, pinned)
                 if config.profile:
                     meta["profile"] = profile_overlap(step, layout, sources["cpu"], config.profile)
-            del pinned, entries, chunks, prefix
             torch.cuda.empty_cache()
     return {"meta": meta, "config": {k: str(v) for k, v in config.__dict__.items()}, "rows": rows}
 

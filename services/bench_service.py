@@ -10,7 +10,6 @@ message) and as the server measured it, whole-call latency, and what the reports
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -208,18 +207,3 @@ def add_parser(subparsers) -> None:
     b.add_argument("--timeout", type=float, default=None, help="per-call deadline (default none)")
     b.add_argument("--json", dest="json_out", default="out/bench_service.json")
     b.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvblend")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"kvblend: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

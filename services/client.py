@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -192,19 +191,3 @@ def add_parsers(subparsers) -> None:
     q.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate: use TLS")
     q.add_argument("--json", action="store_true", help="print the answer and report as JSON")
     q.set_defaults(func=cmd_query)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m services.client query ...`, as `kvblend query` runs it."""
-    parser = argparse.ArgumentParser(prog="kvblend")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"kvblend: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

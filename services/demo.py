@@ -8,10 +8,8 @@ report next to the gold answers, and stops the server (SIGTERM: it drains and ex
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -100,19 +98,3 @@ def add_parsers(subparsers) -> None:
     d.add_argument("--cache-dir", default=None)
     d.add_argument("--redis-url", default=None, help="add a Redis tier, e.g. redis://127.0.0.1:6379/0")
     d.set_defaults(func=run_demo)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m services.demo demo ...`, as `kvblend demo` runs it."""
-    parser = argparse.ArgumentParser(prog="kvblend")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"kvblend: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -409,23 +409,3 @@ def add_parsers(subparsers) -> None:
     rm.add_argument("chunk_ids", nargs="+", metavar="CHUNK_ID")
     _add_data_dir(rm)
     rm.set_defaults(func=cmd_delete)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m services.ingest ...`: these subcommands on their own, as `kvblend` runs them."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    parser = argparse.ArgumentParser(prog="kvblend")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"kvblend: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ class ServerProcess:
         if "--port" not in args:
             args = ["--port", "0", *args]
         self.stderr_path = stderr_path
-        command = [sys.executable, "-m", "services.server", "serve", *args]
+        command = [sys.executable, "-m", "services.cli", "serve", *args]
         with open(stderr_path, "w") as stderr:
             self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
                                             text=True)

@@ -8,9 +8,7 @@ chunk ids are content addresses. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -90,22 +88,3 @@ def add_parsers(subparsers) -> None:
     ev.add_argument("--json", dest="json_out", default=None)
     add_model_args(ev)
     ev.set_defaults(func=cmd_retrieval_eval)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    parser = argparse.ArgumentParser(prog="kvblend")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["retrieval-eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"kvblend: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,12 +12,10 @@ down Redis only makes requests slower (their KV is recomputed), so it does not f
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hmac
 import logging
 import signal
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -301,26 +299,3 @@ def add_parsers(subparsers) -> None:
                    help="chunk texts, index and disk KV tier (default $KVBLEND_DATA_DIR or ~/.kvblend)")
     p.add_argument("--config", default=None, help="TOML file: [server] [model] [store] [guard] [auth] [tls]")
     p.set_defaults(func=cmd_serve)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m services.server serve ...`, as `kvblend serve` runs it."""
-    parser = argparse.ArgumentParser(prog="kvblend")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"kvblend: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

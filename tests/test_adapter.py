@@ -36,7 +36,8 @@ def test_prefill_in_pieces_equals_one_prefill(tiny):
 def test_greedy_decode_matches_hf_generate(tiny):
     prompt = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        expected = tiny.hf.generate(prompt[None], attention_mask=torch.ones(1, 12, dtype=torch.long), max_new_tokens=10, do_sample=False, min_new_tokens=10,
+        expected = tiny.hf.generate(prompt[None], attention_mask=torch.ones(1, 12, dtype=torch.long),
+                                    max_new_tokens=10, min_new_tokens=10, do_sample=False,
                                     pad_token_id=0)[0, 12:].tolist()
         cache = tiny.new_cache(22)
         logits = tiny.forward(prompt, torch.arange(12), cache)[-1]

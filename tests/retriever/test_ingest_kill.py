@@ -35,7 +35,7 @@ def test_sigkilled_job_rerun_completes_with_every_chunk_exactly_once(tmp_path, t
               for i in range(8) for name, text in TOPICS.items()}
     docs = write_docs(tmp_path / "docs", topics)
     data = tmp_path / "data"
-    command = [sys.executable, "-m", "services.ingest", "ingest", "--docs", str(docs),
+    command = [sys.executable, "-m", "services.cli", "ingest", "--docs", str(docs),
                "--data-dir", str(data), "--model", str(tiny_model_dir),
                "--cache-dir", str(tmp_path / "cache"),
                "--chunk-tokens", str(CHUNK_TOKENS), "--batch-size", "4", "-q"]

@@ -66,7 +66,7 @@ def write_config(path: Path, sections: dict) -> Path:
 
 
 class ServerProcess(launch.ServerProcess):
-    """`python -m services.server serve` on a free port with a config file, as a user starts it."""
+    """`python -m services.cli serve` on a free port with a config file, as a user starts it."""
 
     def __init__(self, folder: Path, model_dir: Path, config: dict):
         folder.mkdir(parents=True, exist_ok=True)
