@@ -38,7 +38,7 @@ class EvalConfig:
     chunks: int | None = None
     modes: tuple[str, ...] = MODES
     ratios: tuple[float, ...] = (0.05, 0.15, 0.3, 1.0)
-    selectors: tuple[str, ...] = ("v",)
+    selectors: tuple[str, ...] = ("k",)
     check_layer: int = 1
     gradual_layers: int = 0
     max_new_tokens: int = 16
@@ -89,14 +89,14 @@ class EvalConfig:
                 rows += [BlendConfig(mode="blend", ratio=r, selector=selector, check_layer=self.check_layer)
                          for r in self.ratios if r < 1.0 or selector == self.selectors[0]]
             if self.gradual_layers:
-                rows += [BlendConfig(mode="blend", ratio=r, check_layer=self.check_layer,
+                rows += [BlendConfig(mode="blend", ratio=r, selector=self.selectors[0], check_layer=self.check_layer,
                                      gradual_layers=self.gradual_layers) for r in self.ratios if r < 1.0]
         return rows
 
     def int8_rows(self) -> list[BlendConfig]:
         if not self.kv_int8:
             return []
-        return [r for r in self.rows() if r.mode in ("reuse", "blend") and r.selector == "v"
+        return [r for r in self.rows() if r.mode in ("reuse", "blend") and r.selector == self.selectors[0]
                 and not r.gradual_layers and r.ratio < 1.0]
 
 

@@ -72,9 +72,9 @@ def test_small_real_eval_reports_every_row_and_skips_an_overlong_question(smol, 
     report = evaluate(smol, config, load_dataset(path), progress=False)
     assert report["n"] == 1 and report["skipped"][0]["index"] == 0
     rows = {row["label"]: row for row in report["rows"]}
-    assert set(rows) == {"hf_full", "full", "reuse", "blend@0.3", "blend@1", "reuse/int8", "blend@0.3/int8"}
+    assert set(rows) == {"hf_full", "full", "reuse", "blend@0.3/k", "blend@1/k", "reuse/int8", "blend@0.3/k/int8"}
     # int8 K/V is close to, not equal to, the float K/V: a small but non-zero change in the answer logits.
     assert 0 < abs(rows["reuse/int8"]["kl_first_token"] - rows["reuse"]["kl_first_token"]) < 0.05
-    assert rows["blend@1"]["kl_first_token"] < 1e-6 and rows["blend@1"]["f1_vs_full"] == 1.0
+    assert rows["blend@1/k"]["kl_first_token"] < 1e-6 and rows["blend@1/k"]["f1_vs_full"] == 1.0
     assert rows["hf_full"]["kl_first_token"] < 1e-6
     assert all(row["ttft_median_s"] > 0 for row in rows.values())
