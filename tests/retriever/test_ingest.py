@@ -11,7 +11,8 @@ from blend.prompt import build_layout
 from retriever.chunker import Chunker
 from retriever.collection import Collection
 from retriever.sources import folder_documents, jsonl_documents, musique_documents
-from services.ingest import KVPrecompute, delete_chunks, ingest, main, open_kv_store
+from services.cli import main
+from services.ingest import KVPrecompute, delete_chunks, ingest, open_kv_store
 from store.keys import chunk_key
 
 from conftest import TOPICS, write_docs, write_musique

@@ -7,8 +7,7 @@ import json
 
 from servicefixtures import DOCUMENTS
 
-from services import client as client_cli
-from services import demo
+from services import cli
 
 
 def test_query_prints_the_answer_then_the_report(plain_server, capsys):
@@ -17,17 +16,17 @@ def test_query_prints_the_answer_then_the_report(plain_server, capsys):
         ids = [d.chunk_ids[0] for d in client.ingest(DOCUMENTS[:2]).documents]
     args = ["query", "--server", plain_server.target, "--query", "Where does the Seine flow?",
             "--chunk-ids", *ids, "--mode", "blend", "--ratio", "0.3", "--max-new-tokens", "3"]
-    assert client_cli.main(args) == 0
+    assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "mode        blend@0.3; 2 chunks" in out and "finish      length: 3 tokens" in out
     assert "chunk ids   " + " ".join(ids) in out
-    assert client_cli.main([*args, "--json"]) == 0
+    assert cli.main([*args, "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["report"]["chunk_ids"] == ids and len(record["token_ids"]) == 3
 
 
 def test_query_reports_a_refusal_with_its_status(plain_server, capsys):
-    assert client_cli.main(["query", "--server", plain_server.target, "--query", "x",
+    assert cli.main(["query", "--server", plain_server.target, "--query", "x",
                             "--chunk-ids", "0000000000000000"]) == 1
     assert "NOT_FOUND: unknown chunk id '0000000000000000'" in capsys.readouterr().err
 
@@ -36,7 +35,7 @@ def test_demo_serves_ingests_answers_and_stops(service_model_dir, tmp_path, caps
     dataset = tmp_path / "musique.json"
     dataset.write_text(json.dumps([{"question": "Where does the Seine flow?", "answers": ["Paris"],
                                     "ctxs": [{"title": d["title"], "text": d["text"]} for d in DOCUMENTS]}]))
-    assert demo.main(["demo", "--dataset", str(dataset), "--model", str(service_model_dir),
+    assert cli.main(["demo", "--dataset", str(dataset), "--model", str(service_model_dir),
                       "--questions", "1", "--top-k", "2", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "ingesting 4 passages of 1 questions" in out and "Q: Where does the Seine flow?" in out

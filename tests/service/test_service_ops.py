@@ -106,7 +106,7 @@ def test_a_full_queue_is_resource_exhausted_and_the_rest_succeed(server, client,
 @pytest.fixture(scope="module")
 def offline_server(service_model_dir, tmp_path_factory):
     """A server over a data folder that `kvblend ingest` filled before it started."""
-    from services.ingest import main as ingest_main
+    from services.cli import main as ingest_main
 
     folder = tmp_path_factory.mktemp("offline-server")
     docs = folder / "docs"
