@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-DATASET ?= ../shared/datasets/musique_dev.json
+DATASET ?= data/musique_sample.json
 
 .PHONY: demo test setup clean proto
 
