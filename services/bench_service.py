@@ -30,17 +30,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def _documents(questions: list[dict]) -> list[dict]:
-    seen, documents = set(), []
-    for q, item in enumerate(questions):
-        for p, ctx in enumerate(item["ctxs"]):
-            key = (str(ctx.get("title", "")), str(ctx.get("text", "")))
-            if key[1].strip() and key not in seen:
-                seen.add(key)
-                documents.append({"title": key[0], "text": key[1], "doc_id": f"q{q}p{p}"})
-    return documents
-
-
 def run_load(target: str, questions: list[str], args) -> dict:
     import grpc
 
@@ -132,7 +121,7 @@ def format_table(result: dict, args) -> str:
 
 
 def run(args) -> int:
-    from services.client import Client
+    from services.client import Client, musique_documents
     from services.demo import load_questions
     from services.launch import ServerProcess
 
@@ -156,7 +145,7 @@ def run(args) -> int:
     try:
         with Client(target, token=args.token) as client:
             client.wait_ready(30)
-            documents = _documents(items)
+            documents = musique_documents(items)
             began = time.perf_counter()
             for first in range(0, len(documents), 10):
                 client.ingest(documents[first:first + 10])

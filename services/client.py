@@ -121,6 +121,18 @@ class Answer:
         return answer
 
 
+def musique_documents(questions: list[dict]) -> list[dict]:
+    """IngestChunks documents for the passages of MuSiQue-shaped questions, each distinct passage once."""
+    seen, documents = set(), []
+    for q, item in enumerate(questions):
+        for p, ctx in enumerate(item["ctxs"]):
+            key = (str(ctx.get("title", "")), str(ctx.get("text", "")))
+            if key[1].strip() and key not in seen:
+                seen.add(key)
+                documents.append({"title": key[0], "text": key[1], "doc_id": f"q{q}p{p}"})
+    return documents
+
+
 def format_report(answer: Answer) -> str:
     report, finish = answer.report, answer.finish
     label = f"blend@{report.ratio:g}" if report.mode == "blend" else report.mode

@@ -31,7 +31,7 @@ def load_questions(path: Path, count: int) -> list[dict]:
 
 
 def run_demo(args) -> int:
-    from services.client import Answer, Client, format_report
+    from services.client import Answer, Client, format_report, musique_documents
     from services.launch import ServerProcess
 
     for name in ("questions", "top_k", "max_new_tokens", "batch"):
@@ -51,13 +51,7 @@ def run_demo(args) -> int:
     try:
         with Client(server.target) as client:
             client.wait_ready(30)
-            seen, documents = set(), []
-            for q, item in enumerate(questions):
-                for p, ctx in enumerate(item["ctxs"]):
-                    key = (str(ctx.get("title", "")), str(ctx.get("text", "")))
-                    if key[1].strip() and key not in seen:
-                        seen.add(key)
-                        documents.append({"title": key[0], "text": key[1], "doc_id": f"q{q}p{p}"})
+            documents = musique_documents(questions)
             print(f"ingesting {len(documents)} passages of {len(questions)} questions "
                   "(KV precomputed now) ...", flush=True)
             chunks = computed = 0
