@@ -171,19 +171,18 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
     device = step.device
     cache = step.new_cache(capacity)
     ids = torch.tensor(layout.token_ids, device=device)
+    question_start = n - len(layout.suffix)
     segment_starts = [0] + layout.chunk_starts()
     old_starts = list(source.starts) if source is not None else []
     new_starts = segment_starts[: len(old_starts)]
-    boundaries = segment_starts + [n - len(layout.suffix)]
+    boundaries = segment_starts + [question_start]
     lengths = [boundaries[i + 1] - boundaries[i] for i in range(len(old_starts))]
-    # The same re-rotation serves every layer: compute its cos/sin once per segment.
     forced = sorted(set(recompute))
     if forced and (config.mode != "blend" or forced[0] < 0 or forced[-1] >= len(layout.chunks)):
         raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
     skip = {1 + index for index in forced}
     turn = _turn(step, old_starts, new_starts, lengths, skip)  # the same for every layer
-    question_start = n - len(layout.suffix)
-    covered = (segment_starts + [question_start])[len(old_starts)]  # prompt tokens the placed segments fill
+    covered = boundaries[len(old_starts)]  # prompt tokens the placed segments fill
     schedule = _schedule(config, step.n_layers)
     if config.mode == "blend":
         if len(old_starts) != 1 + len(layout.chunks):
