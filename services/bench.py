@@ -66,27 +66,13 @@ def make_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens: i
 
 
 def _time(fn, repeats: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    gc.collect()
-    gc.disable()  # a collection inside a timed request is noise, not TTFT
-    try:
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    return times
+    return _interleaved([fn], repeats, warmup)[0]
 
 
-def _interleaved(fns, rounds: int) -> list[list[float]]:
+def _interleaved(fns, rounds: int, warmup: int = 2) -> list[list[float]]:
     for fn in fns:
-        fn(), fn()  # warm-up
+        for _ in range(warmup):
+            fn()
     times = [[] for _ in fns]
     gc.collect()
     gc.disable()

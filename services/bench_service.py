@@ -123,7 +123,7 @@ def format_table(result: dict, args) -> str:
 def run(args) -> int:
     from services.client import Client, musique_documents
     from services.demo import load_questions
-    from services.launch import ServerProcess
+    from services.launch import start_local_server
 
     if args.clients < 1 or args.duration <= 0 or args.questions < 1:
         raise ValueError("--clients, --duration and --questions must be positive")
@@ -134,12 +134,7 @@ def run(args) -> int:
     load_before = os.getloadavg()
     if target is None:
         folder = Path(tempfile.mkdtemp(prefix="kvblend-bench-"))
-        serve_args = ["--model", args.model, "--data-dir", str(folder / "data")]
-        if args.cache_dir:
-            serve_args += ["--cache-dir", args.cache_dir]
-        if args.redis_url:
-            serve_args += ["--redis-url", args.redis_url]
-        server = ServerProcess(serve_args, folder / "server.err")
+        server = start_local_server(folder, args.model, args.cache_dir, args.redis_url)
         target = server.target
         print(f"started kvblend serve ({args.model}) on {target}", file=sys.stderr, flush=True)
     try:

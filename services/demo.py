@@ -32,21 +32,16 @@ def load_questions(path: Path, count: int) -> list[dict]:
 
 def run_demo(args) -> int:
     from services.client import Answer, Client, format_report, musique_documents
-    from services.launch import ServerProcess
+    from services.launch import start_local_server
 
     for name in ("questions", "top_k", "max_new_tokens", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     questions = load_questions(Path(args.dataset), args.questions)
     folder = Path(tempfile.mkdtemp(prefix="kvblend-demo-"))
-    serve_args = ["--model", args.model, "--data-dir", str(folder / "data")]
-    if args.cache_dir:
-        serve_args += ["--cache-dir", args.cache_dir]
-    if args.redis_url:
-        serve_args += ["--redis-url", args.redis_url]
     print(f"starting kvblend serve ({args.model}; data in {folder}) ...", flush=True)
     began = time.perf_counter()
-    server = ServerProcess(serve_args, folder / "server.err")
+    server = start_local_server(folder, args.model, args.cache_dir, args.redis_url)
     print(f"serving on {server.target} after {time.perf_counter() - began:.1f} s", flush=True)
     try:
         with Client(server.target) as client:

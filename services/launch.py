@@ -77,3 +77,14 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def start_local_server(folder: Path, model: str, cache_dir: str | None = None,
+                       redis_url: str | None = None) -> ServerProcess:
+    """`kvblend serve` on a free port with its data under `folder` (the demo's and the benchmark's)."""
+    args = ["--model", model, "--data-dir", str(folder / "data")]
+    if cache_dir:
+        args += ["--cache-dir", cache_dir]
+    if redis_url:
+        args += ["--redis-url", redis_url]
+    return ServerProcess(args, folder / "server.err")

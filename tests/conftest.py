@@ -35,6 +35,20 @@ def tiny_model(model_type: str = "llama", **overrides):
     return model
 
 
+def save_tiny_llama(folder: Path, tokenizer, vocab_size: int, max_positions: int) -> Path:
+    """A 2-layer random-weight Llama with `tokenizer`, saved as a Hugging Face folder (`--model DIR`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return LlamaStep(tiny_model())

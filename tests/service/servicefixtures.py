@@ -30,20 +30,13 @@ DOCUMENTS = [
 
 def make_tiny_model(folder: Path) -> Path:
     """A 2-layer random-weight Llama with the real SmolLM2 tokenizer (and chat template)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from blend.loader import resolve
+    from tests.conftest import save_tiny_llama
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m", CACHE_DIR))
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, tokenizer, 49152, CONTEXT)
 
 
 def _toml_value(value) -> str:

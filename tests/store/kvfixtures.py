@@ -74,3 +74,14 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+
+def computing(chunks):
+    """A compute-on-miss callback serving `chunks`, and the list of indices it was called with."""
+    calls = []
+
+    def compute(index):
+        calls.append(index)
+        return chunks[index]
+
+    return compute, calls

@@ -4,7 +4,7 @@ import logging
 import time
 
 import torch
-from kvfixtures import RedisServer, make_chunk
+from kvfixtures import RedisServer, computing, make_chunk
 
 from store.chunks import ChunkStore
 from store.config import StoreConfig
@@ -19,16 +19,6 @@ RETRY_S = 0.2
 
 def key_of(chunk) -> str:
     return chunk_key("fp", [], chunk.token_ids, chunk.kv.dtype)
-
-
-def computing(chunks):
-    calls = []
-
-    def compute(index):
-        calls.append(index)
-        return chunks[index]
-
-    return compute, calls
 
 
 def test_start_up_without_redis_logs_it_and_serves_from_memory(caplog):

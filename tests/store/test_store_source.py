@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kvfixtures import make_chunk
+from kvfixtures import computing, make_chunk
 
 from blend.fusor import MemorySource
 from store.chunks import ChunkStore
@@ -21,16 +21,6 @@ def chunks_and_keys(count=3):
 
 def new_store() -> ChunkStore:
     return ChunkStore(TieredStore([MemoryTier("cpu")], [None]))
-
-
-def computing(chunks):
-    calls = []
-
-    def compute(index):
-        calls.append(index)
-        return chunks[index]
-
-    return compute, calls
 
 
 def layers_of(source) -> list[list[torch.Tensor]]:
