@@ -88,13 +88,27 @@ class GenerateParams:
 
 # -- metrics --------------------------------------------------------------------------------------
 
+TTFT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # upper bounds; +Inf follows
+
+
 class Metrics:
+    """Counters of the request path. Cumulative ones (RPCs, the TTFT histogram) feed Prometheus; the
+    recent-TTFT window feeds the p50/p99 in Stats."""
+
     def __init__(self):
         self._lock = threading.Lock()
         self.requests = self.completed = self.failed = self.cancelled = self.rejected = 0
         self.tokens_generated = 0
         self.ttfts: deque[float] = deque(maxlen=1000)
+        self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)  # per bucket, not cumulative; last is +Inf
+        self.ttft_sum = 0.0
+        self.rpcs: dict[tuple[str, str], int] = {}  # (method, status code name) -> calls ended so far
         self.started = time.monotonic()
+
+    def rpc(self, method: str, code: str) -> None:
+        """One call of `method` ended with status `code` ("OK", "UNAVAILABLE", ...)."""
+        with self._lock:
+            self.rpcs[method, code] = self.rpcs.get((method, code), 0) + 1
 
     def admitted(self) -> None:
         with self._lock:
@@ -109,8 +123,19 @@ class Metrics:
             self.tokens_generated += 1
 
     def first_token(self, ttft: float) -> None:
+        bucket = next((i for i, bound in enumerate(TTFT_BUCKETS_S) if ttft <= bound), len(TTFT_BUCKETS_S))
         with self._lock:
             self.ttfts.append(ttft)
+            self.ttft_counts[bucket] += 1
+            self.ttft_sum += ttft
+
+    def snapshot(self) -> dict:
+        """The cumulative counters at one instant (for an exporter)."""
+        with self._lock:
+            return {"rpcs": dict(self.rpcs), "ttft_counts": list(self.ttft_counts), "ttft_sum": self.ttft_sum,
+                    "requests": self.requests, "completed": self.completed, "failed": self.failed,
+                    "cancelled": self.cancelled, "rejected": self.rejected,
+                    "tokens_generated": self.tokens_generated}
 
     def ended(self, cancelled: bool = False, failed: bool = False) -> None:
         with self._lock:

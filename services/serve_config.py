@@ -21,6 +21,7 @@ from store.config import StoreConfig
 TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_TENANT = "default"
 KV_DIR = "kv"  # under the data folder, as `kvblend ingest` writes it
+CATALOGS = ("local", "redis")
 
 
 def check_tenant(name: str) -> str:
@@ -53,6 +54,10 @@ class ServerConfig:
     default_max_new_tokens: int = 64
     max_new_tokens: int = 1024
     health_interval_s: float = 2.0  # how often the Redis tier is pinged for the health service
+    metrics_port: int = 0  # Prometheus metrics over HTTP on `host` at this port; 0 = no metrics endpoint
+    # Where the chunk catalog (texts, vectors, KV keys) lives: "local" (sqlite + faiss under data_dir) or
+    # "redis" (in the store's Redis, shared by every replica; data_dir keeps a local mirror of it).
+    catalog: str = "local"
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
@@ -72,6 +77,10 @@ class ServerConfig:
             raise ValueError(f"server.default_mode {self.default_mode!r} is not one of {', '.join(MODES)}")
         if not 0.0 <= self.default_ratio <= 1.0:
             raise ValueError(f"server.default_ratio {self.default_ratio!r} is outside [0, 1]")
+        if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"server.metrics_port {self.metrics_port!r} is not in 0..65535 (0 = off)")
+        if self.catalog not in CATALOGS:
+            raise ValueError(f"server.catalog {self.catalog!r} is not one of {', '.join(CATALOGS)}")
         if self.drain_s < 0 or self.health_interval_s <= 0:
             raise ValueError(f"server.drain_s {self.drain_s!r} must be >= 0 and health_interval_s "
                              f"{self.health_interval_s!r} > 0")
@@ -179,7 +188,7 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     server = dict(file_values.get("server", {}))
     model = dict(file_values.get("model", {}))
     store = dict(file_values.get("store", {}))
-    for name in ("host", "port", "data_dir"):
+    for name in ("host", "port", "data_dir", "metrics_port", "catalog"):
         if overrides.get(name) is not None:
             server[name] = overrides[name]
     for name in ("spec", "cache_dir", "dtype", "device"):
@@ -200,6 +209,11 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     store.setdefault("disk_path", server_config.data_dir / KV_DIR)
     if store.get("disk_path") in ("", "none"):
         store["disk_path"] = None  # `disk_path = ""` runs without a disk tier (e.g. replicas sharing Redis)
+    if server_config.catalog == "redis":
+        if store.get("redis_url") is None:
+            raise ValueError("server.catalog 'redis' needs a Redis URL (--redis-url or [store] redis_url)")
+        # Replicas find each other's chunks in Redis, so every KV entry must be written there too.
+        store["write_through"] = True
     store_config = _section(StoreConfig, store, f"{where} [store]")
     auth = dict(file_values.get("auth", {}))
     tokens = auth.pop("tokens", {})
@@ -222,6 +236,7 @@ def from_args(args, environ: dict | None = None) -> ServeSettings:
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "spec": args.model,
         "cache_dir": args.cache_dir, "dtype": args.dtype, "device": args.device, "redis_url": args.redis_url,
+        "metrics_port": getattr(args, "metrics_port", None), "catalog": getattr(args, "catalog", None),
     }
     server, model = file_values.get("server", {}), file_values.get("model", {})
     if overrides["data_dir"] is None and "data_dir" not in server and environ.get("KVBLEND_DATA_DIR"):

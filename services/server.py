@@ -297,5 +297,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--redis-url", default=None, help="Redis KV tier, e.g. redis://127.0.0.1:6379/0")
     p.add_argument("--data-dir", default=None,
                    help="chunk texts, index and disk KV tier (default $KVBLEND_DATA_DIR or ~/.kvblend)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics over HTTP on this port (default 0: off)")
+    p.add_argument("--catalog", default=None, choices=["local", "redis"],
+                   help="chunk catalog: local (sqlite + faiss in --data-dir) or redis (shared by replicas)")
     p.add_argument("--config", default=None, help="TOML file: [server] [model] [store] [guard] [auth] [tls]")
     p.set_defaults(func=cmd_serve)

@@ -21,6 +21,9 @@ class StoreConfig:
     redis_prefix: str = "kvblend:"
     redis_timeout_s: float = 1.0  # socket connect and read timeout
     redis_retry_s: float = 5.0  # after a failure, Redis is skipped this long before it is tried again
+    # Every put also lands in the bottom tier (Redis), not only the highest admitting one: replicas
+    # sharing Redis then find each other's chunks. `kvblend serve --catalog redis` turns it on.
+    write_through: bool = False
     quantize: bool = False  # int8 K/V (per token, per head absmax) in the Redis and disk tiers
     # Uses of a chunk (per request, counted in a frequency sketch) before it may enter a memory tier
     # that is not the bottom tier; 1 is plain LRU. 2 keeps a flood of one-off chunks out of GPU/CPU.

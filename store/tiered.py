@@ -7,6 +7,9 @@ recently used entries are evicted and demoted to the next tier down; the last ti
 Redis bottom tier has no budget here and evicts by its own maxmemory policy). An entry larger than
 a tier's whole budget passes through it to the next tier.
 
+Written through (`write_through`), a put also lands in the bottom tier, so replicas sharing that
+tier (Redis) find each other's entries.
+
 Admission keeps one-off chunks out of the small memory tiers: a volatile tier that is not the last
 tier takes an entry only once its chunk has been used `admit_after` times (uses are counted per
 request by `note_use`, in a frequency sketch). Persistent tiers and the last tier take everything,
@@ -53,7 +56,7 @@ class TierStats:
 
 class TieredStore:
     def __init__(self, tiers: Sequence[Tier], budgets: Sequence[int | None], admit_after: int = 1,
-                 sketch: FrequencySketch | None = None):
+                 sketch: FrequencySketch | None = None, write_through: bool = False):
         if not tiers:
             raise ValueError("a tiered store needs at least one tier")
         if len(tiers) != len(budgets):
@@ -64,6 +67,7 @@ class TieredStore:
         self.tiers = list(tiers)
         self.budgets = list(budgets)
         self.admit_after = admit_after
+        self.write_through = write_through
         self.sketch = sketch if sketch is not None else FrequencySketch()
         self._stats = {tier.name: TierStats() for tier in self.tiers}
         self._lock = threading.RLock()
@@ -102,7 +106,7 @@ class TieredStore:
             log.info("store: no Redis URL; tiers are %s only", ", ".join(t.name for t in tiers) or "none")
         if not tiers:
             raise ValueError("no usable tier: CUDA is not available for gpu_bytes and no other tier is set")
-        return cls(tiers, budgets, config.admit_after, FrequencySketch(config.sketch_width))
+        return cls(tiers, budgets, config.admit_after, FrequencySketch(config.sketch_width), config.write_through)
 
     # -- policy ---------------------------------------------------------------------------------
 
@@ -219,9 +223,14 @@ class TieredStore:
         return None
 
     def put(self, key: str, value: torch.Tensor) -> bool:
-        """Store in the highest tier that admits it; False (logged) if every tier skipped the write."""
+        """Store in the highest tier that admits it (and, written through, in the bottom tier too); False
+        (logged) if every tier skipped the write."""
+        bottom = len(self.tiers) - 1
         for index in range(len(self.tiers)):
             if self._admits(index, key) and self._place(index, key, value):
+                if self.write_through and index < bottom and not self._place(bottom, key, value):
+                    log.warning("store: entry %s was not written through to %s (kept in %s only)",
+                                key, self.tiers[bottom].name, self.tiers[index].name)
                 return True
         log.warning("store: entry %s was not stored: every tier skipped it or it exceeds every budget", key)
         return False

@@ -121,3 +121,14 @@ def test_gpu_tier_is_used_when_cuda_is_present_and_left_out_with_a_log_line_when
     assert names == ["gpu", "cpu"]
     store.put("a", ENTRY)
     assert store.get("a").is_cuda and torch.equal(store.get("a").cpu(), ENTRY)
+
+
+def test_written_through_a_put_the_fast_tier_takes_also_lands_in_the_bottom_tier(tmp_path):
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    plain = TieredStore([MemoryTier("cpu"), DiskTier(tmp_path / "plain")], [4 * SIZE, None])
+    put_all(plain, "ab")
+    assert held(plain.tiers[1]) == set()  # without it, the bottom tier sees only demotions
+    store = TieredStore([cpu, disk], [4 * SIZE, None], write_through=True)
+    put_all(store, "ab")
+    assert held(cpu) == {"a", "b"} and held(disk) == {"a", "b"}
+    assert torch.equal(disk.get("b"), block(1))
