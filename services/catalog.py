@@ -9,6 +9,11 @@ generation.
 Tenants are kept apart by folder: the default tenant's collection is the data folder itself (where
 `kvblend ingest` writes), tenant T's is `<data folder>/tenants/T`. A chunk id is looked up only in
 the caller's own collection, so another tenant's id is not found, exactly like one never ingested.
+
+Shared (`server.catalog = "redis"`): each tenant's collection is a `retriever.shared.SharedCollection`
+whose record is in Redis under `<redis prefix>catalog:<tenant>:`, mirrored locally under
+`<data folder>/mirror/<tenant>`. Every lookup of a collection first brings its mirror up to date, so a
+request sees every chunk committed before it arrived, through any replica.
 """
 
 from __future__ import annotations
@@ -19,16 +24,26 @@ from pathlib import Path
 from typing import TypeVar
 
 from retriever.collection import DOCSTORE_FILE, Collection
+from retriever.shared import CatalogUnavailable, SharedCollection
+from services.errors import Unavailable
 from services.serve_config import DEFAULT_TENANT, check_tenant
 
 T = TypeVar("T")
 TENANTS_DIR = "tenants"
+MIRROR_DIR = "mirror"
 
 
 class Catalog:
     def __init__(self, data_dir: Path, make_embedder: Callable[[], object],
-                 make_chunker: Callable[[], object]):
+                 make_chunker: Callable[[], object], redis_url: str | None = None, redis_prefix: str = "kvblend:"):
+        """With `redis_url`, collections are shared through that Redis; otherwise they are local folders."""
         self.data_dir = data_dir
+        self.redis = None
+        if redis_url is not None:
+            import redis
+
+            self.redis = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+            self.redis_prefix = redis_prefix + "catalog:"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="catalog")
         self._collections: dict[str, Collection] = {}
         # Built on the catalog thread, used only there.
@@ -37,27 +52,50 @@ class Catalog:
 
     def run(self, fn: Callable[..., T], *args) -> T:
         """Run `fn(*args)` on the catalog thread and return its result (or raise its error)."""
-        return self._pool.submit(fn, *args).result()
+        try:
+            return self._pool.submit(fn, *args).result()
+        except CatalogUnavailable as err:
+            raise Unavailable(str(err)) from None
 
     def folder(self, tenant: str) -> Path:
+        if self.redis is not None:
+            return self.data_dir / MIRROR_DIR / check_tenant(tenant)
         if tenant == DEFAULT_TENANT:
             return self.data_dir
         return self.data_dir / TENANTS_DIR / check_tenant(tenant)
 
-    def collection(self, tenant: str) -> Collection:
-        """The tenant's collection, created on first use. Call on the catalog thread only."""
+    def collection(self, tenant: str) -> Collection | SharedCollection:
+        """The tenant's collection, created on first use and (shared) brought up to date. Catalog thread
+        only."""
         found = self._collections.get(tenant)
         if found is None:
-            found = Collection(self.folder(tenant), self.dim)
+            if self.redis is not None:
+                found = SharedCollection(self.redis, f"{self.redis_prefix}{tenant}:", self.folder(tenant),
+                                         self.dim)
+            else:
+                found = Collection(self.folder(tenant), self.dim)
             self._collections[tenant] = found
+        if isinstance(found, SharedCollection):
+            found.refresh()
         return found
 
-    def existing(self, tenant: str) -> Collection | None:
+    def existing(self, tenant: str) -> Collection | SharedCollection | None:
         """The tenant's collection if it has ever been written; None otherwise (nothing is created, so
         lookups under made-up tenant names leave no folders behind). Catalog thread only."""
         if tenant in self._collections or (self.folder(tenant) / DOCSTORE_FILE).exists():
             return self.collection(tenant)
+        if self.redis is not None and self._written_elsewhere(tenant):
+            return self.collection(tenant)
         return None
+
+    def _written_elsewhere(self, tenant: str) -> bool:
+        import redis
+
+        try:
+            return bool(self.redis.exists(f"{self.redis_prefix}{check_tenant(tenant)}:log"))
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
+            raise CatalogUnavailable(f"the shared catalog in Redis does not answer ({err}); retry when it is "
+                                     "back") from None
 
     def close(self) -> None:
         def close_all():
@@ -67,3 +105,5 @@ class Catalog:
 
         self._pool.submit(close_all).result()
         self._pool.shutdown(wait=True)
+        if self.redis is not None:
+            self.redis.close()

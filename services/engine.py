@@ -31,7 +31,7 @@ from blend.fusor import MODES, BlendConfig, compute_kv
 from blend.loader import LoadedModel
 from blend.prompt import DEFAULT_SYSTEM, build_layout
 from services.catalog import Catalog
-from services.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ServiceError
+from services.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
 from services.generation import Generation, Guard
 from services.scheduler import ModelWorker
 from services.serve_config import DEFAULT_TENANT, GuardConfig, ServerConfig, ServeSettings
@@ -169,6 +169,7 @@ class Engine:
         if config.check_layer >= model.step.n_layers:
             raise ValueError(f"server.check_layer {config.check_layer} is past the model's last layer "
                              f"{model.step.n_layers - 1}")
+        self.shared = catalog.redis is not None  # replicas share the catalog and the KV through Redis
         self.trace = trace_tiers(store.tiered)
         self.worker = ModelWorker(config.max_waiting, config.max_active)
         self.stop_ids = stop_token_ids(model.tokenizer, model.step.config)
@@ -201,7 +202,9 @@ class Engine:
             return Chunker(AutoTokenizer.from_pretrained(location), settings.server.chunk_tokens)
 
         store = ChunkStore.from_config(settings.store)
-        catalog = Catalog(settings.server.data_dir, Embedder, make_chunker)
+        shared = settings.server.catalog == "redis"
+        catalog = Catalog(settings.server.data_dir, Embedder, make_chunker,
+                          settings.store.redis_url if shared else None, settings.store.redis_prefix)
         return cls(model, store, catalog, settings.server, settings.guard)
 
     # -- keys and tiers --------------------------------------------------------------------------
@@ -257,7 +260,7 @@ class Engine:
         for chunk in new:
             key = self.kv_key(tenant, chunk.token_ids)
             keys.append((chunk.id, key))
-            if self.store.contains(key):
+            if self.store.contains(key, bottom_only=self.shared):
                 continue
             compute = functools.partial(compute_kv, self.model.step, chunk.token_ids, self.prefix)
             remaining = deadline - time.monotonic() if deadline is not None else None
@@ -271,6 +274,9 @@ class Engine:
                                        "(ingest the same documents again to finish)") from None
             result.kv_computed += 1
             if not self.store.put(key, entry):
+                if self.shared:  # a chunk recorded without its KV in Redis would be recomputed by every replica
+                    raise Unavailable(f"the KV of chunk {chunk.id} could not be written to the shared Redis "
+                                      f"tier; {len(result.chunk_ids)} documents not recorded, retry")
                 result.kv_not_stored += 1  # computed again when a request uses it
 
         def commit() -> int:
@@ -390,10 +396,18 @@ class Engine:
         for cid in chunk_ids:
             chunk = collection.get(cid) if collection is not None else None
             if chunk is None:
+                self._not_known_yet(collection, cid)
                 raise NotFound(f"unknown chunk id {cid[:100]!r} (ingest it first; ids come from IngestChunks "
                                "or Retrieve)")
             texts.append(chunk.text)
         return texts
+
+    @staticmethod
+    def _not_known_yet(collection, chunk_id: str) -> None:
+        """A shared catalog that could not be brought up to date may lack a chunk another replica added."""
+        if getattr(collection, "stale", False):
+            raise Unavailable(f"chunk id {chunk_id[:100]!r} is not in this replica's copy of the catalog and "
+                              "Redis, which holds the shared catalog, does not answer; retry")
 
     # -- delete ------------------------------------------------------------------------------------
 
@@ -409,6 +423,7 @@ class Engine:
             collection = self.catalog.existing(tenant)
             for cid in chunk_ids:
                 if collection is None or cid not in collection:
+                    self._not_known_yet(collection, cid)
                     raise NotFound(f"unknown chunk id {cid[:100]!r} (nothing was deleted)")
             removed = 0
             ids = list(dict.fromkeys(chunk_ids))

@@ -23,7 +23,8 @@ class Overloaded(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """The server is draining (SIGTERM) or stopped."""
+    """The server is draining (SIGTERM) or stopped, or Redis holding the shared catalog does not answer:
+    retry (another replica, or the same one shortly)."""
 
 
 class Cancelled(ServiceError):

@@ -82,11 +82,13 @@ class ChunkStore:
         self.tiered.note_use(check_chunk_key(key))
         return self._manifest(key)
 
-    def contains(self, key: str) -> bool:
-        """Manifest and every layer are in some tier. Counts no use, so ingestion can ask freely."""
+    def contains(self, key: str, bottom_only: bool = False) -> bool:
+        """Manifest and every layer are in some tier (`bottom_only`: in the bottom tier, which replicas
+        share). Counts no use, so ingestion can ask freely."""
         manifest = self._manifest(check_chunk_key(key))
-        return manifest is not None and all(self.tiered.contains(layer_key(key, index))
-                                            for index in range(manifest.n_layers))
+        return (manifest is not None and self.tiered.contains(manifest_key(key), bottom_only)
+                and all(self.tiered.contains(layer_key(key, index), bottom_only)
+                        for index in range(manifest.n_layers)))
 
     def delete(self, key: str) -> None:
         """Every entry of the chunk from every tier; the manifest last, so a delete cut short can be rerun."""

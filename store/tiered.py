@@ -223,20 +223,24 @@ class TieredStore:
         return None
 
     def put(self, key: str, value: torch.Tensor) -> bool:
-        """Store in the highest tier that admits it (and, written through, in the bottom tier too); False
-        (logged) if every tier skipped the write."""
+        """Store in the highest tier that admits it and, written through, in the bottom tier too. False
+        (logged) if every tier skipped the write, or if the write-through did not reach the bottom tier
+        (the entry is then kept above, but other replicas cannot see it)."""
         bottom = len(self.tiers) - 1
         for index in range(len(self.tiers)):
             if self._admits(index, key) and self._place(index, key, value):
                 if self.write_through and index < bottom and not self._place(bottom, key, value):
                     log.warning("store: entry %s was not written through to %s (kept in %s only)",
                                 key, self.tiers[bottom].name, self.tiers[index].name)
+                    return False
                 return True
         log.warning("store: entry %s was not stored: every tier skipped it or it exceeds every budget", key)
         return False
 
-    def contains(self, key: str) -> bool:
-        return any(tier.contains(key) for tier in self.tiers)
+    def contains(self, key: str, bottom_only: bool = False) -> bool:
+        """In some tier; or, `bottom_only`, in the bottom tier (the one replicas share)."""
+        tiers = self.tiers[-1:] if bottom_only else self.tiers
+        return any(tier.contains(key) for tier in tiers)
 
     def delete(self, key: str) -> None:
         for index, tier in enumerate(self.tiers):
@@ -246,10 +250,20 @@ class TieredStore:
                 if lru is not None and key in lru:
                     self._used[index] -= lru.pop(key)
 
-    def stats(self) -> dict[str, TierStats]:
-        """A snapshot per tier name, with the bytes each tier holds now."""
+    def counters(self) -> dict[str, TierStats]:
+        """A snapshot of the counters per tier name, without `bytes` (no tier is asked: cheap for a scrape)."""
         with self._lock:
-            snapshot = {name: TierStats(**asdict(stats)) for name, stats in self._stats.items()}
+            return {name: TierStats(**asdict(stats)) for name, stats in self._stats.items()}
+
+    def usage(self) -> dict[str, int | None]:
+        """Bytes per tier name from the LRU accounting; None for an unbudgeted tier, which is not tracked."""
+        with self._lock:
+            return {tier.name: None if lru is None else used
+                    for tier, lru, used in zip(self.tiers, self._lru, self._used)}
+
+    def stats(self) -> dict[str, TierStats]:
+        """A snapshot per tier name, with the bytes each tier holds now (asked of each tier: a Redis SCAN)."""
+        snapshot = self.counters()
         for tier in self.tiers:
             snapshot[tier.name].bytes = tier.bytes_used()
         return snapshot
