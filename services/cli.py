@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    from services import bench, bench_service, bench_store, client, demo, ingest, retrieval_eval, server
+    from services import (bench, bench_cluster, bench_service, bench_store, client, demo, ingest, retrieval_eval,
+                          server)
 
     ingest.add_parsers(sub)
     retrieval_eval.add_parsers(sub)
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     bench_store.add_parser(sub)
     bench_service.add_parser(sub)
+    bench_cluster.add_parser(sub)
     return parser
 
 

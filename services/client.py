@@ -1,6 +1,8 @@
 """A small client for the kvblend service, and `kvblend query`, which prints an answer as it streams.
 
     client = Client("127.0.0.1:50051", token=..., tls_ca=...)
+    client = Client("10.0.0.5:50051,10.0.0.6:50051")   # round robin over replicas
+    client = Client("dns:///kvblend-headless:50051")   # round robin over every address the name has
     ids = client.ingest([{"text": ..., "title": ...}]).documents[0].chunk_ids
     for message in client.generate("Who ...?", top_k=3):
         print(message.text, end="")
@@ -25,10 +27,38 @@ from proto import kvblend_pb2_grpc as pb_grpc
 TENANT_HEADER = "kvblend-tenant"
 
 
+def channel_target(target: str) -> str:
+    """A gRPC target for `target`: one address, a gRPC URI (`dns:///name:port`), or replicas as a comma
+    list `host:port,host:port`, turned into an `ipv4:`/`ipv6:` list (names resolved once, here)."""
+    if "," not in target:
+        return target
+    import socket
+
+    addresses, families = [], set()
+    for part in target.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"server address {part.strip()!r} in {target!r} is not host:port")
+        host = host.strip("[]")
+        try:
+            family, *_, sockaddr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as err:
+            raise ValueError(f"server address {part.strip()!r}: cannot resolve {host!r} ({err})") from None
+        families.add(family)
+        addresses.append(f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}")
+    if len(families) > 1:
+        raise ValueError(f"servers {target!r} mix IPv4 and IPv6 addresses; list one kind")
+    return ("ipv6:" if families == {socket.AF_INET6} else "ipv4:") + ",".join(addresses)
+
+
 class Client:
     def __init__(self, target: str, token: str | None = None, tenant: str | None = None,
                  tls_ca: Path | None = None):
-        options = [("grpc.max_receive_message_length", 32 << 20), ("grpc.max_send_message_length", 32 << 20)]
+        """`target`: see `channel_target`. Calls are spread over every address the target has (round robin);
+        a call to a replica that dies fails with UNAVAILABLE, and a retry goes to one that answers."""
+        options = [("grpc.max_receive_message_length", 32 << 20), ("grpc.max_send_message_length", 32 << 20),
+                   ("grpc.lb_policy_name", "round_robin")]
+        target = channel_target(target)
         if tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(target, credentials, options)

@@ -88,3 +88,70 @@ def start_local_server(folder: Path, model: str, cache_dir: str | None = None,
     if redis_url:
         args += ["--redis-url", redis_url]
     return ServerProcess(args, folder / "server.err")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    """A redis-server of our own on a free port (for the cluster benchmark and tests), to stop and restart.
+
+    With `folder`, it keeps its data there in an append-only file (fsync every second, and on a clean
+    shutdown), so a restart finds what it held; without, it keeps nothing.
+    """
+
+    def __init__(self, folder: Path | None = None, *extra_args: str):
+        import shutil
+
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not on PATH (install Debian's redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.folder = folder
+        persistence = ["--appendonly", "no"]
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(folder)]
+        self.args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     *persistence, "--daemonize", "no", *extra_args]
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        import redis
+
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        flags = dict(zip(self.args[1::2], self.args[2::2]))
+        client = redis.Redis(port=self.port, password=flags.get("--requirepass"), socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.BusyLoadingError:
+                    pass  # replaying its append-only file
+                except redis.ConnectionError:
+                    if self.process.poll() is not None:
+                        raise RuntimeError(f"redis-server on port {self.port} exited with "
+                                           f"{self.process.returncode}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout:.0f} s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits."""
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
