@@ -8,6 +8,9 @@ Health: the overall service ("") and `kvblend.v1.ChunkCache` are SERVING while t
 requests (NOT_SERVING once it drains); each store tier has its own entry,
 `kvblend.v1.ChunkCache/tier/<name>`, NOT_SERVING while that tier is down (Redis unreachable). A
 down Redis only makes requests slower (their KV is recomputed), so it does not fail readiness.
+
+Metrics: every call is counted once by method and status code in the engine's metrics; with
+`--metrics-port` they are served to Prometheus over HTTP (services/prometheus.py).
 """
 
 from __future__ import annotations
@@ -55,11 +58,39 @@ def _status_of(err: errors.ServiceError) -> grpc.StatusCode:
     return next((code for kind, code in STATUS.items() if isinstance(err, kind)), grpc.StatusCode.INTERNAL)
 
 
-def _abort(context, err: Exception):
+class _Outcome:
+    """Counts one call once in the engine's metrics: with the status its handler ends it with, or, when it
+    ends first (the client went away or its deadline passed), with the status the client saw."""
+
+    def __init__(self, metrics, method: str, context):
+        self.metrics = metrics
+        self.method = method
+        self._counted = False
+        self._lock = threading.Lock()
+        if not context.add_callback(lambda: self.end(_gone(context))):
+            self.end(_gone(context))
+
+    def end(self, code: str) -> None:
+        with self._lock:
+            if self._counted:
+                return
+            self._counted = True
+        self.metrics.rpc(self.method, code)
+
+
+def _gone(context) -> str:
+    remaining = _remaining(context)
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+def _abort(context, err: Exception, outcome: _Outcome):
     if isinstance(err, errors.ServiceError):
-        context.abort(_status_of(err), str(err))
-    log.exception("internal error in %s", context)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {str(err)[:200]}")
+        code, details = _status_of(err), str(err)
+    else:
+        log.exception("internal error in %s", context)
+        code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {str(err)[:200]}"
+    outcome.end(code.name)  # before abort: the client sees the status only after it is counted
+    context.abort(code, details)
 
 
 def _remaining(context) -> float | None:
@@ -71,10 +102,13 @@ def _remaining(context) -> float | None:
 def _unary(method):
     @functools.wraps(method)
     def handler(self, request, context):
+        outcome = _Outcome(self.engine.metrics, method.__name__, context)
         try:
-            return method(self, request, context)
+            response = method(self, request, context)
         except Exception as err:  # noqa: BLE001 - every failure becomes a status, never a dead worker
-            _abort(context, err)
+            _abort(context, err, outcome)
+        outcome.end("OK")
+        return response
     return handler
 
 
@@ -154,6 +188,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
     def Generate(self, request, context):
         from services.engine import GenerateParams
 
+        outcome = _Outcome(self.engine.metrics, "Generate", context)
         try:
             tenant = self.tenants.of(context)
             ratio = request.ratio if request.HasField("ratio") else None
@@ -162,7 +197,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
                                     max_new_tokens=request.max_new_tokens)
             generation = self.engine.generate(tenant, params, _remaining(context))
         except Exception as err:  # noqa: BLE001
-            _abort(context, err)
+            _abort(context, err, outcome)
         # Called when the RPC ends for any reason: a cancelled or timed-out call stops generating.
         context.add_callback(generation.cancel)
         try:
@@ -176,7 +211,8 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
                                                       seconds=piece.finish.seconds))
                 yield message
         except Exception as err:  # noqa: BLE001
-            _abort(context, err)
+            _abort(context, err, outcome)
+        outcome.end("OK")
 
     @_unary
     def DeleteChunks(self, request, context):
@@ -244,11 +280,17 @@ class Server:
         if not self.port:
             raise OSError(f"cannot listen on {config.address}")
         self.tier_health = TierHealth(engine, self.health, config.health_interval_s)
+        self.metrics = None  # the Prometheus endpoint, while one is served
 
     def start(self) -> None:
         self.grpc.start()
         for name in ("", SERVICE):
             self.health.set(name, SERVING)
+        config = self.settings.server
+        if config.metrics_port:
+            from services import prometheus
+
+            self.metrics = prometheus.start(self.engine, config.host, config.metrics_port)
 
     def drain(self) -> None:
         """Refuse new calls, let in-flight ones finish (up to `drain_s`), then stop the engine."""
@@ -258,6 +300,8 @@ class Server:
         self.tier_health.stop()
         self.grpc.stop(grace).wait()
         self.engine.close()
+        if self.metrics is not None:  # scraped until here, so the drain itself shows
+            self.metrics.close()
 
 
 def serve(settings: ServeSettings) -> int:
@@ -272,6 +316,10 @@ def serve(settings: ServeSettings) -> int:
     scheme = "tls" if settings.tls.enabled else "plaintext"
     print(f"kvblend: serving {settings.model.spec} on {settings.server.host}:{server.port} ({scheme}, "
           f"auth {'on' if settings.auth.enabled else 'off'})", flush=True)
+    if server.metrics is not None:
+        host = settings.server.host
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        print(f"kvblend: metrics on http://{host}:{server.metrics.port}/metrics", flush=True)
     stop.wait()
     print("kvblend: draining in-flight requests", flush=True)
     server.drain()

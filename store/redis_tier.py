@@ -125,3 +125,8 @@ class RedisTier:
 
     def bytes_used(self) -> int:
         return sum(size for _, size in self.entries())
+
+    def used_memory(self) -> int | None:
+        """`INFO memory` used_memory: the whole server's, not only this prefix's; None while it is down."""
+        info = self._call(self.client.info, "memory")
+        return None if info is _MISSING else info.get("used_memory")

@@ -61,12 +61,12 @@ def write_config(path: Path, sections: dict) -> Path:
 class ServerProcess(launch.ServerProcess):
     """`python -m services.cli serve` on a free port with a config file, as a user starts it."""
 
-    def __init__(self, folder: Path, model_dir: Path, config: dict):
+    def __init__(self, folder: Path, model_dir: Path, config: dict, flags: tuple[str, ...] = ()):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         config_file = write_config(folder / "serve.toml", config)
         args = ["--model", str(model_dir), "--data-dir", str(folder / "data"), "--cache-dir", str(CACHE_DIR),
-                "--config", str(config_file)]
+                "--config", str(config_file), *flags]
         super().__init__(args, folder / "server.err", start_timeout=180)
 
     def client(self, **kwargs) -> Client:
