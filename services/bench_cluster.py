@@ -218,6 +218,8 @@ def check_redis(cluster: Cluster, chunk_ids: list[str]) -> dict:
     """Every chunk's catalog record and all of its KV entries are in Redis."""
     import redis
 
+    from services.catalog import shared_prefix
+    from services.serve_config import DEFAULT_TENANT
     from store.chunks import ChunkStore
     from store.redis_tier import RedisTier
     from store.tiered import TieredStore
@@ -227,7 +229,7 @@ def check_redis(cluster: Cluster, chunk_ids: list[str]) -> dict:
     lost = []
     try:
         for cid in chunk_ids:
-            record = client.hgetall(f"{cluster.prefix}catalog:default:chunk:{cid}")
+            record = client.hgetall(shared_prefix(cluster.prefix, DEFAULT_TENANT) + f"chunk:{cid}")
             keys = [k for k in record.get(b"kv_keys", b"").decode().split("\n") if k]
             if not record or not keys or not all(store.contains(key) for key in keys):
                 lost.append(cid)

@@ -11,7 +11,7 @@ Tenants are kept apart by folder: the default tenant's collection is the data fo
 the caller's own collection, so another tenant's id is not found, exactly like one never ingested.
 
 Shared (`server.catalog = "redis"`): each tenant's collection is a `retriever.shared.SharedCollection`
-whose record is in Redis under `<redis prefix>catalog:<tenant>:`, mirrored locally under
+whose record is in Redis under `<redis prefix>catalog:{<tenant>}:`, mirrored locally under
 `<data folder>/mirror/<tenant>`. Every lookup of a collection first brings its mirror up to date, so a
 request sees every chunk committed before it arrived, through any replica.
 """
@@ -33,17 +33,25 @@ TENANTS_DIR = "tenants"
 MIRROR_DIR = "mirror"
 
 
+def shared_prefix(redis_prefix: str, tenant: str) -> str:
+    """Where a tenant's shared collection lives in Redis. The braces are a Redis Cluster hash tag: every key
+    of one collection maps to one slot, so its MULTI/EXEC writes stay valid on a cluster."""
+    return f"{redis_prefix}catalog:{{{check_tenant(tenant)}}}:"
+
+
 class Catalog:
     def __init__(self, data_dir: Path, make_embedder: Callable[[], object],
-                 make_chunker: Callable[[], object], redis_url: str | None = None, redis_prefix: str = "kvblend:"):
-        """With `redis_url`, collections are shared through that Redis; otherwise they are local folders."""
+                 make_chunker: Callable[[], object], redis_url: str | None = None, redis_prefix: str = "kvblend:",
+                 redis_cluster: bool = False):
+        """With `redis_url`, collections are shared through that Redis (or Redis Cluster); otherwise they
+        are local folders."""
         self.data_dir = data_dir
         self.redis = None
         if redis_url is not None:
-            import redis
+            from store.redis_tier import connect
 
-            self.redis = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
-            self.redis_prefix = redis_prefix + "catalog:"
+            self.redis = connect(redis_url, redis_cluster, timeout_s=2.0)
+            self.redis_prefix = redis_prefix
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="catalog")
         self._collections: dict[str, Collection] = {}
         # Built on the catalog thread, used only there.
@@ -70,7 +78,7 @@ class Catalog:
         found = self._collections.get(tenant)
         if found is None:
             if self.redis is not None:
-                found = SharedCollection(self.redis, f"{self.redis_prefix}{tenant}:", self.folder(tenant),
+                found = SharedCollection(self.redis, shared_prefix(self.redis_prefix, tenant), self.folder(tenant),
                                          self.dim)
             else:
                 found = Collection(self.folder(tenant), self.dim)
@@ -92,7 +100,7 @@ class Catalog:
         import redis
 
         try:
-            return bool(self.redis.exists(f"{self.redis_prefix}{check_tenant(tenant)}:log"))
+            return bool(self.redis.exists(shared_prefix(self.redis_prefix, tenant) + "log"))
         except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
             raise CatalogUnavailable(f"the shared catalog in Redis does not answer ({err}); retry when it is "
                                      "back") from None

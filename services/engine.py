@@ -204,7 +204,8 @@ class Engine:
         store = ChunkStore.from_config(settings.store)
         shared = settings.server.catalog == "redis"
         catalog = Catalog(settings.server.data_dir, Embedder, make_chunker,
-                          settings.store.redis_url if shared else None, settings.store.redis_prefix)
+                          settings.store.redis_url if shared else None, settings.store.redis_prefix,
+                          settings.store.redis_cluster)
         return cls(model, store, catalog, settings.server, settings.guard)
 
     # -- keys and tiers --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ class StoreConfig:
     # maxmemory policy, so it has no budget here (see docs/store.md). Password and TLS go in the URL.
     redis_url: str | None = None
     redis_prefix: str = "kvblend:"
+    redis_cluster: bool = False  # redis_url names one node of a Redis Cluster; the client finds the rest
     redis_timeout_s: float = 1.0  # socket connect and read timeout
     redis_retry_s: float = 5.0  # after a failure, Redis is skipped this long before it is tried again
     # Every put also lands in the bottom tier (Redis), not only the highest admitting one: replicas

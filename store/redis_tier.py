@@ -32,19 +32,28 @@ def _safe_url(url: str) -> str:
     return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
+def connect(url: str, cluster: bool = False, timeout_s: float = 1.0) -> redis.Redis:
+    """A client for one Redis server, or (`cluster`) for the Redis Cluster that `url`'s node belongs to."""
+    # One retry: after a server restart the first call on a pooled connection fails, a fresh one works.
+    options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": Retry(NoBackoff(), 1)}
+    if cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
 class RedisTier:
     volatile = False
 
     def __init__(self, url: str, prefix: str = "kvblend:", quantize: bool = False,
-                 timeout_s: float = 1.0, retry_s: float = 5.0, name: str = "redis"):
+                 timeout_s: float = 1.0, retry_s: float = 5.0, name: str = "redis", cluster: bool = False):
         self.name = name
         self.url = _safe_url(url)
         self.prefix = prefix
         self.quantize = quantize
         self.retry_s = retry_s
-        # One retry: after a server restart the first call on a pooled connection fails, a fresh one works.
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry=Retry(NoBackoff(), 1))
+        self.client = connect(url, cluster, timeout_s)
         self.skipped_writes = 0
         self._down_until = 0.0  # monotonic time before which the server is not tried
         self._down = False

@@ -96,7 +96,7 @@ class TieredStore:
             budgets.append(config.disk_bytes)
         if config.redis_url is not None:
             redis_tier = RedisTier(config.redis_url, config.redis_prefix, config.quantize,
-                                   config.redis_timeout_s, config.redis_retry_s)
+                                   config.redis_timeout_s, config.redis_retry_s, cluster=config.redis_cluster)
             tiers.append(redis_tier)
             budgets.append(None)
             if not redis_tier.check():
