@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 
-import pytest
 import redis
 import torch
 
 from blend.cache import ChunkKV
+from services.launch import RedisProcess
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -33,47 +29,12 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
         client.delete(*keys)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
+class RedisServer(RedisProcess):
     """A redis-server of the test's own on a free port, without persistence, to stop and restart."""
 
     def __init__(self, *extra_args: str):
-        if shutil.which("redis-server") is None:
-            pytest.fail("redis-server is not on PATH (install redis-server to run the fault tests)")
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-        self.extra_args = list(extra_args)
-        flags = dict(zip(extra_args[::2], extra_args[1::2]))
-        self.password = flags.get("--requirepass")
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.05)
-        client.close()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
+        super().__init__(None, *extra_args)
+        self.password = dict(zip(extra_args[::2], extra_args[1::2])).get("--requirepass")
 
 
 def computing(chunks):
