@@ -99,8 +99,11 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
     records: list[dict] = []
     ingested: list[str] = []
     lock = threading.Lock()
-    start_line = threading.Barrier(args.clients + 1)
     stop_at = [0.0]
+    # The deadline is set by the barrier itself, before any client is released, so no client can read
+    # it unset and end at once.
+    start_line = threading.Barrier(args.clients + 1,
+                                   action=lambda: stop_at.__setitem__(0, time.perf_counter() + args.duration))
 
     def call_with_retries(fn, record: dict):
         for attempt in range(args.retries + 1):
@@ -157,8 +160,7 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
     for thread in threads:
         thread.start()
     start_line.wait()
-    began = time.perf_counter()
-    stop_at[0] = began + args.duration
+    began = stop_at[0] - args.duration
     injector = threading.Thread(target=_inject, args=(cluster, faults, began, args.duration), daemon=True)
     if args.faults:
         injector.start()
@@ -174,6 +176,7 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
     for r in records:
         for code in r.get("attempt_failures", []):
             codes[code] = codes.get(code, 0) + 1
+    per_client = [sum(1 for r in records if r["client"] == index) for index in range(args.clients)]
     hits: dict[str, int] = {}
     for r in generated:
         for tier, count in r["chunks_hit"].items():
@@ -190,6 +193,7 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
         "server_ttft_p99_s": percentile([r["server_ttft_s"] for r in generated], 0.99),
         "latency_p99_s": percentile([r["latency_s"] for r in records if r["ok"]], 0.99),
         "chunks_hit": hits, "chunks_missing": sum(r["chunks_missing"] for r in generated),
+        "calls_per_client": [min(per_client), max(per_client)],
         "ingested_chunk_ids": sorted(set(ingested)),
     }
 
@@ -253,7 +257,8 @@ def format_table(result: dict, args) -> str:
         ("chunks computed on a miss", result["chunks_missing"]),
         ("chunks checked in Redis / lost", f"{result['redis']['chunks_checked']} / "
                                            f"{len(result['redis']['chunks_lost'])}"),
-        ("killed replica serving again", result["replica_back"]),
+        ("calls per client, min / max", f"{result['calls_per_client'][0]} / {result['calls_per_client'][1]}"),
+        ("last replica answers after the run", result["replica_back"]),
     ]
     rows += [(f"fault at {f['at_s']:.1f} s", f"{f['fault']}: " + ", ".join(
         f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items() if k not in ("fault", "at_s")))

@@ -37,8 +37,11 @@ def run_load(target: str, questions: list[str], args) -> dict:
 
     records: list[dict] = []
     lock = threading.Lock()
-    start_line = threading.Barrier(args.clients + 1)
     stop_at = [0.0]
+    # The deadline is set by the barrier itself, before any client is released, so no client can read
+    # it unset and end at once.
+    start_line = threading.Barrier(args.clients + 1,
+                                   action=lambda: stop_at.__setitem__(0, time.perf_counter() + args.duration))
 
     def client_loop(index: int) -> None:
         with Client(target, token=args.token) as client:
@@ -70,8 +73,7 @@ def run_load(target: str, questions: list[str], args) -> dict:
     for thread in threads:
         thread.start()
     start_line.wait()
-    began = time.perf_counter()
-    stop_at[0] = began + args.duration
+    began = stop_at[0] - args.duration
     for thread in threads:
         thread.join()
     wall = max((r["end"] for r in records), default=began) - began
