@@ -44,6 +44,10 @@ class CatalogUnavailable(RuntimeError):
     """Redis, which holds the shared catalog, did not answer."""
 
 
+class CatalogFull(RuntimeError):
+    """Redis refused a catalog write (out of memory under `noeviction`)."""
+
+
 class SharedCollection:
     def __init__(self, client: redis.Redis, prefix: str, mirror_folder: Path, dim: int):
         self.client = client
@@ -171,7 +175,8 @@ class SharedCollection:
             raise CatalogUnavailable(f"the shared catalog in Redis does not answer ({err}); "
                                      "nothing was recorded, retry when it is back") from None
         except redis.ResponseError as err:  # e.g. OOM under noeviction: refused, nothing applied
-            raise CatalogUnavailable(f"Redis refused the catalog write ({err}); nothing was recorded") from None
+            raise CatalogFull(f"Redis refused the catalog write ({err}); nothing was recorded (raise Redis "
+                              "maxmemory or delete chunks)") from None
 
     def add(self, chunks: Sequence[Chunk], vectors: np.ndarray, kv_keys: Iterable[tuple[str, str]] = ()) -> None:
         """Record chunks (their KV entries already written) in Redis, then in the mirror."""

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from retriever.collection import DOCSTORE_FILE, Collection
-from retriever.shared import CatalogUnavailable, SharedCollection
-from services.errors import Unavailable
+from retriever.shared import CatalogFull, CatalogUnavailable, SharedCollection
+from services.errors import Overloaded, Unavailable
 from services.serve_config import DEFAULT_TENANT, check_tenant
 
 T = TypeVar("T")
@@ -64,6 +64,8 @@ class Catalog:
             return self._pool.submit(fn, *args).result()
         except CatalogUnavailable as err:
             raise Unavailable(str(err)) from None
+        except CatalogFull as err:
+            raise Overloaded(str(err)) from None
 
     def folder(self, tenant: str) -> Path:
         if self.redis is not None:

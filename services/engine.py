@@ -31,7 +31,8 @@ from blend.fusor import MODES, BlendConfig, compute_kv
 from blend.loader import LoadedModel
 from blend.prompt import DEFAULT_SYSTEM, build_layout
 from services.catalog import Catalog
-from services.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
+from services.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotFound, Overloaded, ServiceError,
+                             Unavailable)
 from services.generation import Generation, Guard
 from services.scheduler import ModelWorker
 from services.serve_config import DEFAULT_TENANT, GuardConfig, ServerConfig, ServeSettings
@@ -276,8 +277,7 @@ class Engine:
             result.kv_computed += 1
             if not self.store.put(key, entry):
                 if self.shared:  # a chunk recorded without its KV in Redis would be recomputed by every replica
-                    raise Unavailable(f"the KV of chunk {chunk.id} could not be written to the shared Redis "
-                                      f"tier; {len(result.chunk_ids)} documents not recorded, retry")
+                    self._shared_write_failed(chunk.id, len(result.chunk_ids))
                 result.kv_not_stored += 1  # computed again when a request uses it
 
         def commit() -> int:
@@ -402,6 +402,15 @@ class Engine:
                                "or Retrieve)")
             texts.append(chunk.text)
         return texts
+
+    def _shared_write_failed(self, chunk_id: str, documents: int) -> None:
+        bottom = self.store.tiered.tiers[-1]
+        where = f"the KV of chunk {chunk_id} was not written to the shared tier {bottom.name}; {documents} " \
+                "documents not recorded"
+        if getattr(bottom, "available", True):  # it answered and refused: full, not down
+            raise Overloaded(f"{where}: Redis refused it (out of memory under noeviction? raise maxmemory or "
+                             "delete chunks)")
+        raise Unavailable(f"{where}: Redis does not answer; retry")
 
     @staticmethod
     def _not_known_yet(collection, chunk_id: str) -> None:

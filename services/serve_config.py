@@ -38,7 +38,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     data_dir: Path = Path("~/.kvblend")  # chunk texts, vectors and the disk KV tier, as `kvblend ingest` uses
-    rpc_threads: int = 64  # each streaming Generate holds one while it runs
+    rpc_threads: int = 96  # each queued or streaming Generate holds one; above max_waiting + max_active
     max_waiting: int = 64  # requests queued for the model; one more is RESOURCE_EXHAUSTED
     max_active: int = 4  # requests decoding at once, interleaved token by token on the model thread
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
@@ -69,6 +69,10 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"server.{name} {value!r} must be an integer >= 1")
+        if self.rpc_threads <= self.max_waiting + self.max_active:
+            raise ValueError(f"server.rpc_threads {self.rpc_threads} must exceed max_waiting + max_active "
+                             f"({self.max_waiting} + {self.max_active}): every queued or active Generate holds "
+                             "a thread, and health checks need one left")
         if self.default_top_k > self.max_top_k or self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError(f"server defaults (top_k {self.default_top_k}, max_new_tokens "
                              f"{self.default_max_new_tokens}) exceed their limits ({self.max_top_k}, "

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["ChunkCache"].full_name  # kvblend.v1.ChunkCache
 TENANT_HEADER = "kvblend-tenant"
 MAX_MESSAGE_BYTES = 32 << 20
+MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 10 * 60 * 1000  # a long Generate in flight is not cut
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 STATUS = {  # first match wins: subclasses before their bases
@@ -263,7 +265,11 @@ class Server:
         self.settings = settings
         config = settings.server
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   # Connections are closed (gracefully) after a while, so round-robin clients resolve
+                   # their DNS name again and find replicas started since.
+                   ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                   ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS)]
         pool = ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="rpc")
         self.grpc = grpc.server(pool, options=options)
         pb_grpc.add_ChunkCacheServicer_to_server(ChunkCacheServicer(engine, settings.auth), self.grpc)

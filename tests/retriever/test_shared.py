@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from retriever.chunker import Chunk
-from retriever.shared import CatalogUnavailable, SharedCollection
+from retriever.shared import CatalogFull, CatalogUnavailable, SharedCollection
 from tests.store.kvfixtures import REDIS_URL, RedisServer, delete_prefix
 
 DIM = 8
@@ -118,6 +118,24 @@ def test_redis_down_serves_reads_from_the_mirror_marks_it_stale_and_refuses_writ
         assert collection.refresh() and not collection.stale
         add(collection, [2])
         assert chunk(2).id in collection
+    finally:
+        collection.close()
+        client.close()
+        server.stop()
+
+
+def test_a_full_redis_refuses_the_catalog_write_as_full_not_down(tmp_path):
+    server = RedisServer("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    collection = SharedCollection(client, "kvblend:catalog:{default}:", tmp_path / "m", DIM)
+    try:
+        with pytest.raises(redis.ResponseError):  # fill it with small values until even those are refused
+            for n in range(10_000):
+                client.set(f"filler{n}", b"x" * 1024)
+        with pytest.raises(CatalogFull, match="maxmemory"):
+            add(collection, [1])
+        assert chunk(1).id not in collection and collection.refresh()
     finally:
         collection.close()
         client.close()
