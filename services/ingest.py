@@ -296,9 +296,63 @@ def serving_tokenizer(model_config):
     return AutoTokenizer.from_pretrained(resolve(model_config.spec, model_config.cache_dir))
 
 
+REMOTE_RETRIES = 10  # a batch that fails with UNAVAILABLE (replica restarting, Redis down) is sent again
+
+
+def ingest_remote(documents: Iterable[Document], target: str, batch: int, token: str | None = None,
+                  tenant: str | None = None, limit: int | None = None) -> dict[str, int]:
+    """Send documents to a running server (any replica) through IngestChunks, `batch` per call."""
+    import grpc
+
+    from services.client import Client
+
+    totals = {"documents": 0, "chunks_added": 0, "chunks_existing": 0, "kv_computed": 0, "retries": 0}
+
+    def send(client: Client, pending: list[Document]) -> None:
+        payload = [{"text": d.text, "title": d.title, "doc_id": d.doc_id} for d in pending]
+        for attempt in range(REMOTE_RETRIES + 1):
+            try:
+                response = client.ingest(payload)
+                break
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == REMOTE_RETRIES:
+                    raise RuntimeError(f"IngestChunks on {target} failed after {totals['documents']} documents: "
+                                       f"{err.code().name}: {err.details()} (rerun: what is done is kept)") from None
+                totals["retries"] += 1
+                time.sleep(min(0.5 * 2 ** attempt, 10.0))
+        totals["documents"] += len(pending)
+        for name in ("chunks_added", "chunks_existing", "kv_computed"):
+            totals[name] += getattr(response, name)
+
+    with Client(target, token=token, tenant=tenant) as client:
+        client.wait_ready(30)
+        pending: list[Document] = []
+        for count, document in enumerate(documents):
+            if limit is not None and count >= limit:
+                break
+            pending.append(document)
+            if len(pending) == batch:
+                send(client, pending)
+                pending = []
+        if pending:
+            send(client, pending)
+    return totals
+
+
 def cmd_ingest(args) -> int:
     from services.config import ModelConfig
 
+    if args.server is not None:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+        totals = ingest_remote(_documents(args), args.server, min(args.batch_size, 64),
+                               args.token or os.environ.get("KVBLEND_TOKEN"), args.tenant, args.limit)
+        print(f"{totals['documents']} documents sent to {args.server}: {totals['chunks_added']} chunks new, "
+              f"{totals['chunks_existing']} already ingested, KV computed for {totals['kv_computed']} "
+              f"({totals['retries']} calls retried)")
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({**totals, "server": args.server}, indent=2))
+        return 0
     config = IngestConfig.from_args(args)
     model_config = ModelConfig.from_args(args)
     if args.threads is not None:
@@ -396,6 +450,11 @@ def add_parsers(subparsers) -> None:
                      help="CPU threads for torch (default: torch's; 1 is faster on a CPU shared "
                           "with other jobs)")
     ing.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ing.add_argument("--server", default=None,
+                     help="send the documents to a running server instead (HOST:PORT, a comma list of replicas "
+                          "or dns:///NAME:PORT), through IngestChunks; the server chunks and computes KV")
+    ing.add_argument("--token", default=None, help="bearer token for --server (default $KVBLEND_TOKEN)")
+    ing.add_argument("--tenant", default=None, help="tenant for --server, on a server without auth")
     add_model_args(ing)
     ing.set_defaults(func=cmd_ingest)
 

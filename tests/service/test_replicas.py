@@ -60,3 +60,16 @@ def test_under_load_a_redis_restart_and_a_killed_replica_lose_nothing_and_fail_n
     assert [f["fault"].split()[0] for f in result["faults"]] == ["redis", "replica"]
     assert result["replica_back"] is True
     assert code == 0
+
+
+def test_kvblend_ingest_with_server_sends_a_dataset_to_the_replicas_round_robin(cluster, capsys):
+    from services.cli import main
+
+    dataset = ROOT / "data" / "musique_sample.json"
+    assert main(["ingest", "--server", cluster.target, "--dataset", str(dataset), "--limit", "3",
+                 "--batch-size", "1"]) == 0
+    assert "3 documents sent" in capsys.readouterr().out
+    first = json.loads(dataset.read_text())[0]["ctxs"][0]
+    with Client(f"127.0.0.1:{cluster.ports[1]}") as b:  # every replica knows all three
+        found = b.retrieve(first["text"][:200], k=1).chunks
+    assert found[0].title == first["title"]
