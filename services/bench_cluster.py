@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from services.bench_service import percentile
+from services.bench_service import drive, percentile
 
 
 class Cluster:
@@ -96,14 +96,8 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
 
     from services.client import Answer, Client
 
-    records: list[dict] = []
     ingested: list[str] = []
     lock = threading.Lock()
-    stop_at = [0.0]
-    # The deadline is set by the barrier itself, before any client is released, so no client can read
-    # it unset and end at once.
-    start_line = threading.Barrier(args.clients + 1,
-                                   action=lambda: stop_at.__setitem__(0, time.perf_counter() + args.duration))
 
     def call_with_retries(fn, record: dict):
         for attempt in range(args.retries + 1):
@@ -117,56 +111,44 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
                     return None
                 time.sleep(args.retry_wait)
 
-    def client_loop(index: int) -> None:
-        with Client(cluster.target) as client:
-            client.wait_ready(60)
-            start_line.wait()
-            turn = 0
-            while time.perf_counter() < stop_at[0]:
-                turn += 1
-                began = time.perf_counter()
-                record = {"client": index, "start": began, "ok": True}
-                if args.ingest_every and (turn + index) % args.ingest_every == 0:  # staggered over clients
-                    record["kind"] = "ingest"
-                    text = (f"Load note {index}-{turn}: replica test document number {turn} written by client "
-                            f"{index} while faults are injected into the cluster.")
-                    response = call_with_retries(lambda: client.ingest(
-                        [{"text": text, "title": f"load {index}-{turn}", "doc_id": f"load-{index}-{turn}"}],
-                        timeout=args.timeout), record)
-                    if response is not None:
-                        with lock:
-                            ingested.extend(response.documents[0].chunk_ids)
-                else:
-                    record["kind"] = "generate"
-                    question = questions[(index + turn) % len(questions)]
-
-                    def ask(question=question):
-                        started = time.perf_counter()
-                        stream = client.generate(question, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                                                 timeout=args.timeout)
-                        return Answer.collect(stream, started=started)
-
-                    answer = call_with_retries(ask, record)
-                    if answer is not None:
-                        record.update(client_ttft_s=answer.client_ttft_s, server_ttft_s=answer.ttft_s,
-                                      chunks_hit=dict(answer.report.chunks_hit),
-                                      chunks_missing=answer.report.chunks_missing)
-                record["end"] = time.perf_counter()
-                record["latency_s"] = record["end"] - began
+    def one_call(client, index: int, turn: int, began: float) -> dict:
+        record = {"ok": True}
+        if args.ingest_every and (turn + index) % args.ingest_every == 0:  # staggered over clients
+            record["kind"] = "ingest"
+            text = (f"Load note {index}-{turn}: replica test document number {turn} written by client "
+                    f"{index} while faults are injected into the cluster.")
+            response = call_with_retries(lambda: client.ingest(
+                [{"text": text, "title": f"load {index}-{turn}", "doc_id": f"load-{index}-{turn}"}],
+                timeout=args.timeout), record)
+            if response is not None:
                 with lock:
-                    records.append(record)
+                    ingested.extend(response.documents[0].chunk_ids)
+            return record
+        record["kind"] = "generate"
+        question = questions[(index + turn) % len(questions)]
 
-    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.clients)]
-    for thread in threads:
-        thread.start()
-    start_line.wait()
-    began = stop_at[0] - args.duration
-    injector = threading.Thread(target=_inject, args=(cluster, faults, began, args.duration), daemon=True)
-    if args.faults:
-        injector.start()
-    for thread in threads:
-        thread.join()
-    if args.faults:
+        def ask():
+            started = time.perf_counter()
+            stream = client.generate(question, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                     timeout=args.timeout)
+            return Answer.collect(stream, started=started)
+
+        answer = call_with_retries(ask, record)
+        if answer is not None:
+            record.update(client_ttft_s=answer.client_ttft_s, server_ttft_s=answer.ttft_s,
+                          chunks_hit=dict(answer.report.chunks_hit), chunks_missing=answer.report.chunks_missing)
+        return record
+
+    injectors: list[threading.Thread] = []
+
+    def start_faults(began: float) -> None:
+        if args.faults:
+            injectors.append(threading.Thread(target=_inject, args=(cluster, faults, began, args.duration),
+                                              daemon=True))
+            injectors[0].start()
+
+    records, began = drive(args.clients, args.duration, lambda: Client(cluster.target), one_call, start_faults)
+    for injector in injectors:
         injector.join()
     wall = max((r["end"] for r in records), default=began) - began
     generated = [r for r in records if r["kind"] == "generate" and r["ok"]]

@@ -30,52 +30,63 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def run_load(target: str, questions: list[str], args) -> dict:
-    import grpc
-
-    from services.client import Answer, Client
-
+def drive(clients: int, duration: float, connect, call, on_start=None) -> tuple[list[dict], float]:
+    """`clients` threads, each with its own `connect()` client, each doing `call(client, index, turn, began)`
+    (a dict for the call's record) until `duration` seconds have passed; calls started before then are
+    waited for. `on_start(began)` runs once the clients are released. Returns the records and the start."""
     records: list[dict] = []
     lock = threading.Lock()
     stop_at = [0.0]
     # The deadline is set by the barrier itself, before any client is released, so no client can read
     # it unset and end at once.
-    start_line = threading.Barrier(args.clients + 1,
-                                   action=lambda: stop_at.__setitem__(0, time.perf_counter() + args.duration))
+    start_line = threading.Barrier(clients + 1, action=lambda: stop_at.__setitem__(0, time.perf_counter() + duration))
 
     def client_loop(index: int) -> None:
-        with Client(target, token=args.token) as client:
-            client.wait_ready(30)
+        with connect() as client:
+            client.wait_ready(60)
             start_line.wait()
-            turn = index
+            turn = 0
             while time.perf_counter() < stop_at[0]:
-                question = questions[turn % len(questions)]
                 turn += 1
                 began = time.perf_counter()
-                record = {"client": index, "start": began}
-                try:
-                    stream = client.generate(question, top_k=args.top_k, mode=args.mode,
-                                             max_new_tokens=args.max_new_tokens, timeout=args.timeout)
-                    answer = Answer.collect(stream, started=began)
-                    report = answer.report
-                    record.update(ok=True, client_ttft_s=answer.client_ttft_s, server_ttft_s=answer.ttft_s,
-                                  tokens=answer.finish.tokens if answer.finish else 0, queue_s=report.queue_s,
-                                  chunks_hit=dict(report.chunks_hit), chunks_missing=report.chunks_missing,
-                                  prompt_tokens=report.prompt_tokens)
-                except grpc.RpcError as err:
-                    record.update(ok=False, code=err.code().name, details=err.details())
-                record["latency_s"] = time.perf_counter() - began
+                record = {"client": index, "start": began, **call(client, index, turn, began)}
                 record["end"] = time.perf_counter()
+                record["latency_s"] = record["end"] - began
                 with lock:
                     records.append(record)
 
-    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.clients)]
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
     start_line.wait()
-    began = stop_at[0] - args.duration
+    began = stop_at[0] - duration
+    if on_start is not None:
+        on_start(began)
     for thread in threads:
         thread.join()
+    return records, began
+
+
+def run_load(target: str, questions: list[str], args) -> dict:
+    import grpc
+
+    from services.client import Answer, Client
+
+    def ask(client, index: int, turn: int, began: float) -> dict:
+        question = questions[(index + turn) % len(questions)]
+        try:
+            stream = client.generate(question, top_k=args.top_k, mode=args.mode,
+                                     max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+            answer = Answer.collect(stream, started=began)
+        except grpc.RpcError as err:
+            return {"ok": False, "code": err.code().name, "details": err.details()}
+        report = answer.report
+        return {"ok": True, "client_ttft_s": answer.client_ttft_s, "server_ttft_s": answer.ttft_s,
+                "tokens": answer.finish.tokens if answer.finish else 0, "queue_s": report.queue_s,
+                "chunks_hit": dict(report.chunks_hit), "chunks_missing": report.chunks_missing,
+                "prompt_tokens": report.prompt_tokens}
+
+    records, began = drive(args.clients, args.duration, lambda: Client(target, token=args.token), ask)
     wall = max((r["end"] for r in records), default=began) - began
     ok = [r for r in records if r["ok"]]
     failed = [r for r in records if not r["ok"]]

@@ -105,12 +105,12 @@ class RedisProcess:
     shutdown), so a restart finds what it held; without, it keeps nothing.
     """
 
-    def __init__(self, folder: Path | None = None, *extra_args: str):
+    def __init__(self, folder: Path | None = None, *extra_args: str, port: int | None = None):
         import shutil
 
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on PATH (install Debian's redis-server)")
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.folder = folder
         persistence = ["--appendonly", "no"]

@@ -44,3 +44,11 @@ def plain_server(service_model_dir, tmp_path_factory):
     code = server.stop()
     delete_redis_prefix(prefix)
     assert code == 0, server.stderr()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """A ready client of the module's own `server` fixture."""
+    with server.client() as client:
+        client.wait_ready(30)
+        yield client

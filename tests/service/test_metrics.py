@@ -183,13 +183,6 @@ def server(service_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        client.wait_ready(30)
-        yield client
-
-
-@pytest.fixture(scope="module")
 def chunk_ids(client):
     return [d.chunk_ids[0] for d in client.ingest(DOCUMENTS).documents]
 

@@ -35,13 +35,6 @@ def server(service_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        client.wait_ready(30)
-        yield client
-
-
-@pytest.fixture(scope="module")
 def ingested(client):
     return client.ingest(DOCUMENTS)
 

@@ -15,11 +15,19 @@ from kvfixtures import make_chunk
 from retriever.chunker import Chunk
 from retriever.shared import SharedCollection
 from services.catalog import shared_prefix
-from services.launch import RedisProcess
+from services.launch import RedisProcess, free_port
 from store.chunks import ChunkStore
 from store.keys import chunk_key
 from store.redis_tier import RedisTier, connect
 from store.tiered import TieredStore
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid port too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            return port
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,7 @@ def cluster_url(tmp_path_factory):
         node_dir = folder / f"node{index}"
         node_dir.mkdir()
         node = RedisProcess(None, "--cluster-enabled", "yes", "--dir", str(node_dir),
-                            "--cluster-config-file", "nodes.conf")
+                            "--cluster-config-file", "nodes.conf", port=_cluster_port())
         node.start()
         nodes.append(node)
     try:
