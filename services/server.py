@@ -334,9 +334,19 @@ def serve(settings: ServeSettings) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
+    import sys
+
     from services import serve_config
 
-    return serve(serve_config.from_args(args))
+    code = serve(serve_config.from_args(args))
+    # Everything is drained and closed by now. Leaving through interpreter teardown lets native
+    # libraries destroy their thread pools in arbitrary order, which at times aborts the process
+    # ("terminate called without an active exception") and turns a clean stop into exit -6.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def add_parsers(subparsers) -> None:

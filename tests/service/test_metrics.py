@@ -239,8 +239,10 @@ def test_a_running_generate_is_active_and_a_cancelled_one_counts_as_cancelled(se
     running = scrape(server.metrics_url)
     assert value(running, "kvblend_active_requests") == 1
     stream.cancel()
+    # The RPC, the worker's active count and the request outcome are each updated by their own thread.
     ended = wait_for(server.metrics_url, lambda s: value(s, "kvblend_active_requests") == 0 and delta(
-        idle, s, "kvblend_rpcs_total", method="Generate", code="CANCELLED") == 1)
+        idle, s, "kvblend_rpcs_total", method="Generate", code="CANCELLED") == 1 and delta(
+        idle, s, "kvblend_generate_requests_total", outcome="cancelled") == 1)
     assert delta(idle, ended, "kvblend_rpcs_total", method="Generate", code="CANCELLED") == 1
     assert delta(idle, ended, "kvblend_rpcs_total", method="Generate", code="OK") == 0
     assert delta(idle, ended, "kvblend_generate_requests_total", outcome="cancelled") == 1
