@@ -320,8 +320,10 @@ def serve(settings: ServeSettings) -> int:
     server = Server(engine, settings)
     server.start()
     scheme = "tls" if settings.tls.enabled else "plaintext"
+    catalog = "shared through Redis" if settings.server.catalog == "redis" else "local"
     print(f"kvblend: serving {settings.model.spec} on {settings.server.host}:{server.port} ({scheme}, "
-          f"auth {'on' if settings.auth.enabled else 'off'})", flush=True)
+          f"auth {'on' if settings.auth.enabled else 'off'}, catalog {catalog}, tiers "
+          f"{', '.join(t.name for t in engine.store.tiered.tiers)})", flush=True)
     if server.metrics is not None:
         host = settings.server.host
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
