@@ -71,6 +71,15 @@ class SharedCollection:
     def chunk_key(self, chunk_id: str) -> str:
         return self.prefix + "chunk:" + chunk_id
 
+    @classmethod
+    def written(cls, client: redis.Redis, prefix: str) -> bool:
+        """Whether a collection under `prefix` was ever written to Redis (without creating anything)."""
+        try:
+            return bool(client.exists(prefix + "log"))
+        except _OUTAGE as err:
+            raise CatalogUnavailable(f"the shared catalog in Redis does not answer ({err}); retry when it is "
+                                     "back") from None
+
     # -- the cursor ----------------------------------------------------------------------------------
 
     def _read_cursor(self) -> tuple[str | None, str]:
@@ -146,6 +155,9 @@ class SharedCollection:
             return
         if op != "add":  # written by a newer kvblend: skipping it beats stopping every refresh
             log.warning("catalog: log event of unknown kind %r under %r skipped", op, self.prefix)
+            return
+        ids = [cid for cid in ids if cid not in self.mirror]  # its own writes are mirrored already
+        if not ids:
             return
         pipe = self.client.pipeline(transaction=False)
         for cid in ids:

@@ -94,22 +94,20 @@ class Cluster:
 def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict:
     import grpc
 
-    from services.client import Answer, Client
+    from services.client import Answer, Client, retry_unavailable
 
     ingested: list[str] = []
     lock = threading.Lock()
 
     def call_with_retries(fn, record: dict):
-        for attempt in range(args.retries + 1):
-            try:
-                return fn()
-            except grpc.RpcError as err:
-                code = err.code().name
-                record.setdefault("attempt_failures", []).append(code)
-                if code != "UNAVAILABLE" or attempt == args.retries:
-                    record.update(ok=False, code=code, details=(err.details() or "")[:300])
-                    return None
-                time.sleep(args.retry_wait)
+        failures = record.setdefault("attempt_failures", [])
+        try:
+            return retry_unavailable(fn, args.retries, lambda _: args.retry_wait,
+                                     lambda err: failures.append(err.code().name))
+        except grpc.RpcError as err:
+            failures.append(err.code().name)
+            record.update(ok=False, code=err.code().name, details=(err.details() or "")[:300])
+            return None
 
     def one_call(client, index: int, turn: int, began: float) -> dict:
         record = {"ok": True}

@@ -94,18 +94,9 @@ class Catalog:
         lookups under made-up tenant names leave no folders behind). Catalog thread only."""
         if tenant in self._collections or (self.folder(tenant) / DOCSTORE_FILE).exists():
             return self.collection(tenant)
-        if self.redis is not None and self._written_elsewhere(tenant):
+        if self.redis is not None and SharedCollection.written(self.redis, shared_prefix(self.redis_prefix, tenant)):
             return self.collection(tenant)
         return None
-
-    def _written_elsewhere(self, tenant: str) -> bool:
-        import redis
-
-        try:
-            return bool(self.redis.exists(shared_prefix(self.redis_prefix, tenant) + "log"))
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
-            raise CatalogUnavailable(f"the shared catalog in Redis does not answer ({err}); retry when it is "
-                                     "back") from None
 
     def close(self) -> None:
         def close_all():

@@ -51,6 +51,21 @@ def channel_target(target: str) -> str:
     return ("ipv6:" if families == {socket.AF_INET6} else "ipv4:") + ",".join(addresses)
 
 
+def retry_unavailable(call, retries: int, wait_s, on_retry=None):
+    """`call()`; while it fails with UNAVAILABLE (a replica restarting, Redis down), again after
+    `wait_s(attempt)` seconds, at most `retries` more times. Any other status, or the last failure, is raised;
+    `on_retry(err)` sees each failure that is retried."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == retries:
+                raise
+            if on_retry is not None:
+                on_retry(err)
+            time.sleep(wait_s(attempt))
+
+
 class Client:
     def __init__(self, target: str, token: str | None = None, tenant: str | None = None,
                  tls_ca: Path | None = None):

@@ -415,7 +415,7 @@ class Engine:
     @staticmethod
     def _not_known_yet(collection, chunk_id: str) -> None:
         """A shared catalog that could not be brought up to date may lack a chunk another replica added."""
-        if getattr(collection, "stale", False):
+        if collection is not None and collection.stale:
             raise Unavailable(f"chunk id {chunk_id[:100]!r} is not in this replica's copy of the catalog and "
                               "Redis, which holds the shared catalog, does not answer; retry")
 

@@ -304,22 +304,21 @@ def ingest_remote(documents: Iterable[Document], target: str, batch: int, token:
     """Send documents to a running server (any replica) through IngestChunks, `batch` per call."""
     import grpc
 
-    from services.client import Client
+    from services.client import Client, retry_unavailable
 
     totals = {"documents": 0, "chunks_added": 0, "chunks_existing": 0, "kv_computed": 0, "retries": 0}
 
+    def count_retry(_err) -> None:
+        totals["retries"] += 1
+
     def send(client: Client, pending: list[Document]) -> None:
         payload = [{"text": d.text, "title": d.title, "doc_id": d.doc_id} for d in pending]
-        for attempt in range(REMOTE_RETRIES + 1):
-            try:
-                response = client.ingest(payload)
-                break
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == REMOTE_RETRIES:
-                    raise RuntimeError(f"IngestChunks on {target} failed after {totals['documents']} documents: "
-                                       f"{err.code().name}: {err.details()} (rerun: what is done is kept)") from None
-                totals["retries"] += 1
-                time.sleep(min(0.5 * 2 ** attempt, 10.0))
+        try:
+            response = retry_unavailable(lambda: client.ingest(payload), REMOTE_RETRIES,
+                                         lambda attempt: min(0.5 * 2 ** attempt, 10.0), count_retry)
+        except grpc.RpcError as err:
+            raise RuntimeError(f"IngestChunks on {target} failed after {totals['documents']} documents: "
+                               f"{err.code().name}: {err.details()} (rerun: what is done is kept)") from None
         totals["documents"] += len(pending)
         for name in ("chunks_added", "chunks_existing", "kv_computed"):
             totals[name] += getattr(response, name)
@@ -343,9 +342,14 @@ def cmd_ingest(args) -> int:
     from services.config import ModelConfig
 
     if args.server is not None:
+        local_only = [flag for flag, given in (("--data-dir", args.data_dir), ("--no-kv", args.no_kv),
+                                               ("--index", args.index), ("--threads", args.threads)) if given]
+        if local_only:
+            raise ValueError(f"{', '.join(local_only)} apply to a local ingest, not to --server {args.server} "
+                             "(the server chunks, embeds and computes KV with its own settings)")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-        totals = ingest_remote(_documents(args), args.server, min(args.batch_size, 64),
+        totals = ingest_remote(_documents(args), args.server, args.batch_size,
                                args.token or os.environ.get("KVBLEND_TOKEN"), args.tenant, args.limit)
         print(f"{totals['documents']} documents sent to {args.server}: {totals['chunks_added']} chunks new, "
               f"{totals['chunks_existing']} already ingested, KV computed for {totals['kv_computed']} "

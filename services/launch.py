@@ -119,14 +119,14 @@ class RedisProcess:
             persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(folder)]
         self.args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                      *persistence, "--daemonize", "no", *extra_args]
+        self.password = dict(zip(extra_args[::2], extra_args[1::2])).get("--requirepass")
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 10.0) -> None:
         import redis
 
         self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        flags = dict(zip(self.args[1::2], self.args[2::2]))
-        client = redis.Redis(port=self.port, password=flags.get("--requirepass"), socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -90,9 +90,13 @@ class ServerConfig:
                              f"{self.health_interval_s!r} > 0")
 
     @property
+    def url_host(self) -> str:
+        """The host as it goes before `:port` (an IPv6 address in brackets)."""
+        return f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+
+    @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return f"{self.url_host}:{self.port}"
 
 
 @dataclass(frozen=True)

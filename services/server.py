@@ -325,9 +325,7 @@ def serve(settings: ServeSettings) -> int:
           f"auth {'on' if settings.auth.enabled else 'off'}, catalog {catalog}, tiers "
           f"{', '.join(t.name for t in engine.store.tiered.tiers)})", flush=True)
     if server.metrics is not None:
-        host = settings.server.host
-        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        print(f"kvblend: metrics on http://{host}:{server.metrics.port}/metrics", flush=True)
+        print(f"kvblend: metrics on http://{settings.server.url_host}:{server.metrics.port}/metrics", flush=True)
     stop.wait()
     print("kvblend: draining in-flight requests", flush=True)
     server.drain()

@@ -4,10 +4,13 @@ a server, ingests, answers one question and stops it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from servicefixtures import DOCUMENTS
 
 from services import cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_query_prints_the_answer_then_the_report(plain_server, capsys):
@@ -41,3 +44,10 @@ def test_demo_serves_ingests_answers_and_stops(service_model_dir, tmp_path, caps
     assert "ingesting 4 passages of 1 questions" in out and "Q: Where does the Seine flow?" in out
     assert "gold: Paris" in out and "mode        blend@0.15; 2 chunks" in out
     assert "server exited with status 0" in out
+
+
+def test_ingest_to_a_server_refuses_flags_that_only_apply_locally(capsys):
+    dataset = str(ROOT / "data" / "musique_sample.json")
+    assert cli.main(["ingest", "--server", "127.0.0.1:1", "--dataset", dataset, "--no-kv", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-kv, --threads apply to a local ingest, not to --server 127.0.0.1:1" in err

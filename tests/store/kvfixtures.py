@@ -34,7 +34,6 @@ class RedisServer(RedisProcess):
 
     def __init__(self, *extra_args: str):
         super().__init__(None, *extra_args)
-        self.password = dict(zip(extra_args[::2], extra_args[1::2])).get("--requirepass")
 
 
 def computing(chunks):
