@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kvblend demo --dataset $(DATASET)
 
 proto: $(STAMP)
-	$(PY) -m services.build_proto
+	$(PY) -m proto.build
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,7 @@ class Hit:
 
 
 class Collection:
-    stale = False  # a local collection is the record itself; a shared one's mirror can lag (retriever.shared)
+    stale = False  # a local collection is the record itself; a shared one's mirror can lag (retriever.redis_collection)
 
     def __init__(self, folder: Path, dim: int, index_kind: str | None = None):
         """`index_kind` None keeps the saved index's kind (flat for a new one); another kind rebuilds it."""

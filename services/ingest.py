@@ -339,7 +339,7 @@ def ingest_remote(documents: Iterable[Document], target: str, batch: int, token:
 
 
 def cmd_ingest(args) -> int:
-    from services.config import ModelConfig
+    from services.settings import ModelConfig
 
     if args.server is not None:
         local_only = [flag for flag, given in (("--data-dir", args.data_dir), ("--no-kv", args.no_kv),
@@ -435,7 +435,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(subparsers) -> None:
-    from services.cli import add_model_args
+    from services.commands.cli import add_model_args
 
     ing = subparsers.add_parser("ingest", help="chunk, embed, index and precompute KV for documents")
     source = ing.add_mutually_exclusive_group(required=True)

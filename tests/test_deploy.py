@@ -153,7 +153,7 @@ def doc_commands() -> list[list[str]]:
 
 @functools.cache
 def cli() -> argparse.ArgumentParser:
-    from services.cli import build_parser
+    from services.commands.cli import build_parser
 
     return build_parser()
 
@@ -178,7 +178,7 @@ def parse(argv: list[str], where: str) -> argparse.Namespace:
 def settings_of(argv: list[str], environ: dict, where: str, config_text: str | None = None,
                 tmp_path: Path | None = None):
     """What `kvblend serve` would run with: the real `serve_config.from_args`."""
-    from services import serve_config
+    from services import settings as serve_config
 
     args = parse(argv, where)
     assert args.command == "serve", f"{where}: {argv} is not `kvblend serve`"
@@ -265,7 +265,7 @@ def test_image_runs_kvblend_serve_on_all_interfaces_and_exposes_its_two_ports():
 
 def test_every_kvblend_command_line_parses_with_the_real_parser(tmp_path):
     """Dockerfile CMD and RUN lines, compose commands, the k8s container and docs/operations.md's shell
-    lines: each is accepted by services.cli.build_parser() and uses only flags its subcommand defines."""
+    lines: each is accepted by services.commands.cli.build_parser() and uses only flags its subcommand defines."""
     lines = [("Dockerfile CMD", image_exec("ENTRYPOINT") + image_exec("CMD"))]
     lines += [("Dockerfile RUN", argv) for _, argv in run_commands()]
     for name, service in compose()["services"].items():
@@ -300,7 +300,7 @@ def test_torch_is_pinned_to_pyprojects_release_in_both_variants():
 def test_image_converts_the_served_model_at_build_time_into_the_cache_serve_reads(monkeypatch):
     """A RUN `kvblend generate` after ENV KVBLEND_CACHE_DIR converts the model that serve loads (same
     spec) into the cache dir serve reads, so a replica does not convert at start."""
-    from services.config import ModelConfig
+    from services.settings import ModelConfig
 
     env_index = min(i for i, (w, rest) in enumerate(final_stage()) if w == "ENV" and "KVBLEND_CACHE_DIR=" in rest)
     warmups = [(i, argv) for i, argv in run_commands() if argv[1] == "generate"]
@@ -319,7 +319,8 @@ def test_build_context_admits_exactly_what_the_image_copies():
     lines = [s.strip() for s in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()]
     allowed = {s[1:].rstrip("/") for s in lines if s.startswith("!")}
     assert "*" in lines
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {name.rstrip("*") for name in include}
     assert allowed == {"pyproject.toml", *packages}
     copied = [shlex.split(rest)[:-1] for word, rest in final_stage() if word == "COPY"]
     for sources in copied:
@@ -340,7 +341,7 @@ def test_image_and_pods_run_as_a_non_root_user():
 def test_env_names_set_for_kvblend_are_read_by_the_code():
     """Each variable the image, compose or k8s sets for kvblend (PATH aside, which holds the venv)
     changes what `kvblend serve` builds: none is a dead setting."""
-    from services import serve_config
+    from services import settings as serve_config
 
     names = set(image_env())
     for service in compose_replicas().values():
@@ -386,12 +387,12 @@ def test_compose_replicas_share_the_redis_service_and_publish_their_ports():
 
 def test_compose_healthcheck_passes_only_while_chunkcache_is_serving():
     """The replicas' healthcheck command, run against a real grpc.health.v1 server on the port the
-    replica serves: exit 0 when kvblend.v1.ChunkCache (services.server.SERVICE) is SERVING and only
+    replica serves: exit 0 when kvblend.v1.ChunkCache (services.serving.server.SERVICE) is SERVING and only
     that name is set, non-zero when it is NOT_SERVING or UNKNOWN or nothing listens."""
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from services.server import SERVICE
+    from services.serving.server import SERVICE
 
     commands = {tuple(s["healthcheck"]["test"]) for s in compose_replicas().values()}
     (command,) = commands
@@ -461,7 +462,7 @@ def test_redis_persists_never_evicts_and_has_room_above_maxmemory():
 def test_k8s_configmap_builds_through_the_real_config_code(tmp_path):
     """serve.toml in the ConfigMap parses with serve_config.read_file and builds with the Deployment's
     args: Redis catalog (write-through), the device given explicitly, the data dir on the pod volume."""
-    from services import serve_config
+    from services import settings as serve_config
 
     workload, container = workload_container("kvblend")
     argv = container["args"]
@@ -499,9 +500,9 @@ def test_k8s_ports_probes_annotations_and_services_agree_with_the_config(tmp_pat
 
 
 def test_k8s_probes_ask_for_the_services_the_server_reports():
-    """Readiness and startup ask for services.server.SERVICE; liveness for "" or SERVICE, the names the
+    """Readiness and startup ask for services.serving.server.SERVICE; liveness for "" or SERVICE, the names the
     server sets SERVING at start."""
-    from services.server import SERVICE
+    from services.serving.server import SERVICE
 
     _, container = workload_container("kvblend")
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE
@@ -582,8 +583,8 @@ def doc_table(marker: str) -> list[list[str]]:
 def test_config_reference_lists_every_field_with_its_default():
     """Each section's table in docs/operations.md has exactly its dataclass's fields, and each default
     is the code's (two documented exceptions checked against what `build` does)."""
-    from services import serve_config
-    from services.config import ModelConfig
+    from services import settings as serve_config
+    from services.settings import ModelConfig
     from store.config import StoreConfig
 
     sections = {"server": serve_config.ServerConfig, "model": ModelConfig, "store": StoreConfig,
@@ -620,7 +621,7 @@ def test_sizing_table_matches_the_store_codec():
     ServerConfig.chunk_tokens; the 100k-chunk totals follow within 1%."""
     import torch
 
-    from services.serve_config import ServerConfig
+    from services.settings import ServerConfig
     from store.codec import encode
 
     def stored(layers, heads, dim, dtype, quantize) -> int:
@@ -651,7 +652,7 @@ def test_sizing_table_shape_of_smollm2_is_the_embedded_models():
     import json as json_
 
     from blend.loader import resolve
-    from services.config import ModelConfig
+    from services.settings import ModelConfig
 
     config = json_.loads((Path(resolve("smollm2-135m", ModelConfig().cache_dir)) / "config.json").read_text())
     (row,) = [r for r in doc_table("KV bytes per token") if r[0] == "SmolLM2-135M"]
@@ -660,13 +661,13 @@ def test_sizing_table_shape_of_smollm2_is_the_embedded_models():
 
 
 def test_metrics_table_matches_what_the_collector_exports():
-    """Names, types and label names in the docs table are exactly those services.prometheus yields
+    """Names, types and label names in the docs table are exactly those services.serving.prometheus yields
     over a light engine (real Metrics and TieredStore; a memory tier with used_memory stands in for
     Redis)."""
     from types import SimpleNamespace
 
-    from services import prometheus
-    from services.engine import Metrics
+    from services.serving import prometheus
+    from services.serving.engine import Metrics
     from store.memory_tier import MemoryTier
     from store.tiered import TieredStore
 

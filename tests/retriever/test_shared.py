@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from retriever.chunker import Chunk
-from retriever.shared import CatalogFull, CatalogUnavailable, SharedCollection
+from retriever.redis_collection import CatalogFull, CatalogUnavailable, SharedCollection
 from tests.store.kvfixtures import REDIS_URL, RedisServer, delete_prefix
 
 DIM = 8
@@ -91,7 +91,7 @@ def test_when_redis_loses_the_collection_the_mirror_is_dropped_loudly_not_kept_s
     add(a, [1, 2])
     b.refresh()
     delete_prefix(a.client, a.prefix)  # Redis restarted without persistence
-    with caplog.at_level(logging.ERROR, logger="retriever.shared"):
+    with caplog.at_level(logging.ERROR, logger="retriever.redis_collection"):
         assert b.refresh()
     assert len(b) == 0
     assert "2 chunks are dropped" in caplog.text

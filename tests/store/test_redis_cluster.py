@@ -13,9 +13,9 @@ import torch
 from kvfixtures import make_chunk
 
 from retriever.chunker import Chunk
-from retriever.shared import SharedCollection
-from services.catalog import shared_prefix
-from services.launch import RedisProcess, free_port
+from retriever.redis_collection import SharedCollection
+from services.serving.catalog import shared_prefix
+from services.bench.launch import RedisProcess, free_port
 from store.chunks import ChunkStore
 from store.keys import chunk_key
 from store.redis_tier import RedisTier, connect

@@ -1,0 +1,313 @@
+"""`kvblend bench`: GPU TTFT of full prefill, prefix, reuse and blend, chunk KV in each tier.
+
+A Llama-3-8B-shaped model (32 layers, hidden 4096, 32/8 heads, bf16) built from its config with
+random weights (timing does not depend on weight values), `--chunks` chunks of 512 tokens behind a
+32-token system prefix, then a 32-token question. Every row is timed in this run, against full
+prefill of the same prompt on the same GPU: request start (nothing loaded) to first-token logits,
+median of `--repeats` after warm-up. Prints a table, writes JSON, a PNG plot and a profile summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blend.adapter import LlamaStep
+from blend.cache import ChunkKV
+from blend.controller import plan_loading
+from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
+from blend.loader import gate
+from blend.prompt import PromptLayout
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=32000, rope_theta=1000000.0),
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    shape: str = "llama3-8b"
+    chunks: tuple[int, ...] = (10, 6, 20)
+    chunk_tokens: int = 512
+    question_tokens: int = 32
+    ratios: tuple[float, ...] = (0.05, 0.15, 0.3)
+    repeats: int = 20
+    redis_url: str | None = None
+    json_out: Path = Path("bench.json")
+    plot: Path | None = None
+    profile: Path | None = None
+
+
+def build_model(shape: str, device: str = "cuda"):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", max_position_embeddings=16384, tie_word_embeddings=False,
+                                  **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+def make_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens: int, seed: int = 0) -> PromptLayout:
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: tuple(torch.randint(10, vocab, (n,), generator=g).tolist())  # noqa: E731
+    return PromptLayout(ids(32), tuple(ids(chunk_tokens) for _ in range(n_chunks)), ids(question_tokens))
+
+
+def _time(fn, repeats: int, warmup: int = 2) -> list[float]:
+    return _interleaved([fn], repeats, warmup)[0]
+
+
+def _interleaved(fns, rounds: int, warmup: int = 2) -> list[list[float]]:
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for fn, bucket in zip(fns, times):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                bucket.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return times
+
+
+def _paired(base: list[float], times: list[float]) -> float:
+    """Median over rounds of base / this; rows timed apart from the rounds use medians instead."""
+    if len(base) != len(times):
+        return round(statistics.median(base) / statistics.median(times), 3)
+    return round(statistics.median(b / t for b, t in zip(base, times)), 3)
+
+
+def copy_timeline(step, layout, pinned) -> dict:
+    """CUDA-event timeline of one pipelined blend request: for each layer i, does the copy of layer
+    i + 1 run between the start of layer i's compute and the start of layer i + 1's?"""
+    from store.cuda_source import PipelinedSource
+
+    source = PipelinedSource(pinned, timeline=True)
+    prefill(step, layout, BlendConfig(mode="blend", ratio=0.15), source)
+    torch.cuda.synchronize()
+    rows = source.timeline_ms()
+    fractions, stalls = [], 0
+    for this, after in zip(rows[1:-1], rows[2:]):  # from layer 1: layers 0 and 1 load before any compute
+        copy = after["copy_end"] - after["copy_start"]
+        inside = min(after["copy_end"], after["compute_start"]) - max(after["copy_start"], this["compute_start"])
+        fractions.append(max(0.0, inside) / copy if copy > 0 else 1.0)
+        stalls += after["copy_end"] > after["compute_start"] + 1e-3
+    return {"layers": rows, "mean_fraction_of_next_copy_inside_this_layer_compute": round(
+        sum(fractions) / len(fractions), 3), "layers_that_waited_for_their_copy": stalls,
+        "layers_checked": len(fractions)}
+
+
+def _redis_source_factory(url: str, entries: list[ChunkKV], fingerprint: str):
+    from store import ChunkStore, StoreConfig, chunk_key
+
+    store = ChunkStore.from_config(StoreConfig(gpu_bytes=0, cpu_bytes=0, redis_url=url,
+                                               redis_prefix="kvblend-bench:"))
+    keys = [chunk_key(fingerprint, (), e.token_ids, str(e.kv.dtype)) for e in entries]
+    for key, entry in zip(keys, entries):
+        store.put(key, ChunkKV(entry.token_ids, entry.start, entry.kv.cpu()))
+    return lambda: store.source(keys, device="cuda")
+
+
+def profile_overlap(step, layout, source_factory, trace: Path) -> dict:
+    """Profile one pipelined blend request; how much of the host-to-device copy time overlaps kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = BlendConfig(mode="blend", ratio=0.15)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefill(step, layout, config, source_factory())
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    copies = [(e["ts"], e["ts"] + e["dur"]) for e in events
+              if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel")
+    overlapped = 0.0
+    for start, end in copies:
+        covered, cursor = 0.0, start
+        for k_start, k_end in kernels:
+            if k_end <= cursor or k_start >= end:
+                continue
+            lo, hi = max(cursor, k_start), min(end, k_end)
+            if hi > lo:
+                covered += hi - lo
+                cursor = hi
+        overlapped += covered
+    total = sum(end - start for start, end in copies)
+    streams = sorted({e.get("tid") for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")})
+    kernel_streams = sorted({e.get("tid") for e in events if e.get("cat") == "kernel"})
+    return {"htod_copies": len(copies), "htod_copy_ms": round(total / 1000, 3),
+            "htod_overlapped_with_kernels_ms": round(overlapped / 1000, 3),
+            "overlap_fraction": round(overlapped / total, 3) if total else None,
+            "copy_streams": streams, "kernel_streams": kernel_streams, "trace": trace.name}
+
+
+def run_bench(config: BenchConfig) -> dict:
+    from store.cuda_source import PipelinedSource, SyncPinnedSource, pin
+
+    if not torch.cuda.is_available():
+        raise ValueError("kvblend bench measures GPU TTFT and needs a CUDA device (on CPU use kvblend eval)")
+    model = build_model(config.shape)
+    step = LlamaStep(model)
+    vocab = model.config.vocab_size
+    probe = make_layout(vocab, 1, 64, 16, seed=99).token_ids
+    gate_error = gate(step, probe)
+    rows, meta = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": config.shape,
+                      "gate_relative_error": gate_error}
+    bytes_per_token = step.n_layers * 2 * step.n_kv_heads * step.head_dim * 2
+    with torch.inference_mode():
+        for n_chunks in config.chunks:
+            layout = make_layout(vocab, n_chunks, config.chunk_tokens, config.question_tokens, seed=n_chunks)
+            prefix = compute_kv(step, layout.prefix)
+            chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+            entries = [prefix] + chunks
+            pinned = pin(entries)
+            ids = torch.tensor([layout.token_ids], device="cuda")
+            sources = {
+                "gpu": lambda: MemorySource(entries),
+                "cpu": lambda: PipelinedSource(pinned),
+                "cpu-sync": lambda: SyncPinnedSource(pinned),
+            }
+            if config.redis_url and n_chunks == config.chunks[0]:
+                sources["redis"] = _redis_source_factory(config.redis_url, entries, f"bench-{config.shape}")
+            main = n_chunks == config.chunks[0]
+            plan = [("hf_full", "hf_full", None, None, lambda: model(ids, use_cache=True, logits_to_keep=1)),
+                    ("full", "full", None, None, lambda: prefill(step, layout, BlendConfig("full"), None))]
+            if main:
+                plan.append(("prefix", "prefix", None, "gpu",
+                             lambda: prefill(step, layout, BlendConfig("prefix"), MemorySource(entries[:2]))))
+                plan.append(("reuse", "reuse", None, "gpu",
+                             lambda: prefill(step, layout, BlendConfig("reuse"), MemorySource(entries))))
+            slow = []
+            for tier, factory in sources.items():
+                if not main and tier not in ("gpu", "cpu"):
+                    continue
+                for ratio in config.ratios if main else (0.15,):
+                    if tier == "redis" and ratio != 0.15:
+                        continue
+                    row = (f"blend@{ratio:g}/{tier}", "blend", ratio, tier,
+                           lambda blend=BlendConfig("blend", ratio=ratio), factory=factory:
+                           prefill(step, layout, blend, factory()))
+                    (slow if tier == "redis" else plan).append(row)
+            # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each
+            # row's speed-up is the median over rounds of full's time / its time in the same round.
+            times = _interleaved([fn for *_, fn in plan], config.repeats)
+            times += [_time(fn, 3, warmup=1) for *_, fn in slow]
+            by_label = {label: t for (label, *_), t in zip(plan + slow, times)}
+            for (label, mode, ratio, tier, _), t in zip(plan + slow, times):
+                rows.append({"chunks": n_chunks, "tokens": len(layout), "label": label, "mode": mode,
+                             "ratio": ratio, "tier": tier, "ttft_ms": round(1000 * statistics.median(t), 2),
+                             "ttft_min_ms": round(1000 * min(t), 2), "repeats": len(t),
+                             "speedup_vs_full": _paired(by_label["full"], t),
+                             "speedup_vs_hf": _paired(by_label["hf_full"], t)})
+            results = {label: statistics.median(t) for label, t in by_label.items()}
+            if main:
+                per_token = results["full"] / len(layout)
+                cpu_bw = bytes_per_token * sum(map(len, entries)) / max(1e-9, results["blend@0.15/cpu-sync"]
+                                                                         - results["blend@0.15/gpu"])
+                total_bytes = bytes_per_token * sum(map(len, entries))
+                bandwidths = {"cpu": cpu_bw}
+                if "blend@0.15/redis" in results:
+                    redis_s = results["blend@0.15/redis"] - results["blend@0.15/gpu"]
+                    bandwidths["redis"] = total_bytes / max(1e-9, redis_s)
+                meta["controller"] = {
+                    tier: plan_loading([len(c) for c in chunks], [bw] * len(chunks), bytes_per_token, per_token,
+                                       step.n_layers).as_dict()
+                    for tier, bw in bandwidths.items()
+                }
+                meta["controller_inputs"] = {"prefill_s_per_token": per_token, "bytes_per_s": bandwidths}
+                meta["timeline"] = copy_timeline(step, layout, pinned)
+                if config.profile:
+                    meta["profile"] = profile_overlap(step, layout, sources["cpu"], config.profile)
+            torch.cuda.empty_cache()
+    return {"meta": meta, "config": {k: str(v) for k, v in config.__dict__.items()}, "rows": rows}
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["chunks", "tokens", "label", "ttft_ms", "ttft_min_ms", "speedup_vs_full", "speedup_vs_hf"]
+    cells = [[str(row.get(c, "-")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    return "\n".join(["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+                     + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in ("hf_full", "full", "blend@0.15/gpu", "blend@0.15/cpu"):
+        points = sorted((r["tokens"], r["ttft_ms"]) for r in rows if r["label"] == label)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT (ms)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    config = BenchConfig(
+        shape=args.shape, chunks=tuple(int(c) for c in args.chunks.split(",")), repeats=args.repeats,
+        ratios=tuple(float(r) for r in args.ratios.split(",")), redis_url=args.redis_url,
+        json_out=Path(args.json_out), plot=Path(args.plot) if args.plot else None,
+        profile=Path(args.profile) if args.profile else None,
+    )
+    report = run_bench(config)
+    print(format_table(report["rows"]))
+    summary = {k: v for k, v in report["meta"].items() if k != "timeline"}
+    summary["timeline"] = {k: v for k, v in report["meta"]["timeline"].items() if k != "layers"}
+    print(json.dumps(summary, indent=1))
+    config.json_out.write_text(json.dumps(report, indent=1))
+    if config.plot:
+        plot(report["rows"], config.plot)
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help="GPU TTFT of every mode and tier on an 8B-shaped model")
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    parser.add_argument("--chunks", default="10,6,20", help="chunk counts; the first gets every row")
+    parser.add_argument("--ratios", default="0.05,0.15,0.3")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--redis-url", default=None, help="also time chunk KV loaded from this Redis")
+    parser.add_argument("--json", dest="json_out", required=True)
+    parser.add_argument("--plot", default=None)
+    parser.add_argument("--profile", default=None, help="write a chrome trace of one pipelined request here")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.bench.gpu ...`: the bench on its own, for GPU machines without the full install."""
+    parser = argparse.ArgumentParser(prog="kvblend")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""`kvblend bench-service`: N concurrent clients asking a server questions for a fixed time.
+
+Starts `kvblend serve` (or uses `--server`), ingests the passages of the first few questions of a
+MuSiQue-shaped file (setup, not timed), warms every question once, then runs `--clients` threads,
+each with its own channel, each asking the questions in turn (retrieval top-k, `--mode`) until
+`--duration` seconds have passed; calls started before then are waited for and counted. Prints a
+table and writes JSON: requests/s, failed calls, TTFT as the client saw it (call start to first
+message) and as the server measured it, whole-call latency, and what the reports said.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def drive(clients: int, duration: float, connect, call, on_start=None) -> tuple[list[dict], float]:
+    """`clients` threads, each with its own `connect()` client, each doing `call(client, index, turn, began)`
+    (a dict for the call's record) until `duration` seconds have passed; calls started before then are
+    waited for. `on_start(began)` runs once the clients are released. Returns the records and the start."""
+    records: list[dict] = []
+    lock = threading.Lock()
+    stop_at = [0.0]
+    # The deadline is set by the barrier itself, before any client is released, so no client can read
+    # it unset and end at once.
+    start_line = threading.Barrier(clients + 1, action=lambda: stop_at.__setitem__(0, time.perf_counter() + duration))
+
+    def client_loop(index: int) -> None:
+        with connect() as client:
+            client.wait_ready(60)
+            start_line.wait()
+            turn = 0
+            while time.perf_counter() < stop_at[0]:
+                turn += 1
+                began = time.perf_counter()
+                record = {"client": index, "start": began, **call(client, index, turn, began)}
+                record["end"] = time.perf_counter()
+                record["latency_s"] = record["end"] - began
+                with lock:
+                    records.append(record)
+
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    began = stop_at[0] - duration
+    if on_start is not None:
+        on_start(began)
+    for thread in threads:
+        thread.join()
+    return records, began
+
+
+def run_load(target: str, questions: list[str], args) -> dict:
+    import grpc
+
+    from services.client import Answer, Client
+
+    def ask(client, index: int, turn: int, began: float) -> dict:
+        question = questions[(index + turn) % len(questions)]
+        try:
+            stream = client.generate(question, top_k=args.top_k, mode=args.mode,
+                                     max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+            answer = Answer.collect(stream, started=began)
+        except grpc.RpcError as err:
+            return {"ok": False, "code": err.code().name, "details": err.details()}
+        report = answer.report
+        return {"ok": True, "client_ttft_s": answer.client_ttft_s, "server_ttft_s": answer.ttft_s,
+                "tokens": answer.finish.tokens if answer.finish else 0, "queue_s": report.queue_s,
+                "chunks_hit": dict(report.chunks_hit), "chunks_missing": report.chunks_missing,
+                "prompt_tokens": report.prompt_tokens}
+
+    records, began = drive(args.clients, args.duration, lambda: Client(target, token=args.token), ask)
+    wall = max((r["end"] for r in records), default=began) - began
+    ok = [r for r in records if r["ok"]]
+    failed = [r for r in records if not r["ok"]]
+    hits: dict[str, int] = {}
+    for r in ok:
+        for tier, count in r["chunks_hit"].items():
+            hits[tier] = hits.get(tier, 0) + count
+    return {
+        "requests": len(records), "succeeded": len(ok), "failed": len(failed),
+        "failures": sorted({f"{r['code']}: {r['details']}" for r in failed})[:10],
+        "wall_s": wall, "requests_per_s": len(ok) / wall if wall else 0.0,
+        "tokens_per_s": sum(r["tokens"] for r in ok) / wall if wall else 0.0,
+        "client_ttft_p50_s": percentile([r["client_ttft_s"] for r in ok], 0.50),
+        "client_ttft_p99_s": percentile([r["client_ttft_s"] for r in ok], 0.99),
+        "server_ttft_p50_s": percentile([r["server_ttft_s"] for r in ok], 0.50),
+        "server_ttft_p99_s": percentile([r["server_ttft_s"] for r in ok], 0.99),
+        "latency_p50_s": percentile([r["latency_s"] for r in ok], 0.50),
+        "latency_p99_s": percentile([r["latency_s"] for r in ok], 0.99),
+        "queue_p50_s": percentile([r["queue_s"] for r in ok], 0.50),
+        "prompt_tokens_mean": statistics.fmean(r["prompt_tokens"] for r in ok) if ok else 0.0,
+        "chunks_hit": hits, "chunks_missing": sum(r["chunks_missing"] for r in ok),
+    }
+
+
+def _pair(result: dict, name: str) -> str:
+    return f"{result[name + '_p50_s']:.3f} / {result[name + '_p99_s']:.3f}"
+
+
+def format_table(result: dict, args) -> str:
+    rows = [
+        ("clients", args.clients), ("duration (s)", args.duration),
+        ("mode", args.mode if args.mode != "blend" else "blend (server's ratio)"),
+        ("requests", result["requests"]), ("failed", result["failed"]),
+        ("requests/s", f"{result['requests_per_s']:.2f}"), ("tokens/s", f"{result['tokens_per_s']:.1f}"),
+        ("TTFT p50 / p99, client (s)", _pair(result, "client_ttft")),
+        ("TTFT p50 / p99, server (s)", _pair(result, "server_ttft")),
+        ("latency p50 / p99 (s)", _pair(result, "latency")),
+        ("queue wait p50 (s)", f"{result['queue_p50_s']:.3f}"),
+        ("prompt tokens (mean)", f"{result['prompt_tokens_mean']:.0f}"),
+        ("chunk hits per tier", ", ".join(f"{t} {n}" for t, n in sorted(result["chunks_hit"].items()))),
+        ("chunks missing", result["chunks_missing"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def run(args) -> int:
+    from services.client import Client, musique_documents
+    from services.bench.demo import load_questions
+    from services.bench.launch import start_local_server
+
+    if args.clients < 1 or args.duration <= 0 or args.questions < 1:
+        raise ValueError("--clients, --duration and --questions must be positive")
+    items = load_questions(Path(args.dataset), args.questions)
+    questions = [str(item["question"]) for item in items]
+    server = folder = None
+    target = args.server
+    load_before = os.getloadavg()
+    if target is None:
+        folder = Path(tempfile.mkdtemp(prefix="kvblend-bench-"))
+        server = start_local_server(folder, args.model, args.cache_dir, args.redis_url)
+        target = server.target
+        print(f"started kvblend serve ({args.model}) on {target}", file=sys.stderr, flush=True)
+    try:
+        with Client(target, token=args.token) as client:
+            client.wait_ready(30)
+            documents = musique_documents(items)
+            began = time.perf_counter()
+            for first in range(0, len(documents), 10):
+                client.ingest(documents[first:first + 10])
+            print(f"ingested {len(documents)} passages in {time.perf_counter() - began:.0f} s; warming up",
+                  file=sys.stderr, flush=True)
+            for question in questions:  # first use of every chunk, and the one-time costs, outside the run
+                client.answer(question, top_k=args.top_k, mode=args.mode, max_new_tokens=args.max_new_tokens)
+            result = run_load(target, questions, args)
+            stats = client.stats()
+            result["server_stats"] = {"failed": stats.failed, "rejected": stats.rejected,
+                                      "cancelled": stats.cancelled, "completed": stats.completed}
+    finally:
+        if server is not None:
+            server.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+    print(format_table(result, args))
+    record = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "token")},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "result": result,
+    }
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0 if result["failed"] == 0 else 1
+
+
+def add_parser(subparsers) -> None:
+    b = subparsers.add_parser("bench-service",
+                              help="N concurrent clients for a fixed time: requests/s and TTFT")
+    b.add_argument("--dataset", required=True,
+                   help="MuSiQue-shaped JSON, e.g. ../shared/datasets/musique_dev.json")
+    b.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
+    b.add_argument("--token", default=None, help="bearer token for --server")
+    b.add_argument("--model", default="smollm2-135m", help="model of the server started here")
+    b.add_argument("--cache-dir", default=None)
+    b.add_argument("--redis-url", default=None)
+    b.add_argument("--clients", type=int, default=16)
+    b.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    b.add_argument("--questions", type=int, default=2,
+                   help="questions asked in turn (their passages are ingested)")
+    b.add_argument("--top-k", type=int, default=2)
+    b.add_argument("--mode", default="blend", choices=["full", "prefix", "reuse", "blend"])
+    b.add_argument("--max-new-tokens", type=int, default=8)
+    b.add_argument("--timeout", type=float, default=None, help="per-call deadline (default none)")
+    b.add_argument("--json", dest="json_out", default="out/bench_service.json")
+    b.set_defaults(func=run)

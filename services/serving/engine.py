@@ -1,0 +1,483 @@
+"""The service's logic as a plain object: ingest, retrieve, generate (blended, streamed), delete, stats.
+
+`Engine` holds the model, the tiered KV store and the per-tenant catalog. The gRPC server
+(services/serving/server.py) only translates messages to these calls and `services.serving.errors` to status codes,
+so everything here is testable without a server.
+
+Threads: the model and its tokenizer are used on the model worker's one thread only
+(services/serving/scheduler.py); collections, the embedder and the chunker on the catalog's one thread
+(services/serving/catalog.py); KV reads and writes happen wherever the caller is (the store is thread-safe).
+
+Tenants: a tenant's chunks live in its own collection, and its chunks' KV keys carry the tenant, so
+one tenant's delete or ingest never touches another's entries, and the store's hit/miss pattern says
+nothing about what another tenant ingested. The default tenant's keys are the plain content
+addresses `kvblend ingest` writes, so a data folder ingested offline is served as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from blend.cache import ChunkKV
+from blend.decode import stop_token_ids
+from blend.fusor import MODES, BlendConfig, compute_kv
+from blend.loader import LoadedModel
+from blend.prompt import DEFAULT_SYSTEM, build_layout
+from services.serving.catalog import Catalog
+from services.serving.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotFound, Overloaded, ServiceError,
+                             Unavailable)
+from services.serving.generation import Generation, Guard
+from services.serving.scheduler import ModelWorker
+from services.settings import DEFAULT_TENANT, GuardConfig, ServerConfig, ServeSettings
+from store.trace import trace_tiers
+from store.chunks import ChunkStore
+from store.keys import chunk_key
+
+log = logging.getLogger(__name__)
+
+MAX_QUERY_CHARS = 32768
+MAX_DELETE_IDS = 1024
+MAX_FIELD_CHARS = 1024  # title, doc id
+
+
+# -- requests and results -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DocumentIn:
+    text: str
+    title: str = ""
+    doc_id: str = ""
+
+
+@dataclass
+class IngestResult:
+    chunk_ids: list[list[str]]  # per document, in request order
+    doc_ids: list[str]
+    added: int = 0
+    existing: int = 0
+    kv_computed: int = 0
+    kv_not_stored: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    chunk_id: str
+    score: float
+    title: str
+    doc_id: str
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    query: str
+    chunk_ids: tuple[str, ...] = ()
+    top_k: int = 0  # 0 with no chunk ids: the server's default
+    mode: str = ""  # "" = the server's default
+    ratio: float | None = None
+    max_new_tokens: int = 0  # 0 = the server's default
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+TTFT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # upper bounds; +Inf follows
+
+
+class Metrics:
+    """Counters of the request path. Cumulative ones (RPCs, the TTFT histogram) feed Prometheus; the
+    recent-TTFT window feeds the p50/p99 in Stats."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = self.completed = self.failed = self.cancelled = self.rejected = 0
+        self.tokens_generated = 0
+        self.ttfts: deque[float] = deque(maxlen=1000)
+        self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)  # per bucket, not cumulative; last is +Inf
+        self.ttft_sum = 0.0
+        self.rpcs: dict[tuple[str, str], int] = {}  # (method, status code name) -> calls ended so far
+        self.started = time.monotonic()
+
+    def rpc(self, method: str, code: str) -> None:
+        """One call of `method` ended with status `code` ("OK", "UNAVAILABLE", ...)."""
+        with self._lock:
+            self.rpcs[method, code] = self.rpcs.get((method, code), 0) + 1
+
+    def admitted(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def reject(self) -> None:
+        with self._lock:
+            self.rejected += 1
+
+    def token(self) -> None:
+        with self._lock:
+            self.tokens_generated += 1
+
+    def first_token(self, ttft: float) -> None:
+        bucket = next((i for i, bound in enumerate(TTFT_BUCKETS_S) if ttft <= bound), len(TTFT_BUCKETS_S))
+        with self._lock:
+            self.ttfts.append(ttft)
+            self.ttft_counts[bucket] += 1
+            self.ttft_sum += ttft
+
+    def snapshot(self) -> dict:
+        """The cumulative counters at one instant (for an exporter)."""
+        with self._lock:
+            return {"rpcs": dict(self.rpcs), "ttft_counts": list(self.ttft_counts), "ttft_sum": self.ttft_sum,
+                    "requests": self.requests, "completed": self.completed, "failed": self.failed,
+                    "cancelled": self.cancelled, "rejected": self.rejected,
+                    "tokens_generated": self.tokens_generated}
+
+    def ended(self, cancelled: bool = False, failed: bool = False) -> None:
+        with self._lock:
+            if cancelled:
+                self.cancelled += 1
+            elif failed:
+                self.failed += 1
+            else:
+                self.completed += 1
+
+    def ttft_percentiles(self) -> tuple[float, float]:
+        with self._lock:
+            values = sorted(self.ttfts)
+        if not values:
+            return 0.0, 0.0
+        return values[len(values) // 2], values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)]
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+class Engine:
+    def __init__(self, model: LoadedModel, store: ChunkStore, catalog: Catalog, config: ServerConfig,
+                 guard: GuardConfig | None = None):
+        self.model = model
+        self.store = store
+        self.catalog = catalog
+        self.config = config
+        self.guard = Guard(guard or GuardConfig())
+        self.metrics = Metrics()
+        self.draining = False
+        if config.check_layer >= model.step.n_layers:
+            raise ValueError(f"server.check_layer {config.check_layer} is past the model's last layer "
+                             f"{model.step.n_layers - 1}")
+        self.shared = catalog.redis is not None  # replicas share the catalog and the KV through Redis
+        self.trace = trace_tiers(store.tiered)
+        self.worker = ModelWorker(config.max_waiting, config.max_active)
+        self.stop_ids = stop_token_ids(model.tokenizer, model.step.config)
+
+        def system_prefix() -> ChunkKV:
+            ids = build_layout(model.tokenizer, [], "x", DEFAULT_SYSTEM).prefix
+            return compute_kv(model.step, ids)
+
+        self.prefix: ChunkKV = self.worker.call(system_prefix)
+        limit = model.step.max_positions
+        if limit and len(self.prefix) + config.chunk_tokens >= limit:
+            raise ValueError(f"server.chunk_tokens {config.chunk_tokens} plus the {len(self.prefix)}-token "
+                             f"system prompt does not fit the model's context of {limit} tokens")
+
+    @classmethod
+    def open(cls, settings: ServeSettings) -> Engine:
+        """Load the model, open the store and the catalog, as `kvblend serve` configures them."""
+        from blend.loader import load, resolve
+        from retriever.chunker import Chunker
+        from retriever.embedder import Embedder
+
+        model_config = settings.model
+        model = load(model_config.spec, model_config.cache_dir, model_config.torch_dtype, model_config.device)
+        location = resolve(model_config.spec, model_config.cache_dir)
+
+        def make_chunker():
+            from transformers import AutoTokenizer
+
+            # The chunker's own tokenizer copy: the model's belongs to the model thread.
+            return Chunker(AutoTokenizer.from_pretrained(location), settings.server.chunk_tokens)
+
+        store = ChunkStore.from_config(settings.store)
+        shared = settings.server.catalog == "redis"
+        catalog = Catalog(settings.server.data_dir, Embedder, make_chunker,
+                          settings.store.redis_url if shared else None, settings.store.redis_prefix,
+                          settings.store.redis_cluster)
+        return cls(model, store, catalog, settings.server, settings.guard)
+
+    # -- keys and tiers --------------------------------------------------------------------------
+
+    def kv_key(self, tenant: str, token_ids: Sequence[int]) -> str:
+        namespace = self.model.fingerprint
+        if tenant != DEFAULT_TENANT:
+            namespace += f"/t/{tenant}"
+        return chunk_key(namespace, self.prefix.token_ids, token_ids, self.model.step.dtype)
+
+    def tier_availability(self) -> dict[str, bool]:
+        return {tier.name: bool(getattr(tier, "available", True)) for tier in self.store.tiered.tiers}
+
+    def degraded_tiers(self) -> list[str]:
+        return [name for name, up in self.tier_availability().items() if not up]
+
+    def probe_tiers(self) -> dict[str, bool]:
+        """Ask the tiers that can be down (Redis) whether they answer now; then the availability map."""
+        for tier in self.store.tiered.tiers:
+            if hasattr(tier, "check"):
+                tier.check()
+        return self.tier_availability()
+
+    # -- ingest ------------------------------------------------------------------------------------
+
+    def ingest(self, tenant: str, documents: Sequence[DocumentIn],
+               timeout_s: float | None = None) -> IngestResult:
+        """Chunk, compute KV for new chunks (on the model thread), embed and record them. A chunk is
+        recorded only after its KV is written; past the deadline nothing is recorded, and the KV already
+        written is found again by a rerun."""
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        self._check_documents(documents)
+
+        def split():
+            try:
+                return [self.catalog.chunker.split(d.text, d.title, d.doc_id) for d in documents]
+            except ValueError as err:
+                raise InvalidArgument(str(err)) from None
+
+        per_document = self.catalog.run(split)
+        unique = {chunk.id: chunk for chunks in per_document for chunk in chunks}
+
+        def known() -> set[str]:
+            collection = self.catalog.existing(tenant)
+            return {cid for cid in unique if collection is not None and cid in collection}
+
+        existing = self.catalog.run(known)
+        new = [chunk for cid, chunk in unique.items() if cid not in existing]
+        result = IngestResult(chunk_ids=[[c.id for c in chunks] for chunks in per_document],
+                              doc_ids=[d.doc_id for d in documents], existing=len(existing))
+        keys = []
+        for chunk in new:
+            key = self.kv_key(tenant, chunk.token_ids)
+            keys.append((chunk.id, key))
+            if self.store.contains(key, bottom_only=self.shared):
+                continue
+            compute = functools.partial(compute_kv, self.model.step, chunk.token_ids, self.prefix)
+            remaining = deadline - time.monotonic() if deadline is not None else None
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"the deadline passed after {result.kv_computed} of {len(new)} "
+                                       "chunks' KV (ingest the same documents again to finish)")
+            try:
+                entry = self.worker.call(compute, remaining)
+            except TimeoutError:
+                raise DeadlineExceeded("the deadline passed while waiting for the model "
+                                       "(ingest the same documents again to finish)") from None
+            result.kv_computed += 1
+            if not self.store.put(key, entry):
+                if self.shared:  # a chunk recorded without its KV in Redis would be recomputed by every replica
+                    self._shared_write_failed(chunk.id, len(result.chunk_ids))
+                result.kv_not_stored += 1  # computed again when a request uses it
+
+        def commit() -> int:
+            collection = self.catalog.collection(tenant)
+            fresh = [chunk for chunk in new if chunk.id not in collection]
+            if fresh:
+                vectors = self.catalog.embedder.embed([chunk.text for chunk in fresh])
+                collection.add(fresh, vectors, keys)
+                collection.save()
+            return len(fresh)
+
+        result.added = self.catalog.run(commit)
+        result.existing += len(new) - result.added  # ingested meanwhile by a concurrent call
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _check_documents(self, documents: Sequence[DocumentIn]) -> None:
+        limit = self.config
+        if not documents:
+            raise InvalidArgument("no documents to ingest")
+        if len(documents) > limit.max_documents:
+            raise InvalidArgument(f"{len(documents)} documents in one call, over the limit of "
+                                  f"{limit.max_documents}; split the batch")
+        for index, doc in enumerate(documents):
+            if not doc.text.strip():
+                raise InvalidArgument(f"document {index} (doc_id {doc.doc_id[:80]!r}) has empty text")
+            if len(doc.text) > limit.max_document_chars:
+                raise InvalidArgument(f"document {index} (doc_id {doc.doc_id[:80]!r}) has {len(doc.text)} "
+                                      f"characters, over the limit of {limit.max_document_chars}")
+            for name in ("title", "doc_id"):
+                if len(getattr(doc, name)) > MAX_FIELD_CHARS:
+                    raise InvalidArgument(f"document {index}: {name} of {len(getattr(doc, name))} characters "
+                                          f"is over the limit of {MAX_FIELD_CHARS}")
+
+    # -- retrieve ----------------------------------------------------------------------------------
+
+    def retrieve(self, tenant: str, query: str, k: int = 0) -> list[Retrieved]:
+        query = self._check_query(query)
+        k = k or self.config.default_top_k
+        if not 1 <= k <= self.config.max_top_k:
+            raise InvalidArgument(f"k {k} is outside 1..{self.config.max_top_k}")
+        return self.catalog.run(self._search, tenant, query, k)
+
+    def _search(self, tenant: str, query: str, k: int) -> list[Retrieved]:
+        collection = self.catalog.existing(tenant)
+        if collection is None or not len(collection):
+            return []
+        hits = collection.search(self.catalog.embedder.embed([query]), k)[0]
+        return [Retrieved(h.chunk_id, h.score, h.chunk.title, h.chunk.doc_id, h.chunk.text, h.chunk.n_tokens)
+                for h in hits]
+
+    def _check_query(self, query: str) -> str:
+        if not query or not query.strip():
+            raise InvalidArgument("empty query")
+        if len(query) > MAX_QUERY_CHARS:
+            raise InvalidArgument(f"query of {len(query)} characters is over the limit of {MAX_QUERY_CHARS}")
+        return query
+
+    # -- generate ----------------------------------------------------------------------------------
+
+    def blend_config(self, params: GenerateParams) -> tuple[BlendConfig, int]:
+        mode = params.mode or self.config.default_mode
+        if mode not in MODES:
+            raise InvalidArgument(f"unknown mode {mode!r} (choose one of {', '.join(MODES)})")
+        ratio = self.config.default_ratio if params.ratio is None else params.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise InvalidArgument(f"recompute ratio {ratio!r} is outside [0, 1]")
+        max_new = params.max_new_tokens or self.config.default_max_new_tokens
+        if not 1 <= max_new <= self.config.max_new_tokens:
+            raise InvalidArgument(f"max_new_tokens {max_new} is outside 1..{self.config.max_new_tokens}")
+        try:
+            config = BlendConfig(mode=mode, ratio=float(ratio), check_layer=self.config.check_layer)
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+        return config, max_new
+
+    def generate(self, tenant: str, params: GenerateParams, timeout_s: float | None = None) -> Generation:
+        """Check the request, find its chunks and queue it; iterate the result for its messages."""
+        arrived = time.perf_counter()
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        query = self._check_query(params.query)
+        config, max_new = self.blend_config(params)
+        if params.chunk_ids and params.top_k:
+            raise InvalidArgument(f"give chunk_ids ({len(params.chunk_ids)}) or top_k ({params.top_k}), "
+                                  "not both")
+        if len(params.chunk_ids) > self.config.max_chunks:
+            raise InvalidArgument(f"{len(params.chunk_ids)} chunk ids, over the limit of "
+                                  f"{self.config.max_chunks}")
+        retrieve_s = 0.0
+        if params.chunk_ids:
+            chunk_ids = list(params.chunk_ids)
+            texts = self.catalog.run(self._texts, tenant, chunk_ids)
+            scores: list[float] = []
+        else:
+            k = params.top_k or self.config.default_top_k
+            if not 1 <= k <= self.config.max_top_k:
+                raise InvalidArgument(f"top_k {k} is outside 1..{self.config.max_top_k}")
+            began = time.perf_counter()
+            hits = self.catalog.run(self._search, tenant, query, k)
+            retrieve_s = time.perf_counter() - began
+            chunk_ids = [h.chunk_id for h in hits]
+            texts, scores = [h.text for h in hits], [h.score for h in hits]
+        job = Generation(self, tenant, query, texts, chunk_ids, scores, config, max_new, arrived, retrieve_s,
+                         deadline)
+        job.queued = time.perf_counter()
+        try:
+            self.worker.submit(job)
+        except ServiceError:
+            self.metrics.reject()
+            raise
+        self.metrics.admitted()
+        return job
+
+    def _texts(self, tenant: str, chunk_ids: list[str]) -> list[str]:
+        collection = self.catalog.existing(tenant)
+        texts = []
+        for cid in chunk_ids:
+            chunk = collection.get(cid) if collection is not None else None
+            if chunk is None:
+                self._not_known_yet(collection, cid)
+                raise NotFound(f"unknown chunk id {cid[:100]!r} (ingest it first; ids come from IngestChunks "
+                               "or Retrieve)")
+            texts.append(chunk.text)
+        return texts
+
+    def _shared_write_failed(self, chunk_id: str, documents: int) -> None:
+        bottom = self.store.tiered.tiers[-1]
+        where = f"the KV of chunk {chunk_id} was not written to the shared tier {bottom.name}; {documents} " \
+                "documents not recorded"
+        if getattr(bottom, "available", True):  # it answered and refused: full, not down
+            raise Overloaded(f"{where}: Redis refused it (out of memory under noeviction? raise maxmemory or "
+                             "delete chunks)")
+        raise Unavailable(f"{where}: Redis does not answer; retry")
+
+    @staticmethod
+    def _not_known_yet(collection, chunk_id: str) -> None:
+        """A shared catalog that could not be brought up to date may lack a chunk another replica added."""
+        if collection is not None and collection.stale:
+            raise Unavailable(f"chunk id {chunk_id[:100]!r} is not in this replica's copy of the catalog and "
+                              "Redis, which holds the shared catalog, does not answer; retry")
+
+    # -- delete ------------------------------------------------------------------------------------
+
+    def delete(self, tenant: str, chunk_ids: Sequence[str]) -> tuple[list[str], int]:
+        """Remove chunks (KV first, then text and vector); (deleted ids, KV entries removed)."""
+        if not chunk_ids:
+            raise InvalidArgument("no chunk ids to delete")
+        if len(chunk_ids) > MAX_DELETE_IDS:
+            raise InvalidArgument(f"{len(chunk_ids)} chunk ids in one call, over the limit of "
+                                  f"{MAX_DELETE_IDS}")
+
+        def work() -> tuple[list[str], int]:
+            collection = self.catalog.existing(tenant)
+            for cid in chunk_ids:
+                if collection is None or cid not in collection:
+                    self._not_known_yet(collection, cid)
+                    raise NotFound(f"unknown chunk id {cid[:100]!r} (nothing was deleted)")
+            removed = 0
+            ids = list(dict.fromkeys(chunk_ids))
+            for cid in ids:
+                # KV first: a delete cut short leaves the chunk listed, so repeating it finishes the job.
+                for key in collection.kv_keys(cid):
+                    self.store.delete(key)
+                    removed += 1
+                collection.delete(cid)
+            collection.save()
+            return ids, removed
+
+        return self.catalog.run(work)
+
+    # -- stats and lifecycle -------------------------------------------------------------------------
+
+    def stats(self, tenant: str) -> dict:
+        waiting, active = self.worker.depth()
+        p50, p99 = self.metrics.ttft_percentiles()
+        available = self.tier_availability()
+        tiers = []
+        for name, tier_stats in self.store.tiered.stats().items():
+            tier = next(t for t in self.store.tiered.tiers if t.name == name)
+            tiers.append({"name": name, "available": available[name],
+                          "skipped_writes": getattr(tier, "skipped_writes", 0), **tier_stats.as_dict()})
+
+        def count() -> int:
+            collection = self.catalog.existing(tenant)
+            return len(collection) if collection is not None else 0
+
+        metrics = self.metrics
+        return {
+            "model": self.model.spec, "fingerprint": self.model.fingerprint, "tiers": tiers,
+            "degraded_tiers": [name for name, up in available.items() if not up],
+            "queue_depth": waiting, "queue_capacity": self.config.max_waiting, "active": active,
+            "requests": metrics.requests, "completed": metrics.completed, "failed": metrics.failed,
+            "cancelled": metrics.cancelled, "rejected": metrics.rejected,
+            "tokens_generated": metrics.tokens_generated, "ttft_p50_s": p50, "ttft_p99_s": p99,
+            "tenant_chunks": self.catalog.run(count), "guard": self.guard.summary(),
+            "uptime_s": time.monotonic() - metrics.started, "draining": self.draining,
+        }
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish the queued and active requests (dropping any left after `timeout_s`), then close."""
+        if not self.worker.close(wait=True, timeout=timeout_s):
+            self.worker.abort_all(Cancelled("the server stopped before this request finished"))
+        self.catalog.close()

@@ -1,0 +1,369 @@
+"""`kvblend serve`: the gRPC edge over `services.serving.engine.Engine`.
+
+This file translates messages to engine calls and `services.serving.errors` to status codes, checks bearer
+tokens and picks the tenant, and runs the standard health and reflection services. It holds no logic
+of its own beyond that.
+
+Health: the overall service ("") and `kvblend.v1.ChunkCache` are SERVING while the server takes
+requests (NOT_SERVING once it drains); each store tier has its own entry,
+`kvblend.v1.ChunkCache/tier/<name>`, NOT_SERVING while that tier is down (Redis unreachable). A
+down Redis only makes requests slower (their KV is recomputed), so it does not fail readiness.
+
+Metrics: every call is counted once by method and status code in the engine's metrics; with
+`--metrics-port` they are served to Prometheus over HTTP (services/serving/prometheus.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto import kvblend_pb2 as pb
+from proto import kvblend_pb2_grpc as pb_grpc
+from services.serving import errors
+from services.settings import DEFAULT_TENANT, AuthConfig, ServeSettings, check_tenant
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ChunkCache"].full_name  # kvblend.v1.ChunkCache
+TENANT_HEADER = "kvblend-tenant"
+MAX_MESSAGE_BYTES = 32 << 20
+MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 10 * 60 * 1000  # a long Generate in flight is not cut
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+STATUS = {  # first match wins: subclasses before their bases
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def tier_health_name(tier: str) -> str:
+    return f"{SERVICE}/tier/{tier}"
+
+
+def _status_of(err: errors.ServiceError) -> grpc.StatusCode:
+    return next((code for kind, code in STATUS.items() if isinstance(err, kind)), grpc.StatusCode.INTERNAL)
+
+
+class _Outcome:
+    """Counts one call once in the engine's metrics: with the status its handler ends it with, or, when it
+    ends first (the client went away or its deadline passed), with the status the client saw."""
+
+    def __init__(self, metrics, method: str, context):
+        self.metrics = metrics
+        self.method = method
+        self._counted = False
+        self._lock = threading.Lock()
+        if not context.add_callback(lambda: self.end(_gone(context))):
+            self.end(_gone(context))
+
+    def end(self, code: str) -> None:
+        with self._lock:
+            if self._counted:
+                return
+            self._counted = True
+        self.metrics.rpc(self.method, code)
+
+
+def _gone(context) -> str:
+    remaining = _remaining(context)
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+def _abort(context, err: Exception, outcome: _Outcome):
+    if isinstance(err, errors.ServiceError):
+        code, details = _status_of(err), str(err)
+    else:
+        log.exception("internal error in %s", context)
+        code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {str(err)[:200]}"
+    outcome.end(code.name)  # before abort: the client sees the status only after it is counted
+    context.abort(code, details)
+
+
+def _remaining(context) -> float | None:
+    """Seconds to the call's deadline; None without one (gRPC then reports a huge number)."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e6 else None
+
+
+def _unary(method):
+    @functools.wraps(method)
+    def handler(self, request, context):
+        outcome = _Outcome(self.engine.metrics, method.__name__, context)
+        try:
+            response = method(self, request, context)
+        except Exception as err:  # noqa: BLE001 - every failure becomes a status, never a dead worker
+            _abort(context, err, outcome)
+        outcome.end("OK")
+        return response
+    return handler
+
+
+class Tenants:
+    """Who is calling: the bearer token's tenant with auth on; the tenant header (or default) without."""
+
+    def __init__(self, auth: AuthConfig):
+        self.auth = auth
+
+    def of(self, context) -> str:
+        metadata = {}
+        for key, value in context.invocation_metadata():
+            metadata.setdefault(key.lower(), value)
+        asked = metadata.get(TENANT_HEADER)
+        if not self.auth.enabled:
+            if asked is None:
+                return DEFAULT_TENANT
+            try:
+                return check_tenant(asked)
+            except ValueError as err:
+                raise errors.InvalidArgument(f"{TENANT_HEADER} metadata: {err}") from None
+        header = metadata.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise errors.Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
+        tenant = None
+        for known, owner in self.auth.tokens:  # compare with every token: the time says nothing of which
+            if hmac.compare_digest(known.encode(), token.strip().encode()):
+                tenant = owner
+        if tenant is None:
+            raise errors.Unauthenticated("invalid bearer token")
+        if asked is not None and asked != tenant:
+            raise errors.PermissionDenied(f"the token is not valid for tenant {asked[:64]!r}")
+        return tenant
+
+
+def _report(report) -> pb.RequestReport:
+    quality = report.quality
+    return pb.RequestReport(
+        mode=report.mode, ratio=report.ratio, chunk_ids=report.chunk_ids, scores=report.scores,
+        prompt_tokens=report.prompt_tokens, chunk_tokens=report.chunk_tokens, chunks_hit=report.chunks_hit,
+        chunks_missing=report.chunks_missing, missing_tokens=report.missing_tokens,
+        tokens_recomputed=report.tokens_recomputed, queue_s=report.queue_s, retrieve_s=report.retrieve_s,
+        load_s=report.load_s, load_wait_s=report.load_wait_s, compute_s=report.compute_s,
+        missing_compute_s=report.missing_compute_s,
+        quality=pb.QualityCheck(checked=quality.checked, kl=quality.kl, agree=quality.agree,
+                                fell_back=quality.fell_back),
+        degraded_tiers=report.degraded_tiers,
+    )
+
+
+class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
+    def __init__(self, engine, auth: AuthConfig):
+        self.engine = engine
+        self.tenants = Tenants(auth)
+
+    @_unary
+    def IngestChunks(self, request, context):
+        from services.serving.engine import DocumentIn
+
+        tenant = self.tenants.of(context)
+        documents = [DocumentIn(d.text, d.title, d.doc_id) for d in request.documents]
+        result = self.engine.ingest(tenant, documents, _remaining(context))
+        return pb.IngestResponse(
+            documents=[pb.IngestedDocument(doc_id=doc_id, chunk_ids=ids)
+                       for doc_id, ids in zip(result.doc_ids, result.chunk_ids, strict=True)],
+            chunks_added=result.added, chunks_existing=result.existing, kv_computed=result.kv_computed,
+            kv_not_stored=result.kv_not_stored, seconds=result.seconds)
+
+    @_unary
+    def Retrieve(self, request, context):
+        hits = self.engine.retrieve(self.tenants.of(context), request.query, request.k)
+        return pb.RetrieveResponse(chunks=[
+            pb.RetrievedChunk(chunk_id=h.chunk_id, score=h.score, title=h.title, doc_id=h.doc_id, text=h.text,
+                              tokens=h.tokens) for h in hits])
+
+    def Generate(self, request, context):
+        from services.serving.engine import GenerateParams
+
+        outcome = _Outcome(self.engine.metrics, "Generate", context)
+        try:
+            tenant = self.tenants.of(context)
+            ratio = request.ratio if request.HasField("ratio") else None
+            params = GenerateParams(query=request.query, chunk_ids=tuple(request.chunk_ids),
+                                    top_k=request.top_k, mode=request.mode, ratio=ratio,
+                                    max_new_tokens=request.max_new_tokens)
+            generation = self.engine.generate(tenant, params, _remaining(context))
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err, outcome)
+        # Called when the RPC ends for any reason: a cancelled or timed-out call stops generating.
+        context.add_callback(generation.cancel)
+        try:
+            for piece in generation:
+                message = pb.GenerateResponse(text=piece.text, token_ids=piece.token_ids)
+                if piece.report is not None:
+                    message.ttft_s = piece.ttft_s
+                    message.report.CopyFrom(_report(piece.report))
+                if piece.finish is not None:
+                    message.finish.CopyFrom(pb.Finish(reason=piece.finish.reason, tokens=piece.finish.tokens,
+                                                      seconds=piece.finish.seconds))
+                yield message
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err, outcome)
+        outcome.end("OK")
+
+    @_unary
+    def DeleteChunks(self, request, context):
+        deleted, entries = self.engine.delete(self.tenants.of(context), list(request.chunk_ids))
+        return pb.DeleteResponse(deleted=deleted, kv_entries_deleted=entries)
+
+    @_unary
+    def Stats(self, request, context):
+        stats = self.engine.stats(self.tenants.of(context))
+        known = pb.TierStats.DESCRIPTOR.fields_by_name
+        tiers = [pb.TierStats(**{k: v for k, v in tier.items() if k in known}) for tier in stats.pop("tiers")]
+        guard = pb.GuardStats(**stats.pop("guard"))
+        return pb.StatsResponse(tiers=tiers, guard=guard, **stats)
+
+
+class TierHealth:
+    """Keeps each tier's health entry in step with whether it answers (pinged every interval)."""
+
+    def __init__(self, engine, servicer: health.HealthServicer, interval_s: float):
+        self.engine = engine
+        self.servicer = servicer
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self.update(engine.tier_availability())
+        self._thread = threading.Thread(target=self._run, name="tier-health", daemon=True)
+        self._thread.start()
+
+    def update(self, availability: dict[str, bool]) -> None:
+        for name, up in availability.items():
+            self.servicer.set(tier_health_name(name), SERVING if up else NOT_SERVING)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.update(self.engine.probe_tiers())
+            except Exception:  # noqa: BLE001 - health must keep running
+                log.exception("tier health probe failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Server:
+    """The gRPC server around an engine: ChunkCache, health and reflection on one port."""
+
+    def __init__(self, engine, settings: ServeSettings):
+        self.engine = engine
+        self.settings = settings
+        config = settings.server
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   # Connections are closed (gracefully) after a while, so round-robin clients resolve
+                   # their DNS name again and find replicas started since.
+                   ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                   ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS)]
+        pool = ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="rpc")
+        self.grpc = grpc.server(pool, options=options)
+        pb_grpc.add_ChunkCacheServicer_to_server(ChunkCacheServicer(engine, settings.auth), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.grpc)
+        if settings.tls.enabled:
+            pair = (settings.tls.key.read_bytes(), settings.tls.cert.read_bytes())
+            credentials = grpc.ssl_server_credentials([pair])
+            self.port = self.grpc.add_secure_port(config.address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(config.address)
+        if not self.port:
+            raise OSError(f"cannot listen on {config.address}")
+        self.tier_health = TierHealth(engine, self.health, config.health_interval_s)
+        self.metrics = None  # the Prometheus endpoint, while one is served
+
+    def start(self) -> None:
+        self.grpc.start()
+        for name in ("", SERVICE):
+            self.health.set(name, SERVING)
+        config = self.settings.server
+        if config.metrics_port:
+            from services.serving import prometheus
+
+            self.metrics = prometheus.start(self.engine, config.host, config.metrics_port)
+
+    def drain(self) -> None:
+        """Refuse new calls, let in-flight ones finish (up to `drain_s`), then stop the engine."""
+        grace = self.settings.server.drain_s
+        self.engine.draining = True
+        self.health.enter_graceful_shutdown()
+        self.tier_health.stop()
+        self.grpc.stop(grace).wait()
+        self.engine.close()
+        if self.metrics is not None:  # scraped until here, so the drain itself shows
+            self.metrics.close()
+
+
+def serve(settings: ServeSettings) -> int:
+    from services.serving.engine import Engine
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    engine = Engine.open(settings)
+    server = Server(engine, settings)
+    server.start()
+    scheme = "tls" if settings.tls.enabled else "plaintext"
+    catalog = "shared through Redis" if settings.server.catalog == "redis" else "local"
+    print(f"kvblend: serving {settings.model.spec} on {settings.server.host}:{server.port} ({scheme}, "
+          f"auth {'on' if settings.auth.enabled else 'off'}, catalog {catalog}, tiers "
+          f"{', '.join(t.name for t in engine.store.tiered.tiers)})", flush=True)
+    if server.metrics is not None:
+        print(f"kvblend: metrics on http://{settings.server.url_host}:{server.metrics.port}/metrics", flush=True)
+    stop.wait()
+    print("kvblend: draining in-flight requests", flush=True)
+    server.drain()
+    print("kvblend: stopped", flush=True)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+    import sys
+
+    from services import settings as serve_config
+
+    code = serve(serve_config.from_args(args))
+    # Everything is drained and closed by now. Leaving through interpreter teardown lets native
+    # libraries destroy their thread pools in arbitrary order, which at times aborts the process
+    # ("terminate called without an active exception") and turns a clean stop into exit -6.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve ingest / retrieve / blended generate over gRPC")
+    p.add_argument("--port", type=int, default=None, help="port (default 50051; 0 picks a free one)")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--model", default=None, help="model spec (default smollm2-135m, the embedded model)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where converted weights live (default ~/.cache/kvblend)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--redis-url", default=None, help="Redis KV tier, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--data-dir", default=None,
+                   help="chunk texts, index and disk KV tier (default $KVBLEND_DATA_DIR or ~/.kvblend)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics over HTTP on this port (default 0: off)")
+    p.add_argument("--catalog", default=None, choices=["local", "redis"],
+                   help="chunk catalog: local (sqlite + faiss in --data-dir) or redis (shared by replicas)")
+    p.add_argument("--config", default=None, help="TOML file: [server] [model] [store] [guard] [auth] [tls]")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,285 @@
+"""Configuration of `kvblend serve`: one frozen dataclass per concern, built once from a TOML file and
+flags at the edge, then passed inward.
+
+A config file (`--config FILE`) has the sections `[server]`, `[model]`, `[store]`, `[guard]`, `[auth]`
+and `[tls]`; each key is a field of that section's dataclass (or of `store.StoreConfig`). Flags win
+over the file; an unknown section or key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import tomllib
+
+import torch
+
+from blend.fusor import MODES
+from store.config import StoreConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    spec: str = "smollm2-135m"
+    cache_dir: Path = Path("~/.cache/kvblend").expanduser()
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r} (choose one of {', '.join(DTYPES)})")
+
+    @classmethod
+    def from_args(cls, args) -> "ModelConfig":
+        cache_dir = args.cache_dir or os.environ.get("KVBLEND_CACHE_DIR") or "~/.cache/kvblend"
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(spec=args.model, cache_dir=Path(cache_dir).expanduser(), dtype=args.dtype, device=device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DEFAULT_TENANT = "default"
+KV_DIR = "kv"  # under the data folder, as `kvblend ingest` writes it
+CATALOGS = ("local", "redis")
+
+
+def check_tenant(name: str) -> str:
+    if not isinstance(name, str) or not TENANT.fullmatch(name) or ".." in name:
+        raise ValueError(f"tenant {name!r} is not 1-64 letters, digits, '_', '-' or '.' starting with a "
+                         "letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC edge and the request path."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = Path("~/.kvblend")  # chunk texts, vectors and the disk KV tier, as `kvblend ingest` uses
+    rpc_threads: int = 96  # each queued or streaming Generate holds one; above max_waiting + max_active
+    max_waiting: int = 64  # requests queued for the model; one more is RESOURCE_EXHAUSTED
+    max_active: int = 4  # requests decoding at once, interleaved token by token on the model thread
+    drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
+    chunk_tokens: int = 512  # documents are split into chunks of at most this many model tokens
+    max_documents: int = 256  # per IngestChunks call
+    max_document_chars: int = 1 << 20
+    default_top_k: int = 3
+    max_top_k: int = 32
+    max_chunks: int = 64  # chunk ids per Generate
+    default_mode: str = "blend"
+    default_ratio: float = 0.15
+    check_layer: int = 1
+    default_max_new_tokens: int = 64
+    max_new_tokens: int = 1024
+    health_interval_s: float = 2.0  # how often the Redis tier is pinged for the health service
+    metrics_port: int = 0  # Prometheus metrics over HTTP on `host` at this port; 0 = no metrics endpoint
+    # Where the chunk catalog (texts, vectors, KV keys) lives: "local" (sqlite + faiss under data_dir) or
+    # "redis" (in the store's Redis, shared by every replica; data_dir keeps a local mirror of it).
+    catalog: str = "local"
+
+    def __post_init__(self):
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port!r} is not in 0..65535 (0 picks a free port)")
+        for name in ("rpc_threads", "max_waiting", "max_active", "max_documents", "max_document_chars",
+                     "default_top_k", "max_top_k", "max_chunks", "default_max_new_tokens", "max_new_tokens",
+                     "check_layer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"server.{name} {value!r} must be an integer >= 1")
+        if self.rpc_threads <= self.max_waiting + self.max_active:
+            raise ValueError(f"server.rpc_threads {self.rpc_threads} must exceed max_waiting + max_active "
+                             f"({self.max_waiting} + {self.max_active}): every queued or active Generate holds "
+                             "a thread, and health checks need one left")
+        if self.default_top_k > self.max_top_k or self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"server defaults (top_k {self.default_top_k}, max_new_tokens "
+                             f"{self.default_max_new_tokens}) exceed their limits ({self.max_top_k}, "
+                             f"{self.max_new_tokens})")
+        if self.default_mode not in MODES:
+            raise ValueError(f"server.default_mode {self.default_mode!r} is not one of {', '.join(MODES)}")
+        if not 0.0 <= self.default_ratio <= 1.0:
+            raise ValueError(f"server.default_ratio {self.default_ratio!r} is outside [0, 1]")
+        if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"server.metrics_port {self.metrics_port!r} is not in 0..65535 (0 = off)")
+        if self.catalog not in CATALOGS:
+            raise ValueError(f"server.catalog {self.catalog!r} is not one of {', '.join(CATALOGS)}")
+        if self.drain_s < 0 or self.health_interval_s <= 0:
+            raise ValueError(f"server.drain_s {self.drain_s!r} must be >= 0 and health_interval_s "
+                             f"{self.health_interval_s!r} > 0")
+
+    @property
+    def url_host(self) -> str:
+        """The host as it goes before `:port` (an IPv6 address in brackets)."""
+        return f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+
+    @property
+    def address(self) -> str:
+        return f"{self.url_host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The quality guard: a sampled share of blend requests also runs full prefill's first step."""
+
+    fraction: float = 0.0  # 0 = off
+    max_kl: float = 0.5  # first-token KL(full || blend) above which the answer comes from full prefill
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"guard.fraction {self.fraction!r} is outside [0, 1]")
+        if not self.max_kl >= 0.0:
+            raise ValueError(f"guard.max_kl {self.max_kl!r} must be >= 0")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens, each bound to one tenant. No tokens: no auth, tenant from `kvblend-tenant` metadata."""
+
+    tokens: tuple[tuple[str, str], ...] = ()  # (token, tenant)
+
+    def __post_init__(self):
+        for token, tenant in self.tokens:
+            if not isinstance(token, str) or len(token) < 16:
+                raise ValueError("auth token for tenant "
+                                 f"{tenant!r} is shorter than 16 characters (use a random secret)")
+            check_tenant(tenant)
+        if len({token for token, _ in self.tokens}) != len(self.tokens):
+            raise ValueError("the same auth token is given twice")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path | None = None  # PEM certificate chain
+    key: Path | None = None  # PEM private key
+
+    def __post_init__(self):
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls needs both cert and key (or neither)")
+        for name in ("cert", "key"):
+            value = getattr(self, name)
+            if value is not None:
+                path = Path(value).expanduser()
+                if not path.is_file():
+                    raise ValueError(f"tls.{name} {str(path)!r}: no such file")
+                object.__setattr__(self, name, path)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+def _section(cls, values: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def read_file(path: Path) -> dict:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {str(path)!r}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {str(path)!r} is not TOML: {err}") from None
+    unknown = sorted(set(data) - {"server", "model", "store", "guard", "auth", "tls"})
+    if unknown:
+        raise ValueError(f"--config {str(path)!r}: unknown section [{unknown[0]}] "
+                         "(sections: server, model, store, guard, auth, tls)")
+    return data
+
+
+def build(file_values: dict, overrides: dict) -> ServeSettings:
+    """Settings from a parsed config file and flag values (None = not given); flags win."""
+    where = "config"
+    server = dict(file_values.get("server", {}))
+    model = dict(file_values.get("model", {}))
+    store = dict(file_values.get("store", {}))
+    for name in ("host", "port", "data_dir", "metrics_port", "catalog"):
+        if overrides.get(name) is not None:
+            server[name] = overrides[name]
+    for name in ("spec", "cache_dir", "dtype", "device"):
+        if overrides.get(name) is not None:
+            model[name] = overrides[name]
+    if overrides.get("redis_url") is not None:
+        store["redis_url"] = overrides["redis_url"]
+    server_config = _section(ServerConfig, server, f"{where} [server]")
+    if "cache_dir" in model:
+        model["cache_dir"] = Path(model["cache_dir"]).expanduser()
+    if model.get("device") is None:
+        import torch
+
+        model["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if model.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"model dtype {model['dtype']!r} is not one of {', '.join(DTYPES)}")
+    model_config = _section(ModelConfig, model, f"{where} [model]")
+    store.setdefault("disk_path", server_config.data_dir / KV_DIR)
+    if store.get("disk_path") in ("", "none"):
+        store["disk_path"] = None  # `disk_path = ""` runs without a disk tier (e.g. replicas sharing Redis)
+    if server_config.catalog == "redis":
+        if store.get("redis_url") is None:
+            raise ValueError("server.catalog 'redis' needs a Redis URL (--redis-url or [store] redis_url)")
+        # Replicas find each other's chunks in Redis, so every KV entry must be written there too.
+        store["write_through"] = True
+    store_config = _section(StoreConfig, store, f"{where} [store]")
+    auth = dict(file_values.get("auth", {}))
+    tokens = auth.pop("tokens", {})
+    if not isinstance(tokens, dict):
+        raise ValueError(f"{where} [auth] tokens must be a table of token = \"tenant\"")
+    auth_config = _section(AuthConfig, {**auth, "tokens": tuple(tokens.items())}, f"{where} [auth]")
+    return ServeSettings(
+        server=server_config, model=model_config, store=store_config,
+        guard=_section(GuardConfig, dict(file_values.get("guard", {})), f"{where} [guard]"),
+        auth=auth_config, tls=_section(TlsConfig, dict(file_values.get("tls", {})), f"{where} [tls]"),
+    )
+
+
+def from_args(args, environ: dict | None = None) -> ServeSettings:
+    """Flags, then the config file, then the environment ($KVBLEND_DATA_DIR, $KVBLEND_CACHE_DIR)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    file_values = read_file(Path(args.config)) if getattr(args, "config", None) else {}
+    overrides = {
+        "host": args.host, "port": args.port, "data_dir": args.data_dir, "spec": args.model,
+        "cache_dir": args.cache_dir, "dtype": args.dtype, "device": args.device, "redis_url": args.redis_url,
+        "metrics_port": getattr(args, "metrics_port", None), "catalog": getattr(args, "catalog", None),
+    }
+    server, model = file_values.get("server", {}), file_values.get("model", {})
+    if overrides["data_dir"] is None and "data_dir" not in server and environ.get("KVBLEND_DATA_DIR"):
+        overrides["data_dir"] = environ["KVBLEND_DATA_DIR"]
+    if overrides["cache_dir"] is None and "cache_dir" not in model and environ.get("KVBLEND_CACHE_DIR"):
+        overrides["cache_dir"] = environ["KVBLEND_CACHE_DIR"]
+    return build(file_values, overrides)
+
+
+__all__ = ["AuthConfig", "GuardConfig", "ServeSettings", "ServerConfig", "TlsConfig", "DEFAULT_TENANT",
+           "build", "check_tenant", "from_args", "read_file"]

@@ -1,0 +1,75 @@
+"""Replicas sharing one Redis: what one ingests the other blends from Redis; faults under load lose nothing.
+
+Each test starts a redis-server of its own (append-only file on) and real `kvblend serve --catalog redis`
+processes on the tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from servicefixtures import CACHE_DIR, DOCUMENTS
+
+from services.bench import cluster as bench_cluster
+from services.bench.cluster import Cluster
+from services.client import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER = {"chunk_tokens": 128, "default_max_new_tokens": 8}
+
+
+@pytest.fixture
+def cluster(service_model_dir, tmp_path):
+    cluster = Cluster(tmp_path, str(service_model_dir), 2, str(CACHE_DIR), {"server": SERVER})
+    yield cluster
+    cluster.close()
+
+
+def test_a_chunk_ingested_through_one_replica_is_blended_by_the_other_from_redis(cluster):
+    a, b = (Client(f"127.0.0.1:{port}") for port in cluster.ports)
+    with a, b:
+        ids = [cid for doc in a.ingest(DOCUMENTS).documents for cid in doc.chunk_ids]
+        answer_b = b.answer("What is the capital of France?", chunk_ids=ids, mode="blend", max_new_tokens=6)
+        report = answer_b.report
+        assert dict(report.chunks_hit) == {"redis": len(ids)} and report.chunks_missing == 0
+        assert report.tokens_recomputed > 0  # blended: the HKVD tokens only, from cached KV
+        answer_a = a.answer("What is the capital of France?", chunk_ids=ids, mode="blend", max_new_tokens=6)
+        assert answer_b.token_ids == answer_a.token_ids
+        found = b.retrieve("Which river flows through Paris?", k=1).chunks
+        assert found[0].title == "Paris" and found[0].chunk_id in ids
+        again = b.ingest(DOCUMENTS[:1])  # b knows the chunk too: nothing is computed or written
+        assert (again.chunks_existing, again.chunks_added, again.kv_computed) == (1, 0, 0)
+
+
+def test_under_load_a_redis_restart_and_a_killed_replica_lose_nothing_and_fail_nothing(service_model_dir,
+                                                                                      tmp_path):
+    args = argparse.Namespace(
+        dataset=str(ROOT / "data" / "musique_sample.json"), model=str(service_model_dir), cache_dir=str(CACHE_DIR),
+        replicas=2, clients=8, duration=24.0, questions=2, top_k=2, max_new_tokens=4, ingest_every=3,
+        faults=True, retries=60, retry_wait=0.5, timeout=None, keep=False, json_out=str(tmp_path / "run.json"))
+    code = bench_cluster.run(args)
+    result = json.loads((tmp_path / "run.json").read_text())["result"]
+    assert result["failed_rpcs"] == 0, result["failures"]
+    assert set(result["failed_attempts_by_code"]) <= {"UNAVAILABLE"}  # and each of those succeeded on retry
+    assert result["ingest_ok"] > 0 and result["generate_ok"] > 0
+    assert result["redis"]["chunks_checked"] > result["ingest_ok"]  # the setup chunks and every load ingest
+    assert result["redis"]["chunks_lost"] == []
+    assert [f["fault"].split()[0] for f in result["faults"]] == ["redis", "replica"]
+    assert result["replica_back"] is True
+    assert code == 0
+
+
+def test_kvblend_ingest_with_server_sends_a_dataset_to_the_replicas_round_robin(cluster, capsys):
+    from services.commands.cli import main
+
+    dataset = ROOT / "data" / "musique_sample.json"
+    assert main(["ingest", "--server", cluster.target, "--dataset", str(dataset), "--limit", "3",
+                 "--batch-size", "1"]) == 0
+    assert "3 documents sent" in capsys.readouterr().out
+    first = json.loads(dataset.read_text())[0]["ctxs"][0]
+    with Client(f"127.0.0.1:{cluster.ports[1]}") as b:  # every replica knows all three
+        found = b.retrieve(first["text"][:200], k=1).chunks
+    assert found[0].title == first["title"]

@@ -1,0 +1,53 @@
+"""The engine without a server (all the logic is there): a chunk evicted from the store is computed
+for the request, reported missing and written back; the guard below its KL limit keeps blend's answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from servicefixtures import CACHE_DIR, DOCUMENTS
+
+from services.serving.engine import DocumentIn, Engine, GenerateParams
+from services.settings import DEFAULT_TENANT, build
+
+
+@pytest.fixture(scope="module")
+def engine(service_model_dir, tmp_path_factory):
+    settings = build({"server": {"chunk_tokens": 128}, "guard": {"fraction": 1.0, "max_kl": math.inf}},
+                     {"spec": str(service_model_dir), "cache_dir": str(CACHE_DIR),
+                      "data_dir": str(tmp_path_factory.mktemp("engine-data")), "device": "cpu"})
+    engine = Engine.open(settings)
+    yield engine
+    engine.close()
+
+
+def _answer(engine, **params):
+    pieces = list(engine.generate(DEFAULT_TENANT, GenerateParams(**params)))
+    return pieces[0].report, [t for p in pieces for t in p.token_ids], pieces[-1].finish
+
+
+def test_an_evicted_chunk_is_computed_for_the_request_and_written_back(engine):
+    result = engine.ingest(DEFAULT_TENANT, [DocumentIn(**d) for d in DOCUMENTS[:2]])
+    ids = [chunk_ids[0] for chunk_ids in result.chunk_ids]
+    first, tokens, _ = _answer(engine, query="Where?", chunk_ids=tuple(ids), mode="reuse", max_new_tokens=4)
+    assert first.chunks_missing == 0 and sum(first.chunks_hit.values()) == 2
+    text = engine.catalog.run(lambda: engine.catalog.existing(DEFAULT_TENANT).get(ids[1]).text)
+    token_ids = engine.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    engine.store.delete(engine.kv_key(DEFAULT_TENANT, token_ids))  # as if every tier had evicted it
+    again, tokens_again, _ = _answer(engine, query="Where?", chunk_ids=tuple(ids), mode="reuse",
+                                     max_new_tokens=4)
+    assert again.chunks_missing == 1 and again.missing_tokens == len(token_ids)
+    assert again.missing_compute_s > 0 and tokens_again == tokens  # recomputed KV is the same KV
+    third, _, _ = _answer(engine, query="Where?", chunk_ids=tuple(ids), mode="reuse", max_new_tokens=1)
+    assert third.chunks_missing == 0 and sum(third.chunks_hit.values()) == 2  # written back
+
+
+def test_below_its_kl_limit_the_guard_records_and_keeps_the_blend_answer(engine):
+    ids = tuple(cid for chunk_ids in engine.ingest(DEFAULT_TENANT, [DocumentIn(**DOCUMENTS[2])]).chunk_ids
+                for cid in chunk_ids)
+    report, _, finish = _answer(engine, query="What music?", chunk_ids=ids, mode="blend", ratio=0.0,
+                                max_new_tokens=3)
+    assert report.quality.checked and not report.quality.fell_back and report.quality.kl >= 0
+    assert finish.tokens == 3
+    assert engine.guard.summary()["checked"] >= 1
