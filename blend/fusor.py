@@ -24,9 +24,10 @@ import torch
 from blend.adapter import LlamaStep, causal_mask
 from blend.cache import ChunkKV, KVCache
 from blend.prompt import PromptLayout
+from blend.selectors import SCORERS, Selector, adaptive_count, parse_selector, token_scores
 
 MODES = ("full", "prefix", "reuse", "blend")
-SELECTORS = ("v", "k")
+SELECTORS = SCORERS  # scorer names; a selector may add options, e.g. "qattn+sink4" (blend/selectors.py)
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class BlendConfig:
     mode: str = "blend"
     ratio: float = 0.15
     check_layer: int = 1
-    # K deviation is the default: on 20 MuSiQue questions it beat V at every ratio (docs/fusor.md).
-    selector: str = "k"
+    # K deviation is the default: on 20 MuSiQue questions it beat V at every ratio (docs/blend.md).
+    selector: str = "k"  # a scorer name plus options: "qattn+sink4+gmax+cover0.9" (blend/selectors.py)
     # Gradual filtering: the kept set starts at min(1, 2 * ratio) at the check layer and shrinks
     # linearly to `ratio` over `gradual_layers` layers, each step ranking by that layer's deviation.
     gradual_layers: int = 0
@@ -43,10 +44,9 @@ class BlendConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r} (choose one of {', '.join(MODES)})")
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"recompute ratio {self.ratio!r} is outside [0, 1]")
-        if self.selector not in SELECTORS:
-            raise ValueError(f"unknown selector {self.selector!r} (choose one of {', '.join(SELECTORS)})")
+        parse_selector(self.selector)
         if self.check_layer < 1:
             raise ValueError(f"check layer {self.check_layer} must be >= 1 (layer 0 always runs in full)")
         if self.gradual_layers < 0:
@@ -58,6 +58,10 @@ class BlendConfig:
             return self.mode
         suffix = f"/gradual{self.gradual_layers}" if self.gradual_layers else ""
         return f"blend@{self.ratio:g}/{self.selector}{suffix}"
+
+    @property
+    def selection(self) -> Selector:
+        return parse_selector(self.selector)
 
 
 class KVSource(Protocol):
@@ -89,6 +93,11 @@ class Prefill:
     recomputed: int  # chunk tokens recomputed from the check layer on
 
 
+def cached_chunks(mode: str, n_chunks: int) -> int:
+    """How many of a prompt's chunks (from the first) a mode places from cache (see the table above)."""
+    return {"full": 0, "prefix": min(1, n_chunks), "reuse": n_chunks, "blend": n_chunks}[mode]
+
+
 def cached_entries(mode: str, prefix: ChunkKV, chunks: Sequence[ChunkKV], layout: PromptLayout) -> list[ChunkKV]:
     """The cached segments a mode places, checked against the layout so a cache never meets wrong text."""
     if tuple(prefix.token_ids) != tuple(layout.prefix):
@@ -98,8 +107,7 @@ def cached_entries(mode: str, prefix: ChunkKV, chunks: Sequence[ChunkKV], layout
             raise ValueError(f"cached KV of chunk {index} was computed for other tokens than the prompt's")
     if len(chunks) != len(layout.chunks):
         raise ValueError(f"{len(chunks)} cached chunks for a prompt of {len(layout.chunks)} chunks")
-    count = {"full": 0, "prefix": 1 + min(1, len(chunks)), "reuse": 1 + len(chunks), "blend": 1 + len(chunks)}
-    return ([prefix] + list(chunks))[: count[mode]]
+    return ([prefix] + list(chunks))[: (1 + cached_chunks(mode, len(chunks))) if mode != "full" else 0]
 
 
 def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn) -> None:
@@ -149,11 +157,20 @@ def _mask_for(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch
     return None if positions.shape[0] == length else causal_mask(positions, length, dtype)
 
 
-def _deviation(cache: KVCache, layer: int, positions, k, v, selector: str) -> torch.Tensor:
-    """Squared L2 distance, per token summed over heads, between fresh and cached K or V."""
-    cached = cache.data[layer].index_select(0, positions)[:, 1 if selector == "v" else 0]
-    fresh = v if selector == "v" else k
-    return (fresh.float() - cached.float()).pow(2).sum(dim=(1, 2))
+def _keep(selection: Selector, score, mass, candidate, n_candidates: int, n_always: int, ceiling: int):
+    """Indices (sorted) of the computed tokens kept: every non-candidate, then the best candidates.
+
+    The fixed budget needs no device value on the host. The adaptive one reads its count once (the
+    kept set's size sets every later layer's shapes); it stays between floor x ceiling and ceiling,
+    and applies only where the ceiling drops tokens, so ratio 1 still recomputes every chunk token.
+    """
+    ceiling = min(n_candidates, ceiling)
+    score = torch.where(candidate, score, torch.full_like(score, float("inf")))
+    budget = ceiling
+    if selection.coverage and 0 < ceiling < n_candidates:
+        floor = round(selection.floor * ceiling)
+        budget = int(adaptive_count(score, mass, candidate, selection.coverage).clamp(floor, ceiling))
+    return torch.topk(score, budget + n_always).indices.sort().values
 
 
 def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: KVSource | None,
@@ -197,6 +214,14 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
     for segment in skip:
         always[boundaries[segment] : boundaries[segment + 1]] = True
     n_chunk_tokens = question_start - len(layout.prefix) - sum(lengths[s] for s in skip)
+    n_candidates = n_chunk_tokens  # computed chunk tokens the selection may drop, tracked on the host
+    selection = config.selection if config.mode == "blend" else None
+    if selection is not None and selection.sinks:
+        # Chunk-start tokens are ranked above every other chunk token: they take the budget first.
+        sinks = torch.zeros(n, dtype=torch.bool, device=device)
+        for start in layout.chunk_starts():
+            sinks[start : start + selection.sinks] = True
+        sinks &= ~always
     h = step.embed(ids[first:])
     mask, rope = _mask_for(positions, n, step.dtype), step.cos_sin(positions)
     for layer in range(step.n_layers):
@@ -207,10 +232,13 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
             continue
         q, k, v = step.qkv(layer, h, positions, rope)
         candidate = ~always[positions]
-        score = _deviation(cache, layer, positions, k, v, config.selector)
-        budget = min(int(candidate.sum()), round(schedule[layer] * n_chunk_tokens))
-        score = torch.where(candidate, score, torch.full_like(score, float("inf")))
-        keep = torch.topk(score, budget + int((~candidate).sum())).indices.sort().values
+        score, mass = token_scores(selection, q, k, v, cache.data[layer], positions, len(layout.suffix), step.scale)
+        if selection.sinks:
+            score = torch.where(sinks[positions], torch.finfo(score.dtype).max, score)
+        n_always = positions.shape[0] - n_candidates
+        keep = _keep(selection, score, mass, candidate, n_candidates, n_always,
+                     round(schedule[layer] * n_chunk_tokens))
+        n_candidates = keep.shape[0] - n_always
         h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
         mask, rope = _mask_for(positions, n, step.dtype), step.cos_sin(positions)
         cache.write(layer, positions, k, v)

@@ -105,7 +105,7 @@ class QualityCheck(_message.Message):
     def __init__(self, checked: _Optional[bool] = ..., kl: _Optional[float] = ..., agree: _Optional[bool] = ..., fell_back: _Optional[bool] = ...) -> None: ...
 
 class RequestReport(_message.Message):
-    __slots__ = ("mode", "ratio", "chunk_ids", "scores", "prompt_tokens", "chunk_tokens", "chunks_hit", "chunks_missing", "missing_tokens", "tokens_recomputed", "queue_s", "retrieve_s", "load_s", "load_wait_s", "compute_s", "missing_compute_s", "quality", "degraded_tiers")
+    __slots__ = ("mode", "ratio", "chunk_ids", "scores", "prompt_tokens", "chunk_tokens", "chunks_hit", "chunks_missing", "missing_tokens", "tokens_recomputed", "queue_s", "retrieve_s", "load_s", "load_wait_s", "compute_s", "missing_compute_s", "quality", "degraded_tiers", "plan", "load_stall_s", "stalled_layers")
     class ChunksHitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,9 @@ class RequestReport(_message.Message):
     MISSING_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_TIERS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    LOAD_STALL_S_FIELD_NUMBER: _ClassVar[int]
+    STALLED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     ratio: float
     chunk_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -149,7 +152,26 @@ class RequestReport(_message.Message):
     missing_compute_s: float
     quality: QualityCheck
     degraded_tiers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, mode: _Optional[str] = ..., ratio: _Optional[float] = ..., chunk_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., prompt_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunks_hit: _Optional[_Mapping[str, int]] = ..., chunks_missing: _Optional[int] = ..., missing_tokens: _Optional[int] = ..., tokens_recomputed: _Optional[int] = ..., queue_s: _Optional[float] = ..., retrieve_s: _Optional[float] = ..., load_s: _Optional[float] = ..., load_wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., missing_compute_s: _Optional[float] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ..., degraded_tiers: _Optional[_Iterable[str]] = ...) -> None: ...
+    plan: LoadPlan
+    load_stall_s: float
+    stalled_layers: int
+    def __init__(self, mode: _Optional[str] = ..., ratio: _Optional[float] = ..., chunk_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., prompt_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunks_hit: _Optional[_Mapping[str, int]] = ..., chunks_missing: _Optional[int] = ..., missing_tokens: _Optional[int] = ..., tokens_recomputed: _Optional[int] = ..., queue_s: _Optional[float] = ..., retrieve_s: _Optional[float] = ..., load_s: _Optional[float] = ..., load_wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., missing_compute_s: _Optional[float] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ..., degraded_tiers: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[LoadPlan, _Mapping]] = ..., load_stall_s: _Optional[float] = ..., stalled_layers: _Optional[int] = ...) -> None: ...
+
+class LoadPlan(_message.Message):
+    __slots__ = ("planned", "ratio", "recompute_chunk_ids", "predicted_load_s", "predicted_compute_s", "reason")
+    PLANNED_FIELD_NUMBER: _ClassVar[int]
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_CHUNK_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    planned: bool
+    ratio: float
+    recompute_chunk_ids: _containers.RepeatedScalarFieldContainer[str]
+    predicted_load_s: float
+    predicted_compute_s: float
+    reason: str
+    def __init__(self, planned: _Optional[bool] = ..., ratio: _Optional[float] = ..., recompute_chunk_ids: _Optional[_Iterable[str]] = ..., predicted_load_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Finish(_message.Message):
     __slots__ = ("reason", "tokens", "seconds")
@@ -236,7 +258,7 @@ class GuardStats(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., max_kl: _Optional[float] = ..., checked: _Optional[int] = ..., fell_back: _Optional[int] = ..., mean_kl: _Optional[float] = ..., agreement: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "tiers", "degraded_tiers", "queue_depth", "queue_capacity", "active", "requests", "completed", "failed", "cancelled", "rejected", "tokens_generated", "ttft_p50_s", "ttft_p99_s", "tenant_chunks", "guard", "uptime_s", "draining")
+    __slots__ = ("model", "fingerprint", "tiers", "degraded_tiers", "queue_depth", "queue_capacity", "active", "requests", "completed", "failed", "cancelled", "rejected", "tokens_generated", "ttft_p50_s", "ttft_p99_s", "tenant_chunks", "guard", "uptime_s", "draining", "loading")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +278,7 @@ class StatsResponse(_message.Message):
     GUARD_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    LOADING_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
@@ -275,4 +298,28 @@ class StatsResponse(_message.Message):
     guard: GuardStats
     uptime_s: float
     draining: bool
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., degraded_tiers: _Optional[_Iterable[str]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., active: _Optional[int] = ..., requests: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., rejected: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., ttft_p50_s: _Optional[float] = ..., ttft_p99_s: _Optional[float] = ..., tenant_chunks: _Optional[int] = ..., guard: _Optional[_Union[GuardStats, _Mapping]] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
+    loading: LoadingStats
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., degraded_tiers: _Optional[_Iterable[str]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., active: _Optional[int] = ..., requests: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., rejected: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., ttft_p50_s: _Optional[float] = ..., ttft_p99_s: _Optional[float] = ..., tenant_chunks: _Optional[int] = ..., guard: _Optional[_Union[GuardStats, _Mapping]] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., loading: _Optional[_Union[LoadingStats, _Mapping]] = ...) -> None: ...
+
+class LoadingStats(_message.Message):
+    __slots__ = ("enabled", "planned", "chunks_recomputed", "ratio_raised", "read_bytes_per_s", "prefill_s_per_token")
+    class ReadBytesPerSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    RATIO_RAISED_FIELD_NUMBER: _ClassVar[int]
+    READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    planned: int
+    chunks_recomputed: int
+    ratio_raised: int
+    read_bytes_per_s: _containers.ScalarMap[str, float]
+    prefill_s_per_token: float
+    def __init__(self, enabled: _Optional[bool] = ..., planned: _Optional[int] = ..., chunks_recomputed: _Optional[int] = ..., ratio_raised: _Optional[int] = ..., read_bytes_per_s: _Optional[_Mapping[str, float]] = ..., prefill_s_per_token: _Optional[float] = ...) -> None: ...

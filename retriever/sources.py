@@ -1,4 +1,5 @@
-"""Documents to ingest, read from a MuSiQue-shaped JSON file, a folder of .txt/.md files or JSON lines.
+"""Documents to ingest, read from a MuSiQue-shaped JSON file, a folder of .txt/.md files or JSON lines;
+and the one reader of MuSiQue-shaped questions (`read_musique`), which evaluation and benches share.
 
 A document that cannot be read (empty, binary, not UTF-8, malformed) is reported through `skip`
 with its name and the reason, and reading goes on; a source that cannot be opened at all raises.
@@ -24,26 +25,73 @@ class Document:
 Skip = Callable[[str], None]
 
 
-def musique_documents(path: Path, skip: Skip) -> Iterator[Document]:
-    """Every distinct passage of every question, in file order (passages repeat across questions)."""
+@dataclass(frozen=True)
+class Passage:
+    title: str
+    text: str  # may be blank: passages keep their place in the file, readers skip blank ones
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answers: tuple[str, ...]
+    passages: tuple[Passage, ...]  # every ctx of the item, in file order
+
+
+MUSIQUE_SHAPE = '[{"question", "answers", "ctxs": [{"title", "text"}]}]'
+
+
+def read_musique(path: Path, limit: int | None = None) -> list[Question]:
+    """The first `limit` (else all) questions of a MuSiQue-shaped JSON file, each with its passages.
+
+    A question needs its text and at least one passage with text; an item that has neither is an
+    error naming its index, not a question silently dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a MuSiQue-shaped JSON file: {MUSIQUE_SHAPE})")
     try:
-        questions = json.loads(Path(path).read_text(encoding="utf-8"))
+        items = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a JSON file ({err})") from None
-    if not isinstance(questions, list) or not all(isinstance(q, dict) and "ctxs" in q for q in questions):
-        raise ValueError(f"{path}: expected a list of "
-                         '{"question", "answers", "ctxs": [{"title", "text"}]}')
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path} holds no questions (expected a non-empty JSON list {MUSIQUE_SHAPE})")
+    questions = []
+    for index, item in enumerate(items[:limit] if limit else items):
+        if not isinstance(item, dict) or not str(item.get("question", "")).strip():
+            raise ValueError(f"{path}: item {index} has no 'question' (expected {MUSIQUE_SHAPE})")
+        contexts = item.get("ctxs")
+        passages = tuple(Passage(str(c.get("title") or ""), str(c.get("text") or "")) if isinstance(c, dict)
+                         else Passage("", "") for c in (contexts if isinstance(contexts, list) else []))
+        if not any(p.text.strip() for p in passages):
+            raise ValueError(f"{path}: item {index} ({str(item['question'])[:60]!r}) has no passages in 'ctxs'")
+        answers = item.get("answers") or []
+        answers = [answers] if isinstance(answers, str) else answers
+        questions.append(Question(str(item["question"]), tuple(map(str, answers)), passages))
+    return questions
+
+
+def question_documents(questions: Iterable[Question], name: str, skip: Skip | None = None) -> Iterator[Document]:
+    """Every distinct passage of `questions`, once, in file order (passages repeat across questions).
+
+    A passage's id is `name:question:passage`, its place in the file named `name`.
+    """
     seen: set[tuple[str, str]] = set()
     for q, question in enumerate(questions):
-        for p, passage in enumerate(question["ctxs"]):
-            title, text = str(passage.get("title") or ""), str(passage.get("text") or "")
-            if not text.strip():
-                skip(f"{path.name} question {q} passage {p}: empty text")
+        for p, passage in enumerate(question.passages):
+            if not passage.text.strip():
+                if skip is not None:
+                    skip(f"{name} question {q} passage {p}: empty text")
                 continue
-            if (title, text) in seen:
+            if (passage.title, passage.text) in seen:
                 continue
-            seen.add((title, text))
-            yield Document(doc_id=f"{path.name}:{q}:{p}", title=title, text=text)
+            seen.add((passage.title, passage.text))
+            yield Document(doc_id=f"{name}:{q}:{p}", title=passage.title, text=passage.text)
+
+
+def musique_documents(path: Path, skip: Skip) -> Iterator[Document]:
+    """Every distinct passage of every question of a MuSiQue-shaped file, in file order."""
+    return question_documents(read_musique(path), Path(path).name, skip)
 
 
 def _markdown_title(text: str) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""A small client for the kvblend service, and `kvblend query`, which prints an answer as it streams.
+"""A small client for the kvblend service (services/commands/query.py is `kvblend query` over it).
 
     client = Client("127.0.0.1:50051", token=..., tls_ca=...)
     client = Client("10.0.0.5:50051,10.0.0.6:50051")   # round robin over replicas
@@ -10,9 +10,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -165,17 +162,11 @@ class Answer:
                 answer.finish = message.finish
         return answer
 
-
-def musique_documents(questions: list[dict]) -> list[dict]:
-    """IngestChunks documents for the passages of MuSiQue-shaped questions, each distinct passage once."""
-    seen, documents = set(), []
-    for q, item in enumerate(questions):
-        for p, ctx in enumerate(item["ctxs"]):
-            key = (str(ctx.get("title", "")), str(ctx.get("text", "")))
-            if key[1].strip() and key not in seen:
-                seen.add(key)
-                documents.append({"title": key[0], "text": key[1], "doc_id": f"q{q}p{p}"})
-    return documents
+    def as_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "ttft_s": self.ttft_s,
+                "client_ttft_s": self.client_ttft_s,
+                "report": MessageToDict(self.report, preserving_proto_field_name=True),
+                "finish": MessageToDict(self.finish, preserving_proto_field_name=True)}
 
 
 def format_report(answer: Answer) -> str:
@@ -203,48 +194,3 @@ def format_report(answer: Answer) -> str:
     if report.chunk_ids:
         lines.append("chunk ids   " + " ".join(report.chunk_ids))
     return "\n".join(lines)
-
-
-def cmd_query(args) -> int:
-    token = args.token or os.environ.get("KVBLEND_TOKEN")
-    if args.chunk_ids and args.top_k:
-        raise ValueError("give --chunk-ids or --top-k, not both")
-    with Client(args.server, token=token, tenant=args.tenant, tls_ca=args.tls_ca) as client:
-        stream = client.generate(args.query, chunk_ids=args.chunk_ids or (), top_k=args.top_k or 0,
-                                 mode=args.mode, ratio=args.ratio, max_new_tokens=args.max_new_tokens,
-                                 timeout=args.timeout)
-        try:
-            answer = Answer.collect(stream, on_text=None if args.json else
-                                    (lambda text: print(text, end="", flush=True)))
-        except grpc.RpcError as err:
-            print(f"\nkvblend: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
-    if args.json:
-        record = {"text": answer.text, "token_ids": answer.token_ids, "ttft_s": answer.ttft_s,
-                  "client_ttft_s": answer.client_ttft_s,
-                  "report": MessageToDict(answer.report, preserving_proto_field_name=True),
-                  "finish": MessageToDict(answer.finish, preserving_proto_field_name=True)}
-        print(json.dumps(record, indent=2))
-    else:
-        print("\n")
-        print(format_report(answer))
-    return 0
-
-
-def add_parsers(subparsers) -> None:
-    q = subparsers.add_parser("query", help="ask a running kvblend server; prints tokens as they stream")
-    q.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
-    q.add_argument("--query", required=True)
-    pick = q.add_mutually_exclusive_group()
-    pick.add_argument("--chunk-ids", nargs="+", default=None, help="these chunks, in this order")
-    pick.add_argument("--top-k", type=int, default=None, help="the K chunks retrieved for the query")
-    q.add_argument("--mode", default="", choices=["", "full", "prefix", "reuse", "blend"],
-                   help="default: the server's (blend)")
-    q.add_argument("--ratio", type=float, default=None, help="blend recompute ratio (default: the server's)")
-    q.add_argument("--max-new-tokens", type=int, default=0)
-    q.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    q.add_argument("--token", default=None, help="bearer token (default $KVBLEND_TOKEN)")
-    q.add_argument("--tenant", default=None, help="tenant, on a server without auth")
-    q.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate: use TLS")
-    q.add_argument("--json", action="store_true", help="print the answer and report as JSON")
-    q.set_defaults(func=cmd_query)

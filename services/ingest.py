@@ -1,4 +1,5 @@
-"""The ingestion job and the `ingest`, `retrieve` and `delete` subcommands.
+"""The ingestion job, and what `kvblend ingest`, `retrieve` and `delete` run (services/commands/ingest.py
+parses their flags).
 
 Ingest: documents -> chunks (serving model tokens) -> text + vector (sqlite, faiss) and per-layer KV
 (the KV store). A chunk is recorded complete, in one sqlite transaction with its text and vector,
@@ -8,9 +9,6 @@ written, so a killed job rerun ends with every chunk exactly once.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,18 +20,15 @@ import numpy as np
 import torch
 
 from blend.cache import ChunkKV
-from blend.fusor import compute_kv
-from blend.prompt import DEFAULT_SYSTEM, build_layout
 from retriever.chunker import Chunk, Chunker, check_chunk_tokens
 from retriever.collection import Collection
 from retriever.embedder import Embedder
-from retriever.index import INDEX_KINDS
 from retriever.sources import Document, folder_documents, jsonl_documents, musique_documents
+from services.precompute import Precompute
 from store.chunks import ChunkStore
 from store.config import StoreConfig
-from store.keys import chunk_key
+from services.settings import KV_DIR, ModelConfig
 
-KV_DIR = "kv"
 # The disk tier evicts past its budget; ingestion must not evict what it wrote, so the default is large.
 DEFAULT_KV_DISK_BYTES = 1 << 40
 
@@ -81,24 +76,6 @@ def open_kv_store(data_dir: Path, disk_bytes: int = DEFAULT_KV_DISK_BYTES) -> St
     return StoreKV(ChunkStore.from_config(kv_store_config(data_dir, disk_bytes)))
 
 
-class KVPrecompute:
-    """Chunk KV computed behind the system prompt, as the fusor expects to find it."""
-
-    def __init__(self, model, system: str = DEFAULT_SYSTEM):
-        self.step = model.step
-        self.fingerprint = model.fingerprint
-        self.prefix_ids = build_layout(model.tokenizer, [], "x", system).prefix
-        with torch.inference_mode():
-            self.prefix = compute_kv(self.step, self.prefix_ids)
-
-    def key(self, token_ids: Sequence[int]) -> str:
-        return chunk_key(self.fingerprint, self.prefix_ids, token_ids, self.step.dtype)
-
-    def compute(self, token_ids: Sequence[int]) -> ChunkKV:
-        with torch.inference_mode():
-            return compute_kv(self.step, token_ids, behind=self.prefix)
-
-
 # -- the job ------------------------------------------------------------------------------------
 
 @dataclass
@@ -138,7 +115,7 @@ class IngestStats:
 class _Job:
     collection: Collection
     embedder: Embedder
-    kv: KVPrecompute | None
+    kv: Precompute | None
     kv_store: ChunkKVStore | None
     stats: IngestStats = field(default_factory=IngestStats)
 
@@ -180,13 +157,13 @@ class _Job:
 
 
 def ingest(documents: Iterable[Document], chunker: Chunker, collection: Collection, embedder: Embedder,
-           kv: KVPrecompute | None = None, kv_store: ChunkKVStore | None = None, batch_size: int = 32,
+           kv: Precompute | None = None, kv_store: ChunkKVStore | None = None, batch_size: int = 32,
            limit: int | None = None, progress: bool = True) -> IngestStats:
     """Chunk, embed, index and (with `kv`) precompute KV for every document not already ingested."""
     from tqdm import tqdm
 
     if (kv is None) != (kv_store is None):
-        raise ValueError("KV precompute needs both a KVPrecompute and a KV store")
+        raise ValueError("KV precompute needs both a Precompute and a KV store")
     if batch_size < 1:
         raise ValueError(f"batch size {batch_size} must be >= 1")
     job = _Job(collection, embedder, kv, kv_store)
@@ -225,27 +202,36 @@ def ingest(documents: Iterable[Document], chunker: Chunker, collection: Collecti
     return stats
 
 
-def delete_chunks(collection: Collection, kv_store: ChunkKVStore, chunk_ids: Sequence[str]) -> dict[str, int]:
-    """Remove each chunk's KV entries, then its text and vector; returns KV entries removed per chunk.
+class UnknownChunk(ValueError):
+    def __init__(self, chunk_id: str):
+        super().__init__(f"unknown chunk id {chunk_id[:100]!r} (`kvblend retrieve` or Retrieve lists ids; "
+                         "nothing was deleted)")
+        self.chunk_id = chunk_id
 
-    KV goes first: a delete killed part-way leaves the chunk listed, so rerunning it finishes the job.
+
+def delete_chunks(collection: Collection, delete_kv: Callable[[str], object],
+                  chunk_ids: Sequence[str]) -> dict[str, int]:
+    """Remove each chunk's KV entries (`delete_kv(key)`), then its text and vector; returns KV entries
+    removed per chunk. The one delete, for the command line and the server.
+
+    Every id is checked first, so an unknown one deletes nothing. KV goes first: a delete killed
+    part-way leaves the chunk listed, so rerunning it finishes the job.
     """
     unknown = [cid for cid in chunk_ids if cid not in collection]
     if unknown:
-        raise ValueError(f"unknown chunk id {unknown[0]!r} (`kvblend retrieve` lists ids; "
-                         "nothing was deleted)")
+        raise UnknownChunk(unknown[0])
     removed = {}
     for cid in dict.fromkeys(chunk_ids):
         keys = collection.kv_keys(cid)
         for key in keys:
-            kv_store.delete_chunk(key)
+            delete_kv(key)
         collection.delete(cid)
         removed[cid] = len(keys)
     collection.save()
     return removed
 
 
-# -- command line -------------------------------------------------------------------------------
+# -- the commands' work -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class IngestConfig:
@@ -263,31 +249,23 @@ class IngestConfig:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be >= 1")
 
-    @classmethod
-    def from_args(cls, args) -> "IngestConfig":
-        return cls(data_dir=data_dir_of(args), chunk_tokens=args.chunk_tokens, batch_size=args.batch_size,
-                   with_kv=not args.no_kv, limit=args.limit, index_kind=args.index)
-
-
-def data_dir_of(args) -> Path:
-    return Path(args.data_dir or os.environ.get("KVBLEND_DATA_DIR") or "~/.kvblend").expanduser()
-
 
 def _say(message: str) -> None:
     print(f"kvblend: {message}", file=sys.stderr)
 
 
-def _documents(args) -> Iterable[Document]:
-    if args.dataset is not None:
-        if not args.dataset.is_file():
-            raise FileNotFoundError(f"--dataset {args.dataset}: no such file")
-        return musique_documents(args.dataset, _say)
-    if args.docs is not None:
-        return folder_documents(args.docs, _say)
+def read_documents(dataset: Path | None = None, docs: Path | None = None) -> Iterable[Document]:
+    """The passages of a MuSiQue-shaped file, else the files of a folder, else JSON lines on stdin."""
+    if dataset is not None:
+        if not dataset.is_file():
+            raise FileNotFoundError(f"--dataset {dataset}: no such file")
+        return musique_documents(dataset, _say)
+    if docs is not None:
+        return folder_documents(docs, _say)
     return jsonl_documents(sys.stdin.buffer, _say)
 
 
-def serving_tokenizer(model_config):
+def serving_tokenizer(model_config: ModelConfig):
     """The serving model's tokenizer alone, for a job that computes no KV."""
     from transformers import AutoTokenizer
 
@@ -306,6 +284,8 @@ def ingest_remote(documents: Iterable[Document], target: str, batch: int, token:
 
     from services.client import Client, retry_unavailable
 
+    if batch < 1:
+        raise ValueError(f"--batch-size {batch} must be >= 1")
     totals = {"documents": 0, "chunks_added": 0, "chunks_existing": 0, "kv_computed": 0, "retries": 0}
 
     def count_retry(_err) -> None:
@@ -338,38 +318,19 @@ def ingest_remote(documents: Iterable[Document], target: str, batch: int, token:
     return totals
 
 
-def cmd_ingest(args) -> int:
-    from services.settings import ModelConfig
-
-    if args.server is not None:
-        local_only = [flag for flag, given in (("--data-dir", args.data_dir), ("--no-kv", args.no_kv),
-                                               ("--index", args.index), ("--threads", args.threads)) if given]
-        if local_only:
-            raise ValueError(f"{', '.join(local_only)} apply to a local ingest, not to --server {args.server} "
-                             "(the server chunks, embeds and computes KV with its own settings)")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-        totals = ingest_remote(_documents(args), args.server, args.batch_size,
-                               args.token or os.environ.get("KVBLEND_TOKEN"), args.tenant, args.limit)
-        print(f"{totals['documents']} documents sent to {args.server}: {totals['chunks_added']} chunks new, "
-              f"{totals['chunks_existing']} already ingested, KV computed for {totals['kv_computed']} "
-              f"({totals['retries']} calls retried)")
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps({**totals, "server": args.server}, indent=2))
-        return 0
-    config = IngestConfig.from_args(args)
-    model_config = ModelConfig.from_args(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads} must be >= 1")
-        torch.set_num_threads(args.threads)
-    documents = _documents(args)
+def ingest_local(config: IngestConfig, model_config: ModelConfig, documents: Iterable[Document],
+                 threads: int | None = None, progress: bool = True) -> tuple[IngestStats, int]:
+    """The job on `config.data_dir` with the serving model; returns its figures and the chunks now there."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads} must be >= 1")
+        torch.set_num_threads(threads)
     kv = kv_store = None
     if config.with_kv:
         from blend.loader import load
 
         model = load(model_config.spec, model_config.cache_dir, model_config.torch_dtype, model_config.device)
-        tokenizer, kv, kv_store = model.tokenizer, KVPrecompute(model), open_kv_store(config.data_dir)
+        tokenizer, kv, kv_store = model.tokenizer, Precompute(model.step, model.tokenizer, model.fingerprint), open_kv_store(config.data_dir)
     else:
         tokenizer = serving_tokenizer(model_config)
     chunker = Chunker(tokenizer, config.chunk_tokens)
@@ -377,98 +338,32 @@ def cmd_ingest(args) -> int:
     collection = Collection(config.data_dir, embedder.dim, config.index_kind)
     try:
         stats = ingest(documents, chunker, collection, embedder, kv, kv_store, config.batch_size,
-                       config.limit, progress=not args.quiet)
-        total = len(collection)
+                       config.limit, progress=progress)
+        return stats, len(collection)
     finally:
         collection.close()
-    line = (f"{stats.documents} documents, {stats.chunks} chunks: {stats.added} new, {stats.skipped} already "
-            f"ingested; text+embedding {stats.text_rate:.1f} chunks/s")
-    if kv is not None:
-        line += f"; KV {stats.kv_computed} chunks at {stats.kv_rate:.2f} chunks/s"
-    print(f"{line}; {total} chunks in {config.data_dir}")
-    if args.json_out:
-        settings = {**asdict(config), "data_dir": str(config.data_dir)}
-        Path(args.json_out).write_text(json.dumps({**stats.as_dict(), "collection_chunks": total,
-                                                   "config": settings, "model": model_config.spec}, indent=2))
-    return 0
 
 
-def _first_line(text: str, width: int = 100) -> str:
-    line = text.strip().split("\n", 1)[0]
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def cmd_retrieve(args) -> int:
-    data_dir = data_dir_of(args)
-    if args.k < 1:
-        raise ValueError(f"-k {args.k} must be >= 1")
-    if not args.query.strip():
+def retrieve_from(data_dir: Path, query: str, k: int) -> list:
+    """The `k` chunks of the collection in `data_dir` nearest `query`, best first."""
+    if k < 1:
+        raise ValueError(f"-k {k} must be >= 1")
+    if not query.strip():
         raise ValueError("empty --query")
     embedder = Embedder()
     collection = Collection(data_dir, embedder.dim)
     try:
         if not len(collection):
             raise ValueError(f"no chunks in {data_dir} (run `kvblend ingest --data-dir {data_dir}` first)")
-        hits = collection.search(embedder.embed([args.query]), args.k)[0]
+        return collection.search(embedder.embed([query]), k)[0]
     finally:
         collection.docs.close()
-    for hit in hits:
-        print(f"{hit.chunk_id}  {hit.score:.4f}  {_first_line(hit.chunk.text)}")
-    return 0
 
 
-def cmd_delete(args) -> int:
-    data_dir = data_dir_of(args)
+def delete_from(data_dir: Path, chunk_ids: Sequence[str]) -> dict[str, int]:
+    """`delete_chunks` on the collection and KV store in `data_dir`."""
     collection = Collection(data_dir, Embedder.dim)
     try:
-        removed = delete_chunks(collection, open_kv_store(data_dir), args.chunk_ids)
+        return delete_chunks(collection, open_kv_store(data_dir).delete_chunk, chunk_ids)
     finally:
         collection.close()
-    for cid, count in removed.items():
-        print(f"deleted {cid}: text, vector and KV under {count} key(s)")
-    return 0
-
-
-def _add_data_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=None,
-                        help="chunk texts, vectors, index and KV (default $KVBLEND_DATA_DIR or ~/.kvblend)")
-
-
-def add_parsers(subparsers) -> None:
-    from services.commands.cli import add_model_args
-
-    ing = subparsers.add_parser("ingest", help="chunk, embed, index and precompute KV for documents")
-    source = ing.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", type=Path, help="MuSiQue-shaped JSON file (its passages are ingested)")
-    source.add_argument("--docs", type=Path, help="folder of .txt/.md files")
-    source.add_argument("--stdin", action="store_true", help='JSON lines {"text", "title", "id"} on stdin')
-    _add_data_dir(ing)
-    ing.add_argument("--chunk-tokens", type=int, default=512, help="chunk size in serving-model tokens")
-    ing.add_argument("--batch-size", type=int, default=32, help="chunks embedded and recorded together")
-    ing.add_argument("--no-kv", action="store_true", help="text, vectors and index only; no KV precompute")
-    ing.add_argument("--limit", type=int, default=None, help="stop after this many documents")
-    ing.add_argument("--index", choices=INDEX_KINDS, default=None,
-                     help="faiss index kind (default: keep the existing one, flat for a new one)")
-    ing.add_argument("--json", dest="json_out", default=None, help="write the job's figures here")
-    ing.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: torch's; 1 is faster on a CPU shared "
-                          "with other jobs)")
-    ing.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    ing.add_argument("--server", default=None,
-                     help="send the documents to a running server instead (HOST:PORT, a comma list of replicas "
-                          "or dns:///NAME:PORT), through IngestChunks; the server chunks and computes KV")
-    ing.add_argument("--token", default=None, help="bearer token for --server (default $KVBLEND_TOKEN)")
-    ing.add_argument("--tenant", default=None, help="tenant for --server, on a server without auth")
-    add_model_args(ing)
-    ing.set_defaults(func=cmd_ingest)
-
-    ret = subparsers.add_parser("retrieve", help="the chunks nearest a query: id, score, first line")
-    ret.add_argument("--query", required=True)
-    ret.add_argument("-k", type=int, default=5)
-    _add_data_dir(ret)
-    ret.set_defaults(func=cmd_retrieve)
-
-    rm = subparsers.add_parser("delete", help="remove chunks: text, vector and every KV entry")
-    rm.add_argument("chunk_ids", nargs="+", metavar="CHUNK_ID")
-    _add_data_dir(rm)
-    rm.set_defaults(func=cmd_delete)

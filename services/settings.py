@@ -1,15 +1,17 @@
-"""Configuration of `kvblend serve`: one frozen dataclass per concern, built once from a TOML file and
-flags at the edge, then passed inward.
+"""Configuration, one frozen dataclass per concern, built once at the edge and passed inward; and the
+one place that reads the environment ($KVBLEND_DATA_DIR, $KVBLEND_CACHE_DIR, $KVBLEND_TOKEN).
 
-A config file (`--config FILE`) has the sections `[server]`, `[model]`, `[store]`, `[guard]`, `[auth]`
-and `[tls]`; each key is a field of that section's dataclass (or of `store.StoreConfig`). Flags win
-over the file; an unknown section or key is an error naming it.
+`kvblend serve` reads a config file (`--config FILE`) with the sections `[server]`, `[model]`, `[store]`,
+`[guard]`, `[auth]` and `[tls]`; each key is a field of that section's dataclass (or of
+`store.StoreConfig`). Flags win over the file, the file over the environment; an unknown section or key
+is an error naming it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -21,12 +23,48 @@ from blend.fusor import MODES
 from store.config import StoreConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DATA_DIR = "~/.kvblend"  # chunk texts, vectors, index and KV, as `kvblend ingest` writes them
+DEFAULT_CACHE_DIR = "~/.cache/kvblend"  # converted model weights
+KV_DIR = "kv"  # under the data folder: the disk KV tier that `kvblend ingest` writes and `serve` reads
+
+
+# -- the environment --------------------------------------------------------------------------------
+
+def _env(name: str, environ: Mapping[str, str] | None) -> str | None:
+    value = (os.environ if environ is None else environ).get(name)
+    return value or None  # set but empty counts as unset
+
+
+def env_data_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    return _env("KVBLEND_DATA_DIR", environ)
+
+
+def env_cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    return _env("KVBLEND_CACHE_DIR", environ)
+
+
+def env_token(environ: Mapping[str, str] | None = None) -> str | None:
+    return _env("KVBLEND_TOKEN", environ)
+
+
+def data_dir(given: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """`given` (--data-dir), else $KVBLEND_DATA_DIR, else ~/.kvblend."""
+    return Path(given or env_data_dir(environ) or DEFAULT_DATA_DIR).expanduser()
+
+
+def token(given: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """`given` (--token), else $KVBLEND_TOKEN, else none."""
+    return given or env_token(environ)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     spec: str = "smollm2-135m"
-    cache_dir: Path = Path("~/.cache/kvblend").expanduser()
+    cache_dir: Path = Path(DEFAULT_CACHE_DIR).expanduser()
     dtype: str = "float32"
     device: str = "cpu"
 
@@ -35,10 +73,11 @@ class ModelConfig:
             raise ValueError(f"unknown dtype {self.dtype!r} (choose one of {', '.join(DTYPES)})")
 
     @classmethod
-    def from_args(cls, args) -> "ModelConfig":
-        cache_dir = args.cache_dir or os.environ.get("KVBLEND_CACHE_DIR") or "~/.cache/kvblend"
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(spec=args.model, cache_dir=Path(cache_dir).expanduser(), dtype=args.dtype, device=device)
+    def resolve(cls, spec: str = "smollm2-135m", cache_dir: str | Path | None = None, dtype: str = "float32",
+                device: str | None = None, environ: Mapping[str, str] | None = None) -> ModelConfig:
+        """Unset `cache_dir`: $KVBLEND_CACHE_DIR, else ~/.cache/kvblend; unset `device`: cuda when available."""
+        cache_dir = cache_dir or env_cache_dir(environ) or DEFAULT_CACHE_DIR
+        return cls(spec=spec, cache_dir=Path(cache_dir).expanduser(), dtype=dtype, device=device or default_device())
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -47,7 +86,6 @@ class ModelConfig:
 
 TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_TENANT = "default"
-KV_DIR = "kv"  # under the data folder, as `kvblend ingest` writes it
 CATALOGS = ("local", "redis")
 
 
@@ -64,7 +102,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051
-    data_dir: Path = Path("~/.kvblend")  # chunk texts, vectors and the disk KV tier, as `kvblend ingest` uses
+    data_dir: Path = Path(DEFAULT_DATA_DIR)  # chunk texts, vectors and the disk KV tier, as `kvblend ingest` uses
     rpc_threads: int = 96  # each queued or streaming Generate holds one; above max_waiting + max_active
     max_waiting: int = 64  # requests queued for the model; one more is RESOURCE_EXHAUSTED
     max_active: int = 4  # requests decoding at once, interleaved token by token on the model thread
@@ -78,6 +116,9 @@ class ServerConfig:
     default_mode: str = "blend"
     default_ratio: float = 0.15
     check_layer: int = 1
+    # The loading controller plans every blend request from measured tier bandwidths and prefill cost:
+    # chunks that load slower than they compute are prefilled in full, the ratio never below the request's.
+    loading_controller: bool = True
     default_max_new_tokens: int = 64
     max_new_tokens: int = 1024
     health_interval_s: float = 2.0  # how often the Redis tier is pinged for the health service
@@ -235,9 +276,7 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     if "cache_dir" in model:
         model["cache_dir"] = Path(model["cache_dir"]).expanduser()
     if model.get("device") is None:
-        import torch
-
-        model["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        model["device"] = default_device()
     if model.get("dtype", "float32") not in DTYPES:
         raise ValueError(f"model dtype {model['dtype']!r} is not one of {', '.join(DTYPES)}")
     model_config = _section(ModelConfig, model, f"{where} [model]")
@@ -262,24 +301,20 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     )
 
 
-def from_args(args, environ: dict | None = None) -> ServeSettings:
-    """Flags, then the config file, then the environment ($KVBLEND_DATA_DIR, $KVBLEND_CACHE_DIR)."""
-    import os
-
-    environ = os.environ if environ is None else environ
-    file_values = read_file(Path(args.config)) if getattr(args, "config", None) else {}
-    overrides = {
-        "host": args.host, "port": args.port, "data_dir": args.data_dir, "spec": args.model,
-        "cache_dir": args.cache_dir, "dtype": args.dtype, "device": args.device, "redis_url": args.redis_url,
-        "metrics_port": getattr(args, "metrics_port", None), "catalog": getattr(args, "catalog", None),
-    }
+def from_flags(overrides: dict, config_file: str | Path | None = None,
+               environ: Mapping[str, str] | None = None) -> ServeSettings:
+    """Flag values (`overrides`, None = not given), then the config file, then the environment
+    ($KVBLEND_DATA_DIR, $KVBLEND_CACHE_DIR)."""
+    file_values = read_file(Path(config_file)) if config_file else {}
+    overrides = dict(overrides)
     server, model = file_values.get("server", {}), file_values.get("model", {})
-    if overrides["data_dir"] is None and "data_dir" not in server and environ.get("KVBLEND_DATA_DIR"):
-        overrides["data_dir"] = environ["KVBLEND_DATA_DIR"]
-    if overrides["cache_dir"] is None and "cache_dir" not in model and environ.get("KVBLEND_CACHE_DIR"):
-        overrides["cache_dir"] = environ["KVBLEND_CACHE_DIR"]
+    if overrides.get("data_dir") is None and "data_dir" not in server:
+        overrides["data_dir"] = env_data_dir(environ)
+    if overrides.get("cache_dir") is None and "cache_dir" not in model:
+        overrides["cache_dir"] = env_cache_dir(environ)
     return build(file_values, overrides)
 
 
-__all__ = ["AuthConfig", "GuardConfig", "ServeSettings", "ServerConfig", "TlsConfig", "DEFAULT_TENANT",
-           "build", "check_tenant", "from_args", "read_file"]
+__all__ = ["AuthConfig", "GuardConfig", "ModelConfig", "ServeSettings", "ServerConfig", "TlsConfig",
+           "DEFAULT_TENANT", "DTYPES", "KV_DIR", "build", "check_tenant", "data_dir", "default_device",
+           "env_cache_dir", "env_data_dir", "env_token", "from_flags", "read_file", "token"]

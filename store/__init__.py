@@ -4,7 +4,7 @@
     chunks = ChunkStore.from_config(config)
     key = chunk_key(model.fingerprint, prefix_ids, token_ids, dtype)
     chunks.put(key, chunk_kv)
-    source = chunks.source([prefix_key, *keys], compute=..., device="cuda")  # a blend.fusor.KVSource
+    source = StoreSource(chunks, [prefix, *keys], compute=..., device="cuda").begin()  # a KVSource
 
 See docs/store.md for the design, key and codec formats and the configuration fields.
 """

@@ -17,6 +17,7 @@ from blend.cache import ChunkKV
 from store.codec import CODE_DTYPES, DTYPE_CODES
 from store.config import StoreConfig
 from store.keys import check_chunk_key, layer_key, manifest_key
+from store.open import open_tiered
 from store.tiered import TieredStore
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class ChunkStore:
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> "ChunkStore":
-        return cls(TieredStore.from_config(config))
+        """Over the tiers `config` asks for (`store.open` builds them)."""
+        return cls(open_tiered(config))
 
     def put(self, key: str, chunk: ChunkKV) -> bool:
         """Store every layer, then the manifest; False (logged) if some entry could not be stored."""
@@ -146,10 +148,3 @@ class ChunkStore:
                 self.put(key, chunk)
             chunks.append(chunk)
         return chunks
-
-    def source(self, keys: Sequence[str], compute: Compute | None = None,
-               device: str | torch.device = "cpu", prefetch: bool = True):
-        """A `KVSource` over these chunks that loads layer i + 1 while layer i is consumed."""
-        from store.source import StoreSource
-
-        return StoreSource(self, keys, compute, device, prefetch)

@@ -27,6 +27,8 @@ STALE_TMP_S = 600  # a temp file this old belongs to a writer that died; newer o
 
 class DiskTier:
     volatile = False
+    available = True  # health (store.tier.Health): a local disk tier is never down
+    skipped_writes = 0
 
     def __init__(self, root: str | Path, quantize: bool = False, name: str = "disk"):
         self.name = name
@@ -54,6 +56,9 @@ class DiskTier:
         if not _KEY.fullmatch(key) or _TMP in key or key.startswith("."):
             raise ValueError(f"entry key {key!r} is not a safe file name (letters, digits, _ . : - only)")
         return self.root / key[:2] / key
+
+    def check(self) -> bool:
+        return True
 
     def contains(self, key: str) -> bool:
         return self._path(key).is_file()

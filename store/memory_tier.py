@@ -10,6 +10,8 @@ import torch
 
 class MemoryTier:
     volatile = True
+    available = True  # health (store.tier.Health): a local memory tier is never down
+    skipped_writes = 0
 
     def __init__(self, name: str, device: str | torch.device = "cpu", pin: bool | None = None):
         self.name = name
@@ -22,6 +24,9 @@ class MemoryTier:
         self._bytes = 0
         self._lock = threading.Lock()
 
+    def check(self) -> bool:
+        return True
+
     def contains(self, key: str) -> bool:
         return key in self._entries
 
@@ -30,7 +35,11 @@ class MemoryTier:
 
     def put(self, key: str, value: torch.Tensor) -> int:
         # Own a copy: a caller's tensor may be a view into a larger one, or be modified later.
-        stored = torch.empty(value.shape, dtype=value.dtype, device=self.device, pin_memory=self.pin)
+        # Integer tensors (chunk manifests) stay on the host even in a GPU tier: reading one back must
+        # not make the request wait for the GPU.
+        device = self.device if value.is_floating_point() else torch.device("cpu")
+        stored = torch.empty(value.shape, dtype=value.dtype, device=device,
+                             pin_memory=self.pin and device.type == "cpu")
         stored.copy_(value)
         size = stored.numel() * stored.element_size()
         with self._lock:

@@ -92,7 +92,7 @@ class RedisTier:
         return result
 
     def check(self) -> bool:
-        """Try the server now (ignoring the back-off); True when it answers."""
+        """Try the server now (ignoring the back-off); True when it answers (`available` follows)."""
         self._down_until = 0.0
         return self._call(self.client.ping) is not _MISSING
 

@@ -1,60 +1,143 @@
-"""A `KVSource` (blend.fusor) backed by the store: segments' K/V delivered one layer at a time.
+"""The one `KVSource` (blend.fusor) of every request: segments' K/V delivered one layer at a time,
+each from wherever it is, on any device.
 
-While the fusor computes layer i, a background thread is already reading layer i + 1 of every
-segment from the tiers, so store latency hides behind compute. A segment missing from the store
-(no manifest) is computed on its own by the `compute` callback, used and written back; a layer that
-went missing after the manifest was read (evicted, corrupt) makes that segment recompute the same
-way, so the fusor never gets a partial or wrong segment.
+A segment is a store key or a `ChunkKV` already in memory (the system prefix). Per layer:
+
+- an entry already on the compute device (the GPU tier, an in-memory segment, a chunk just computed)
+  is handed over in place, no copy;
+- an entry in host memory (the CPU tier, pinned on a CUDA machine) is copied as one contiguous
+  asynchronous DMA per segment and layer, on a side copy stream, into one of two device buffers
+  (double buffering): layer i + 1 is copied while layer i computes;
+- an entry in a slow tier (disk, Redis) is read by a prefetch thread `depth` layers ahead, pinned,
+  then copied the same way.
+
+Ordering is by CUDA events only, never a device-wide synchronize: `ready[b]` (copy stream, after
+buffer b is filled) is waited on by the compute stream before the fusor reads the layer; `free[b]`
+(compute stream, recorded when the fusor asks for the next layer, so everything that read buffer b
+was enqueued before it) is waited on by the copy stream before it overwrites b. On a CPU device the
+same object runs without streams and hands host blocks over as they are.
+
+A segment missing from the store (no manifest) is computed on its own by the `compute` callback,
+used and written back; one whose manifest does not hold the tokens the prompt expects (a forged or
+stale entry) is treated the same way; a layer that went missing after the manifest was read
+(evicted, corrupt) makes that segment recompute, so the fusor never gets a partial or wrong segment.
+Segments the loading controller chose to recompute in full instead (`begin(skip=...)`) are never
+read: the fusor gets None for them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
 from blend.cache import ChunkKV
-from store.chunks import ChunkStore, Compute, Manifest
+from store.chunks import ChunkStore, Manifest
+from store.keys import layer_key
 
 log = logging.getLogger(__name__)
+
+Compute = Callable[[int], ChunkKV]  # index of the segment -> its K/V computed on its own
+Segment = str | ChunkKV  # a store key, or K/V already in memory
 
 
 class MissingChunk(LookupError):
     pass
 
 
-class StoreSource:
-    """Segments by chunk key (system prefix first); use it as a context manager, or read every layer."""
+@dataclass
+class LoadStats:
+    """What one request's loading did: where each segment came from and what it cost."""
 
-    def __init__(self, store: ChunkStore, keys: Sequence[str], compute: Compute | None = None,
-                 device: str | torch.device = "cpu", prefetch: bool = True):
+    tiers: list[str | None] = field(default_factory=list)  # per segment: the tier its layers came from
+    read_s: dict[str, float] = field(default_factory=dict)  # per tier: host seconds in reads
+    read_bytes: dict[str, int] = field(default_factory=dict)  # per tier: bytes read
+    copy_bytes: int = 0  # bytes copied host -> device
+    copy_s: float = 0.0  # GPU seconds the copy stream spent on them (CUDA only; after `finish`)
+    host_wait_s: float = 0.0  # the fusor's thread blocked waiting for a prefetched layer
+    stall_s: float = 0.0  # GPU seconds the compute stream waited for a copy (CUDA only; after `finish`)
+    stalled_layers: int = 0  # layers whose compute waited on their copy (more than 50 us)
+    computed: dict[int, str] = field(default_factory=dict)  # segment -> why it was computed on its own
+
+
+class StoreSource:
+    """Segments (system prefix first, then chunks in layout order); use `begin`, then read every layer."""
+
+    # Tiers read on the prefetch thread; every other tier is a memory lookup done inline.
+    SLOW_TIERS = ("disk", "redis")
+
+    def __init__(self, store: ChunkStore, segments: Sequence[Segment], compute: Compute | None = None,
+                 device: str | torch.device = "cpu", expected: Sequence[Sequence[int] | None] | None = None,
+                 depth: int = 2, timeline: bool = False):
+        """`expected[i]`: the token ids segment i must hold (its manifest is checked against them)."""
         self.store = store
-        self.keys = list(keys)
+        self.segments = list(segments)
         self.compute = compute
         self.device = torch.device(device)
-        self.computed: dict[int, ChunkKV] = {}  # segments the store could not serve, by position
+        if self.device.type == "cuda" and self.device.index is None:  # so cuda == cuda:0 compares equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.depth = max(1, depth)
+        self.cuda = self.device.type == "cuda"
+        self.stats = LoadStats(tiers=[None] * len(self.segments))
+        self.computed: dict[int, ChunkKV] = {}  # segments the store could not serve, by index
         self.manifests: list[Manifest | None] = []
-        for index, key in enumerate(self.keys):  # each looked up on its own: one miss spoils nothing else
-            manifest = store.manifest(key)
+        expected = list(expected) if expected is not None else [None] * len(self.segments)
+        for index, segment in enumerate(self.segments):  # each on its own: one miss spoils nothing else
+            if isinstance(segment, ChunkKV):
+                self.manifests.append(None)
+                self.stats.tiers[index] = "memory"
+                continue
+            manifest = store.manifest(segment)
+            want = expected[index]
+            if manifest is not None and want is not None and tuple(want) != manifest.token_ids:
+                log.warning("store: chunk %s holds other tokens than the prompt's; recomputed", segment)
+                manifest = None
             self.manifests.append(manifest)
             if manifest is None:
                 self._recompute(index, "not in the store")
-        self.starts = [manifest.start if manifest is not None else self.computed[index].start
-                       for index, manifest in enumerate(self.manifests)]
-        layer_counts = {m.n_layers for m in self.manifests if m is not None}
-        layer_counts |= {chunk.kv.shape[0] for chunk in self.computed.values()}
-        if len(layer_counts) > 1:
-            raise ValueError(f"segments have different layer counts {sorted(layer_counts)} (mixed models?)")
-        self.n_layers = layer_counts.pop() if layer_counts else 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-prefetch") if prefetch else None
-        self._pending: dict[int, Future] = {}
-        if self._pool is not None and self.n_layers:  # layer 0 loads while the caller sets up
-            self._pending[0] = self._pool.submit(self._load, 0)
+            else:
+                self.stats.tiers[index] = store.tiered.where(layer_key(segment, 0))
+        self.starts = [self._entry_start(index) for index in range(len(self.segments))]
+        counts = {self._layers_of(index) for index in range(len(self.segments))}
+        if len(counts) > 1:
+            raise ValueError(f"segments have different layer counts {sorted(counts)} (mixed models?)")
+        self.n_layers = counts.pop() if counts else 0
+        self.skip: set[int] = set()
+        self._begun = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._reads: dict[int, Future] = {}
+        self._timeline = timeline
+
+    # -- segments -------------------------------------------------------------------------------
+
+    def _entry_start(self, index: int) -> int:
+        segment = self.segments[index]
+        if isinstance(segment, ChunkKV):
+            return segment.start
+        manifest = self.manifests[index]
+        return manifest.start if manifest is not None else self.computed[index].start
+
+    def _layers_of(self, index: int) -> int:
+        segment = self.segments[index]
+        if isinstance(segment, ChunkKV):
+            return segment.kv.shape[0]
+        manifest = self.manifests[index]
+        return manifest.n_layers if manifest is not None else self.computed[index].kv.shape[0]
+
+    def lengths(self) -> list[int]:
+        out = []
+        for index, segment in enumerate(self.segments):
+            manifest = self.manifests[index]
+            out.append(len(segment) if isinstance(segment, ChunkKV)
+                       else len(manifest.token_ids) if manifest is not None else len(self.computed[index]))
+        return out
 
     def _recompute(self, index: int, why: str) -> ChunkKV:
-        key = self.keys[index]
+        key = self.segments[index]
         if self.compute is None:
             raise MissingChunk(f"chunk {key} is {why} and no compute callback was given (ingest it first)")
         with torch.inference_mode():  # inference mode is per thread; this may run on the prefetch thread
@@ -66,41 +149,201 @@ class StoreSource:
                              f"chunk {key} (start {manifest.start}) holds")
         log.info("store: chunk %s %s; computed it on its own", key, why)
         self.computed[index] = chunk
+        self.stats.computed[index] = why
+        self.stats.tiers[index] = None
         self.store.put(key, chunk)
         return chunk
 
-    def _load(self, layer: int) -> list[torch.Tensor]:
-        blocks = []
-        for index, key in enumerate(self.keys):
-            chunk = self.computed.get(index)
-            block = None
-            if chunk is None:
-                block = self.store.layer(key, self.manifests[index], layer)
-                if block is None:
-                    chunk = self._recompute(index, f"missing layer {layer}")
-            if chunk is not None:
-                block = chunk.kv[layer]
-            blocks.append(block.to(self.device, non_blocking=True))
+    # -- loading --------------------------------------------------------------------------------
+
+    def begin(self, skip: Sequence[int] = ()) -> "StoreSource":
+        """Start loading; segments in `skip` are not read (the fusor prefills them in full)."""
+        if self._begun:
+            raise RuntimeError("begin() was already called")
+        self._begun = True
+        self.skip = set(skip)
+        self._slow = [index for index, tier in enumerate(self.stats.tiers)
+                      if tier in self.SLOW_TIERS and index not in self.skip]
+        if self._slow:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-prefetch")
+            for layer in range(min(self.depth, self.n_layers)):
+                self._reads[layer] = self._pool.submit(self._read_slow, layer)
+        if self.cuda:
+            host = [i for i in range(len(self.segments)) if i not in self.skip and self._on_host(i)]
+            lengths = self.lengths()
+            self._offsets = {}
+            total = 0
+            for index in host:
+                self._offsets[index] = total
+                total += lengths[index]
+            shape = self._block_shape()
+            self._buffers = [torch.empty((total, *shape), dtype=self._dtype(), device=self.device)
+                             for _ in range(2 if total else 0)]
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._ready = [torch.cuda.Event() for _ in range(2)]
+            self._free = [torch.cuda.Event() for _ in range(2)]
+            self._marks = {name: [torch.cuda.Event(enable_timing=True) for _ in range(self.n_layers)]
+                           for name in ("copy_start", "copy_end", "asked", "compute_start")}
+            self._issued = -1
+            self._pending_blocks: dict[int, list] = {}
+            self._issue(0)
+            self._issue(1)
+        return self
+
+    def _on_host(self, index: int) -> bool:
+        """Whether this segment's layers arrive in host memory (and so need a copy to the device)."""
+        segment = self.segments[index]
+        if isinstance(segment, ChunkKV):
+            return segment.kv.device != self.device
+        if index in self.computed:
+            return self.computed[index].kv.device != self.device
+        return self.stats.tiers[index] != "gpu" or self.device.type != "cuda"
+
+    def _block_shape(self):
+        for index, segment in enumerate(self.segments):
+            if isinstance(segment, ChunkKV):
+                return tuple(segment.kv.shape[2:])
+            manifest = self.manifests[index]
+            if manifest is not None:
+                return manifest.block_shape[1:]
+            return tuple(self.computed[index].kv.shape[2:])
+        return (2, 1, 1)
+
+    def _dtype(self) -> torch.dtype:
+        for index, segment in enumerate(self.segments):
+            if isinstance(segment, ChunkKV):
+                return segment.kv.dtype
+            manifest = self.manifests[index]
+            return manifest.dtype if manifest is not None else self.computed[index].kv.dtype
+        return torch.float32
+
+    def _read(self, index: int, layer: int) -> torch.Tensor:
+        """Layer `layer` of segment `index`, from memory or the store (recomputing it if it went missing)."""
+        segment = self.segments[index]
+        if isinstance(segment, ChunkKV):
+            return segment.kv[layer]
+        chunk = self.computed.get(index)
+        if chunk is None:
+            tier = self.stats.tiers[index]
+            started = time.perf_counter()
+            block = self.store.layer(segment, self.manifests[index], layer)
+            if block is not None:
+                self.stats.read_s[tier] = self.stats.read_s.get(tier, 0.0) + time.perf_counter() - started
+                self.stats.read_bytes[tier] = (self.stats.read_bytes.get(tier, 0)
+                                               + block.numel() * block.element_size())
+                return block
+            chunk = self._recompute(index, f"missing layer {layer}")
+        return chunk.kv[layer]
+
+    def _read_slow(self, layer: int) -> dict[int, torch.Tensor]:
+        blocks = {}
+        for index in self._slow:
+            block = self._read(index, layer)
+            if self.cuda and block.device.type == "cpu" and not block.is_pinned():
+                block = block.pin_memory()  # so its copy to the device is one asynchronous DMA
+            blocks[index] = block
         return blocks
 
-    def layer(self, index: int) -> list[torch.Tensor]:
+    def _gather(self, layer: int) -> list[torch.Tensor | None]:
+        """Every segment's block of one layer, wherever it is (slow tiers through the prefetch thread)."""
+        slow: dict[int, torch.Tensor] = {}
+        if self._slow:
+            pending = self._reads.pop(layer, None) or self._pool.submit(self._read_slow, layer)
+            ahead = layer + self.depth
+            if ahead < self.n_layers and ahead not in self._reads:
+                self._reads[ahead] = self._pool.submit(self._read_slow, ahead)
+            started = time.perf_counter()
+            slow = pending.result()
+            self.stats.host_wait_s += time.perf_counter() - started
+        blocks = []
+        for index in range(len(self.segments)):
+            if index in self.skip:
+                blocks.append(None)
+            elif index in slow and index not in self.computed:
+                blocks.append(slow[index])
+            else:
+                blocks.append(self._read(index, layer))
+        return blocks
+
+    def _issue(self, layer: int) -> None:
+        """Enqueue layer `layer`'s host-to-device copies on the copy stream (CUDA)."""
+        if layer >= self.n_layers or layer <= self._issued:
+            return
+        blocks = self._gather(layer)
+        slot = layer % 2
+        with torch.cuda.stream(self._copy_stream):
+            if layer >= 2:
+                self._copy_stream.wait_event(self._free[slot])
+            self._marks["copy_start"][layer].record(self._copy_stream)
+            out: list[torch.Tensor | None] = []
+            for index, block in enumerate(blocks):
+                if block is None or block.device == self.device:
+                    out.append(block)
+                    continue
+                offset = self._offsets.get(index)
+                if offset is None:  # a segment that arrived on the host unexpectedly (recomputed on CPU)
+                    out.append(block.to(self.device, non_blocking=True))
+                    continue
+                target = self._buffers[slot][offset : offset + block.shape[0]]
+                target.copy_(block, non_blocking=True)
+                self.stats.copy_bytes += block.numel() * block.element_size()
+                out.append(target)
+            self._marks["copy_end"][layer].record(self._copy_stream)
+            self._ready[slot].record(self._copy_stream)
+        self._pending_blocks[layer] = out
+        self._issued = layer
+
+    def layer(self, index: int) -> list[torch.Tensor | None]:
+        if not self._begun:
+            self.begin()
         if not 0 <= index < self.n_layers:
             raise IndexError(f"layer {index} is outside the segments' {self.n_layers} layers")
-        if self._pool is None:
-            return self._load(index)
-        pending = self._pending.pop(index, None) or self._pool.submit(self._load, index)
-        if index + 1 < self.n_layers and index + 1 not in self._pending:
-            self._pending[index + 1] = self._pool.submit(self._load, index + 1)
-        blocks = pending.result()
+        if not self.cuda:
+            blocks = self._gather(index)
+            if index + 1 == self.n_layers:
+                self.close()
+            return [b.to(self.device) if b is not None and b.device != self.device else b for b in blocks]
+        compute = torch.cuda.current_stream(self.device)
+        if index >= 1:
+            # Everything that read the previous layer's buffer is enqueued: free it, and fill it with
+            # layer index + 1 while this layer computes.
+            self._free[(index - 1) % 2].record(compute)
+            self._issue(index + 1)
+        self._issue(index)
+        self._marks["asked"][index].record(compute)
+        compute.wait_event(self._ready[index % 2])
+        self._marks["compute_start"][index].record(compute)
+        blocks = self._pending_blocks.pop(index)
         if index + 1 == self.n_layers:
             self.close()
         return blocks
+
+    def finish(self) -> LoadStats:
+        """After the prefill's results were read back (a synchronize happened): the GPU-side figures."""
+        self.close()
+        if self.cuda and self._begun and self.n_layers:
+            torch.cuda.current_stream(self.device).synchronize()
+            marks = self._marks
+            stalls = [marks["asked"][i].elapsed_time(marks["compute_start"][i]) / 1000 for i in range(self.n_layers)]
+            self.stats.stall_s = sum(stalls)
+            self.stats.stalled_layers = sum(s > 5e-5 for s in stalls)
+            self.stats.copy_s = sum(marks["copy_start"][i].elapsed_time(marks["copy_end"][i]) / 1000
+                                    for i in range(self.n_layers))
+        return self.stats
+
+    def timeline_ms(self) -> list[dict]:
+        """Per layer (CUDA, after `finish`): when its copy ran, when the fusor asked for it and when its
+        compute could begin, in ms from the first copy."""
+        marks = self._marks
+        origin = marks["copy_start"][0]
+        return [{name: round(origin.elapsed_time(marks[name][layer]), 3) for name in marks} | {"layer": layer}
+                for layer in range(self.n_layers)]
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-            self._pending.clear()
+            self._reads.clear()
 
     def __enter__(self) -> "StoreSource":
         return self

@@ -1,4 +1,5 @@
-"""The one protocol every tier implements; placement, LRU and admission live in `store.tiered`."""
+"""The one protocol every tier implements, health included; placement, LRU and admission live in
+`store.tiered`, and `store.open` is the one file that names concrete tiers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,27 @@ from typing import Protocol
 import torch
 
 
-class Tier(Protocol):
+class Health(Protocol):
+    """What a tier knows about its backend. A local tier (memory, disk) is always available and never
+    skips a write; a remote one (Redis) is unavailable during an outage, when reads miss and writes
+    are skipped and counted, and available again once a call succeeds."""
+
+    @property
+    def available(self) -> bool:
+        """False while the backend is known to be down; no call is made to find out."""
+        ...
+
+    @property
+    def skipped_writes(self) -> int:
+        """Puts dropped because the backend was down, since the tier was opened."""
+        ...
+
+    def check(self) -> bool:
+        """Ask the backend now (ignoring any back-off), update `available`, and return it."""
+        ...
+
+
+class Tier(Health, Protocol):
     """A flat map from entry key to tensor. A tier never evicts on its own: the tiered store decides.
 
     `get` returns None for a missing entry or an unreachable backend, and raises

@@ -29,11 +29,7 @@ import torch
 
 from store.admission import FrequencySketch
 from store.codec import CorruptEntry
-from store.config import StoreConfig
-from store.disk_tier import DiskTier
 from store.keys import chunk_of
-from store.memory_tier import MemoryTier
-from store.redis_tier import RedisTier
 from store.tier import Tier
 
 log = logging.getLogger(__name__)
@@ -78,35 +74,6 @@ class TieredStore:
             lru = None if budget is None else OrderedDict(tier.entries())
             self._lru.append(lru)
             self._used.append(sum(lru.values()) if lru is not None else 0)
-
-    @classmethod
-    def from_config(cls, config: StoreConfig) -> "TieredStore":
-        tiers, budgets = [], []
-        if config.gpu_bytes:
-            if torch.cuda.is_available():
-                tiers.append(MemoryTier("gpu", "cuda"))
-                budgets.append(config.gpu_bytes)
-            else:
-                log.info("store: gpu_bytes is %d but CUDA is not available; no GPU tier", config.gpu_bytes)
-        if config.cpu_bytes:
-            tiers.append(MemoryTier("cpu", "cpu"))
-            budgets.append(config.cpu_bytes)
-        if config.disk_path is not None and config.disk_bytes:
-            tiers.append(DiskTier(config.disk_path, quantize=config.quantize))
-            budgets.append(config.disk_bytes)
-        if config.redis_url is not None:
-            redis_tier = RedisTier(config.redis_url, config.redis_prefix, config.quantize,
-                                   config.redis_timeout_s, config.redis_retry_s, cluster=config.redis_cluster)
-            tiers.append(redis_tier)
-            budgets.append(None)
-            if not redis_tier.check():
-                log.warning("store: starting without Redis (%s unreachable); it is used once it answers",
-                            redis_tier.url)
-        else:
-            log.info("store: no Redis URL; tiers are %s only", ", ".join(t.name for t in tiers) or "none")
-        if not tiers:
-            raise ValueError("no usable tier: CUDA is not available for gpu_bytes and no other tier is set")
-        return cls(tiers, budgets, config.admit_after, FrequencySketch(config.sketch_width), config.write_through)
 
     # -- policy ---------------------------------------------------------------------------------
 
@@ -236,6 +203,10 @@ class TieredStore:
                 return True
         log.warning("store: entry %s was not stored: every tier skipped it or it exceeds every budget", key)
         return False
+
+    def where(self, key: str) -> str | None:
+        """The name of the fastest tier holding the entry (nothing read, no use counted), or None."""
+        return next((tier.name for tier in self.tiers if tier.contains(key)), None)
 
     def contains(self, key: str, bottom_only: bool = False) -> bool:
         """In some tier; or, `bottom_only`, in the bottom tier (the one replicas share)."""

@@ -1,61 +1,49 @@
-"""Shared fixtures: tiny random-weight models for unit tests, the real SmolLM2 for integration tests."""
+"""Shared fixtures: tiny random-weight models for unit tests, the real SmolLM2 for integration tests,
+and for the retriever and ingestion tests a small BPE tokenizer, a tiny Llama saved as a model folder
+that `blend.loader.load` accepts, and the real MiniLM embedder."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from blend.adapter import LlamaStep
-
-CACHE_DIR = Path(os.environ.get("KVBLEND_CACHE_DIR", "~/.cache/kvblend")).expanduser()
-
-
-def tiny_model(model_type: str = "llama", **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    settings = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rope_theta=10000.0, tie_word_embeddings=False,
-    )
-    if model_type == "mistral":
-        settings["sliding_window"] = None
-    settings.update(overrides)
-    config = AutoConfig.for_model(model_type, **settings)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
-    # Random init gives near-uniform attention; larger weights make positional mistakes visible.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(8.0)
-    return model
-
-
-def save_tiny_llama(folder: Path, tokenizer, vocab_size: int, max_positions: int) -> Path:
-    """A 2-layer random-weight Llama with `tokenizer`, saved as a Hugging Face folder (`--model DIR`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from tests.helpers import model
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return LlamaStep(tiny_model())
+    return LlamaStep(model.tiny_model())
 
 
 @pytest.fixture(scope="session")
 def smol():
     from blend.loader import load
 
-    return load("smollm2-135m", CACHE_DIR)
+    return load("smollm2-135m", model.CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return model.bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer random Llama with the BPE above, saved as a Hugging Face folder (`--model DIR`)."""
+    return model.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, len(tokenizer), 1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir, tmp_path_factory):
+    from blend.loader import load
+
+    return load(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from retriever.embedder import Embedder
+
+    return Embedder(batch_size=16)

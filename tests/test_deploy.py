@@ -177,8 +177,8 @@ def parse(argv: list[str], where: str) -> argparse.Namespace:
 
 def settings_of(argv: list[str], environ: dict, where: str, config_text: str | None = None,
                 tmp_path: Path | None = None):
-    """What `kvblend serve` would run with: the real `serve_config.from_args`."""
-    from services import settings as serve_config
+    """What `kvblend serve` would run with: the real `services.commands.serve.settings_from_args`."""
+    from services.commands.serve import settings_from_args
 
     args = parse(argv, where)
     assert args.command == "serve", f"{where}: {argv} is not `kvblend serve`"
@@ -187,7 +187,7 @@ def settings_of(argv: list[str], environ: dict, where: str, config_text: str | N
         local = tmp_path / PurePosixPath(args.config).name
         local.write_text(config_text)
         args.config = str(local)
-    return serve_config.from_args(args, environ=environ)
+    return settings_from_args(args, environ=environ)
 
 
 def image_settings():
@@ -300,7 +300,7 @@ def test_torch_is_pinned_to_pyprojects_release_in_both_variants():
 def test_image_converts_the_served_model_at_build_time_into_the_cache_serve_reads(monkeypatch):
     """A RUN `kvblend generate` after ENV KVBLEND_CACHE_DIR converts the model that serve loads (same
     spec) into the cache dir serve reads, so a replica does not convert at start."""
-    from services.settings import ModelConfig
+    from services.commands.options import model_config
 
     env_index = min(i for i, (w, rest) in enumerate(final_stage()) if w == "ENV" and "KVBLEND_CACHE_DIR=" in rest)
     warmups = [(i, argv) for i, argv in run_commands() if argv[1] == "generate"]
@@ -308,7 +308,7 @@ def test_image_converts_the_served_model_at_build_time_into_the_cache_serve_read
     index, argv = warmups[0]
     assert index > env_index, "the model is converted before KVBLEND_CACHE_DIR is set"
     monkeypatch.setenv("KVBLEND_CACHE_DIR", image_env()["KVBLEND_CACHE_DIR"])
-    warm = ModelConfig.from_args(parse(argv, "Dockerfile RUN"))
+    warm = model_config(parse(argv, "Dockerfile RUN"))
     served = image_settings().model
     assert (warm.spec, warm.cache_dir) == (served.spec, served.cache_dir)
 
@@ -341,7 +341,7 @@ def test_image_and_pods_run_as_a_non_root_user():
 def test_env_names_set_for_kvblend_are_read_by_the_code():
     """Each variable the image, compose or k8s sets for kvblend (PATH aside, which holds the venv)
     changes what `kvblend serve` builds: none is a dead setting."""
-    from services import settings as serve_config
+    from services.commands.serve import settings_from_args
 
     names = set(image_env())
     for service in compose_replicas().values():
@@ -352,9 +352,9 @@ def test_env_names_set_for_kvblend_are_read_by_the_code():
     names.discard("PATH")
     assert names
     args = parse(["kvblend", "serve", "--device", "cpu"], "probe")
-    plain = serve_config.from_args(args, environ={})
+    plain = settings_from_args(args, environ={})
     for name in names:
-        assert serve_config.from_args(args, environ={name: f"/probe/{name}"}) != plain, f"{name} is not read"
+        assert settings_from_args(args, environ={name: f"/probe/{name}"}) != plain, f"{name} is not read"
 
 
 # -- compose -----------------------------------------------------------------------------------------
@@ -667,7 +667,7 @@ def test_metrics_table_matches_what_the_collector_exports():
     from types import SimpleNamespace
 
     from services.serving import prometheus
-    from services.serving.engine import Metrics
+    from services.serving.metrics import Metrics
     from store.memory_tier import MemoryTier
     from store.tiered import TieredStore
 

@@ -25,9 +25,34 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from services.bench.service import drive, percentile
+
+
+@dataclass(frozen=True)
+class ClusterBenchConfig:
+    dataset: Path  # MuSiQue-shaped JSON
+    model: str = "smollm2-135m"  # model of the replicas started here
+    cache_dir: str | None = None
+    replicas: int = 2
+    clients: int = 32
+    duration: float = 60.0  # seconds of load
+    questions: int = 2  # asked in turn; their passages are ingested
+    top_k: int = 2
+    max_new_tokens: int = 8
+    ingest_every: int = 4  # every Nth call of a client ingests (0: never)
+    faults: bool = False  # restart Redis, SIGKILL and restart a replica
+    retries: int = 60  # of a call that failed with UNAVAILABLE
+    retry_wait: float = 0.5  # seconds between retries
+    timeout: float | None = None  # per-call deadline
+    keep: bool = False  # keep the run's folder (logs, Redis data)
+    json_out: Path | None = Path("out/bench_cluster.json")
+
+    def __post_init__(self):
+        if self.clients < 1 or self.duration <= 0 or self.questions < 1 or self.replicas < 2:
+            raise ValueError("--clients, --duration and --questions must be positive and --replicas at least 2")
 
 
 class Cluster:
@@ -91,7 +116,8 @@ class Cluster:
         self.redis.stop()
 
 
-def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict:
+def run_load(cluster: Cluster, questions: list[str], config: ClusterBenchConfig,
+             faults: list) -> dict:
     import grpc
 
     from services.client import Answer, Client, retry_unavailable
@@ -102,7 +128,7 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
     def call_with_retries(fn, record: dict):
         failures = record.setdefault("attempt_failures", [])
         try:
-            return retry_unavailable(fn, args.retries, lambda _: args.retry_wait,
+            return retry_unavailable(fn, config.retries, lambda _: config.retry_wait,
                                      lambda err: failures.append(err.code().name))
         except grpc.RpcError as err:
             failures.append(err.code().name)
@@ -111,13 +137,13 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
 
     def one_call(client, index: int, turn: int, began: float) -> dict:
         record = {"ok": True}
-        if args.ingest_every and (turn + index) % args.ingest_every == 0:  # staggered over clients
+        if config.ingest_every and (turn + index) % config.ingest_every == 0:  # staggered over clients
             record["kind"] = "ingest"
             text = (f"Load note {index}-{turn}: replica test document number {turn} written by client "
                     f"{index} while faults are injected into the cluster.")
             response = call_with_retries(lambda: client.ingest(
                 [{"text": text, "title": f"load {index}-{turn}", "doc_id": f"load-{index}-{turn}"}],
-                timeout=args.timeout), record)
+                timeout=config.timeout), record)
             if response is not None:
                 with lock:
                     ingested.extend(response.documents[0].chunk_ids)
@@ -127,8 +153,8 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
 
         def ask():
             started = time.perf_counter()
-            stream = client.generate(question, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                                     timeout=args.timeout)
+            stream = client.generate(question, top_k=config.top_k, max_new_tokens=config.max_new_tokens,
+                                     timeout=config.timeout)
             return Answer.collect(stream, started=started)
 
         answer = call_with_retries(ask, record)
@@ -140,12 +166,12 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
     injectors: list[threading.Thread] = []
 
     def start_faults(began: float) -> None:
-        if args.faults:
-            injectors.append(threading.Thread(target=_inject, args=(cluster, faults, began, args.duration),
+        if config.faults:
+            injectors.append(threading.Thread(target=_inject, args=(cluster, faults, began, config.duration),
                                               daemon=True))
             injectors[0].start()
 
-    records, began = drive(args.clients, args.duration, lambda: Client(cluster.target), one_call, start_faults)
+    records, began = drive(config.clients, config.duration, lambda: Client(cluster.target), one_call, start_faults)
     for injector in injectors:
         injector.join()
     wall = max((r["end"] for r in records), default=began) - began
@@ -156,7 +182,7 @@ def run_load(cluster: Cluster, questions: list[str], args, faults: list) -> dict
     for r in records:
         for code in r.get("attempt_failures", []):
             codes[code] = codes.get(code, 0) + 1
-    per_client = [sum(1 for r in records if r["client"] == index) for index in range(args.clients)]
+    per_client = [sum(1 for r in records if r["client"] == index) for index in range(config.clients)]
     hits: dict[str, int] = {}
     for r in generated:
         for tier, count in r["chunks_hit"].items():
@@ -222,9 +248,9 @@ def check_redis(cluster: Cluster, chunk_ids: list[str]) -> dict:
     return {"chunks_checked": len(chunk_ids), "chunks_lost": lost}
 
 
-def format_table(result: dict, args) -> str:
+def format_table(result: dict, config: ClusterBenchConfig) -> str:
     rows = [
-        ("replicas / clients / duration (s)", f"{args.replicas} / {args.clients} / {args.duration:g}"),
+        ("replicas / clients / duration (s)", f"{config.replicas} / {config.clients} / {config.duration:g}"),
         ("calls (generate ok, ingest ok)", f"{result['calls']} ({result['generate_ok']}, {result['ingest_ok']})"),
         ("failed RPCs (after retries)", result["failed_rpcs"]),
         ("calls retried, then ok", result["retried_then_ok"]),
@@ -247,81 +273,58 @@ def format_table(result: dict, args) -> str:
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
-def run(args) -> int:
-    from services.client import Client, musique_documents
-    from services.bench.demo import load_questions
+def run(config: ClusterBenchConfig) -> int:
+    """The benchmark as a program: prints its table, writes JSON; 0 when nothing failed or was lost."""
+    from retriever.sources import question_documents, read_musique
+    from services.client import Client
 
-    if args.clients < 1 or args.duration <= 0 or args.questions < 1 or args.replicas < 2:
-        raise ValueError("--clients, --duration and --questions must be positive and --replicas at least 2")
-    items = load_questions(Path(args.dataset), args.questions)
-    questions = [str(item["question"]) for item in items]
+    items = read_musique(Path(config.dataset), config.questions)
+    questions = [item.question for item in items]
     folder = Path(tempfile.mkdtemp(prefix="kvblend-cluster-"))
     load_before = os.getloadavg()
-    cluster = Cluster(folder, args.model, args.replicas, args.cache_dir,
-                      {"server": {"default_max_new_tokens": args.max_new_tokens}})
-    print(f"started Redis on {cluster.redis.url} and {args.replicas} replicas on {cluster.target}",
+    cluster = Cluster(folder, config.model, config.replicas, config.cache_dir,
+                      {"server": {"default_max_new_tokens": config.max_new_tokens}})
+    print(f"started Redis on {cluster.redis.url} and {config.replicas} replicas on {cluster.target}",
           file=sys.stderr, flush=True)
     faults: list = []
     try:
         first, last = (f"127.0.0.1:{port}" for port in (cluster.ports[0], cluster.ports[-1]))
-        documents = musique_documents(items)
+        documents = [asdict(d) for d in question_documents(items, Path(config.dataset).name)]
         setup_ids = []
         with Client(first) as client:
             for start in range(0, len(documents), 10):
                 response = client.ingest(documents[start:start + 10])
                 setup_ids += [cid for doc in response.documents for cid in doc.chunk_ids]
         with Client(last) as client:  # one-time costs outside the run; chunks come from Redis there
-            warm = [client.answer(question, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+            warm = [client.answer(question, top_k=config.top_k, max_new_tokens=config.max_new_tokens)
                     for question in questions]
-        print(f"ingested {len(documents)} passages through replica 0; warmed replica {args.replicas - 1}: "
+        print(f"ingested {len(documents)} passages through replica 0; warmed replica {config.replicas - 1}: "
               f"{sum(a.report.chunks_missing for a in warm)} chunks computed there", file=sys.stderr, flush=True)
-        result = run_load(cluster, questions, args, faults)
+        result = run_load(cluster, questions, config, faults)
         result["faults"] = faults
         result["setup_chunks_computed_on_last_replica"] = sum(a.report.chunks_missing for a in warm)
         with Client(last) as client:
             client.wait_ready(60)
-            answer = client.answer(questions[0], top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+            answer = client.answer(questions[0], top_k=config.top_k, max_new_tokens=config.max_new_tokens)
             result["replica_back"] = bool(answer.finish) and answer.report.chunks_missing == 0
         result["redis"] = check_redis(cluster, sorted(set(setup_ids) | set(result["ingested_chunk_ids"])))
     finally:
         cluster.close()
-        if args.keep:
+        if config.keep:
             print(f"kept {folder}", file=sys.stderr)
         else:
             shutil.rmtree(folder, ignore_errors=True)
-    print(format_table(result, args))
+    print(format_table(result, config))
     record = {
         "command": "kvblend bench-cluster " + " ".join(sys.argv[2:]),
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "args": asdict(config),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "result": {k: v for k, v in result.items() if k != "ingested_chunk_ids"},
     }
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(record, indent=2))
-        print(f"wrote {args.json_out}", file=sys.stderr)
+    if config.json_out:
+        config.json_out.parent.mkdir(parents=True, exist_ok=True)
+        config.json_out.write_text(json.dumps(record, indent=2, default=str))
+        print(f"wrote {config.json_out}", file=sys.stderr)
     healthy = result["failed_rpcs"] == 0 and not result["redis"]["chunks_lost"] and result["replica_back"]
     return 0 if healthy else 1
-
-
-def add_parser(subparsers) -> None:
-    b = subparsers.add_parser("bench-cluster",
-                              help="replicas sharing one Redis under load, with Redis and replica faults")
-    b.add_argument("--dataset", required=True, help="MuSiQue-shaped JSON, e.g. data/musique_sample.json")
-    b.add_argument("--model", default="smollm2-135m", help="model of the replicas started here")
-    b.add_argument("--cache-dir", default=None)
-    b.add_argument("--replicas", type=int, default=2)
-    b.add_argument("--clients", type=int, default=32)
-    b.add_argument("--duration", type=float, default=60.0, help="seconds of load")
-    b.add_argument("--questions", type=int, default=2, help="questions asked in turn (their passages are ingested)")
-    b.add_argument("--top-k", type=int, default=2)
-    b.add_argument("--max-new-tokens", type=int, default=8)
-    b.add_argument("--ingest-every", type=int, default=4, help="every Nth call of a client ingests (0: never)")
-    b.add_argument("--faults", action="store_true", help="restart Redis, SIGKILL and restart a replica")
-    b.add_argument("--retries", type=int, default=60, help="retries of a call that failed with UNAVAILABLE")
-    b.add_argument("--retry-wait", type=float, default=0.5, help="seconds between retries")
-    b.add_argument("--timeout", type=float, default=None, help="per-call deadline (default none)")
-    b.add_argument("--keep", action="store_true", help="keep the run's folder (logs, Redis data)")
-    b.add_argument("--json", dest="json_out", default="out/bench_cluster.json")
-    b.set_defaults(func=run)

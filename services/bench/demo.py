@@ -8,63 +8,62 @@ report next to the gold answers, and stops the server (SIGTERM: it drains and ex
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-def load_questions(path: Path, count: int) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--dataset {str(path)!r}: no such file "
-                                "(e.g. ../shared/datasets/musique_dev.json)")
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"--dataset {str(path)!r} is not JSON: {err}") from None
-    if not isinstance(items, list) or not items or not all(isinstance(i, dict) and i.get("ctxs")
-                                                           for i in items):
-        raise ValueError(f"--dataset {str(path)!r}: expected a list of "
-                         "{question, answers, ctxs: [{title, text}]}")
-    return items[:count]
+@dataclass(frozen=True)
+class DemoConfig:
+    dataset: Path  # MuSiQue-shaped JSON
+    questions: int = 2  # questions whose passages are ingested
+    top_k: int = 4  # chunks retrieved for the question
+    max_new_tokens: int = 24
+    batch: int = 5  # passages per IngestChunks call
+    model: str = "smollm2-135m"
+    cache_dir: str | None = None
+    redis_url: str | None = None  # adds a Redis tier
+
+    def __post_init__(self):
+        for name in ("questions", "top_k", "max_new_tokens", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
 
 
-def run_demo(args) -> int:
-    from services.client import Answer, Client, format_report, musique_documents
+def run_demo(config: DemoConfig) -> int:
+    from retriever.sources import question_documents, read_musique
+    from services.client import Answer, Client, format_report
     from services.bench.launch import start_local_server
 
-    for name in ("questions", "top_k", "max_new_tokens", "batch"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    questions = load_questions(Path(args.dataset), args.questions)
+    questions = read_musique(Path(config.dataset), config.questions)
     folder = Path(tempfile.mkdtemp(prefix="kvblend-demo-"))
-    print(f"starting kvblend serve ({args.model}; data in {folder}) ...", flush=True)
+    print(f"starting kvblend serve ({config.model}; data in {folder}) ...", flush=True)
     began = time.perf_counter()
-    server = start_local_server(folder, args.model, args.cache_dir, args.redis_url)
+    server = start_local_server(folder, config.model, config.cache_dir, config.redis_url)
     print(f"serving on {server.target} after {time.perf_counter() - began:.1f} s", flush=True)
     try:
         with Client(server.target) as client:
             client.wait_ready(30)
-            documents = musique_documents(questions)
+            documents = [asdict(d) for d in question_documents(questions, Path(config.dataset).name)]
             print(f"ingesting {len(documents)} passages of {len(questions)} questions "
                   "(KV precomputed now) ...", flush=True)
             chunks = computed = 0
             began = time.perf_counter()
-            for first in range(0, len(documents), args.batch):
-                response = client.ingest(documents[first:first + args.batch])
+            for first in range(0, len(documents), config.batch):
+                response = client.ingest(documents[first:first + config.batch])
                 chunks += sum(len(d.chunk_ids) for d in response.documents)
                 computed += response.kv_computed
-                done = min(first + args.batch, len(documents))
+                done = min(first + config.batch, len(documents))
                 print(f"  {done}/{len(documents)} passages, {chunks} chunks, "
                       f"{time.perf_counter() - began:.0f} s", flush=True)
             question = questions[0]
-            print(f"\nQ: {question['question']}\nA (blend, top {args.top_k} chunks): ", end="", flush=True)
-            stream = client.generate(question["question"], top_k=args.top_k, mode="blend",
-                                     max_new_tokens=args.max_new_tokens)
+            print(f"\nQ: {question.question}\nA (blend, top {config.top_k} chunks): ", end="", flush=True)
+            stream = client.generate(question.question, top_k=config.top_k, mode="blend",
+                                     max_new_tokens=config.max_new_tokens)
             answer = Answer.collect(stream, on_text=lambda text: print(text, end="", flush=True))
-            gold = question.get("answers") or []
-            print(f"\ngold: {' | '.join(map(str, gold if isinstance(gold, list) else [gold]))}\n")
+            print(f"\ngold: {' | '.join(question.answers)}\n")
             print(format_report(answer))
     finally:
         print("\nstopping the server (SIGTERM) ...", flush=True)
@@ -72,18 +71,3 @@ def run_demo(args) -> int:
         print(f"server exited with status {code}")
         shutil.rmtree(folder, ignore_errors=True)
     return 0 if code == 0 else 1
-
-
-def add_parsers(subparsers) -> None:
-    d = subparsers.add_parser("demo",
-                              help="start a server, ingest MuSiQue passages, ask one question in blend mode")
-    d.add_argument("--dataset", required=True,
-                   help="MuSiQue-shaped JSON, e.g. ../shared/datasets/musique_dev.json")
-    d.add_argument("--questions", type=int, default=2, help="questions whose passages are ingested")
-    d.add_argument("--top-k", type=int, default=4, help="chunks retrieved for the question")
-    d.add_argument("--max-new-tokens", type=int, default=24)
-    d.add_argument("--batch", type=int, default=5, help="passages per IngestChunks call")
-    d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--cache-dir", default=None)
-    d.add_argument("--redis-url", default=None, help="add a Redis tier, e.g. redis://127.0.0.1:6379/0")
-    d.set_defaults(func=run_demo)

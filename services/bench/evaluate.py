@@ -23,9 +23,11 @@ import torch
 from blend.quality import kl_divergence
 from blend.cache import ChunkKV
 from blend.decode import greedy, stop_token_ids
-from blend.fusor import MODES, SELECTORS, BlendConfig, MemorySource, cached_entries, compute_kv, prefill
+from blend.fusor import MODES, BlendConfig, MemorySource, cached_entries, compute_kv, prefill
 from blend.loader import LoadedModel, load
 from blend.prompt import DEFAULT_SYSTEM, PromptLayout, build_layout, format_passage
+from blend.selectors import parse_selector
+from retriever.sources import read_musique
 from services.settings import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -49,35 +51,19 @@ class EvalConfig:
     # the Redis and disk tiers hold with quantization on), labelled "/int8".
     kv_int8: bool = False
 
-    @classmethod
-    def from_args(cls, args) -> "EvalConfig":
-        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-        for mode in modes:
+    def __post_init__(self):
+        for mode in self.modes:
             if mode not in MODES:
                 raise ValueError(f"unknown mode {mode!r} in --modes (choose from {', '.join(MODES)})")
-        selectors = tuple(s.strip() for s in args.selector.split(",") if s.strip())
-        for selector in selectors:
-            if selector not in SELECTORS:
-                raise ValueError(f"unknown selector {selector!r} (choose from {', '.join(SELECTORS)})")
-        ratios = []
-        for text in args.ratios.split(","):
-            try:
-                ratio = float(text)
-            except ValueError:
-                raise ValueError(f"ratio {text!r} in --ratios is not a number") from None
+        for selector in self.selectors:
+            parse_selector(selector)  # a ValueError naming the selector or its bad option
+        for ratio in self.ratios:
             if not 0.0 <= ratio <= 1.0:
                 raise ValueError(f"ratio {ratio:g} in --ratios is outside [0, 1]")
-            ratios.append(ratio)
         for name in ("limit", "chunks"):
-            value = getattr(args, name)
+            value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} {value} must be >= 1")
-        return cls(
-            dataset=Path(args.dataset), json_out=Path(args.json_out), limit=args.limit, chunks=args.chunks,
-            modes=modes, ratios=tuple(ratios), selectors=selectors, check_layer=args.check_layer,
-            gradual_layers=args.gradual_layers, max_new_tokens=args.max_new_tokens, hf=not args.no_hf,
-            plot=Path(args.plot) if args.plot else None, kv_int8=args.kv_int8,
-        )
 
     def rows(self) -> list[BlendConfig]:
         rows = []
@@ -113,33 +99,18 @@ def int8_roundtrip(entry: ChunkKV) -> ChunkKV:
 
 @dataclass(frozen=True)
 class Question:
+    """An evaluation item: its passages formatted as the prompt places them."""
+
     question: str
     answers: tuple[str, ...]
     passages: tuple[str, ...]
 
 
 def load_dataset(path: Path, limit: int | None = None, chunks: int | None = None) -> list[Question]:
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset {str(path)!r} does not exist")
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"dataset {str(path)!r} is not JSON: {err}") from None
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"dataset {str(path)!r} holds no questions (expected a non-empty JSON list)")
-    questions = []
-    for index, item in enumerate(items[:limit] if limit else items):
-        if not isinstance(item, dict) or not str(item.get("question", "")).strip():
-            raise ValueError(f"dataset item {index} has no 'question'")
-        contexts = item.get("ctxs") or []
-        passages = tuple(format_passage(str(c.get("title", "")), str(c.get("text", "")))
-                         for c in contexts if isinstance(c, dict) and str(c.get("text", "")).strip())
-        if not passages:
-            raise ValueError(f"dataset item {index} ({item['question'][:60]!r}) has no passages in 'ctxs'")
-        answers = item.get("answers") or []
-        answers = [answers] if isinstance(answers, str) else answers
-        questions.append(Question(item["question"], tuple(map(str, answers)), passages[:chunks]))
-    return questions
+    """The first `limit` questions of a MuSiQue-shaped file, each with its first `chunks` passages."""
+    return [Question(q.question, q.answers,
+                     tuple(format_passage(p.title, p.text) for p in q.passages if p.text.strip())[:chunks])
+            for q in read_musique(path, limit)]
 
 
 # --- metrics (SQuAD normalisation, as CacheBlend's evaluation) -------------------------------------
@@ -250,13 +221,15 @@ def summarize(per_question: list[dict], labels: list[str]) -> list[dict]:
             "kl_first_token": mean(c["kl_first_token"] for c in cells),
             "kl_win_vs_reuse": round(sum(wins) / len(wins), 3) if wins and label != "reuse" else None,
             "recomputed_tokens": mean(c["recomputed"] for c in cells),
+            "recompute_fraction": mean(c.get("recompute_fraction") for c in cells),
         })
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     columns = ["label", "n", "ttft_median_s", "ttft_speedup", "ttft_speedup_vs_hf", "kl_first_token",
-               "kl_win_vs_reuse", "first_token_agree", "f1_vs_full", "f1_gold", "recomputed_tokens"]
+               "kl_win_vs_reuse", "first_token_agree", "f1_vs_full", "f1_gold", "recomputed_tokens",
+               "recompute_fraction"]
     cells = [[("-" if row[c] is None else str(row[c])) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -264,13 +237,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def selector_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Blend rows as one (mean recompute fraction, mean KL) curve per selector variant, by fraction.
+
+    A variant is the label after the ratio ("qattn+sink4", "k/gradual2", "k/int8"); reuse starts
+    every curve at fraction 0, so curves of different selectors compare at equal recompute.
+    """
+    reuse = {row["label"].removeprefix("reuse"): row for row in rows if row["mode"] == "reuse"}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row["mode"] != "blend" or row["kl_first_token"] is None or row["recompute_fraction"] is None:
+            continue
+        curves.setdefault(row["label"].split("/", 1)[1], []).append((row["recompute_fraction"], row["kl_first_token"]))
+    for variant, points in curves.items():
+        base = reuse.get("/int8" if variant.endswith("/int8") else "")
+        if base is not None and base["kl_first_token"] is not None:
+            points.append((0.0, base["kl_first_token"]))
+        points.sort()
+    return curves
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Left: KL against median TTFT, every row. Right: KL against recompute fraction, per selector."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, curves_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     for row in rows:
         if row["kl_first_token"] is None:
             continue
@@ -279,8 +273,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                     xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("median TTFT (s)")
     ax.set_ylabel("first-token KL(full || mode), lower is better")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    for variant, points in selector_curves(rows).items():
+        curves_ax.plot([f for f, _ in points], [kl for _, kl in points], marker="o", label=variant)
+    curves_ax.set_xlabel("mean recompute fraction of chunk tokens")
+    curves_ax.set_ylabel("first-token KL(full || blend)")
+    curves_ax.legend(fontsize=7)
+    for axis in (ax, curves_ax):
+        axis.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -330,6 +330,7 @@ def evaluate(model: LoadedModel, config: EvalConfig, questions: list[Question], 
                                                                config.max_new_tokens, stops)
                     bar.update()
             full = samples["full"]
+            chunk_tokens = sum(map(len, layout.chunks))
             record = {"index": index, "question": question.question, "answers": list(question.answers),
                       "tokens": len(layout), "rows": {}}
             row_of = {r.label: r for r in rows} | {f"{r.label}/int8": r for r in int8_rows}
@@ -347,6 +348,9 @@ def evaluate(model: LoadedModel, config: EvalConfig, questions: list[Question], 
                     "first_token_agree": float(sample.first_token == full.first_token),
                     "kl_first_token": round(kl_divergence(full.logits, sample.logits), 6),
                     "recomputed": sample.recomputed,
+                    # Adaptive budgets vary per question: the share of chunk tokens actually recomputed.
+                    "recompute_fraction": (round(sample.recomputed / chunk_tokens, 5)
+                                           if row and row.mode in ("reuse", "blend") and chunk_tokens else None),
                 }
             per_question.append(record)
         bar.close()

@@ -9,7 +9,6 @@ median of `--repeats` after warm-up. Prints a table, writes JSON, a PNG plot and
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -21,10 +20,11 @@ import torch
 
 from blend.adapter import LlamaStep
 from blend.cache import ChunkKV
-from blend.controller import plan_loading
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
 from blend.loader import gate
 from blend.prompt import PromptLayout
+from store.keys import chunk_key
+from store.source import StoreSource
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -96,35 +96,35 @@ def _paired(base: list[float], times: list[float]) -> float:
     return round(statistics.median(b / t for b, t in zip(base, times)), 3)
 
 
-def copy_timeline(step, layout, pinned) -> dict:
-    """CUDA-event timeline of one pipelined blend request: for each layer i, does the copy of layer
-    i + 1 run between the start of layer i's compute and the start of layer i + 1's?"""
-    from store.cuda_source import PipelinedSource
+def tier_store(tier: str, entries: list[ChunkKV], fingerprint: str, redis_url: str | None = None):
+    """A store holding only `tier` ("gpu", "cpu" or "redis") with every chunk entry put in it, and the
+    chunks' keys: what the server's store holds when the chunks sit in that tier."""
+    from store.chunks import ChunkStore
+    from store.memory_tier import MemoryTier
+    from store.tiered import TieredStore
 
-    source = PipelinedSource(pinned, timeline=True)
-    prefill(step, layout, BlendConfig(mode="blend", ratio=0.15), source)
-    torch.cuda.synchronize()
-    rows = source.timeline_ms()
-    fractions, stalls = [], 0
-    for this, after in zip(rows[1:-1], rows[2:]):  # from layer 1: layers 0 and 1 load before any compute
-        copy = after["copy_end"] - after["copy_start"]
-        inside = min(after["copy_end"], after["compute_start"]) - max(after["copy_start"], this["compute_start"])
-        fractions.append(max(0.0, inside) / copy if copy > 0 else 1.0)
-        stalls += after["copy_end"] > after["compute_start"] + 1e-3
-    return {"layers": rows, "mean_fraction_of_next_copy_inside_this_layer_compute": round(
-        sum(fractions) / len(fractions), 3), "layers_that_waited_for_their_copy": stalls,
-        "layers_checked": len(fractions)}
+    if tier == "redis":
+        from store.redis_tier import RedisTier
 
-
-def _redis_source_factory(url: str, entries: list[ChunkKV], fingerprint: str):
-    from store import ChunkStore, StoreConfig, chunk_key
-
-    store = ChunkStore.from_config(StoreConfig(gpu_bytes=0, cpu_bytes=0, redis_url=url,
-                                               redis_prefix="kvblend-bench:"))
+        layer = RedisTier(redis_url, f"kvblend-bench-{fingerprint}:")
+    else:
+        layer = MemoryTier(tier, "cuda" if tier == "gpu" else "cpu")
+    store = ChunkStore(TieredStore([layer], [None]))
     keys = [chunk_key(fingerprint, (), e.token_ids, str(e.kv.dtype)) for e in entries]
     for key, entry in zip(keys, entries):
-        store.put(key, ChunkKV(entry.token_ids, entry.start, entry.kv.cpu()))
-    return lambda: store.source(keys, device="cuda")
+        store.put(key, entry)
+    return store, keys
+
+
+def copy_timeline(step, layout, store, prefix, keys) -> dict:
+    """CUDA-event timeline of one blend request served from the CPU tier by the server's source: for
+    each layer, did its compute wait for its copy?"""
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    prefill(step, layout, BlendConfig(mode="blend", ratio=0.15), source)
+    stats = source.finish()
+    return {"layers": source.timeline_ms(), "layers_that_waited_for_their_copy": stats.stalled_layers,
+            "stall_ms": round(1000 * stats.stall_s, 3), "copy_ms": round(1000 * stats.copy_s, 3),
+            "copy_bytes": stats.copy_bytes, "layers_checked": source.n_layers}
 
 
 def profile_overlap(step, layout, source_factory, trace: Path) -> dict:
@@ -161,8 +161,6 @@ def profile_overlap(step, layout, source_factory, trace: Path) -> dict:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    from store.cuda_source import PipelinedSource, SyncPinnedSource, pin
-
     if not torch.cuda.is_available():
         raise ValueError("kvblend bench measures GPU TTFT and needs a CUDA device (on CPU use kvblend eval)")
     model = build_model(config.shape)
@@ -172,40 +170,37 @@ def run_bench(config: BenchConfig) -> dict:
     gate_error = gate(step, probe)
     rows, meta = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": config.shape,
                       "gate_relative_error": gate_error}
-    bytes_per_token = step.n_layers * 2 * step.n_kv_heads * step.head_dim * 2
+    fingerprint = f"bench-{config.shape}"
     with torch.inference_mode():
         for n_chunks in config.chunks:
+            main = n_chunks == config.chunks[0]
             layout = make_layout(vocab, n_chunks, config.chunk_tokens, config.question_tokens, seed=n_chunks)
             prefix = compute_kv(step, layout.prefix)
             chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
-            entries = [prefix] + chunks
-            pinned = pin(entries)
+            # Chunk KV in one tier of a store like the server's, read by the server's source.
+            tiers = ["gpu", "cpu"] + (["redis"] if config.redis_url and main else [])
+            stores = {tier: tier_store(tier, chunks, fingerprint, config.redis_url) for tier in tiers}
+
+            def source(tier):
+                store, keys = stores[tier]
+                return StoreSource(store, [prefix, *keys], device="cuda").begin()
+
             ids = torch.tensor([layout.token_ids], device="cuda")
-            sources = {
-                "gpu": lambda: MemorySource(entries),
-                "cpu": lambda: PipelinedSource(pinned),
-                "cpu-sync": lambda: SyncPinnedSource(pinned),
-            }
-            if config.redis_url and n_chunks == config.chunks[0]:
-                sources["redis"] = _redis_source_factory(config.redis_url, entries, f"bench-{config.shape}")
-            main = n_chunks == config.chunks[0]
             plan = [("hf_full", "hf_full", None, None, lambda: model(ids, use_cache=True, logits_to_keep=1)),
                     ("full", "full", None, None, lambda: prefill(step, layout, BlendConfig("full"), None))]
             if main:
                 plan.append(("prefix", "prefix", None, "gpu",
-                             lambda: prefill(step, layout, BlendConfig("prefix"), MemorySource(entries[:2]))))
+                             lambda: prefill(step, layout, BlendConfig("prefix"), MemorySource([prefix, chunks[0]]))))
                 plan.append(("reuse", "reuse", None, "gpu",
-                             lambda: prefill(step, layout, BlendConfig("reuse"), MemorySource(entries))))
+                             lambda: prefill(step, layout, BlendConfig("reuse"), source("gpu"))))
             slow = []
-            for tier, factory in sources.items():
-                if not main and tier not in ("gpu", "cpu"):
-                    continue
+            for tier in tiers:
                 for ratio in config.ratios if main else (0.15,):
                     if tier == "redis" and ratio != 0.15:
                         continue
                     row = (f"blend@{ratio:g}/{tier}", "blend", ratio, tier,
-                           lambda blend=BlendConfig("blend", ratio=ratio), factory=factory:
-                           prefill(step, layout, blend, factory()))
+                           lambda blend=BlendConfig("blend", ratio=ratio), tier=tier:
+                           prefill(step, layout, blend, source(tier)))
                     (slow if tier == "redis" else plan).append(row)
             # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each
             # row's speed-up is the median over rounds of full's time / its time in the same round.
@@ -218,25 +213,13 @@ def run_bench(config: BenchConfig) -> dict:
                              "ttft_min_ms": round(1000 * min(t), 2), "repeats": len(t),
                              "speedup_vs_full": _paired(by_label["full"], t),
                              "speedup_vs_hf": _paired(by_label["hf_full"], t)})
-            results = {label: statistics.median(t) for label, t in by_label.items()}
             if main:
-                per_token = results["full"] / len(layout)
-                cpu_bw = bytes_per_token * sum(map(len, entries)) / max(1e-9, results["blend@0.15/cpu-sync"]
-                                                                         - results["blend@0.15/gpu"])
-                total_bytes = bytes_per_token * sum(map(len, entries))
-                bandwidths = {"cpu": cpu_bw}
-                if "blend@0.15/redis" in results:
-                    redis_s = results["blend@0.15/redis"] - results["blend@0.15/gpu"]
-                    bandwidths["redis"] = total_bytes / max(1e-9, redis_s)
-                meta["controller"] = {
-                    tier: plan_loading([len(c) for c in chunks], [bw] * len(chunks), bytes_per_token, per_token,
-                                       step.n_layers).as_dict()
-                    for tier, bw in bandwidths.items()
-                }
-                meta["controller_inputs"] = {"prefill_s_per_token": per_token, "bytes_per_s": bandwidths}
-                meta["timeline"] = copy_timeline(step, layout, pinned)
+                full = by_label["full"]
+                meta["full_median_over_min"] = round(statistics.median(full) / min(full), 3)
+                meta["timeline"] = copy_timeline(step, layout, stores["cpu"][0], prefix, stores["cpu"][1])
                 if config.profile:
-                    meta["profile"] = profile_overlap(step, layout, sources["cpu"], config.profile)
+                    meta["profile"] = profile_overlap(step, layout, lambda: source("cpu"), config.profile)
+            stores.clear()
             torch.cuda.empty_cache()
     return {"meta": meta, "config": {k: str(v) for k, v in config.__dict__.items()}, "rows": rows}
 
@@ -269,13 +252,8 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(args) -> int:
-    config = BenchConfig(
-        shape=args.shape, chunks=tuple(int(c) for c in args.chunks.split(",")), repeats=args.repeats,
-        ratios=tuple(float(r) for r in args.ratios.split(",")), redis_url=args.redis_url,
-        json_out=Path(args.json_out), plot=Path(args.plot) if args.plot else None,
-        profile=Path(args.profile) if args.profile else None,
-    )
+def run(config: BenchConfig) -> int:
+    """The bench as a program: prints the table and a summary, writes the JSON (and the plot)."""
     report = run_bench(config)
     print(format_table(report["rows"]))
     summary = {k: v for k, v in report["meta"].items() if k != "timeline"}
@@ -285,29 +263,3 @@ def run(args) -> int:
     if config.plot:
         plot(report["rows"], config.plot)
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("bench", help="GPU TTFT of every mode and tier on an 8B-shaped model")
-    parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
-    parser.add_argument("--chunks", default="10,6,20", help="chunk counts; the first gets every row")
-    parser.add_argument("--ratios", default="0.05,0.15,0.3")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--redis-url", default=None, help="also time chunk KV loaded from this Redis")
-    parser.add_argument("--json", dest="json_out", required=True)
-    parser.add_argument("--plot", default=None)
-    parser.add_argument("--profile", default=None, help="write a chrome trace of one pipelined request here")
-    parser.set_defaults(func=run)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m services.bench.gpu ...`: the bench on its own, for GPU machines without the full install."""
-    parser = argparse.ArgumentParser(prog="kvblend")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

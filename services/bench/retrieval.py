@@ -15,17 +15,18 @@ from pathlib import Path
 from retriever.chunker import Chunker
 from retriever.collection import Collection
 from retriever.embedder import Embedder
+from retriever.sources import Question, read_musique
+from services.settings import ModelConfig
 
 CUTOFFS = (1, 5, 10, 20)
 
 
-def recall_at_k(questions: list[dict], chunker: Chunker, collection: Collection, embedder: Embedder,
+def recall_at_k(questions: list[Question], chunker: Chunker, collection: Collection, embedder: Embedder,
                 cutoffs=CUTOFFS) -> dict:
     passages_of = []
     missing = 0
     for question in questions:
-        distinct = dict.fromkeys((str(c.get("title") or ""), str(c.get("text") or ""))
-                                 for c in question["ctxs"])
+        distinct = dict.fromkeys((p.title, p.text) for p in question.passages)
         chunk_sets = [{c.id for c in chunker.split(text, title)} for title, text in distinct if text.strip()]
         missing += sum(1 for ids in chunk_sets for cid in ids if cid not in collection)
         passages_of.append(chunk_sets)
@@ -33,13 +34,13 @@ def recall_at_k(questions: list[dict], chunker: Chunker, collection: Collection,
         raise ValueError(f"{missing} chunks of the dataset's passages are not in {collection.folder} "
                          "(ingest the same file with the same --model and --chunk-tokens first)")
     started = time.perf_counter()
-    queries = embedder.embed([q["question"] for q in questions])
+    queries = embedder.embed([q.question for q in questions])
     rankings = collection.index.search(queries, max(cutoffs))
     search_s = time.perf_counter() - started
     per_question = []
     for question, chunk_sets, ranking in zip(questions, passages_of, rankings):
         ranked = [cid for cid, _ in ranking]
-        row = {"question": question["question"], "passages": len(chunk_sets)}
+        row = {"question": question.question, "passages": len(chunk_sets)}
         for k in cutoffs:
             top = set(ranked[:k])
             row[f"recall@{k}"] = sum(1 for ids in chunk_sets if ids & top) / len(chunk_sets)
@@ -50,41 +51,26 @@ def recall_at_k(questions: list[dict], chunker: Chunker, collection: Collection,
             "query_s": search_s / len(questions), "per_question": per_question}
 
 
-def cmd_retrieval_eval(args) -> int:
-    from services.settings import ModelConfig
-    from services.ingest import data_dir_of, serving_tokenizer
+def run_retrieval_eval(dataset: Path, data_dir: Path, model_config: ModelConfig, chunk_tokens: int = 512,
+                       limit: int | None = None, json_out: Path | None = None) -> dict:
+    """recall@k of `dataset`'s passages ingested in `data_dir`: prints a table, writes JSON to `json_out`."""
+    from services.ingest import serving_tokenizer
 
-    questions = json.loads(Path(args.dataset).read_text(encoding="utf-8"))
-    if args.limit:
-        questions = questions[: args.limit]
-    data_dir = data_dir_of(args)
-    chunker = Chunker(serving_tokenizer(ModelConfig.from_args(args)), args.chunk_tokens)
+    questions = read_musique(Path(dataset), limit)
+    chunker = Chunker(serving_tokenizer(model_config), chunk_tokens)
     embedder = Embedder()
     collection = Collection(data_dir, embedder.dim)
     try:
         result = recall_at_k(questions, chunker, collection, embedder)
     finally:
         collection.docs.close()
-    result.update(dataset=str(args.dataset), data_dir=str(data_dir), model=args.model)
+    result.update(dataset=str(dataset), data_dir=str(data_dir), model=model_config.spec)
     print(f"{result['questions']} questions, {result['index_chunks']} chunks in a {result['index_kind']} "
           f"index ({result['chunk_tokens']}-token chunks)")
     print("| " + " | ".join(f"recall@{k}" for k in CUTOFFS) + " | query ms |")
     print("|" + "---|" * (len(CUTOFFS) + 1))
     figures = [f"{result[f'recall@{k}']:.3f}" for k in CUTOFFS] + [f"{result['query_s'] * 1e3:.1f}"]
     print("| " + " | ".join(figures) + " |")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
-    return 0
-
-
-def add_parsers(subparsers) -> None:
-    from services.commands.cli import add_model_args
-
-    ev = subparsers.add_parser("retrieval-eval", help="recall@k of ingested MuSiQue-shaped passages")
-    ev.add_argument("--dataset", required=True, type=Path)
-    ev.add_argument("--data-dir", default=None, help="where the dataset was ingested")
-    ev.add_argument("--chunk-tokens", type=int, default=512, help="as given to ingest")
-    ev.add_argument("--limit", type=int, default=None, help="first N questions")
-    ev.add_argument("--json", dest="json_out", default=None)
-    add_model_args(ev)
-    ev.set_defaults(func=cmd_retrieval_eval)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    return result

@@ -20,7 +20,30 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServiceBenchConfig:
+    dataset: Path  # MuSiQue-shaped JSON
+    server: str | None = None  # HOST:PORT of a running server; None starts one here
+    token: str | None = None  # bearer token for `server` (never written to the JSON)
+    model: str = "smollm2-135m"  # model of the server started here
+    cache_dir: str | None = None
+    redis_url: str | None = None
+    clients: int = 16
+    duration: float = 30.0  # seconds of load
+    questions: int = 2  # asked in turn; their passages are ingested
+    top_k: int = 2
+    mode: str = "blend"
+    max_new_tokens: int = 8
+    timeout: float | None = None  # per-call deadline
+    json_out: Path | None = Path("out/bench_service.json")
+
+    def __post_init__(self):
+        if self.clients < 1 or self.duration <= 0 or self.questions < 1:
+            raise ValueError("--clients, --duration and --questions must be positive")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -67,7 +90,7 @@ def drive(clients: int, duration: float, connect, call, on_start=None) -> tuple[
     return records, began
 
 
-def run_load(target: str, questions: list[str], args) -> dict:
+def run_load(target: str, questions: list[str], config: ServiceBenchConfig) -> dict:
     import grpc
 
     from services.client import Answer, Client
@@ -75,8 +98,8 @@ def run_load(target: str, questions: list[str], args) -> dict:
     def ask(client, index: int, turn: int, began: float) -> dict:
         question = questions[(index + turn) % len(questions)]
         try:
-            stream = client.generate(question, top_k=args.top_k, mode=args.mode,
-                                     max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+            stream = client.generate(question, top_k=config.top_k, mode=config.mode,
+                                     max_new_tokens=config.max_new_tokens, timeout=config.timeout)
             answer = Answer.collect(stream, started=began)
         except grpc.RpcError as err:
             return {"ok": False, "code": err.code().name, "details": err.details()}
@@ -86,7 +109,7 @@ def run_load(target: str, questions: list[str], args) -> dict:
                 "chunks_hit": dict(report.chunks_hit), "chunks_missing": report.chunks_missing,
                 "prompt_tokens": report.prompt_tokens}
 
-    records, began = drive(args.clients, args.duration, lambda: Client(target, token=args.token), ask)
+    records, began = drive(config.clients, config.duration, lambda: Client(target, token=config.token), ask)
     wall = max((r["end"] for r in records), default=began) - began
     ok = [r for r in records if r["ok"]]
     failed = [r for r in records if not r["ok"]]
@@ -115,10 +138,10 @@ def _pair(result: dict, name: str) -> str:
     return f"{result[name + '_p50_s']:.3f} / {result[name + '_p99_s']:.3f}"
 
 
-def format_table(result: dict, args) -> str:
+def format_table(result: dict, config: ServiceBenchConfig) -> str:
     rows = [
-        ("clients", args.clients), ("duration (s)", args.duration),
-        ("mode", args.mode if args.mode != "blend" else "blend (server's ratio)"),
+        ("clients", config.clients), ("duration (s)", config.duration),
+        ("mode", config.mode if config.mode != "blend" else "blend (server's ratio)"),
         ("requests", result["requests"]), ("failed", result["failed"]),
         ("requests/s", f"{result['requests_per_s']:.2f}"), ("tokens/s", f"{result['tokens_per_s']:.1f}"),
         ("TTFT p50 / p99, client (s)", _pair(result, "client_ttft")),
@@ -133,35 +156,34 @@ def format_table(result: dict, args) -> str:
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
-def run(args) -> int:
-    from services.client import Client, musique_documents
-    from services.bench.demo import load_questions
+def run(config: ServiceBenchConfig) -> int:
+    """The benchmark as a program: prints its table, writes JSON; 0 when no call failed."""
+    from retriever.sources import question_documents, read_musique
+    from services.client import Client
     from services.bench.launch import start_local_server
 
-    if args.clients < 1 or args.duration <= 0 or args.questions < 1:
-        raise ValueError("--clients, --duration and --questions must be positive")
-    items = load_questions(Path(args.dataset), args.questions)
-    questions = [str(item["question"]) for item in items]
+    items = read_musique(Path(config.dataset), config.questions)
+    questions = [item.question for item in items]
     server = folder = None
-    target = args.server
+    target = config.server
     load_before = os.getloadavg()
     if target is None:
         folder = Path(tempfile.mkdtemp(prefix="kvblend-bench-"))
-        server = start_local_server(folder, args.model, args.cache_dir, args.redis_url)
+        server = start_local_server(folder, config.model, config.cache_dir, config.redis_url)
         target = server.target
-        print(f"started kvblend serve ({args.model}) on {target}", file=sys.stderr, flush=True)
+        print(f"started kvblend serve ({config.model}) on {target}", file=sys.stderr, flush=True)
     try:
-        with Client(target, token=args.token) as client:
+        with Client(target, token=config.token) as client:
             client.wait_ready(30)
-            documents = musique_documents(items)
+            documents = [asdict(d) for d in question_documents(items, Path(config.dataset).name)]
             began = time.perf_counter()
             for first in range(0, len(documents), 10):
                 client.ingest(documents[first:first + 10])
             print(f"ingested {len(documents)} passages in {time.perf_counter() - began:.0f} s; warming up",
                   file=sys.stderr, flush=True)
             for question in questions:  # first use of every chunk, and the one-time costs, outside the run
-                client.answer(question, top_k=args.top_k, mode=args.mode, max_new_tokens=args.max_new_tokens)
-            result = run_load(target, questions, args)
+                client.answer(question, top_k=config.top_k, mode=config.mode, max_new_tokens=config.max_new_tokens)
+            result = run_load(target, questions, config)
             stats = client.stats()
             result["server_stats"] = {"failed": stats.failed, "rejected": stats.rejected,
                                       "cancelled": stats.cancelled, "completed": stats.completed}
@@ -169,38 +191,16 @@ def run(args) -> int:
         if server is not None:
             server.stop()
             shutil.rmtree(folder, ignore_errors=True)
-    print(format_table(result, args))
+    print(format_table(result, config))
     record = {
-        "args": {k: v for k, v in vars(args).items() if k not in ("func", "token")},
+        "args": {k: v for k, v in asdict(config).items() if k != "token"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "result": result,
     }
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(record, indent=2))
-        print(f"wrote {args.json_out}", file=sys.stderr)
+    if config.json_out:
+        config.json_out.parent.mkdir(parents=True, exist_ok=True)
+        config.json_out.write_text(json.dumps(record, indent=2, default=str))
+        print(f"wrote {config.json_out}", file=sys.stderr)
     return 0 if result["failed"] == 0 else 1
-
-
-def add_parser(subparsers) -> None:
-    b = subparsers.add_parser("bench-service",
-                              help="N concurrent clients for a fixed time: requests/s and TTFT")
-    b.add_argument("--dataset", required=True,
-                   help="MuSiQue-shaped JSON, e.g. ../shared/datasets/musique_dev.json")
-    b.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
-    b.add_argument("--token", default=None, help="bearer token for --server")
-    b.add_argument("--model", default="smollm2-135m", help="model of the server started here")
-    b.add_argument("--cache-dir", default=None)
-    b.add_argument("--redis-url", default=None)
-    b.add_argument("--clients", type=int, default=16)
-    b.add_argument("--duration", type=float, default=30.0, help="seconds of load")
-    b.add_argument("--questions", type=int, default=2,
-                   help="questions asked in turn (their passages are ingested)")
-    b.add_argument("--top-k", type=int, default=2)
-    b.add_argument("--mode", default="blend", choices=["full", "prefix", "reuse", "blend"])
-    b.add_argument("--max-new-tokens", type=int, default=8)
-    b.add_argument("--timeout", type=float, default=None, help="per-call deadline (default none)")
-    b.add_argument("--json", dest="json_out", default="out/bench_service.json")
-    b.set_defaults(func=run)

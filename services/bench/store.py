@@ -13,7 +13,6 @@ plain LRU (admit_after=1) and once with admission on second use (admit_after=2).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,10 +23,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import redis
 import torch
 
 from blend.cache import ChunkKV
@@ -35,7 +33,7 @@ from store.chunks import ChunkStore
 from store.disk_tier import DiskTier
 from store.keys import chunk_key
 from store.memory_tier import MemoryTier
-from store.redis_tier import RedisTier
+from store.source import StoreSource
 from store.tier import Tier
 from store.tiered import TieredStore
 
@@ -58,6 +56,25 @@ LAYOUTS = {
 }
 
 
+@dataclass(frozen=True)
+class StoreBenchConfig:
+    json_out: Path
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    layouts: tuple[str, ...] = ("smollm2", "8b")
+    tokens: int = 512  # per chunk
+    chunks: int = 10  # per request (1 is measured too)
+    repeats: int = 3  # timed loads per row
+    replay_requests: int = 3000
+    only: str = "all"  # or "throughput", "replay"
+    torch_threads: int | None = None  # None: torch's default
+    work_dir: Path | None = None  # where the disk tier's files go (None: system temp)
+
+    def __post_init__(self):
+        for name in self.layouts:
+            if name not in LAYOUTS:
+                raise ValueError(f"unknown layout {name!r} (choose from {', '.join(LAYOUTS)})")
+
+
 def _chunks(layout: Layout, count: int, tokens: int) -> list[ChunkKV]:
     generator = torch.Generator().manual_seed(0)
     return [ChunkKV(token_ids=tuple(range(i * tokens, (i + 1) * tokens)), start=16,
@@ -66,8 +83,10 @@ def _chunks(layout: Layout, count: int, tokens: int) -> list[ChunkKV]:
             for i in range(count)]
 
 
-def _tiers(args, workdir: Path) -> list[tuple[str, Callable[[], Tier]]]:
+def _tiers(redis_url: str, workdir: Path) -> list[tuple[str, Callable[[], Tier]]]:
     """(label, factory) for each tier this machine has; Redis only if it answers."""
+    from store.redis_tier import RedisTier
+
     tiers = []
     if torch.cuda.is_available():
         tiers.append(("gpu", lambda: MemoryTier("gpu", "cuda")))
@@ -75,10 +94,10 @@ def _tiers(args, workdir: Path) -> list[tuple[str, Callable[[], Tier]]]:
     tiers.append(("disk", lambda: DiskTier(workdir / "disk")))
     tiers.append(("disk int8", lambda: DiskTier(workdir / "disk-int8", quantize=True)))
     prefix = f"kvblend-bench-{uuid.uuid4().hex}:"
-    probe = RedisTier(args.redis_url, prefix)
+    probe = RedisTier(redis_url, prefix)
     if probe.check():
-        tiers.append(("redis", lambda: RedisTier(args.redis_url, prefix)))
-        tiers.append(("redis int8", lambda: RedisTier(args.redis_url, prefix + "q:", quantize=True)))
+        tiers.append(("redis", lambda: RedisTier(redis_url, prefix)))
+        tiers.append(("redis int8", lambda: RedisTier(redis_url, prefix + "q:", quantize=True)))
     else:
         print(f"note: Redis at {probe.url} does not answer; its rows are left out", file=sys.stderr)
     return tiers
@@ -94,7 +113,7 @@ def _load_once(chunks: ChunkStore, keys: list[str], layout: Layout, tokens: int,
     buffer = torch.empty(len(keys) * tokens, 2, layout.kv_heads, layout.head_dim, dtype=layout.dtype,
                          device=device)
     started = time.perf_counter()
-    with chunks.source(keys, device=device) as source:
+    with StoreSource(chunks, keys, device=device) as source:
         for layer in range(layout.n_layers):
             for slot, block in enumerate(source.layer(layer)):
                 buffer[slot * tokens : (slot + 1) * tokens].copy_(block, non_blocking=True)
@@ -103,16 +122,14 @@ def _load_once(chunks: ChunkStore, keys: list[str], layout: Layout, tokens: int,
     return time.perf_counter() - started
 
 
-def throughput(args, workdir: Path) -> list[dict]:
+def throughput(config: StoreBenchConfig, workdir: Path) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    counts = sorted({1, args.chunks})
+    counts = sorted({1, config.chunks})
     rows = []
-    tiers = _tiers(args, workdir)
-    for layout_name in args.layouts.split(","):
-        if layout_name not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout_name!r} (choose from {', '.join(LAYOUTS)})")
+    tiers = _tiers(config.redis_url, workdir)
+    for layout_name in config.layouts:
         layout = LAYOUTS[layout_name]
-        data = _chunks(layout, max(counts), args.tokens)
+        data = _chunks(layout, max(counts), config.tokens)
         keys = [chunk_key("bench", [], chunk.token_ids, layout.dtype) for chunk in data]
         for label, factory in tiers:
             tier = factory()
@@ -125,11 +142,11 @@ def throughput(args, workdir: Path) -> list[dict]:
                             raise RuntimeError(f"tier {label} did not store chunk {key}")
                     write_s = time.perf_counter() - started
                     stored = tier.bytes_used()
-                    times = [_load_once(chunks, keys[:count], layout, args.tokens, device)
-                             for _ in range(args.repeats)]
-                    size = layout.chunk_bytes(args.tokens) * count
+                    times = [_load_once(chunks, keys[:count], layout, config.tokens, device)
+                             for _ in range(config.repeats)]
+                    size = layout.chunk_bytes(config.tokens) * count
                     rows.append({
-                        "layout": layout.name, "tier": label, "chunks": count, "tokens": args.tokens,
+                        "layout": layout.name, "tier": label, "chunks": count, "tokens": config.tokens,
                         "kv_mb": size / 1e6, "stored_mb": stored / 1e6, "write_gb_s": size / write_s / 1e9,
                         "load_ms_median": 1e3 * statistics.median(times),
                         "load_gb_s_median": size / statistics.median(times) / 1e9,
@@ -185,17 +202,20 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    result = {"args": {key: value for key, value in vars(args).items() if key != "func"},
+def run(config: StoreBenchConfig) -> int:
+    """The benchmark as a program: prints its tables and writes the figures to `config.json_out`."""
+    import redis
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    result = {"args": asdict(config),
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
               "redis_py": redis.__version__, "machine": platform.platform(), "cpus": os.cpu_count(),
               "load_average_at_start": os.getloadavg(),
               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    with tempfile.TemporaryDirectory(prefix="kvblend-bench-", dir=args.work_dir) as workdir:
-        if args.only in ("all", "throughput"):
-            rows = throughput(args, Path(workdir))
+    with tempfile.TemporaryDirectory(prefix="kvblend-bench-", dir=config.work_dir) as workdir:
+        if config.only in ("all", "throughput"):
+            rows = throughput(config, Path(workdir))
             result["throughput"] = rows
             print(_table(rows, [("layout", "layout", ""), ("tier", "tier", ""), ("chunks", "chunks", "d"),
                                 ("K/V MB", "kv_mb", ".1f"), ("stored MB", "stored_mb", ".1f"),
@@ -203,41 +223,15 @@ def run(args) -> int:
                                 ("load GB/s", "load_gb_s_median", ".2f"),
                                 ("best GB/s", "load_gb_s_best", ".2f")]))
             print()
-        if args.only in ("all", "replay"):
-            runs = [replay(admit_after, Path(workdir), args.replay_requests) for admit_after in (1, 2)]
+        if config.only in ("all", "replay"):
+            runs = [replay(admit_after, Path(workdir), config.replay_requests) for admit_after in (1, 2)]
             result["replay"] = runs
             for run_ in runs:
                 run_["policy"] = "plain LRU" if run_["admit_after"] == 1 else "admit on 2nd use"
             print(_table(runs, [("policy", "policy", ""), ("requests", "requests", "d"),
                                 ("chunk lookups", "chunk_lookups", "d"),
                                 ("fast-tier hit rate", "fast_tier_hit_rate", ".3f")]))
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json_out}")
+    config.json_out.parent.mkdir(parents=True, exist_ok=True)
+    config.json_out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\nwrote {config.json_out}")
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("bench-store",
-                                   help="chunk-KV load throughput per store tier, admission replay")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--json", required=True, dest="json_out", help="where to write the figures")
-    parser.add_argument("--layouts", default="smollm2,8b", help=f"comma-separated: {', '.join(LAYOUTS)}")
-    parser.add_argument("--tokens", type=int, default=512, help="tokens per chunk")
-    parser.add_argument("--chunks", type=int, default=10, help="chunks per request (also measured: 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed loads per row (median and best shown)")
-    parser.add_argument("--replay-requests", type=int, default=3000)
-    parser.add_argument("--only", choices=["all", "throughput", "replay"], default="all")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="intra-op threads (default: torch's); 1 avoids thrashing on a busy machine")
-    parser.add_argument("--work-dir", default=None,
-                        help="where the disk tier's files go (default: system temp)")
-    parser.set_defaults(func=run)
-    return parser
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="bench_store")
-    add_parser(_parser.add_subparsers(dest="command", required=True))
-    _args = _parser.parse_args(["bench-store", *sys.argv[1:]])
-    sys.exit(_args.func(_args))

@@ -1,8 +1,8 @@
 """The service's logic as a plain object: ingest, retrieve, generate (blended, streamed), delete, stats.
 
 `Engine` holds the model, the tiered KV store and the per-tenant catalog. The gRPC server
-(services/serving/server.py) only translates messages to these calls and `services.serving.errors` to status codes,
-so everything here is testable without a server.
+(services/serving/server.py) only translates messages to these calls and `services.serving.errors` to
+status codes, so everything here is testable without a server.
 
 Threads: the model and its tokenizer are used on the model worker's one thread only
 (services/serving/scheduler.py); collections, the embedder and the chunker on the catalog's one thread
@@ -18,141 +18,35 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict
 
-from blend.cache import ChunkKV
+import torch
+
 from blend.decode import stop_token_ids
-from blend.fusor import MODES, BlendConfig, compute_kv
+from blend.fusor import MODES, BlendConfig, prefill
 from blend.loader import LoadedModel
-from blend.prompt import DEFAULT_SYSTEM, build_layout
+from blend.prompt import PromptLayout
+from services.ingest import UnknownChunk, delete_chunks
+from services.precompute import Precompute
 from services.serving.catalog import Catalog
 from services.serving.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotFound, Overloaded, ServiceError,
-                             Unavailable)
-from services.serving.generation import Generation, Guard
+                                     Unavailable)
+from services.serving.generation import Generation, ModelParts
+from services.serving.guard import Guard
+from services.serving.loading import LoadEstimates
+from services.serving.metrics import Metrics
+from services.serving.requests import DocumentIn, GenerateParams, GenerationRequest, IngestResult, Retrieved
 from services.serving.scheduler import ModelWorker
-from services.settings import DEFAULT_TENANT, GuardConfig, ServerConfig, ServeSettings
-from store.trace import trace_tiers
+from services.settings import GuardConfig, ServerConfig, ServeSettings
 from store.chunks import ChunkStore
-from store.keys import chunk_key
 
 log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 32768
 MAX_DELETE_IDS = 1024
 MAX_FIELD_CHARS = 1024  # title, doc id
-
-
-# -- requests and results -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DocumentIn:
-    text: str
-    title: str = ""
-    doc_id: str = ""
-
-
-@dataclass
-class IngestResult:
-    chunk_ids: list[list[str]]  # per document, in request order
-    doc_ids: list[str]
-    added: int = 0
-    existing: int = 0
-    kv_computed: int = 0
-    kv_not_stored: int = 0
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Retrieved:
-    chunk_id: str
-    score: float
-    title: str
-    doc_id: str
-    text: str
-    tokens: int
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    query: str
-    chunk_ids: tuple[str, ...] = ()
-    top_k: int = 0  # 0 with no chunk ids: the server's default
-    mode: str = ""  # "" = the server's default
-    ratio: float | None = None
-    max_new_tokens: int = 0  # 0 = the server's default
-
-
-# -- metrics --------------------------------------------------------------------------------------
-
-TTFT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # upper bounds; +Inf follows
-
-
-class Metrics:
-    """Counters of the request path. Cumulative ones (RPCs, the TTFT histogram) feed Prometheus; the
-    recent-TTFT window feeds the p50/p99 in Stats."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests = self.completed = self.failed = self.cancelled = self.rejected = 0
-        self.tokens_generated = 0
-        self.ttfts: deque[float] = deque(maxlen=1000)
-        self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)  # per bucket, not cumulative; last is +Inf
-        self.ttft_sum = 0.0
-        self.rpcs: dict[tuple[str, str], int] = {}  # (method, status code name) -> calls ended so far
-        self.started = time.monotonic()
-
-    def rpc(self, method: str, code: str) -> None:
-        """One call of `method` ended with status `code` ("OK", "UNAVAILABLE", ...)."""
-        with self._lock:
-            self.rpcs[method, code] = self.rpcs.get((method, code), 0) + 1
-
-    def admitted(self) -> None:
-        with self._lock:
-            self.requests += 1
-
-    def reject(self) -> None:
-        with self._lock:
-            self.rejected += 1
-
-    def token(self) -> None:
-        with self._lock:
-            self.tokens_generated += 1
-
-    def first_token(self, ttft: float) -> None:
-        bucket = next((i for i, bound in enumerate(TTFT_BUCKETS_S) if ttft <= bound), len(TTFT_BUCKETS_S))
-        with self._lock:
-            self.ttfts.append(ttft)
-            self.ttft_counts[bucket] += 1
-            self.ttft_sum += ttft
-
-    def snapshot(self) -> dict:
-        """The cumulative counters at one instant (for an exporter)."""
-        with self._lock:
-            return {"rpcs": dict(self.rpcs), "ttft_counts": list(self.ttft_counts), "ttft_sum": self.ttft_sum,
-                    "requests": self.requests, "completed": self.completed, "failed": self.failed,
-                    "cancelled": self.cancelled, "rejected": self.rejected,
-                    "tokens_generated": self.tokens_generated}
-
-    def ended(self, cancelled: bool = False, failed: bool = False) -> None:
-        with self._lock:
-            if cancelled:
-                self.cancelled += 1
-            elif failed:
-                self.failed += 1
-            else:
-                self.completed += 1
-
-    def ttft_percentiles(self) -> tuple[float, float]:
-        with self._lock:
-            values = sorted(self.ttfts)
-        if not values:
-            return 0.0, 0.0
-        return values[len(values) // 2], values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)]
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -171,19 +65,30 @@ class Engine:
             raise ValueError(f"server.check_layer {config.check_layer} is past the model's last layer "
                              f"{model.step.n_layers - 1}")
         self.shared = catalog.redis is not None  # replicas share the catalog and the KV through Redis
-        self.trace = trace_tiers(store.tiered)
         self.worker = ModelWorker(config.max_waiting, config.max_active)
-        self.stop_ids = stop_token_ids(model.tokenizer, model.step.config)
-
-        def system_prefix() -> ChunkKV:
-            ids = build_layout(model.tokenizer, [], "x", DEFAULT_SYSTEM).prefix
-            return compute_kv(model.step, ids)
-
-        self.prefix: ChunkKV = self.worker.call(system_prefix)
+        self.estimates = LoadEstimates(model.step.n_layers, enabled=config.loading_controller)
+        self.precompute: Precompute = self.worker.call(
+            lambda: Precompute(model.step, model.tokenizer, model.fingerprint))
+        self.parts = ModelParts(self.precompute, model.tokenizer,
+                                frozenset(stop_token_ids(model.tokenizer, model.step.config)))
+        prefix = len(self.precompute.prefix_ids)
         limit = model.step.max_positions
-        if limit and len(self.prefix) + config.chunk_tokens >= limit:
-            raise ValueError(f"server.chunk_tokens {config.chunk_tokens} plus the {len(self.prefix)}-token "
+        if limit and prefix + config.chunk_tokens >= limit:
+            raise ValueError(f"server.chunk_tokens {config.chunk_tokens} plus the {prefix}-token "
                              f"system prompt does not fit the model's context of {limit} tokens")
+        self.worker.call(self._measure_prefill)
+
+    def _measure_prefill(self) -> None:
+        """One full prefill of a chunk's length at start-up: warms the kernels and gives the loading
+        controller its first prefill cost (every later full prefill refines it)."""
+        step = self.model.step
+        ids = list(self.precompute.prefix_ids) + [self.precompute.prefix_ids[-1]] * self.config.chunk_tokens
+        layout = PromptLayout(tuple(ids[:-1]), (), tuple(ids[-1:]))
+        with torch.inference_mode():
+            prefill(step, layout, BlendConfig(mode="full"), None)  # first run: allocation and kernel warm-up
+            started = time.perf_counter()
+            float(prefill(step, layout, BlendConfig(mode="full"), None).logits[0])
+            self.estimates.observe_prefill(len(layout) * step.n_layers, time.perf_counter() - started)
 
     @classmethod
     def open(cls, settings: ServeSettings) -> Engine:
@@ -210,12 +115,6 @@ class Engine:
         return cls(model, store, catalog, settings.server, settings.guard)
 
     # -- keys and tiers --------------------------------------------------------------------------
-
-    def kv_key(self, tenant: str, token_ids: Sequence[int]) -> str:
-        namespace = self.model.fingerprint
-        if tenant != DEFAULT_TENANT:
-            namespace += f"/t/{tenant}"
-        return chunk_key(namespace, self.prefix.token_ids, token_ids, self.model.step.dtype)
 
     def tier_availability(self) -> dict[str, bool]:
         return {tier.name: bool(getattr(tier, "available", True)) for tier in self.store.tiered.tiers}
@@ -260,11 +159,11 @@ class Engine:
                               doc_ids=[d.doc_id for d in documents], existing=len(existing))
         keys = []
         for chunk in new:
-            key = self.kv_key(tenant, chunk.token_ids)
+            key = self.precompute.key(chunk.token_ids, tenant)
             keys.append((chunk.id, key))
             if self.store.contains(key, bottom_only=self.shared):
                 continue
-            compute = functools.partial(compute_kv, self.model.step, chunk.token_ids, self.prefix)
+            compute = functools.partial(self.precompute.compute, chunk.token_ids)
             remaining = deadline - time.monotonic() if deadline is not None else None
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded(f"the deadline passed after {result.kv_computed} of {len(new)} "
@@ -343,13 +242,11 @@ class Engine:
         if mode not in MODES:
             raise InvalidArgument(f"unknown mode {mode!r} (choose one of {', '.join(MODES)})")
         ratio = self.config.default_ratio if params.ratio is None else params.ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise InvalidArgument(f"recompute ratio {ratio!r} is outside [0, 1]")
         max_new = params.max_new_tokens or self.config.default_max_new_tokens
         if not 1 <= max_new <= self.config.max_new_tokens:
             raise InvalidArgument(f"max_new_tokens {max_new} is outside 1..{self.config.max_new_tokens}")
         try:
-            config = BlendConfig(mode=mode, ratio=float(ratio), check_layer=self.config.check_layer)
+            config = BlendConfig(mode=mode, ratio=ratio, check_layer=self.config.check_layer)
         except ValueError as err:
             raise InvalidArgument(str(err)) from None
         return config, max_new
@@ -380,8 +277,10 @@ class Engine:
             retrieve_s = time.perf_counter() - began
             chunk_ids = [h.chunk_id for h in hits]
             texts, scores = [h.text for h in hits], [h.score for h in hits]
-        job = Generation(self, tenant, query, texts, chunk_ids, scores, config, max_new, arrived, retrieve_s,
-                         deadline)
+        request = GenerationRequest(tenant, query, texts, chunk_ids, scores, config, max_new, arrived,
+                                    retrieve_s, deadline)
+        job = Generation(request, self.parts, self.store, self.estimates, self.metrics, self.guard,
+                         self.degraded_tiers())
         job.queued = time.perf_counter()
         try:
             self.worker.submit(job)
@@ -431,20 +330,14 @@ class Engine:
 
         def work() -> tuple[list[str], int]:
             collection = self.catalog.existing(tenant)
-            for cid in chunk_ids:
-                if collection is None or cid not in collection:
-                    self._not_known_yet(collection, cid)
-                    raise NotFound(f"unknown chunk id {cid[:100]!r} (nothing was deleted)")
-            removed = 0
-            ids = list(dict.fromkeys(chunk_ids))
-            for cid in ids:
-                # KV first: a delete cut short leaves the chunk listed, so repeating it finishes the job.
-                for key in collection.kv_keys(cid):
-                    self.store.delete(key)
-                    removed += 1
-                collection.delete(cid)
-            collection.save()
-            return ids, removed
+            if collection is None:
+                raise NotFound(f"unknown chunk id {chunk_ids[0][:100]!r} (nothing was deleted)")
+            try:
+                removed = delete_chunks(collection, self.store.delete, chunk_ids)
+            except UnknownChunk as err:
+                self._not_known_yet(collection, err.chunk_id)
+                raise NotFound(f"unknown chunk id {err.chunk_id[:100]!r} (nothing was deleted)") from None
+            return list(removed), sum(removed.values())
 
         return self.catalog.run(work)
 
@@ -474,6 +367,7 @@ class Engine:
             "tokens_generated": metrics.tokens_generated, "ttft_p50_s": p50, "ttft_p99_s": p99,
             "tenant_chunks": self.catalog.run(count), "guard": self.guard.summary(),
             "uptime_s": time.monotonic() - metrics.started, "draining": self.draining,
+            "loading": asdict(self.estimates.summary()),
         }
 
     def close(self, timeout_s: float = 30.0) -> None:

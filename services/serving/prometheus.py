@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, start_wsgi_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from services.serving.engine import TTFT_BUCKETS_S
+from services.serving.metrics import TTFT_BUCKETS_S
 
 TIER_COUNTERS = {  # TierStats field -> HELP of kvblend_tier_<field>_total
     "hits": "KV reads answered by this tier",

@@ -148,7 +148,7 @@ class Tenants:
 
 
 def _report(report) -> pb.RequestReport:
-    quality = report.quality
+    quality, plan = report.quality, report.plan
     return pb.RequestReport(
         mode=report.mode, ratio=report.ratio, chunk_ids=report.chunk_ids, scores=report.scores,
         prompt_tokens=report.prompt_tokens, chunk_tokens=report.chunk_tokens, chunks_hit=report.chunks_hit,
@@ -159,6 +159,10 @@ def _report(report) -> pb.RequestReport:
         quality=pb.QualityCheck(checked=quality.checked, kl=quality.kl, agree=quality.agree,
                                 fell_back=quality.fell_back),
         degraded_tiers=report.degraded_tiers,
+        plan=pb.LoadPlan(planned=plan.planned, ratio=plan.ratio, recompute_chunk_ids=plan.recompute_chunk_ids,
+                         predicted_load_s=plan.predicted_load_s, predicted_compute_s=plan.predicted_compute_s,
+                         reason=plan.reason),
+        load_stall_s=report.load_stall_s, stalled_layers=report.stalled_layers,
     )
 
 
@@ -169,7 +173,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
 
     @_unary
     def IngestChunks(self, request, context):
-        from services.serving.engine import DocumentIn
+        from services.serving.requests import DocumentIn
 
         tenant = self.tenants.of(context)
         documents = [DocumentIn(d.text, d.title, d.doc_id) for d in request.documents]
@@ -188,7 +192,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
                               tokens=h.tokens) for h in hits])
 
     def Generate(self, request, context):
-        from services.serving.engine import GenerateParams
+        from services.serving.requests import GenerateParams
 
         outcome = _Outcome(self.engine.metrics, "Generate", context)
         try:
@@ -227,7 +231,8 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
         known = pb.TierStats.DESCRIPTOR.fields_by_name
         tiers = [pb.TierStats(**{k: v for k, v in tier.items() if k in known}) for tier in stats.pop("tiers")]
         guard = pb.GuardStats(**stats.pop("guard"))
-        return pb.StatsResponse(tiers=tiers, guard=guard, **stats)
+        loading = pb.LoadingStats(**stats.pop("loading"))
+        return pb.StatsResponse(tiers=tiers, guard=guard, loading=loading, **stats)
 
 
 class TierHealth:
@@ -331,39 +336,3 @@ def serve(settings: ServeSettings) -> int:
     server.drain()
     print("kvblend: stopped", flush=True)
     return 0
-
-
-def cmd_serve(args) -> int:
-    import os
-    import sys
-
-    from services import settings as serve_config
-
-    code = serve(serve_config.from_args(args))
-    # Everything is drained and closed by now. Leaving through interpreter teardown lets native
-    # libraries destroy their thread pools in arbitrary order, which at times aborts the process
-    # ("terminate called without an active exception") and turns a clean stop into exit -6.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def add_parsers(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve ingest / retrieve / blended generate over gRPC")
-    p.add_argument("--port", type=int, default=None, help="port (default 50051; 0 picks a free one)")
-    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--model", default=None, help="model spec (default smollm2-135m, the embedded model)")
-    p.add_argument("--cache-dir", default=None,
-                   help="where converted weights live (default ~/.cache/kvblend)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--redis-url", default=None, help="Redis KV tier, e.g. redis://127.0.0.1:6379/0")
-    p.add_argument("--data-dir", default=None,
-                   help="chunk texts, index and disk KV tier (default $KVBLEND_DATA_DIR or ~/.kvblend)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics over HTTP on this port (default 0: off)")
-    p.add_argument("--catalog", default=None, choices=["local", "redis"],
-                   help="chunk catalog: local (sqlite + faiss in --data-dir) or redis (shared by replicas)")
-    p.add_argument("--config", default=None, help="TOML file: [server] [model] [store] [guard] [auth] [tls]")
-    p.set_defaults(func=cmd_serve)

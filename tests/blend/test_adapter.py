@@ -6,7 +6,7 @@ import torch
 from blend.adapter import LlamaStep, UnsupportedModel
 from blend.decode import greedy
 from blend.loader import gate
-from tests.conftest import tiny_model
+from tests.helpers.model import tiny_model
 
 
 @pytest.mark.parametrize("family,extra", [("llama", {}), ("mistral", {}), ("qwen2", {})])

@@ -5,13 +5,7 @@ import torch
 
 from blend.decode import greedy
 from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill
-from blend.prompt import PromptLayout
-
-
-def _layout(seed=0, chunk_lengths=(9, 14, 11)):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda n: tuple(torch.randint(0, 128, (n,), generator=g).tolist())  # noqa: E731
-    return PromptLayout(prefix=rand(6), chunks=tuple(rand(n) for n in chunk_lengths), suffix=rand(5))
+from tests.helpers.model import random_layout
 
 
 def _run(step, layout, config, capacity=None):
@@ -28,7 +22,7 @@ def _answer(step, filled, n=8):
 
 
 def test_blend_ratio_one_reproduces_full(tiny):
-    layout = _layout()
+    layout = random_layout()
     full = _run(tiny, layout, BlendConfig(mode="full"), len(layout) + 8)
     blend = _run(tiny, layout, BlendConfig(mode="blend", ratio=1.0), len(layout) + 8)
     assert (blend.logits - full.logits).abs().max() < 1e-4
@@ -37,14 +31,14 @@ def test_blend_ratio_one_reproduces_full(tiny):
 
 
 def test_gradual_filtering_at_ratio_one_reproduces_full(tiny):
-    layout = _layout(seed=3)
+    layout = random_layout(seed=3)
     full = _run(tiny, layout, BlendConfig(mode="full"))
     blend = _run(tiny, layout, BlendConfig(mode="blend", ratio=1.0, gradual_layers=3))
     assert (blend.logits - full.logits).abs().max() < 1e-4
 
 
 def test_reuse_of_one_chunk_at_its_computed_position_reproduces_full(tiny):
-    layout = _layout(seed=1, chunk_lengths=(12,))
+    layout = random_layout(seed=1, chunk_lengths=(12,))
     full = _run(tiny, layout, BlendConfig(mode="full"), len(layout) + 8)
     reuse = _run(tiny, layout, BlendConfig(mode="reuse"), len(layout) + 8)
     assert (reuse.logits - full.logits).abs().max() < 1e-4
@@ -53,7 +47,7 @@ def test_reuse_of_one_chunk_at_its_computed_position_reproduces_full(tiny):
 
 def test_prefix_mode_reproduces_full(tiny):
     """Prefix caching reuses only the exact prefix (system prompt + first chunk), so it is lossless."""
-    layout = _layout(seed=2)
+    layout = random_layout(seed=2)
     full = _run(tiny, layout, BlendConfig(mode="full"))
     prefix = _run(tiny, layout, BlendConfig(mode="prefix"))
     assert (prefix.logits - full.logits).abs().max() < 1e-4
@@ -62,7 +56,7 @@ def test_prefix_mode_reproduces_full(tiny):
 def test_reuse_of_several_chunks_differs_from_full(tiny):
     """Chunks that never attended to each other are not full prefill: the test above could not pass
     by accident of a mode silently falling back to full."""
-    layout = _layout(seed=4)
+    layout = random_layout(seed=4)
     full = _run(tiny, layout, BlendConfig(mode="full"))
     reuse = _run(tiny, layout, BlendConfig(mode="reuse"))
     assert (reuse.logits - full.logits).abs().max() > 1e-3
@@ -72,7 +66,7 @@ def test_blend_ratio_zero_matches_reuse(tiny):
     """Ratio 0 recomputes only the question from the check layer on. Layer 0 still recomputes every
     token, whose K/V equal the re-rotated cache up to float rounding, so the match is within 1e-5,
     not bitwise; from the check layer on every chunk position keeps its cached K/V exactly."""
-    layout = _layout(seed=5)
+    layout = random_layout(seed=5)
     reuse = _run(tiny, layout, BlendConfig(mode="reuse"))
     blend = _run(tiny, layout, BlendConfig(mode="blend", ratio=0.0))
     assert blend.recomputed == 0
@@ -82,7 +76,7 @@ def test_blend_ratio_zero_matches_reuse(tiny):
 
 
 def test_blend_recomputes_the_requested_fraction(tiny):
-    layout = _layout(seed=6, chunk_lengths=(20, 20, 20))
+    layout = random_layout(seed=6, chunk_lengths=(20, 20, 20))
     blend = _run(tiny, layout, BlendConfig(mode="blend", ratio=0.25))
     assert blend.recomputed == round(0.25 * 60)
     reuse = _run(tiny, layout, BlendConfig(mode="reuse"))
@@ -106,11 +100,11 @@ def test_bad_blend_settings_name_the_value(kwargs, named):
 
 def test_check_layer_past_the_model_is_refused(tiny):
     with pytest.raises(ValueError, match="check layer 9"):
-        _run(tiny, _layout(), BlendConfig(mode="blend", check_layer=9))
+        _run(tiny, random_layout(), BlendConfig(mode="blend", check_layer=9))
 
 
 def test_cache_for_other_tokens_is_refused(tiny):
-    layout = _layout(seed=7)
+    layout = random_layout(seed=7)
     prefix = compute_kv(tiny, layout.prefix)
     chunks = [compute_kv(tiny, ids, behind=prefix) for ids in reversed(layout.chunks)]
     with pytest.raises(ValueError, match="chunk 0"):
@@ -119,7 +113,7 @@ def test_cache_for_other_tokens_is_refused(tiny):
 
 def test_blend_with_every_chunk_prefilled_in_full_reproduces_full(tiny):
     """The loading controller's fallback: chunks not loaded are computed in every layer."""
-    layout = _layout(seed=8)
+    layout = random_layout(seed=8)
     prefix = compute_kv(tiny, layout.prefix)
     full = _run(tiny, layout, BlendConfig(mode="full"))
     source = MemorySource([prefix] + [None] * len(layout.chunks))
@@ -131,7 +125,7 @@ def test_blend_with_every_chunk_prefilled_in_full_reproduces_full(tiny):
 
 
 def test_blend_with_one_chunk_prefilled_keeps_all_of_it(tiny):
-    layout = _layout(seed=9, chunk_lengths=(10, 10, 10))
+    layout = random_layout(seed=9, chunk_lengths=(10, 10, 10))
     prefix = compute_kv(tiny, layout.prefix)
     chunks = [compute_kv(tiny, ids, behind=prefix) for ids in layout.chunks]
     with torch.inference_mode():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import grpc
@@ -11,9 +10,9 @@ import redis
 
 from services.bench import launch
 from services.client import Client
+from tests.helpers.kv import REDIS_URL
+from tests.helpers.model import CACHE_DIR, save_tiny_llama
 
-CACHE_DIR = Path(os.environ.get("KVBLEND_CACHE_DIR", "~/.cache/kvblend")).expanduser()
-REDIS_URL = "redis://127.0.0.1:6379/0"
 CONTEXT = 1024  # the tiny model's context: small, so a prompt over it is cheap to build
 
 DOCUMENTS = [
@@ -33,7 +32,6 @@ def make_tiny_model(folder: Path) -> Path:
     from transformers import AutoTokenizer
 
     from blend.loader import resolve
-    from tests.conftest import save_tiny_llama
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m", CACHE_DIR))
     return save_tiny_llama(folder, tokenizer, 49152, CONTEXT)

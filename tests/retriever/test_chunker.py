@@ -5,7 +5,7 @@ import pytest
 from blend.prompt import format_passage
 from retriever.chunker import MIN_CHUNK_TOKENS, Chunker, chunk_id
 
-from conftest import TOPICS
+from tests.helpers.corpus import TOPICS
 
 LONG = " ".join(TOPICS.values()) * 3
 
@@ -93,18 +93,17 @@ def test_chunk_ids_address_content_up_to_whitespace(tokenizer):
 @pytest.mark.model
 def test_smollm2_tokenizer_chunks_musique_passages_within_512():
     import json
-    import os
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
     from blend.loader import resolve
+    from tests.helpers.model import CACHE_DIR
 
     dataset = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "musique_dev.json"
     if not dataset.exists():
         pytest.skip(f"{dataset} is not here")
-    cache = Path(os.environ.get("KVBLEND_CACHE_DIR", "~/.cache/kvblend")).expanduser()
-    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m", cache))
+    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m", CACHE_DIR))
     passages = [ctx for q in json.loads(dataset.read_text())[:3] for ctx in q["ctxs"]]
     chunker = Chunker(tokenizer, 512)
     for passage in passages:

@@ -9,7 +9,7 @@ from retriever.chunker import Chunker
 from retriever.collection import INDEX_FILE, Collection
 from retriever.index import VectorIndex, chunk_id_of, label_of
 
-from conftest import TOPICS
+from tests.helpers.corpus import TOPICS
 
 
 def _ids(n, seed=0):

@@ -11,7 +11,7 @@ import redis
 
 from retriever.chunker import Chunk
 from retriever.redis_collection import CatalogFull, CatalogUnavailable, SharedCollection
-from tests.store.kvfixtures import REDIS_URL, RedisServer, delete_prefix
+from tests.helpers.kv import REDIS_URL, RedisServer, delete_prefix
 
 DIM = 8
 

@@ -11,7 +11,8 @@ import uuid
 
 import pytest
 import redis
-from servicefixtures import REDIS_URL, ServerProcess, delete_redis_prefix, make_tiny_model
+from tests.helpers.kv import REDIS_URL
+from tests.helpers.service import ServerProcess, delete_redis_prefix, make_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -10,19 +10,20 @@ from blend.fusor import compute_kv
 from blend.prompt import build_layout
 from retriever.chunker import Chunker
 from retriever.collection import Collection
-from retriever.sources import folder_documents, jsonl_documents, musique_documents
+from retriever.sources import folder_documents, jsonl_documents, musique_documents, read_musique
 from services.commands.cli import main
-from services.ingest import KVPrecompute, delete_chunks, ingest, open_kv_store
+from services.ingest import delete_chunks, ingest, open_kv_store
+from services.precompute import Precompute
 from store.keys import chunk_key
 
-from conftest import TOPICS, write_docs, write_musique
+from tests.helpers.corpus import TOPICS, write_docs, write_musique
 
 CHUNK_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
 def kv(tiny_model):
-    return KVPrecompute(tiny_model)
+    return Precompute(tiny_model.step, tiny_model.tokenizer, tiny_model.fingerprint)
 
 
 def _run(data_dir, documents, tiny_model, embedder, kv, kv_store=None, **options):
@@ -95,9 +96,9 @@ def test_delete_removes_text_vector_and_every_kv_entry(tmp_path, tiny_model, emb
 
     collection = Collection(tmp_path / "data", embedder.dim)
     with pytest.raises(ValueError, match="unknown chunk id '0123456789abcdef'"):
-        delete_chunks(collection, open_kv_store(tmp_path / "data"), [victim, "0123456789abcdef"])
+        delete_chunks(collection, open_kv_store(tmp_path / "data").delete_chunk, [victim, "0123456789abcdef"])
     assert victim in collection  # nothing deleted on a bad request
-    removed = delete_chunks(collection, open_kv_store(tmp_path / "data"), [victim])
+    removed = delete_chunks(collection, open_kv_store(tmp_path / "data").delete_chunk, [victim])
     collection.close()
 
     assert removed == {victim: 1}
@@ -222,7 +223,7 @@ def test_cli_ingest_retrieve_delete(tmp_path, tiny_model_dir, capsys):
 def test_recall_counts_a_passage_found_when_any_of_its_chunks_is_retrieved(tmp_path, tiny_model, embedder):
     from services.bench.retrieval import recall_at_k
 
-    questions = json.loads(write_musique(tmp_path / "m.json").read_text())
+    questions = read_musique(write_musique(tmp_path / "m.json"))
     chunker = Chunker(tiny_model.tokenizer, CHUNK_TOKENS)
     collection = Collection(tmp_path / "data", embedder.dim)
     with pytest.raises(ValueError, match="not in .* \\(ingest the same file"):

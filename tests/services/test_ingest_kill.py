@@ -11,9 +11,10 @@ from pathlib import Path
 from retriever.chunker import Chunker
 from retriever.collection import Collection
 from retriever.sources import folder_documents
-from services.ingest import KV_DIR, open_kv_store
+from services.ingest import open_kv_store
+from services.settings import KV_DIR
 
-from conftest import TOPICS, write_docs
+from tests.helpers.corpus import TOPICS, write_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK_TOKENS = 64

@@ -13,10 +13,11 @@ import grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from servicefixtures import DOCUMENTS, REDIS_URL, ServerProcess, delete_redis_prefix, status_of
+from tests.helpers.service import DOCUMENTS, ServerProcess, delete_redis_prefix, status_of
+from tests.helpers.kv import REDIS_URL
 
 from services.serving import prometheus
-from services.serving.engine import Metrics
+from services.serving.metrics import Metrics
 from store.memory_tier import MemoryTier
 from store.redis_tier import RedisTier
 from store.tiered import TieredStore

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
-from servicefixtures import CACHE_DIR, DOCUMENTS
+from tests.helpers.model import CACHE_DIR
+from tests.helpers.service import DOCUMENTS
 
-from services.bench import cluster as bench_cluster
 from services.bench.cluster import Cluster
+from services.commands.bench import cmd_bench_cluster
 from services.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def test_under_load_a_redis_restart_and_a_killed_replica_lose_nothing_and_fail_n
         dataset=str(ROOT / "data" / "musique_sample.json"), model=str(service_model_dir), cache_dir=str(CACHE_DIR),
         replicas=2, clients=8, duration=24.0, questions=2, top_k=2, max_new_tokens=4, ingest_every=3,
         faults=True, retries=60, retry_wait=0.5, timeout=None, keep=False, json_out=str(tmp_path / "run.json"))
-    code = bench_cluster.run(args)
+    code = cmd_bench_cluster(args)
     result = json.loads((tmp_path / "run.json").read_text())["result"]
     assert result["failed_rpcs"] == 0, result["failures"]
     assert set(result["failed_attempts_by_code"]) <= {"UNAVAILABLE"}  # and each of those succeeded on retry

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from servicefixtures import DOCUMENTS
+from tests.helpers.service import DOCUMENTS
 
 from services.commands import cli
 

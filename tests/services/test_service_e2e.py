@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from servicefixtures import CONTEXT, DOCUMENTS, redis_prefix_keys, status_of
+from tests.helpers.service import CONTEXT, DOCUMENTS, redis_prefix_keys, status_of
 
 from services.client import Answer
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from servicefixtures import CACHE_DIR, DOCUMENTS
+from tests.helpers.model import CACHE_DIR
+from tests.helpers.service import DOCUMENTS
 
-from services.serving.engine import DocumentIn, Engine, GenerateParams
+from services.serving.engine import Engine
+from services.serving.requests import DocumentIn, GenerateParams
 from services.settings import DEFAULT_TENANT, build
 
 
@@ -34,7 +36,7 @@ def test_an_evicted_chunk_is_computed_for_the_request_and_written_back(engine):
     assert first.chunks_missing == 0 and sum(first.chunks_hit.values()) == 2
     text = engine.catalog.run(lambda: engine.catalog.existing(DEFAULT_TENANT).get(ids[1]).text)
     token_ids = engine.model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    engine.store.delete(engine.kv_key(DEFAULT_TENANT, token_ids))  # as if every tier had evicted it
+    engine.store.delete(engine.precompute.key(token_ids, DEFAULT_TENANT))  # as if every tier had evicted it
     again, tokens_again, _ = _answer(engine, query="Where?", chunk_ids=tuple(ids), mode="reuse",
                                      max_new_tokens=4)
     assert again.chunks_missing == 1 and again.missing_tokens == len(token_ids)

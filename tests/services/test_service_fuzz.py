@@ -8,7 +8,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servicefixtures import DOCUMENTS
+from tests.helpers.service import DOCUMENTS
 
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,

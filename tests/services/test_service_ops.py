@@ -9,7 +9,7 @@ import time
 
 import grpc
 import pytest
-from servicefixtures import DOCUMENTS, ServerProcess, status_of
+from tests.helpers.service import DOCUMENTS, ServerProcess, status_of
 
 from services.client import Answer, Client
 

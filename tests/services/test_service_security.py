@@ -8,7 +8,7 @@ import subprocess
 
 import grpc
 import pytest
-from servicefixtures import DOCUMENTS, ServerProcess, status_of
+from tests.helpers.service import DOCUMENTS, ServerProcess, status_of
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-fedcba9876543210"

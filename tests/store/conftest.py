@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 import redis
-from kvfixtures import REDIS_URL, RedisServer, delete_prefix
+from tests.helpers.kv import REDIS_URL, RedisServer, delete_prefix
 
 
 @pytest.fixture

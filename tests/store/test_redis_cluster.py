@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 import torch
-from kvfixtures import make_chunk
+from tests.helpers.kv import make_chunk
 
 from retriever.chunker import Chunk
 from retriever.redis_collection import SharedCollection

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kvfixtures import block
+from tests.helpers.kv import block
 
 from store.codec import CorruptEntry, decode, encode
 from store.keys import chunk_key, chunk_of, layer_key, manifest_key

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from kvfixtures import REDIS_URL, make_chunk
+from tests.helpers.kv import REDIS_URL, make_chunk
 
 from store.chunks import ChunkStore
 from store.disk_tier import DiskTier

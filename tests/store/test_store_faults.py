@@ -4,7 +4,7 @@ import logging
 import time
 
 import torch
-from kvfixtures import RedisServer, computing, make_chunk
+from tests.helpers.kv import RedisServer, computing, make_chunk
 
 from store.chunks import ChunkStore
 from store.config import StoreConfig

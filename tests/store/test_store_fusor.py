@@ -8,6 +8,7 @@ from store.chunks import ChunkStore
 from store.disk_tier import DiskTier
 from store.keys import chunk_key
 from store.memory_tier import MemoryTier
+from store.source import StoreSource
 from store.tiered import TieredStore
 
 CONFIG = BlendConfig(mode="blend", ratio=0.3)
@@ -40,7 +41,7 @@ def test_blend_from_a_cpu_and_disk_store_equals_blend_from_memory(tiny, tmp_path
         store.put(key, entry)
     assert len(list(store.tiered.tiers[1].entries())) > len(list(store.tiered.tiers[0].entries()))
     expected = blend(tiny, layout, MemorySource(entries))
-    with store.source(keys) as source:
+    with StoreSource(store, keys) as source:
         got = blend(tiny, layout, source)
     assert torch.equal(got.logits, expected.logits) and got.recomputed == expected.recomputed
 
@@ -56,7 +57,7 @@ def test_a_chunk_missing_from_the_store_is_computed_and_the_answer_is_the_same(t
         calls.append(index)
         return compute_kv(tiny, layout.chunks[index - 1], behind=entries[0])
 
-    with store.source(keys, compute) as source:
+    with StoreSource(store, keys, compute) as source:
         got = blend(tiny, layout, source)
     assert calls == [2]
     assert torch.equal(got.logits, blend(tiny, layout, MemorySource(entries)).logits)

@@ -3,12 +3,13 @@
 import logging
 
 import torch
-from kvfixtures import block
+from tests.helpers.kv import block
 
 from store.codec import encode
 from store.config import StoreConfig
 from store.disk_tier import DiskTier
 from store.memory_tier import MemoryTier
+from store.open import open_tiered
 from store.tiered import TieredStore
 
 ENTRY = block(0)  # every entry in these tests has this size
@@ -113,7 +114,7 @@ def test_the_last_tier_admits_on_first_use_so_nothing_is_lost():
 
 def test_gpu_tier_is_used_when_cuda_is_present_and_left_out_with_a_log_line_when_not(caplog):
     with caplog.at_level(logging.INFO, logger="store"):
-        store = TieredStore.from_config(StoreConfig(gpu_bytes=10 * SIZE, cpu_bytes=10 * SIZE, admit_after=1))
+        store = open_tiered(StoreConfig(gpu_bytes=10 * SIZE, cpu_bytes=10 * SIZE, admit_after=1))
     names = [tier.name for tier in store.tiers]
     if not torch.cuda.is_available():
         assert names == ["cpu"] and "CUDA is not available" in caplog.text

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from kvfixtures import computing, make_chunk
+from tests.helpers.kv import computing, make_chunk
 
 from blend.fusor import MemorySource
 from store.chunks import ChunkStore
 from store.keys import chunk_key, layer_key
 from store.memory_tier import MemoryTier
-from store.source import MissingChunk
+from store.disk_tier import DiskTier
+from store.source import MissingChunk, StoreSource
 from store.tiered import TieredStore
 
 N_LAYERS = 4
@@ -27,13 +28,15 @@ def layers_of(source) -> list[list[torch.Tensor]]:
     return [list(source.layer(index)) for index in range(N_LAYERS)]
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_source_yields_what_a_memory_source_yields(prefetch):
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_source_yields_what_a_memory_source_yields(tier, tmp_path):
+    """From a memory tier (read inline) and from disk (read ahead on the prefetch thread) alike."""
     chunks, keys = chunks_and_keys()
-    store = new_store()
+    store = new_store() if tier == "cpu" else ChunkStore(TieredStore([DiskTier(tmp_path)], [None]))
     for key, chunk in zip(keys, chunks):
         store.put(key, chunk)
-    with store.source(keys, prefetch=prefetch) as source:
+    with StoreSource(store, keys) as source:
+        assert source.stats.tiers == [tier] * 3
         expected = MemorySource(chunks)
         assert source.starts == expected.starts == [7, 8, 9]
         for ours, theirs in zip(layers_of(source), layers_of(expected)):
@@ -46,7 +49,7 @@ def test_a_missing_chunk_is_computed_alone_and_written_back_the_others_come_from
     store.put(keys[0], chunks[0])
     store.put(keys[2], chunks[2])
     compute, calls = computing(chunks)
-    with store.source(keys, compute) as source:
+    with StoreSource(store, keys, compute) as source:
         assert all(torch.equal(a, b) for a, b in zip(source.layer(1), MemorySource(chunks).layer(1)))
     assert calls == [1]
     assert torch.equal(store.get(keys[1]).kv, chunks[1].kv)  # the next request hits
@@ -58,7 +61,7 @@ def test_a_layer_lost_after_the_manifest_was_read_recomputes_that_chunk_only():
     for key, chunk in zip(keys, chunks):
         store.put(key, chunk)
     compute, calls = computing(chunks)
-    source = store.source(keys, compute, prefetch=False)
+    source = StoreSource(store, keys, compute)
     store.tiered.delete(layer_key(keys[2], 2))  # evicted between the manifest read and the layer read
     layers = layers_of(source)
     assert calls == [2]
@@ -70,7 +73,32 @@ def test_a_layer_lost_after_the_manifest_was_read_recomputes_that_chunk_only():
 def test_without_compute_a_missing_chunk_is_an_error_naming_it():
     chunks, keys = chunks_and_keys(1)
     with pytest.raises(MissingChunk, match=keys[0]):
-        new_store().source(keys)
+        StoreSource(new_store(), keys)
+
+
+def test_a_manifest_holding_other_tokens_than_the_prompt_expects_is_recomputed_not_used():
+    """A forged or stale entry under a chunk's key never reaches the fusor."""
+    chunks, keys = chunks_and_keys(2)
+    store = new_store()
+    store.put(keys[0], chunks[0])
+    store.put(keys[1], chunks[1])
+    compute, calls = computing(chunks)
+    forged = list(chunks[0].token_ids)
+    forged[0] += 1
+    source = StoreSource(store, keys, compute, expected=[forged, chunks[1].token_ids])
+    assert calls == [0] and source.stats.computed == {0: "not in the store"}
+
+
+def test_segments_the_controller_skips_are_never_read_and_come_as_none():
+    chunks, keys = chunks_and_keys()
+    store = new_store()
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    store.tiered.delete(layer_key(keys[1], 0))  # reading it would fail and need compute
+    source = StoreSource(store, keys).begin(skip=[1])
+    for layer in range(N_LAYERS):
+        blocks = source.layer(layer)
+        assert blocks[1] is None and torch.equal(blocks[2], chunks[2].kv[layer])
 
 
 def test_get_or_compute_looks_up_each_chunk_on_its_own():
@@ -111,7 +139,7 @@ def test_source_delivers_each_layer_on_the_gpu():
     for key, chunk in zip(keys, chunks):
         store.put(key, chunk)
     assert store.tiered.tiers[0].pin  # the CPU tier holds pinned memory when CUDA is present
-    with store.source(keys, device="cuda") as source:
+    with StoreSource(store, keys, device="cuda") as source:
         for layer, blocks in enumerate(layers_of(source)):
             assert all(block.is_cuda and torch.equal(block.cpu(), chunk.kv[layer])
                        for block, chunk in zip(blocks, chunks))

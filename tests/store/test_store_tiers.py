@@ -6,7 +6,7 @@ import re
 import pytest
 import redis
 import torch
-from kvfixtures import REDIS_URL, block, make_chunk
+from tests.helpers.kv import REDIS_URL, block, make_chunk
 
 from store.chunks import ChunkStore
 from store.config import StoreConfig
@@ -46,6 +46,12 @@ def test_tier_round_trip_is_bit_exact(tier, dtype):
     assert tier.bytes_used() == size and dict(tier.entries()) == {"k:0": size}
     tier.delete("k:0")
     assert tier.get("k:0") is None and not tier.contains("k:0") and tier.bytes_used() == 0
+
+
+def test_a_reachable_tier_says_it_is_available_and_skips_no_write(tier):
+    # Health is part of the protocol: callers read it without getattr, whatever the tier.
+    assert tier.check() is True and tier.available is True
+    assert tier.put("k:0", block(1)) is not None and tier.skipped_writes == 0
 
 
 def test_memory_tier_keeps_its_own_copy():

@@ -1,12 +1,9 @@
-"""Retriever fixtures: a small byte-level BPE tokenizer trained here, a tiny random Llama saved as a
-model folder that `blend.loader.load` accepts, the real MiniLM embedder, and a document set."""
+"""Small document sets for the retriever and ingestion tests, and writers for them on disk."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
 
 CORPUS = [
     "The river Thames flows through London and reaches the North Sea at its estuary.",
@@ -31,48 +28,6 @@ TOPICS = {
     "unicode": "Tokyo (東京) and Kyōto are cities in Japan 🇯🇵. Sushi 🍣 and ramen 🍜 are popular; the "
                "word 'café' keeps its accent. Ünïcödé text must never be cut inside a character.",
 }
-
-
-def bpe_tokenizer():
-    """A byte-level BPE of ~400 tokens: CJK and emoji stay split into byte tokens, which is the case
-    where a token boundary can fall inside a character."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(CORPUS + list(TOPICS.values()), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return bpe_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A 2-layer random Llama with the BPE above, saved as a Hugging Face folder (`--model DIR`)."""
-    from tests.conftest import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, len(tokenizer), 1024)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_model_dir, tmp_path_factory):
-    from blend.loader import load
-
-    return load(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="session")
-def embedder():
-    from retriever.embedder import Embedder
-
-    return Embedder(batch_size=16)
 
 
 def write_docs(folder: Path, topics: dict[str, str] = TOPICS, repeat: int = 1) -> Path:

@@ -1,0 +1,129 @@
+"""`kvblend bench` (GPU TTFT), `bench-store` (store tiers), `bench-service` (one server under load) and
+`bench-cluster` (replicas under load, with faults): their flags and the calls into services/bench/.
+
+`bench` must parse and run on a GPU machine with torch and transformers but without faiss, redis-py or
+gguf, so nothing here imports those (services/bench/gpu.py and store.py import them where used)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from services.bench.gpu import BenchConfig, run
+
+    return run(BenchConfig(
+        shape=args.shape, chunks=tuple(int(c) for c in args.chunks.split(",")), repeats=args.repeats,
+        ratios=tuple(float(r) for r in args.ratios.split(",")), redis_url=args.redis_url,
+        json_out=Path(args.json_out), plot=_path(args.plot), profile=_path(args.profile),
+    ))
+
+
+def cmd_bench_store(args: argparse.Namespace) -> int:
+    from services.bench.store import StoreBenchConfig, run
+
+    return run(StoreBenchConfig(
+        json_out=Path(args.json_out), redis_url=args.redis_url, layouts=tuple(args.layouts.split(",")),
+        tokens=args.tokens, chunks=args.chunks, repeats=args.repeats, replay_requests=args.replay_requests,
+        only=args.only, torch_threads=args.torch_threads, work_dir=_path(args.work_dir),
+    ))
+
+
+def cmd_bench_service(args: argparse.Namespace) -> int:
+    from services.bench.service import ServiceBenchConfig, run
+
+    return run(ServiceBenchConfig(
+        dataset=Path(args.dataset), server=args.server, token=args.token, model=args.model,
+        cache_dir=args.cache_dir, redis_url=args.redis_url, clients=args.clients, duration=args.duration,
+        questions=args.questions, top_k=args.top_k, mode=args.mode, max_new_tokens=args.max_new_tokens,
+        timeout=args.timeout, json_out=_path(args.json_out),
+    ))
+
+
+def cmd_bench_cluster(args: argparse.Namespace) -> int:
+    from services.bench.cluster import ClusterBenchConfig, run
+
+    return run(ClusterBenchConfig(
+        dataset=Path(args.dataset), model=args.model, cache_dir=args.cache_dir, replicas=args.replicas,
+        clients=args.clients, duration=args.duration, questions=args.questions, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, ingest_every=args.ingest_every, faults=args.faults,
+        retries=args.retries, retry_wait=args.retry_wait, timeout=args.timeout, keep=args.keep,
+        json_out=_path(args.json_out),
+    ))
+
+
+def add_parsers(subparsers) -> None:
+    from services.bench.gpu import SHAPES
+    from services.bench.store import LAYOUTS
+
+    parser = subparsers.add_parser("bench", help="GPU TTFT of every mode and tier on an 8B-shaped model")
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    parser.add_argument("--chunks", default="10,6,20", help="chunk counts; the first gets every row")
+    parser.add_argument("--ratios", default="0.05,0.15,0.3")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--redis-url", default=None, help="also time chunk KV loaded from this Redis")
+    parser.add_argument("--json", dest="json_out", required=True)
+    parser.add_argument("--plot", default=None)
+    parser.add_argument("--profile", default=None, help="write a chrome trace of one pipelined request here")
+    parser.set_defaults(func=cmd_bench)
+
+    parser = subparsers.add_parser("bench-store",
+                                   help="chunk-KV load throughput per store tier, admission replay")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--json", required=True, dest="json_out", help="where to write the figures")
+    parser.add_argument("--layouts", default="smollm2,8b", help=f"comma-separated: {', '.join(LAYOUTS)}")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per chunk")
+    parser.add_argument("--chunks", type=int, default=10, help="chunks per request (also measured: 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed loads per row (median and best shown)")
+    parser.add_argument("--replay-requests", type=int, default=3000)
+    parser.add_argument("--only", choices=["all", "throughput", "replay"], default="all")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="intra-op threads (default: torch's); 1 avoids thrashing on a busy machine")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the disk tier's files go (default: system temp)")
+    parser.set_defaults(func=cmd_bench_store)
+
+    b = subparsers.add_parser("bench-service",
+                              help="N concurrent clients for a fixed time: requests/s and TTFT")
+    b.add_argument("--dataset", required=True,
+                   help="MuSiQue-shaped JSON, e.g. ../shared/datasets/musique_dev.json")
+    b.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
+    b.add_argument("--token", default=None, help="bearer token for --server")
+    b.add_argument("--model", default="smollm2-135m", help="model of the server started here")
+    b.add_argument("--cache-dir", default=None)
+    b.add_argument("--redis-url", default=None)
+    b.add_argument("--clients", type=int, default=16)
+    b.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    b.add_argument("--questions", type=int, default=2,
+                   help="questions asked in turn (their passages are ingested)")
+    b.add_argument("--top-k", type=int, default=2)
+    b.add_argument("--mode", default="blend", choices=["full", "prefix", "reuse", "blend"])
+    b.add_argument("--max-new-tokens", type=int, default=8)
+    b.add_argument("--timeout", type=float, default=None, help="per-call deadline (default none)")
+    b.add_argument("--json", dest="json_out", default="out/bench_service.json")
+    b.set_defaults(func=cmd_bench_service)
+
+    b = subparsers.add_parser("bench-cluster",
+                              help="replicas sharing one Redis under load, with Redis and replica faults")
+    b.add_argument("--dataset", required=True, help="MuSiQue-shaped JSON, e.g. data/musique_sample.json")
+    b.add_argument("--model", default="smollm2-135m", help="model of the replicas started here")
+    b.add_argument("--cache-dir", default=None)
+    b.add_argument("--replicas", type=int, default=2)
+    b.add_argument("--clients", type=int, default=32)
+    b.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    b.add_argument("--questions", type=int, default=2, help="questions asked in turn (their passages are ingested)")
+    b.add_argument("--top-k", type=int, default=2)
+    b.add_argument("--max-new-tokens", type=int, default=8)
+    b.add_argument("--ingest-every", type=int, default=4, help="every Nth call of a client ingests (0: never)")
+    b.add_argument("--faults", action="store_true", help="restart Redis, SIGKILL and restart a replica")
+    b.add_argument("--retries", type=int, default=60, help="retries of a call that failed with UNAVAILABLE")
+    b.add_argument("--retry-wait", type=float, default=0.5, help="seconds between retries")
+    b.add_argument("--timeout", type=float, default=None, help="per-call deadline (default none)")
+    b.add_argument("--keep", action="store_true", help="keep the run's folder (logs, Redis data)")
+    b.add_argument("--json", dest="json_out", default="out/bench_cluster.json")
+    b.set_defaults(func=cmd_bench_cluster)

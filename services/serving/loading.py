@@ -1,0 +1,93 @@
+"""The loading controller on the request path: the running estimates it plans with, measured by this
+server's own reads and prefills, and its plan for each blend request (blend.controller decides).
+
+Until a tier's bandwidth has been measured its chunks are assumed to load in time (they are read,
+and that read is the measurement); until a prefill has been measured there is no plan at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from blend.controller import LoadPlan, plan_loading
+from store.source import LoadStats
+
+IN_PLACE = ("gpu", "memory", None)  # None: computed for this request, already on the device
+MIN_SAMPLE_BYTES = 1 << 20  # reads smaller than this say more about latency than bandwidth
+
+
+@dataclass(frozen=True)
+class LoadingSummary:
+    enabled: bool
+    planned: int
+    chunks_recomputed: int
+    ratio_raised: int
+    read_bytes_per_s: dict[str, float]
+    prefill_s_per_token: float
+
+
+class LoadEstimates:
+    """Thread-safe: requests report from the model thread, Stats reads from any."""
+
+    def __init__(self, n_layers: int, enabled: bool = True, smoothing: float = 0.3):
+        self.n_layers = n_layers
+        self.enabled = enabled
+        self.smoothing = smoothing
+        self._lock = threading.Lock()
+        self._bandwidth: dict[str, float] = {}  # tier -> bytes/s, host read and device copy together
+        self._copy_bandwidth: float | None = None  # host -> device, bytes/s (CUDA)
+        self._s_per_token_layer: float | None = None
+        self.planned = self.chunks_recomputed = self.ratio_raised = 0
+
+    def _blend(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def observe_prefill(self, token_layers: int, seconds: float) -> None:
+        """A prefill that computed `token_layers` (tokens x layers) in `seconds` of compute."""
+        if token_layers > 0 and seconds > 0:
+            with self._lock:
+                self._s_per_token_layer = self._blend(self._s_per_token_layer, seconds / token_layers)
+
+    def observe_loads(self, stats: LoadStats) -> None:
+        with self._lock:
+            if stats.copy_bytes >= MIN_SAMPLE_BYTES and stats.copy_s > 0:
+                self._copy_bandwidth = self._blend(self._copy_bandwidth, stats.copy_bytes / stats.copy_s)
+            for tier, seconds in stats.read_s.items():
+                size = stats.read_bytes.get(tier, 0)
+                if tier in IN_PLACE or size < MIN_SAMPLE_BYTES or seconds <= 0:
+                    continue
+                self._bandwidth[tier] = self._blend(self._bandwidth.get(tier), size / seconds)
+
+    def bandwidth(self, tier: str | None, on_device: bool) -> float:
+        """Bytes/s a chunk in `tier` arrives at: its read, then (on a GPU) its copy to the device."""
+        if tier in IN_PLACE:
+            return float("inf")
+        with self._lock:
+            read, copy = self._bandwidth.get(tier), self._copy_bandwidth if on_device else None
+        seconds_per_byte = (1 / read if read else 0.0) + (1 / copy if copy else 0.0)
+        return 1 / seconds_per_byte if seconds_per_byte else float("inf")
+
+    def plan(self, tiers: list[str | None], tokens: list[int], bytes_per_token: int, floor: float,
+             on_device: bool) -> LoadPlan | None:
+        """Chunk i sits in `tiers[i]` and has `tokens[i]` tokens; None while no prefill was measured."""
+        with self._lock:
+            per_token_layer = self._s_per_token_layer
+        if not self.enabled or per_token_layer is None or not tokens:
+            return None
+        plan = plan_loading(tokens, [self.bandwidth(t, on_device) for t in tiers], bytes_per_token,
+                            per_token_layer * self.n_layers, self.n_layers, floor)
+        with self._lock:
+            self.planned += 1
+            self.chunks_recomputed += len(plan.recompute_chunks)
+            self.ratio_raised += plan.ratio > floor
+        return plan
+
+    def summary(self) -> LoadingSummary:
+        with self._lock:
+            rates = dict(self._bandwidth)
+            if self._copy_bandwidth:
+                rates["host_to_device"] = self._copy_bandwidth
+            per_layer = self._s_per_token_layer
+            return LoadingSummary(self.enabled, self.planned, self.chunks_recomputed, self.ratio_raised, rates,
+                                  0.0 if per_layer is None else per_layer * self.n_layers)

@@ -1,0 +1,112 @@
+"""GPU-only facts of the request path's KV source (skipped without CUDA; run on the lent H200): from
+every tier it delivers exactly the bytes the store holds, blend from it equals blend from memory,
+and with chunk KV in the pinned CPU tier no layer's compute waits for its copy."""
+
+import pytest
+import torch
+
+from blend.adapter import LlamaStep
+from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
+from store.chunks import ChunkStore
+from store.disk_tier import DiskTier
+from store.keys import chunk_key, layer_key
+from store.memory_tier import MemoryTier
+from store.source import StoreSource
+from store.tiered import TieredStore
+from tests.helpers.kv import REDIS_URL
+from tests.helpers.model import random_layout, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def cuda_step():
+    return LlamaStep(tiny_model().to("cuda"))
+
+
+def _tier(name: str, tmp_path):
+    if name == "redis":
+        import redis
+
+        from store.redis_tier import RedisTier
+
+        try:
+            redis.Redis.from_url(REDIS_URL).ping()
+        except redis.ConnectionError:
+            pytest.skip(f"no Redis at {REDIS_URL}")
+        return RedisTier(REDIS_URL, f"kvblend-cuda-test-{tmp_path.name}:")
+    if name == "disk":
+        return DiskTier(tmp_path / "disk")
+    return MemoryTier(name, "cuda" if name == "gpu" else "cpu")
+
+
+def _entries(step, seed=11, lengths=(30, 25, 40)):
+    layout = random_layout(seed=seed, chunk_lengths=lengths)
+    with torch.inference_mode():
+        prefix = compute_kv(step, layout.prefix)
+        chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+    return layout, prefix, chunks
+
+
+def _store(tier, chunks):
+    store = ChunkStore(TieredStore([tier], [None]))
+    keys = [chunk_key("fp", (), c.token_ids, c.kv.dtype) for c in chunks]
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    return store, keys
+
+
+@pytest.mark.parametrize("tier", ["gpu", "cpu", "disk", "redis"])
+def test_source_delivers_exactly_the_bytes_the_store_holds_from_every_tier(cuda_step, tier, tmp_path):
+    layout, prefix, chunks = _entries(cuda_step)
+    store, keys = _store(_tier(tier, tmp_path), chunks)
+    if tier == "cpu":
+        assert store.tiered.tiers[0].pin  # the CPU tier holds pinned memory on a CUDA machine
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    assert source.stats.tiers == ["memory"] + [tier] * len(chunks)
+    for layer in range(source.n_layers):
+        blocks = source.layer(layer)
+        held = [prefix.kv[layer]] + [store.tiered.get(layer_key(key, layer)) for key in keys]
+        for block, expected in zip(blocks, held):
+            assert block.is_cuda and torch.equal(block, expected.to("cuda"))
+    stats = source.finish()
+    assert stats.computed == {}
+    if tier in ("cpu", "disk", "redis"):
+        assert stats.copy_bytes == sum(c.kv.numel() * c.kv.element_size() for c in chunks)
+    else:
+        assert stats.copy_bytes == 0  # GPU-tier entries are handed over in place
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("tier", ["gpu", "cpu", "disk"])
+def test_blend_from_the_store_source_equals_blend_from_memory(cuda_step, tier, ratio, tmp_path):
+    layout, prefix, chunks = _entries(cuda_step)
+    store, keys = _store(_tier(tier, tmp_path), chunks)
+    config = BlendConfig(mode="blend", ratio=ratio)
+    with torch.inference_mode():
+        expected = prefill(cuda_step, layout, config, MemorySource([prefix, *chunks])).logits
+        got = prefill(cuda_step, layout, config, StoreSource(store, [prefix, *keys], device="cuda").begin()).logits
+    assert torch.equal(got, expected)
+
+
+def test_with_chunk_kv_in_the_cpu_tier_no_layer_waits_for_its_copy():
+    """Llama-3-8B layers (bf16, 8 of them), 10 chunks of 512 tokens: one layer's copy (21 MB) hides
+    behind the previous layer's compute."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
+                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=1000,
+                                  max_position_embeddings=8192)
+    with torch.device("cuda"):
+        step = LlamaStep(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval())
+    layout, prefix, chunks = _entries(step, seed=3, lengths=(512,) * 10)
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    with torch.inference_mode():
+        for _ in range(2):  # the first request warms the kernels and the pinned allocator
+            source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+            prefill(step, layout, BlendConfig(mode="blend", ratio=0.15), source)
+            stats = source.finish()
+    print("timeline ms:", source.timeline_ms()[:4], "stall ms:", 1000 * stats.stall_s)
+    # Layers 0 and 1 are copied before any compute can hide them; every later one must not wait.
+    stalls = [row for row in source.timeline_ms()[2:] if row["compute_start"] - row["asked"] > 0.05]
+    assert not stalls, f"layers waited for their copy: {stalls}"
