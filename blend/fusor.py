@@ -222,6 +222,10 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
         for start in layout.chunk_starts():
             sinks[start : start + selection.sinks] = True
         sinks &= ~always
+    if selection is not None and selection.skip_first and layout.chunks:
+        exact = torch.zeros(n, dtype=torch.bool, device=device)
+        exact[len(layout.prefix) : len(layout.prefix) + len(layout.chunks[0])] = True
+        exact &= ~always
     h = step.embed(ids[first:])
     mask, rope = _mask_for(positions, n, step.dtype), step.cos_sin(positions)
     for layer in range(step.n_layers):
@@ -235,6 +239,10 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
         score, mass = token_scores(selection, q, k, v, cache.data[layer], positions, len(layout.suffix), step.scale)
         if selection.sinks:
             score = torch.where(sinks[positions], torch.finfo(score.dtype).max, score)
+        if selection.skip_first and layout.chunks:
+            # Ranked last, and their attention mass is not counted towards an adaptive coverage.
+            score = torch.where(exact[positions], -torch.finfo(score.dtype).max, score)
+            mass = None if mass is None else torch.where(exact[positions], 0.0, mass)
         n_always = positions.shape[0] - n_candidates
         keep = _keep(selection, score, mass, candidate, n_candidates, n_always,
                      round(schedule[layer] * n_chunk_tokens))

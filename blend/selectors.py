@@ -12,6 +12,9 @@ label and a `--selector` list name every variant:
     +coverX    adaptive budget: keep tokens, best first, until a share X of the question's attention
                mass on chunk tokens is covered; `ratio` is the ceiling
     +floorY    with +cover: never fewer than Y x the ceiling (default 0.25)
+    +nofirst   rank the first chunk's tokens last: its placed cache is exact (computed behind the same
+               prefix at the same positions), so recomputing it fixes nothing, however much the
+               question attends to it (drift scorers already score it ~0)
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 SCORERS = ("v", "k", "qattn", "k*qattn")
 ATTENTION_SCORERS = ("qattn", "k*qattn")
-_HELP = "choose one of v, k, qattn, k*qattn, optionally with +sinkN, +gmax, +coverX, +floorY"
+_HELP = "choose one of v, k, qattn, k*qattn, optionally with +sinkN, +gmax, +coverX, +floorY, +nofirst"
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Selector:
     groups: str = "sum"  # how attention combines over KV head groups: "sum" or "max"
     coverage: float = 0.0  # 0: fixed budget of round(ratio x chunk tokens)
     floor: float = 0.25  # adaptive budget's floor, as a share of the ceiling
+    skip_first: bool = False  # the first chunk's tokens ranked last (their cache is exact)
 
     @property
     def needs_attention(self) -> bool:
@@ -48,10 +52,12 @@ def parse_selector(spec: str) -> Selector:
         raise ValueError(f"unknown selector {spec!r} ({_HELP})")
     fields: dict = {"scorer": scorer}
     for option in options:
-        match = re.fullmatch(r"(sink)(\d+)|(gmax)|(cover|floor)(\d*\.?\d+)", option)
+        match = re.fullmatch(r"(sink)(\d+)|(gmax)|(cover|floor)(\d*\.?\d+)|(nofirst)", option)
         if match is None:
             raise ValueError(f"unknown option {option!r} in selector {spec!r} ({_HELP})")
-        if match[1]:
+        if match[6]:
+            fields["skip_first"] = True
+        elif match[1]:
             fields["sinks"] = int(match[2])
         elif match[3]:
             fields["groups"] = "max"

@@ -277,7 +277,9 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
         model["cache_dir"] = Path(model["cache_dir"]).expanduser()
     if model.get("device") is None:
         model["device"] = default_device()
-    if model.get("dtype", "float32") not in DTYPES:
+    if model.get("dtype") is None:  # served in bf16 on a GPU, float32 on a CPU, unless said otherwise
+        model["dtype"] = "bfloat16" if str(model["device"]).startswith("cuda") else "float32"
+    if model["dtype"] not in DTYPES:
         raise ValueError(f"model dtype {model['dtype']!r} is not one of {', '.join(DTYPES)}")
     model_config = _section(ModelConfig, model, f"{where} [model]")
     store.setdefault("disk_path", server_config.data_dir / KV_DIR)

@@ -14,7 +14,6 @@ from store.admission import FrequencySketch
 from store.config import StoreConfig
 from store.disk_tier import DiskTier
 from store.memory_tier import MemoryTier
-from store.redis_tier import RedisTier
 from store.tier import Tier
 from store.tiered import TieredStore
 
@@ -38,6 +37,8 @@ def open_tiers(config: StoreConfig) -> tuple[list[Tier], list[int | None]]:
         tiers.append(DiskTier(config.disk_path, quantize=config.quantize))
         budgets.append(config.disk_bytes)
     if config.redis_url is not None:
+        from store.redis_tier import RedisTier  # redis-py only where a Redis tier is asked for
+
         redis_tier = RedisTier(config.redis_url, config.redis_prefix, config.quantize,
                                config.redis_timeout_s, config.redis_retry_s, cluster=config.redis_cluster)
         tiers.append(redis_tier)

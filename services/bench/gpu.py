@@ -263,3 +263,17 @@ def run(config: BenchConfig) -> int:
     if config.plot:
         plot(report["rows"], config.plot)
     return 0
+
+
+def write_bench_model(folder: Path, shape: str, cache_dir: Path) -> Path:
+    """A timing-only checkpoint of `shape` (random weights drawn at load) with the embedded model's
+    tokenizer and chat template, so `kvblend serve --model FOLDER` serves an 8B-shaped model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from blend.loader import resolve, write_random_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m", cache_dir))
+    config = AutoConfig.for_model("llama", max_position_embeddings=16384, tie_word_embeddings=False,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  **SHAPES[shape])
+    return write_random_checkpoint(folder, config, tokenizer)

@@ -35,14 +35,35 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_service(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        from services.bench.service_gpu import GpuServiceBenchConfig
+        from services.bench.service_gpu import run as run_gpu
+
+        return run_gpu(GpuServiceBenchConfig(
+            model=Path(args.model), redis_url=args.redis_url, duration=args.duration or 6.0,
+            max_new_tokens=args.max_new_tokens or 4,
+            json_out=Path(args.json_out), plot=_path(args.plot),
+            scenarios=tuple(args.scenarios.split(",")),
+        ))
+    if args.dataset is None:
+        raise ValueError("bench-service needs --dataset (a MuSiQue-shaped JSON) unless --device cuda")
     from services.bench.service import ServiceBenchConfig, run
 
     return run(ServiceBenchConfig(
         dataset=Path(args.dataset), server=args.server, token=args.token, model=args.model,
-        cache_dir=args.cache_dir, redis_url=args.redis_url, clients=args.clients, duration=args.duration,
-        questions=args.questions, top_k=args.top_k, mode=args.mode, max_new_tokens=args.max_new_tokens,
+        cache_dir=args.cache_dir, redis_url=args.redis_url, clients=args.clients, duration=args.duration or 30.0,
+        questions=args.questions, top_k=args.top_k, mode=args.mode, max_new_tokens=args.max_new_tokens or 8,
         timeout=args.timeout, json_out=_path(args.json_out),
     ))
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from services.bench.gpu import write_bench_model
+    from services.settings import ModelConfig
+
+    folder = write_bench_model(Path(args.folder), args.shape, ModelConfig.resolve(cache_dir=args.cache_dir).cache_dir)
+    print(f"wrote {folder} ({args.shape}, random weights drawn at load: for timing only)")
+    return 0
 
 
 def cmd_bench_cluster(args: argparse.Namespace) -> int:
@@ -90,23 +111,37 @@ def add_parsers(subparsers) -> None:
 
     b = subparsers.add_parser("bench-service",
                               help="N concurrent clients for a fixed time: requests/s and TTFT")
-    b.add_argument("--dataset", required=True,
-                   help="MuSiQue-shaped JSON, e.g. ../shared/datasets/musique_dev.json")
+    b.add_argument("--dataset", default=None,
+                   help="MuSiQue-shaped JSON, e.g. ../shared/datasets/musique_dev.json (not with --device cuda)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: the GPU matrix (modes x tiers x 1 and 8 clients) on --model, a checkpoint "
+                        "folder such as `kvblend bench-model` writes")
+    b.add_argument("--scenarios", default="gpu,cpu,redis,mixed,mixed-fixed",
+                   help="with --device cuda: chunk placements to run")
+    b.add_argument("--plot", default=None, help="with --device cuda: a PNG of server TTFT per row")
     b.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
     b.add_argument("--token", default=None, help="bearer token for --server")
     b.add_argument("--model", default="smollm2-135m", help="model of the server started here")
     b.add_argument("--cache-dir", default=None)
     b.add_argument("--redis-url", default=None)
     b.add_argument("--clients", type=int, default=16)
-    b.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    b.add_argument("--duration", type=float, default=None,
+                   help="seconds of load (default 30; with --device cuda, 6 per row)")
     b.add_argument("--questions", type=int, default=2,
                    help="questions asked in turn (their passages are ingested)")
     b.add_argument("--top-k", type=int, default=2)
     b.add_argument("--mode", default="blend", choices=["full", "prefix", "reuse", "blend"])
-    b.add_argument("--max-new-tokens", type=int, default=8)
+    b.add_argument("--max-new-tokens", type=int, default=None, help="default 8; with --device cuda, 4")
     b.add_argument("--timeout", type=float, default=None, help="per-call deadline (default none)")
     b.add_argument("--json", dest="json_out", default="out/bench_service.json")
     b.set_defaults(func=cmd_bench_service)
+
+    b = subparsers.add_parser("bench-model",
+                              help="write a timing-only checkpoint folder (random weights) of an 8B shape")
+    b.add_argument("folder")
+    b.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    b.add_argument("--cache-dir", default=None, help="where the embedded model's tokenizer is converted")
+    b.set_defaults(func=cmd_bench_model)
 
     b = subparsers.add_parser("bench-cluster",
                               help="replicas sharing one Redis under load, with Redis and replica faults")

@@ -51,7 +51,8 @@ def add_eval_parser(subparsers) -> None:
     ev.add_argument("--chunks", type=int, default=None, help="passages per question (default: all)")
     ev.add_argument("--modes", default="full,prefix,reuse,blend")
     ev.add_argument("--ratios", default="0.05,0.15,0.3,1.0")
-    ev.add_argument("--selector", default="k", help="deviation measure(s) for blend: k (default), v, or k,v")
+    ev.add_argument("--selector", default="k", help="selector(s) for blend, comma-separated: k (default), v, qattn, k*qattn, each with options "
+                    "+sinkN +gmax +coverX +floorY +nofirst (docs/blend.md)")
     ev.add_argument("--check-layer", type=int, default=1)
     ev.add_argument("--gradual-layers", type=int, default=0, help="also run blend with gradual filtering")
     ev.add_argument("--max-new-tokens", type=int, default=16)

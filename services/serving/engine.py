@@ -117,17 +117,14 @@ class Engine:
     # -- keys and tiers --------------------------------------------------------------------------
 
     def tier_availability(self) -> dict[str, bool]:
-        return {tier.name: bool(getattr(tier, "available", True)) for tier in self.store.tiered.tiers}
+        return {tier.name: tier.available for tier in self.store.tiered.tiers}
 
     def degraded_tiers(self) -> list[str]:
         return [name for name, up in self.tier_availability().items() if not up]
 
     def probe_tiers(self) -> dict[str, bool]:
-        """Ask the tiers that can be down (Redis) whether they answer now; then the availability map."""
-        for tier in self.store.tiered.tiers:
-            if hasattr(tier, "check"):
-                tier.check()
-        return self.tier_availability()
+        """Ask every tier whether it answers now (only Redis can be down); then the availability map."""
+        return {tier.name: tier.check() for tier in self.store.tiered.tiers}
 
     # -- ingest ------------------------------------------------------------------------------------
 
@@ -306,7 +303,7 @@ class Engine:
         bottom = self.store.tiered.tiers[-1]
         where = f"the KV of chunk {chunk_id} was not written to the shared tier {bottom.name}; {documents} " \
                 "documents not recorded"
-        if getattr(bottom, "available", True):  # it answered and refused: full, not down
+        if bottom.available:  # it answered and refused: full, not down
             raise Overloaded(f"{where}: Redis refused it (out of memory under noeviction? raise maxmemory or "
                              "delete chunks)")
         raise Unavailable(f"{where}: Redis does not answer; retry")
@@ -351,7 +348,7 @@ class Engine:
         for name, tier_stats in self.store.tiered.stats().items():
             tier = next(t for t in self.store.tiered.tiers if t.name == name)
             tiers.append({"name": name, "available": available[name],
-                          "skipped_writes": getattr(tier, "skipped_writes", 0), **tier_stats.as_dict()})
+                          "skipped_writes": tier.skipped_writes, **tier_stats.as_dict()})
 
         def count() -> int:
             collection = self.catalog.existing(tenant)

@@ -135,6 +135,7 @@ class Generation:
         if config.mode == "full":
             started = time.perf_counter()
             filled = prefill(step, layout, config, None, capacity)
+            float(filled.logits[0])  # wait for the GPU: the controller learns prefill cost from this figure
             report.compute_s = time.perf_counter() - started
             self.estimates.observe_prefill(len(layout) * step.n_layers, report.compute_s)
             return filled
@@ -207,7 +208,7 @@ class Generation:
         step = self.model.precompute.step
         started = time.perf_counter()
         full = prefill(step, layout, BlendConfig(mode="full"), None, capacity)
-        kl = kl_divergence(full.logits, blended.logits)
+        kl = kl_divergence(full.logits, blended.logits)  # reads the logits back: the GPU's work is done
         self.estimates.observe_prefill(len(layout) * step.n_layers, time.perf_counter() - started)
         agree = int(full.logits.argmax()) == int(blended.logits.argmax())
         fell_back = not kl <= self.guard.config.max_kl

@@ -64,7 +64,7 @@ class EngineCollector:
         used = GaugeMetricFamily("kvblend_tier_bytes", "bytes this tier holds, by the store's LRU accounting "
                                  "(budgeted tiers only; see kvblend_redis_used_memory_bytes)", labels=["tier"])
         for tier, size in zip(tiered.tiers, tiered.usage().values(), strict=True):
-            skipped.add_metric([tier.name], getattr(tier, "skipped_writes", 0))
+            skipped.add_metric([tier.name], tier.skipped_writes)
             if size is not None:
                 used.add_metric([tier.name], size)
         yield skipped

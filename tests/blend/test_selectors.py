@@ -8,7 +8,8 @@ from blend.selectors import Selector, parse_selector, question_attention, token_
 from tests.helpers.model import random_layout
 
 EVERY_SELECTOR = ["k", "v", "qattn", "k*qattn", "qattn+sink4", "qattn+gmax", "k*qattn+sink2+gmax",
-                  "qattn+cover0.8", "k*qattn+sink4+cover0.9+floor0.5"]
+                  "qattn+cover0.8", "k*qattn+sink4+cover0.9+floor0.5", "qattn+sink4+nofirst",
+                  "qattn+nofirst+cover0.8"]
 
 
 def _run(step, layout, config):
@@ -65,6 +66,16 @@ def test_sinks_spend_the_budget_on_the_first_tokens_of_every_chunk(tiny):
         assert set(range(start, start + 3)) <= changed
     plain = _recomputed_positions(tiny, layout, BlendConfig(mode="blend", ratio=0.25, selector="qattn"))
     assert not all(set(range(s, s + 3)) <= plain for s in starts[1:])
+
+
+def test_nofirst_spends_the_budget_on_the_chunks_whose_cache_is_stale(tiny):
+    layout = random_layout(seed=16, chunk_lengths=(20, 20, 20))
+    stale = set(range(layout.chunk_starts()[1], len(layout) - len(layout.suffix)))
+    ratio = 40 / 60  # exactly the tokens of chunks 1 and 2
+    config = BlendConfig(mode="blend", ratio=ratio, selector="qattn+sink4+nofirst")
+    assert _recomputed_positions(tiny, layout, config) == stale
+    plain = BlendConfig(mode="blend", ratio=ratio, selector="qattn+sink4")
+    assert _recomputed_positions(tiny, layout, plain) < stale
 
 
 def test_adaptive_budget_stays_between_floor_and_ceiling(tiny):
@@ -151,7 +162,8 @@ def test_product_scorer_needs_both_drift_and_attention():
 @pytest.mark.parametrize(
     "spec,fields",
     [("k", Selector()), ("qattn+sink4", Selector("qattn", sinks=4)),
-     ("k*qattn+gmax+cover0.9+floor0.5", Selector("k*qattn", groups="max", coverage=0.9, floor=0.5))],
+     ("k*qattn+gmax+cover0.9+floor0.5", Selector("k*qattn", groups="max", coverage=0.9, floor=0.5)),
+     ("qattn+nofirst", Selector("qattn", skip_first=True))],
 )
 def test_selector_specs_parse(spec, fields):
     assert parse_selector(spec) == fields

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from blend.quality import kl_divergence
-from services.bench.evaluate import EvalConfig, evaluate, load_dataset, token_f1
+from services.bench.evaluate import EvalConfig, evaluate, load_dataset, selector_curves, token_f1
 
 
 def test_token_f1_uses_squad_normalisation():
@@ -47,7 +47,8 @@ def test_missing_dataset_names_the_path(tmp_path):
 @pytest.mark.parametrize(
     "flag,value,message",
     [("--modes", "full,turbo", "unknown mode 'turbo'"), ("--ratios", "0.1,1.5", "ratio 1.5"),
-     ("--ratios", "x", "ratio 'x'"), ("--selector", "q", "unknown selector 'q'")],
+     ("--ratios", "x", "ratio 'x'"), ("--selector", "q", "unknown selector 'q'"),
+     ("--selector", "k,qattn+sink", "unknown option 'sink' in selector 'qattn+sink'")],
 )
 def test_bad_eval_flags_are_one_clear_error(tmp_path, flag, value, message):
     result = subprocess.run(
@@ -79,3 +80,26 @@ def test_small_real_eval_reports_every_row_and_skips_an_overlong_question(smol, 
     assert rows["blend@1/k"]["kl_first_token"] < 1e-6 and rows["blend@1/k"]["f1_vs_full"] == 1.0
     assert rows["hf_full"]["kl_first_token"] < 1e-6
     assert all(row["ttft_median_s"] > 0 for row in rows.values())
+    assert rows["reuse"]["recompute_fraction"] == 0.0 and rows["full"]["recompute_fraction"] is None
+    assert rows["blend@0.3/k"]["recompute_fraction"] == pytest.approx(0.3, abs=0.02)
+    assert rows["blend@1/k"]["recompute_fraction"] == 1.0
+
+
+def test_query_aware_selectors_get_one_row_per_ratio_below_one():
+    config = EvalConfig(dataset="d.json", json_out="o.json", modes=("full", "reuse", "blend"), ratios=(0.15, 1.0),
+                        selectors=("qattn+sink4", "k", "k*qattn+cover0.9"), gradual_layers=2)
+    assert [row.label for row in config.rows()] == [
+        "full", "reuse", "blend@0.15/qattn+sink4", "blend@1/qattn+sink4", "blend@0.15/k",
+        "blend@0.15/k*qattn+cover0.9", "blend@0.15/qattn+sink4/gradual2"]
+
+
+def test_selector_curves_compare_at_equal_recompute_and_start_at_reuse():
+    def row(label, mode, kl, fraction):
+        return {"label": label, "mode": mode, "kl_first_token": kl, "recompute_fraction": fraction}
+
+    rows = [row("full", "full", 0.0, None), row("reuse", "reuse", 0.24, 0.0), row("reuse/int8", "reuse", 0.25, 0.0),
+            row("blend@0.15/k", "blend", 0.15, 0.15), row("blend@0.05/k", "blend", 0.19, 0.05),
+            row("blend@0.15/qattn+cover0.9", "blend", 0.09, 0.11), row("blend@0.05/k/int8", "blend", 0.2, 0.05)]
+    curves = selector_curves(rows)
+    assert curves == {"k": [(0.0, 0.24), (0.05, 0.19), (0.15, 0.15)], "qattn+cover0.9": [(0.0, 0.24), (0.11, 0.09)],
+                      "k/int8": [(0.0, 0.25), (0.05, 0.2)]}

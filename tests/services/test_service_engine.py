@@ -53,3 +53,15 @@ def test_below_its_kl_limit_the_guard_records_and_keeps_the_blend_answer(engine)
     assert report.quality.checked and not report.quality.fell_back and report.quality.kl >= 0
     assert finish.tokens == 3
     assert engine.guard.summary()["checked"] >= 1
+
+
+def test_every_blend_request_is_planned_by_the_loading_controller_from_measured_figures(engine):
+    """The engine measured a prefill at start-up, so the first blend request already has a plan: the
+    CPU tier reads faster than it recomputes, so nothing is recomputed and the ratio stays the request's."""
+    ids = tuple(cid for chunk_ids in engine.ingest(DEFAULT_TENANT, [DocumentIn(**d) for d in DOCUMENTS[:3]]).chunk_ids
+                for cid in chunk_ids)
+    report, _, _ = _answer(engine, query="Where?", chunk_ids=ids, mode="blend", ratio=0.2, max_new_tokens=1)
+    assert report.plan.planned and report.plan.recompute_chunk_ids == ()
+    assert report.ratio == report.plan.ratio >= 0.2
+    loading = engine.stats(DEFAULT_TENANT)["loading"]
+    assert loading["enabled"] and loading["planned"] >= 1 and loading["prefill_s_per_token"] > 0

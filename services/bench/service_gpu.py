@@ -1,0 +1,290 @@
+"""`kvblend bench-service --device cuda`: the served request on a GPU, per mode, tier and load.
+
+For each placement of the chunk KV (GPU tier, CPU tier, Redis only, and half in the CPU tier with
+half only in Redis, with the loading controller on and off) it starts `kvblend serve --device cuda`
+on the model folder (an 8B-shaped timing checkpoint from `kvblend bench-model`), ingests `--chunks`
+documents of about `--chunk-tokens` tokens through IngestChunks (the KV is computed by the server on
+the GPU), then, with 1 and with 8 concurrent clients for `--duration` seconds each, asks questions
+over all of those chunks (chunk ids, prompt order) in each mode. Reported per row: server-side and
+client-side TTFT p50/p99, requests/s, the load-wait share of prefill and what the reports said.
+
+In the same run, before any server starts, `kvblend bench`'s fusor-only rows are timed for the same
+prompt shape (no gRPC, no queue, no store lookups), so the service's overhead is a measured ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from services.bench.service import drive, percentile
+
+GIB = 1 << 30
+WORDS = ("river stone harbor lantern meadow copper violet engine orchard signal canyon amber "
+         "falcon glacier velvet timber ember quarry pillar saddle").split()
+
+
+@dataclass(frozen=True)
+class GpuServiceBenchConfig:
+    model: Path  # a checkpoint folder (e.g. from `kvblend bench-model`)
+    redis_url: str | None = None  # Redis rows need one
+    chunks: int = 10
+    chunk_tokens: int = 512
+    clients: tuple[int, ...] = (1, 8)
+    duration: float = 6.0  # seconds of load per row
+    max_new_tokens: int = 4
+    json_out: Path = Path("out/bench_service_gpu.json")
+    plot: Path | None = None
+    fusor_repeats: int = 10
+    scenarios: tuple[str, ...] = ("gpu", "cpu", "redis", "mixed", "mixed-fixed")
+    device: str = "cuda"  # "cpu" only to smoke-test the program itself (no figures worth quoting)
+
+
+@dataclass
+class Scenario:
+    name: str
+    store: dict
+    server: dict = field(default_factory=dict)
+    rows: tuple[tuple[str, float | None], ...] = ()  # (mode, ratio)
+
+
+def scenarios(config: GpuServiceBenchConfig) -> list[Scenario]:
+    chunk_bytes = config.chunk_tokens * 128 * 1024  # 8B shape in bf16: 128 KiB of K/V per token
+    blends = (("blend", 0.05), ("blend", 0.15))
+    every = (("full", None), ("reuse", None), *blends)
+    out = [Scenario("gpu", {"gpu_bytes": 16 * GIB, "cpu_bytes": 4 * GIB}, rows=every),
+           Scenario("cpu", {"gpu_bytes": 0, "cpu_bytes": 16 * GIB}, rows=(("full", None), ("reuse", None), *blends))]
+    if config.redis_url:
+        out.append(Scenario("redis", {"gpu_bytes": 0, "cpu_bytes": 0, "redis_url": config.redis_url},
+                            server={"loading_controller": False}, rows=(("blend", 0.15),)))
+        # Half the chunks fit the CPU tier; the rest are only in Redis (everything is written through).
+        half = {"gpu_bytes": 0, "cpu_bytes": (config.chunks // 2) * chunk_bytes + chunk_bytes // 2,
+                "redis_url": config.redis_url, "write_through": True}
+        out.append(Scenario("mixed", half, rows=(("full", None), ("blend", 0.15))))
+        out.append(Scenario("mixed-fixed", half, server={"loading_controller": False}, rows=(("blend", 0.15),)))
+    return [s for s in out if s.name in config.scenarios]
+
+
+def _documents(tokenizer, count: int, tokens: int) -> list[dict]:
+    """`count` distinct passages of about `tokens` model tokens each (one chunk apiece)."""
+    docs = []
+    for index in range(count):
+        words, text = [], ""
+        while True:
+            words.append(WORDS[(index * 7 + len(words) * 3) % len(WORDS)] + str(len(words) % 97))
+            candidate = " ".join(words) + "."
+            if len(tokenizer(candidate, add_special_tokens=False)["input_ids"]) > tokens - 24:
+                break
+            text = candidate
+        docs.append({"title": f"Passage {index}", "doc_id": f"bench-{index}", "text": text})
+    return docs
+
+
+def _toml(sections: dict) -> str:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}")
+    return "\n".join(lines) + "\n"
+
+
+def fusor_figures(config: GpuServiceBenchConfig) -> dict:
+    """`kvblend bench`'s rows for the same prompt shape, in this process, before any server starts
+    (printed at once, so a run cut short still shows them)."""
+    import torch
+
+    from services.bench.gpu import BenchConfig, run_bench
+
+    report = run_bench(BenchConfig(chunks=(config.chunks,), chunk_tokens=config.chunk_tokens,
+                                   ratios=(0.05, 0.15), repeats=config.fusor_repeats, json_out=Path("/dev/null")))
+    torch.cuda.empty_cache()
+    rows = {row["label"]: row for row in report["rows"]}
+    print("fusor-only: " + ", ".join(f"{label} {row['ttft_ms']:.1f} ms" for label, row in rows.items()),
+          file=sys.stderr, flush=True)
+    return rows
+
+
+def run_row(target: str, chunk_ids: list[str], mode: str, ratio: float | None, clients: int,
+            config: GpuServiceBenchConfig) -> dict:
+    import grpc
+
+    from services.client import Answer, Client
+
+    def ask(client, index: int, turn: int, began: float) -> dict:
+        question = f"Which passage names {WORDS[(index + turn) % len(WORDS)]}{turn % 97} first?"
+        try:
+            stream = client.generate(question, chunk_ids=chunk_ids, mode=mode, ratio=ratio,
+                                     max_new_tokens=config.max_new_tokens, timeout=120)
+            answer = Answer.collect(stream, started=began)
+        except grpc.RpcError as err:
+            return {"ok": False, "code": err.code().name, "details": err.details()}
+        report = answer.report
+        return {"ok": True, "client_ttft_s": answer.client_ttft_s, "server_ttft_s": answer.ttft_s,
+                "queue_s": report.queue_s, "load_wait_s": report.load_wait_s, "compute_s": report.compute_s,
+                "stall_s": report.load_stall_s, "stalled_layers": report.stalled_layers,
+                "chunks_hit": dict(report.chunks_hit), "chunks_missing": report.chunks_missing,
+                "prompt_tokens": report.prompt_tokens, "ratio": report.ratio,
+                "recomputed_chunks": list(report.plan.recompute_chunk_ids), "plan_reason": report.plan.reason}
+
+    records, began = drive(clients, config.duration, lambda: Client(target), ask)
+    wall = max((r["end"] for r in records), default=began) - began
+    ok = [r for r in records if r["ok"]]
+    hits: dict[str, int] = {}
+    for r in ok:
+        for tier, count in r["chunks_hit"].items():
+            hits[tier] = hits.get(tier, 0) + count
+    compute = sum(r["compute_s"] for r in ok)
+    return {
+        "mode": mode, "ratio": ratio, "clients": clients, "requests": len(records), "failed": len(records) - len(ok),
+        "failures": sorted({f"{r['code']}: {r['details']}" for r in records if not r["ok"]})[:5],
+        "requests_per_s": len(ok) / wall if wall else 0.0,
+        "server_ttft_p50_ms": 1000 * percentile([r["server_ttft_s"] for r in ok], 0.5),
+        "server_ttft_p99_ms": 1000 * percentile([r["server_ttft_s"] for r in ok], 0.99),
+        "client_ttft_p50_ms": 1000 * percentile([r["client_ttft_s"] for r in ok], 0.5),
+        "client_ttft_p99_ms": 1000 * percentile([r["client_ttft_s"] for r in ok], 0.99),
+        "queue_p50_ms": 1000 * percentile([r["queue_s"] for r in ok], 0.5),
+        "load_wait_share": (sum(r["load_wait_s"] for r in ok) / compute) if compute else 0.0,
+        "stalled_layers_mean": statistics.fmean(r["stalled_layers"] for r in ok) if ok else 0.0,
+        "ratio_run_mean": statistics.fmean(r["ratio"] for r in ok) if ok else 0.0,
+        "recomputed_chunks_mean": statistics.fmean(len(r["recomputed_chunks"]) for r in ok) if ok else 0.0,
+        "plan_reasons": sorted({r["plan_reason"] for r in ok})[:3],
+        "chunks_hit": hits, "chunks_missing": sum(r["chunks_missing"] for r in ok),
+        "prompt_tokens": ok[0]["prompt_tokens"] if ok else 0,
+    }
+
+
+def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from services.bench.launch import ServerProcess
+    from services.client import Client
+
+    work = folder / scenario.name
+    work.mkdir(parents=True)
+    sections = {
+        "server": {"chunk_tokens": config.chunk_tokens, "max_new_tokens": 256, "max_waiting": 64,
+                   "max_active": 8, "data_dir": str(work / "data"), **scenario.server},
+        "model": {"spec": str(config.model), "device": config.device,
+                  "dtype": "bfloat16" if config.device == "cuda" else "float32"},
+        "store": {"admit_after": 1, "disk_path": "", "redis_prefix": f"kvblend-bench-{scenario.name}-{time.time_ns()}:",
+                  **scenario.store},
+        "guard": {"fraction": 0.0},
+    }
+    (work / "serve.toml").write_text(_toml(sections))
+    started = time.perf_counter()
+    server = ServerProcess(["--config", str(work / "serve.toml")], work / "server.err", start_timeout=600)
+    print(f"[{scenario.name}] server up in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    rows = []
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        with Client(server.target) as client:
+            client.wait_ready(60)
+            response = client.ingest(_documents(tokenizer, config.chunks, config.chunk_tokens), timeout=600)
+            chunk_ids = [document.chunk_ids[0] for document in response.documents]
+            for mode, ratio in scenario.rows:  # warm-up: first use of each path outside the timed rows
+                for _ in range(3):
+                    client.answer("Warm up?", chunk_ids=chunk_ids, mode=mode, ratio=ratio, max_new_tokens=2)
+            for clients in config.clients:
+                for mode, ratio in scenario.rows:
+                    row = run_row(server.target, chunk_ids, mode, ratio, clients, config)
+                    row["scenario"] = scenario.name
+                    rows.append(row)
+                    print(f"[{scenario.name}] {mode}@{ratio} x{clients}: server TTFT p50 "
+                          f"{row['server_ttft_p50_ms']:.1f} ms, {row['requests']} calls, {row['failed']} failed, "
+                          f"hits {row['chunks_hit']}, ratio run {row['ratio_run_mean']:.3f}, chunks recomputed "
+                          f"{row['recomputed_chunks_mean']:.1f}, plan {row['plan_reasons']}", file=sys.stderr, flush=True)
+            stats = client.stats()
+            loading = stats.loading
+            for row in rows:
+                row["server_loading"] = {"planned": loading.planned, "chunks_recomputed": loading.chunks_recomputed,
+                                         "read_bytes_per_s": dict(loading.read_bytes_per_s),
+                                         "prefill_s_per_token": loading.prefill_s_per_token}
+    finally:
+        server.stop()
+    return rows
+
+
+def format_table(rows: list[dict], fusor: dict) -> str:
+    columns = ["scenario", "mode", "ratio", "clients", "requests", "failed", "requests_per_s", "server_ttft_p50_ms",
+               "server_ttft_p99_ms", "client_ttft_p50_ms", "client_ttft_p99_ms", "load_wait_share",
+               "speedup_vs_full", "vs_fusor"]
+    cells = []
+    for row in rows:
+        cells.append([f"{row.get(c):.3g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns])
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    lines.append("fusor-only (kvblend bench, same prompt shape): " + ", ".join(
+        f"{label} {row['ttft_ms']:.1f} ms" for label, row in fusor.items()))
+    return "\n".join(lines)
+
+
+def _compare(rows: list[dict], fusor: dict) -> None:
+    """Per row: speed-up over the same scenario's full mode at the same load, and the ratio of the
+    server's TTFT to the fusor-only figure of the same path."""
+    full = {(r["scenario"], r["clients"]): r["server_ttft_p50_ms"] for r in rows if r["mode"] == "full"}
+    full_any = {r["clients"]: r["server_ttft_p50_ms"] for r in rows if r["mode"] == "full" and r["scenario"] == "gpu"}
+    for row in rows:
+        base = full.get((row["scenario"], row["clients"]), full_any.get(row["clients"]))
+        row["speedup_vs_full"] = base / row["server_ttft_p50_ms"] if base and row["server_ttft_p50_ms"] else None
+        tier = {"gpu": "gpu", "cpu": "cpu", "redis": "redis"}.get(row["scenario"])
+        label = ("full" if row["mode"] == "full" else "reuse" if row["mode"] == "reuse"
+                 else f"blend@{row['ratio']:g}/{tier}" if tier else None)
+        reference = fusor.get(label) if label else None
+        row["vs_fusor"] = row["server_ttft_p50_ms"] / reference["ttft_ms"] if reference and row["clients"] == 1 \
+            else None
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [f"{r['scenario']}\n{r['mode']}{'@' + format(r['ratio'], 'g') if r['ratio'] else ''}" for r in rows
+              if r["clients"] == 1]
+    ones = [r["server_ttft_p50_ms"] for r in rows if r["clients"] == 1]
+    eights = [r["server_ttft_p50_ms"] for r in rows if r["clients"] != 1]
+    positions = range(len(labels))
+    ax.bar([p - 0.2 for p in positions], ones, 0.4, label="1 client")
+    if len(eights) == len(ones):
+        ax.bar([p + 0.2 for p in positions], eights, 0.4, label="8 clients")
+    ax.set_xticks(list(positions), labels, fontsize=7)
+    ax.set_ylabel("server TTFT p50 (ms)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: GpuServiceBenchConfig) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("bench-service --device cuda needs a CUDA device")
+    fusor = fusor_figures(config)
+    folder = Path(tempfile.mkdtemp(prefix="kvblend-gpu-bench-"))
+    rows: list[dict] = []
+    try:
+        for scenario in scenarios(config):
+            rows += run_scenario(scenario, config, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    _compare(rows, fusor)
+    print(format_table(rows, fusor))
+    record = {"config": {k: str(v) for k, v in asdict(config).items()},
+              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "fusor": fusor}
+    config.json_out.parent.mkdir(parents=True, exist_ok=True)
+    config.json_out.write_text(json.dumps(record, indent=1, default=str))
+    if config.plot:
+        plot(rows, config.plot)
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
