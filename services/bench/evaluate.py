@@ -57,9 +57,11 @@ class EvalConfig:
                 raise ValueError(f"unknown mode {mode!r} in --modes (choose from {', '.join(MODES)})")
         for selector in self.selectors:
             parse_selector(selector)  # a ValueError naming the selector or its bad option
-        for ratio in self.ratios:
-            if not 0.0 <= ratio <= 1.0:
-                raise ValueError(f"ratio {ratio:g} in --ratios is outside [0, 1]")
+        for ratio in self.ratios:  # BlendConfig is where a ratio is checked; say which flag held it
+            try:
+                BlendConfig(mode="blend", ratio=ratio)
+            except ValueError as err:
+                raise ValueError(f"--ratios: {err}") from None
         for name in ("limit", "chunks"):
             value = getattr(self, name)
             if value is not None and value < 1:
