@@ -15,7 +15,7 @@ layer i + 1 while layer i computes; the fusor never does I/O itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -175,7 +175,20 @@ def _keep(selection: Selector, score, mass, candidate, n_candidates: int, n_alwa
 
 def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: KVSource | None,
             capacity: int | None = None, recompute: Sequence[int] = ()) -> Prefill:
-    """Fill a KV buffer for the whole prompt under `config.mode` and return the first-token logits.
+    """Fill a KV buffer for the whole prompt under `config.mode` and return the first-token logits
+    (`prefill_layers` run to the end)."""
+    layers = prefill_layers(step, layout, config, source, capacity, recompute)
+    while True:
+        try:
+            next(layers)
+        except StopIteration as done:
+            return done.value
+
+
+def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: KVSource | None,
+                   capacity: int | None = None, recompute: Sequence[int] = ()) -> Generator[int, None, Prefill]:
+    """`prefill` as a generator that yields each layer's index once that layer is done, and returns the
+    `Prefill`: a caller can stop between layers (a deadline) or let other work run (chunked prefill).
 
     `recompute` (blend only) lists chunks prefilled in full instead of loaded (the loading
     controller's fallback for chunks that load slower than they compute); the source may yield None
@@ -233,6 +246,7 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
             _place(step, cache, layer, source.layer(layer), new_starts, turn)
         if layer not in schedule:
             h = step.step(layer, h, positions, cache, n, mask, rope)
+            yield layer
             continue
         q, k, v = step.qkv(layer, h, positions, rope)
         candidate = ~always[positions]
@@ -251,6 +265,7 @@ def prefill(step: LlamaStep, layout: PromptLayout, config: BlendConfig, source: 
         mask, rope = _mask_for(positions, n, step.dtype), step.cos_sin(positions)
         cache.write(layer, positions, k, v)
         h = step.attend(layer, h, q, positions, cache, n, mask)
+        yield layer
     recomputed = int((positions < question_start).sum())
     return Prefill(cache=cache, length=n, logits=step.logits(h[-1]), recomputed=recomputed)
 

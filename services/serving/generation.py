@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from blend.decode import greedy
-from blend.fusor import BlendConfig, cached_chunks, prefill
+from blend.fusor import BlendConfig, cached_chunks, prefill_layers
 from blend.prompt import DEFAULT_SYSTEM, build_layout
 from blend.quality import kl_divergence
 from services.precompute import Precompute
@@ -41,6 +41,24 @@ class ModelParts:
 
 
 _DONE = object()
+# A prefill gives the model back to other requests after about this long (it resumes next turn).
+PREFILL_SLICE_S = 0.25
+
+
+def _timed(layers):
+    """Run a `prefill_layers` generator, yielding between layers; returns (its Prefill, the seconds
+    spent in it, the GPU's work included), not counting time spent on other requests between slices."""
+    busy, began = 0.0, time.perf_counter()
+    while True:
+        try:
+            next(layers)
+        except StopIteration as done:
+            filled = done.value
+            float(filled.logits[0])  # the first token waits for the GPU: time its work too
+            return filled, busy + time.perf_counter() - began
+        busy += time.perf_counter() - began
+        yield
+        began = time.perf_counter()
 
 
 class Generation:
@@ -68,6 +86,7 @@ class Generation:
         self._text = TextStream(model.tokenizer)
         self._limit = request.max_new_tokens
         self._clamped = False
+        self._filling = None  # the prefill in progress (a generator over layers), between turns
 
     # -- the caller's side ----------------------------------------------------------------------
 
@@ -96,6 +115,9 @@ class Generation:
     def fail(self, error: BaseException) -> None:
         if self._expired and isinstance(error, Cancelled):
             error = DeadlineExceeded("the call's deadline passed before the answer was complete")
+        if self._filling is not None:  # dropped mid-prefill: close its source (finally blocks run)
+            self._filling.close()
+            self._filling = None
         cancelled = isinstance(error, Cancelled)
         self.metrics.ended(cancelled=cancelled, failed=not cancelled)
         self._events.put(error)
@@ -119,24 +141,44 @@ class Generation:
         if limit and n + self._limit > limit:
             self._limit, self._clamped = limit - n, True
         self.report.prompt_tokens, self.report.chunk_tokens = n, chunk_tokens
-        filled = self._prefill(layout, n + self._limit)
-        if self.request.config.mode == "blend" and self.guard.sample():
-            filled = self._check(layout, filled, n + self._limit)
-        self._tokens = greedy(step, filled.cache, filled.length, filled.logits, self._limit,
-                              set(self.model.stop_ids))
-        return self._emit(first=True)
+        self._filling = self._fill(layout, n + self._limit)
+        return self._advance()
 
     def step(self) -> bool:
+        if self._filling is not None:
+            return self._advance()
         return self._emit(first=False)
+
+    def _fill(self, layout, capacity: int):
+        """The whole prefill phase as a generator over layers: the worker runs it a slice per turn."""
+        filled = yield from self._prefill(layout, capacity)
+        if self.request.config.mode == "blend" and self.guard.sample():
+            filled = yield from self._check(layout, filled, capacity)
+        return filled
+
+    def _advance(self) -> bool:
+        """Run the prefill for up to one slice of the model's time, then give the turn back (chunked
+        prefill: a long prompt never holds the model from other requests, and a cancelled or expired
+        request is dropped between slices); the first token once the prefill is done."""
+        until = time.perf_counter() + PREFILL_SLICE_S
+        while True:
+            try:
+                next(self._filling)
+            except StopIteration as done:
+                filled = done.value
+                break
+            if time.perf_counter() >= until:
+                return True
+        self._filling = None
+        self._tokens = greedy(self.model.precompute.step, filled.cache, filled.length, filled.logits, self._limit,
+                              set(self.model.stop_ids))
+        return self._emit(first=True)
 
     def _prefill(self, layout, capacity: int):
         precompute = self.model.precompute
         step, config, report = precompute.step, self.request.config, self.report
         if config.mode == "full":
-            started = time.perf_counter()
-            filled = prefill(step, layout, config, None, capacity)
-            float(filled.logits[0])  # wait for the GPU: the controller learns prefill cost from this figure
-            report.compute_s = time.perf_counter() - started
+            filled, report.compute_s = yield from _timed(prefill_layers(step, layout, config, None, capacity))
             self.estimates.observe_prefill(len(layout) * step.n_layers, report.compute_s)
             return filled
         chunks = layout.chunks[: cached_chunks(config.mode, len(layout.chunks))]
@@ -156,10 +198,8 @@ class Generation:
             skip, config = self._plan(source, config, chunks)
             source.begin(skip=[1 + index for index in skip])
             build_s = time.perf_counter() - began
-            began = time.perf_counter()
-            filled = prefill(step, layout, config, source, capacity, recompute=skip)
-            float(filled.logits[0])  # the first token waits for the prefill: time the GPU's work too
-            prefill_s = time.perf_counter() - began
+            filled, prefill_s = yield from _timed(prefill_layers(step, layout, config, source, capacity,
+                                                                 recompute=skip))
         finally:
             source.close()
         stats = source.finish()
@@ -206,10 +246,9 @@ class Generation:
     def _check(self, layout, blended, capacity: int):
         """The quality guard: full prefill's first token against blend's; the full answer if too far."""
         step = self.model.precompute.step
-        started = time.perf_counter()
-        full = prefill(step, layout, BlendConfig(mode="full"), None, capacity)
-        kl = kl_divergence(full.logits, blended.logits)  # reads the logits back: the GPU's work is done
-        self.estimates.observe_prefill(len(layout) * step.n_layers, time.perf_counter() - started)
+        full, seconds = yield from _timed(prefill_layers(step, layout, BlendConfig(mode="full"), None, capacity))
+        kl = kl_divergence(full.logits, blended.logits)
+        self.estimates.observe_prefill(len(layout) * step.n_layers, seconds)
         agree = int(full.logits.argmax()) == int(blended.logits.argmax())
         fell_back = not kl <= self.guard.config.max_kl
         self.report.quality = QualityCheck(checked=True, kl=kl, agree=agree, fell_back=fell_back)
