@@ -176,8 +176,8 @@ class StoreSource:
             for index in host:
                 self._offsets[index] = total
                 total += lengths[index]
-            shape = self._block_shape()
-            self._buffers = [torch.empty((total, *shape), dtype=self._dtype(), device=self.device)
+            shape, dtype = self._layout()
+            self._buffers = [torch.empty((total, *shape), dtype=dtype, device=self.device)
                              for _ in range(2 if total else 0)]
             self._copy_stream = torch.cuda.Stream(self.device)
             self._ready = [torch.cuda.Event() for _ in range(2)]
@@ -199,23 +199,15 @@ class StoreSource:
             return self.computed[index].kv.device != self.device
         return self.stats.tiers[index] != "gpu" or self.device.type != "cuda"
 
-    def _block_shape(self):
-        for index, segment in enumerate(self.segments):
-            if isinstance(segment, ChunkKV):
-                return tuple(segment.kv.shape[2:])
-            manifest = self.manifests[index]
-            if manifest is not None:
-                return manifest.block_shape[1:]
-            return tuple(self.computed[index].kv.shape[2:])
-        return (2, 1, 1)
-
-    def _dtype(self) -> torch.dtype:
-        for index, segment in enumerate(self.segments):
-            if isinstance(segment, ChunkKV):
-                return segment.kv.dtype
-            manifest = self.manifests[index]
-            return manifest.dtype if manifest is not None else self.computed[index].kv.dtype
-        return torch.float32
+    def _layout(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """The per-token block shape [2, kv_heads, head_dim] and dtype the segments share."""
+        if not self.segments:
+            return (2, 1, 1), torch.float32
+        segment, manifest = self.segments[0], self.manifests[0]
+        if manifest is not None:
+            return manifest.block_shape[1:], manifest.dtype
+        kv = segment.kv if isinstance(segment, ChunkKV) else self.computed[0].kv
+        return tuple(kv.shape[2:]), kv.dtype
 
     def _read(self, index: int, layer: int) -> torch.Tensor:
         """Layer `layer` of segment `index`, from memory or the store (recomputing it if it went missing)."""
