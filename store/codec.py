@@ -3,21 +3,29 @@
     offset  size       field
     0       4          magic b"KVBL"
     4       2          codec version (FORMAT_VERSION)
-    6       1          flags: bit 0 = int8 quantized
+    6       1          flags: bit 0 = int8 quantized, bit 1 = MAC present
     7       1          dtype code of the tensor as stored by the caller (DTYPE_CODES)
     8       1          ndim
     9       4 * ndim   shape, uint32 each
     ..      8          payload length in bytes
     ..      4          crc32 of everything before it and of the payload
+    ..      32         only with the MAC flag: hmac-sha256(secret, entry key, everything before it, payload)
     ..      payload    raw little-endian elements; quantized: float32 scales [*shape[:-1]], then int8 [*shape]
 
 All integers little-endian. A value whose magic, version, lengths or checksum do not match raises
 `CorruptEntry`; the store treats that as a miss and deletes the value, so a flipped byte or a
 truncated write is never returned as K/V.
+
+The crc catches damage; the MAC catches forgery. With a server `secret`, `encode` adds the MAC and
+`decode` requires it (checking it instead of the crc, which it subsumes): a value written by someone
+without the secret, or copied from another entry key (keys are content addresses), is `CorruptEntry`.
+Without a secret the MAC, if present, is skipped and the crc checked as before.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 import zlib
 
@@ -29,6 +37,8 @@ MAGIC = b"KVBL"
 # part of every chunk key, so a bump leaves old entries unreachable instead of misread.
 FORMAT_VERSION = 1
 QUANTIZED = 1
+MACED = 2
+MAC_SIZE = 32
 
 DTYPE_CODES = {
     torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int64: 4, torch.int8: 5, torch.uint8: 6,
@@ -41,7 +51,17 @@ _TAIL = struct.Struct("<QI")
 
 
 class CorruptEntry(ValueError):
-    """A stored value that fails its header or checksum check."""
+    """A stored value that fails its header, checksum or MAC check."""
+
+
+def _mac(secret: bytes, key: str, *parts) -> bytes:
+    # The key is length-prefixed so (key, bytes) pairs cannot run into each other; parts are buffers
+    # (memoryview, numpy), hashed in place: hashlib reads them without a copy and releases the GIL.
+    key_bytes = key.encode()
+    mac = hmac.new(secret, struct.pack("<I", len(key_bytes)) + key_bytes, hashlib.sha256)
+    for part in parts:
+        mac.update(part)
+    return mac.digest()
 
 
 def _bytes_of(tensor: torch.Tensor) -> np.ndarray:
@@ -65,7 +85,9 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
     return (codes.float() * scales.unsqueeze(-1)).to(dtype)
 
 
-def encode(tensor: torch.Tensor, quantize_floats: bool = False) -> bytes:
+def encode(tensor: torch.Tensor, quantize_floats: bool = False, secret: bytes | None = None,
+           key: str = "") -> bytes:
+    """The value's bytes; with `secret`, authenticated for entry `key` (decode must be given both)."""
     if tensor.dtype not in DTYPE_CODES:
         supported = ", ".join(map(str, DTYPE_CODES))
         raise ValueError(f"cannot encode dtype {tensor.dtype} (supported: {supported})")
@@ -76,17 +98,23 @@ def encode(tensor: torch.Tensor, quantize_floats: bool = False) -> bytes:
         parts, flags = [_bytes_of(scales), _bytes_of(codes)], QUANTIZED
     else:
         parts, flags = [_bytes_of(tensor)], 0
+    if secret is not None:
+        flags |= MACED
     length = sum(part.nbytes for part in parts)
     head = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, DTYPE_CODES[tensor.dtype], tensor.dim())
     head += struct.pack(f"<{tensor.dim()}I", *tensor.shape) + struct.pack("<Q", length)
     crc = zlib.crc32(head)
     for part in parts:
         crc = zlib.crc32(part, crc)
-    return b"".join([head, struct.pack("<I", crc), *parts])
+    head += struct.pack("<I", crc)
+    if secret is not None:
+        head += _mac(secret, key, head, *parts)
+    return b"".join([head, *parts])
 
 
-def decode(value: bytes | bytearray | memoryview) -> torch.Tensor:
-    """The tensor `encode` was given (dequantized if it was stored as int8); CorruptEntry if damaged."""
+def decode(value: bytes | bytearray | memoryview, secret: bytes | None = None, key: str = "") -> torch.Tensor:
+    """The tensor `encode` was given (dequantized if it was stored as int8); CorruptEntry if damaged,
+    or, with `secret`, if it lacks a MAC or its MAC does not match entry `key`."""
     view = memoryview(value)
     if len(view) < _FIXED.size:
         raise CorruptEntry(f"value of {len(view)} bytes is shorter than the {_FIXED.size}-byte header")
@@ -95,19 +123,25 @@ def decode(value: bytes | bytearray | memoryview) -> torch.Tensor:
         raise CorruptEntry(f"magic {bytes(magic)!r} is not {MAGIC!r}")
     if version != FORMAT_VERSION:
         raise CorruptEntry(f"codec version {version}, this build reads {FORMAT_VERSION}")
-    if code not in CODE_DTYPES or not 0 < ndim <= MAX_NDIM or flags & ~QUANTIZED:
+    if code not in CODE_DTYPES or not 0 < ndim <= MAX_NDIM or flags & ~(QUANTIZED | MACED):
         raise CorruptEntry(f"bad header fields: dtype code {code}, ndim {ndim}, flags {flags:#x}")
     shape_at = _FIXED.size
     tail_at = shape_at + 4 * ndim
-    if len(view) < tail_at + _TAIL.size:
-        raise CorruptEntry(f"value of {len(view)} bytes is shorter than its {tail_at + _TAIL.size}-byte "
-                           "header")
+    mac_at = tail_at + _TAIL.size
+    payload_at = mac_at + (MAC_SIZE if flags & MACED else 0)
+    if len(view) < payload_at:
+        raise CorruptEntry(f"value of {len(view)} bytes is shorter than its {payload_at}-byte header")
     shape = struct.unpack_from(f"<{ndim}I", view, shape_at)
     length, crc = _TAIL.unpack_from(view, tail_at)
-    payload_at = tail_at + _TAIL.size
     if len(view) - payload_at != length:
         raise CorruptEntry(f"payload is {len(view) - payload_at} bytes, header says {length} (truncated?)")
-    if zlib.crc32(view[payload_at:], zlib.crc32(view[: tail_at + 8])) != crc:
+    if secret is not None:
+        if not flags & MACED:
+            raise CorruptEntry("no MAC, and this store requires one (written without the secret?)")
+        if not hmac.compare_digest(_mac(secret, key, view[:mac_at], view[payload_at:]), view[mac_at:payload_at]):
+            raise CorruptEntry(f"MAC mismatch for entry {key!r} (forged, copied from another key, "
+                               "or written with another secret)")
+    elif zlib.crc32(view[payload_at:], zlib.crc32(view[: tail_at + 8])) != crc:
         raise CorruptEntry("checksum mismatch")
     dtype = CODE_DTYPES[code]
     elements = int(np.prod(shape))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GiB = 1 << 30
+MIN_SECRET_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class StoreConfig:
     # that is not the bottom tier; 1 is plain LRU. 2 keeps a flood of one-off chunks out of GPU/CPU.
     admit_after: int = 2
     sketch_width: int = 1 << 16  # counters per sketch row; about 4x the distinct chunks in play
+    # Key of the MAC on every Redis and disk entry, the same on every replica sharing them: an entry
+    # without a valid MAC is a miss, so a forged or copied value never becomes K/V. Unset: those tiers
+    # are trusted as is. `secret_file` (its contents, stripped) keeps it out of the config file.
+    secret: str | None = field(default=None, repr=False)
+    secret_file: Path | None = None
 
     def __post_init__(self):
         if self.disk_path is not None:
@@ -49,3 +55,23 @@ class StoreConfig:
             raise ValueError(f"sketch_width {self.sketch_width!r} must be a power of two >= 16")
         if not (self.gpu_bytes or self.cpu_bytes or self.disk_path or self.redis_url):
             raise ValueError("no tier configured: set cpu_bytes, gpu_bytes, disk_path or redis_url")
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("set secret or secret_file, not both")
+        if self.secret is not None and len(self.secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"secret is shorter than {MIN_SECRET_BYTES} bytes (use a random one, e.g. "
+                             "`openssl rand -hex 32`)")
+        if self.secret_file is not None:
+            object.__setattr__(self, "secret_file", Path(self.secret_file).expanduser())
+
+    def mac_secret(self) -> bytes | None:
+        """The MAC key of the Redis and disk entries (`secret`, or `secret_file` read now), or None."""
+        if self.secret_file is None:
+            return None if self.secret is None else self.secret.encode()
+        try:
+            secret = self.secret_file.read_bytes().strip()
+        except OSError as err:
+            raise ValueError(f"secret_file {str(self.secret_file)!r} is unreadable ({err.strerror})") from None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"secret_file {str(self.secret_file)!r} holds fewer than {MIN_SECRET_BYTES} "
+                             "bytes (use a random secret, e.g. `openssl rand -hex 32`)")
+        return secret

@@ -24,6 +24,7 @@ def open_tiers(config: StoreConfig) -> tuple[list[Tier], list[int | None]]:
     """The tiers `config` asks for, fastest first, and each one's byte budget (None: not tracked here)."""
     tiers: list[Tier] = []
     budgets: list[int | None] = []
+    secret = config.mac_secret()
     if config.gpu_bytes:
         if torch.cuda.is_available():
             tiers.append(MemoryTier("gpu", "cuda"))
@@ -34,13 +35,14 @@ def open_tiers(config: StoreConfig) -> tuple[list[Tier], list[int | None]]:
         tiers.append(MemoryTier("cpu", "cpu"))
         budgets.append(config.cpu_bytes)
     if config.disk_path is not None and config.disk_bytes:
-        tiers.append(DiskTier(config.disk_path, quantize=config.quantize))
+        tiers.append(DiskTier(config.disk_path, quantize=config.quantize, secret=secret))
         budgets.append(config.disk_bytes)
     if config.redis_url is not None:
         from store.redis_tier import RedisTier  # redis-py only where a Redis tier is asked for
 
         redis_tier = RedisTier(config.redis_url, config.redis_prefix, config.quantize,
-                               config.redis_timeout_s, config.redis_retry_s, cluster=config.redis_cluster)
+                               config.redis_timeout_s, config.redis_retry_s, cluster=config.redis_cluster,
+                               secret=secret)
         tiers.append(redis_tier)
         budgets.append(None)  # Redis evicts by its own maxmemory policy
         if not redis_tier.check():
@@ -48,6 +50,10 @@ def open_tiers(config: StoreConfig) -> tuple[list[Tier], list[int | None]]:
                         redis_tier.url)
     else:
         log.info("store: no Redis URL; tiers are %s only", ", ".join(t.name for t in tiers) or "none")
+    shared = [tier.name for tier in tiers if not tier.volatile]
+    if shared and secret is None:
+        log.warning("store: no [store] secret; %s entries are trusted as is (set secret_file so that a "
+                    "forged or copied entry is a miss)", " and ".join(shared))
     if not tiers:
         raise ValueError("no usable tier: CUDA is not available for gpu_bytes and no other tier is set")
     return tiers, budgets

@@ -47,11 +47,13 @@ class RedisTier:
     volatile = False
 
     def __init__(self, url: str, prefix: str = "kvblend:", quantize: bool = False,
-                 timeout_s: float = 1.0, retry_s: float = 5.0, name: str = "redis", cluster: bool = False):
+                 timeout_s: float = 1.0, retry_s: float = 5.0, name: str = "redis", cluster: bool = False,
+                 secret: bytes | None = None):
         self.name = name
         self.url = _safe_url(url)
         self.prefix = prefix
         self.quantize = quantize
+        self._secret = secret  # MAC key (store.codec): entries without a valid MAC are CorruptEntry
         self.retry_s = retry_s
         self.client = connect(url, cluster, timeout_s)
         self.skipped_writes = 0
@@ -104,10 +106,10 @@ class RedisTier:
         value = self._call(self.client.get, self.prefix + key)
         if value is _MISSING or value is None:
             return None
-        return codec.decode(value)
+        return codec.decode(value, self._secret, key)
 
     def put(self, key: str, value: torch.Tensor) -> int | None:
-        data = codec.encode(value, self.quantize)
+        data = codec.encode(value, self.quantize, self._secret, key)
         # One SET of the whole value is atomic: concurrent writers of a key leave one complete value.
         if self._call(self.client.set, self.prefix + key, data) is _MISSING:
             with self._lock:

@@ -10,9 +10,10 @@ import torch
 
 
 class Health(Protocol):
-    """What a tier knows about its backend. A local tier (memory, disk) is always available and never
-    skips a write; a remote one (Redis) is unavailable during an outage, when reads miss and writes
-    are skipped and counted, and available again once a call succeeds."""
+    """What a tier knows about its backend. Memory is always available and never skips a write; disk
+    is unavailable after repeated OS errors (each a miss or a skipped write) until a call or `check()`
+    succeeds; Redis is unavailable during an outage, when reads miss and writes are skipped and
+    counted, and available again once a call succeeds."""
 
     @property
     def available(self) -> bool:

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class TierStats:
     hits: int = 0
     misses: int = 0
-    corrupt: int = 0  # entries that failed their checksum: deleted and counted as misses
+    corrupt: int = 0  # entries that failed their checksum or MAC: deleted and counted as misses
     evictions: int = 0  # entries pushed out of this tier by its budget
     promotions: int = 0  # entries copied into this tier from a tier below on a hit
     demotions: int = 0  # entries moved into this tier from the tier above on an eviction
