@@ -45,3 +45,22 @@ def computing(chunks):
         return chunks[index]
 
     return compute, calls
+
+
+def stored_prompt(step, seed: int, chunk_lengths: tuple[int, ...]):
+    """A random prompt in a tiny model's vocabulary, its segments' K/V (system prefix first, each chunk
+    computed behind it) and their content addresses: what a store holds for that prompt."""
+    from blend.fusor import compute_kv
+    from blend.prompt import PromptLayout
+    from store.keys import chunk_key
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = lambda n: tuple(torch.randint(0, 128, (n,), generator=generator).tolist())  # noqa: E731
+    layout = PromptLayout(prefix=ids(6), chunks=tuple(ids(n) for n in chunk_lengths), suffix=ids(5))
+    with torch.inference_mode():
+        prefix = compute_kv(step, layout.prefix)
+        chunks = [compute_kv(step, chunk, behind=prefix) for chunk in layout.chunks]
+    dtype = prefix.kv.dtype
+    keys = [chunk_key("tiny", (), layout.prefix, dtype)]
+    keys += [chunk_key("tiny", layout.prefix, chunk, dtype) for chunk in layout.chunks]
+    return layout, [prefix, *chunks], keys

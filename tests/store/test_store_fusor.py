@@ -2,11 +2,11 @@
 
 import torch
 
+from tests.helpers.kv import stored_prompt
+
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
-from blend.prompt import PromptLayout
 from store.chunks import ChunkStore
 from store.disk_tier import DiskTier
-from store.keys import chunk_key
 from store.memory_tier import MemoryTier
 from store.source import StoreSource
 from store.tiered import TieredStore
@@ -15,16 +15,7 @@ CONFIG = BlendConfig(mode="blend", ratio=0.3)
 
 
 def layout_and_entries(step):
-    generator = torch.Generator().manual_seed(3)
-    ids = lambda n: tuple(torch.randint(0, 128, (n,), generator=generator).tolist())  # noqa: E731
-    layout = PromptLayout(prefix=ids(6), chunks=(ids(9), ids(14), ids(11)), suffix=ids(5))
-    with torch.inference_mode():
-        prefix = compute_kv(step, layout.prefix)
-        chunks = [compute_kv(step, chunk, behind=prefix) for chunk in layout.chunks]
-    dtype = prefix.kv.dtype
-    keys = [chunk_key("tiny", (), layout.prefix, dtype)]
-    keys += [chunk_key("tiny", layout.prefix, chunk, dtype) for chunk in layout.chunks]
-    return layout, [prefix, *chunks], keys
+    return stored_prompt(step, 3, (9, 14, 11))
 
 
 def blend(step, layout, source):

@@ -6,10 +6,9 @@ import logging
 import pytest
 import redis
 import torch
-from tests.helpers.kv import REDIS_URL, make_chunk
+from tests.helpers.kv import REDIS_URL, make_chunk, stored_prompt
 
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
-from blend.prompt import PromptLayout
 from store import codec
 from store.chunks import ChunkStore
 from store.config import StoreConfig
@@ -118,17 +117,8 @@ def test_the_mac_binds_the_value_to_its_entry_key_and_secret():
 
 
 def layout_and_entries(step):
-    generator = torch.Generator().manual_seed(5)
-    ids = lambda n: tuple(torch.randint(0, 128, (n,), generator=generator).tolist())  # noqa: E731
     # Chunks 1 and 2 have the same length, so chunk 1's layers fit chunk 2's manifest.
-    layout = PromptLayout(prefix=ids(6), chunks=(ids(12), ids(12), ids(9)), suffix=ids(5))
-    with torch.inference_mode():
-        prefix = compute_kv(step, layout.prefix)
-        chunks = [compute_kv(step, chunk, behind=prefix) for chunk in layout.chunks]
-    dtype = prefix.kv.dtype
-    keys = [chunk_key("tiny", (), layout.prefix, dtype)]
-    keys += [chunk_key("tiny", layout.prefix, chunk, dtype) for chunk in layout.chunks]
-    return layout, [prefix, *chunks], keys
+    return stored_prompt(step, 5, (12, 12, 9))
 
 
 def blend_through_store(step, layout, entries, store, keys):
