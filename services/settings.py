@@ -106,6 +106,7 @@ class ServerConfig:
     rpc_threads: int = 96  # each queued or streaming Generate holds one; above max_waiting + max_active
     max_waiting: int = 64  # requests queued for the model; one more is RESOURCE_EXHAUSTED
     max_active: int = 4  # requests decoding at once, interleaved token by token on the model thread
+    max_ingest_calls: int = 8  # IngestChunks calls in progress at once; one more is RESOURCE_EXHAUSTED
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
     chunk_tokens: int = 512  # documents are split into chunks of at most this many model tokens
     max_documents: int = 256  # per IngestChunks call
@@ -126,20 +127,23 @@ class ServerConfig:
     # Where the chunk catalog (texts, vectors, KV keys) lives: "local" (sqlite + faiss under data_dir) or
     # "redis" (in the store's Redis, shared by every replica; data_dir keeps a local mirror of it).
     catalog: str = "local"
+    # Tenant collections kept open (about 3 file descriptors each); past it the least recently used closes.
+    max_open_tenants: int = 256
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port!r} is not in 0..65535 (0 picks a free port)")
-        for name in ("rpc_threads", "max_waiting", "max_active", "max_documents", "max_document_chars",
-                     "default_top_k", "max_top_k", "max_chunks", "default_max_new_tokens", "max_new_tokens",
-                     "check_layer"):
+        for name in ("rpc_threads", "max_waiting", "max_active", "max_ingest_calls", "max_documents",
+                     "max_document_chars", "default_top_k", "max_top_k", "max_chunks", "default_max_new_tokens",
+                     "max_new_tokens", "check_layer", "max_open_tenants"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"server.{name} {value!r} must be an integer >= 1")
-        if self.rpc_threads <= self.max_waiting + self.max_active:
-            raise ValueError(f"server.rpc_threads {self.rpc_threads} must exceed max_waiting + max_active "
-                             f"({self.max_waiting} + {self.max_active}): every queued or active Generate holds "
+        if self.rpc_threads <= self.max_waiting + self.max_active + self.max_ingest_calls:
+            raise ValueError(f"server.rpc_threads {self.rpc_threads} must exceed max_waiting + max_active + "
+                             f"max_ingest_calls ({self.max_waiting} + {self.max_active} + "
+                             f"{self.max_ingest_calls}): every queued or active Generate and every ingest holds "
                              "a thread, and health checks need one left")
         if self.default_top_k > self.max_top_k or self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError(f"server defaults (top_k {self.default_top_k}, max_new_tokens "

@@ -537,10 +537,11 @@ def test_k8s_termination_grace_covers_prestop_and_drain(tmp_path):
 
 
 def test_k8s_health_checks_cannot_starve_behind_queued_calls(tmp_path):
-    """Every queued or streaming call holds an RPC thread and health checks share the pool, so
-    rpc_threads > max_waiting + max_active keeps the probes answered under a full queue."""
+    """Every queued or streaming call and every ingest holds an RPC thread and health checks share the
+    pool, so rpc_threads > max_waiting + max_active + max_ingest_calls keeps the probes answered under a
+    full queue with every ingest place held."""
     server = k8s_settings(tmp_path).server
-    assert server.rpc_threads > server.max_waiting + server.max_active
+    assert server.rpc_threads > server.max_waiting + server.max_active + server.max_ingest_calls
 
 
 def test_k8s_store_budgets_fit_the_pod(tmp_path):

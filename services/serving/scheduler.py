@@ -5,16 +5,21 @@ Up to `max_active` generations are in flight: the worker starts (prefills) a wai
 there is room, and otherwise runs one decode step of the next active one in turn, so a long answer
 never holds a short one's first token hostage. A cancelled job is dropped at its next turn: between
 tokens, never mid-step.
+
+Ingest is bounded like generation, so it can never hold every RPC thread: a caller takes one of a fixed
+number of places (`ingest_place`) before its first `call`, and is refused at once (Overloaded) when all
+are held or the queue is full; a caller holding a place queues one call at a time, outside the
+`max_waiting` places, so ingest never crowds out generation.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -43,8 +48,9 @@ class Job(Protocol):
 class _Call:
     """A plain function run once on the model thread (e.g. one chunk's KV at ingest)."""
 
-    def __init__(self, fn: Callable[[], object]):
+    def __init__(self, fn: Callable[[], object], withdrawn: Callable[[], bool] | None = None):
         self.fn = fn
+        self.withdrawn = withdrawn  # the caller went away: drop the call if it has not started
         self.future: Future = Future()
 
     def start(self) -> bool:
@@ -59,7 +65,7 @@ class _Call:
         return False
 
     def cancelled(self) -> bool:
-        return self.future.cancelled()
+        return self.future.cancelled() or (self.withdrawn is not None and self.withdrawn())
 
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
@@ -73,6 +79,7 @@ class ModelWorker:
         self._waiting: deque[Job] = deque()
         self._active: deque[Job] = deque()
         self._running = 0  # the job taking its turn now is in neither queue, but is active
+        self._ingesting = 0  # callers holding an ingest place
         self._cond = threading.Condition()
         self._closed = False
         self._aborted: BaseException | None = None
@@ -86,34 +93,49 @@ class ModelWorker:
         with self._cond:
             if self._closed:
                 raise Unavailable("the server is shutting down and takes no new requests")
-            if len(self._waiting) >= self.max_waiting:
-                raise Overloaded(f"the request queue is full ({len(self._waiting)} waiting, "
-                                 f"{len(self._active)} generating); retry later")
+            if self._queued_jobs() >= self.max_waiting:
+                raise Overloaded(f"the request queue is full ({self._queued_jobs()} waiting, the limit "
+                                 f"server.max_waiting = {self.max_waiting}; {len(self._active)} generating); "
+                                 "retry later")
             self._waiting.append(job)
             self._cond.notify()
 
-    def call(self, fn: Callable[[], object], timeout: float | None = None):
-        """Run `fn` on the model thread and return its result. Waits for room in the queue rather
-        than failing: callers are jobs (ingestion) that would rather be slow than fail half-way.
-        TimeoutError after `timeout` seconds (the call is then withdrawn if it has not started)."""
-        call = _Call(fn)
-        deadline = time.monotonic() + timeout if timeout is not None else None
+    @contextmanager
+    def ingest_place(self, limit: int) -> Iterator[None]:
+        """Hold one of `limit` ingest places for a sequence of `call`s. Overloaded at once, never a wait,
+        when `limit` callers hold one or the queue is full: a waiting ingest would hold an RPC thread."""
         with self._cond:
-            while len(self._waiting) >= self.max_waiting and not self._closed:
-                left = deadline - time.monotonic() if deadline is not None else None
-                if left is not None and (left <= 0 or not self._cond.wait(left)):
-                    raise TimeoutError("the request queue stayed full")
-                if left is None:
-                    self._cond.wait()
+            if self._closed:
+                raise Unavailable("the server is shutting down and takes no new work")
+            if self._ingesting >= limit:
+                raise Overloaded(f"{self._ingesting} ingest calls are in progress, the limit "
+                                 f"(server.max_ingest_calls = {limit}); retry later")
+            if self._queued_jobs() >= self.max_waiting:
+                raise Overloaded(f"the request queue is full ({self._queued_jobs()} waiting, the limit "
+                                 f"server.max_waiting = {self.max_waiting}); retry the ingest later")
+            self._ingesting += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._ingesting -= 1
+
+    def call(self, fn: Callable[[], object], withdrawn: Callable[[], bool] | None = None):
+        """Run `fn` on the model thread and return its result. Its place in the queue is not one of the
+        `max_waiting`: the caller holds an ingest place (or is the engine starting), so calls never take
+        generation's places and at most `limit` of them wait. Cancelled, without running `fn`, when
+        `withdrawn()` turns true before its turn."""
+        call = _Call(fn, withdrawn)
+        with self._cond:
             if self._closed:
                 raise Unavailable("the server is shutting down and takes no new work")
             self._waiting.append(call)
             self._cond.notify_all()
-        try:
-            return call.future.result(deadline - time.monotonic() if deadline is not None else None)
-        except TimeoutError:
-            call.future.cancel()
-            raise
+        return call.future.result()
+
+    def _queued_jobs(self) -> int:
+        """Waiting jobs other than calls: what `max_waiting` bounds. Under the lock."""
+        return sum(not isinstance(job, _Call) for job in self._waiting)
 
     def depth(self) -> tuple[int, int]:
         """(waiting, active): queued jobs not started yet, and started ones (the one running included)."""
@@ -179,6 +201,5 @@ class ModelWorker:
                     if more and self._aborted is None:
                         self._active.append(job)
                     self._running = 0
-                    self._cond.notify_all()  # room in the queue for a waiting `call`
                 if more and self._aborted is not None:
                     job.fail(self._aborted)

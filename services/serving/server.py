@@ -5,7 +5,9 @@ tokens and picks the tenant, and runs the standard health and reflection service
 of its own beyond that.
 
 Health: the overall service ("") and `kvblend.v1.ChunkCache` are SERVING while the server takes
-requests (NOT_SERVING once it drains); each store tier has its own entry,
+requests (NOT_SERVING once it drains, or once a tenant's chunk store was found deleted or replaced
+while open: its writes are refused until a restart; then
+`kvblend.v1.ChunkCache/catalog` is NOT_SERVING too); each store tier has its own entry,
 `kvblend.v1.ChunkCache/tier/<name>`, NOT_SERVING while that tier is down (Redis unreachable). A
 down Redis only makes requests slower (their KV is recomputed), so it does not fail readiness.
 
@@ -50,6 +52,9 @@ STATUS = {  # first match wins: subclasses before their bases
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
+
+
+CATALOG_HEALTH = f"{SERVICE}/catalog"
 
 
 def tier_health_name(tier: str) -> str:
@@ -177,7 +182,8 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
 
         tenant = self.tenants.of(context)
         documents = [DocumentIn(d.text, d.title, d.doc_id) for d in request.documents]
-        result = self.engine.ingest(tenant, documents, _remaining(context))
+        # The call is over (client cancel, deadline, network): the engine stops between chunks.
+        result = self.engine.ingest(tenant, documents, _remaining(context), lambda: not context.is_active())
         return pb.IngestResponse(
             documents=[pb.IngestedDocument(doc_id=doc_id, chunk_ids=ids)
                        for doc_id, ids in zip(result.doc_ids, result.chunk_ids, strict=True)],
@@ -236,12 +242,14 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
 
 
 class TierHealth:
-    """Keeps each tier's health entry in step with whether it answers (pinged every interval)."""
+    """Keeps each tier's health entry in step with whether it answers (pinged every interval), and the
+    service's entries NOT_SERVING once a chunk store is lost (checked at the same interval)."""
 
     def __init__(self, engine, servicer: health.HealthServicer, interval_s: float):
         self.engine = engine
         self.servicer = servicer
         self.interval_s = interval_s
+        self.serving = False  # set by the server once it takes calls
         self._stop = threading.Event()
         self.update(engine.tier_availability())
         self._thread = threading.Thread(target=self._run, name="tier-health", daemon=True)
@@ -250,6 +258,14 @@ class TierHealth:
     def update(self, availability: dict[str, bool]) -> None:
         for name, up in availability.items():
             self.servicer.set(tier_health_name(name), SERVING if up else NOT_SERVING)
+        lost = self.engine.lost_stores()
+        self.servicer.set(CATALOG_HEALTH, NOT_SERVING if lost else SERVING)
+        if lost and self.serving:
+            self.serving = False
+            log.error("%d chunk store(s) deleted or replaced while open; health is NOT_SERVING until the server "
+                      "restarts", lost)
+            for name in ("", SERVICE):
+                self.servicer.set(name, NOT_SERVING)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -297,6 +313,7 @@ class Server:
         self.grpc.start()
         for name in ("", SERVICE):
             self.health.set(name, SERVING)
+        self.tier_health.serving = True
         config = self.settings.server
         if config.metrics_port:
             from services.serving import prometheus
