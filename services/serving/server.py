@@ -25,6 +25,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -40,6 +41,7 @@ TENANT_HEADER = "kvblend-tenant"
 MAX_MESSAGE_BYTES = 32 << 20
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 MAX_CONNECTION_AGE_GRACE_MS = 10 * 60 * 1000  # a long Generate in flight is not cut
+DEADLINE_SLACK_S = 0.1  # a call that ends this close to its deadline is counted DEADLINE_EXCEEDED
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 STATUS = {  # first match wins: subclasses before their bases
@@ -59,6 +61,44 @@ CATALOG_HEALTH = f"{SERVICE}/catalog"
 
 def tier_health_name(tier: str) -> str:
     return f"{SERVICE}/tier/{tier}"
+
+
+class Unreadable:
+    """A request whose bytes do not parse as its message (garbage, or a string field that is not UTF-8). The
+    handler answers it INVALID_ARGUMENT; gRPC's own deserializer would answer INTERNAL and log a traceback,
+    so any peer, authenticated or not, could fill the log."""
+
+    def __init__(self, message_type, error: DecodeError):
+        self.what = f"the request is not a valid {message_type.DESCRIPTOR.full_name} message ({error}); " \
+                    "string fields must be UTF-8"
+
+
+def _lenient(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as err:
+            return Unreadable(message_type, err)
+    return parse
+
+
+def _readable(request):
+    if isinstance(request, Unreadable):
+        raise errors.InvalidArgument(request.what)
+    return request
+
+
+def add_chunk_cache(servicer, server) -> None:
+    """Register the ChunkCache methods, as the generated `add_ChunkCacheServicer_to_server` does, but with
+    deserializers that hand an unparseable request to the handler (`Unreadable`) instead of failing."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["ChunkCache"].methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_lenient(request),
+                                     response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def _status_of(err: errors.ServiceError) -> grpc.StatusCode:
@@ -86,8 +126,10 @@ class _Outcome:
 
 
 def _gone(context) -> str:
+    # A client's deadline fires one network latency before the server's (the server's starts when the call
+    # arrives), and reaches the server as a cancel; one that ends this close to its deadline ended by it.
     remaining = _remaining(context)
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
 
 
 def _abort(context, err: Exception, outcome: _Outcome):
@@ -111,7 +153,7 @@ def _unary(method):
     def handler(self, request, context):
         outcome = _Outcome(self.engine.metrics, method.__name__, context)
         try:
-            response = method(self, request, context)
+            response = method(self, _readable(request), context)
         except Exception as err:  # noqa: BLE001 - every failure becomes a status, never a dead worker
             _abort(context, err, outcome)
         outcome.end("OK")
@@ -202,6 +244,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
 
         outcome = _Outcome(self.engine.metrics, "Generate", context)
         try:
+            request = _readable(request)
             tenant = self.tenants.of(context)
             ratio = request.ratio if request.HasField("ratio") else None
             params = GenerateParams(query=request.query, chunk_ids=tuple(request.chunk_ids),
@@ -293,7 +336,7 @@ class Server:
                    ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS)]
         pool = ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="rpc")
         self.grpc = grpc.server(pool, options=options)
-        pb_grpc.add_ChunkCacheServicer_to_server(ChunkCacheServicer(engine, settings.auth), self.grpc)
+        add_chunk_cache(ChunkCacheServicer(engine, settings.auth), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
