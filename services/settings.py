@@ -123,7 +123,11 @@ class ServerConfig:
     default_max_new_tokens: int = 64
     max_new_tokens: int = 1024
     health_interval_s: float = 2.0  # how often the Redis tier is pinged for the health service
-    metrics_port: int = 0  # Prometheus metrics over HTTP on `host` at this port; 0 = no metrics endpoint
+    metrics_port: int = 0  # Prometheus metrics over HTTP on `metrics_host` at this port; 0 = no metrics endpoint
+    # The metrics say which tenants' requests fail and how busy the server is: loopback only unless set,
+    # whatever `host` is (a container sets "0.0.0.0" for its scraper).
+    metrics_host: str = "127.0.0.1"
+    metrics_tls: bool = False  # serve /metrics over HTTPS with the [tls] certificate and key
     # Where the chunk catalog (texts, vectors, KV keys) lives: "local" (sqlite + faiss under data_dir) or
     # "redis" (in the store's Redis, shared by every replica; data_dir keeps a local mirror of it).
     catalog: str = "local"
@@ -169,6 +173,11 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return f"{self.url_host}:{self.port}"
+
+    @property
+    def metrics_url_host(self) -> str:
+        host = self.metrics_host
+        return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 @dataclass(frozen=True)
@@ -268,7 +277,7 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     server = dict(file_values.get("server", {}))
     model = dict(file_values.get("model", {}))
     store = dict(file_values.get("store", {}))
-    for name in ("host", "port", "data_dir", "metrics_port", "catalog"):
+    for name in ("host", "port", "data_dir", "metrics_port", "metrics_host", "catalog"):
         if overrides.get(name) is not None:
             server[name] = overrides[name]
     for name in ("spec", "cache_dir", "dtype", "device"):
@@ -300,10 +309,13 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     if not isinstance(tokens, dict):
         raise ValueError(f"{where} [auth] tokens must be a table of token = \"tenant\"")
     auth_config = _section(AuthConfig, {**auth, "tokens": tuple(tokens.items())}, f"{where} [auth]")
+    tls_config = _section(TlsConfig, dict(file_values.get("tls", {})), f"{where} [tls]")
+    if server_config.metrics_tls and not tls_config.enabled:
+        raise ValueError("server.metrics_tls needs a [tls] cert and key to serve /metrics over HTTPS")
     return ServeSettings(
         server=server_config, model=model_config, store=store_config,
         guard=_section(GuardConfig, dict(file_values.get("guard", {})), f"{where} [guard]"),
-        auth=auth_config, tls=_section(TlsConfig, dict(file_values.get("tls", {})), f"{where} [tls]"),
+        auth=auth_config, tls=tls_config,
     )
 
 

@@ -361,7 +361,9 @@ class Server:
         if config.metrics_port:
             from services.serving import prometheus
 
-            self.metrics = prometheus.start(self.engine, config.host, config.metrics_port)
+            tls = self.settings.tls
+            pair = (str(tls.cert), str(tls.key)) if config.metrics_tls else None
+            self.metrics = prometheus.start(self.engine, config.metrics_host, config.metrics_port, pair)
 
     def drain(self) -> None:
         """Refuse new calls, let in-flight ones finish (up to `drain_s`), then stop the engine."""
@@ -390,7 +392,9 @@ def serve(settings: ServeSettings) -> int:
           f"auth {'on' if settings.auth.enabled else 'off'}, catalog {catalog}, tiers "
           f"{', '.join(t.name for t in engine.store.tiered.tiers)})", flush=True)
     if server.metrics is not None:
-        print(f"kvblend: metrics on http://{settings.server.url_host}:{server.metrics.port}/metrics", flush=True)
+        scheme = "https" if settings.server.metrics_tls else "http"
+        print(f"kvblend: metrics on {scheme}://{settings.server.metrics_url_host}:{server.metrics.port}/metrics",
+              flush=True)
     stop.wait()
     print("kvblend: draining in-flight requests", flush=True)
     server.drain()

@@ -1,5 +1,6 @@
 """Smaller edges found by trying to break a running server (issue 19, item 9), through a real `kvblend serve`
-of the tiny model with auth on and metrics served: unreadable requests, deadlines in the metrics."""
+of the tiny model with auth on, gRPC on every interface and metrics served: unreadable requests,
+deadlines in the metrics, where the metrics listen."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ TOKEN = "edge-token-0123456789abcdef"
 def server(service_model_dir, tmp_path_factory):
     metrics_port = free_port()
     server = ServerProcess(tmp_path_factory.mktemp("edges-server"), service_model_dir, {
-        "server": {"chunk_tokens": 128, "max_new_tokens": 2000, "metrics_port": metrics_port},
+        "server": {"host": "0.0.0.0", "chunk_tokens": 128, "max_new_tokens": 2000, "metrics_port": metrics_port},
         "store": {"disk_path": ""},
         "auth": {"tokens": {TOKEN: "edges"}},
     })
@@ -90,3 +91,20 @@ def test_a_stream_ended_by_its_deadline_is_counted_as_deadline_exceeded_a_real_c
     assert _generate_counted(server, client, seed, 0.5, None) == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 0, "OK": 0}
     assert _generate_counted(server, client, seed, 1.0, 0.97) == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 0, "OK": 0}
     assert _generate_counted(server, client, seed, 5.0, 0.3) == {"DEADLINE_EXCEEDED": 0, "CANCELLED": 1, "OK": 0}
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} write them) of sockets listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_metrics_listen_on_loopback_while_grpc_listens_on_every_interface(server):
+    assert _listening(server.port) & {"00000000", "00000000000000000000000000000000"}  # 0.0.0.0 or ::
+    assert _listening(server.metrics_port) == {"0100007F"}  # 127.0.0.1 only
