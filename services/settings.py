@@ -9,8 +9,10 @@ is an error naming it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -257,6 +259,38 @@ def _section(cls, values: dict, where: str):
         raise ValueError(f"{where}: {err}") from None
 
 
+log = logging.getLogger(__name__)
+
+
+def _secrets_in(data: dict) -> list[str]:
+    """The keys of a parsed config file that hold secrets (bearer tokens, the store's MAC key, a Redis
+    password in its URL)."""
+    found = []
+    if data.get("auth", {}).get("tokens"):
+        found.append("[auth] tokens")
+    store = data.get("store", {})
+    if store.get("secret"):
+        found.append("[store] secret")
+    url = store.get("redis_url")
+    if isinstance(url, str) and "@" in url and ":" in url.partition("://")[2].partition("@")[0]:
+        found.append("[store] redis_url (a password)")
+    return found
+
+
+def warn_if_readable(path: Path, data: dict) -> bool:
+    """Log a warning when a config file holding secrets can be read by users other than its owner;
+    True when it warned."""
+    secrets = _secrets_in(data)
+    mode = Path(path).stat().st_mode
+    if not secrets or not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return False
+    log.warning("--config %s holds %s and is readable by %s (mode %s): anyone on this host who can read it can "
+                "call as any tenant or forge store entries; run `chmod 600 %s` (or keep the store secret in "
+                "[store] secret_file)", path, ", ".join(secrets),
+                "others" if mode & stat.S_IROTH else "its group", stat.filemode(mode), path)
+    return True
+
+
 def read_file(path: Path) -> dict:
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -268,6 +302,7 @@ def read_file(path: Path) -> dict:
     if unknown:
         raise ValueError(f"--config {str(path)!r}: unknown section [{unknown[0]}] "
                          "(sections: server, model, store, guard, auth, tls)")
+    warn_if_readable(Path(path), data)
     return data
 
 
