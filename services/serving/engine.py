@@ -181,7 +181,8 @@ class Engine:
                 if stopped():
                     raise stopped_error(result.kv_computed, len(new))
                 try:
-                    entry = self.worker.call(functools.partial(self.precompute.compute, chunk.token_ids), stopped)
+                    entry = self.worker.call(functools.partial(self.precompute.compute, chunk.token_ids), stopped,
+                                             tenant)
                 except Cancelled:  # withdrawn from the queue before its turn
                     raise stopped_error(result.kv_computed, len(new)) from None
                 result.kv_computed += 1
