@@ -44,8 +44,15 @@ def format_passage(title: str, text: str) -> str:
     return f"{title.strip()}\n{text.strip()}\n\n" if title and title.strip() else f"{text.strip()}\n\n"
 
 
-def _encode(tokenizer, text: str) -> tuple[int, ...]:
-    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
+def encode_user_text(tokenizer, text: str) -> tuple[int, ...]:
+    """Token ids of text a user wrote (a passage, a question). Special-token strings in it, such as
+    `<|im_end|>`, are split into plain tokens: only the chat template may write control tokens, so a
+    passage cannot close the user turn and open another. The chunker keys chunks by these same ids."""
+    return tuple(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if text else ()
+
+
+def _encode_template(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]) if text else ()
 
 
 def chat_frame(tokenizer, system: str | None) -> tuple[str, str]:
@@ -67,7 +74,7 @@ def build_layout(tokenizer, chunks: list[str], question: str, system: str | None
     head, tail = chat_frame(tokenizer, system)
     ask = f"Question: {question.strip()}" if chunks else question.strip()
     return PromptLayout(
-        prefix=_encode(tokenizer, head),
-        chunks=tuple(_encode(tokenizer, chunk) for chunk in chunks),
-        suffix=_encode(tokenizer, ask + tail),
+        prefix=_encode_template(tokenizer, head),
+        chunks=tuple(encode_user_text(tokenizer, chunk) for chunk in chunks),
+        suffix=encode_user_text(tokenizer, ask) + _encode_template(tokenizer, tail),
     )

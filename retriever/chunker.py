@@ -11,7 +11,7 @@ import hashlib
 import unicodedata
 from dataclasses import dataclass
 
-from blend.prompt import format_passage
+from blend.prompt import encode_user_text, format_passage
 
 MIN_CHUNK_TOKENS = 16
 ID_HEX_DIGITS = 16
@@ -24,7 +24,7 @@ class Chunk:
     title: str
     doc_id: str
     position: int  # index of the chunk within its document
-    token_ids: tuple[int, ...]  # `text` tokenized on its own, as the fusor tokenizes it
+    token_ids: tuple[int, ...]  # `encode_user_text(text)`: exactly the ids a prompt holds for it
 
 
 def chunk_id(text: str) -> str:
@@ -47,10 +47,12 @@ class Chunker:
         self.max_tokens = max_tokens
 
     def encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_user_text(self.tokenizer, text)
 
     def _spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        # Split as `encode_user_text` splits, so the offsets belong to the ids a prompt holds.
+        encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True,
+                                 return_offsets_mapping=True)
         return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
 
     def _decode(self, ids) -> str:

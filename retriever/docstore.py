@@ -3,10 +3,16 @@
 This file is the record of what is ingested: a chunk's row is written, with its vector and the keys
 of its KV entries, in one transaction after those entries are durable, so a row exists only for a
 complete chunk. The faiss index is derived from the vectors here and can always be rebuilt.
+
+An open connection keeps working on a file that was deleted or replaced under it, and what it writes
+then is lost at close. So the file's identity (device, inode) is taken at open and checked before each
+write transaction; a changed one refuses the write (`DocStoreLost`) rather than acknowledge it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -16,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from retriever.chunker import Chunk
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -34,6 +42,15 @@ CREATE TABLE IF NOT EXISTS kv_keys (
     PRIMARY KEY (chunk_id, kv_key)
 );
 """
+
+
+class DocStoreLost(OSError):
+    """The sqlite file was deleted or replaced while open: writes to it would not survive a restart.
+    `path` is for the server's log and health; the message holds no path, so it can reach a client."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = str(path)
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,17 @@ class DocStore:
         self.db.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss, not just a crash
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._identity = _identity(path)
+
+    def _check_identity(self) -> None:
+        now = _identity(self.path)
+        if now != self._identity:
+            what = "deleted" if now is None else "replaced by another file"
+            log.error("chunk store %s was %s while open; refusing writes (they would be lost). Put back a copy "
+                      "of the file if there is one, then restart the server to open the file at that path",
+                      self.path, what)
+            raise DocStoreLost(f"the chunk store of this collection was {what} while the server had it open; "
+                               "writes are refused until the server restarts", self.path)
 
     def close(self) -> None:
         self.db.close()
@@ -94,10 +122,20 @@ class DocStore:
         rows = [(c.id, c.text, c.title, c.doc_id, c.position, len(c.token_ids),
                  np.asarray(v, dtype=np.float32).tobytes(), now)
                 for c, v in zip(chunks, vectors, strict=True)]
+        self._check_identity()
         with self.db:
             self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.db.executemany("INSERT OR IGNORE INTO kv_keys VALUES (?, ?)", list(kv_keys))
 
     def delete(self, chunk_id: str) -> bool:
+        self._check_identity()
         with self.db:
             return self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id,)).rowcount > 0
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino

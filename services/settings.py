@@ -9,8 +9,10 @@ is an error naming it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -106,6 +108,7 @@ class ServerConfig:
     rpc_threads: int = 96  # each queued or streaming Generate holds one; above max_waiting + max_active
     max_waiting: int = 64  # requests queued for the model; one more is RESOURCE_EXHAUSTED
     max_active: int = 4  # requests decoding at once, interleaved token by token on the model thread
+    max_ingest_calls: int = 8  # IngestChunks calls in progress at once; one more is RESOURCE_EXHAUSTED
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
     chunk_tokens: int = 512  # documents are split into chunks of at most this many model tokens
     max_documents: int = 256  # per IngestChunks call
@@ -122,24 +125,31 @@ class ServerConfig:
     default_max_new_tokens: int = 64
     max_new_tokens: int = 1024
     health_interval_s: float = 2.0  # how often the Redis tier is pinged for the health service
-    metrics_port: int = 0  # Prometheus metrics over HTTP on `host` at this port; 0 = no metrics endpoint
+    metrics_port: int = 0  # Prometheus metrics over HTTP on `metrics_host` at this port; 0 = no metrics endpoint
+    # The metrics say which tenants' requests fail and how busy the server is: loopback only unless set,
+    # whatever `host` is (a container sets "0.0.0.0" for its scraper).
+    metrics_host: str = "127.0.0.1"
+    metrics_tls: bool = False  # serve /metrics over HTTPS with the [tls] certificate and key
     # Where the chunk catalog (texts, vectors, KV keys) lives: "local" (sqlite + faiss under data_dir) or
     # "redis" (in the store's Redis, shared by every replica; data_dir keeps a local mirror of it).
     catalog: str = "local"
+    # Tenant collections kept open (about 3 file descriptors each); past it the least recently used closes.
+    max_open_tenants: int = 256
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port!r} is not in 0..65535 (0 picks a free port)")
-        for name in ("rpc_threads", "max_waiting", "max_active", "max_documents", "max_document_chars",
-                     "default_top_k", "max_top_k", "max_chunks", "default_max_new_tokens", "max_new_tokens",
-                     "check_layer"):
+        for name in ("rpc_threads", "max_waiting", "max_active", "max_ingest_calls", "max_documents",
+                     "max_document_chars", "default_top_k", "max_top_k", "max_chunks", "default_max_new_tokens",
+                     "max_new_tokens", "check_layer", "max_open_tenants"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"server.{name} {value!r} must be an integer >= 1")
-        if self.rpc_threads <= self.max_waiting + self.max_active:
-            raise ValueError(f"server.rpc_threads {self.rpc_threads} must exceed max_waiting + max_active "
-                             f"({self.max_waiting} + {self.max_active}): every queued or active Generate holds "
+        if self.rpc_threads <= self.max_waiting + self.max_active + self.max_ingest_calls:
+            raise ValueError(f"server.rpc_threads {self.rpc_threads} must exceed max_waiting + max_active + "
+                             f"max_ingest_calls ({self.max_waiting} + {self.max_active} + "
+                             f"{self.max_ingest_calls}): every queued or active Generate and every ingest holds "
                              "a thread, and health checks need one left")
         if self.default_top_k > self.max_top_k or self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError(f"server defaults (top_k {self.default_top_k}, max_new_tokens "
@@ -165,6 +175,11 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return f"{self.url_host}:{self.port}"
+
+    @property
+    def metrics_url_host(self) -> str:
+        host = self.metrics_host
+        return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 @dataclass(frozen=True)
@@ -244,6 +259,38 @@ def _section(cls, values: dict, where: str):
         raise ValueError(f"{where}: {err}") from None
 
 
+log = logging.getLogger(__name__)
+
+
+def _secrets_in(data: dict) -> list[str]:
+    """The keys of a parsed config file that hold secrets (bearer tokens, the store's MAC key, a Redis
+    password in its URL)."""
+    found = []
+    if data.get("auth", {}).get("tokens"):
+        found.append("[auth] tokens")
+    store = data.get("store", {})
+    if store.get("secret"):
+        found.append("[store] secret")
+    url = store.get("redis_url")
+    if isinstance(url, str) and "@" in url and ":" in url.partition("://")[2].partition("@")[0]:
+        found.append("[store] redis_url (a password)")
+    return found
+
+
+def warn_if_readable(path: Path, data: dict) -> bool:
+    """Log a warning when a config file holding secrets can be read by users other than its owner;
+    True when it warned."""
+    secrets = _secrets_in(data)
+    mode = Path(path).stat().st_mode
+    if not secrets or not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return False
+    log.warning("--config %s holds %s and is readable by %s (mode %s): anyone on this host who can read it can "
+                "call as any tenant or forge store entries; run `chmod 600 %s` (or keep the store secret in "
+                "[store] secret_file)", path, ", ".join(secrets),
+                "others" if mode & stat.S_IROTH else "its group", stat.filemode(mode), path)
+    return True
+
+
 def read_file(path: Path) -> dict:
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -255,6 +302,7 @@ def read_file(path: Path) -> dict:
     if unknown:
         raise ValueError(f"--config {str(path)!r}: unknown section [{unknown[0]}] "
                          "(sections: server, model, store, guard, auth, tls)")
+    warn_if_readable(Path(path), data)
     return data
 
 
@@ -264,7 +312,7 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     server = dict(file_values.get("server", {}))
     model = dict(file_values.get("model", {}))
     store = dict(file_values.get("store", {}))
-    for name in ("host", "port", "data_dir", "metrics_port", "catalog"):
+    for name in ("host", "port", "data_dir", "metrics_port", "metrics_host", "catalog"):
         if overrides.get(name) is not None:
             server[name] = overrides[name]
     for name in ("spec", "cache_dir", "dtype", "device"):
@@ -296,10 +344,13 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     if not isinstance(tokens, dict):
         raise ValueError(f"{where} [auth] tokens must be a table of token = \"tenant\"")
     auth_config = _section(AuthConfig, {**auth, "tokens": tuple(tokens.items())}, f"{where} [auth]")
+    tls_config = _section(TlsConfig, dict(file_values.get("tls", {})), f"{where} [tls]")
+    if server_config.metrics_tls and not tls_config.enabled:
+        raise ValueError("server.metrics_tls needs a [tls] cert and key to serve /metrics over HTTPS")
     return ServeSettings(
         server=server_config, model=model_config, store=store_config,
         guard=_section(GuardConfig, dict(file_values.get("guard", {})), f"{where} [guard]"),
-        auth=auth_config, tls=_section(TlsConfig, dict(file_values.get("tls", {})), f"{where} [tls]"),
+        auth=auth_config, tls=tls_config,
     )
 
 

@@ -73,11 +73,17 @@ class ChunkStore:
         return cls(open_tiered(config))
 
     def put(self, key: str, chunk: ChunkKV) -> bool:
-        """Store every layer, then the manifest; False (logged) if some entry could not be stored."""
+        """Store every layer, then the manifest; False if some entry could not be stored, logged once for
+        the chunk (a tier that is full or down refuses every layer alike)."""
         manifest = Manifest.of(chunk)
         check_chunk_key(key)
-        stored = all([self.tiered.put(layer_key(key, i), chunk.kv[i]) for i in range(manifest.n_layers)])
-        return self.tiered.put(manifest_key(key), manifest.to_tensor()) and stored
+        failures = [self.tiered.try_put(layer_key(key, i), chunk.kv[i]) for i in range(manifest.n_layers)]
+        failures.append(self.tiered.try_put(manifest_key(key), manifest.to_tensor()))
+        failed = [failure for failure in failures if failure is not None]
+        if failed:
+            log.warning("store: chunk %s: %d of its %d entries (layers and manifest) were not stored (first: "
+                        "not stored %s)", key, len(failed), len(failures), failed[0])
+        return not failed
 
     def manifest(self, key: str) -> Manifest | None:
         """The chunk's manifest; each call counts as one use of the chunk for admission."""

@@ -193,16 +193,21 @@ class TieredStore:
         """Store in the highest tier that admits it and, written through, in the bottom tier too. False
         (logged) if every tier skipped the write, or if the write-through did not reach the bottom tier
         (the entry is then kept above, but other replicas cannot see it)."""
+        failure = self.try_put(key, value)
+        if failure is not None:
+            log.warning("store: entry %s was not stored %s", key, failure)
+        return failure is None
+
+    def try_put(self, key: str, value: torch.Tensor) -> str | None:
+        """`put` without the log line: None when stored, else why not (for a caller that reports many
+        entries' failures as one, e.g. a chunk's layers)."""
         bottom = len(self.tiers) - 1
         for index in range(len(self.tiers)):
             if self._admits(index, key) and self._place(index, key, value):
                 if self.write_through and index < bottom and not self._place(bottom, key, value):
-                    log.warning("store: entry %s was not written through to %s (kept in %s only)",
-                                key, self.tiers[bottom].name, self.tiers[index].name)
-                    return False
-                return True
-        log.warning("store: entry %s was not stored: every tier skipped it or it exceeds every budget", key)
-        return False
+                    return f"through to {self.tiers[bottom].name} (kept in {self.tiers[index].name} only)"
+                return None
+        return "anywhere: every tier skipped it or it exceeds every budget"
 
     def where(self, key: str) -> str | None:
         """The name of the fastest tier holding the entry (nothing read, no use counted), or None."""

@@ -260,6 +260,7 @@ def test_image_runs_kvblend_serve_on_all_interfaces_and_exposes_its_two_ports():
     exposed = {int(p.split("/")[0]) for w, rest in final_stage() if w == "EXPOSE" for p in rest.split()}
     assert settings.server.host == "0.0.0.0"
     assert settings.server.metrics_port != 0, "the image serves no metrics (--metrics-port 0)"
+    assert settings.server.metrics_host == "0.0.0.0", "the image's metrics listen on loopback only"
     assert exposed == {settings.server.port, settings.server.metrics_port}
 
 
@@ -376,6 +377,7 @@ def test_compose_replicas_share_the_redis_service_and_publish_their_ports():
         assert service["depends_on"][redis_name]["condition"] == "service_healthy" and "healthcheck" in redis
         ports = published(service["ports"])
         assert set(ports) == {settings.server.port, settings.server.metrics_port}
+        assert settings.server.metrics_host == "0.0.0.0", f"{name}: the published metrics listen on loopback"
         mounts = {m.split(":")[1]: m.split(":")[0] for m in service["volumes"]}
         assert mounts.get(str(settings.server.data_dir)), f"{name}: no volume at {settings.server.data_dir}"
         assert not any(Path(settings.model.cache_dir).is_relative_to(m) for m in mounts)
@@ -490,6 +492,7 @@ def test_k8s_ports_probes_annotations_and_services_agree_with_the_config(tmp_pat
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(settings.server.metrics_port)
+    assert settings.server.metrics_host == "0.0.0.0", "the scraped metrics listen on loopback only"
     services = [s for s in k8s("Service") if s["spec"]["selector"].items() <= pod["metadata"]["labels"].items()]
     assert any(s["spec"].get("clusterIP") == "None" for s in services), "no headless Service"
     for service in services:
@@ -537,10 +540,11 @@ def test_k8s_termination_grace_covers_prestop_and_drain(tmp_path):
 
 
 def test_k8s_health_checks_cannot_starve_behind_queued_calls(tmp_path):
-    """Every queued or streaming call holds an RPC thread and health checks share the pool, so
-    rpc_threads > max_waiting + max_active keeps the probes answered under a full queue."""
+    """Every queued or streaming call and every ingest holds an RPC thread and health checks share the
+    pool, so rpc_threads > max_waiting + max_active + max_ingest_calls keeps the probes answered under a
+    full queue with every ingest place held."""
     server = k8s_settings(tmp_path).server
-    assert server.rpc_threads > server.max_waiting + server.max_active
+    assert server.rpc_threads > server.max_waiting + server.max_active + server.max_ingest_calls
 
 
 def test_k8s_store_budgets_fit_the_pod(tmp_path):

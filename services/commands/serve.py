@@ -18,7 +18,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "spec": args.model,
         "cache_dir": args.cache_dir, "dtype": args.dtype, "device": args.device, "redis_url": args.redis_url,
-        "metrics_port": args.metrics_port, "catalog": args.catalog,
+        "metrics_port": args.metrics_port, "metrics_host": args.metrics_host, "catalog": args.catalog,
     }
     return settings.from_flags(overrides, args.config, environ)
 
@@ -50,6 +50,8 @@ def add_parsers(subparsers) -> None:
                    help="chunk texts, index and disk KV tier (default $KVBLEND_DATA_DIR or ~/.kvblend)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics over HTTP on this port (default 0: off)")
+    p.add_argument("--metrics-host", default=None,
+                   help="address the metrics listen on (default 127.0.0.1, whatever --host is; 0.0.0.0 for all)")
     p.add_argument("--catalog", default=None, choices=["local", "redis"],
                    help="chunk catalog: local (sqlite + faiss in --data-dir) or redis (shared by replicas)")
     p.add_argument("--config", default=None, help="TOML file: [server] [model] [store] [guard] [auth] [tls]")

@@ -14,16 +14,24 @@ Shared (`server.catalog = "redis"`): each tenant's collection is a `retriever.re
 whose record is in Redis under `<redis prefix>catalog:{<tenant>}:`, mirrored locally under
 `<data folder>/mirror/<tenant>`. Every lookup of a collection first brings its mirror up to date, so a
 request sees every chunk committed before it arrived, through any replica.
+
+At most `max_open` collections are open at once (each holds ~3 file descriptors: the sqlite file, its
+WAL and shared memory); past that the least recently used one is saved and closed, and reopened from its
+folder (and, shared, brought up to date from Redis) on its next use, so any number of tenants fits in the
+process's descriptor limit.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TypeVar
 
 from retriever.collection import DOCSTORE_FILE, Collection
+from retriever.docstore import DocStoreLost
 from retriever.redis_collection import CatalogFull, CatalogUnavailable, SharedCollection
 from services.serving.errors import Overloaded, Unavailable
 from services.settings import DEFAULT_TENANT, check_tenant
@@ -42,10 +50,13 @@ def shared_prefix(redis_prefix: str, tenant: str) -> str:
 class Catalog:
     def __init__(self, data_dir: Path, make_embedder: Callable[[], object],
                  make_chunker: Callable[[], object], redis_url: str | None = None, redis_prefix: str = "kvblend:",
-                 redis_cluster: bool = False):
+                 redis_cluster: bool = False, max_open: int = 256):
         """With `redis_url`, collections are shared through that Redis (or Redis Cluster); otherwise they
-        are local folders."""
+        are local folders. `max_open` bounds the collections kept open (server.max_open_tenants)."""
+        if not isinstance(max_open, int) or max_open < 1:
+            raise ValueError(f"max_open {max_open!r} tenants must be an integer >= 1")
         self.data_dir = data_dir
+        self.max_open = max_open
         self.redis = None
         if redis_url is not None:
             from store.redis_tier import connect
@@ -53,19 +64,29 @@ class Catalog:
             self.redis = connect(redis_url, redis_cluster, timeout_s=2.0)
             self.redis_prefix = redis_prefix
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="catalog")
-        self._collections: dict[str, Collection] = {}
+        # Chunk stores found deleted or replaced while open: health is NOT_SERVING while any is listed.
+        self.lost: set[str] = set()
+        self._collections: OrderedDict[str, Collection | SharedCollection] = OrderedDict()  # oldest use first
         # Built on the catalog thread, used only there.
         self.embedder, self.chunker = self._pool.submit(lambda: (make_embedder(), make_chunker())).result()
         self.dim = self.embedder.dim
 
-    def run(self, fn: Callable[..., T], *args) -> T:
-        """Run `fn(*args)` on the catalog thread and return its result (or raise its error)."""
+    def run(self, fn: Callable[..., T], *args, wait_s: float | None = None) -> T:
+        """Run `fn(*args)` on the catalog thread and return its result (or raise its error). With `wait_s`,
+        TimeoutError when it has not finished by then (withdrawn if it had not started)."""
+        future = self._pool.submit(fn, *args)
         try:
-            return self._pool.submit(fn, *args).result()
+            return future.result(wait_s)
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError(f"the catalog thread did not answer within {wait_s} s") from None
         except CatalogUnavailable as err:
             raise Unavailable(str(err)) from None
         except CatalogFull as err:
             raise Overloaded(str(err)) from None
+        except DocStoreLost as err:  # logged with its path where it was found; the client gets no path
+            self.lost.add(err.path)
+            raise Unavailable(str(err)) from None
 
     def folder(self, tenant: str) -> Path:
         if self.redis is not None:
@@ -85,6 +106,11 @@ class Catalog:
             else:
                 found = Collection(self.folder(tenant), self.dim)
             self._collections[tenant] = found
+            while len(self._collections) > self.max_open:
+                _, idle = self._collections.popitem(last=False)
+                idle.close()  # saves its index; the folder (and Redis) keep everything else
+        else:
+            self._collections.move_to_end(tenant)
         if isinstance(found, SharedCollection):
             found.refresh()
         return found
@@ -97,6 +123,10 @@ class Catalog:
         if self.redis is not None and SharedCollection.written(self.redis, shared_prefix(self.redis_prefix, tenant)):
             return self.collection(tenant)
         return None
+
+    def open_tenants(self) -> list[str]:
+        """The tenants whose collections are open, least recently used first. Catalog thread only."""
+        return list(self._collections)
 
     def close(self) -> None:
         def close_all():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import torch
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 32768
 MAX_DELETE_IDS = 1024
 MAX_FIELD_CHARS = 1024  # title, doc id
+STATS_COUNT_WAIT_S = 0.25  # how long Stats waits for the caller's chunk count from the catalog thread
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class Engine:
         shared = settings.server.catalog == "redis"
         catalog = Catalog(settings.server.data_dir, Embedder, make_chunker,
                           settings.store.redis_url if shared else None, settings.store.redis_prefix,
-                          settings.store.redis_cluster)
+                          settings.store.redis_cluster, max_open=settings.server.max_open_tenants)
         return cls(model, store, catalog, settings.server, settings.guard)
 
     # -- keys and tiers --------------------------------------------------------------------------
@@ -122,70 +123,86 @@ class Engine:
     def degraded_tiers(self) -> list[str]:
         return [name for name, up in self.tier_availability().items() if not up]
 
+    def lost_stores(self) -> int:
+        """How many chunk stores were found deleted or replaced while open (their writes are refused)."""
+        return len(self.catalog.lost)
+
     def probe_tiers(self) -> dict[str, bool]:
         """Ask every tier whether it answers now (only Redis can be down); then the availability map."""
         return {tier.name: tier.check() for tier in self.store.tiered.tiers}
 
     # -- ingest ------------------------------------------------------------------------------------
 
-    def ingest(self, tenant: str, documents: Sequence[DocumentIn],
-               timeout_s: float | None = None) -> IngestResult:
-        """Chunk, compute KV for new chunks (on the model thread), embed and record them. A chunk is
-        recorded only after its KV is written; past the deadline nothing is recorded, and the KV already
-        written is found again by a rerun."""
+    def ingest(self, tenant: str, documents: Sequence[DocumentIn], timeout_s: float | None = None,
+               cancelled: Callable[[], bool] | None = None) -> IngestResult:
+        """Chunk, compute KV for new chunks (on the model thread), embed and record them, all or nothing:
+        a call refused, cancelled (`cancelled()` true) or past its deadline records no chunk, and stops
+        between chunks, so nothing more is computed; the KV already written stays and a rerun finds it.
+        Overloaded at once when `max_ingest_calls` ingests are in progress or the model's queue is full."""
         started = time.perf_counter()
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         self._check_documents(documents)
 
-        def split():
-            try:
-                return [self.catalog.chunker.split(d.text, d.title, d.doc_id) for d in documents]
-            except ValueError as err:
-                raise InvalidArgument(str(err)) from None
+        def expired() -> bool:
+            return deadline is not None and time.monotonic() >= deadline
 
-        per_document = self.catalog.run(split)
-        unique = {chunk.id: chunk for chunks in per_document for chunk in chunks}
+        def stopped() -> bool:
+            return expired() or (cancelled is not None and cancelled())
 
-        def known() -> set[str]:
-            collection = self.catalog.existing(tenant)
-            return {cid for cid in unique if collection is not None and cid in collection}
+        def stopped_error(done: int, total: int) -> ServiceError:
+            where = f"after {done} of {total} chunks' KV; nothing was recorded (ingest the same documents " \
+                    "again: the KV already written is reused)"
+            return DeadlineExceeded(f"the deadline passed {where}") if expired() else Cancelled(f"cancelled {where}")
 
-        existing = self.catalog.run(known)
-        new = [chunk for cid, chunk in unique.items() if cid not in existing]
-        result = IngestResult(chunk_ids=[[c.id for c in chunks] for chunks in per_document],
-                              doc_ids=[d.doc_id for d in documents], existing=len(existing))
-        keys = []
-        for chunk in new:
-            key = self.precompute.key(chunk.token_ids, tenant)
-            keys.append((chunk.id, key))
-            if self.store.contains(key, bottom_only=self.shared):
-                continue
-            compute = functools.partial(self.precompute.compute, chunk.token_ids)
-            remaining = deadline - time.monotonic() if deadline is not None else None
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded(f"the deadline passed after {result.kv_computed} of {len(new)} "
-                                       "chunks' KV (ingest the same documents again to finish)")
-            try:
-                entry = self.worker.call(compute, remaining)
-            except TimeoutError:
-                raise DeadlineExceeded("the deadline passed while waiting for the model "
-                                       "(ingest the same documents again to finish)") from None
-            result.kv_computed += 1
-            if not self.store.put(key, entry):
-                if self.shared:  # a chunk recorded without its KV in Redis would be recomputed by every replica
-                    self._shared_write_failed(chunk.id, len(result.chunk_ids))
-                result.kv_not_stored += 1  # computed again when a request uses it
+        with self.worker.ingest_place(self.config.max_ingest_calls):
+            def split():
+                try:
+                    return [self.catalog.chunker.split(d.text, d.title, d.doc_id) for d in documents]
+                except ValueError as err:
+                    raise InvalidArgument(str(err)) from None
 
-        def commit() -> int:
-            collection = self.catalog.collection(tenant)
-            fresh = [chunk for chunk in new if chunk.id not in collection]
-            if fresh:
-                vectors = self.catalog.embedder.embed([chunk.text for chunk in fresh])
-                collection.add(fresh, vectors, keys)
-                collection.save()
-            return len(fresh)
+            per_document = self.catalog.run(split)
+            unique = {chunk.id: chunk for chunks in per_document for chunk in chunks}
 
-        result.added = self.catalog.run(commit)
+            def known() -> set[str]:
+                collection = self.catalog.existing(tenant)
+                return {cid for cid in unique if collection is not None and cid in collection}
+
+            existing = self.catalog.run(known)
+            new = [chunk for cid, chunk in unique.items() if cid not in existing]
+            result = IngestResult(chunk_ids=[[c.id for c in chunks] for chunks in per_document],
+                                  doc_ids=[d.doc_id for d in documents], existing=len(existing))
+            keys = []
+            for chunk in new:
+                key = self.precompute.key(chunk.token_ids, tenant)
+                keys.append((chunk.id, key))
+                if self.store.contains(key, bottom_only=self.shared):
+                    continue
+                if stopped():
+                    raise stopped_error(result.kv_computed, len(new))
+                try:
+                    entry = self.worker.call(functools.partial(self.precompute.compute, chunk.token_ids), stopped,
+                                             tenant)
+                except Cancelled:  # withdrawn from the queue before its turn
+                    raise stopped_error(result.kv_computed, len(new)) from None
+                result.kv_computed += 1
+                if not self.store.put(key, entry):
+                    if self.shared:  # a chunk recorded without its KV in Redis would be recomputed by every replica
+                        self._shared_write_failed(chunk.id, len(result.chunk_ids))
+                    result.kv_not_stored += 1  # computed again when a request uses it
+            if stopped():  # the caller is gone: it never learns of a record, so none is made
+                raise stopped_error(result.kv_computed, len(new))
+
+            def commit() -> int:
+                collection = self.catalog.collection(tenant)
+                fresh = [chunk for chunk in new if chunk.id not in collection]
+                if fresh:
+                    vectors = self.catalog.embedder.embed([chunk.text for chunk in fresh])
+                    collection.add(fresh, vectors, keys)
+                    collection.save()
+                return len(fresh)
+
+            result.added = self.catalog.run(commit)
         result.existing += len(new) - result.added  # ingested meanwhile by a concurrent call
         result.seconds = time.perf_counter() - started
         return result
@@ -354,6 +371,12 @@ class Engine:
             collection = self.catalog.existing(tenant)
             return len(collection) if collection is not None else 0
 
+        # Stats never waits behind ingest work queued on the catalog thread (chunking and embedding a
+        # batch can take seconds): the count is -1 when the catalog has not answered within the wait.
+        try:
+            tenant_chunks = self.catalog.run(count, wait_s=STATS_COUNT_WAIT_S)
+        except TimeoutError:
+            tenant_chunks = -1
         metrics = self.metrics
         return {
             "model": self.model.spec, "fingerprint": self.model.fingerprint, "tiers": tiers,
@@ -362,7 +385,7 @@ class Engine:
             "requests": metrics.requests, "completed": metrics.completed, "failed": metrics.failed,
             "cancelled": metrics.cancelled, "rejected": metrics.rejected,
             "tokens_generated": metrics.tokens_generated, "ttft_p50_s": p50, "ttft_p99_s": p99,
-            "tenant_chunks": self.catalog.run(count), "guard": self.guard.summary(),
+            "tenant_chunks": tenant_chunks, "guard": self.guard.summary(),
             "uptime_s": time.monotonic() - metrics.started, "draining": self.draining,
             "loading": asdict(self.estimates.summary()),
         }

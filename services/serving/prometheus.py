@@ -94,10 +94,11 @@ class EngineCollector:
 class MetricsServer:
     """The HTTP endpoint (/metrics and /) on its own threads, over a registry of its own."""
 
-    def __init__(self, engine, host: str, port: int):
+    def __init__(self, engine, host: str, port: int, tls: tuple[str, str] | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(engine))
-        self._http, self._thread = start_wsgi_server(port, host, self.registry)
+        certfile, keyfile = tls if tls is not None else (None, None)
+        self._http, self._thread = start_wsgi_server(port, host, self.registry, certfile=certfile, keyfile=keyfile)
         self.port = self._http.server_port
 
     def close(self) -> None:
@@ -106,6 +107,7 @@ class MetricsServer:
         self._thread.join()
 
 
-def start(engine, host: str, port: int) -> MetricsServer:
-    """Serve `engine`'s metrics on host:port (0 picks a free port: see `.port`)."""
-    return MetricsServer(engine, host, port)
+def start(engine, host: str, port: int, tls: tuple[str, str] | None = None) -> MetricsServer:
+    """Serve `engine`'s metrics on host:port (0 picks a free port: see `.port`); over HTTPS with
+    `tls` = (certificate file, key file)."""
+    return MetricsServer(engine, host, port, tls)

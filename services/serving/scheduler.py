@@ -5,16 +5,27 @@ Up to `max_active` generations are in flight: the worker starts (prefills) a wai
 there is room, and otherwise runs one decode step of the next active one in turn, so a long answer
 never holds a short one's first token hostage. A cancelled job is dropped at its next turn: between
 tokens, never mid-step.
+
+Turns are shared between tenants, not requests: each turn goes to the tenant whose last turn is the
+oldest (one that never had one first), and within that tenant to its next job (a waiting one when there
+is room, else its next active one). A tenant with ten requests in flight gets the same share of the
+model's turns as one with a single request, and a free active place goes to the tenant that waited
+longest for a turn, not to the oldest request.
+
+Ingest is bounded like generation, so it can never hold every RPC thread: a caller takes one of a fixed
+number of places (`ingest_place`) before its first `call`, and is refused at once (Overloaded) when all
+are held or the queue is full; a caller holding a place queues one call at a time, outside the
+`max_waiting` places, so ingest never crowds out generation.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -40,11 +51,19 @@ class Job(Protocol):
         ...
 
 
+def tenant_of(job: Job) -> str:
+    """Whom a job works for: a generation's request's tenant, a call's own; "" for the server's own work."""
+    request = getattr(job, "request", None)
+    return getattr(request, "tenant", None) or getattr(job, "tenant", "")
+
+
 class _Call:
     """A plain function run once on the model thread (e.g. one chunk's KV at ingest)."""
 
-    def __init__(self, fn: Callable[[], object]):
+    def __init__(self, fn: Callable[[], object], withdrawn: Callable[[], bool] | None = None, tenant: str = ""):
         self.fn = fn
+        self.withdrawn = withdrawn  # the caller went away: drop the call if it has not started
+        self.tenant = tenant
         self.future: Future = Future()
 
     def start(self) -> bool:
@@ -59,7 +78,7 @@ class _Call:
         return False
 
     def cancelled(self) -> bool:
-        return self.future.cancelled()
+        return self.future.cancelled() or (self.withdrawn is not None and self.withdrawn())
 
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
@@ -73,6 +92,9 @@ class ModelWorker:
         self._waiting: deque[Job] = deque()
         self._active: deque[Job] = deque()
         self._running = 0  # the job taking its turn now is in neither queue, but is active
+        self._ingesting = 0  # callers holding an ingest place
+        self._turn = 0  # turns taken so far
+        self._last_turn: dict[str, int] = {}  # tenant -> the number of its last turn
         self._cond = threading.Condition()
         self._closed = False
         self._aborted: BaseException | None = None
@@ -86,34 +108,49 @@ class ModelWorker:
         with self._cond:
             if self._closed:
                 raise Unavailable("the server is shutting down and takes no new requests")
-            if len(self._waiting) >= self.max_waiting:
-                raise Overloaded(f"the request queue is full ({len(self._waiting)} waiting, "
-                                 f"{len(self._active)} generating); retry later")
+            if self._queued_jobs() >= self.max_waiting:
+                raise Overloaded(f"the request queue is full ({self._queued_jobs()} waiting, the limit "
+                                 f"server.max_waiting = {self.max_waiting}; {len(self._active)} generating); "
+                                 "retry later")
             self._waiting.append(job)
             self._cond.notify()
 
-    def call(self, fn: Callable[[], object], timeout: float | None = None):
-        """Run `fn` on the model thread and return its result. Waits for room in the queue rather
-        than failing: callers are jobs (ingestion) that would rather be slow than fail half-way.
-        TimeoutError after `timeout` seconds (the call is then withdrawn if it has not started)."""
-        call = _Call(fn)
-        deadline = time.monotonic() + timeout if timeout is not None else None
+    @contextmanager
+    def ingest_place(self, limit: int) -> Iterator[None]:
+        """Hold one of `limit` ingest places for a sequence of `call`s. Overloaded at once, never a wait,
+        when `limit` callers hold one or the queue is full: a waiting ingest would hold an RPC thread."""
         with self._cond:
-            while len(self._waiting) >= self.max_waiting and not self._closed:
-                left = deadline - time.monotonic() if deadline is not None else None
-                if left is not None and (left <= 0 or not self._cond.wait(left)):
-                    raise TimeoutError("the request queue stayed full")
-                if left is None:
-                    self._cond.wait()
+            if self._closed:
+                raise Unavailable("the server is shutting down and takes no new work")
+            if self._ingesting >= limit:
+                raise Overloaded(f"{self._ingesting} ingest calls are in progress, the limit "
+                                 f"(server.max_ingest_calls = {limit}); retry later")
+            if self._queued_jobs() >= self.max_waiting:
+                raise Overloaded(f"the request queue is full ({self._queued_jobs()} waiting, the limit "
+                                 f"server.max_waiting = {self.max_waiting}); retry the ingest later")
+            self._ingesting += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._ingesting -= 1
+
+    def call(self, fn: Callable[[], object], withdrawn: Callable[[], bool] | None = None, tenant: str = ""):
+        """Run `fn` on the model thread and return its result. Its place in the queue is not one of the
+        `max_waiting`: the caller holds an ingest place (or is the engine starting), so calls never take
+        generation's places and at most `limit` of them wait. Cancelled, without running `fn`, when
+        `withdrawn()` turns true before its turn. Its turn is `tenant`'s (turns are shared by tenant)."""
+        call = _Call(fn, withdrawn, tenant)
+        with self._cond:
             if self._closed:
                 raise Unavailable("the server is shutting down and takes no new work")
             self._waiting.append(call)
             self._cond.notify_all()
-        try:
-            return call.future.result(deadline - time.monotonic() if deadline is not None else None)
-        except TimeoutError:
-            call.future.cancel()
-            raise
+        return call.future.result()
+
+    def _queued_jobs(self) -> int:
+        """Waiting jobs other than calls: what `max_waiting` bounds. Under the lock."""
+        return sum(not isinstance(job, _Call) for job in self._waiting)
 
     def depth(self) -> tuple[int, int]:
         """(waiting, active): queued jobs not started yet, and started ones (the one running included)."""
@@ -151,15 +188,37 @@ class ModelWorker:
                     for job in [j for j in queue if j.cancelled()]:
                         queue.remove(job)
                         job.fail(Cancelled())
-                if self._waiting and len(self._active) < self.max_active:
+                picked = self._pick()
+                if picked is not None:
                     self._running = 1
-                    return self._waiting.popleft(), True
-                if self._active:
-                    self._running = 1
-                    return self._active.popleft(), False
+                    return picked
                 if self._closed:
                     return None
                 self._cond.wait()
+
+    def _pick(self) -> tuple[Job, bool] | None:
+        """The next turn, shared by tenant (see the module's doc), or None when no job wants one. Under the
+        lock; removes the job from its queue."""
+        room = len(self._active) < self.max_active
+        candidates = list(self._active) + (list(self._waiting) if room else [])
+        if not candidates:
+            return None
+        order = {}  # tenant -> position of its first job: ties go to the longest-waiting
+        for position, job in enumerate(candidates):
+            order.setdefault(tenant_of(job), position)
+        tenant = min(order, key=lambda t: (self._last_turn.get(t, -1), order[t]))
+        self._turn += 1
+        self._last_turn[tenant] = self._turn
+        if len(self._last_turn) > 4 * len(order) + 64:  # forget tenants with nothing queued
+            self._last_turn = {t: n for t, n in self._last_turn.items() if t in order}
+        if room:
+            job = next((j for j in self._waiting if tenant_of(j) == tenant), None)
+            if job is not None:
+                self._waiting.remove(job)
+                return job, True
+        job = next(j for j in self._active if tenant_of(j) == tenant)
+        self._active.remove(job)
+        return job, False
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -179,6 +238,5 @@ class ModelWorker:
                     if more and self._aborted is None:
                         self._active.append(job)
                     self._running = 0
-                    self._cond.notify_all()  # room in the queue for a waiting `call`
                 if more and self._aborted is not None:
                     job.fail(self._aborted)

@@ -5,7 +5,9 @@ tokens and picks the tenant, and runs the standard health and reflection service
 of its own beyond that.
 
 Health: the overall service ("") and `kvblend.v1.ChunkCache` are SERVING while the server takes
-requests (NOT_SERVING once it drains); each store tier has its own entry,
+requests (NOT_SERVING once it drains, or once a tenant's chunk store was found deleted or replaced
+while open: its writes are refused until a restart; then
+`kvblend.v1.ChunkCache/catalog` is NOT_SERVING too); each store tier has its own entry,
 `kvblend.v1.ChunkCache/tier/<name>`, NOT_SERVING while that tier is down (Redis unreachable). A
 down Redis only makes requests slower (their KV is recomputed), so it does not fail readiness.
 
@@ -23,6 +25,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -38,6 +41,7 @@ TENANT_HEADER = "kvblend-tenant"
 MAX_MESSAGE_BYTES = 32 << 20
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 MAX_CONNECTION_AGE_GRACE_MS = 10 * 60 * 1000  # a long Generate in flight is not cut
+DEADLINE_SLACK_S = 0.1  # a call that ends this close to its deadline is counted DEADLINE_EXCEEDED
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 STATUS = {  # first match wins: subclasses before their bases
@@ -52,8 +56,49 @@ STATUS = {  # first match wins: subclasses before their bases
 }
 
 
+CATALOG_HEALTH = f"{SERVICE}/catalog"
+
+
 def tier_health_name(tier: str) -> str:
     return f"{SERVICE}/tier/{tier}"
+
+
+class Unreadable:
+    """A request whose bytes do not parse as its message (garbage, or a string field that is not UTF-8). The
+    handler answers it INVALID_ARGUMENT; gRPC's own deserializer would answer INTERNAL and log a traceback,
+    so any peer, authenticated or not, could fill the log."""
+
+    def __init__(self, message_type, error: DecodeError):
+        self.what = f"the request is not a valid {message_type.DESCRIPTOR.full_name} message ({error}); " \
+                    "string fields must be UTF-8"
+
+
+def _lenient(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as err:
+            return Unreadable(message_type, err)
+    return parse
+
+
+def _readable(request):
+    if isinstance(request, Unreadable):
+        raise errors.InvalidArgument(request.what)
+    return request
+
+
+def add_chunk_cache(servicer, server) -> None:
+    """Register the ChunkCache methods, as the generated `add_ChunkCacheServicer_to_server` does, but with
+    deserializers that hand an unparseable request to the handler (`Unreadable`) instead of failing."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["ChunkCache"].methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_lenient(request),
+                                     response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def _status_of(err: errors.ServiceError) -> grpc.StatusCode:
@@ -81,8 +126,10 @@ class _Outcome:
 
 
 def _gone(context) -> str:
+    # A client's deadline fires one network latency before the server's (the server's starts when the call
+    # arrives), and reaches the server as a cancel; one that ends this close to its deadline ended by it.
     remaining = _remaining(context)
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
 
 
 def _abort(context, err: Exception, outcome: _Outcome):
@@ -106,7 +153,7 @@ def _unary(method):
     def handler(self, request, context):
         outcome = _Outcome(self.engine.metrics, method.__name__, context)
         try:
-            response = method(self, request, context)
+            response = method(self, _readable(request), context)
         except Exception as err:  # noqa: BLE001 - every failure becomes a status, never a dead worker
             _abort(context, err, outcome)
         outcome.end("OK")
@@ -177,7 +224,8 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
 
         tenant = self.tenants.of(context)
         documents = [DocumentIn(d.text, d.title, d.doc_id) for d in request.documents]
-        result = self.engine.ingest(tenant, documents, _remaining(context))
+        # The call is over (client cancel, deadline, network): the engine stops between chunks.
+        result = self.engine.ingest(tenant, documents, _remaining(context), lambda: not context.is_active())
         return pb.IngestResponse(
             documents=[pb.IngestedDocument(doc_id=doc_id, chunk_ids=ids)
                        for doc_id, ids in zip(result.doc_ids, result.chunk_ids, strict=True)],
@@ -196,6 +244,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
 
         outcome = _Outcome(self.engine.metrics, "Generate", context)
         try:
+            request = _readable(request)
             tenant = self.tenants.of(context)
             ratio = request.ratio if request.HasField("ratio") else None
             params = GenerateParams(query=request.query, chunk_ids=tuple(request.chunk_ids),
@@ -236,12 +285,14 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
 
 
 class TierHealth:
-    """Keeps each tier's health entry in step with whether it answers (pinged every interval)."""
+    """Keeps each tier's health entry in step with whether it answers (pinged every interval), and the
+    service's entries NOT_SERVING once a chunk store is lost (checked at the same interval)."""
 
     def __init__(self, engine, servicer: health.HealthServicer, interval_s: float):
         self.engine = engine
         self.servicer = servicer
         self.interval_s = interval_s
+        self.serving = False  # set by the server once it takes calls
         self._stop = threading.Event()
         self.update(engine.tier_availability())
         self._thread = threading.Thread(target=self._run, name="tier-health", daemon=True)
@@ -250,6 +301,14 @@ class TierHealth:
     def update(self, availability: dict[str, bool]) -> None:
         for name, up in availability.items():
             self.servicer.set(tier_health_name(name), SERVING if up else NOT_SERVING)
+        lost = self.engine.lost_stores()
+        self.servicer.set(CATALOG_HEALTH, NOT_SERVING if lost else SERVING)
+        if lost and self.serving:
+            self.serving = False
+            log.error("%d chunk store(s) deleted or replaced while open; health is NOT_SERVING until the server "
+                      "restarts", lost)
+            for name in ("", SERVICE):
+                self.servicer.set(name, NOT_SERVING)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -277,7 +336,7 @@ class Server:
                    ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS)]
         pool = ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="rpc")
         self.grpc = grpc.server(pool, options=options)
-        pb_grpc.add_ChunkCacheServicer_to_server(ChunkCacheServicer(engine, settings.auth), self.grpc)
+        add_chunk_cache(ChunkCacheServicer(engine, settings.auth), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -297,11 +356,14 @@ class Server:
         self.grpc.start()
         for name in ("", SERVICE):
             self.health.set(name, SERVING)
+        self.tier_health.serving = True
         config = self.settings.server
         if config.metrics_port:
             from services.serving import prometheus
 
-            self.metrics = prometheus.start(self.engine, config.host, config.metrics_port)
+            tls = self.settings.tls
+            pair = (str(tls.cert), str(tls.key)) if config.metrics_tls else None
+            self.metrics = prometheus.start(self.engine, config.metrics_host, config.metrics_port, pair)
 
     def drain(self) -> None:
         """Refuse new calls, let in-flight ones finish (up to `drain_s`), then stop the engine."""
@@ -330,7 +392,9 @@ def serve(settings: ServeSettings) -> int:
           f"auth {'on' if settings.auth.enabled else 'off'}, catalog {catalog}, tiers "
           f"{', '.join(t.name for t in engine.store.tiered.tiers)})", flush=True)
     if server.metrics is not None:
-        print(f"kvblend: metrics on http://{settings.server.url_host}:{server.metrics.port}/metrics", flush=True)
+        scheme = "https" if settings.server.metrics_tls else "http"
+        print(f"kvblend: metrics on {scheme}://{settings.server.metrics_url_host}:{server.metrics.port}/metrics",
+              flush=True)
     stop.wait()
     print("kvblend: draining in-flight requests", flush=True)
     server.drain()

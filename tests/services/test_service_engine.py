@@ -50,7 +50,8 @@ def test_below_its_kl_limit_the_guard_records_and_keeps_the_blend_answer(engine)
                 for cid in chunk_ids)
     report, _, finish = _answer(engine, query="What music?", chunk_ids=ids, mode="blend", ratio=0.0,
                                 max_new_tokens=3)
-    assert report.quality.checked and not report.quality.fell_back and report.quality.kl >= 0
+    assert report.quality.checked and not report.quality.fell_back
+    assert report.quality.kl >= -1e-9  # a KL of identical distributions rounds to about -1e-16
     assert finish.tokens == 3
     assert engine.guard.summary()["checked"] >= 1
 

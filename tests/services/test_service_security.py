@@ -4,11 +4,15 @@ any call, a wrong or missing token is UNAUTHENTICATED, plaintext cannot reach a 
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
+import urllib.request
 
 import grpc
 import pytest
 from tests.helpers.service import DOCUMENTS, ServerProcess, status_of
+
+from services.bench.launch import free_port
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-fedcba9876543210"
@@ -28,13 +32,16 @@ def _self_signed(folder):
 def server(service_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("secure-server")
     cert, key = _self_signed(folder)
+    metrics_port = free_port()
     server = ServerProcess(folder, service_model_dir, {
-        "server": {"chunk_tokens": 128, "default_max_new_tokens": 2},
+        "server": {"chunk_tokens": 128, "default_max_new_tokens": 2, "metrics_port": metrics_port,
+                   "metrics_tls": True},
         "store": {"cpu_bytes": 64 << 20},
         "auth": {"tokens": {ALICE: "alice", BOB: "bob"}},
         "tls": {"cert": str(cert), "key": str(key)},
     })
     server.cert = cert
+    server.metrics_port = metrics_port
     yield server
     assert server.stop() == 0, server.stderr()[-3000:]
 
@@ -104,3 +111,12 @@ def test_plaintext_cannot_reach_the_tls_server(server):
     with server.client() as plain:
         code, _ = status_of(lambda: plain.stats(timeout=5))
     assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_metrics_tls_serves_metrics_over_https_with_the_servers_certificate(server, alice_ids):
+    url = f"https://127.0.0.1:{server.metrics_port}/metrics"
+    trusted = ssl.create_default_context(cafile=str(server.cert))
+    text = urllib.request.urlopen(url, timeout=5, context=trusted).read().decode()
+    assert 'kvblend_rpcs_total{code="OK",method="IngestChunks"}' in text
+    with pytest.raises(OSError):  # plain HTTP gets no metrics (the TLS handshake fails)
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5)

@@ -115,3 +115,16 @@ def test_a_full_redis_that_refuses_writes_skips_them_with_a_warning(caplog):
         assert tier.get("big:0") is None
     finally:
         server.stop()
+
+
+def test_a_chunk_that_cannot_be_stored_logs_one_warning_naming_it(caplog):
+    """A 30-layer chunk larger than the only tier's budget: put is False and the log holds one warning
+    for the chunk (how many of its 31 entries failed), not one per entry."""
+    store = ChunkStore(TieredStore([MemoryTier("cpu")], [16]))
+    chunk = make_chunk(n_layers=30)
+    key = chunk_key("fp", (), chunk.token_ids, chunk.kv.dtype)
+    with caplog.at_level(logging.WARNING, logger="store"):
+        assert not store.put(key, chunk)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert key in warnings[0] and "31 of its 31 entries" in warnings[0]
