@@ -46,7 +46,7 @@ class BenchConfig:
     json_out: Path = Path("bench.json")
     plot: Path | None = None
     profile: Path | None = None
-    selectors: tuple[str, ...] = ("k",)  # the first gets every blend row; the others blend@0.15, CPU tier
+    selectors: tuple[str, ...] = (BlendConfig.selector,)  # the first gets every blend row; the others blend@0.15, CPU tier
 
     def __post_init__(self):
         for selector in self.selectors:

@@ -80,6 +80,7 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
 
 
 def add_parsers(subparsers) -> None:
+    from blend.fusor import BlendConfig
     from services.bench.gpu import SHAPES
     from services.bench.store import LAYOUTS
 
@@ -89,7 +90,7 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--ratios", default="0.05,0.15,0.3")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--redis-url", default=None, help="also time chunk KV loaded from this Redis")
-    parser.add_argument("--selectors", default="k",
+    parser.add_argument("--selectors", default=BlendConfig.selector,
                         help="blend selectors timed; the first gets every row, the others blend@0.15 from the CPU tier")
     parser.add_argument("--json", dest="json_out", required=True)
     parser.add_argument("--plot", default=None)

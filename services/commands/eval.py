@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from blend.fusor import BlendConfig
 from services import settings
 from services.commands.options import add_model_args, model_config
 
@@ -51,7 +52,9 @@ def add_eval_parser(subparsers) -> None:
     ev.add_argument("--chunks", type=int, default=None, help="passages per question (default: all)")
     ev.add_argument("--modes", default="full,prefix,reuse,blend")
     ev.add_argument("--ratios", default="0.05,0.15,0.3,1.0")
-    ev.add_argument("--selector", default="k", help="selector(s) for blend, comma-separated: k (default), v, qattn, k*qattn, each with options "
+    ev.add_argument("--selector", default=BlendConfig.selector,
+                    help=f"selector(s) for blend, comma-separated (default {BlendConfig.selector}): k, v, qattn, "
+                    "k*qattn, each with options "
                     "+sinkN +gmax +coverX +floorY +nofirst (docs/blend.md)")
     ev.add_argument("--check-layer", type=int, default=1)
     ev.add_argument("--gradual-layers", type=int, default=0, help="also run blend with gradual filtering")
