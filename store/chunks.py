@@ -118,17 +118,21 @@ class ChunkStore:
 
     def layer(self, key: str, manifest: Manifest, index: int) -> torch.Tensor | None:
         """One layer's [T, 2, kv_heads, head_dim] block; None if missing or not fitting the manifest."""
+        return self.layer_from(key, manifest, index)[0]
+
+    def layer_from(self, key: str, manifest: Manifest, index: int) -> tuple[torch.Tensor | None, str | None]:
+        """`layer`, and the name of the tier that served it."""
         if not 0 <= index < manifest.n_layers:
             raise ValueError(f"layer {index} is outside the chunk's {manifest.n_layers} layers")
-        block = self.tiered.get(layer_key(key, index))
+        block, tier = self.tiered.get_from(layer_key(key, index))
         if block is None:
-            return None
+            return None, None
         if tuple(block.shape) != manifest.block_shape or block.dtype != manifest.dtype:
             log.warning("store: layer %d of chunk %s is %s %s, its manifest says %s %s; a miss",
                         index, key, block.dtype, list(block.shape), manifest.dtype,
                         list(manifest.block_shape))
-            return None
-        return block
+            return None, None
+        return block, tier
 
     def get(self, key: str, device: str | torch.device = "cpu") -> ChunkKV | None:
         """The whole chunk on `device`, or None if its manifest or any layer is missing."""

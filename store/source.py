@@ -100,7 +100,10 @@ class StoreSource:
             if manifest is None:
                 self._recompute(index, "not in the store")
             else:
-                self.stats.tiers[index] = store.tiered.where(layer_key(segment, 0))
+                # Its slowest layer's tier: a chunk with one layer left only in Redis is a Redis chunk
+                # (read ahead on the prefetch thread, planned at Redis speed), not a CPU-tier one.
+                self.stats.tiers[index] = store.tiered.slowest(
+                    [layer_key(segment, layer) for layer in range(manifest.n_layers)])
         self.starts = [self._entry_start(index) for index in range(len(self.segments))]
         counts = {self._layers_of(index) for index in range(len(self.segments))}
         if len(counts) > 1:
@@ -216,10 +219,9 @@ class StoreSource:
             return segment.kv[layer]
         chunk = self.computed.get(index)
         if chunk is None:
-            tier = self.stats.tiers[index]
             started = time.perf_counter()
-            block = self.store.layer(segment, self.manifests[index], layer)
-            if block is not None:
+            block, tier = self.store.layer_from(segment, self.manifests[index], layer)
+            if block is not None:  # timed against the tier that served it, for the controller's rates
                 self.stats.read_s[tier] = self.stats.read_s.get(tier, 0.0) + time.perf_counter() - started
                 self.stats.read_bytes[tier] = (self.stats.read_bytes.get(tier, 0)
                                                + block.numel() * block.element_size())

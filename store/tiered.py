@@ -164,6 +164,10 @@ class TieredStore:
     # -- the map --------------------------------------------------------------------------------
 
     def get(self, key: str) -> torch.Tensor | None:
+        return self.get_from(key)[0]
+
+    def get_from(self, key: str) -> tuple[torch.Tensor | None, str | None]:
+        """`get`, and the name of the tier that served it (None on a miss)."""
         for index, tier in enumerate(self.tiers):
             started = time.perf_counter()
             try:
@@ -186,8 +190,8 @@ class TieredStore:
                         with self._lock:
                             self._stats[self.tiers[above].name].promotions += 1
                     break
-            return value
-        return None
+            return value, tier.name
+        return None, None
 
     def put(self, key: str, value: torch.Tensor) -> bool:
         """Store in the highest tier that admits it and, written through, in the bottom tier too. False
@@ -212,6 +216,19 @@ class TieredStore:
     def where(self, key: str) -> str | None:
         """The name of the fastest tier holding the entry (nothing read, no use counted), or None."""
         return next((tier.name for tier in self.tiers if tier.contains(key)), None)
+
+    def slowest(self, keys: Sequence[str]) -> str | None:
+        """The slowest of the tiers the entries would be read from (each from its fastest holder), or
+        None if none is held. Tiers evict entry by entry, so one chunk's layers can be split: the
+        slowest one sets when the whole chunk has arrived."""
+        bottom, slowest = len(self.tiers) - 1, None
+        for key in keys:
+            index = next((i for i, tier in enumerate(self.tiers) if tier.contains(key)), None)
+            if index is not None and (slowest is None or index > slowest):
+                slowest = index
+            if slowest == bottom:  # nothing is slower: one look-up in the bottom tier (Redis) at most
+                break
+        return None if slowest is None else self.tiers[slowest].name
 
     def contains(self, key: str, bottom_only: bool = False) -> bool:
         """In some tier; or, `bottom_only`, in the bottom tier (the one replicas share)."""

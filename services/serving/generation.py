@@ -178,9 +178,7 @@ class Generation:
         precompute = self.model.precompute
         step, config, report = precompute.step, self.request.config, self.report
         if config.mode == "full":
-            filled, report.compute_s = yield from _timed(prefill_layers(step, layout, config, None, capacity))
-            self.estimates.observe_prefill(len(layout) * step.n_layers, report.compute_s)
-            return filled
+            return (yield from self._full(layout, capacity))
         chunks = layout.chunks[: cached_chunks(config.mode, len(layout.chunks))]
         keys = [precompute.key(ids, self.request.tenant) for ids in chunks]
         missing_s = [0.0]
@@ -196,6 +194,12 @@ class Generation:
                              expected=[None, *chunks])
         try:
             skip, config = self._plan(source, config, chunks)
+            if chunks and len(skip) == len(chunks):
+                # Nothing is worth loading. Blend at ratio 1 would still place the prefix and rank every
+                # token at the check layer: full prefill is the same answer without either.
+                source.close()
+                report.ratio, report.tokens_recomputed = 1.0, sum(len(ids) for ids in chunks)
+                return (yield from self._full(layout, capacity))
             source.begin(skip=[1 + index for index in skip])
             build_s = time.perf_counter() - began
             filled, prefill_s = yield from _timed(prefill_layers(step, layout, config, source, capacity,
@@ -219,6 +223,13 @@ class Generation:
         if config.mode == "blend":
             report.ratio = config.ratio
             report.tokens_recomputed = filled.recomputed
+        return filled
+
+    def _full(self, layout, capacity: int):
+        step = self.model.precompute.step
+        filled, self.report.compute_s = yield from _timed(prefill_layers(step, layout, BlendConfig("full"), None,
+                                                                         capacity))
+        self.estimates.observe_prefill(len(layout) * step.n_layers, self.report.compute_s)
         return filled
 
     def _plan(self, source: StoreSource, config: BlendConfig, chunks) -> tuple[list[int], BlendConfig]:

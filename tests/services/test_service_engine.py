@@ -9,9 +9,13 @@ import pytest
 from tests.helpers.model import CACHE_DIR
 from tests.helpers.service import DOCUMENTS
 
+from blend.fusor import prefill_layers
+from services.serving import generation
 from services.serving.engine import Engine
+from services.serving.loading import LoadEstimates
 from services.serving.requests import DocumentIn, GenerateParams
 from services.settings import DEFAULT_TENANT, build
+from store.source import LoadStats
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +70,34 @@ def test_every_blend_request_is_planned_by_the_loading_controller_from_measured_
     assert report.ratio == report.plan.ratio >= 0.2
     loading = engine.stats(DEFAULT_TENANT)["loading"]
     assert loading["enabled"] and loading["planned"] >= 1 and loading["prefill_s_per_token"] > 0
+
+
+def test_when_every_chunk_loads_slower_than_it_recomputes_the_request_is_a_plain_full_prefill(engine, monkeypatch):
+    """Blend at ratio 1 would still place every chunk and rank every token at the check layer; with
+    nothing worth loading the server runs full prefill instead: full's answer, nothing read, and the
+    report names every chunk as recomputed."""
+    ids = tuple(cid for chunk_ids in engine.ingest(DEFAULT_TENANT, [DocumentIn(**d) for d in DOCUMENTS[:2]]).chunk_ids
+                for cid in chunk_ids)
+    _, full_tokens, _ = _answer(engine, query="Where?", chunk_ids=ids, mode="full", max_new_tokens=4)
+    kept = engine.estimates
+    slow = LoadEstimates(kept.n_layers)
+    slow.observe_prefill(1000 * kept.n_layers, 1.0)
+    slow.observe_loads(LoadStats(read_s={"cpu": 1000.0}, read_bytes={"cpu": 2 << 20}))  # ~2 KB/s
+    engine.estimates = slow
+    modes = []
+
+    def recording(step, layout, config, *args, **kwargs):
+        modes.append(config.mode)
+        return prefill_layers(step, layout, config, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "prefill_layers", recording)
+    try:
+        report, tokens, _ = _answer(engine, query="Where?", chunk_ids=ids, mode="blend", ratio=0.15,
+                                    max_new_tokens=4)
+    finally:
+        engine.estimates = kept
+    assert report.plan.planned and report.plan.recompute_chunk_ids == ids
+    assert "full prefill" in report.plan.reason
+    assert report.chunks_hit == {} and report.ratio == 1.0 and report.tokens_recomputed == report.chunk_tokens
+    assert tokens == full_tokens
+    assert modes[0] == "full"  # not blend at ratio 1 (the guard may add its own full prefill after it)

@@ -163,3 +163,24 @@ def test_delete_removes_every_entry_of_the_chunk_and_nothing_else():
     store.delete(keys[0])
     assert {key.split(":")[0] for key, _ in store.tiered.tiers[0].entries()} == {keys[1]}
     assert store.get(keys[0]) is None and torch.equal(store.get(keys[1]).kv, chunks[1].kv)
+
+
+def test_a_chunk_with_one_layer_left_only_on_disk_is_a_disk_chunk_read_ahead_and_timed_per_tier(tmp_path):
+    """Tiers evict layer by layer. A chunk whose layer 0 is in the CPU tier but whose layer 2 is only
+    on disk arrives at disk speed: the source says so (so the controller plans with disk's rate), reads
+    it on the prefetch thread, and times each read against the tier that served it."""
+    chunks, keys = chunks_and_keys(2)
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    store = ChunkStore(TieredStore([cpu, disk], [None, None], write_through=True))
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    cpu.delete(layer_key(keys[1], 2))  # as if the CPU tier had evicted that one layer
+    with StoreSource(store, keys) as source:
+        assert source.stats.tiers == ["cpu", "disk"]
+        assert source.begin()._slow == [1]
+        for ours, theirs in zip(layers_of(source), layers_of(MemorySource(chunks))):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    size = [chunk.kv[0].numel() * chunk.kv[0].element_size() for chunk in chunks]  # one layer's bytes
+    # Chunk 1's layer 2 came from disk (then promoted); its other layers and all of chunk 0's from memory.
+    assert source.stats.read_bytes["disk"] == size[1]
+    assert source.stats.read_bytes["cpu"] == N_LAYERS * size[0] + (N_LAYERS - 1) * size[1]
