@@ -197,7 +197,8 @@ def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path
                     row["scenario"] = scenario.name
                     rows.append(row)
                     print(f"[{scenario.name}] {mode}@{ratio} x{clients}: server TTFT p50 "
-                          f"{row['server_ttft_p50_ms']:.1f} ms, {row['requests']} calls, {row['failed']} failed, "
+                          f"{row['server_ttft_p50_ms']:.1f} ms p99 {row['server_ttft_p99_ms']:.1f} ms, load wait "
+                          f"{100 * row['load_wait_share']:.1f}% of compute, {row['requests']} calls, {row['failed']} failed, "
                           f"hits {row['chunks_hit']}, ratio run {row['ratio_run_mean']:.3f}, chunks recomputed "
                           f"{row['recomputed_chunks_mean']:.1f}, plan {row['plan_reasons']}", file=sys.stderr, flush=True)
             stats = client.stats()
@@ -274,17 +275,23 @@ def run(config: GpuServiceBenchConfig) -> int:
     fusor = fusor_figures(config)
     folder = Path(tempfile.mkdtemp(prefix="kvblend-gpu-bench-"))
     rows: list[dict] = []
+
+    def write(complete: bool) -> None:
+        # After every scenario too, so a run cut by a time limit keeps the rows it measured.
+        _compare(rows, fusor)
+        record = {"config": {k: str(v) for k, v in asdict(config).items()}, "complete": complete,
+                  "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "fusor": fusor}
+        config.json_out.parent.mkdir(parents=True, exist_ok=True)
+        config.json_out.write_text(json.dumps(record, indent=1, default=str))
+
     try:
         for scenario in scenarios(config):
             rows += run_scenario(scenario, config, folder)
+            write(complete=False)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    _compare(rows, fusor)
+    write(complete=True)
     print(format_table(rows, fusor))
-    record = {"config": {k: str(v) for k, v in asdict(config).items()},
-              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "fusor": fusor}
-    config.json_out.parent.mkdir(parents=True, exist_ok=True)
-    config.json_out.write_text(json.dumps(record, indent=1, default=str))
     if config.plot:
         plot(rows, config.plot)
     return 0 if all(r["failed"] == 0 for r in rows) else 1
