@@ -170,7 +170,6 @@ class LlamaStep:
         `mask` may be passed in when the same positions run through several layers (it only depends on
         positions and length); positions are always sorted and unique.
         """
-        block = self.layers[layer]
         keys, values = cache.keys_values(layer, length)  # [n_kv, length, d]
         # T == length means positions are exactly 0..length-1: plain causal, which takes the fused
         # (flash) kernel instead of materialising a mask.
@@ -183,6 +182,11 @@ class LlamaStep:
             scale=self.scale, enable_gqa=True,
         )
         out = out[0].transpose(0, 1).reshape(h.shape[0], self.n_heads * self.head_dim)
+        return self._project(layer, h, out)
+
+    def _project(self, layer: int, h, out):
+        """Attention output [T, heads x d] -> the layer's output: o_proj, residual, MLP, residual."""
+        block = self.layers[layer]
         h = h + block.self_attn.o_proj(out)
         return h + block.mlp(block.post_attention_layernorm(h))
 
@@ -191,8 +195,35 @@ class LlamaStep:
         cache.write(layer, positions, k, v)
         return self.attend(layer, h, q, positions, cache, length, mask)
 
+    def step_each(self, layer: int, h, positions: torch.Tensor, caches: list[KVCache], rope=None):
+        """`step` for one new token of each of several requests (batched decode): token i, at
+        `positions[i]`, is the next token of the request whose buffer is `caches[i]`, and attends to that
+        buffer's positions 0..positions[i] only. Projections and MLP run once over all the tokens (the
+        weights are read once); attention runs per request, over that request's own cache."""
+        q, k, v = self.qkv(layer, h, positions, rope)
+        outs = []
+        for index, cache in enumerate(caches):
+            row = slice(index, index + 1)
+            cache.write(layer, positions[row], k[row], v[row])
+            keys, values = cache.keys_values(layer, int(positions[index]) + 1)
+            # One query at the cache's last filled position sees every key before it: no mask needed.
+            out = F.scaled_dot_product_attention(q[row].transpose(0, 1)[None], keys[None], values[None],
+                                                 scale=self.scale, enable_gqa=True)
+            outs.append(out[0].transpose(0, 1).reshape(1, self.n_heads * self.head_dim))
+        return self._project(layer, h, torch.cat(outs))
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(self.hf.model.norm(h)).float()
+
+    def forward_each(self, token_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One new token for each of several requests (see `step_each`); logits [B, vocab]."""
+        if not len(token_ids) == len(positions) == len(caches):
+            raise ValueError(f"{len(token_ids)} tokens, {len(positions)} positions and {len(caches)} caches")
+        positions = positions.to(self.device)
+        h, rope = self.embed(token_ids), self.cos_sin(positions)
+        for layer in range(self.n_layers):
+            h = self.step_each(layer, h, positions, caches, rope)
+        return self.logits(h)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """All layers over the given tokens; returns logits of every given token. Prefill and decode."""

@@ -108,6 +108,7 @@ class ServerConfig:
     rpc_threads: int = 96  # each queued or streaming Generate holds one; above max_waiting + max_active
     max_waiting: int = 64  # requests queued for the model; one more is RESOURCE_EXHAUSTED
     max_active: int = 4  # requests decoding at once, interleaved token by token on the model thread
+    batch_decode: bool = True  # the active requests' decode steps run as one batched step (false: one each)
     max_ingest_calls: int = 8  # IngestChunks calls in progress at once; one more is RESOURCE_EXHAUSTED
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
     chunk_tokens: int = 512  # documents are split into chunks of at most this many model tokens

@@ -33,7 +33,7 @@ from services.precompute import Precompute
 from services.serving.catalog import Catalog
 from services.serving.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotFound, Overloaded, ServiceError,
                                      Unavailable)
-from services.serving.generation import Generation, ModelParts
+from services.serving.generation import Generation, ModelParts, decode_together
 from services.serving.guard import Guard
 from services.serving.loading import LoadEstimates
 from services.serving.metrics import Metrics
@@ -66,7 +66,8 @@ class Engine:
             raise ValueError(f"server.check_layer {config.check_layer} is past the model's last layer "
                              f"{model.step.n_layers - 1}")
         self.shared = catalog.redis is not None  # replicas share the catalog and the KV through Redis
-        self.worker = ModelWorker(config.max_waiting, config.max_active)
+        self.worker = ModelWorker(config.max_waiting, config.max_active,
+                                  batch=decode_together if config.batch_decode else None)
         self.estimates = LoadEstimates(model.step.n_layers, enabled=config.loading_controller)
         self.precompute: Precompute = self.worker.call(
             lambda: Precompute(model.step, model.tokenizer, model.fingerprint))

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from blend.decode import greedy
+from blend.decode import Decoding, advance
 from blend.fusor import BlendConfig, cached_chunks, prefill_layers
 from blend.prompt import DEFAULT_SYSTEM, build_layout
 from blend.quality import kl_divergence
@@ -81,7 +81,8 @@ class Generation:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._expired = False
-        self._tokens: Iterator[int] | None = None
+        self._decoding: Decoding | None = None  # after the prefill: the cache, its length, the next logits
+        self._pending: int | None = None  # the token just sent, whose forward the next turn runs
         self._ids: list[int] = []
         self._text = TextStream(model.tokenizer)
         self._limit = request.max_new_tokens
@@ -144,10 +145,15 @@ class Generation:
         self._filling = self._fill(layout, n + self._limit)
         return self._advance()
 
+    @property
+    def decoding(self) -> bool:
+        """Its next turn is one decode step, which the worker may batch with other requests' (`decode_together`)."""
+        return self._filling is None and self._pending is not None
+
     def step(self) -> bool:
         if self._filling is not None:
             return self._advance()
-        return self._emit(first=False)
+        return decode_together([self])[0]
 
     def _fill(self, layout, capacity: int):
         """The whole prefill phase as a generator over layers: the worker runs it a slice per turn."""
@@ -170,8 +176,7 @@ class Generation:
             if time.perf_counter() >= until:
                 return True
         self._filling = None
-        self._tokens = greedy(self.model.precompute.step, filled.cache, filled.length, filled.logits, self._limit,
-                              set(self.model.stop_ids))
+        self._decoding = Decoding(filled.cache, filled.length, filled.logits)
         return self._emit(first=True)
 
     def _prefill(self, layout, capacity: int):
@@ -269,15 +274,19 @@ class Generation:
     def _emit(self, first: bool) -> bool:
         """Produce the next token as one message; the last message also carries the finish. True while
         more may follow. Never asks for a token past the limit: its forward would be wasted."""
-        token = next(self._tokens, None)
+        token = self._decoding.token()
+        if token in self.model.stop_ids:
+            token = None
         now = time.perf_counter()
         if token is not None:
             self._ids.append(token)
             self.metrics.token()
-        done = token is None or len(self._ids) >= self._limit
+        full = token is not None and self._decoding.full  # no room for this token's K/V: the context's end
+        done = token is None or len(self._ids) >= self._limit or full
+        self._pending = None if done else token
         finish = None
         if done:
-            reason = "stop" if token is None else ("context" if self._clamped else "length")
+            reason = "stop" if token is None else ("context" if self._clamped or full else "length")
             finish = Finish(reason=reason, tokens=len(self._ids), seconds=now - self.request.arrived)
         ttft = now - self.request.arrived if first else None
         if first:
@@ -289,6 +298,17 @@ class Generation:
             self.metrics.ended()
             self._events.put(_DONE)
         return not done
+
+
+def decode_together(jobs: list[Generation]) -> list[bool]:
+    """One decode step for several generations at once (each `decoding`): the tokens they just sent go
+    through the model in one batched step, each against its own cache, then each sends its next token.
+    A generation's tokens are the ones it gets alone (tested). True per job while more may follow."""
+    if not jobs:
+        return []
+    step = jobs[0].model.precompute.step
+    advance(step, [job._decoding for job in jobs], [job._pending for job in jobs])
+    return [job._emit(first=False) for job in jobs]
 
 
 class TextStream:

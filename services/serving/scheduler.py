@@ -12,6 +12,12 @@ is room, else its next active one). A tenant with ten requests in flight gets th
 model's turns as one with a single request, and a free active place goes to the tenant that waited
 longest for a turn, not to the oldest request.
 
+Decode steps are batched: when the turn goes to a job whose next turn is one decode step (`decoding`),
+every other active job in the same state takes that step with it, in one call of the `batch` function
+(one forward over all their new tokens), so N answers in flight cost about one step's weight reads, not
+N. Prefill turns still come between decode steps, so a long answer never holds a new request's first
+token. Without a `batch` function each job takes its own decode turn.
+
 Ingest is bounded like generation, so it can never hold every RPC thread: a caller takes one of a fixed
 number of places (`ingest_place`) before its first `call`, and is refused at once (Overloaded) when all
 are held or the queue is full; a caller holding a place queues one call at a time, outside the
@@ -86,9 +92,11 @@ class _Call:
 
 
 class ModelWorker:
-    def __init__(self, max_waiting: int, max_active: int, name: str = "model"):
+    def __init__(self, max_waiting: int, max_active: int, name: str = "model",
+                 batch: Callable[[list[Job]], list[bool]] | None = None):
         self.max_waiting = max_waiting
         self.max_active = max_active
+        self.batch = batch  # one decode step for several `decoding` jobs at once; per job, True for more
         self._waiting: deque[Job] = deque()
         self._active: deque[Job] = deque()
         self._running = 0  # the job taking its turn now is in neither queue, but is active
@@ -220,6 +228,17 @@ class ModelWorker:
         self._active.remove(job)
         return job, False
 
+    def _companions(self, job: Job, new: bool) -> list[Job]:
+        """The active jobs that take this decode step together with `job` (removed from the queue), or
+        none when the turn is not a batchable decode step. Under the lock."""
+        if new or self.batch is None or not getattr(job, "decoding", False):
+            return []
+        others = [other for other in self._active if getattr(other, "decoding", False) and not other.cancelled()]
+        for other in others:
+            self._active.remove(other)
+        self._running += len(others)
+        return others
+
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
@@ -227,16 +246,24 @@ class ModelWorker:
                 if picked is None:
                     return
                 job, new = picked
+                with self._cond:
+                    jobs = [job, *self._companions(job, new)]
                 try:
-                    more = job.start() if new else job.step()
+                    if len(jobs) > 1:
+                        mores = self.batch(jobs)
+                    else:
+                        mores = [job.start() if new else job.step()]
                 except Exception as err:  # noqa: BLE001 - one request's failure must not stop the worker
                     if not isinstance(err, ServiceError):
                         log.exception("request failed on the model thread")
-                    job.fail(err)
-                    more = False
+                    for failed in jobs:
+                        failed.fail(err)
+                    mores = [False] * len(jobs)
                 with self._cond:
-                    if more and self._aborted is None:
-                        self._active.append(job)
+                    for each, more in zip(jobs, mores):
+                        if more and self._aborted is None:
+                            self._active.append(each)
                     self._running = 0
-                if more and self._aborted is not None:
-                    job.fail(self._aborted)
+                for each, more in zip(jobs, mores):
+                    if more and self._aborted is not None:
+                        each.fail(self._aborted)

@@ -1,0 +1,65 @@
+"""Batched decode: one step over several requests' new tokens, each attending to its own cache, gives
+each request the tokens (and, within float rounding, the logits) it gets when decoded alone."""
+
+import pytest
+import torch
+from tests.helpers.model import random_layout
+
+from blend.decode import Decoding, advance, greedy
+from blend.fusor import BlendConfig, prefill
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors, then explain in one line why mixing them gives other colors.",
+    "Write one sentence about the sea.",
+]
+
+
+def _filled(step, layout, extra: int):
+    return prefill(step, layout, BlendConfig("full"), None, capacity=len(layout) + extra)
+
+
+def test_one_batched_step_equals_each_request_alone_with_caches_of_different_lengths(tiny):
+    layouts = [random_layout(seed, lengths) for seed, lengths in ((1, (9, 14, 11)), (2, (4,)), (3, (20, 7)))]
+    alone, together = [], []
+    for layout in layouts:
+        for out in (alone, together):
+            filled = _filled(tiny, layout, 4)
+            out.append(Decoding(filled.cache, filled.length, filled.logits))
+    tokens = [d.token() for d in alone]
+    for decoding, token in zip(alone, tokens):
+        advance(tiny, [decoding], [token])
+    advance(tiny, together, tokens)
+    for one, many in zip(alone, together):
+        assert many.length == one.length
+        torch.testing.assert_close(many.logits, one.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(many.cache.data, one.cache.data, rtol=1e-5, atol=1e-6)
+
+
+def test_a_full_buffer_is_refused_by_name(tiny):
+    filled = _filled(tiny, random_layout(4, (5,)), 0)
+    with pytest.raises(ValueError, match="full"):
+        advance(tiny, [Decoding(filled.cache, filled.length, filled.logits)], [1])
+
+
+@pytest.mark.model
+def test_smollm2_batched_greedy_tokens_equal_each_prompt_decoded_alone(smol):
+    """fp32 on CPU, three prompts of different lengths, 16 tokens each (no stop token), in lockstep."""
+    from blend.prompt import build_layout
+
+    layouts = [build_layout(smol.tokenizer, [], prompt, system=None) for prompt in PROMPTS]
+    with torch.inference_mode():
+        expected = []
+        for layout in layouts:
+            filled = _filled(smol.step, layout, 16)
+            expected.append(list(greedy(smol.step, filled.cache, filled.length, filled.logits, 16, set())))
+        decodings = [Decoding(f.cache, f.length, f.logits) for f in (_filled(smol.step, lay, 16) for lay in layouts)]
+        got = [[] for _ in layouts]
+        for _ in range(16):
+            tokens = [d.token() for d in decodings]
+            for answer, token in zip(got, tokens):
+                answer.append(token)
+            if len(got[0]) < 16:
+                advance(smol.step, decodings, tokens)
+    assert got == expected
+    assert len({tuple(answer) for answer in got}) == 3  # three different answers, not one repeated

@@ -1,0 +1,99 @@
+"""Batched decode on the model worker (issue 18): the active requests' decode steps run as one step,
+and each request gets exactly the tokens it gets when decoded on its own; cancelling one mid-batch
+leaves the others' tokens unchanged."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+from tests.helpers.model import CACHE_DIR
+from tests.helpers.service import DOCUMENTS
+
+from services.serving.engine import Engine
+from services.serving.requests import DocumentIn, GenerateParams
+from services.settings import DEFAULT_TENANT, build
+
+QUERIES = ["Where is it?", "What music is played there, and by whom?", "When?"]
+
+
+@pytest.fixture(scope="module")
+def engine(service_model_dir, tmp_path_factory):
+    settings = build({"server": {"chunk_tokens": 128, "max_active": 4},
+                      "guard": {"fraction": 0.0, "max_kl": math.inf}},
+                     {"spec": str(service_model_dir), "cache_dir": str(CACHE_DIR),
+                      "data_dir": str(tmp_path_factory.mktemp("batch-data")), "device": "cpu"})
+    engine = Engine.open(settings)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def chunk_ids(engine):
+    result = engine.ingest(DEFAULT_TENANT, [DocumentIn(**d) for d in DOCUMENTS[:3]])
+    return tuple(ids[0] for ids in result.chunk_ids)
+
+
+def _together(engine, chunk_ids, batch, on_step=None) -> tuple[list[list[int]], list[int]]:
+    """The three queries submitted while the model thread is held, so all three are active before the
+    first decode step; returns each one's tokens and the size of every batched step."""
+    sizes: list[int] = []
+
+    def recording(jobs):
+        sizes.append(len(jobs))
+        more = batch(jobs)
+        if on_step is not None:
+            on_step(jobs, len(sizes))
+        return more
+
+    engine.worker.batch = recording if batch is not None else None
+    held, gate = threading.Event(), threading.Event()
+    holder = threading.Thread(target=engine.worker.call, args=(lambda: (held.set(), gate.wait(10)),))
+    holder.start()
+    try:
+        assert held.wait(10)
+        jobs = [engine.generate(DEFAULT_TENANT, GenerateParams(query=q, chunk_ids=chunk_ids, mode="reuse",
+                                                               max_new_tokens=12)) for q in QUERIES]
+    finally:
+        gate.set()
+        holder.join(10)
+    answers = []
+    for job in jobs:
+        tokens = []
+        try:
+            for piece in job:
+                tokens += piece.token_ids
+        except Exception:  # noqa: BLE001 - the cancelled one ends with its error
+            pass
+        answers.append(tokens)
+    return answers, sizes
+
+
+def test_batched_decode_gives_each_request_the_tokens_it_gets_alone(engine, chunk_ids):
+    batch = engine.worker.batch
+    try:
+        batched, sizes = _together(engine, chunk_ids, batch)
+        alone, no_sizes = _together(engine, chunk_ids, None)
+    finally:
+        engine.worker.batch = batch
+    assert max(sizes) == 3 and no_sizes == []  # the three decoded together, then each on its own
+    assert batched == alone
+    assert all(len(tokens) >= 2 for tokens in alone)  # answers long enough to have decode steps
+
+
+def test_cancelling_one_request_mid_batch_leaves_the_others_tokens_unchanged(engine, chunk_ids):
+    batch = engine.worker.batch
+
+    def cancel_second(jobs, step):
+        if step == 1:
+            jobs[1].cancel()
+
+    try:
+        alone, _ = _together(engine, chunk_ids, None)
+        batched, sizes = _together(engine, chunk_ids, batch, cancel_second)
+    finally:
+        engine.worker.batch = batch
+    assert sizes[0] == 3 and max(sizes[1:], default=0) <= 2  # the cancelled one left the batch
+    assert batched[0] == alone[0] and batched[2] == alone[2]
+    assert len(batched[1]) < len(alone[1])
