@@ -80,9 +80,15 @@ class ServerProcess:
 
 
 def start_local_server(folder: Path, model: str, cache_dir: str | None = None,
-                       redis_url: str | None = None) -> ServerProcess:
-    """`kvblend serve` on a free port with its data under `folder` (the demo's and the benchmark's)."""
+                       redis_url: str | None = None, server_settings: dict | None = None) -> ServerProcess:
+    """`kvblend serve` on a free port with its data under `folder` (the demo's and the benchmark's);
+    `server_settings` go into a config file's [server] section (e.g. {"batch_decode": False})."""
     args = ["--model", model, "--data-dir", str(folder / "data")]
+    if server_settings:
+        lines = ["[server]"] + [f"{key} = {str(value).lower() if isinstance(value, bool) else value!r}"
+                                for key, value in server_settings.items()]
+        (folder / "serve.toml").write_text("\n".join(lines) + "\n")
+        args += ["--config", str(folder / "serve.toml")]
     if cache_dir:
         args += ["--cache-dir", cache_dir]
     if redis_url:

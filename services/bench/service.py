@@ -40,6 +40,9 @@ class ServiceBenchConfig:
     max_new_tokens: int = 8
     timeout: float | None = None  # per-call deadline
     json_out: Path | None = Path("out/bench_service.json")
+    # Run the load twice in this invocation, on a server with batched decode off and then on (the same
+    # questions, fresh servers), and print the ratio: the batching's gain measured in one run.
+    compare_batch_decode: bool = False
 
     def __post_init__(self):
         if self.clients < 1 or self.duration <= 0 or self.questions < 1:
@@ -158,20 +161,56 @@ def format_table(result: dict, config: ServiceBenchConfig) -> str:
 
 def run(config: ServiceBenchConfig) -> int:
     """The benchmark as a program: prints its table, writes JSON; 0 when no call failed."""
-    from retriever.sources import question_documents, read_musique
-    from services.client import Client
-    from services.bench.launch import start_local_server
+    from retriever.sources import read_musique
 
     items = read_musique(Path(config.dataset), config.questions)
+    load_before = os.getloadavg()
+    if config.compare_batch_decode:
+        if config.server is not None:
+            raise ValueError("--compare-batch-decode starts its own servers; leave out --server")
+        runs = {flag: _measure(config, items, {"batch_decode": flag}) for flag in (False, True)}
+        result = {"batch_decode_off": runs[False], "batch_decode_on": runs[True]}
+        for name in ("tokens_per_s", "requests_per_s"):
+            off = runs[False][name]
+            result[f"{name}_on_over_off"] = runs[True][name] / off if off else None
+        for flag in (False, True):
+            print(f"batch_decode = {str(flag).lower()}:\n{format_table(runs[flag], config)}")
+        print(f"batched decode, on / off: tokens/s {result['tokens_per_s_on_over_off']:.2f}x, "
+              f"requests/s {result['requests_per_s_on_over_off']:.2f}x")
+    else:
+        result = _measure(config, items, None)
+        print(format_table(result, config))
+    record = {
+        "args": {k: v for k, v in asdict(config).items() if k != "token"},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "result": result,
+    }
+    if config.json_out:
+        config.json_out.parent.mkdir(parents=True, exist_ok=True)
+        config.json_out.write_text(json.dumps(record, indent=2, default=str))
+        print(f"wrote {config.json_out}", file=sys.stderr)
+    runs = [result["batch_decode_off"], result["batch_decode_on"]] if config.compare_batch_decode else [result]
+    return 0 if all(r["failed"] == 0 for r in runs) else 1
+
+
+def _measure(config: ServiceBenchConfig, items, server_settings: dict | None) -> dict:
+    """Ingest the questions' passages, warm up, run the load; on `config.server`, or on a server started
+    here (with `server_settings`) and stopped after."""
+    from retriever.sources import question_documents
+    from services.bench.launch import start_local_server
+    from services.client import Client
+
     questions = [item.question for item in items]
     server = folder = None
     target = config.server
-    load_before = os.getloadavg()
     if target is None:
         folder = Path(tempfile.mkdtemp(prefix="kvblend-bench-"))
-        server = start_local_server(folder, config.model, config.cache_dir, config.redis_url)
+        server = start_local_server(folder, config.model, config.cache_dir, config.redis_url, server_settings)
         target = server.target
-        print(f"started kvblend serve ({config.model}) on {target}", file=sys.stderr, flush=True)
+        print(f"started kvblend serve ({config.model}, {server_settings or 'defaults'}) on {target}",
+              file=sys.stderr, flush=True)
     try:
         with Client(target, token=config.token) as client:
             client.wait_ready(30)
@@ -191,16 +230,4 @@ def run(config: ServiceBenchConfig) -> int:
         if server is not None:
             server.stop()
             shutil.rmtree(folder, ignore_errors=True)
-    print(format_table(result, config))
-    record = {
-        "args": {k: v for k, v in asdict(config).items() if k != "token"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
-        "result": result,
-    }
-    if config.json_out:
-        config.json_out.parent.mkdir(parents=True, exist_ok=True)
-        config.json_out.write_text(json.dumps(record, indent=2, default=str))
-        print(f"wrote {config.json_out}", file=sys.stderr)
-    return 0 if result["failed"] == 0 else 1
+    return result

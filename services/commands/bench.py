@@ -54,7 +54,7 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
         dataset=Path(args.dataset), server=args.server, token=args.token, model=args.model,
         cache_dir=args.cache_dir, redis_url=args.redis_url, clients=args.clients, duration=args.duration or 30.0,
         questions=args.questions, top_k=args.top_k, mode=args.mode, max_new_tokens=args.max_new_tokens or 8,
-        timeout=args.timeout, json_out=_path(args.json_out),
+        timeout=args.timeout, json_out=_path(args.json_out), compare_batch_decode=args.compare_batch_decode,
     ))
 
 
@@ -137,6 +137,8 @@ def add_parsers(subparsers) -> None:
     b.add_argument("--mode", default="blend", choices=["full", "prefix", "reuse", "blend"])
     b.add_argument("--max-new-tokens", type=int, default=None, help="default 8; with --device cuda, 4")
     b.add_argument("--timeout", type=float, default=None, help="per-call deadline (default none)")
+    b.add_argument("--compare-batch-decode", action="store_true",
+                   help="run the load on a server with batched decode off, then on, and print the ratio")
     b.add_argument("--json", dest="json_out", default="out/bench_service.json")
     b.set_defaults(func=cmd_bench_service)
 
