@@ -1,5 +1,5 @@
 """One Generate request on the model thread: the loading plan, prefill in its mode from the store's
-KV, the quality guard's check, then greedy decoding, one token per turn, each sent to the caller as
+KV, the quality guard's check, then decoding (greedy, or sampled as the request asks), one token per turn, each sent to the caller as
 a `Piece`.
 
 The caller (the gRPC handler) iterates the `Generation`; the model worker (services/serving/scheduler.py)
@@ -17,16 +17,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from blend.decode import greedy
+from blend.decode import decode
 from blend.fusor import BlendConfig, cached_chunks, prefill_layers
-from blend.prompt import DEFAULT_SYSTEM, build_layout
+from blend.prompt import DEFAULT_SYSTEM, build_chat_layout, build_layout
 from blend.quality import kl_divergence
 from services.precompute import Precompute
 from services.serving.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from services.serving.guard import Guard
 from services.serving.loading import LoadEstimates
 from services.serving.metrics import Metrics
-from services.serving.requests import Finish, GenerationRequest, Piece, PlanReport, QualityCheck, Report
+from services.serving.requests import (DocumentReport, Finish, GenerationRequest, Piece, PlanReport, QualityCheck,
+                                       Report)
 from store.chunks import ChunkStore
 from store.source import StoreSource
 
@@ -84,6 +85,7 @@ class Generation:
         self._tokens: Iterator[int] | None = None
         self._ids: list[int] = []
         self._text = TextStream(model.tokenizer)
+        self._stops = StopStrings(request.stop)
         self._limit = request.max_new_tokens
         self._clamped = False
         self._filling = None  # the prefill in progress (a generator over layers), between turns
@@ -127,7 +129,14 @@ class Generation:
         precompute, step = self.model.precompute, self.model.precompute.step
         started = time.perf_counter()
         self.report.queue_s = started - self.queued
-        layout = build_layout(self.model.tokenizer, self.request.texts, self.request.query, DEFAULT_SYSTEM)
+        if self.request.messages:
+            try:
+                layout = build_chat_layout(self.model.tokenizer, self.request.texts, list(self.request.messages),
+                                           DEFAULT_SYSTEM)
+            except ValueError as err:
+                raise InvalidArgument(str(err)) from None
+        else:
+            layout = build_layout(self.model.tokenizer, self.request.texts, self.request.query, DEFAULT_SYSTEM)
         if layout.prefix != precompute.prefix_ids:
             raise RuntimeError("the prompt's system prefix is not the one the engine computed")
         n = len(layout)
@@ -170,8 +179,8 @@ class Generation:
             if time.perf_counter() >= until:
                 return True
         self._filling = None
-        self._tokens = greedy(self.model.precompute.step, filled.cache, filled.length, filled.logits, self._limit,
-                              set(self.model.stop_ids))
+        self._tokens = decode(self.model.precompute.step, filled.cache, filled.length, filled.logits, self._limit,
+                              set(self.model.stop_ids), self.request.sampling)
         return self._emit(first=True)
 
     def _prefill(self, layout, capacity: int):
@@ -180,6 +189,7 @@ class Generation:
         if config.mode == "full":
             filled, report.compute_s = yield from _timed(prefill_layers(step, layout, config, None, capacity))
             self.estimates.observe_prefill(len(layout) * step.n_layers, report.compute_s)
+            self._report_sources(layout, ["prefill"] * len(layout.chunks))
             return filled
         chunks = layout.chunks[: cached_chunks(config.mode, len(layout.chunks))]
         keys = [precompute.key(ids, self.request.tenant) for ids in chunks]
@@ -205,10 +215,16 @@ class Generation:
         stats = source.finish()
         self.estimates.observe_loads(stats)
         computed = stats.computed
+        sources = ["prefill"] * len(layout.chunks)
         for index, tier in enumerate(stats.tiers[1:], start=1):
-            if index in computed or index - 1 in skip:
-                continue
-            report.chunks_hit[tier] = report.chunks_hit.get(tier, 0) + 1
+            if index in computed:
+                sources[index - 1] = "computed"
+            elif index - 1 in skip:
+                sources[index - 1] = "recomputed"
+            else:
+                sources[index - 1] = tier
+                report.chunks_hit[tier] = report.chunks_hit.get(tier, 0) + 1
+        self._report_sources(layout, sources)
         report.chunks_missing = len(computed)
         report.missing_tokens = sum(len(layout.chunks[i - 1]) for i in computed)
         report.missing_compute_s = missing_s[0]
@@ -220,6 +236,18 @@ class Generation:
             report.ratio = config.ratio
             report.tokens_recomputed = filled.recomputed
         return filled
+
+    def _report_sources(self, layout, sources: list[str]) -> None:
+        report, reused = self.report, ("prefill", "computed", "recomputed")
+        report.chunk_sources = sources
+        report.cached_tokens = len(layout.prefix) if self.request.config.mode != "full" else 0
+        report.cached_tokens += sum(len(ids) for ids, source in zip(layout.chunks, sources, strict=True)
+                                    if source not in reused)
+        report.documents = [
+            DocumentReport(chunk_ids=tuple(self.request.chunk_ids[i] for i in indexes),
+                           hit=all(sources[i] not in reused for i in indexes),
+                           chunks_computed=sum(sources[i] == "computed" for i in indexes))
+            for indexes in self.request.documents]
 
     def _plan(self, source: StoreSource, config: BlendConfig, chunks) -> tuple[list[int], BlendConfig]:
         """The loading controller's choice for a blend request: chunks to prefill in full instead of
@@ -264,15 +292,17 @@ class Generation:
             self._ids.append(token)
             self.metrics.token()
         done = token is None or len(self._ids) >= self._limit
+        text, stopped = self._stops.add(self._text.add(token, final=done), final=done)
+        done = done or stopped
         finish = None
         if done:
-            reason = "stop" if token is None else ("context" if self._clamped else "length")
+            reason = "stop" if token is None or stopped else ("context" if self._clamped else "length")
             finish = Finish(reason=reason, tokens=len(self._ids), seconds=now - self.request.arrived)
         ttft = now - self.request.arrived if first else None
         if first:
             self.metrics.first_token(ttft)
         ids = (token,) if token is not None else ()
-        self._events.put(Piece(text=self._text.add(token, final=done), token_ids=ids, ttft_s=ttft,
+        self._events.put(Piece(text=text, token_ids=ids, ttft_s=ttft,
                                report=self.report if first else None, finish=finish))
         if done:
             self.metrics.ended()
@@ -303,3 +333,28 @@ class TextStream:
         self._window, self._read = self._read, len(self.ids)
         # The window starts one piece back, so a token decodes next to its left neighbour (spacing rules).
         return text[len(shown):] if text.startswith(shown) else text
+
+
+class StopStrings:
+    """Text in, the text that may be shown out: the answer ends before the first stop string. Text that
+    could be the start of a stop string is held back until the next piece says whether it is one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(stop for stop in stops if stop)
+        self._held = ""
+
+    def add(self, text: str, final: bool) -> tuple[str, bool]:
+        """(the text to show now, whether a stop string ended the answer)."""
+        if not self.stops:
+            return text, False
+        held = self._held + text
+        ends = [at for at in (held.find(stop) for stop in self.stops) if at >= 0]
+        if ends:
+            self._held = ""
+            return held[:min(ends)], True
+        if final:
+            self._held = ""
+            return held, False
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if held.endswith(stop[:n])), default=0)
+        self._held = held[len(held) - keep:] if keep else ""
+        return held[:len(held) - keep], False

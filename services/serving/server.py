@@ -18,7 +18,6 @@ Metrics: every call is counted once by method and status code in the engine's me
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 import signal
 import threading
@@ -32,12 +31,12 @@ from grpc_reflection.v1alpha import reflection
 from proto import kvblend_pb2 as pb
 from proto import kvblend_pb2_grpc as pb_grpc
 from services.serving import errors
-from services.settings import DEFAULT_TENANT, AuthConfig, ServeSettings, check_tenant
+from services.serving.auth import Tenants
+from services.settings import AuthConfig, ServeSettings
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ChunkCache"].full_name  # kvblend.v1.ChunkCache
-TENANT_HEADER = "kvblend-tenant"
 MAX_MESSAGE_BYTES = 32 << 20
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 MAX_CONNECTION_AGE_GRACE_MS = 10 * 60 * 1000  # a long Generate in flight is not cut
@@ -161,39 +160,6 @@ def _unary(method):
     return handler
 
 
-class Tenants:
-    """Who is calling: the bearer token's tenant with auth on; the tenant header (or default) without."""
-
-    def __init__(self, auth: AuthConfig):
-        self.auth = auth
-
-    def of(self, context) -> str:
-        metadata = {}
-        for key, value in context.invocation_metadata():
-            metadata.setdefault(key.lower(), value)
-        asked = metadata.get(TENANT_HEADER)
-        if not self.auth.enabled:
-            if asked is None:
-                return DEFAULT_TENANT
-            try:
-                return check_tenant(asked)
-            except ValueError as err:
-                raise errors.InvalidArgument(f"{TENANT_HEADER} metadata: {err}") from None
-        header = metadata.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise errors.Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
-        tenant = None
-        for known, owner in self.auth.tokens:  # compare with every token: the time says nothing of which
-            if hmac.compare_digest(known.encode(), token.strip().encode()):
-                tenant = owner
-        if tenant is None:
-            raise errors.Unauthenticated("invalid bearer token")
-        if asked is not None and asked != tenant:
-            raise errors.PermissionDenied(f"the token is not valid for tenant {asked[:64]!r}")
-        return tenant
-
-
 def _report(report) -> pb.RequestReport:
     quality, plan = report.quality, report.plan
     return pb.RequestReport(
@@ -210,6 +176,9 @@ def _report(report) -> pb.RequestReport:
                          predicted_load_s=plan.predicted_load_s, predicted_compute_s=plan.predicted_compute_s,
                          reason=plan.reason),
         load_stall_s=report.load_stall_s, stalled_layers=report.stalled_layers,
+        chunk_sources=report.chunk_sources, cached_tokens=report.cached_tokens,
+        documents=[pb.DocumentReport(chunk_ids=d.chunk_ids, hit=d.hit, chunks_computed=d.chunks_computed)
+                   for d in report.documents],
     )
 
 
@@ -240,7 +209,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
                               tokens=h.tokens) for h in hits])
 
     def Generate(self, request, context):
-        from services.serving.requests import GenerateParams
+        from services.serving.requests import DocumentIn, GenerateParams
 
         outcome = _Outcome(self.engine.metrics, "Generate", context)
         try:
@@ -249,7 +218,12 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
             ratio = request.ratio if request.HasField("ratio") else None
             params = GenerateParams(query=request.query, chunk_ids=tuple(request.chunk_ids),
                                     top_k=request.top_k, mode=request.mode, ratio=ratio,
-                                    max_new_tokens=request.max_new_tokens)
+                                    max_new_tokens=request.max_new_tokens,
+                                    documents=tuple(DocumentIn(d.text, d.title, d.doc_id) for d in request.documents),
+                                    temperature=request.temperature,
+                                    top_p=request.top_p if request.HasField("top_p") else None,
+                                    seed=request.seed if request.HasField("seed") else None,
+                                    stop=tuple(request.stop))
             generation = self.engine.generate(tenant, params, _remaining(context))
         except Exception as err:  # noqa: BLE001
             _abort(context, err, outcome)
