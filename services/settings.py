@@ -132,6 +132,9 @@ class ServerConfig:
     # whatever `host` is (a container sets "0.0.0.0" for its scraper).
     metrics_host: str = "127.0.0.1"
     metrics_tls: bool = False  # serve /metrics over HTTPS with the [tls] certificate and key
+    # The OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) on `host` at this port, over the same
+    # engine and tokens; 0 = none. Plain HTTP: put a TLS-terminating proxy in front of it off loopback.
+    http_port: int = 0
     # Where the chunk catalog (texts, vectors, KV keys) lives: "local" (sqlite + faiss under data_dir) or
     # "redis" (in the store's Redis, shared by every replica; data_dir keeps a local mirror of it).
     catalog: str = "local"
@@ -162,7 +165,7 @@ class ServerConfig:
             raise ValueError(f"server.default_mode {self.default_mode!r} is not one of {', '.join(MODES)}")
         if not 0.0 <= self.default_ratio <= 1.0:
             raise ValueError(f"server.default_ratio {self.default_ratio!r} is outside [0, 1]")
-        for name in ("metrics_port",):
+        for name in ("metrics_port", "http_port"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= 65535:
                 raise ValueError(f"server.{name} {value!r} is not in 0..65535 (0 = off)")
@@ -317,7 +320,7 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     server = dict(file_values.get("server", {}))
     model = dict(file_values.get("model", {}))
     store = dict(file_values.get("store", {}))
-    for name in ("host", "port", "data_dir", "metrics_port", "metrics_host", "catalog"):
+    for name in ("host", "port", "data_dir", "metrics_port", "metrics_host", "catalog", "http_port"):
         if overrides.get(name) is not None:
             server[name] = overrides[name]
     for name in ("spec", "cache_dir", "dtype", "device"):

@@ -11,6 +11,9 @@ while open: its writes are refused until a restart; then
 `kvblend.v1.ChunkCache/tier/<name>`, NOT_SERVING while that tier is down (Redis unreachable). A
 down Redis only makes requests slower (their KV is recomputed), so it does not fail readiness.
 
+With `--http-port`, the same engine, tokens and tenants also serve the OpenAI-compatible HTTP API
+(services/serving/openai_http.py).
+
 Metrics: every call is counted once by method and status code in the engine's metrics; with
 `--metrics-port` they are served to Prometheus over HTTP (services/serving/prometheus.py).
 """
@@ -325,6 +328,7 @@ class Server:
             raise OSError(f"cannot listen on {config.address}")
         self.tier_health = TierHealth(engine, self.health, config.health_interval_s)
         self.metrics = None  # the Prometheus endpoint, while one is served
+        self.http = None  # the OpenAI-compatible HTTP API, while one is served
 
     def start(self) -> None:
         self.grpc.start()
@@ -338,6 +342,12 @@ class Server:
             tls = self.settings.tls
             pair = (str(tls.cert), str(tls.key)) if config.metrics_tls else None
             self.metrics = prometheus.start(self.engine, config.metrics_host, config.metrics_port, pair)
+        if config.http_port:
+            from services.serving.openai_http import HTTPServer
+
+            self.http = HTTPServer(self.engine, self.settings.auth, self.settings.model.spec, config.host,
+                                   config.http_port)
+            self.http.start()
 
     def drain(self) -> None:
         """Refuse new calls, let in-flight ones finish (up to `drain_s`), then stop the engine."""
@@ -345,7 +355,11 @@ class Server:
         self.engine.draining = True
         self.health.enter_graceful_shutdown()
         self.tier_health.stop()
+        if self.http is not None:  # refuses new connections now; its in-flight requests finish below
+            self.http.server.should_exit = True
         self.grpc.stop(grace).wait()
+        if self.http is not None:
+            self.http.close(grace)
         self.engine.close()
         if self.metrics is not None:  # scraped until here, so the drain itself shows
             self.metrics.close()
@@ -368,6 +382,9 @@ def serve(settings: ServeSettings) -> int:
     if server.metrics is not None:
         scheme = "https" if settings.server.metrics_tls else "http"
         print(f"kvblend: metrics on {scheme}://{settings.server.metrics_url_host}:{server.metrics.port}/metrics",
+              flush=True)
+    if server.http is not None:
+        print(f"kvblend: OpenAI-compatible HTTP on http://{settings.server.url_host}:{server.http.port}/v1",
               flush=True)
     stop.wait()
     print("kvblend: draining in-flight requests", flush=True)
