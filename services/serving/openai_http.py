@@ -20,12 +20,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 
 from services.serving import errors
 from services.serving.requests import DocumentIn, GenerateParams, Piece
@@ -215,9 +216,10 @@ class ChatAPI:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
                                             "owned_by": "kvblend"}]}
 
-    def start(self, headers, body: object) -> tuple[ChatRequest, Iterator[Piece]]:
+    def start(self, headers, body: object) -> tuple[ChatRequest, Iterator[Piece], Callable[[], None]]:
         """Check and queue the request and wait for its first piece (so that an error the model thread
-        finds, such as a prompt over the context, still gets its status); its pieces, the first included."""
+        finds, such as a prompt over the context, still gets its status); its pieces, the first included,
+        and what stops generating them (the client went away)."""
         tenant = self.tenant(headers)
         request = chat_request(body, self.model_id)
         generation = self.engine.generate(tenant, request.params)
@@ -229,13 +231,20 @@ class ChatAPI:
             raise
 
         def all_pieces() -> Iterator[Piece]:
-            try:
-                yield first
-                yield from pieces
-            finally:  # the client went away mid-stream: stop generating
-                generation.cancel()
+            yield first
+            yield from pieces
 
-        return request, all_pieces()
+        return request, all_pieces(), generation.cancel
+
+
+async def _cancelling(events: Iterator[str], cancel: Callable[[], None]) -> AsyncIterator[str]:
+    """The events, read on a worker thread; when the client goes away (the response task is cancelled, or a
+    write fails), the generation is cancelled, which also ends the worker thread's wait for the next piece."""
+    try:
+        async for event in iterate_in_threadpool(events):
+            yield event
+    finally:
+        cancel()
 
 
 def make_app(api: ChatAPI) -> FastAPI:
@@ -265,12 +274,15 @@ def make_app(api: ChatAPI) -> FastAPI:
                 body = json.loads(raw)
             except ValueError as err:
                 raise errors.InvalidArgument(f"the body is not JSON ({err})") from None
-            chat, pieces = await run_in_threadpool(api.start, request.headers, body)
+            chat, pieces, cancel = await run_in_threadpool(api.start, request.headers, body)
             if chat.stream:
                 metrics.rpc(method, "200")
-                return StreamingResponse(stream_events(pieces, chat.model, chat.include_usage),
+                return StreamingResponse(_cancelling(stream_events(pieces, chat.model, chat.include_usage), cancel),
                                          media_type="text/event-stream")
-            result = await run_in_threadpool(completion, pieces, chat.model)
+            try:
+                result = await run_in_threadpool(completion, pieces, chat.model)
+            finally:  # the client went away while the answer was made
+                cancel()
         except Exception as err:  # noqa: BLE001
             return failed(method, err)
         metrics.rpc(method, "200")

@@ -6,6 +6,8 @@ an OpenAI-shaped error; the gRPC API takes the same inline documents and the ids
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -14,6 +16,9 @@ import pytest
 from tests.helpers.service import DOCUMENTS, ServerProcess
 
 from services.bench.launch import free_port
+from services.serving import errors
+from services.serving.openai_http import chat_request, error_response
+from services.serving.requests import DocumentIn, GenerateParams
 
 ALICE = "alice-token-0123456789abcdef"
 MAX_CHARS = 4000
@@ -171,3 +176,61 @@ def test_grpc_a_seeded_sample_is_the_same_tokens_every_time(server):
         answers = [client.answer("Name a mountain.", documents=documents, max_new_tokens=12, temperature=1.0,
                                  top_p=0.95, seed=seed).token_ids for seed in (3, 3, 4, 5)]
     assert answers[0] == answers[1] and len({tuple(a) for a in answers}) > 1
+
+
+def test_a_stream_the_client_closes_stops_generating(server, api, model):
+    stream = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Tell a long story."}],
+                                         max_tokens=900, stream=True)
+    for _, _chunk in zip(range(3), stream):
+        pass
+    stream.close()
+    with server.client(token=ALICE) as client:
+        deadline = time.monotonic() + 10
+        while (stats := client.stats()).cancelled < 1 or stats.active:
+            assert time.monotonic() < deadline, f"still generating: {stats.active} active, {stats.cancelled} cancelled"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert client.stats().tokens_generated == stats.tokens_generated
+
+
+@pytest.mark.parametrize("error, status, kind", [
+    (errors.InvalidArgument("x"), 400, "invalid_request_error"),
+    (errors.Unauthenticated("x"), 401, "authentication_error"),
+    (errors.PermissionDenied("x"), 403, "permission_error"),
+    (errors.NotFound("x"), 404, "not_found_error"),
+    (errors.Overloaded("x"), 429, "rate_limit_exceeded"),
+    (errors.Unavailable("x"), 503, "service_unavailable"),
+    (errors.DeadlineExceeded("x"), 504, "timeout"),
+])
+def test_each_engine_error_has_its_http_status_and_openai_type(error, status, kind):
+    assert error_response(error) == (status, {"error": {"message": "x", "type": kind, "param": None, "code": None}})
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages[0].role \"robot\""),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"max_tokens": 0}, "max_tokens 0"),
+    ({"max_tokens": "9"}, "max_tokens \"9\" is not an integer"),
+    ({"temperature": True}, "temperature true is not a number"),
+    ({"n": 2}, "n 2"),
+    ({"stop": [1]}, "stop is neither"),
+    ({"documents": [{"title": "t"}]}, "documents[0]"),
+    ({"model": None}, "model is required"),
+])
+def test_a_bad_chat_field_is_refused_naming_it(change, words):
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], **change}
+    with pytest.raises(errors.InvalidArgument) as raised:
+        chat_request(body, "m")
+    assert words in str(raised.value)
+
+
+def test_a_chat_body_becomes_the_engine_s_parameters():
+    chat = chat_request({"model": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                         "documents": [{"title": "T", "text": "body"}], "mode": "reuse", "ratio": 0.3,
+                         "max_completion_tokens": 5, "temperature": 0.5, "top_p": 0.9, "seed": 4, "stop": "\n",
+                         "stream": True, "stream_options": {"include_usage": True}}, "m")
+    assert chat.stream and chat.include_usage
+    assert chat.params == GenerateParams(messages=(("system", "Be brief."), ("user", "Hi")),
+                                         documents=(DocumentIn("body", "T"),), mode="reuse", ratio=0.3,
+                                         max_new_tokens=5, temperature=0.5, top_p=0.9, seed=4, stop=("\n",))
