@@ -133,7 +133,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     metrics_tls: bool = False  # serve /metrics over HTTPS with the [tls] certificate and key
     # The OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) on `host` at this port, over the same
-    # engine and tokens; 0 = none. Plain HTTP: put a TLS-terminating proxy in front of it off loopback.
+    # engine and tokens; 0 = none. HTTPS with the [tls] certificate and key when they are set.
     http_port: int = 0
     # Where the chunk catalog (texts, vectors, KV keys) lives: "local" (sqlite + faiss under data_dir) or
     # "redis" (in the store's Redis, shared by every replica; data_dir keeps a local mirror of it).

@@ -31,7 +31,7 @@ from starlette.concurrency import iterate_in_threadpool
 from services.serving import errors
 from services.serving.requests import DocumentIn, GenerateParams, Piece
 from services.serving.auth import TENANT_HEADER, Tenants
-from services.settings import AuthConfig
+from services.settings import AuthConfig, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +292,10 @@ def make_app(api: ChatAPI) -> FastAPI:
 
 
 class HTTPServer:
-    """uvicorn on a thread of `kvblend serve`, on a socket bound here (so port 0 reports the port it got)."""
+    """uvicorn on a thread of `kvblend serve`, on a socket bound here (so port 0 reports the port it got);
+    HTTPS with the gRPC server's certificate and key when `[tls]` gives them (tokens never cross in clear)."""
 
-    def __init__(self, engine, auth: AuthConfig, model_id: str, host: str, port: int):
+    def __init__(self, engine, auth: AuthConfig, model_id: str, host: str, port: int, tls: TlsConfig):
         import uvicorn
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -302,8 +303,10 @@ class HTTPServer:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host.strip("[]"), port))
         self.port = self.socket.getsockname()[1]
+        pair = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls.enabled else {}
+        self.scheme = "https" if tls.enabled else "http"
         config = uvicorn.Config(make_app(ChatAPI(engine, auth, model_id)), log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=30)
+                                timeout_graceful_shutdown=30, **pair)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                        name="openai-http", daemon=True)

@@ -346,7 +346,7 @@ class Server:
             from services.serving.openai_http import HTTPServer
 
             self.http = HTTPServer(self.engine, self.settings.auth, self.settings.model.spec, config.host,
-                                   config.http_port)
+                                   config.http_port, self.settings.tls)
             self.http.start()
 
     def drain(self) -> None:
@@ -384,7 +384,8 @@ def serve(settings: ServeSettings) -> int:
         print(f"kvblend: metrics on {scheme}://{settings.server.metrics_url_host}:{server.metrics.port}/metrics",
               flush=True)
     if server.http is not None:
-        print(f"kvblend: OpenAI-compatible HTTP on http://{settings.server.url_host}:{server.http.port}/v1",
+        print(f"kvblend: OpenAI-compatible HTTP on {server.http.scheme}://{settings.server.url_host}:"
+              f"{server.http.port}/v1",
               flush=True)
     stop.wait()
     print("kvblend: draining in-flight requests", flush=True)
