@@ -6,7 +6,8 @@ As thin as the gRPC edge (server.py): `chat_request` turns a request body into `
 and `error_response` turns a `services.serving.errors` error into the OpenAI error shape with its HTTP
 status. Auth is the gRPC server's (`Tenants`: bearer token -> tenant, or the `kvblend-tenant` header with
 auth off). RAG passages come as vLLM takes them, a top-level `documents` list of {"title", "text"};
-kvblend's own options are extra fields (`mode`, `ratio`, `chunk_ids`, `top_k`), and the request report
+kvblend's own options are extra fields (`mode`, `ratio`, `chunk_ids`, `top_k`, and `timeout_s`, the
+request's deadline as a gRPC call has one), and the request report
 comes back in the extra field `kvblend` of the response (of the first chunk when streamed).
 `usage.prompt_tokens_details.cached_tokens` counts the prompt tokens whose KV came from a cache, as vLLM
 reports its prefix-cache hits.
@@ -60,6 +61,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     model: str
+    timeout_s: float | None = None  # the extra field timeout_s: the request's deadline, as gRPC's (504 past it)
 
 
 def error_response(err: Exception) -> tuple[int, dict]:
@@ -144,7 +146,11 @@ def chat_request(body: object, model_id: str) -> ChatRequest:
         temperature=float(temperature or 0.0), top_p=_typed(body, "top_p", (int, float), "a number"),
         seed=_typed(body, "seed", (int,), "an integer"), stop=tuple(stop or ()))
     stream = _typed(body, "stream", (bool,), "true or false") or False
-    return ChatRequest(params, stream, bool(isinstance(options, dict) and options.get("include_usage")), model)
+    timeout_s = _typed(body, "timeout_s", (int, float), "a number of seconds")
+    if timeout_s is not None and not timeout_s > 0:
+        raise errors.InvalidArgument(f"timeout_s {timeout_s} must be above 0")
+    return ChatRequest(params, stream, bool(isinstance(options, dict) and options.get("include_usage")), model,
+                       timeout_s)
 
 
 def _extra(first: Piece) -> dict:
@@ -222,7 +228,7 @@ class ChatAPI:
         and what stops generating them (the client went away)."""
         tenant = self.tenant(headers)
         request = chat_request(body, self.model_id)
-        generation = self.engine.generate(tenant, request.params)
+        generation = self.engine.generate(tenant, request.params, request.timeout_s)
         pieces = iter(generation)
         try:
             first = next(pieces)

@@ -124,6 +124,7 @@ def test_a_stop_string_ends_the_answer_before_it(api, model):
     ("oversized document", 400, "max_inline_document_chars"),
     ("wrong token", 401, "invalid bearer token"),
     ("unknown chunk id", 404, "unknown chunk id 'feedfacefeedface'"),
+    ("deadline", 504, "deadline passed"),
 ])
 def test_bad_input_gets_its_status_and_an_openai_shaped_error(server, api, model, case, status, words):
     client, kwargs = api, {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
@@ -139,6 +140,8 @@ def test_bad_input_gets_its_status_and_an_openai_shaped_error(server, api, model
         client = openai.OpenAI(base_url=server.base_url, api_key="wrong-token-0123456789", max_retries=0)
     elif case == "unknown chunk id":
         kwargs["extra_body"] = {"chunk_ids": ["feedfacefeedface"]}
+    elif case == "deadline":  # a long answer that cannot finish in 50 ms
+        kwargs.update(max_tokens=900, extra_body={"timeout_s": 0.05})
     with pytest.raises(openai.APIStatusError) as raised:
         client.chat.completions.create(**kwargs)
     err = raised.value
