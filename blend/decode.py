@@ -1,8 +1,8 @@
-"""Greedy decoding from any filled cache: the same per-layer step, one position at a time."""
+"""Decoding from any filled cache, greedy or sampled: the same per-layer step, one position at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +25,59 @@ def stop_token_ids(tokenizer, model_config) -> set[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: greedy at temperature 0; else sampled from the softmax at that
+    temperature, within the smallest set of tokens whose probability reaches top_p. A seed makes the
+    draws, and so the answer, the same every time."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature {self.temperature} is outside 0..2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p {self.top_p} is outside (0, 1]")
+
+    def chooser(self) -> Callable[[torch.Tensor], int]:
+        if self.temperature == 0.0:
+            return _argmax
+        generator = torch.Generator()  # on the CPU: the same draws whatever the device
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+
+        def choose(logits: torch.Tensor) -> int:
+            probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+            if self.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                # Keep each token whose preceding mass is still under top_p (the first always).
+                keep = (sorted_probs.cumsum(-1) - sorted_probs) < self.top_p
+                probs = torch.zeros_like(probs).scatter(-1, order[keep], sorted_probs[keep])
+            return int(torch.multinomial(probs, 1, generator=generator))
+
+        return choose
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    return int(logits.argmax())
+
+
 @dataclass
 class Decoding:
-    """One answer being decoded: its KV buffer, how many positions are filled, the next token's logits."""
+    """One answer being decoded: its KV buffer, how many positions are filled, the next token's logits,
+    and how a token is picked from them (its own sampler: a batch never shares draws)."""
 
     cache: KVCache
     length: int
     logits: torch.Tensor
+    choose: Callable[[torch.Tensor], int] = _argmax
 
     def token(self) -> int:
-        return int(self.logits.argmax())
+        return self.choose(self.logits)
 
     @property
     def full(self) -> bool:
@@ -57,7 +100,13 @@ def advance(step: LlamaStep, decodings: Sequence[Decoding], tokens: Sequence[int
 def greedy(step: LlamaStep, cache: KVCache, length: int, first_logits: torch.Tensor,
            max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
     """Yield greedy tokens; `first_logits` are the last prompt token's, `length` the prompt length."""
-    decoding = Decoding(cache, length, first_logits)
+    return decode(step, cache, length, first_logits, max_new_tokens, stop_ids, Sampling())
+
+
+def decode(step: LlamaStep, cache: KVCache, length: int, first_logits: torch.Tensor,
+           max_new_tokens: int, stop_ids: set[int], sampling: Sampling) -> Iterator[int]:
+    """Yield the answer's tokens, each picked as `sampling` says."""
+    decoding = Decoding(cache, length, first_logits, sampling.chooser())
     for _ in range(max_new_tokens):
         token = decoding.token()
         if token in stop_ids:

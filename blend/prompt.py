@@ -78,3 +78,46 @@ def build_layout(tokenizer, chunks: list[str], question: str, system: str | None
         chunks=tuple(encode_user_text(tokenizer, chunk) for chunk in chunks),
         suffix=encode_user_text(tokenizer, ask) + _encode_template(tokenizer, tail),
     )
+
+
+def build_chat_layout(tokenizer, chunks: list[str], messages: list[tuple[str, str]],
+                      system: str | None = DEFAULT_SYSTEM) -> PromptLayout:
+    """A conversation's layout: the same system prefix and chunks as `build_layout`, then the messages
+    rendered with the model's chat template. The chunks open the first user message, so their cached KV
+    (computed behind the server's system prefix) fits every conversation. The caller's system messages
+    cannot replace that prefix; their text leads the first user message, after the chunks. With one user
+    message the layout is `build_layout`'s for that question."""
+    system_texts = [content.strip() for role, content in messages if role == "system" and content.strip()]
+    turns = [(role, content) for role, content in messages if role != "system"]
+    if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
+        raise ValueError("a chat must start and end with a user message (after any system messages)")
+    first = turns[0][1].strip()
+    if chunks:
+        first = f"Question: {first}"
+    turns[0] = ("user", "\n\n".join([*system_texts, first]))
+    head, _ = chat_frame(tokenizer, system)
+    if not getattr(tokenizer, "chat_template", None):
+        text = "\n".join(f"{role}: {content.strip()}" if i else content for i, (role, content) in enumerate(turns))
+        return PromptLayout(_encode_template(tokenizer, head), tuple(encode_user_text(tokenizer, c) for c in chunks),
+                            encode_user_text(tokenizer, text) + _encode_template(tokenizer, "\nAnswer:"))
+    marks = [f"\x00KVBLEND-MESSAGE-{i}\x00" for i in range(len(turns))]
+    rendered = tokenizer.apply_chat_template(
+        ([{"role": "system", "content": system}] if system else [])
+        + [{"role": role, "content": mark} for (role, _), mark in zip(turns, marks, strict=True)],
+        add_generation_prompt=True, tokenize=False)
+    suffix: list[int] = []
+    rest = rendered
+    for i, ((_, content), mark) in enumerate(zip(turns, marks, strict=True)):
+        before, found, rest = rest.partition(mark)
+        if not found:
+            raise ValueError("the chat template dropped a message")
+        if i == 0:
+            if before != head:
+                raise ValueError("the chat template renders the first user message after other text than the "
+                                 "system prefix")
+        else:
+            suffix += _encode_template(tokenizer, before)
+        suffix += encode_user_text(tokenizer, content.strip() if i else content)
+    suffix += _encode_template(tokenizer, rest)
+    return PromptLayout(_encode_template(tokenizer, head), tuple(encode_user_text(tokenizer, c) for c in chunks),
+                        tuple(suffix))

@@ -77,20 +77,30 @@ class RetrieveResponse(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[RetrievedChunk, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("query", "chunk_ids", "top_k", "mode", "ratio", "max_new_tokens")
+    __slots__ = ("query", "chunk_ids", "top_k", "mode", "ratio", "max_new_tokens", "documents", "temperature", "top_p", "seed", "stop")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CHUNK_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     query: str
     chunk_ids: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     mode: str
     ratio: float
     max_new_tokens: int
-    def __init__(self, query: _Optional[str] = ..., chunk_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., mode: _Optional[str] = ..., ratio: _Optional[float] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    documents: _containers.RepeatedCompositeFieldContainer[Document]
+    temperature: float
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, query: _Optional[str] = ..., chunk_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., mode: _Optional[str] = ..., ratio: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QualityCheck(_message.Message):
     __slots__ = ("checked", "kl", "agree", "fell_back")
@@ -105,7 +115,7 @@ class QualityCheck(_message.Message):
     def __init__(self, checked: _Optional[bool] = ..., kl: _Optional[float] = ..., agree: _Optional[bool] = ..., fell_back: _Optional[bool] = ...) -> None: ...
 
 class RequestReport(_message.Message):
-    __slots__ = ("mode", "ratio", "chunk_ids", "scores", "prompt_tokens", "chunk_tokens", "chunks_hit", "chunks_missing", "missing_tokens", "tokens_recomputed", "queue_s", "retrieve_s", "load_s", "load_wait_s", "compute_s", "missing_compute_s", "quality", "degraded_tiers", "plan", "load_stall_s", "stalled_layers")
+    __slots__ = ("mode", "ratio", "chunk_ids", "scores", "prompt_tokens", "chunk_tokens", "chunks_hit", "chunks_missing", "missing_tokens", "tokens_recomputed", "queue_s", "retrieve_s", "load_s", "load_wait_s", "compute_s", "missing_compute_s", "quality", "degraded_tiers", "plan", "load_stall_s", "stalled_layers", "chunk_sources", "documents", "cached_tokens")
     class ChunksHitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +144,9 @@ class RequestReport(_message.Message):
     PLAN_FIELD_NUMBER: _ClassVar[int]
     LOAD_STALL_S_FIELD_NUMBER: _ClassVar[int]
     STALLED_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     ratio: float
     chunk_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -155,7 +168,20 @@ class RequestReport(_message.Message):
     plan: LoadPlan
     load_stall_s: float
     stalled_layers: int
-    def __init__(self, mode: _Optional[str] = ..., ratio: _Optional[float] = ..., chunk_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., prompt_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunks_hit: _Optional[_Mapping[str, int]] = ..., chunks_missing: _Optional[int] = ..., missing_tokens: _Optional[int] = ..., tokens_recomputed: _Optional[int] = ..., queue_s: _Optional[float] = ..., retrieve_s: _Optional[float] = ..., load_s: _Optional[float] = ..., load_wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., missing_compute_s: _Optional[float] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ..., degraded_tiers: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[LoadPlan, _Mapping]] = ..., load_stall_s: _Optional[float] = ..., stalled_layers: _Optional[int] = ...) -> None: ...
+    chunk_sources: _containers.RepeatedScalarFieldContainer[str]
+    documents: _containers.RepeatedCompositeFieldContainer[DocumentReport]
+    cached_tokens: int
+    def __init__(self, mode: _Optional[str] = ..., ratio: _Optional[float] = ..., chunk_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., prompt_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunks_hit: _Optional[_Mapping[str, int]] = ..., chunks_missing: _Optional[int] = ..., missing_tokens: _Optional[int] = ..., tokens_recomputed: _Optional[int] = ..., queue_s: _Optional[float] = ..., retrieve_s: _Optional[float] = ..., load_s: _Optional[float] = ..., load_wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., missing_compute_s: _Optional[float] = ..., quality: _Optional[_Union[QualityCheck, _Mapping]] = ..., degraded_tiers: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[LoadPlan, _Mapping]] = ..., load_stall_s: _Optional[float] = ..., stalled_layers: _Optional[int] = ..., chunk_sources: _Optional[_Iterable[str]] = ..., documents: _Optional[_Iterable[_Union[DocumentReport, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class DocumentReport(_message.Message):
+    __slots__ = ("chunk_ids", "hit", "chunks_computed")
+    CHUNK_IDS_FIELD_NUMBER: _ClassVar[int]
+    HIT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    chunk_ids: _containers.RepeatedScalarFieldContainer[str]
+    hit: bool
+    chunks_computed: int
+    def __init__(self, chunk_ids: _Optional[_Iterable[str]] = ..., hit: _Optional[bool] = ..., chunks_computed: _Optional[int] = ...) -> None: ...
 
 class LoadPlan(_message.Message):
     __slots__ = ("planned", "ratio", "recompute_chunk_ids", "predicted_load_s", "predicted_compute_s", "reason")

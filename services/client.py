@@ -96,12 +96,20 @@ class Client:
         return self.stub.Retrieve(request, timeout=timeout, metadata=self.metadata)
 
     def generate(self, query: str, chunk_ids: Iterable[str] = (), top_k: int = 0, mode: str = "",
-                 ratio: float | None = None, max_new_tokens: int = 0, timeout: float | None = None):
-        """The response stream: iterate it for `GenerateResponse`s; `.cancel()` stops the generation."""
+                 ratio: float | None = None, max_new_tokens: int = 0, timeout: float | None = None,
+                 documents: Iterable[dict] = (), temperature: float = 0.0, top_p: float | None = None,
+                 seed: int | None = None, stop: Iterable[str] = ()):
+        """The response stream: iterate it for `GenerateResponse`s; `.cancel()` stops the generation.
+        `documents` are inline passages, dicts of text (and title, doc_id)."""
         request = pb.GenerateRequest(query=query, chunk_ids=list(chunk_ids), top_k=top_k, mode=mode,
-                                     max_new_tokens=max_new_tokens)
+                                     max_new_tokens=max_new_tokens, temperature=temperature, stop=list(stop),
+                                     documents=[pb.Document(**d) for d in documents])
         if ratio is not None:
             request.ratio = ratio
+        if top_p is not None:
+            request.top_p = top_p
+        if seed is not None:
+            request.seed = seed
         return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
 
     def answer(self, query: str, **kwargs) -> Answer:

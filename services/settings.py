@@ -117,6 +117,8 @@ class ServerConfig:
     default_top_k: int = 3
     max_top_k: int = 32
     max_chunks: int = 64  # chunk ids per Generate
+    max_inline_documents: int = 16  # passages given inline in one Generate (or chat completion)
+    max_inline_document_chars: int = 32768  # characters of one inline passage
     default_mode: str = "blend"
     default_ratio: float = 0.15
     check_layer: int = 1
@@ -131,6 +133,9 @@ class ServerConfig:
     # whatever `host` is (a container sets "0.0.0.0" for its scraper).
     metrics_host: str = "127.0.0.1"
     metrics_tls: bool = False  # serve /metrics over HTTPS with the [tls] certificate and key
+    # The OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) on `host` at this port, over the same
+    # engine and tokens; 0 = none. HTTPS with the [tls] certificate and key when they are set.
+    http_port: int = 0
     # Where the chunk catalog (texts, vectors, KV keys) lives: "local" (sqlite + faiss under data_dir) or
     # "redis" (in the store's Redis, shared by every replica; data_dir keeps a local mirror of it).
     catalog: str = "local"
@@ -143,7 +148,8 @@ class ServerConfig:
             raise ValueError(f"port {self.port!r} is not in 0..65535 (0 picks a free port)")
         for name in ("rpc_threads", "max_waiting", "max_active", "max_ingest_calls", "max_documents",
                      "max_document_chars", "default_top_k", "max_top_k", "max_chunks", "default_max_new_tokens",
-                     "max_new_tokens", "check_layer", "max_open_tenants"):
+                     "max_new_tokens", "check_layer", "max_open_tenants", "max_inline_documents",
+                     "max_inline_document_chars"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"server.{name} {value!r} must be an integer >= 1")
@@ -160,8 +166,10 @@ class ServerConfig:
             raise ValueError(f"server.default_mode {self.default_mode!r} is not one of {', '.join(MODES)}")
         if not 0.0 <= self.default_ratio <= 1.0:
             raise ValueError(f"server.default_ratio {self.default_ratio!r} is outside [0, 1]")
-        if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"server.metrics_port {self.metrics_port!r} is not in 0..65535 (0 = off)")
+        for name in ("metrics_port", "http_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ValueError(f"server.{name} {value!r} is not in 0..65535 (0 = off)")
         if self.catalog not in CATALOGS:
             raise ValueError(f"server.catalog {self.catalog!r} is not one of {', '.join(CATALOGS)}")
         if self.drain_s < 0 or self.health_interval_s <= 0:
@@ -313,7 +321,7 @@ def build(file_values: dict, overrides: dict) -> ServeSettings:
     server = dict(file_values.get("server", {}))
     model = dict(file_values.get("model", {}))
     store = dict(file_values.get("store", {}))
-    for name in ("host", "port", "data_dir", "metrics_port", "metrics_host", "catalog"):
+    for name in ("host", "port", "data_dir", "metrics_port", "metrics_host", "catalog", "http_port"):
         if overrides.get(name) is not None:
             server[name] = overrides[name]
     for name in ("spec", "cache_dir", "dtype", "device"):

@@ -19,6 +19,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "spec": args.model,
         "cache_dir": args.cache_dir, "dtype": args.dtype, "device": args.device, "redis_url": args.redis_url,
         "metrics_port": args.metrics_port, "metrics_host": args.metrics_host, "catalog": args.catalog,
+        "http_port": args.http_port,
     }
     return settings.from_flags(overrides, args.config, environ)
 
@@ -52,6 +53,9 @@ def add_parsers(subparsers) -> None:
                    help="serve Prometheus metrics over HTTP on this port (default 0: off)")
     p.add_argument("--metrics-host", default=None,
                    help="address the metrics listen on (default 127.0.0.1, whatever --host is; 0.0.0.0 for all)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) on this "
+                        "port, on --host (default 0: off)")
     p.add_argument("--catalog", default=None, choices=["local", "redis"],
                    help="chunk catalog: local (sqlite + faiss in --data-dir) or redis (shared by replicas)")
     p.add_argument("--config", default=None, help="TOML file: [server] [model] [store] [guard] [auth] [tls]")

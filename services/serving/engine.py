@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 import torch
 
-from blend.decode import stop_token_ids
+from blend.decode import Sampling, stop_token_ids
 from blend.fusor import MODES, BlendConfig, prefill
 from blend.loader import LoadedModel
 from blend.prompt import PromptLayout
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 32768
 MAX_DELETE_IDS = 1024
 MAX_FIELD_CHARS = 1024  # title, doc id
+MAX_MESSAGES = 256  # chat messages per request
+MAX_STOPS, MAX_STOP_CHARS = 8, 256
 STATS_COUNT_WAIT_S = 0.25  # how long Stats waits for the caller's chunk count from the catalog thread
 
 
@@ -266,20 +268,98 @@ class Engine:
             raise InvalidArgument(str(err)) from None
         return config, max_new
 
+    def sampling(self, params: GenerateParams) -> Sampling:
+        if params.seed is not None and not 0 <= params.seed < 1 << 63:
+            raise InvalidArgument(f"seed {params.seed} is outside 0..2^63-1")
+        if len(params.stop) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in params.stop):
+            raise InvalidArgument(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
+        try:
+            return Sampling(temperature=params.temperature, top_p=1.0 if params.top_p is None else params.top_p,
+                            seed=params.seed)
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+
+    def _question(self, params: GenerateParams) -> str:
+        """The query, or a chat's last user message (what top_k retrieves for)."""
+        if not params.messages:
+            return self._check_query(params.query)
+        if params.query:
+            raise InvalidArgument("give a query or chat messages, not both")
+        if len(params.messages) > MAX_MESSAGES:
+            raise InvalidArgument(f"{len(params.messages)} messages, over the limit of {MAX_MESSAGES}")
+        total = sum(len(content) for _, content in params.messages)
+        if total > MAX_QUERY_CHARS:
+            raise InvalidArgument(f"messages of {total} characters in all, over the limit of {MAX_QUERY_CHARS}")
+        for index, (role, _) in enumerate(params.messages):
+            if role not in ("system", "user", "assistant"):
+                raise InvalidArgument(f"message {index} has role {role[:40]!r} (use system, user or assistant)")
+        users = [content for role, content in params.messages if role == "user"]
+        if not users or not users[-1].strip():
+            raise InvalidArgument("the chat has no user message with text (the last one is the question)")
+        return users[-1]
+
+    def _check_inline(self, documents: Sequence[DocumentIn]) -> None:
+        limit = self.config
+        if len(documents) > limit.max_inline_documents:
+            raise InvalidArgument(f"{len(documents)} inline documents, over the limit of "
+                                  f"{limit.max_inline_documents} (server.max_inline_documents)")
+        for index, doc in enumerate(documents):
+            if not doc.text.strip():
+                raise InvalidArgument(f"document {index} has empty text")
+            if len(doc.text) > limit.max_inline_document_chars:
+                raise InvalidArgument(f"document {index} has {len(doc.text)} characters, over the limit of "
+                                      f"{limit.max_inline_document_chars} (server.max_inline_document_chars)")
+            for name in ("title", "doc_id"):
+                if len(getattr(doc, name)) > MAX_FIELD_CHARS:
+                    raise InvalidArgument(f"document {index}: {name} of {len(getattr(doc, name))} characters "
+                                          f"is over the limit of {MAX_FIELD_CHARS}")
+
+    def _inline(self, tenant: str, documents: Sequence[DocumentIn]) -> tuple[list[str], list[str], list[range]]:
+        """Inline documents as chunks (catalog thread): each document one chunk unless over the chunk size,
+        recorded in the tenant's collection when new, so its id works as a chunk id from now on. Their KV is
+        not computed here: the request computes what the store lacks, uses it and stores it."""
+        try:
+            per_document = [self.catalog.chunker.split(d.text, d.title, d.doc_id) for d in documents]
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+        chunks = [chunk for pieces in per_document for chunk in pieces]
+        if len(chunks) > self.config.max_chunks:
+            raise InvalidArgument(f"the documents make {len(chunks)} chunks, over the limit of "
+                                  f"{self.config.max_chunks} (server.max_chunks)")
+        collection = self.catalog.collection(tenant)
+        fresh = list({c.id: c for c in chunks if c.id not in collection}.values())
+        if fresh:
+            keys = [(c.id, self.precompute.key(c.token_ids, tenant)) for c in fresh]
+            collection.add(fresh, self.catalog.embedder.embed([c.text for c in fresh]), keys)
+            collection.save()
+        ranges, start = [], 0
+        for pieces in per_document:
+            ranges.append(range(start, start + len(pieces)))
+            start += len(pieces)
+        return [c.id for c in chunks], [c.text for c in chunks], ranges
+
     def generate(self, tenant: str, params: GenerateParams, timeout_s: float | None = None) -> Generation:
         """Check the request, find its chunks and queue it; iterate the result for its messages."""
         arrived = time.perf_counter()
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        query = self._check_query(params.query)
+        query = self._question(params)
         config, max_new = self.blend_config(params)
-        if params.chunk_ids and params.top_k:
-            raise InvalidArgument(f"give chunk_ids ({len(params.chunk_ids)}) or top_k ({params.top_k}), "
-                                  "not both")
+        sampling = self.sampling(params)
+        given = [f"{name} ({count})" for name, count in (("chunk_ids", len(params.chunk_ids)),
+                                                          ("top_k", params.top_k),
+                                                          ("documents", len(params.documents))) if count]
+        if len(given) > 1:
+            raise InvalidArgument(f"give one of chunk_ids, top_k or documents, not {' and '.join(given)}")
         if len(params.chunk_ids) > self.config.max_chunks:
             raise InvalidArgument(f"{len(params.chunk_ids)} chunk ids, over the limit of "
                                   f"{self.config.max_chunks}")
         retrieve_s = 0.0
-        if params.chunk_ids:
+        documents: list[range] = []
+        if params.documents:
+            self._check_inline(params.documents)
+            chunk_ids, texts, documents = self.catalog.run(self._inline, tenant, params.documents)
+            scores = []
+        elif params.chunk_ids:
             chunk_ids = list(params.chunk_ids)
             texts = self.catalog.run(self._texts, tenant, chunk_ids)
             scores: list[float] = []
@@ -293,7 +373,8 @@ class Engine:
             chunk_ids = [h.chunk_id for h in hits]
             texts, scores = [h.text for h in hits], [h.score for h in hits]
         request = GenerationRequest(tenant, query, texts, chunk_ids, scores, config, max_new, arrived,
-                                    retrieve_s, deadline)
+                                    retrieve_s, deadline, tuple(documents), params.messages, sampling,
+                                    params.stop)
         job = Generation(request, self.parts, self.store, self.estimates, self.metrics, self.guard,
                          self.degraded_tiers())
         job.queued = time.perf_counter()

@@ -1,5 +1,5 @@
 """One Generate request on the model thread: the loading plan, prefill in its mode from the store's
-KV, the quality guard's check, then greedy decoding, one token per turn, each sent to the caller as
+KV, the quality guard's check, then decoding (greedy, or sampled as the request asks), one token per turn, each sent to the caller as
 a `Piece`.
 
 The caller (the gRPC handler) iterates the `Generation`; the model worker (services/serving/scheduler.py)
@@ -19,14 +19,15 @@ from dataclasses import dataclass, replace
 
 from blend.decode import Decoding, advance
 from blend.fusor import BlendConfig, cached_chunks, prefill_layers
-from blend.prompt import DEFAULT_SYSTEM, build_layout
+from blend.prompt import DEFAULT_SYSTEM, build_chat_layout, build_layout
 from blend.quality import kl_divergence
 from services.precompute import Precompute
 from services.serving.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from services.serving.guard import Guard
 from services.serving.loading import LoadEstimates
 from services.serving.metrics import Metrics
-from services.serving.requests import Finish, GenerationRequest, Piece, PlanReport, QualityCheck, Report
+from services.serving.requests import (DocumentReport, Finish, GenerationRequest, Piece, PlanReport, QualityCheck,
+                                       Report)
 from store.chunks import ChunkStore
 from store.source import StoreSource
 
@@ -85,6 +86,7 @@ class Generation:
         self._pending: int | None = None  # the token just sent, whose forward the next turn runs
         self._ids: list[int] = []
         self._text = TextStream(model.tokenizer)
+        self._stops = StopStrings(request.stop)
         self._limit = request.max_new_tokens
         self._clamped = False
         self._filling = None  # the prefill in progress (a generator over layers), between turns
@@ -128,7 +130,14 @@ class Generation:
         precompute, step = self.model.precompute, self.model.precompute.step
         started = time.perf_counter()
         self.report.queue_s = started - self.queued
-        layout = build_layout(self.model.tokenizer, self.request.texts, self.request.query, DEFAULT_SYSTEM)
+        if self.request.messages:
+            try:
+                layout = build_chat_layout(self.model.tokenizer, self.request.texts, list(self.request.messages),
+                                           DEFAULT_SYSTEM)
+            except ValueError as err:
+                raise InvalidArgument(str(err)) from None
+        else:
+            layout = build_layout(self.model.tokenizer, self.request.texts, self.request.query, DEFAULT_SYSTEM)
         if layout.prefix != precompute.prefix_ids:
             raise RuntimeError("the prompt's system prefix is not the one the engine computed")
         n = len(layout)
@@ -176,14 +185,16 @@ class Generation:
             if time.perf_counter() >= until:
                 return True
         self._filling = None
-        self._decoding = Decoding(filled.cache, filled.length, filled.logits)
+        self._decoding = Decoding(filled.cache, filled.length, filled.logits, self.request.sampling.chooser())
         return self._emit(first=True)
 
     def _prefill(self, layout, capacity: int):
         precompute = self.model.precompute
         step, config, report = precompute.step, self.request.config, self.report
         if config.mode == "full":
-            return (yield from self._full(layout, capacity))
+            filled = yield from self._full(layout, capacity)
+            self._report_sources(layout, ["prefill"] * len(layout.chunks))
+            return filled
         chunks = layout.chunks[: cached_chunks(config.mode, len(layout.chunks))]
         keys = [precompute.key(ids, self.request.tenant) for ids in chunks]
         missing_s = [0.0]
@@ -204,7 +215,9 @@ class Generation:
                 # token at the check layer: full prefill is the same answer without either.
                 source.close()
                 report.ratio, report.tokens_recomputed = 1.0, sum(len(ids) for ids in chunks)
-                return (yield from self._full(layout, capacity))
+                filled = yield from self._full(layout, capacity)
+                self._report_sources(layout, ["recomputed"] * len(layout.chunks))
+                return filled
             source.begin(skip=[1 + index for index in skip])
             build_s = time.perf_counter() - began
             filled, prefill_s = yield from _timed(prefill_layers(step, layout, config, source, capacity,
@@ -214,10 +227,16 @@ class Generation:
         stats = source.finish()
         self.estimates.observe_loads(stats)
         computed = stats.computed
+        sources = ["prefill"] * len(layout.chunks)
         for index, tier in enumerate(stats.tiers[1:], start=1):
-            if index in computed or index - 1 in skip:
-                continue
-            report.chunks_hit[tier] = report.chunks_hit.get(tier, 0) + 1
+            if index in computed:
+                sources[index - 1] = "computed"
+            elif index - 1 in skip:
+                sources[index - 1] = "recomputed"
+            else:
+                sources[index - 1] = tier
+                report.chunks_hit[tier] = report.chunks_hit.get(tier, 0) + 1
+        self._report_sources(layout, sources)
         report.chunks_missing = len(computed)
         report.missing_tokens = sum(len(layout.chunks[i - 1]) for i in computed)
         report.missing_compute_s = missing_s[0]
@@ -236,6 +255,18 @@ class Generation:
                                                                          capacity))
         self.estimates.observe_prefill(len(layout) * step.n_layers, self.report.compute_s)
         return filled
+
+    def _report_sources(self, layout, sources: list[str]) -> None:
+        report, reused = self.report, ("prefill", "computed", "recomputed")
+        report.chunk_sources = sources
+        report.cached_tokens = len(layout.prefix) if self.request.config.mode != "full" else 0
+        report.cached_tokens += sum(len(ids) for ids, source in zip(layout.chunks, sources, strict=True)
+                                    if source not in reused)
+        report.documents = [
+            DocumentReport(chunk_ids=tuple(self.request.chunk_ids[i] for i in indexes),
+                           hit=all(sources[i] not in reused for i in indexes),
+                           chunks_computed=sum(sources[i] == "computed" for i in indexes))
+            for indexes in self.request.documents]
 
     def _plan(self, source: StoreSource, config: BlendConfig, chunks) -> tuple[list[int], BlendConfig]:
         """The loading controller's choice for a blend request: chunks to prefill in full instead of
@@ -283,16 +314,18 @@ class Generation:
             self.metrics.token()
         full = token is not None and self._decoding.full  # no room for this token's K/V: the context's end
         done = token is None or len(self._ids) >= self._limit or full
+        text, stopped = self._stops.add(self._text.add(token, final=done), final=done)
+        done = done or stopped
         self._pending = None if done else token
         finish = None
         if done:
-            reason = "stop" if token is None else ("context" if self._clamped or full else "length")
+            reason = "stop" if token is None or stopped else ("context" if self._clamped or full else "length")
             finish = Finish(reason=reason, tokens=len(self._ids), seconds=now - self.request.arrived)
         ttft = now - self.request.arrived if first else None
         if first:
             self.metrics.first_token(ttft)
         ids = (token,) if token is not None else ()
-        self._events.put(Piece(text=self._text.add(token, final=done), token_ids=ids, ttft_s=ttft,
+        self._events.put(Piece(text=text, token_ids=ids, ttft_s=ttft,
                                report=self.report if first else None, finish=finish))
         if done:
             self.metrics.ended()
@@ -334,3 +367,28 @@ class TextStream:
         self._window, self._read = self._read, len(self.ids)
         # The window starts one piece back, so a token decodes next to its left neighbour (spacing rules).
         return text[len(shown):] if text.startswith(shown) else text
+
+
+class StopStrings:
+    """Text in, the text that may be shown out: the answer ends before the first stop string. Text that
+    could be the start of a stop string is held back until the next piece says whether it is one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(stop for stop in stops if stop)
+        self._held = ""
+
+    def add(self, text: str, final: bool) -> tuple[str, bool]:
+        """(the text to show now, whether a stop string ended the answer)."""
+        if not self.stops:
+            return text, False
+        held = self._held + text
+        ends = [at for at in (held.find(stop) for stop in self.stops) if at >= 0]
+        if ends:
+            self._held = ""
+            return held[:min(ends)], True
+        if final:
+            self._held = ""
+            return held, False
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if held.endswith(stop[:n])), default=0)
+        self._held = held[len(held) - keep:] if keep else ""
+        return held[:len(held) - keep], False

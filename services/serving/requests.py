@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from blend.decode import Sampling
 from blend.fusor import BlendConfig
 
 
@@ -41,12 +42,18 @@ class Retrieved:
 
 @dataclass(frozen=True)
 class GenerateParams:
-    query: str
+    query: str = ""  # or `messages`
     chunk_ids: tuple[str, ...] = ()
     top_k: int = 0  # 0 with no chunk ids: the server's default
     mode: str = ""  # "" = the server's default
     ratio: float | None = None
     max_new_tokens: int = 0  # 0 = the server's default
+    documents: tuple[DocumentIn, ...] = ()  # inline passages, instead of chunk ids or top_k
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content) of a chat, instead of the query
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class GenerationRequest:
     """A checked Generate request, as the model thread receives it."""
 
     tenant: str
-    query: str
+    query: str  # the question, or a chat's last user message
     texts: list[str]  # the chunks' texts, in prompt order
     chunk_ids: list[str]
     scores: list[float]
@@ -63,6 +70,10 @@ class GenerationRequest:
     arrived: float  # perf_counter at arrival
     retrieve_s: float
     deadline: float | None  # monotonic
+    documents: tuple[range, ...] = ()  # inline documents: the indexes of each one's chunks
+    messages: tuple[tuple[str, str], ...] = ()  # a chat: rendered with the chat template after the chunks
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,13 @@ class QualityCheck:
     kl: float = 0.0
     agree: bool = False
     fell_back: bool = False
+
+
+@dataclass(frozen=True)
+class DocumentReport:
+    chunk_ids: tuple[str, ...]
+    hit: bool  # every chunk's KV came from the store
+    chunks_computed: int
 
 
 @dataclass
@@ -108,6 +126,9 @@ class Report:
     plan: PlanReport = field(default_factory=PlanReport)
     load_stall_s: float = 0.0  # GPU seconds waiting for a KV copy (CUDA)
     stalled_layers: int = 0
+    chunk_sources: list[str] = field(default_factory=list)  # per chunk: a tier, computed, recomputed, prefill
+    documents: list[DocumentReport] = field(default_factory=list)  # inline documents, in request order
+    cached_tokens: int = 0  # prompt tokens whose KV came from a cache (the system prefix included)
 
 
 @dataclass(frozen=True)

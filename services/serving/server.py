@@ -11,6 +11,9 @@ while open: its writes are refused until a restart; then
 `kvblend.v1.ChunkCache/tier/<name>`, NOT_SERVING while that tier is down (Redis unreachable). A
 down Redis only makes requests slower (their KV is recomputed), so it does not fail readiness.
 
+With `--http-port`, the same engine, tokens and tenants also serve the OpenAI-compatible HTTP API
+(services/serving/openai_http.py).
+
 Metrics: every call is counted once by method and status code in the engine's metrics; with
 `--metrics-port` they are served to Prometheus over HTTP (services/serving/prometheus.py).
 """
@@ -18,7 +21,6 @@ Metrics: every call is counted once by method and status code in the engine's me
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 import signal
 import threading
@@ -32,12 +34,12 @@ from grpc_reflection.v1alpha import reflection
 from proto import kvblend_pb2 as pb
 from proto import kvblend_pb2_grpc as pb_grpc
 from services.serving import errors
-from services.settings import DEFAULT_TENANT, AuthConfig, ServeSettings, check_tenant
+from services.serving.auth import Tenants
+from services.settings import AuthConfig, ServeSettings
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ChunkCache"].full_name  # kvblend.v1.ChunkCache
-TENANT_HEADER = "kvblend-tenant"
 MAX_MESSAGE_BYTES = 32 << 20
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 MAX_CONNECTION_AGE_GRACE_MS = 10 * 60 * 1000  # a long Generate in flight is not cut
@@ -161,39 +163,6 @@ def _unary(method):
     return handler
 
 
-class Tenants:
-    """Who is calling: the bearer token's tenant with auth on; the tenant header (or default) without."""
-
-    def __init__(self, auth: AuthConfig):
-        self.auth = auth
-
-    def of(self, context) -> str:
-        metadata = {}
-        for key, value in context.invocation_metadata():
-            metadata.setdefault(key.lower(), value)
-        asked = metadata.get(TENANT_HEADER)
-        if not self.auth.enabled:
-            if asked is None:
-                return DEFAULT_TENANT
-            try:
-                return check_tenant(asked)
-            except ValueError as err:
-                raise errors.InvalidArgument(f"{TENANT_HEADER} metadata: {err}") from None
-        header = metadata.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise errors.Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
-        tenant = None
-        for known, owner in self.auth.tokens:  # compare with every token: the time says nothing of which
-            if hmac.compare_digest(known.encode(), token.strip().encode()):
-                tenant = owner
-        if tenant is None:
-            raise errors.Unauthenticated("invalid bearer token")
-        if asked is not None and asked != tenant:
-            raise errors.PermissionDenied(f"the token is not valid for tenant {asked[:64]!r}")
-        return tenant
-
-
 def _report(report) -> pb.RequestReport:
     quality, plan = report.quality, report.plan
     return pb.RequestReport(
@@ -210,6 +179,9 @@ def _report(report) -> pb.RequestReport:
                          predicted_load_s=plan.predicted_load_s, predicted_compute_s=plan.predicted_compute_s,
                          reason=plan.reason),
         load_stall_s=report.load_stall_s, stalled_layers=report.stalled_layers,
+        chunk_sources=report.chunk_sources, cached_tokens=report.cached_tokens,
+        documents=[pb.DocumentReport(chunk_ids=d.chunk_ids, hit=d.hit, chunks_computed=d.chunks_computed)
+                   for d in report.documents],
     )
 
 
@@ -240,7 +212,7 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
                               tokens=h.tokens) for h in hits])
 
     def Generate(self, request, context):
-        from services.serving.requests import GenerateParams
+        from services.serving.requests import DocumentIn, GenerateParams
 
         outcome = _Outcome(self.engine.metrics, "Generate", context)
         try:
@@ -249,7 +221,12 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
             ratio = request.ratio if request.HasField("ratio") else None
             params = GenerateParams(query=request.query, chunk_ids=tuple(request.chunk_ids),
                                     top_k=request.top_k, mode=request.mode, ratio=ratio,
-                                    max_new_tokens=request.max_new_tokens)
+                                    max_new_tokens=request.max_new_tokens,
+                                    documents=tuple(DocumentIn(d.text, d.title, d.doc_id) for d in request.documents),
+                                    temperature=request.temperature,
+                                    top_p=request.top_p if request.HasField("top_p") else None,
+                                    seed=request.seed if request.HasField("seed") else None,
+                                    stop=tuple(request.stop))
             generation = self.engine.generate(tenant, params, _remaining(context))
         except Exception as err:  # noqa: BLE001
             _abort(context, err, outcome)
@@ -351,6 +328,7 @@ class Server:
             raise OSError(f"cannot listen on {config.address}")
         self.tier_health = TierHealth(engine, self.health, config.health_interval_s)
         self.metrics = None  # the Prometheus endpoint, while one is served
+        self.http = None  # the OpenAI-compatible HTTP API, while one is served
 
     def start(self) -> None:
         self.grpc.start()
@@ -364,6 +342,12 @@ class Server:
             tls = self.settings.tls
             pair = (str(tls.cert), str(tls.key)) if config.metrics_tls else None
             self.metrics = prometheus.start(self.engine, config.metrics_host, config.metrics_port, pair)
+        if config.http_port:
+            from services.serving.openai_http import HTTPServer
+
+            self.http = HTTPServer(self.engine, self.settings.auth, self.settings.model.spec, config.host,
+                                   config.http_port, self.settings.tls)
+            self.http.start()
 
     def drain(self) -> None:
         """Refuse new calls, let in-flight ones finish (up to `drain_s`), then stop the engine."""
@@ -371,7 +355,11 @@ class Server:
         self.engine.draining = True
         self.health.enter_graceful_shutdown()
         self.tier_health.stop()
+        if self.http is not None:  # refuses new connections now; its in-flight requests finish below
+            self.http.server.should_exit = True
         self.grpc.stop(grace).wait()
+        if self.http is not None:
+            self.http.close(grace)
         self.engine.close()
         if self.metrics is not None:  # scraped until here, so the drain itself shows
             self.metrics.close()
@@ -394,6 +382,10 @@ def serve(settings: ServeSettings) -> int:
     if server.metrics is not None:
         scheme = "https" if settings.server.metrics_tls else "http"
         print(f"kvblend: metrics on {scheme}://{settings.server.metrics_url_host}:{server.metrics.port}/metrics",
+              flush=True)
+    if server.http is not None:
+        print(f"kvblend: OpenAI-compatible HTTP on {server.http.scheme}://{settings.server.url_host}:"
+              f"{server.http.port}/v1",
               flush=True)
     stop.wait()
     print("kvblend: draining in-flight requests", flush=True)

@@ -3,9 +3,11 @@ any call, a wrong or missing token is UNAUTHENTICATED, plaintext cannot reach a 
 
 from __future__ import annotations
 
+import json
 import shutil
 import ssl
 import subprocess
+import urllib.error
 import urllib.request
 
 import grpc
@@ -32,14 +34,15 @@ def _self_signed(folder):
 def server(service_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("secure-server")
     cert, key = _self_signed(folder)
-    metrics_port = free_port()
+    metrics_port, http_port = free_port(), free_port()
     server = ServerProcess(folder, service_model_dir, {
         "server": {"chunk_tokens": 128, "default_max_new_tokens": 2, "metrics_port": metrics_port,
                    "metrics_tls": True},
         "store": {"cpu_bytes": 64 << 20},
         "auth": {"tokens": {ALICE: "alice", BOB: "bob"}},
         "tls": {"cert": str(cert), "key": str(key)},
-    })
+    }, flags=("--http-port", str(http_port)))
+    server.http_port = http_port
     server.cert = cert
     server.metrics_port = metrics_port
     yield server
@@ -120,3 +123,17 @@ def test_metrics_tls_serves_metrics_over_https_with_the_servers_certificate(serv
     assert 'kvblend_rpcs_total{code="OK",method="IngestChunks"}' in text
     with pytest.raises(OSError):  # plain HTTP gets no metrics (the TLS handshake fails)
         urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5)
+
+
+def test_with_tls_the_openai_http_api_is_https_with_the_servers_certificate(server):
+    trusted = ssl.create_default_context(cafile=str(server.cert))
+    request = urllib.request.Request(f"https://127.0.0.1:{server.http_port}/v1/models",
+                                     headers={"Authorization": f"Bearer {ALICE}"})
+    with urllib.request.urlopen(request, context=trusted, timeout=10) as response:
+        assert response.status == 200 and json.load(response)["object"] == "list"
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the same tokens: a wrong one is 401
+        urllib.request.urlopen(urllib.request.Request(request.full_url, headers={"Authorization": "Bearer nope"}),
+                               context=trusted, timeout=10)
+    assert refused.value.code == 401 and json.load(refused.value)["error"]["type"] == "authentication_error"
+    with pytest.raises(OSError):  # plain HTTP reaches nothing (the TLS handshake fails)
+        urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v1/models", timeout=5)
