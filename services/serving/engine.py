@@ -349,7 +349,8 @@ class Engine:
                                                           ("top_k", params.top_k),
                                                           ("documents", len(params.documents))) if count]
         if len(given) > 1:
-            raise InvalidArgument(f"give one of chunk_ids, top_k or documents, not {' and '.join(given)}")
+            both = f"both {given[0]} and {given[1]}" if len(given) == 2 else f"{', '.join(given)} together"
+            raise InvalidArgument(f"give one of chunk_ids, top_k or documents, not {both}")
         if len(params.chunk_ids) > self.config.max_chunks:
             raise InvalidArgument(f"{len(params.chunk_ids)} chunk ids, over the limit of "
                                   f"{self.config.max_chunks}")

@@ -37,16 +37,18 @@ from services.settings import AuthConfig, TlsConfig
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 << 20
+# (HTTP status, OpenAI error type, the gRPC status name the metrics count it under, as for a gRPC call)
 HTTP_STATUS = {  # first match wins: subclasses before their bases
-    errors.DeadlineExceeded: (504, "timeout"),
-    errors.InvalidArgument: (400, "invalid_request_error"),
-    errors.NotFound: (404, "not_found_error"),
-    errors.Overloaded: (429, "rate_limit_exceeded"),
-    errors.Unavailable: (503, "service_unavailable"),
-    errors.Cancelled: (499, "cancelled"),
-    errors.Unauthenticated: (401, "authentication_error"),
-    errors.PermissionDenied: (403, "permission_error"),
+    errors.DeadlineExceeded: (504, "timeout", "DEADLINE_EXCEEDED"),
+    errors.InvalidArgument: (400, "invalid_request_error", "INVALID_ARGUMENT"),
+    errors.NotFound: (404, "not_found_error", "NOT_FOUND"),
+    errors.Overloaded: (429, "rate_limit_exceeded", "RESOURCE_EXHAUSTED"),
+    errors.Unavailable: (503, "service_unavailable", "UNAVAILABLE"),
+    errors.Cancelled: (499, "cancelled", "CANCELLED"),
+    errors.Unauthenticated: (401, "authentication_error", "UNAUTHENTICATED"),
+    errors.PermissionDenied: (403, "permission_error", "PERMISSION_DENIED"),
 }
+CHAT, MODELS = "POST /v1/chat/completions", "GET /v1/models"  # the metrics' method label
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length"}
 ROLES = ("system", "user", "assistant")
 
@@ -66,7 +68,7 @@ class ChatRequest:
 
 def error_response(err: Exception) -> tuple[int, dict]:
     """(HTTP status, OpenAI error body) of an engine error; 500 for anything else."""
-    for kind, (status, kind_name) in HTTP_STATUS.items():
+    for kind, (status, kind_name, _) in HTTP_STATUS.items():
         if isinstance(err, kind):
             code = "model_not_found" if isinstance(err, UnknownModel) else None
             return status, {"error": {"message": str(err), "type": kind_name, "param": None, "code": code}}
@@ -259,19 +261,22 @@ def make_app(api: ChatAPI) -> FastAPI:
 
     def failed(method: str, err: Exception) -> JSONResponse:
         status, body = error_response(err)
-        metrics.rpc(method, str(status))
+        metrics.rpc(method, next((code for kind, (_, _, code) in HTTP_STATUS.items() if isinstance(err, kind)),
+                                 "INTERNAL"))
         return JSONResponse(body, status_code=status)
 
     @app.get("/v1/models")
     async def models(request: Request):
         try:
-            return JSONResponse(api.models(request.headers))
+            listed = api.models(request.headers)
         except Exception as err:  # noqa: BLE001 - every failure gets the OpenAI error shape
-            return failed("http:models", err)
+            return failed(MODELS, err)
+        metrics.rpc(MODELS, "OK")
+        return JSONResponse(listed)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        method = "http:chat.completions"
+        method = CHAT
         try:
             raw = await request.body()
             if len(raw) > MAX_BODY_BYTES:
@@ -282,7 +287,7 @@ def make_app(api: ChatAPI) -> FastAPI:
                 raise errors.InvalidArgument(f"the body is not JSON ({err})") from None
             chat, pieces, cancel = await run_in_threadpool(api.start, request.headers, body)
             if chat.stream:
-                metrics.rpc(method, "200")
+                metrics.rpc(method, "OK")
                 return StreamingResponse(_cancelling(stream_events(pieces, chat.model, chat.include_usage), cancel),
                                          media_type="text/event-stream")
             try:
@@ -291,7 +296,7 @@ def make_app(api: ChatAPI) -> FastAPI:
                 cancel()
         except Exception as err:  # noqa: BLE001
             return failed(method, err)
-        metrics.rpc(method, "200")
+        metrics.rpc(method, "OK")
         return JSONResponse(result)
 
     return app

@@ -26,14 +26,15 @@ MAX_CHARS = 4000
 
 @pytest.fixture(scope="module")
 def server(service_model_dir, tmp_path_factory):
-    http_port = free_port()
+    http_port, metrics_port = free_port(), free_port()
     server = ServerProcess(tmp_path_factory.mktemp("openai-server"), service_model_dir, {
         "server": {"chunk_tokens": 128, "default_max_new_tokens": 8, "max_inline_documents": 4,
-                   "max_inline_document_chars": MAX_CHARS},
+                   "max_inline_document_chars": MAX_CHARS, "metrics_port": metrics_port},
         "store": {"cpu_bytes": 64 << 20, "disk_path": ""},
         "auth": {"tokens": {ALICE: "alice"}},
     }, flags=("--http-port", str(http_port)))
     server.base_url = f"http://127.0.0.1:{http_port}/v1"
+    server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield server
     assert server.stop() == 0, server.stderr()[-3000:]
 
@@ -149,6 +150,17 @@ def test_bad_input_gets_its_status_and_an_openai_shaped_error(server, api, model
     body = err.response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert words in body["error"]["message"]
+
+
+def test_http_calls_are_counted_in_the_metrics_under_their_grpc_status_names(server, api, model):
+    _ask(api, model, _documents())
+    with pytest.raises(openai.BadRequestError):
+        api.chat.completions.create(model=model, messages=[])
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    chat = 'method="POST /v1/chat/completions"'
+    assert f'kvblend_rpcs_total{{code="OK",{chat}}}' in text
+    assert f'kvblend_rpcs_total{{code="INVALID_ARGUMENT",{chat}}}' in text
+    assert 'kvblend_rpcs_total{code="OK",method="GET /v1/models"}' in text
 
 
 def test_a_body_that_is_not_json_is_a_400_in_the_openai_shape(server):
