@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -114,6 +114,11 @@ def run_load(target: str, questions: list[str], config: ServiceBenchConfig) -> d
 
     records, began = drive(config.clients, config.duration, lambda: Client(target, token=config.token), ask)
     wall = max((r["end"] for r in records), default=began) - began
+    return summarize(records, wall)
+
+
+def summarize(records: list[dict], wall: float) -> dict:
+    """The figures of a load run (or of several rounds together: their records and summed wall time)."""
     ok = [r for r in records if r["ok"]]
     failed = [r for r in records if not r["ok"]]
     hits: dict[str, int] = {}
@@ -134,6 +139,7 @@ def run_load(target: str, questions: list[str], config: ServiceBenchConfig) -> d
         "queue_p50_s": percentile([r["queue_s"] for r in ok], 0.50),
         "prompt_tokens_mean": statistics.fmean(r["prompt_tokens"] for r in ok) if ok else 0.0,
         "chunks_hit": hits, "chunks_missing": sum(r["chunks_missing"] for r in ok),
+        "records": records,
     }
 
 
@@ -168,7 +174,7 @@ def run(config: ServiceBenchConfig) -> int:
     if config.compare_batch_decode:
         if config.server is not None:
             raise ValueError("--compare-batch-decode starts its own servers; leave out --server")
-        runs = {flag: _measure(config, items, {"batch_decode": flag}) for flag in (False, True)}
+        runs = _compare_batch_decode(config, items)
         result = {"batch_decode_off": runs[False], "batch_decode_on": runs[True]}
         for name in ("tokens_per_s", "requests_per_s"):
             off = runs[False][name]
@@ -195,10 +201,57 @@ def run(config: ServiceBenchConfig) -> int:
     return 0 if all(r["failed"] == 0 for r in runs) else 1
 
 
+def _compare_batch_decode(config: ServiceBenchConfig, items, rounds: int = 4) -> dict[bool, dict]:
+    """Two servers, batched decode off and on, both ingested and warmed; then the load alternates between
+    them in `rounds` rounds (off-on, on-off, ...), so a busy spell of the machine hits both alike."""
+    from services.bench.launch import start_local_server
+
+    servers, folders = {}, []
+    try:
+        for flag in (False, True):
+            folders.append(Path(tempfile.mkdtemp(prefix="kvblend-bench-")))
+            servers[flag] = start_local_server(folders[-1], config.model, config.cache_dir, config.redis_url,
+                                               {"batch_decode": flag})
+            print(f"started kvblend serve ({config.model}, batch_decode {flag}) on {servers[flag].target}",
+                  file=sys.stderr, flush=True)
+            _prepare(servers[flag].target, config, items)
+        questions = [item.question for item in items]
+        parts: dict[bool, list[dict]] = {False: [], True: []}
+        share = replace(config, duration=config.duration / rounds)
+        for turn in range(rounds):
+            for flag in (False, True) if turn % 2 == 0 else (True, False):
+                parts[flag].append(run_load(servers[flag].target, questions, share))
+                print(f"round {turn + 1}/{rounds}, batch_decode {flag}: {parts[flag][-1]['tokens_per_s']:.1f} "
+                      "tokens/s", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    return {flag: summarize([r for part in runs for r in part["records"]], sum(part["wall_s"] for part in runs))
+            for flag, runs in parts.items()}
+
+
+def _prepare(target: str, config: ServiceBenchConfig, items) -> None:
+    """Ingest the questions' passages (not timed) and warm every question once."""
+    from retriever.sources import question_documents
+    from services.client import Client
+
+    with Client(target, token=config.token) as client:
+        client.wait_ready(30)
+        documents = [asdict(d) for d in question_documents(items, Path(config.dataset).name)]
+        began = time.perf_counter()
+        for first in range(0, len(documents), 10):
+            client.ingest(documents[first:first + 10])
+        print(f"ingested {len(documents)} passages in {time.perf_counter() - began:.0f} s; warming up",
+              file=sys.stderr, flush=True)
+        for item in items:  # first use of every chunk, and the one-time costs, outside the run
+            client.answer(item.question, top_k=config.top_k, mode=config.mode, max_new_tokens=config.max_new_tokens)
+
+
 def _measure(config: ServiceBenchConfig, items, server_settings: dict | None) -> dict:
     """Ingest the questions' passages, warm up, run the load; on `config.server`, or on a server started
     here (with `server_settings`) and stopped after."""
-    from retriever.sources import question_documents
     from services.bench.launch import start_local_server
     from services.client import Client
 
@@ -212,16 +265,8 @@ def _measure(config: ServiceBenchConfig, items, server_settings: dict | None) ->
         print(f"started kvblend serve ({config.model}, {server_settings or 'defaults'}) on {target}",
               file=sys.stderr, flush=True)
     try:
+        _prepare(target, config, items)
         with Client(target, token=config.token) as client:
-            client.wait_ready(30)
-            documents = [asdict(d) for d in question_documents(items, Path(config.dataset).name)]
-            began = time.perf_counter()
-            for first in range(0, len(documents), 10):
-                client.ingest(documents[first:first + 10])
-            print(f"ingested {len(documents)} passages in {time.perf_counter() - began:.0f} s; warming up",
-                  file=sys.stderr, flush=True)
-            for question in questions:  # first use of every chunk, and the one-time costs, outside the run
-                client.answer(question, top_k=config.top_k, mode=config.mode, max_new_tokens=config.max_new_tokens)
             result = run_load(target, questions, config)
             stats = client.stats()
             result["server_stats"] = {"failed": stats.failed, "rejected": stats.rejected,
