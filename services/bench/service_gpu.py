@@ -42,7 +42,7 @@ class GpuServiceBenchConfig:
     json_out: Path = Path("out/bench_service_gpu.json")
     plot: Path | None = None
     fusor_repeats: int = 10
-    scenarios: tuple[str, ...] = ("gpu", "cpu", "redis", "mixed", "mixed-fixed")
+    scenarios: tuple[str, ...] = ("gpu", "cpu", "redis", "mixed", "mixed-fixed")  # also: cpu-fixed, throughput
     device: str = "cuda"  # "cpu" only to smoke-test the program itself (no figures worth quoting)
 
 
@@ -52,6 +52,8 @@ class Scenario:
     store: dict
     server: dict = field(default_factory=dict)
     rows: tuple[tuple[str, float | None], ...] = ()  # (mode, ratio)
+    clients: tuple[int, ...] | None = None  # None: the config's
+    max_new_tokens: int | None = None  # None: the config's
 
 
 def scenarios(config: GpuServiceBenchConfig) -> list[Scenario]:
@@ -68,6 +70,15 @@ def scenarios(config: GpuServiceBenchConfig) -> list[Scenario]:
                 "redis_url": config.redis_url, "write_through": True}
         out.append(Scenario("mixed", half, rows=(("full", None), ("blend", 0.15))))
         out.append(Scenario("mixed-fixed", half, server={"loading_controller": False}, rows=(("blend", 0.15),)))
+    # Fixed ratios beside the controller's raised one (~0.069 on an H200): does a recompute set whose size
+    # changes per request cost more than its FLOPs (docs/gpu.md)?
+    out.append(Scenario("cpu-fixed", {"gpu_bytes": 0, "cpu_bytes": 16 * GIB}, server={"loading_controller": False},
+                        rows=(("blend", 0.05), ("blend", 0.069), ("blend", 0.15)), clients=(1,)))
+    # Throughput under load (batched decode): chunks in the CPU tier, 64-token answers, up to 32 clients,
+    # each decoding in the same batched step; the controller off so both modes do fixed work.
+    out.append(Scenario("throughput", {"gpu_bytes": 0, "cpu_bytes": 16 * GIB},
+                        server={"max_active": 32, "max_waiting": 128, "rpc_threads": 256, "loading_controller": False},
+                        rows=(("full", None), ("blend", 0.15)), clients=(1, 4, 16, 32), max_new_tokens=64))
     return [s for s in out if s.name in config.scenarios]
 
 
@@ -112,7 +123,7 @@ def fusor_figures(config: GpuServiceBenchConfig) -> dict:
 
 
 def run_row(target: str, chunk_ids: list[str], mode: str, ratio: float | None, clients: int,
-            config: GpuServiceBenchConfig) -> dict:
+            config: GpuServiceBenchConfig, max_new_tokens: int | None = None) -> dict:
     import grpc
 
     from services.client import Answer, Client
@@ -121,7 +132,7 @@ def run_row(target: str, chunk_ids: list[str], mode: str, ratio: float | None, c
         question = f"Which passage names {WORDS[(index + turn) % len(WORDS)]}{turn % 97} first?"
         try:
             stream = client.generate(question, chunk_ids=chunk_ids, mode=mode, ratio=ratio,
-                                     max_new_tokens=config.max_new_tokens, timeout=120)
+                                     max_new_tokens=max_new_tokens or config.max_new_tokens, timeout=120)
             answer = Answer.collect(stream, started=began)
         except grpc.RpcError as err:
             return {"ok": False, "code": err.code().name, "details": err.details()}
@@ -131,6 +142,7 @@ def run_row(target: str, chunk_ids: list[str], mode: str, ratio: float | None, c
                 "stall_s": report.load_stall_s, "stalled_layers": report.stalled_layers,
                 "chunks_hit": dict(report.chunks_hit), "chunks_missing": report.chunks_missing,
                 "prompt_tokens": report.prompt_tokens, "ratio": report.ratio,
+                "tokens": answer.finish.tokens if answer.finish else 0,
                 "recomputed_chunks": list(report.plan.recompute_chunk_ids), "plan_reason": report.plan.reason}
 
     records, began = drive(clients, config.duration, lambda: Client(target), ask)
@@ -145,6 +157,7 @@ def run_row(target: str, chunk_ids: list[str], mode: str, ratio: float | None, c
         "mode": mode, "ratio": ratio, "clients": clients, "requests": len(records), "failed": len(records) - len(ok),
         "failures": sorted({f"{r['code']}: {r['details']}" for r in records if not r["ok"]})[:5],
         "requests_per_s": len(ok) / wall if wall else 0.0,
+        "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall if wall else 0.0,
         "server_ttft_p50_ms": 1000 * percentile([r["server_ttft_s"] for r in ok], 0.5),
         "server_ttft_p99_ms": 1000 * percentile([r["server_ttft_s"] for r in ok], 0.99),
         "client_ttft_p50_ms": 1000 * percentile([r["client_ttft_s"] for r in ok], 0.5),
@@ -191,14 +204,15 @@ def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path
             for mode, ratio in scenario.rows:  # warm-up: first use of each path outside the timed rows
                 for _ in range(3):
                     client.answer("Warm up?", chunk_ids=chunk_ids, mode=mode, ratio=ratio, max_new_tokens=2)
-            for clients in config.clients:
+            for clients in scenario.clients or config.clients:
                 for mode, ratio in scenario.rows:
-                    row = run_row(server.target, chunk_ids, mode, ratio, clients, config)
+                    row = run_row(server.target, chunk_ids, mode, ratio, clients, config, scenario.max_new_tokens)
                     row["scenario"] = scenario.name
                     rows.append(row)
                     print(f"[{scenario.name}] {mode}@{ratio} x{clients}: server TTFT p50 "
                           f"{row['server_ttft_p50_ms']:.1f} ms p99 {row['server_ttft_p99_ms']:.1f} ms, load wait "
-                          f"{100 * row['load_wait_share']:.1f}% of compute, {row['requests']} calls, {row['failed']} failed, "
+                          f"{100 * row['load_wait_share']:.1f}% of compute, {row['output_tokens_per_s']:.0f} tokens/s, "
+                          f"{row['requests']} calls, {row['failed']} failed, "
                           f"hits {row['chunks_hit']}, ratio run {row['ratio_run_mean']:.3f}, chunks recomputed "
                           f"{row['recomputed_chunks_mean']:.1f}, plan {row['plan_reasons']}", file=sys.stderr, flush=True)
             stats = client.stats()
@@ -213,7 +227,8 @@ def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path
 
 
 def format_table(rows: list[dict], fusor: dict) -> str:
-    columns = ["scenario", "mode", "ratio", "clients", "requests", "failed", "requests_per_s", "server_ttft_p50_ms",
+    columns = ["scenario", "mode", "ratio", "clients", "requests", "failed", "requests_per_s", "output_tokens_per_s",
+               "server_ttft_p50_ms",
                "server_ttft_p99_ms", "client_ttft_p50_ms", "client_ttft_p99_ms", "load_wait_share",
                "speedup_vs_full", "vs_fusor"]
     cells = []
@@ -249,6 +264,25 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    load = [r for r in rows if r["scenario"] == "throughput"]
+    rows = [r for r in rows if r["scenario"] != "throughput"]
+    if load:  # requests/s against p99 TTFT, one curve per mode, one point per client count
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for mode in sorted({(r["mode"], r["ratio"]) for r in load}, key=str):
+            points = [r for r in load if (r["mode"], r["ratio"]) == mode]
+            ax.plot([r["server_ttft_p99_ms"] for r in points], [r["requests_per_s"] for r in points], "o-",
+                    label=f"{mode[0]}{'@' + format(mode[1], 'g') if mode[1] else ''}")
+            for r in points:
+                ax.annotate(f"{r['clients']}", (r["server_ttft_p99_ms"], r["requests_per_s"]), fontsize=7)
+        ax.set_xlabel("server TTFT p99 (ms)")
+        ax.set_ylabel("requests/s")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path.with_name(path.stem + "_throughput" + path.suffix), dpi=120)
+        plt.close(fig)
+    if not rows:
+        return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = [f"{r['scenario']}\n{r['mode']}{'@' + format(r['ratio'], 'g') if r['ratio'] else ''}" for r in rows
               if r["clients"] == 1]

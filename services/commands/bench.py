@@ -121,7 +121,8 @@ def add_parsers(subparsers) -> None:
                    help="cuda: the GPU matrix (modes x tiers x 1 and 8 clients) on --model, a checkpoint "
                         "folder such as `kvblend bench-model` writes")
     b.add_argument("--scenarios", default="gpu,cpu,redis,mixed,mixed-fixed",
-                   help="with --device cuda: chunk placements to run")
+                   help="with --device cuda: chunk placements to run; `throughput` adds 1/4/16/32 clients with "
+                        "64-token answers, full and blend@0.15 (batched decode)")
     b.add_argument("--plot", default=None, help="with --device cuda: a PNG of server TTFT per row")
     b.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
     b.add_argument("--token", default=None, help="bearer token for --server")
