@@ -681,7 +681,7 @@ def test_metrics_table_matches_what_the_collector_exports():
 
     tiers = [MemoryTier("cpu"), RedisLike("redis")]
     engine = SimpleNamespace(metrics=Metrics(), store=SimpleNamespace(tiered=TieredStore(tiers, [1 << 20, None])),
-                             worker=SimpleNamespace(depth=lambda: (0, 0)),
+                             worker=SimpleNamespace(depth=lambda: (0, 0), kv_bytes=lambda: (0, 0)),
                              tier_availability=lambda: {t.name: True for t in tiers})
     engine.metrics.rpc("Generate", "OK")
     exported = {}

@@ -69,7 +69,8 @@ class Engine:
                              f"{model.step.n_layers - 1}")
         self.shared = catalog.redis is not None  # replicas share the catalog and the KV through Redis
         self.worker = ModelWorker(config.max_waiting, config.max_active,
-                                  batch=decode_together if config.batch_decode else None)
+                                  batch=decode_together if config.batch_decode else None,
+                                  max_kv_bytes=config.max_kv_bytes)
         self.estimates = LoadEstimates(model.step.n_layers, enabled=config.loading_controller)
         self.precompute: Precompute = self.worker.call(
             lambda: Precompute(model.step, model.tokenizer, model.fingerprint))
@@ -442,6 +443,7 @@ class Engine:
 
     def stats(self, tenant: str) -> dict:
         waiting, active = self.worker.depth()
+        kv_held, kv_waiting = self.worker.kv_bytes()
         p50, p99 = self.metrics.ttft_percentiles()
         available = self.tier_availability()
         tiers = []
@@ -471,6 +473,7 @@ class Engine:
             "tenant_chunks": tenant_chunks, "guard": self.guard.summary(),
             "uptime_s": time.monotonic() - metrics.started, "draining": self.draining,
             "loading": asdict(self.estimates.summary()),
+            "kv_bytes_active": kv_held, "kv_bytes_limit": self.config.max_kv_bytes, "waiting_for_kv": kv_waiting,
         }
 
     def close(self, timeout_s: float = 30.0) -> None:

@@ -90,6 +90,7 @@ class Generation:
         self._limit = request.max_new_tokens
         self._clamped = False
         self._filling = None  # the prefill in progress (a generator over layers), between turns
+        self._layout = None  # the prompt, once built
 
     # -- the caller's side ----------------------------------------------------------------------
 
@@ -126,18 +127,36 @@ class Generation:
         self._events.put(error)
         self._events.put(_DONE)
 
+    def _prompt(self):
+        """The prompt's layout, built once (on the model thread, which owns the tokenizer)."""
+        if self._layout is None:
+            if self.request.messages:
+                try:
+                    self._layout = build_chat_layout(self.model.tokenizer, self.request.texts,
+                                                     list(self.request.messages), DEFAULT_SYSTEM)
+                except ValueError as err:
+                    raise InvalidArgument(str(err)) from None
+            else:
+                self._layout = build_layout(self.model.tokenizer, self.request.texts, self.request.query,
+                                            DEFAULT_SYSTEM)
+        return self._layout
+
+    def kv_bytes(self) -> int:
+        """The KV buffer this request holds while active: prompt plus answer, every layer (the worker's
+        admission bound). 0 when the prompt cannot be built: `start` then reports the error."""
+        try:
+            n = len(self._prompt())
+        except Exception:  # noqa: BLE001 - asked under the worker's lock; start() raises it to the caller
+            return 0
+        step = self.model.precompute.step
+        tokens = n + self._limit if not step.max_positions else min(n + self._limit, step.max_positions)
+        return tokens * step.n_layers * 2 * step.n_kv_heads * step.head_dim * step.dtype.itemsize
+
     def start(self) -> bool:
         precompute, step = self.model.precompute, self.model.precompute.step
         started = time.perf_counter()
         self.report.queue_s = started - self.queued
-        if self.request.messages:
-            try:
-                layout = build_chat_layout(self.model.tokenizer, self.request.texts, list(self.request.messages),
-                                           DEFAULT_SYSTEM)
-            except ValueError as err:
-                raise InvalidArgument(str(err)) from None
-        else:
-            layout = build_layout(self.model.tokenizer, self.request.texts, self.request.query, DEFAULT_SYSTEM)
+        layout = self._prompt()
         if layout.prefix != precompute.prefix_ids:
             raise RuntimeError("the prompt's system prefix is not the one the engine computed")
         n = len(layout)

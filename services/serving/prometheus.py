@@ -89,6 +89,10 @@ class EngineCollector:
         waiting, active = engine.worker.depth()
         yield GaugeMetricFamily("kvblend_queue_depth", "Generate requests queued, not started yet", value=waiting)
         yield GaugeMetricFamily("kvblend_active_requests", "Generate requests started and not ended", value=active)
+        held, kv_waiting = engine.worker.kv_bytes()
+        yield GaugeMetricFamily("kvblend_kv_bytes_active", "KV buffer bytes of the requests being generated "
+                                "(counted with server.max_kv_bytes set)", value=held)
+        yield GaugeMetricFamily("kvblend_waiting_for_kv", "queued requests waiting for KV room", value=kv_waiting)
 
 
 class MetricsServer:

@@ -18,6 +18,12 @@ every other active job in the same state takes that step with it, in one call of
 N. Prefill turns still come between decode steps, so a long answer never holds a new request's first
 token. Without a `batch` function each job takes its own decode turn.
 
+Active requests' KV buffers are bounded too (`max_kv_bytes`, 0 = no bound beyond `max_active`): a waiting
+job is started only when its buffer (`kv_bytes()`) fits beside the active ones', first come first served
+(a job that does not fit holds back the ones behind it, so a large one is never starved by small ones),
+except that a job is always started when nothing else is active. Until then it waits in the queue, and a
+full queue is `RESOURCE_EXHAUSTED` as always: the server does not run out of device memory under load.
+
 Ingest is bounded like generation, so it can never hold every RPC thread: a caller takes one of a fixed
 number of places (`ingest_place`) before its first `call`, and is refused at once (Overloaded) when all
 are held or the queue is full; a caller holding a place queues one call at a time, outside the
@@ -91,11 +97,19 @@ class _Call:
             self.future.set_exception(error)
 
 
+def _kv_bytes(job: Job) -> int:
+    """The KV buffer a job will hold while active (0 for plain calls, which hold none between turns)."""
+    size = getattr(job, "kv_bytes", None)
+    return size() if size is not None else 0
+
+
 class ModelWorker:
     def __init__(self, max_waiting: int, max_active: int, name: str = "model",
-                 batch: Callable[[list[Job]], list[bool]] | None = None):
+                 batch: Callable[[list[Job]], list[bool]] | None = None, max_kv_bytes: int = 0):
         self.max_waiting = max_waiting
         self.max_active = max_active
+        self.max_kv_bytes = max_kv_bytes
+        self._kv: dict[int, int] = {}  # id(job) -> KV bytes, for every started job that has not ended
         self.batch = batch  # one decode step for several `decoding` jobs at once; per job, True for more
         self._waiting: deque[Job] = deque()
         self._active: deque[Job] = deque()
@@ -160,6 +174,11 @@ class ModelWorker:
         """Waiting jobs other than calls: what `max_waiting` bounds. Under the lock."""
         return sum(not isinstance(job, _Call) for job in self._waiting)
 
+    def kv_bytes(self) -> tuple[int, int]:
+        """(KV bytes the started jobs hold, jobs waiting that do not fit beside them)."""
+        with self._cond:
+            return sum(self._kv.values()), len(self._waiting) - len(self._admissible())
+
     def depth(self) -> tuple[int, int]:
         """(waiting, active): queued jobs not started yet, and started ones (the one running included)."""
         with self._cond:
@@ -180,6 +199,7 @@ class ModelWorker:
             jobs = list(self._waiting) + list(self._active)
             self._waiting.clear()
             self._active.clear()
+            self._kv.clear()
             self._closed = True
             self._aborted = error  # the job taking its turn now is dropped when the turn ends
             self._cond.notify_all()
@@ -195,6 +215,7 @@ class ModelWorker:
                 for queue in (self._waiting, self._active):
                     for job in [j for j in queue if j.cancelled()]:
                         queue.remove(job)
+                        self._kv.pop(id(job), None)
                         job.fail(Cancelled())
                 picked = self._pick()
                 if picked is not None:
@@ -208,7 +229,8 @@ class ModelWorker:
         """The next turn, shared by tenant (see the module's doc), or None when no job wants one. Under the
         lock; removes the job from its queue."""
         room = len(self._active) < self.max_active
-        candidates = list(self._active) + (list(self._waiting) if room else [])
+        admissible = self._admissible() if room else []
+        candidates = list(self._active) + admissible
         if not candidates:
             return None
         order = {}  # tenant -> position of its first job: ties go to the longest-waiting
@@ -220,9 +242,11 @@ class ModelWorker:
         if len(self._last_turn) > 4 * len(order) + 64:  # forget tenants with nothing queued
             self._last_turn = {t: n for t, n in self._last_turn.items() if t in order}
         if room:
-            job = next((j for j in self._waiting if tenant_of(j) == tenant), None)
+            job = next((j for j in admissible if tenant_of(j) == tenant), None)
             if job is not None:
                 self._waiting.remove(job)
+                if self.max_kv_bytes:
+                    self._kv[id(job)] = _kv_bytes(job)
                 return job, True
         job = next(j for j in self._active if tenant_of(j) == tenant)
         self._active.remove(job)
@@ -238,6 +262,19 @@ class ModelWorker:
             self._active.remove(other)
         self._running += len(others)
         return others
+
+    def _admissible(self) -> list[Job]:
+        """The waiting jobs that may start now, in queue order: all of them without a KV bound; with one,
+        those before the first whose buffer does not fit beside the started jobs' (one alone always fits).
+        Under the lock."""
+        if not self.max_kv_bytes:
+            return list(self._waiting)
+        held, out = sum(self._kv.values()), []
+        for job in self._waiting:
+            if held and held + _kv_bytes(job) > self.max_kv_bytes:
+                break
+            out.append(job)
+        return out
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -263,6 +300,8 @@ class ModelWorker:
                     for each, more in zip(jobs, mores):
                         if more and self._aborted is None:
                             self._active.append(each)
+                        else:
+                            self._kv.pop(id(each), None)
                     self._running = 0
                 for each, more in zip(jobs, mores):
                     if more and self._aborted is not None:

@@ -97,3 +97,15 @@ def test_cancelling_one_request_mid_batch_leaves_the_others_tokens_unchanged(eng
     assert sizes[0] == 3 and max(sizes[1:], default=0) <= 2  # the cancelled one left the batch
     assert batched[0] == alone[0] and batched[2] == alone[2]
     assert len(batched[1]) < len(alone[1])
+
+
+def test_a_request_counts_its_whole_kv_buffer_and_stats_report_the_bound(engine, chunk_ids):
+    job = engine.generate(DEFAULT_TENANT, GenerateParams(query="Where?", chunk_ids=chunk_ids, mode="reuse",
+                                                         max_new_tokens=5))
+    first = next(iter(job))
+    list(job)
+    step = engine.precompute.step
+    per_token = step.n_layers * 2 * step.n_kv_heads * step.head_dim * step.dtype.itemsize
+    assert job.kv_bytes() == (first.report.prompt_tokens + 5) * per_token
+    stats = engine.stats(DEFAULT_TENANT)
+    assert stats["kv_bytes_limit"] == 0 and stats["kv_bytes_active"] == 0 and stats["waiting_for_kv"] == 0

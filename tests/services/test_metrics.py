@@ -50,9 +50,13 @@ class Worker:
     def depth(self) -> tuple[int, int]:
         return self.waiting, self.active
 
+    def kv_bytes(self) -> tuple[int, int]:
+        return 0, 0
+
 
 def light_engine(tiers, budgets) -> SimpleNamespace:
-    """What the collector reads of an engine: metrics, store.tiered, worker.depth(), tier_availability()."""
+    """What the collector reads of an engine: metrics, store.tiered, worker.depth() and kv_bytes(),
+    tier_availability()."""
     tiered = TieredStore(tiers, budgets)
     return SimpleNamespace(metrics=Metrics(), store=SimpleNamespace(tiered=tiered), worker=Worker(),
                            tier_availability=lambda: {t.name: getattr(t, "available", True) for t in tiers})
