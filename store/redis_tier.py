@@ -61,23 +61,33 @@ class RedisTier:
         self._down = False
         self._last_refusal = ""
         self._lock = threading.Lock()
+        self._this_thread = threading.local()  # `refused`: how this thread's last failed call failed
 
     @property
     def available(self) -> bool:
         return not self._down
 
+    def refused(self) -> bool:
+        """Whether this thread's last failed call was refused by a server that answered (out of memory under
+        noeviction, say), not lost to an outage. Asked right after a failed write, it tells which of the two
+        that write met; `available` cannot: another thread's call may find the server back in between."""
+        return getattr(self._this_thread, "refused", False)
+
     def _call(self, method, *args, default=None):
         if self._down and time.monotonic() < self._down_until:
+            self._this_thread.refused = False
             return _MISSING
         try:
             result = method(*args)
         except redis.ResponseError as err:  # the server answered but refused, e.g. OOM under noeviction
+            self._this_thread.refused = True
             if str(err) != self._last_refusal:
                 log.warning("redis at %s refused a command (%s); treated as a miss or a skipped write "
                             "(see docs/store.md for the maxmemory policy)", self.url, err)
                 self._last_refusal = str(err)
             return _MISSING
         except _OUTAGE as err:
+            self._this_thread.refused = False
             with self._lock:
                 if not self._down:
                     log.warning("redis at %s is unreachable (%s): reads are misses and writes are skipped; "
