@@ -16,7 +16,7 @@ import torch
 from blend.cache import ChunkKV
 from store.codec import CODE_DTYPES, DTYPE_CODES
 from store.config import StoreConfig
-from store.keys import MANIFEST, check_chunk_key, chunk_of, layer_key, manifest_key
+from store.keys import check_chunk_key, layer_key, layer_of, manifest_key
 from store.open import open_tiered
 from store.tiered import TieredStore
 
@@ -100,8 +100,9 @@ class ChunkStore:
                 continue
             layers: dict[str, list[str]] = {}
             for entry in tier.idle_entries(idle_s):
-                if not entry.endswith(f":{MANIFEST}"):
-                    layers.setdefault(chunk_of(entry), []).append(entry)
+                chunk = layer_of(entry)
+                if chunk is not None:
+                    layers.setdefault(chunk, []).append(entry)
             for chunk, entries in layers.items():
                 if self.tiered.contains(manifest_key(chunk)):
                     continue

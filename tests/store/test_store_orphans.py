@@ -2,6 +2,7 @@
 layers and its manifest) are swept from disk and Redis once idle past the age rule; a whole chunk, a chunk
 whose manifest is in another tier, and the layers of an ingest still writing stay."""
 
+import os
 import time
 
 from tests.helpers.kv import REDIS_URL, make_chunk
@@ -13,7 +14,7 @@ from store.memory_tier import MemoryTier
 from store.redis_tier import RedisTier
 from store.tiered import TieredStore
 
-IDLE_S = 1  # Redis counts idle time in whole seconds
+IDLE_S = 3  # Redis counts idle time in whole seconds; a fresh entry stays this far from the rule
 
 
 def key_of(chunk) -> str:
@@ -34,9 +35,10 @@ def test_layers_without_a_manifest_idle_past_the_age_rule_are_swept_from_disk_an
     for tier in (disk, redis_tier):
         ChunkStore(TieredStore([tier], [None])).put(key_of(whole), whole)
         died_keys = write_layers(tier, died)
-        split_disk_keys = write_layers(disk, split)
+    split_disk_keys = write_layers(disk, split)
     redis_tier.put(manifest_key(key_of(split)), store.tiered.get(manifest_key(key_of(whole))))  # any manifest
-    time.sleep(IDLE_S + 1.1)
+    assert disk.put("not-a-chunk:0", whole.kv[0]) is not None  # another writer's entry: not the sweep's
+    time.sleep(IDLE_S + 1.5)
     writing_keys = write_layers(disk, writing)
     write_layers(redis_tier, writing)
 
@@ -46,9 +48,12 @@ def test_layers_without_a_manifest_idle_past_the_age_rule_are_swept_from_disk_an
         assert store.contains(key_of(whole)) and tier.contains(manifest_key(key_of(whole)))
         assert all(tier.contains(key) for key in writing_keys), tier.name  # still being written: too young
     assert all(disk.contains(key) for key in split_disk_keys)  # its manifest is in Redis
+    assert disk.contains("not-a-chunk:0")
 
-    time.sleep(IDLE_S + 1.1)
-    assert store.sweep_orphans(IDLE_S) == len(writing_keys)  # an ingest that never finished, now old
+    for key in writing_keys:  # an ingest that never finished, an hour later on disk
+        os.utime(disk.root / key[:2] / key, (time.time() - 3600, time.time() - 3600))
+    assert store.sweep_orphans(IDLE_S) == len(writing_keys)
+    assert not any(tier.contains(key) for tier in (disk, redis_tier) for key in writing_keys)
 
 
 def test_nothing_is_swept_while_a_tier_that_may_hold_the_manifest_does_not_answer(tmp_path):
@@ -56,5 +61,6 @@ def test_nothing_is_swept_while_a_tier_that_may_hold_the_manifest_does_not_answe
     store = ChunkStore(TieredStore([disk, RedisTier("redis://127.0.0.1:1/0", retry_s=60)], [None, None]))
     keys = write_layers(disk, make_chunk(5))
     store.tiered.tiers[1].contains("x:0")  # finds Redis down
-    time.sleep(IDLE_S + 0.1)
+    for key in keys:
+        os.utime(disk.root / key[:2] / key, (time.time() - 3600, time.time() - 3600))
     assert store.sweep_orphans(IDLE_S) == 0 and all(disk.contains(key) for key in keys)
