@@ -39,6 +39,11 @@ SHORT_QUERY = ("In two short sentences, and without any preamble, tell me how ma
 PROBE_DEADLINE_S = 1.0
 
 
+def long_query(items: int) -> str:
+    """The head-of-line query: `items` sentences of about 9.5 tokens each (315: about 3,000 tokens)."""
+    return " ".join(f"word{i % 50} is item {i}." for i in range(items))
+
+
 @dataclass(frozen=True)
 class HardeningBenchConfig:
     server: str | None = None  # HOST:PORT of a running server; None starts one here
@@ -169,13 +174,13 @@ def head_of_line(target: str, config: HardeningBenchConfig, long_tokens: int | N
 
     from services.client import Answer, Client
 
-    long_query = " ".join(f"word{i % 50} is item {i}." for i in range(config.long_query_items))
+    query = long_query(config.long_query_items)
     outcome: dict = {}
 
     def ask_long(client) -> None:
         began = time.perf_counter()
         try:
-            Answer.collect(client.generate(long_query, mode="full", max_new_tokens=4,
+            Answer.collect(client.generate(query, mode="full", max_new_tokens=4,
                                            timeout=config.long_deadline_s))
             outcome.update(status="OK")
         except grpc.RpcError as err:
@@ -264,10 +269,8 @@ def run(config: HardeningBenchConfig) -> int:
         target = server.target
         print(f"started kvblend serve on {target}", file=sys.stderr, flush=True)
     try:
-        long_query = " ".join(f"word{i % 50} is item {i}." for i in range(config.long_query_items))
-        result = {"starvation": starvation(target, config),
-                  "head_of_line": head_of_line(target, config,
-                                               _count_tokens(config.model, config.cache_dir, long_query))}
+        tokens = _count_tokens(config.model, config.cache_dir, long_query(config.long_query_items))
+        result = {"starvation": starvation(target, config), "head_of_line": head_of_line(target, config, tokens)}
     finally:
         if server is not None:
             server.stop()
