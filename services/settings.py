@@ -129,6 +129,9 @@ class ServerConfig:
     default_max_new_tokens: int = 64
     max_new_tokens: int = 1024
     health_interval_s: float = 2.0  # how often the Redis tier is pinged for the health service
+    # Layer entries with no manifest (an ingest that died between them) idle this long on disk or in Redis are
+    # deleted, at start-up and then at this interval; younger ones may belong to an ingest still writing. 0 = never.
+    orphan_idle_s: float = 600.0
     metrics_port: int = 0  # Prometheus metrics over HTTP on `metrics_host` at this port; 0 = no metrics endpoint
     # The metrics say which tenants' requests fail and how busy the server is: loopback only unless set,
     # whatever `host` is (a container sets "0.0.0.0" for its scraper).
@@ -176,6 +179,8 @@ class ServerConfig:
         if self.drain_s < 0 or self.health_interval_s <= 0:
             raise ValueError(f"server.drain_s {self.drain_s!r} must be >= 0 and health_interval_s "
                              f"{self.health_interval_s!r} > 0")
+        if self.orphan_idle_s < 0:
+            raise ValueError(f"server.orphan_idle_s {self.orphan_idle_s!r} must be >= 0 (0 = never sweep)")
 
     @property
     def url_host(self) -> str:

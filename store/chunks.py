@@ -16,7 +16,7 @@ import torch
 from blend.cache import ChunkKV
 from store.codec import CODE_DTYPES, DTYPE_CODES
 from store.config import StoreConfig
-from store.keys import check_chunk_key, layer_key, manifest_key
+from store.keys import check_chunk_key, layer_key, layer_of, manifest_key
 from store.open import open_tiered
 from store.tiered import TieredStore
 
@@ -84,6 +84,34 @@ class ChunkStore:
             log.warning("store: chunk %s: %d of its %d entries (layers and manifest) were not stored (first: "
                         "not stored %s)", key, len(failed), len(failures), failed[0])
         return not failed
+
+    def sweep_orphans(self, idle_s: float) -> int:
+        """Delete, from every tier, the layers of chunks that have no manifest in any tier and have been idle
+        in a persistent tier (disk, Redis) for at least `idle_s` seconds: left by an ingest that died or
+        failed between its layers and its manifest, or by a manifest evicted alone. Nothing reads them (a
+        reader starts at the manifest) and nothing would delete them. The age rule spares an ingest still
+        writing: its layers are seconds old when its manifest is written. Nothing is swept while a tier does
+        not answer. Returns how many layer keys were deleted (each from every tier)."""
+        if not all(tier.available for tier in self.tiered.tiers):
+            return 0  # a manifest may be in the tier that does not answer
+        deleted = 0
+        for tier in self.tiered.tiers:
+            if tier.volatile:
+                continue
+            layers: dict[str, list[str]] = {}
+            for entry in tier.idle_entries(idle_s):
+                chunk = layer_of(entry)
+                if chunk is not None:
+                    layers.setdefault(chunk, []).append(entry)
+            for chunk, entries in layers.items():
+                if self.tiered.contains(manifest_key(chunk)):
+                    continue
+                for entry in entries:
+                    self.tiered.delete(entry)
+                deleted += len(entries)
+                log.info("store: deleted %d layer entries of chunk %s from %s: no manifest in any tier and idle "
+                         "for %.0f s or more", len(entries), chunk, tier.name, idle_s)
+        return deleted
 
     def manifest(self, key: str) -> Manifest | None:
         """The chunk's manifest; each call counts as one use of the chunk for admission."""

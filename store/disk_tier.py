@@ -171,3 +171,16 @@ class DiskTier:
     def entries(self) -> Iterator[tuple[str, int]]:
         with self._lock:
             return iter(list(self._sizes.items()))
+
+    def idle_entries(self, idle_s: float) -> list[str]:
+        """Keys of entries whose file was last written at least `idle_s` seconds ago."""
+        now, idle = time.time(), []
+        for key in [key for key, _ in self.entries()]:
+            try:
+                if now - self._path(key).stat().st_mtime >= idle_s:
+                    idle.append(key)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                self._error("stat", self._path(key), err)
+        return idle

@@ -51,3 +51,9 @@ def layer_key(key: str, layer: int) -> str:
 def chunk_of(entry_key: str) -> str:
     """The chunk an entry belongs to: admission counts uses per chunk, not per layer."""
     return entry_key.split(":", 1)[0]
+
+
+def layer_of(entry_key: str) -> str | None:
+    """The chunk key of a layer entry (`<chunk key>:<layer>`); None for a manifest or any other key."""
+    chunk, _, layer = entry_key.partition(":")
+    return chunk if layer.isdigit() and _KEY.fullmatch(chunk) else None

@@ -9,6 +9,7 @@ the server again, and the tier is back in use as soon as one succeeds.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _OUTAGE = (redis.ConnectionError, redis.TimeoutError, OSError)
 _MISSING = object()
+_ENTRY = re.compile(r"[0-9a-f]{64}:(m|[0-9]+)")  # store.keys: a chunk's manifest or one of its layers
 
 
 def _safe_url(url: str) -> str:
@@ -61,23 +63,33 @@ class RedisTier:
         self._down = False
         self._last_refusal = ""
         self._lock = threading.Lock()
+        self._this_thread = threading.local()  # `refused`: how this thread's last failed call failed
 
     @property
     def available(self) -> bool:
         return not self._down
 
+    def refused(self) -> bool:
+        """Whether this thread's last failed call was refused by a server that answered (out of memory under
+        noeviction, say), not lost to an outage. Asked right after a failed write, it tells which of the two
+        that write met; `available` cannot: another thread's call may find the server back in between."""
+        return getattr(self._this_thread, "refused", False)
+
     def _call(self, method, *args, default=None):
         if self._down and time.monotonic() < self._down_until:
+            self._this_thread.refused = False
             return _MISSING
         try:
             result = method(*args)
         except redis.ResponseError as err:  # the server answered but refused, e.g. OOM under noeviction
+            self._this_thread.refused = True
             if str(err) != self._last_refusal:
                 log.warning("redis at %s refused a command (%s); treated as a miss or a skipped write "
                             "(see docs/store.md for the maxmemory policy)", self.url, err)
                 self._last_refusal = str(err)
             return _MISSING
         except _OUTAGE as err:
+            self._this_thread.refused = False
             with self._lock:
                 if not self._down:
                     log.warning("redis at %s is unreachable (%s): reads are misses and writes are skipped; "
@@ -133,6 +145,24 @@ class RedisTier:
         """Every entry under the prefix (SCAN, O(keys): for stats and tests, not the request path)."""
         found = self._call(self._scan)
         return iter([] if found is _MISSING else found)
+
+    def idle_entries(self, idle_s: float) -> list[str]:
+        """Keys of entries (chunk manifests and layers, not the catalog's keys under the same prefix) that no
+        call has read or written for at least `idle_s` seconds (OBJECT IDLETIME; none under an LFU maxmemory
+        policy, which does not track it)."""
+        found = self._call(self._idle, idle_s)
+        return [] if found is _MISSING else found
+
+    def _idle(self, idle_s: float) -> list[str]:
+        pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.prefix) + "*:*"
+        names = [name for name in self.client.scan_iter(match=pattern, count=1000)
+                 if _ENTRY.fullmatch(name.decode()[len(self.prefix):])]
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.object("idletime", name)
+        idle = pipe.execute(raise_on_error=False)
+        return [name.decode()[len(self.prefix):] for name, seconds in zip(names, idle)
+                if isinstance(seconds, int) and seconds >= idle_s]
 
     def bytes_used(self) -> int:
         return sum(size for _, size in self.entries())

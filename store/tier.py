@@ -55,3 +55,11 @@ class Tier(Health, Protocol):
     def entries(self) -> Iterator[tuple[str, int]]:
         """(key, bytes) of what the tier holds now, least recently written first where known."""
         ...
+
+
+class Persistent(Tier, Protocol):
+    """A tier that outlives the process (disk, Redis), so it can hold entries no process will finish."""
+
+    def idle_entries(self, idle_s: float) -> list[str]:
+        """Keys of entries not written (disk) or not used (Redis) for at least `idle_s` seconds."""
+        ...

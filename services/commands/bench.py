@@ -79,6 +79,16 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     ))
 
 
+def cmd_bench_hardening(args: argparse.Namespace) -> int:
+    from services.bench.hardening import HardeningBenchConfig, run
+
+    return run(HardeningBenchConfig(
+        server=args.server, model=args.model, cache_dir=args.cache_dir, ingests=args.ingests,
+        long_tokens=args.long_tokens, long_query_items=args.long_query_items, long_deadline_s=args.long_deadline,
+        json_out=_path(args.json_out),
+    ))
+
+
 def add_parsers(subparsers) -> None:
     from blend.fusor import BlendConfig
     from services.bench.gpu import SHAPES
@@ -169,3 +179,16 @@ def add_parsers(subparsers) -> None:
     b.add_argument("--keep", action="store_true", help="keep the run's folder (logs, Redis data)")
     b.add_argument("--json", dest="json_out", default="out/bench_cluster.json")
     b.set_defaults(func=cmd_bench_cluster)
+
+    b = subparsers.add_parser("bench-hardening",
+                              help="issue 19's starvation and head-of-line scenarios against a real server")
+    b.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one here)")
+    b.add_argument("--model", default="smollm2-135m", help="model of the server started here")
+    b.add_argument("--cache-dir", default=None)
+    b.add_argument("--ingests", type=int, default=110, help="tiny IngestChunks calls sent at once")
+    b.add_argument("--long-tokens", type=int, default=1000, help="new tokens of the Generate streaming meanwhile")
+    b.add_argument("--long-query-items", type=int, default=315,
+                   help="sentences of the head-of-line query (about 9.5 tokens each: 315 is ~3,000 tokens)")
+    b.add_argument("--long-deadline", type=float, default=2.0, help="deadline (s) of the head-of-line query")
+    b.add_argument("--json", dest="json_out", default="out/bench_hardening.json")
+    b.set_defaults(func=cmd_bench_hardening)

@@ -404,7 +404,8 @@ class Engine:
         bottom = self.store.tiered.tiers[-1]
         where = f"the KV of chunk {chunk_id} was not written to the shared tier {bottom.name}; {documents} " \
                 "documents not recorded"
-        if bottom.available:  # it answered and refused: full, not down
+        if bottom.refused():  # this write was answered and refused: full, not down (whether Redis is up now
+            # says nothing of it: during a restart a probe may find Redis back before this report is made)
             raise Overloaded(f"{where}: Redis refused it (out of memory under noeviction? raise maxmemory or "
                              "delete chunks)")
         raise Unavailable(f"{where}: Redis does not answer; retry")

@@ -298,6 +298,33 @@ class TierHealth:
         self._stop.set()
 
 
+class OrphanSweep:
+    """Deletes orphaned layer entries (no manifest in any tier, idle `idle_s` or more on disk or in Redis) at
+    start-up and then every `idle_s` (`ChunkStore.sweep_orphans`); `idle_s` 0 never sweeps."""
+
+    def __init__(self, engine, idle_s: float):
+        self.engine = engine
+        self.idle_s = idle_s
+        self._stop = threading.Event()
+        if idle_s:
+            threading.Thread(target=self._run, name="orphan-sweep", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                swept = self.engine.store.sweep_orphans(self.idle_s)
+                if swept:
+                    log.warning("swept %d orphaned layer entries (no manifest, idle %.0f s or more)", swept,
+                                self.idle_s)
+            except Exception:  # noqa: BLE001 - a failed sweep is tried again at the next interval
+                log.exception("orphan sweep failed")
+            if self._stop.wait(self.idle_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class Server:
     """The gRPC server around an engine: ChunkCache, health and reflection on one port."""
 
@@ -327,6 +354,7 @@ class Server:
         if not self.port:
             raise OSError(f"cannot listen on {config.address}")
         self.tier_health = TierHealth(engine, self.health, config.health_interval_s)
+        self.orphan_sweep = OrphanSweep(engine, config.orphan_idle_s)
         self.metrics = None  # the Prometheus endpoint, while one is served
         self.http = None  # the OpenAI-compatible HTTP API, while one is served
 
@@ -355,6 +383,7 @@ class Server:
         self.engine.draining = True
         self.health.enter_graceful_shutdown()
         self.tier_health.stop()
+        self.orphan_sweep.stop()
         if self.http is not None:  # refuses new connections now; its in-flight requests finish below
             self.http.server.should_exit = True
         self.grpc.stop(grace).wait()

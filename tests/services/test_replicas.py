@@ -1,7 +1,7 @@
 """Replicas sharing one Redis: what one ingests the other blends from Redis; faults under load lose nothing.
 
 Each test starts a redis-server of its own (append-only file on) and real `kvblend serve --catalog redis`
-processes on the tiny model.
+processes on the tiny model, or (the outage report) one engine with `--catalog redis`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,18 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 from tests.helpers.model import CACHE_DIR
 from tests.helpers.service import DOCUMENTS
 
 from services.bench.cluster import Cluster
-from services.commands.bench import cmd_bench_cluster
+from services.bench.launch import RedisProcess
 from services.client import Client
+from services.commands.bench import cmd_bench_cluster
+from services.serving.engine import Engine
+from services.serving.errors import Overloaded, Unavailable
+from services.serving.requests import DocumentIn
+from services.settings import DEFAULT_TENANT, build
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = {"chunk_tokens": 128, "default_max_new_tokens": 8}
@@ -74,3 +80,44 @@ def test_kvblend_ingest_with_server_sends_a_dataset_to_the_replicas_round_robin(
     with Client(f"127.0.0.1:{cluster.ports[1]}") as b:  # every replica knows all three
         found = b.retrieve(first["text"][:200], k=1).chunks
     assert found[0].title == first["title"]
+
+
+@pytest.mark.parametrize("failure, reported", [
+    (redis.ConnectionError("Error 111 connecting to 127.0.0.1: Connection refused."), Unavailable),
+    (redis.exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'."), Overloaded),
+])
+def test_a_replica_reports_a_lost_kv_write_by_its_own_failure_not_by_redis_health_a_moment_later(
+        failure, reported, service_model_dir, tmp_path, monkeypatch):
+    """During a Redis restart a write fails to connect; the health probe (or any other thread's call) may find
+    Redis back before the ingest reports the failure. The report is UNAVAILABLE (retried by clients) all the
+    same; only a write Redis answered and refused (out of memory) is RESOURCE_EXHAUSTED."""
+    server = RedisProcess()
+    server.start()
+    try:
+        settings = build({"server": {**SERVER, "catalog": "redis"},
+                          "store": {"disk_path": "", "redis_url": server.url}},
+                         {"spec": str(service_model_dir), "cache_dir": str(CACHE_DIR), "data_dir": str(tmp_path),
+                          "device": "cpu"})
+        engine = Engine.open(settings)
+        try:
+            tier = engine.store.tiered.tiers[-1]
+
+            def set_fails(*args, **kwargs):
+                raise failure
+
+            monkeypatch.setattr(tier.client, "set", set_fails)
+            put = engine.store.put
+
+            def put_then_probe(key, chunk):
+                stored = put(key, chunk)
+                assert engine.probe_tiers()["redis"]  # the probe runs before the ingest reports; Redis answers
+                return stored
+
+            monkeypatch.setattr(engine.store, "put", put_then_probe)
+            with pytest.raises(reported) as raised:
+                engine.ingest(DEFAULT_TENANT, [DocumentIn(**DOCUMENTS[0])])
+            assert type(raised.value) is reported
+        finally:
+            engine.close()
+    finally:
+        server.stop()

@@ -131,3 +131,24 @@ def test_streamed_text_pieces_add_up_to_the_decoded_answer(service_model_dir):
         pieces = [stream.add(token, final=index == len(ids) - 1) for index, token in enumerate(ids)]
         assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
         assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])  # no half characters sent
+
+
+def test_the_server_sweeps_orphaned_layers_at_start_up_and_every_orphan_idle_s_and_never_at_0():
+    from types import SimpleNamespace
+
+    from services.serving.server import OrphanSweep
+
+    calls = []
+    engine = SimpleNamespace(store=SimpleNamespace(sweep_orphans=lambda idle_s: calls.append(idle_s) or 0))
+    began = time.monotonic()
+    sweep = OrphanSweep(engine, 0.2)
+    while len(calls) < 2 and time.monotonic() < began + 10:
+        time.sleep(0.01)
+    sweep.stop()
+    assert calls[:2] == [0.2, 0.2] and time.monotonic() - began >= 0.2  # at once, and again after 0.2 s
+    never = []
+    OrphanSweep(SimpleNamespace(store=SimpleNamespace(sweep_orphans=never.append)), 0).stop()
+    time.sleep(0.1)
+    assert never == []
+    with pytest.raises(ValueError, match="orphan_idle_s"):
+        build({"server": {"orphan_idle_s": -1}}, {})
