@@ -1,5 +1,5 @@
-"""Batch reads from one Redis server at the wire's speed: MGET over a few plain sockets, each value
-received straight into the tensor that is returned, then verified in place.
+"""Batch reads from one Redis server at the wire's speed: pipelined GETs over a few plain sockets,
+each value received straight into the tensor that is returned, then verified in place.
 
 redis-py's pure-Python reply parser moves a 2 MiB value through 64 KiB `bytes` pieces, a BytesIO and
 a final `bytes` before the codec copies it once more (~0.5 GB/s on a 2-core machine). Here a value's
@@ -8,7 +8,7 @@ uint8 tensor (pinned when asked, so the copy to the GPU is one asynchronous DMA)
 then checked on those bytes and the tensor is a view of them. Socket reads and crc32 release the
 GIL, so a request's keys are split over `connections` sockets read on as many threads.
 
-Only what a batch read needs is spoken: AUTH, SELECT, MGET, in RESP2. A damaged value is returned as
+Only what a batch read needs is spoken: AUTH, SELECT, GET, in RESP2. A damaged value is returned as
 its `CorruptEntry` (the rest of the reply is still read, so the connection stays in step). A socket
 error or timeout closes that connection and raises (the caller turns it into an outage); a call on a
 connection that had sat in the pool is tried once more on a fresh one, as after a server restart.
@@ -148,26 +148,33 @@ def _read_value(conn: _Conn, size: int, key: str, secret: bytes | None, pin: boo
     return value
 
 
-def _mget(conn: _Conn, names: Sequence[bytes], keys: Sequence[str], secret: bytes | None,
+def _gets(conn: _Conn, names: Sequence[bytes], keys: Sequence[str], secret: bytes | None,
           pin: bool) -> list[Value]:
-    conn.send(b"MGET", *names)
-    line = conn.line()
-    if line[:1] == b"-":
-        raise redis.ResponseError(line[1:].decode(errors="replace"))
-    if line[:1] != b"*" or _length(line) != len(names):
-        raise redis.ConnectionError(f"unexpected MGET reply {line[:40]!r}: the connection is out of step")
+    """GET of each name, pipelined two deep: the next request is queued at the server while this reply
+    is read, and the server never holds more than two values' replies for this connection (an MGET
+    of many 2 MiB values builds all of them in server memory first, which costs it more CPU)."""
+    conn.send(b"GET", names[0])
     values: list[Value] = []
-    for key in keys:
+    refused = None
+    for index, key in enumerate(keys):
+        if index + 1 < len(names):
+            conn.send(b"GET", names[index + 1])
         line = conn.line()
+        if line[:1] == b"-":  # e.g. WRONGTYPE: the rest is still read, to stay in step
+            refused = refused or redis.ResponseError(line[1:].decode(errors="replace"))
+            values.append(None)
+            continue
         if line[:1] != b"$":
             raise redis.ConnectionError(f"unexpected value reply {line[:40]!r}: the connection is out of step")
         size = _length(line)
         values.append(None if size < 0 else _read_value(conn, size, key, secret, pin))
+    if refused is not None:
+        raise refused
     return values
 
 
 class WireReader:
-    """MGET of entry keys over up to `connections` sockets, a value's payload received in place."""
+    """GETs of entry keys, pipelined, over up to `connections` sockets; a value's payload received in place."""
 
     def __init__(self, url: str, prefix: str, timeout_s: float = 1.0, connections: int = 2,
                  secret: bytes | None = None, pin: bool = False):
@@ -199,7 +206,7 @@ class WireReader:
             if fresh:
                 conn = _Conn(self._options, self.timeout_s)
             try:
-                values = _mget(conn, names, keys, self._secret, self.pin)
+                values = _gets(conn, names, keys, self._secret, self.pin)
             except (OSError, redis.ConnectionError):
                 conn.close()
                 if fresh or attempt:

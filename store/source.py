@@ -9,8 +9,8 @@ A segment is a store key or a `ChunkKV` already in memory (the system prefix). P
   asynchronous DMA per segment and layer, on a side copy stream, into one of two device buffers
   (double buffering): layer i + 1 is copied while layer i computes;
 - an entry in a slow tier (disk, Redis) is read by a prefetch thread `depth` layers ahead, one batch
-  per layer for all such segments (from Redis one MGET, received straight into pinned memory), then
-  copied the same way.
+  per layer for all such segments (from Redis pipelined GETs over a few sockets, received straight
+  into pinned memory), then copied the same way.
 
 Ordering is by CUDA events only, never a device-wide synchronize: `ready[b]` (copy stream, after
 buffer b is filled) is waited on by the compute stream before the fusor reads the layer; `free[b]`
@@ -231,7 +231,7 @@ class StoreSource:
         return chunk.kv[layer]
 
     def _read_slow(self, layer: int) -> dict[int, torch.Tensor]:
-        """Layer `layer` of every slow-tier segment, read as one batch (one MGET for Redis's share)."""
+        """Layer `layer` of every slow-tier segment as one batch (from Redis: pipelined GETs, a few sockets)."""
         stored = [index for index in self._slow if index not in self.computed]
         found: dict[int, torch.Tensor] = {}
         if stored:
