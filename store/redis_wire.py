@@ -29,6 +29,7 @@ from store import codec
 
 Value = torch.Tensor | None | codec.CorruptEntry
 _LINE_MAX = 64 * 1024  # an error line or a length line is far shorter
+_PIECE = 256 * 1024  # received, then checked at once: fits in L2 on the machines measured
 
 
 def supports(url: str) -> bool:
@@ -135,11 +136,15 @@ def _read_value(conn: _Conn, size: int, key: str, secret: bytes | None, pin: boo
         conn.read_into(memoryview(head)[read:])
         read = head_size
         header = codec.read_header(memoryview(head), size)
+        check = codec.Check(header, memoryview(head), secret, key)
         raw = torch.empty(header.length, dtype=torch.uint8, pin_memory=pin)
         payload = memoryview(raw.numpy())
-        conn.read_into(payload)
-        read = size
-        codec.verify(header, memoryview(head), payload, secret, key)
+        for at in range(0, header.length, _PIECE):
+            piece = payload[at : at + _PIECE]
+            conn.read_into(piece)
+            read += len(piece)
+            check.update(piece)  # while the piece is still in cache
+        check.verify()
         value: Value = codec.tensor_of(header, raw)
     except codec.CorruptEntry as err:
         conn.skip(size - read)  # keep the connection in step with the reply
