@@ -153,6 +153,20 @@ class ChunkStore:
         if not 0 <= index < manifest.n_layers:
             raise ValueError(f"layer {index} is outside the chunk's {manifest.n_layers} layers")
         block, tier = self.tiered.get_from(layer_key(key, index))
+        return self._fits(key, manifest, index, block, tier)
+
+    def layers_from(self, chunks: Sequence[tuple[str, Manifest]],
+                    index: int) -> list[tuple[torch.Tensor | None, str | None]]:
+        """`layer_from` of one layer of several chunks, each tier asked once for all of them."""
+        for _, manifest in chunks:
+            if not 0 <= index < manifest.n_layers:
+                raise ValueError(f"layer {index} is outside the chunk's {manifest.n_layers} layers")
+        found = self.tiered.get_many_from([layer_key(key, index) for key, _ in chunks])
+        return [self._fits(key, manifest, index, block, tier)
+                for (key, manifest), (block, tier) in zip(chunks, found)]
+
+    def _fits(self, key: str, manifest: Manifest, index: int, block: torch.Tensor | None,
+              tier: str | None) -> tuple[torch.Tensor | None, str | None]:
         if block is None:
             return None, None
         if tuple(block.shape) != manifest.block_shape or block.dtype != manifest.dtype:

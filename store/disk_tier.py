@@ -21,12 +21,13 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from store import codec
+from store.tier import get_each
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ class DiskTier:
             return None
         self._ok()
         return codec.decode(data, self._secret, key)
+
+    def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None | codec.CorruptEntry]:
+        return get_each(self, keys)
 
     def put(self, key: str, value: torch.Tensor) -> int | None:
         path = self._path(key)

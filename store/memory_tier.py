@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+
+from store.codec import CorruptEntry
+from store.tier import get_each
 
 
 class MemoryTier:
@@ -32,6 +35,9 @@ class MemoryTier:
 
     def get(self, key: str) -> torch.Tensor | None:
         return self._entries.get(key)
+
+    def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None | CorruptEntry]:
+        return get_each(self, keys)
 
     def put(self, key: str, value: torch.Tensor) -> int:
         # Own a copy: a caller's tensor may be a view into a larger one, or be modified later.

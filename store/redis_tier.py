@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import redis
 import torch
@@ -20,6 +20,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from store import codec
+from store.redis_wire import WireReader, supports
+from store.tier import get_each
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,11 @@ class RedisTier:
 
     def __init__(self, url: str, prefix: str = "kvblend:", quantize: bool = False,
                  timeout_s: float = 1.0, retry_s: float = 5.0, name: str = "redis", cluster: bool = False,
-                 secret: bytes | None = None):
+                 secret: bytes | None = None, connections: int = 4, pin: bool | None = None):
+        """`connections`: sockets a batch read (`get_many`) spreads its keys over, each read in place
+        (store.redis_wire); 0 reads a batch as one redis-py GET per key, as single `get`s do. A cluster or
+        a TLS URL always does the latter. `pin`: batch-read values land in pinned memory (default: when
+        CUDA is available), so their copy to the GPU is asynchronous."""
         self.name = name
         self.url = _safe_url(url)
         self.prefix = prefix
@@ -64,6 +70,9 @@ class RedisTier:
         self._last_refusal = ""
         self._lock = threading.Lock()
         self._this_thread = threading.local()  # `refused`: how this thread's last failed call failed
+        pin = torch.cuda.is_available() if pin is None else pin
+        self._wire = (WireReader(url, prefix, timeout_s, connections, secret, pin)
+                      if connections and not cluster and supports(url) else None)
 
     @property
     def available(self) -> bool:
@@ -119,6 +128,17 @@ class RedisTier:
         if value is _MISSING or value is None:
             return None
         return codec.decode(value, self._secret, key)
+
+    def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None | codec.CorruptEntry]:
+        if self._wire is None:
+            return get_each(self, keys)
+        values = self._call(self._wire.get_many, keys)
+        return [None] * len(keys) if values is _MISSING else values
+
+    def close(self) -> None:
+        """Close the batch reader's sockets (redis-py's pool closes its own when collected)."""
+        if self._wire is not None:
+            self._wire.close()
 
     def put(self, key: str, value: torch.Tensor) -> int | None:
         data = codec.encode(value, self.quantize, self._secret, key)

@@ -8,8 +8,9 @@ A segment is a store key or a `ChunkKV` already in memory (the system prefix). P
 - an entry in host memory (the CPU tier, pinned on a CUDA machine) is copied as one contiguous
   asynchronous DMA per segment and layer, on a side copy stream, into one of two device buffers
   (double buffering): layer i + 1 is copied while layer i computes;
-- an entry in a slow tier (disk, Redis) is read by a prefetch thread `depth` layers ahead, pinned,
-  then copied the same way.
+- an entry in a slow tier (disk, Redis) is read by a prefetch thread `depth` layers ahead, one batch
+  per layer for all such segments (from Redis pipelined GETs over a few sockets, received straight
+  into pinned memory), then copied the same way.
 
 Ordering is by CUDA events only, never a device-wide synchronize: `ready[b]` (copy stream, after
 buffer b is filled) is waited on by the compute stream before the fusor reads the layer; `free[b]`
@@ -230,9 +231,28 @@ class StoreSource:
         return chunk.kv[layer]
 
     def _read_slow(self, layer: int) -> dict[int, torch.Tensor]:
+        """Layer `layer` of every slow-tier segment as one batch (from Redis: pipelined GETs, a few sockets)."""
+        stored = [index for index in self._slow if index not in self.computed]
+        found: dict[int, torch.Tensor] = {}
+        if stored:
+            started = time.perf_counter()
+            served = self.store.layers_from([(self.segments[i], self.manifests[i]) for i in stored], layer)
+            elapsed = time.perf_counter() - started
+            sizes = {index: block.numel() * block.element_size() for index, (block, _) in zip(stored, served)
+                     if block is not None}
+            total = sum(sizes.values())
+            for index, (block, tier) in zip(stored, served):
+                if block is None:
+                    continue
+                # One batch's time, shared among the tiers that served it by their bytes.
+                self.stats.read_s[tier] = self.stats.read_s.get(tier, 0.0) + elapsed * sizes[index] / total
+                self.stats.read_bytes[tier] = self.stats.read_bytes.get(tier, 0) + sizes[index]
+                found[index] = block
         blocks = {}
         for index in self._slow:
-            block = self._read(index, layer)
+            block = found.get(index)
+            if block is None:  # computed already, or went missing: recomputed from this layer on
+                block = self._read(index, layer)
             if self.cuda and block.device.type == "cpu" and not block.is_pinned():
                 block = block.pin_memory()  # so its copy to the device is one asynchronous DMA
             blocks[index] = block

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
+
+from store.codec import CorruptEntry
 
 
 class Health(Protocol):
@@ -34,7 +36,9 @@ class Tier(Health, Protocol):
     """A flat map from entry key to tensor. A tier never evicts on its own: the tiered store decides.
 
     `get` returns None for a missing entry or an unreachable backend, and raises
-    `store.codec.CorruptEntry` for a damaged one; `put` returns the bytes the entry occupies, or
+    `store.codec.CorruptEntry` for a damaged one; `get_many` is `get` of several keys at once (one
+    round trip where the backend allows), each damaged entry given as its CorruptEntry in the list
+    rather than raised, so one bad entry spoils no other; `put` returns the bytes the entry occupies, or
     None when the write was skipped (backend unreachable). Tensors a tier returns are shared, not
     copies: callers must not modify them in place.
     """
@@ -45,6 +49,8 @@ class Tier(Health, Protocol):
     def contains(self, key: str) -> bool: ...
 
     def get(self, key: str) -> torch.Tensor | None: ...
+
+    def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None | CorruptEntry]: ...
 
     def put(self, key: str, value: torch.Tensor) -> int | None: ...
 
@@ -63,3 +69,14 @@ class Persistent(Tier, Protocol):
     def idle_entries(self, idle_s: float) -> list[str]:
         """Keys of entries not written (disk) or not used (Redis) for at least `idle_s` seconds."""
         ...
+
+
+def get_each(tier: Tier, keys: Sequence[str]) -> list[torch.Tensor | None | CorruptEntry]:
+    """`get_many` as one `get` per key: for tiers where a batch saves nothing (memory, disk)."""
+    values: list[torch.Tensor | None | CorruptEntry] = []
+    for key in keys:
+        try:
+            values.append(tier.get(key))
+        except CorruptEntry as err:
+            values.append(err)
+    return values

@@ -184,14 +184,49 @@ class TieredStore:
                 stats.hits += 1
                 stats.load_s += time.perf_counter() - started
             self._touch(index, key)
-            for above in range(index):
-                if self._admits(above, key):
-                    if self._place(above, key, value):
-                        with self._lock:
-                            self._stats[self.tiers[above].name].promotions += 1
-                    break
+            self._promote(index, key, value)
             return value, tier.name
         return None, None
+
+    def get_many_from(self, keys: Sequence[str]) -> list[tuple[torch.Tensor | None, str | None]]:
+        """`get_from` of each key, asking each tier once for all the keys still missing (one round trip
+        to Redis for a layer of every chunk); hits are promoted as by `get`."""
+        found: list[tuple[torch.Tensor | None, str | None]] = [(None, None)] * len(keys)
+        missing = list(range(len(keys)))
+        for index, tier in enumerate(self.tiers):
+            if not missing:
+                break
+            started = time.perf_counter()
+            values = tier.get_many([keys[i] for i in missing])
+            elapsed = time.perf_counter() - started
+            still = []
+            for slot, value in zip(missing, values):
+                if isinstance(value, CorruptEntry):
+                    self._corrupt(index, keys[slot], value)
+                    value = None
+                if value is None:
+                    still.append(slot)
+                    continue
+                self._touch(index, keys[slot])
+                self._promote(index, keys[slot], value)
+                found[slot] = (value, tier.name)
+            with self._lock:
+                stats = self._stats[tier.name]
+                stats.misses += len(still)
+                stats.hits += len(missing) - len(still)
+                if len(still) < len(missing):
+                    stats.load_s += elapsed
+            missing = still
+        return found
+
+    def _promote(self, index: int, key: str, value: torch.Tensor) -> None:
+        """A hit in tier `index`: a copy into the highest tier above that admits it."""
+        for above in range(index):
+            if self._admits(above, key):
+                if self._place(above, key, value):
+                    with self._lock:
+                        self._stats[self.tiers[above].name].promotions += 1
+                break
 
     def put(self, key: str, value: torch.Tensor) -> bool:
         """Store in the highest tier that admits it and, written through, in the bottom tier too. False

@@ -7,6 +7,13 @@ only that tier, then read back through a `StoreSource` exactly as the fusor read
 of every chunk at a time, the next layer prefetched) and copied into a per-layer buffer on the
 compute device. GB/s is K/V bytes delivered (before any int8 coding) over wall time.
 
+Redis paths: the same chunks in Redis read back through `StoreSource` by the old path (one redis-py
+GET per chunk and layer over one connection, decoded through `bytes`) and by the batch path (a
+layer of every chunk as pipelined GETs spread over a few sockets, received in place), alternating
+old and new so that both see the same machine load; the ratio of their median rates is the figure
+to read on a noisy machine, and CPU seconds per GB (client process, Redis server) the one that does
+not depend on the load.
+
 Replay: a skewed stream of chunk requests against a small CPU tier over a disk tier, once with
 plain LRU (admit_after=1) and once with admission on second use (admit_after=2).
 """
@@ -65,7 +72,8 @@ class StoreBenchConfig:
     chunks: int = 10  # per request (1 is measured too)
     repeats: int = 3  # timed loads per row
     replay_requests: int = 3000
-    only: str = "all"  # or "throughput", "replay"
+    only: str = "all"  # or "throughput", "redis", "replay"
+    redis_connections: int = 4  # sockets of the batch path
     torch_threads: int | None = None  # None: torch's default
     work_dir: Path | None = None  # where the disk tier's files go (None: system temp)
 
@@ -159,6 +167,71 @@ def throughput(config: StoreBenchConfig, workdir: Path) -> list[dict]:
     return rows
 
 
+def _server_cpu(tier) -> float:
+    info = tier.client.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
+
+
+def redis_paths(config: StoreBenchConfig) -> list[dict]:
+    """Old (redis-py GET per layer, one connection) against new (pipelined GETs over `redis_connections` sockets,
+    received in place)
+    on the same stored chunks, loads alternating; plus the new path on int8 values."""
+    from store.redis_tier import RedisTier
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prefix, int8_prefix = (f"kvblend-bench-{uuid.uuid4().hex}:" for _ in range(2))  # neither under the other
+    if not RedisTier(config.redis_url, prefix, connections=0).check():
+        print(f"note: Redis at {config.redis_url} does not answer; no Redis path rows", file=sys.stderr)
+        return []
+    n = config.redis_connections
+    paths = [("GET per layer, 1 connection (old)", prefix, dict(connections=0)),
+             (f"pipelined GETs, {n} connections", prefix, dict(connections=n)),
+             (f"pipelined GETs, {n} connections, int8", int8_prefix, dict(connections=n, quantize=True))]
+    rows = []
+    for layout_name in config.layouts:
+        layout = LAYOUTS[layout_name]
+        data = _chunks(layout, config.chunks, config.tokens)
+        keys = [chunk_key("bench", [], chunk.token_ids, layout.dtype) for chunk in data]
+        tiers = [RedisTier(config.redis_url, path_prefix, **options) for _, path_prefix, options in paths]
+        stores = [ChunkStore(TieredStore([tier], [None])) for tier in tiers]
+        try:
+            for store in (stores[0], stores[2]):  # the old and new paths read the same values
+                for key, chunk in zip(keys, data):
+                    if not store.put(key, chunk):
+                        raise RuntimeError(f"Redis did not store chunk {key}")
+            stored = [tier.bytes_used() for tier in tiers]
+            times: list[list[float]] = [[] for _ in paths]
+            # CPU seconds (this process, all its threads; the Redis server) do not depend on how busy
+            # the machine is, where wall time on shared cores does.
+            cpu = [[0.0, 0.0] for _ in paths]
+            for _ in range(config.repeats):  # interleaved: each round times every path once
+                for slot, store in enumerate(stores):
+                    process, server = time.process_time(), _server_cpu(tiers[0])
+                    times[slot].append(_load_once(store, keys, layout, config.tokens, device))
+                    cpu[slot][0] += time.process_time() - process
+                    cpu[slot][1] += _server_cpu(tiers[0]) - server
+            size = layout.chunk_bytes(config.tokens) * len(keys)
+            for (label, _, _), tier_stored, path_times, (client_s, server_s) in zip(paths, stored, times, cpu):
+                rows.append({
+                    "layout": layout.name, "path": label, "chunks": len(keys), "tokens": config.tokens,
+                    "kv_mb": size / 1e6, "stored_mb": tier_stored / 1e6,
+                    "load_ms_median": 1e3 * statistics.median(path_times),
+                    "load_gb_s_median": size / statistics.median(path_times) / 1e9,
+                    "load_gb_s_best": size / min(path_times) / 1e9,
+                    "x_old": statistics.median(times[0]) / statistics.median(path_times),
+                    "client_cpu_s_per_gb": client_s / (size * config.repeats / 1e9),
+                    "redis_cpu_s_per_gb": server_s / (size * config.repeats / 1e9),
+                    "times_s": path_times,
+                })
+        finally:
+            for tier in (tiers[0], tiers[2]):
+                _clear(tier)
+            for tier in tiers:
+                tier.close()
+        del data
+    return rows
+
+
 def replay(admit_after: int, workdir: Path, requests: int, seed: int = 0) -> dict:
     """Fast-tier hit rate over a skewed stream: 20% of the recurring chunks take 80% of their requests,
     and a third of all chunk requests are for chunks never seen before or after."""
@@ -222,6 +295,17 @@ def run(config: StoreBenchConfig) -> int:
                                 ("write GB/s", "write_gb_s", ".2f"), ("load ms", "load_ms_median", ".1f"),
                                 ("load GB/s", "load_gb_s_median", ".2f"),
                                 ("best GB/s", "load_gb_s_best", ".2f")]))
+            print()
+        if config.only in ("all", "redis"):
+            rows = redis_paths(config)
+            result["redis_paths"] = rows
+            print(_table(rows, [("layout", "layout", ""), ("Redis -> " + ("pinned CPU" if torch.cuda.is_available()
+                                                                             else "CPU"), "path", ""),
+                                ("chunks", "chunks", "d"), ("K/V MB", "kv_mb", ".1f"),
+                                ("stored MB", "stored_mb", ".1f"), ("load ms", "load_ms_median", ".1f"),
+                                ("load GB/s", "load_gb_s_median", ".2f"), ("best GB/s", "load_gb_s_best", ".2f"),
+                                ("x old", "x_old", ".2f"), ("client CPU s/GB", "client_cpu_s_per_gb", ".2f"),
+                                ("Redis CPU s/GB", "redis_cpu_s_per_gb", ".2f")]))
             print()
         if config.only in ("all", "replay"):
             runs = [replay(admit_after, Path(workdir), config.replay_requests) for admit_after in (1, 2)]

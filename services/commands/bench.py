@@ -32,6 +32,7 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
         json_out=Path(args.json_out), redis_url=args.redis_url, layouts=tuple(args.layouts.split(",")),
         tokens=args.tokens, chunks=args.chunks, repeats=args.repeats, replay_requests=args.replay_requests,
         only=args.only, torch_threads=args.torch_threads, work_dir=_path(args.work_dir),
+        redis_connections=args.redis_connections,
     ))
 
 
@@ -116,7 +117,9 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--chunks", type=int, default=10, help="chunks per request (also measured: 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed loads per row (median and best shown)")
     parser.add_argument("--replay-requests", type=int, default=3000)
-    parser.add_argument("--only", choices=["all", "throughput", "replay"], default="all")
+    parser.add_argument("--only", choices=["all", "throughput", "redis", "replay"], default="all",
+                        help="redis: only the old against the new Redis read path, interleaved")
+    parser.add_argument("--redis-connections", type=int, default=4, help="sockets of the batch Redis path")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads (default: torch's); 1 avoids thrashing on a busy machine")
     parser.add_argument("--work-dir", default=None,
