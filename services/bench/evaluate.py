@@ -41,7 +41,7 @@ class EvalConfig:
     chunks: int | None = None
     modes: tuple[str, ...] = MODES
     ratios: tuple[float, ...] = (0.05, 0.15, 0.3, 1.0)
-    selectors: tuple[str, ...] = ("k",)
+    selectors: tuple[str, ...] = (BlendConfig.selector,)
     check_layer: int = 1
     gradual_layers: int = 0
     max_new_tokens: int = 16
@@ -85,8 +85,9 @@ class EvalConfig:
     def int8_rows(self) -> list[BlendConfig]:
         if not self.kv_int8:
             return []
-        return [r for r in self.rows() if r.mode in ("reuse", "blend") and r.selector == self.selectors[0]
-                and not r.gradual_layers and r.ratio < 1.0]
+        # Reuse has no selector (its config carries the default one): it is always kept.
+        return [r for r in self.rows() if r.mode == "reuse" or (r.mode == "blend" and r.selector == self.selectors[0]
+                and not r.gradual_layers and r.ratio < 1.0)]
 
 
 def int8_roundtrip(entry: ChunkKV) -> ChunkKV:

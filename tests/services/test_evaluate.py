@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from blend.fusor import BlendConfig
 from blend.quality import kl_divergence
 from services.bench.evaluate import EvalConfig, evaluate, load_dataset, selector_curves, token_f1
 
@@ -74,15 +75,17 @@ def test_small_real_eval_reports_every_row_and_skips_an_overlong_question(smol, 
     report = evaluate(smol, config, load_dataset(path), progress=False)
     assert report["n"] == 1 and report["skipped"][0]["index"] == 0
     rows = {row["label"]: row for row in report["rows"]}
-    assert set(rows) == {"hf_full", "full", "reuse", "blend@0.3/k", "blend@1/k", "reuse/int8", "blend@0.3/k/int8"}
+    selector = BlendConfig.selector  # the default, as `kvblend eval` uses it
+    assert set(rows) == {"hf_full", "full", "reuse", f"blend@0.3/{selector}", f"blend@1/{selector}", "reuse/int8",
+                         f"blend@0.3/{selector}/int8"}
     # int8 K/V is close to, not equal to, the float K/V: a small but non-zero change in the answer logits.
     assert 0 < abs(rows["reuse/int8"]["kl_first_token"] - rows["reuse"]["kl_first_token"]) < 0.05
-    assert rows["blend@1/k"]["kl_first_token"] < 1e-6 and rows["blend@1/k"]["f1_vs_full"] == 1.0
+    assert rows[f"blend@1/{selector}"]["kl_first_token"] < 1e-6 and rows[f"blend@1/{selector}"]["f1_vs_full"] == 1.0
     assert rows["hf_full"]["kl_first_token"] < 1e-6
     assert all(row["ttft_median_s"] > 0 for row in rows.values())
     assert rows["reuse"]["recompute_fraction"] == 0.0 and rows["full"]["recompute_fraction"] is None
-    assert rows["blend@0.3/k"]["recompute_fraction"] == pytest.approx(0.3, abs=0.02)
-    assert rows["blend@1/k"]["recompute_fraction"] == 1.0
+    assert rows[f"blend@0.3/{selector}"]["recompute_fraction"] == pytest.approx(0.3, abs=0.02)
+    assert rows[f"blend@1/{selector}"]["recompute_fraction"] == 1.0
 
 
 def test_query_aware_selectors_get_one_row_per_ratio_below_one():
