@@ -57,12 +57,13 @@ class HardeningBenchConfig:
 
 
 class Probe:
-    """Health.Check, Stats and Retrieve, one after the other every 0.1 s on a thread of its own (a 1 s
-    deadline each): the slowest answer of each and the calls that failed."""
+    """Health.Check, Stats and Retrieve (or those of them in `names`), one after the other every 0.1 s on a
+    thread of its own (a 1 s deadline each): the slowest answer of each and the calls that failed."""
 
-    def __init__(self, client):
+    def __init__(self, client, names: tuple[str, ...] = ("health", "stats", "retrieve")):
         self.client = client
-        self.slowest = {"health": 0.0, "stats": 0.0, "retrieve": 0.0}
+        self.names = names
+        self.slowest = {name: 0.0 for name in names}
         self.calls = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -74,6 +75,7 @@ class Probe:
         calls = {"health": lambda: self.client.health(timeout=PROBE_DEADLINE_S),
                  "stats": lambda: self.client.stats(timeout=PROBE_DEADLINE_S),
                  "retrieve": lambda: self.client.retrieve("How many lamps?", k=1, timeout=PROBE_DEADLINE_S)}
+        calls = {name: call for name, call in calls.items() if name in self.names}
         while not self._stop.is_set():
             for name, call in calls.items():
                 began = time.perf_counter()

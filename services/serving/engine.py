@@ -52,6 +52,22 @@ MAX_STOPS, MAX_STOP_CHARS = 8, 256
 STATS_COUNT_WAIT_S = 0.25  # how long Stats waits for the caller's chunk count from the catalog thread
 
 
+def _check_each(documents: Sequence[DocumentIn], max_chars: int, setting: str) -> None:
+    """Each document has text, at most `max_chars` characters of it, and short title and doc id fields;
+    an InvalidArgument naming the document and the limit otherwise."""
+    for index, doc in enumerate(documents):
+        where = f"document {index}" + (f" (doc_id {doc.doc_id[:80]!r})" if doc.doc_id else "")
+        if not doc.text.strip():
+            raise InvalidArgument(f"{where} has empty text")
+        if len(doc.text) > max_chars:
+            raise InvalidArgument(f"{where} has {len(doc.text)} characters, over the limit of {max_chars} "
+                                  f"({setting})")
+        for name in ("title", "doc_id"):
+            if len(getattr(doc, name)) > MAX_FIELD_CHARS:
+                raise InvalidArgument(f"document {index}: {name} of {len(getattr(doc, name))} characters "
+                                      f"is over the limit of {MAX_FIELD_CHARS}")
+
+
 # -- the engine -----------------------------------------------------------------------------------
 
 class Engine:
@@ -218,16 +234,7 @@ class Engine:
         if len(documents) > limit.max_documents:
             raise InvalidArgument(f"{len(documents)} documents in one call, over the limit of "
                                   f"{limit.max_documents}; split the batch")
-        for index, doc in enumerate(documents):
-            if not doc.text.strip():
-                raise InvalidArgument(f"document {index} (doc_id {doc.doc_id[:80]!r}) has empty text")
-            if len(doc.text) > limit.max_document_chars:
-                raise InvalidArgument(f"document {index} (doc_id {doc.doc_id[:80]!r}) has {len(doc.text)} "
-                                      f"characters, over the limit of {limit.max_document_chars}")
-            for name in ("title", "doc_id"):
-                if len(getattr(doc, name)) > MAX_FIELD_CHARS:
-                    raise InvalidArgument(f"document {index}: {name} of {len(getattr(doc, name))} characters "
-                                          f"is over the limit of {MAX_FIELD_CHARS}")
+        _check_each(documents, limit.max_document_chars, "server.max_document_chars")
 
     # -- retrieve ----------------------------------------------------------------------------------
 
@@ -304,16 +311,7 @@ class Engine:
         if len(documents) > limit.max_inline_documents:
             raise InvalidArgument(f"{len(documents)} inline documents, over the limit of "
                                   f"{limit.max_inline_documents} (server.max_inline_documents)")
-        for index, doc in enumerate(documents):
-            if not doc.text.strip():
-                raise InvalidArgument(f"document {index} has empty text")
-            if len(doc.text) > limit.max_inline_document_chars:
-                raise InvalidArgument(f"document {index} has {len(doc.text)} characters, over the limit of "
-                                      f"{limit.max_inline_document_chars} (server.max_inline_document_chars)")
-            for name in ("title", "doc_id"):
-                if len(getattr(doc, name)) > MAX_FIELD_CHARS:
-                    raise InvalidArgument(f"document {index}: {name} of {len(getattr(doc, name))} characters "
-                                          f"is over the limit of {MAX_FIELD_CHARS}")
+        _check_each(documents, limit.max_inline_document_chars, "server.max_inline_document_chars")
 
     def _inline(self, tenant: str, documents: Sequence[DocumentIn]) -> tuple[list[str], list[str], list[range]]:
         """Inline documents as chunks (catalog thread): each document one chunk unless over the chunk size,
