@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +49,12 @@ class CatalogFull(RuntimeError):
 
 
 class SharedCollection:
-    def __init__(self, client: redis.Redis, prefix: str, mirror_folder: Path, dim: int):
+    def __init__(self, client: redis.Redis, prefix: str, mirror_folder: Path, dim: int,
+                 on_add: Callable[[list[str]], None] | None = None):
+        """`on_add` is called with the KV keys of chunks the log brings in (added through another replica,
+        or before this mirror existed), on the refreshing thread: keep it cheap."""
         self.client = client
+        self.on_add = on_add
         self.prefix = prefix
         self.folder = mirror_folder
         self.dim = dim
@@ -172,6 +176,8 @@ class SharedCollection:
             kv_keys += [(cid, key) for key in keys]
         if chunks:
             self.mirror.add(chunks, np.stack(vectors), kv_keys)
+            if self.on_add is not None:
+                self.on_add([key for _, key in kv_keys])
 
     # -- writing -------------------------------------------------------------------------------------
 

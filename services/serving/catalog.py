@@ -57,6 +57,8 @@ class Catalog:
             raise ValueError(f"max_open {max_open!r} tenants must be an integer >= 1")
         self.data_dir = data_dir
         self.max_open = max_open
+        # Hears the KV keys of chunks a shared collection's log brings in (the replica warm-up), on this thread.
+        self.on_shared_add: Callable[[list[str]], None] | None = None
         self.redis = None
         if redis_url is not None:
             from store.redis_tier import connect
@@ -102,7 +104,7 @@ class Catalog:
         if found is None:
             if self.redis is not None:
                 found = SharedCollection(self.redis, shared_prefix(self.redis_prefix, tenant), self.folder(tenant),
-                                         self.dim)
+                                         self.dim, self._shared_added)
             else:
                 found = Collection(self.folder(tenant), self.dim)
             self._collections[tenant] = found
@@ -123,6 +125,22 @@ class Catalog:
         if self.redis is not None and SharedCollection.written(self.redis, shared_prefix(self.redis_prefix, tenant)):
             return self.collection(tenant)
         return None
+
+    def _shared_added(self, kv_keys: list[str]) -> None:
+        if self.on_shared_add is not None:
+            self.on_shared_add(kv_keys)
+
+    def follow(self) -> int:
+        """Bring the shared collections up to date without a request: the default tenant's and every open
+        one's (a tenant this replica has not served yet is followed from its first request). The number
+        of chunks the mirrors hold. Catalog thread only; one round trip per collection when nothing changed."""
+        if self.redis is None:
+            return 0
+        total = 0
+        for tenant in dict.fromkeys([DEFAULT_TENANT, *self._collections]):
+            collection = self.existing(tenant)
+            total += len(collection) if collection is not None else 0
+        return total
 
     def open_tenants(self) -> list[str]:
         """The tenants whose collections are open, least recently used first. Catalog thread only."""
