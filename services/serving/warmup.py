@@ -25,7 +25,6 @@ class WarmupThread:
         self.warmup = warmup
         self.catalog = catalog
         self.interval_s = interval_s
-        self.sync_failures = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="warmup", daemon=True)
         self._thread.start()
@@ -39,7 +38,6 @@ class WarmupThread:
             try:
                 self.catalog.run(self.catalog.follow, wait_s=self.interval_s)
             except Exception as err:  # noqa: BLE001 - Redis down or the catalog busy: the pass still runs
-                self.sync_failures += 1
                 log.debug("warm-up: catalog sync skipped (%s)", err)
             try:
                 self.warmup.run_pass()
