@@ -131,14 +131,20 @@ class Catalog:
             self.on_shared_add(kv_keys)
 
     def follow(self) -> int:
-        """Bring the shared collections up to date without a request: the default tenant's and every open
-        one's (a tenant this replica has not served yet is followed from its first request). The number
-        of chunks the mirrors hold. Catalog thread only; one round trip per collection when nothing changed."""
+        """Bring the shared collections up to date without a request: every open one's, and the default
+        tenant's when it has been written and one more collection may open (a tenant this replica has not
+        served is followed from its first request). Not a use: the open collections' order is kept, and
+        none is closed for it. The number of chunks the followed mirrors hold. Catalog thread only; one
+        round trip per collection when nothing changed."""
         if self.redis is None:
             return 0
         total = 0
-        for tenant in dict.fromkeys([DEFAULT_TENANT, *self._collections]):
-            collection = self.existing(tenant)
+        for collection in list(self._collections.values()):
+            if isinstance(collection, SharedCollection):
+                collection.refresh()
+            total += len(collection)
+        if DEFAULT_TENANT not in self._collections and len(self._collections) < self.max_open:
+            collection = self.existing(DEFAULT_TENANT)
             total += len(collection) if collection is not None else 0
         return total
 
