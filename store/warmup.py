@@ -73,6 +73,12 @@ class Warmup:
                 self._queue.popitem(last=False)
                 self._stats.dropped += 1
 
+    def forget(self, keys: Iterable[str]) -> None:
+        """Chunk keys deleted since they were offered: not pulled."""
+        with self._lock:
+            for key in keys:
+                self._queue.pop(key, None)
+
     def stats(self) -> WarmupStats:
         with self._lock:
             return WarmupStats(**{**asdict(self._stats), "queue": len(self._queue)})

@@ -57,8 +57,10 @@ class Catalog:
             raise ValueError(f"max_open {max_open!r} tenants must be an integer >= 1")
         self.data_dir = data_dir
         self.max_open = max_open
-        # Hears the KV keys of chunks a shared collection's log brings in (the replica warm-up), on this thread.
+        # Hear the KV keys of chunks a shared collection's log adds or deletes (another replica's writes), on
+        # this thread: the replica warm-up pulls the added ones and drops this replica's copies of deleted ones.
         self.on_shared_add: Callable[[list[str]], None] | None = None
+        self.on_shared_delete: Callable[[list[str]], None] | None = None
         self.redis = None
         if redis_url is not None:
             from store.redis_tier import connect
@@ -104,7 +106,7 @@ class Catalog:
         if found is None:
             if self.redis is not None:
                 found = SharedCollection(self.redis, shared_prefix(self.redis_prefix, tenant), self.folder(tenant),
-                                         self.dim, self._shared_added)
+                                         self.dim, self._shared_added, self._shared_deleted)
             else:
                 found = Collection(self.folder(tenant), self.dim)
             self._collections[tenant] = found
@@ -129,6 +131,10 @@ class Catalog:
     def _shared_added(self, kv_keys: list[str]) -> None:
         if self.on_shared_add is not None:
             self.on_shared_add(kv_keys)
+
+    def _shared_deleted(self, kv_keys: list[str]) -> None:
+        if self.on_shared_delete is not None:
+            self.on_shared_delete(kv_keys)
 
     def follow(self) -> int:
         """Bring the shared collections up to date without a request: every open one's, and the default

@@ -94,6 +94,7 @@ class Engine:
         warmup = Warmup(self.store.tiered, "cpu", self.config.warmup_pass_bytes,
                         busy=lambda: self.worker.depth()[0] > 0)
         self.catalog.on_shared_add = warmup.offer
+        self.catalog.on_shared_delete = self._deleted_elsewhere
         return warmup, WarmupThread(warmup, self.catalog, self.config.warmup_interval_s)
 
     def _measure_prefill(self) -> None:
@@ -131,6 +132,12 @@ class Engine:
                           settings.store.redis_url if shared else None, settings.store.redis_prefix,
                           settings.store.redis_cluster, max_open=settings.server.max_open_tenants)
         return cls(model, store, catalog, settings.server, settings.guard)
+
+    def _deleted_elsewhere(self, keys: list[str]) -> None:
+        """Chunks another replica deleted: not warmed, and this replica's copies dropped (catalog thread)."""
+        self.warmup.forget(keys)
+        for key in keys:
+            self.store.delete_local(key, self.model.step.n_layers)
 
     # -- keys and tiers --------------------------------------------------------------------------
 

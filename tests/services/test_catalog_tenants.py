@@ -70,7 +70,7 @@ def test_open_file_descriptors_do_not_grow_with_the_number_of_tenants(tmp_path, 
         catalog.close()
 
 
-def test_follow_learns_another_replicas_chunks_without_a_request_and_hears_their_kv_keys(tmp_path, tokenizer):
+def test_follow_learns_another_replicas_adds_and_deletes_without_a_request_and_hears_their_kv_keys(tmp_path, tokenizer):
     prefix = f"kvblend-test-{uuid.uuid4().hex}:"
 
     def shared(name: str, max_open: int = 4) -> Catalog:
@@ -79,7 +79,9 @@ def test_follow_learns_another_replicas_chunks_without_a_request_and_hears_their
 
     a, b = shared("a"), shared("b", max_open=1)
     heard: list[str] = []
+    heard_deleted: list[str] = []
     b.on_shared_add = heard.extend
+    b.on_shared_delete = heard_deleted.extend
     try:
         assert b.run(b.follow) == 0 and b.run(b.open_tenants) == []  # nothing written: nothing opened
 
@@ -97,6 +99,8 @@ def test_follow_learns_another_replicas_chunks_without_a_request_and_hears_their
         add("other", 2)  # a tenant B never served, and no room to open one more: not followed
         assert b.run(b.follow) == len(ids) and b.run(b.open_tenants) == ["default"]
         assert b.run(b.follow) == len(ids) and len(heard) == len(ids)  # nothing new: nothing heard twice
+        a.run(lambda: a.collection("default").delete(ids[0]))
+        assert b.run(b.follow) == len(ids) - 1 and heard_deleted == [f"{1:064x}"]
     finally:
         a.close()
         b.close()

@@ -58,7 +58,7 @@ def test_a_chunk_ingested_through_one_replica_is_blended_by_the_other_from_redis
         assert (again.chunks_existing, again.chunks_added, again.kv_computed) == (1, 0, 0)
 
 
-def test_a_chunk_ingested_through_one_replica_reaches_the_others_cpu_tier_with_no_request_to_it(warm_cluster):
+def test_a_chunk_ingested_through_one_replica_reaches_the_others_cpu_tier_with_no_request_to_it_and_leaves_on_delete(warm_cluster):
     a = Client(f"127.0.0.1:{warm_cluster.ports[0]}")
     b = Client(f"127.0.0.1:{warm_cluster.ports[1]}")
     # B is watched through Stats of a tenant that holds nothing: it reads B's counters without bringing B's
@@ -88,6 +88,11 @@ def test_a_chunk_ingested_through_one_replica_reaches_the_others_cpu_tier_with_n
         assert after["redis"].hits == 0  # the request read nothing from Redis
         assert answer.token_ids == a.answer("What is the capital of France?", chunk_ids=ids, mode="blend",
                                             max_new_tokens=6).token_ids
+        a.delete(ids)  # deleted through A: B drops its copies when it reads the log, again without a request
+        deadline = time.monotonic() + WARMUP_BOUND_S
+        while (cpu := {t.name: t for t in watch_b.stats().tiers}["cpu"]).bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu.bytes == 0
 
 
 def test_under_load_a_redis_restart_and_a_killed_replica_lose_nothing_and_fail_nothing(service_model_dir,
