@@ -162,3 +162,17 @@ def test_a_redis_outage_is_a_counted_miss_never_an_error(redis_server):
     stats = warmup.stats()
     assert (stats.chunks, stats.misses, stats.queue) == (0, 2, 0)
     assert tiered.usage()["cpu"] == 0
+
+
+def test_a_chunk_deleted_elsewhere_is_not_pulled_and_leaves_this_replicas_tiers_only():
+    tiered, bottom = shared_store(10 * chunk_bytes())
+    pulled, pending = ingest_elsewhere(bottom, [1, 2])
+    warmup = Warmup(tiered, "cpu")
+    warmup.offer([pulled])
+    warmup.run_pass()
+    warmup.offer([pending])
+    warmup.forget([pending])
+    ChunkStore(tiered).delete_local(pulled, N_LAYERS)
+    assert warmup.stats().queue == 0 and warmup.run_pass() == 0
+    assert tiered.usage()["cpu"] == 0
+    assert bottom.contains(manifest_key(pulled))  # the shared tier is the deleting replica's to clear
