@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +49,15 @@ class CatalogFull(RuntimeError):
 
 
 class SharedCollection:
-    def __init__(self, client: redis.Redis, prefix: str, mirror_folder: Path, dim: int):
+    def __init__(self, client: redis.Redis, prefix: str, mirror_folder: Path, dim: int,
+                 on_add: Callable[[list[str]], None] | None = None,
+                 on_delete: Callable[[list[str]], None] | None = None):
+        """`on_add` is called with the KV keys of chunks the log brings in (added through another replica,
+        or before this mirror existed), `on_delete` with those of mirrored chunks the log deletes (deleted
+        through another replica); both on the refreshing thread: keep them cheap."""
         self.client = client
+        self.on_add = on_add
+        self.on_delete = on_delete
         self.prefix = prefix
         self.folder = mirror_folder
         self.dim = dim
@@ -150,8 +157,13 @@ class SharedCollection:
         op = fields[b"op"].decode()
         ids = [cid for cid in fields[b"ids"].decode().split(",") if cid]
         if op == "del":
+            gone = []
             for cid in ids:
-                self.mirror.delete(cid)
+                if cid in self.mirror:  # its own deletes are mirrored already
+                    gone += self.mirror.kv_keys(cid)
+                    self.mirror.delete(cid)
+            if gone and self.on_delete is not None:
+                self.on_delete(gone)
             return
         if op != "add":  # written by a newer kvblend: skipping it beats stopping every refresh
             log.warning("catalog: log event of unknown kind %r under %r skipped", op, self.prefix)
@@ -172,6 +184,8 @@ class SharedCollection:
             kv_keys += [(cid, key) for key in keys]
         if chunks:
             self.mirror.add(chunks, np.stack(vectors), kv_keys)
+            if self.on_add is not None:
+                self.on_add([key for _, key in kv_keys])
 
     # -- writing -------------------------------------------------------------------------------------
 

@@ -145,6 +145,11 @@ class ServerConfig:
     catalog: str = "local"
     # Tenant collections kept open (about 3 file descriptors each); past it the least recently used closes.
     max_open_tenants: int = 256
+    # Replica warm-up (catalog "redis" with a CPU tier): this often the shared catalog's log is followed without
+    # a request, and the chunks other replicas added are copied from Redis into free room of the CPU tier, at
+    # most `warmup_pass_bytes` per pass, on a background thread, never while requests wait; 0 = off.
+    warmup_interval_s: float = 1.0
+    warmup_pass_bytes: int = 64 << 20
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
@@ -176,6 +181,9 @@ class ServerConfig:
                 raise ValueError(f"server.{name} {value!r} is not in 0..65535 (0 = off)")
         if self.catalog not in CATALOGS:
             raise ValueError(f"server.catalog {self.catalog!r} is not one of {', '.join(CATALOGS)}")
+        if self.warmup_interval_s < 0 or not isinstance(self.warmup_pass_bytes, int) or self.warmup_pass_bytes < 1:
+            raise ValueError(f"server.warmup_interval_s {self.warmup_interval_s!r} must be >= 0 (0 = off) and "
+                             f"warmup_pass_bytes {self.warmup_pass_bytes!r} an integer >= 1")
         if self.drain_s < 0 or self.health_interval_s <= 0:
             raise ValueError(f"server.drain_s {self.drain_s!r} must be >= 0 and health_interval_s "
                              f"{self.health_interval_s!r} > 0")

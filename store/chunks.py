@@ -134,6 +134,13 @@ class ChunkStore:
                 self.tiered.delete(layer_key(key, index))
         self.tiered.delete(manifest_key(key))
 
+    def delete_local(self, key: str, n_layers: int) -> None:
+        """Every entry of the chunk from this replica's own tiers, not from the bottom tier replicas share
+        (another replica deleted it there, and may have written it anew since)."""
+        for tier in self.tiered.tiers[:-1]:
+            for entry in [manifest_key(check_chunk_key(key)), *(layer_key(key, i) for i in range(n_layers))]:
+                self.tiered.drop(tier.name, entry)
+
     def _manifest(self, key: str) -> Manifest | None:
         value = self.tiered.get(manifest_key(key))
         if value is None:

@@ -248,6 +248,43 @@ class TieredStore:
                 return None
         return "anywhere: every tier skipped it or it exceeds every budget"
 
+    def fill(self, name: str, key: str, value: torch.Tensor) -> bool:
+        """Place an entry into tier `name` only if it fits the room its budget has left, at the cold end of
+        its LRU: nothing is evicted for it and it is the first to go when the tier needs room. Admission is
+        not asked: it keeps one-off chunks from pushing out used ones, and a fill pushes out nothing
+        (the replica warm-up, store/warmup.py). False when it does not fit or the tier skipped it."""
+        index = next((i for i, tier in enumerate(self.tiers) if tier.name == name), None)
+        if index is None:
+            raise ValueError(f"no tier named {name!r} (tiers: {', '.join(t.name for t in self.tiers)})")
+        tier, lru = self.tiers[index], self._lru[index]
+        size = value.numel() * value.element_size()
+        with self._lock:
+            if lru is not None and self._used[index] - lru.get(key, 0) + size > self.budgets[index]:
+                return False
+            stored = tier.put(key, value)
+            if stored is None:
+                return False
+            if lru is not None:
+                self._used[index] += stored - lru.pop(key, 0)
+                lru[key] = stored
+                lru.move_to_end(key, last=False)
+        return True
+
+    def drop(self, name: str, key: str) -> None:
+        """Delete an entry from tier `name` only (the other tiers keep theirs)."""
+        index = next(i for i, tier in enumerate(self.tiers) if tier.name == name)
+        self.tiers[index].delete(key)
+        lru = self._lru[index]
+        with self._lock:
+            if lru is not None and key in lru:
+                self._used[index] -= lru.pop(key)
+
+    def room(self, name: str) -> int | None:
+        """Bytes tier `name` can take before its budget evicts anything; None for an unbudgeted tier."""
+        index = next(i for i, tier in enumerate(self.tiers) if tier.name == name)
+        with self._lock:
+            return None if self._lru[index] is None else max(0, self.budgets[index] - self._used[index])
+
     def where(self, key: str) -> str | None:
         """The name of the fastest tier holding the entry (nothing read, no use counted), or None."""
         return next((tier.name for tier in self.tiers if tier.contains(key)), None)

@@ -674,6 +674,7 @@ def test_metrics_table_matches_what_the_collector_exports():
     from services.serving.metrics import Metrics
     from store.memory_tier import MemoryTier
     from store.tiered import TieredStore
+    from store.warmup import WarmupStats
 
     class RedisLike(MemoryTier):
         def used_memory(self) -> int:
@@ -682,7 +683,7 @@ def test_metrics_table_matches_what_the_collector_exports():
     tiers = [MemoryTier("cpu"), RedisLike("redis")]
     engine = SimpleNamespace(metrics=Metrics(), store=SimpleNamespace(tiered=TieredStore(tiers, [1 << 20, None])),
                              worker=SimpleNamespace(depth=lambda: (0, 0), kv_bytes=lambda: (0, 0)),
-                             tier_availability=lambda: {t.name: True for t in tiers})
+                             tier_availability=lambda: {t.name: True for t in tiers}, warmup_stats=WarmupStats)
     engine.metrics.rpc("Generate", "OK")
     exported = {}
     for family in prometheus.EngineCollector(engine).collect():

@@ -57,6 +57,10 @@ class Catalog:
             raise ValueError(f"max_open {max_open!r} tenants must be an integer >= 1")
         self.data_dir = data_dir
         self.max_open = max_open
+        # Hear the KV keys of chunks a shared collection's log adds or deletes (another replica's writes), on
+        # this thread: the replica warm-up pulls the added ones and drops this replica's copies of deleted ones.
+        self.on_shared_add: Callable[[list[str]], None] | None = None
+        self.on_shared_delete: Callable[[list[str]], None] | None = None
         self.redis = None
         if redis_url is not None:
             from store.redis_tier import connect
@@ -102,7 +106,7 @@ class Catalog:
         if found is None:
             if self.redis is not None:
                 found = SharedCollection(self.redis, shared_prefix(self.redis_prefix, tenant), self.folder(tenant),
-                                         self.dim)
+                                         self.dim, self._shared_added, self._shared_deleted)
             else:
                 found = Collection(self.folder(tenant), self.dim)
             self._collections[tenant] = found
@@ -123,6 +127,32 @@ class Catalog:
         if self.redis is not None and SharedCollection.written(self.redis, shared_prefix(self.redis_prefix, tenant)):
             return self.collection(tenant)
         return None
+
+    def _shared_added(self, kv_keys: list[str]) -> None:
+        if self.on_shared_add is not None:
+            self.on_shared_add(kv_keys)
+
+    def _shared_deleted(self, kv_keys: list[str]) -> None:
+        if self.on_shared_delete is not None:
+            self.on_shared_delete(kv_keys)
+
+    def follow(self) -> int:
+        """Bring the shared collections up to date without a request: every open one's, and the default
+        tenant's when it has been written and one more collection may open (a tenant this replica has not
+        served is followed from its first request). Not a use: the open collections' order is kept, and
+        none is closed for it. The number of chunks the followed mirrors hold. Catalog thread only; one
+        round trip per collection when nothing changed."""
+        if self.redis is None:
+            return 0
+        total = 0
+        for collection in list(self._collections.values()):
+            if isinstance(collection, SharedCollection):
+                collection.refresh()
+            total += len(collection)
+        if DEFAULT_TENANT not in self._collections and len(self._collections) < self.max_open:
+            collection = self.existing(DEFAULT_TENANT)
+            total += len(collection) if collection is not None else 0
+        return total
 
     def open_tenants(self) -> list[str]:
         """The tenants whose collections are open, least recently used first. Catalog thread only."""

@@ -39,8 +39,10 @@ from services.serving.loading import LoadEstimates
 from services.serving.metrics import Metrics
 from services.serving.requests import DocumentIn, GenerateParams, GenerationRequest, IngestResult, Retrieved
 from services.serving.scheduler import ModelWorker
+from services.serving.warmup import WarmupThread
 from services.settings import GuardConfig, ServerConfig, ServeSettings
 from store.chunks import ChunkStore
+from store.warmup import Warmup, WarmupStats
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,18 @@ class Engine:
             raise ValueError(f"server.chunk_tokens {config.chunk_tokens} plus the {prefix}-token "
                              f"system prompt does not fit the model's context of {limit} tokens")
         self.worker.call(self._measure_prefill)
+        self.warmup, self.warmup_thread = self._start_warmup()
+
+    def _start_warmup(self) -> tuple[Warmup | None, WarmupThread | None]:
+        """With a shared catalog, a CPU tier above Redis and `warmup_interval_s`: the replica warm-up."""
+        names = [tier.name for tier in self.store.tiered.tiers]
+        if not self.shared or not self.config.warmup_interval_s or "cpu" not in names[:-1]:
+            return None, None
+        warmup = Warmup(self.store.tiered, "cpu", self.config.warmup_pass_bytes,
+                        busy=lambda: self.worker.depth()[0] > 0)
+        self.catalog.on_shared_add = warmup.offer
+        self.catalog.on_shared_delete = self._deleted_elsewhere
+        return warmup, WarmupThread(warmup, self.catalog, self.config.warmup_interval_s)
 
     def _measure_prefill(self) -> None:
         """One full prefill of a chunk's length at start-up: warms the kernels and gives the loading
@@ -134,6 +148,12 @@ class Engine:
                           settings.store.redis_url if shared else None, settings.store.redis_prefix,
                           settings.store.redis_cluster, max_open=settings.server.max_open_tenants)
         return cls(model, store, catalog, settings.server, settings.guard)
+
+    def _deleted_elsewhere(self, keys: list[str]) -> None:
+        """Chunks another replica deleted: not warmed, and this replica's copies dropped (catalog thread)."""
+        self.warmup.forget(keys)
+        for key in keys:
+            self.store.delete_local(key, self.model.step.n_layers)
 
     # -- keys and tiers --------------------------------------------------------------------------
 
@@ -473,10 +493,16 @@ class Engine:
             "uptime_s": time.monotonic() - metrics.started, "draining": self.draining,
             "loading": asdict(self.estimates.summary()),
             "kv_bytes_active": kv_held, "kv_bytes_limit": self.config.max_kv_bytes, "waiting_for_kv": kv_waiting,
+            "warmup": {"enabled": self.warmup is not None, **self.warmup_stats().as_dict()},
         }
+
+    def warmup_stats(self) -> WarmupStats:
+        return self.warmup.stats() if self.warmup is not None else WarmupStats()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish the queued and active requests (dropping any left after `timeout_s`), then close."""
         if not self.worker.close(wait=True, timeout=timeout_s):
             self.worker.abort_all(Cancelled("the server stopped before this request finished"))
+        if self.warmup_thread is not None:
+            self.warmup_thread.stop()
         self.catalog.close()

@@ -23,6 +23,13 @@ TIER_COUNTERS = {  # TierStats field -> HELP of kvblend_tier_<field>_total
     "demotions": "entries moved into this tier from the tier above on an eviction",
 }
 
+WARMUP_COUNTERS = {  # WarmupStats field -> HELP of kvblend_warmup_<field>_total
+    "chunks": "chunks the replica warm-up pulled from Redis into the CPU tier",
+    "bytes": "bytes the replica warm-up pulled from Redis into the CPU tier",
+    "skipped": "chunks the replica warm-up found in the CPU tier already",
+    "misses": "chunks the replica warm-up could not read from Redis (absent, down or corrupt)",
+}
+
 
 class EngineCollector:
     def __init__(self, engine):
@@ -93,6 +100,12 @@ class EngineCollector:
         yield GaugeMetricFamily("kvblend_kv_bytes_active", "KV buffer bytes of the requests being generated "
                                 "(counted with server.max_kv_bytes set)", value=held)
         yield GaugeMetricFamily("kvblend_waiting_for_kv", "queued requests waiting for KV room", value=kv_waiting)
+
+        warmup = engine.warmup_stats()
+        yield GaugeMetricFamily("kvblend_warmup_queue", "chunks other replicas added that the warm-up has not "
+                                "pulled into the CPU tier yet", value=warmup.queue)
+        for field, help_text in WARMUP_COUNTERS.items():
+            yield CounterMetricFamily(f"kvblend_warmup_{field}", help_text, value=getattr(warmup, field))
 
 
 class MetricsServer:

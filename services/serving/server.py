@@ -258,7 +258,8 @@ class ChunkCacheServicer(pb_grpc.ChunkCacheServicer):
         tiers = [pb.TierStats(**{k: v for k, v in tier.items() if k in known}) for tier in stats.pop("tiers")]
         guard = pb.GuardStats(**stats.pop("guard"))
         loading = pb.LoadingStats(**stats.pop("loading"))
-        return pb.StatsResponse(tiers=tiers, guard=guard, loading=loading, **stats)
+        warmup = pb.WarmupStats(**stats.pop("warmup"))
+        return pb.StatsResponse(tiers=tiers, guard=guard, loading=loading, warmup=warmup, **stats)
 
 
 class TierHealth:

@@ -1,15 +1,19 @@
-"""Facts about the catalog's open tenant collections: bounded in number, intact when reopened."""
+"""Facts about the catalog's open tenant collections: bounded in number, intact when reopened, followed
+without a request when shared."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from types import SimpleNamespace
 
 import numpy as np
+import redis as redis_py
 
 from retriever.chunker import Chunker
 from services.serving.catalog import Catalog
 from tests.helpers.corpus import TOPICS
+from tests.helpers.kv import REDIS_URL, delete_prefix
 
 DIM = 8
 
@@ -64,3 +68,42 @@ def test_open_file_descriptors_do_not_grow_with_the_number_of_tenants(tmp_path, 
         assert _open_fds() <= before
     finally:
         catalog.close()
+
+
+def test_follow_learns_another_replicas_adds_and_deletes_without_a_request_and_hears_their_kv_keys(tmp_path, tokenizer):
+    prefix = f"kvblend-test-{uuid.uuid4().hex}:"
+
+    def shared(name: str, max_open: int = 4) -> Catalog:
+        return Catalog(tmp_path / name, lambda: SimpleNamespace(dim=DIM), lambda: Chunker(tokenizer, 64),
+                       redis_url=REDIS_URL, redis_prefix=prefix, max_open=max_open)
+
+    a, b = shared("a"), shared("b", max_open=1)
+    heard: list[str] = []
+    heard_deleted: list[str] = []
+    b.on_shared_add = heard.extend
+    b.on_shared_delete = heard_deleted.extend
+    try:
+        assert b.run(b.follow) == 0 and b.run(b.open_tenants) == []  # nothing written: nothing opened
+
+        def add(tenant: str, seed: int) -> list[str]:
+            def work():
+                chunks = a.chunker.split(list(TOPICS.values())[seed], tenant, tenant)
+                vectors = np.random.default_rng(seed).normal(size=(len(chunks), DIM)).astype(np.float32)
+                a.collection(tenant).add(chunks, vectors, [(c.id, f"{seed:064x}") for c in chunks])
+                return [c.id for c in chunks]
+            return a.run(work)
+
+        ids = add("default", 1)
+        assert b.run(b.follow) == len(ids) and heard == [f"{1:064x}"] * len(ids)
+        assert b.run(lambda: all(cid in b.existing("default") for cid in ids))
+        add("other", 2)  # a tenant B never served, and no room to open one more: not followed
+        assert b.run(b.follow) == len(ids) and b.run(b.open_tenants) == ["default"]
+        assert b.run(b.follow) == len(ids) and len(heard) == len(ids)  # nothing new: nothing heard twice
+        a.run(lambda: a.collection("default").delete(ids[0]))
+        assert b.run(b.follow) == len(ids) - 1 and heard_deleted == [f"{1:064x}"]
+    finally:
+        a.close()
+        b.close()
+        client = redis_py.Redis.from_url(REDIS_URL)
+        delete_prefix(client, prefix)
+        client.close()

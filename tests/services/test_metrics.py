@@ -21,6 +21,7 @@ from services.serving.metrics import Metrics
 from store.memory_tier import MemoryTier
 from store.redis_tier import RedisTier
 from store.tiered import TieredStore
+from store.warmup import WarmupStats
 
 
 def _free_port() -> int:
@@ -56,10 +57,11 @@ class Worker:
 
 def light_engine(tiers, budgets) -> SimpleNamespace:
     """What the collector reads of an engine: metrics, store.tiered, worker.depth() and kv_bytes(),
-    tier_availability()."""
+    tier_availability(), warmup_stats()."""
     tiered = TieredStore(tiers, budgets)
     return SimpleNamespace(metrics=Metrics(), store=SimpleNamespace(tiered=tiered), worker=Worker(),
-                           tier_availability=lambda: {t.name: getattr(t, "available", True) for t in tiers})
+                           tier_availability=lambda: {t.name: getattr(t, "available", True) for t in tiers},
+                           warmup_stats=WarmupStats)
 
 
 def never(*_):
@@ -96,6 +98,15 @@ def test_ttft_histogram_buckets_are_cumulative_with_sum_and_count(serve):
     assert buckets == {"0.05": 1, "0.25": 1, "0.5": 2, "60.0": 2, "+Inf": 3}
     assert value(samples, "kvblend_ttft_seconds_count") == 3
     assert value(samples, "kvblend_ttft_seconds_sum") == pytest.approx(100.33)
+
+
+def test_the_replica_warm_up_reports_its_queue_and_what_it_pulled(serve):
+    engine = light_engine([MemoryTier("cpu")], [1 << 20])
+    engine.warmup_stats = lambda: WarmupStats(queue=3, chunks=2, bytes=4096, skipped=1, misses=5)
+    samples = scrape(serve(engine))
+    assert value(samples, "kvblend_warmup_queue") == 3
+    assert {field: value(samples, f"kvblend_warmup_{field}_total") for field in prometheus.WARMUP_COUNTERS} == {
+        "chunks": 2, "bytes": 4096, "skipped": 1, "misses": 5}
 
 
 def test_rpcs_outcomes_tokens_and_queue_are_reported_by_label(serve):

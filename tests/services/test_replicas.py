@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,23 @@ from services.settings import DEFAULT_TENANT, build
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = {"chunk_tokens": 128, "default_max_new_tokens": 8}
+WARMUP_INTERVAL_S = 0.2
+WARMUP_BOUND_S = 60.0  # generous: two replicas and pytest share two cores; the measured delay is printed
+
+
+@pytest.fixture
+def warm_cluster(service_model_dir, tmp_path):
+    cluster = Cluster(tmp_path, str(service_model_dir), 2, str(CACHE_DIR),
+                      {"server": {**SERVER, "warmup_interval_s": WARMUP_INTERVAL_S}})
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture
 def cluster(service_model_dir, tmp_path):
-    cluster = Cluster(tmp_path, str(service_model_dir), 2, str(CACHE_DIR), {"server": SERVER})
+    # Warm-up off: these tests are about reading another replica's chunks from Redis.
+    cluster = Cluster(tmp_path, str(service_model_dir), 2, str(CACHE_DIR),
+                      {"server": {**SERVER, "warmup_interval_s": 0}})
     yield cluster
     cluster.close()
 
@@ -49,6 +62,43 @@ def test_a_chunk_ingested_through_one_replica_is_blended_by_the_other_from_redis
         assert found[0].title == "Paris" and found[0].chunk_id in ids
         again = b.ingest(DOCUMENTS[:1])  # b knows the chunk too: nothing is computed or written
         assert (again.chunks_existing, again.chunks_added, again.kv_computed) == (1, 0, 0)
+
+
+def test_a_chunk_ingested_through_one_replica_reaches_the_others_cpu_tier_with_no_request_to_it_and_leaves_on_delete(warm_cluster):
+    a = Client(f"127.0.0.1:{warm_cluster.ports[0]}")
+    b = Client(f"127.0.0.1:{warm_cluster.ports[1]}")
+    # B is watched through Stats of a tenant that holds nothing: it reads B's counters without bringing B's
+    # copy of the default tenant's catalog up to date, which only B's own warm-up thread may do here.
+    watch_b = Client(f"127.0.0.1:{warm_cluster.ports[1]}", tenant="observer")
+    with a, b, watch_b:
+        before = watch_b.stats()
+        assert before.warmup.enabled and before.warmup.chunks == 0 and before.requests == 0
+        ids = [cid for doc in a.ingest(DOCUMENTS).documents for cid in doc.chunk_ids]
+        ingested = time.monotonic()
+        while True:
+            stats = watch_b.stats()
+            if stats.warmup.chunks >= len(ids) or time.monotonic() - ingested > WARMUP_BOUND_S:
+                break
+            time.sleep(0.05)
+        delay = time.monotonic() - ingested
+        print(f"warm-up: {stats.warmup.chunks} of {len(ids)} chunks in B's CPU tier {delay:.2f} s after A's "
+              "ingest returned")
+        assert stats.warmup.chunks == len(ids), f"B warmed {stats.warmup.chunks} of {len(ids)} chunks in {delay:.1f} s"
+        assert (stats.warmup.queue, stats.warmup.misses) == (0, 0) and stats.warmup.bytes > 0
+        tiers = {tier.name: tier for tier in stats.tiers}
+        assert tiers["cpu"].bytes == stats.warmup.bytes and tiers["redis"].hits == 0
+        assert stats.requests == 0  # nothing was asked of B but Stats
+        answer = b.answer("What is the capital of France?", chunk_ids=ids, mode="blend", max_new_tokens=6)
+        assert dict(answer.report.chunks_hit) == {"cpu": len(ids)} and answer.report.chunks_missing == 0
+        after = {tier.name: tier for tier in watch_b.stats().tiers}
+        assert after["redis"].hits == 0  # the request read nothing from Redis
+        assert answer.token_ids == a.answer("What is the capital of France?", chunk_ids=ids, mode="blend",
+                                            max_new_tokens=6).token_ids
+        a.delete(ids)  # deleted through A: B drops its copies when it reads the log, again without a request
+        deadline = time.monotonic() + WARMUP_BOUND_S
+        while (cpu := {t.name: t for t in watch_b.stats().tiers}["cpu"]).bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu.bytes == 0
 
 
 def test_under_load_a_redis_restart_and_a_killed_replica_lose_nothing_and_fail_nothing(service_model_dir,
