@@ -492,6 +492,7 @@ class Engine:
             "tenant_chunks": tenant_chunks, "guard": self.guard.summary(),
             "uptime_s": time.monotonic() - metrics.started, "draining": self.draining,
             "loading": asdict(self.estimates.summary()),
+            "decode_steps": metrics.decode_steps, "decode_step_tokens": metrics.decode_step_tokens,
             "kv_bytes_active": kv_held, "kv_bytes_limit": self.config.max_kv_bytes, "waiting_for_kv": kv_waiting,
             "warmup": {"enabled": self.warmup is not None, **self.warmup_stats().as_dict()},
         }

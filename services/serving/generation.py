@@ -360,6 +360,7 @@ def decode_together(jobs: list[Generation]) -> list[bool]:
         return []
     step = jobs[0].model.precompute.step
     advance(step, [job._decoding for job in jobs], [job._pending for job in jobs])
+    jobs[0].metrics.decoded(len(jobs))
     return [job._emit(first=False) for job in jobs]
 
 

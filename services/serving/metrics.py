@@ -19,6 +19,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests = self.completed = self.failed = self.cancelled = self.rejected = 0
         self.tokens_generated = 0
+        self.decode_steps = self.decode_step_tokens = 0  # forwards run for decoding, and the tokens they fed
         self.ttfts: deque[float] = deque(maxlen=1000)
         self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)  # per bucket, not cumulative; last is +Inf
         self.ttft_sum = 0.0
@@ -42,6 +43,12 @@ class Metrics:
         with self._lock:
             self.tokens_generated += 1
 
+    def decoded(self, batch: int) -> None:
+        """One decode step fed `batch` requests' tokens (batched decode: their mean is the batch size)."""
+        with self._lock:
+            self.decode_steps += 1
+            self.decode_step_tokens += batch
+
     def first_token(self, ttft: float) -> None:
         bucket = next((i for i, bound in enumerate(TTFT_BUCKETS_S) if ttft <= bound), len(TTFT_BUCKETS_S))
         with self._lock:
@@ -55,7 +62,8 @@ class Metrics:
             return {"rpcs": dict(self.rpcs), "ttft_counts": list(self.ttft_counts), "ttft_sum": self.ttft_sum,
                     "requests": self.requests, "completed": self.completed, "failed": self.failed,
                     "cancelled": self.cancelled, "rejected": self.rejected,
-                    "tokens_generated": self.tokens_generated}
+                    "tokens_generated": self.tokens_generated, "decode_steps": self.decode_steps,
+                    "decode_step_tokens": self.decode_step_tokens}
 
     def ended(self, cancelled: bool = False, failed: bool = False) -> None:
         with self._lock:

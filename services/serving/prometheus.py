@@ -58,6 +58,10 @@ class EngineCollector:
         yield HistogramMetricFamily("kvblend_ttft_seconds", "time to the first token of Generate requests",
                                     buckets=buckets, sum_value=snapshot["ttft_sum"])
         yield CounterMetricFamily("kvblend_tokens_generated", "tokens generated", value=snapshot["tokens_generated"])
+        yield CounterMetricFamily("kvblend_decode_steps", "decode forwards run (one per batched step)",
+                                  value=snapshot["decode_steps"])
+        yield CounterMetricFamily("kvblend_decode_step_tokens", "tokens fed to decode forwards (over steps: the "
+                                  "mean batch)", value=snapshot["decode_step_tokens"])
 
         counters = tiered.counters()
         for field, help_text in TIER_COUNTERS.items():

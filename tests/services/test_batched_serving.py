@@ -72,12 +72,19 @@ def _together(engine, chunk_ids, batch, on_step=None) -> tuple[list[list[int]], 
 
 def test_batched_decode_gives_each_request_the_tokens_it_gets_alone(engine, chunk_ids):
     batch = engine.worker.batch
+    before = engine.stats(DEFAULT_TENANT)
     try:
         batched, sizes = _together(engine, chunk_ids, batch)
+        during = engine.stats(DEFAULT_TENANT)
         alone, no_sizes = _together(engine, chunk_ids, None)
     finally:
         engine.worker.batch = batch
     assert max(sizes) == 3 and no_sizes == []  # the three decoded together, then each on its own
+    # Stats count the steps and the tokens they fed: the batched steps fed sum(sizes) tokens, any other
+    # step (one request left decoding) fed one.
+    steps = during["decode_steps"] - before["decode_steps"]
+    assert steps >= len(sizes)
+    assert during["decode_step_tokens"] - before["decode_step_tokens"] == sum(sizes) + (steps - len(sizes))
     assert batched == alone
     assert all(len(tokens) >= 2 for tokens in alone)  # answers long enough to have decode steps
 
