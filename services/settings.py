@@ -276,6 +276,9 @@ def _section(cls, values: dict, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    for item in fields(cls):  # a quoted 'false' is a true string: a switch takes only true or false
+        if item.type in (bool, "bool") and item.name in values and not isinstance(values[item.name], bool):
+            raise ValueError(f"{where}: {item.name} must be true or false, not {values[item.name]!r}")
     try:
         return cls(**values)
     except TypeError as err:

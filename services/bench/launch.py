@@ -3,6 +3,8 @@ the end-to-end tests): it is run exactly as a user runs it, on a free port it re
 
 from __future__ import annotations
 
+import json
+
 import queue
 import signal
 import subprocess
@@ -85,8 +87,7 @@ def start_local_server(folder: Path, model: str, cache_dir: str | None = None,
     `server_settings` go into a config file's [server] section (e.g. {"batch_decode": False})."""
     args = ["--model", model, "--data-dir", str(folder / "data")]
     if server_settings:
-        lines = ["[server]"] + [f"{key} = {str(value).lower() if isinstance(value, bool) else value!r}"
-                                for key, value in server_settings.items()]
+        lines = ["[server]"] + [f"{key} = {json.dumps(value)}" for key, value in server_settings.items()]
         (folder / "serve.toml").write_text("\n".join(lines) + "\n")
         args += ["--config", str(folder / "serve.toml")]
     if cache_dir:

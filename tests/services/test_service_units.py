@@ -98,6 +98,9 @@ def test_config_names_unknown_keys_and_bad_values(tmp_path):
         build({"server": {"max_qeue": 3}}, {})
     with pytest.raises(ValueError, match="default_mode 'fast'"):
         build({"server": {"default_mode": "fast"}}, {})
+    # A quoted "false" is a non-empty, so true, string: a switch takes only true or false.
+    with pytest.raises(ValueError, match="batch_decode must be true or false, not 'false'"):
+        build({"server": {"batch_decode": "false"}}, {})
     with pytest.raises(ValueError, match="shorter than 16"):
         build({"auth": {"tokens": {"short": "alice"}}}, {})
     with pytest.raises(ValueError, match="tenant '../x'"):
