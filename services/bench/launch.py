@@ -82,12 +82,17 @@ class ServerProcess:
 
 
 def start_local_server(folder: Path, model: str, cache_dir: str | None = None,
-                       redis_url: str | None = None, server_settings: dict | None = None) -> ServerProcess:
+                       redis_url: str | None = None, server_settings: dict | None = None,
+                       store_settings: dict | None = None) -> ServerProcess:
     """`kvblend serve` on a free port with its data under `folder` (the demo's and the benchmark's);
-    `server_settings` go into a config file's [server] section (e.g. {"batch_decode": False})."""
+    `server_settings` go into a config file's [server] section (e.g. {"batch_decode": False}) and
+    `store_settings` into its [store] section (e.g. {"cpu_bytes": 64 << 20})."""
     args = ["--model", model, "--data-dir", str(folder / "data")]
-    if server_settings:
-        lines = ["[server]"] + [f"{key} = {json.dumps(value)}" for key, value in server_settings.items()]
+    sections = {"server": server_settings or {}, "store": store_settings or {}}
+    if any(sections.values()):
+        lines = []
+        for section, values in sections.items():
+            lines += [f"[{section}]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         (folder / "serve.toml").write_text("\n".join(lines) + "\n")
         args += ["--config", str(folder / "serve.toml")]
     if cache_dir:

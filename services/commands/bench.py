@@ -1,5 +1,6 @@
-"""`kvblend bench` (GPU TTFT), `bench-store` (store tiers), `bench-service` (one server under load) and
-`bench-cluster` (replicas under load, with faults): their flags and the calls into services/bench/.
+"""`kvblend bench` (GPU TTFT), `bench-store` (store tiers), `bench-service` (one server under load),
+`bench-novel` (novel-chunk traffic) and `bench-cluster` (replicas under load, with faults): their flags
+and the calls into services/bench/.
 
 `bench` must parse and run on a GPU machine with torch and transformers but without faiss, redis-py or
 gguf, so nothing here imports those (services/bench/gpu.py and store.py import them where used)."""
@@ -56,6 +57,17 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, redis_url=args.redis_url, clients=args.clients, duration=args.duration or 30.0,
         questions=args.questions, top_k=args.top_k, mode=args.mode, max_new_tokens=args.max_new_tokens or 8,
         timeout=args.timeout, json_out=_path(args.json_out), compare_batch_decode=args.compare_batch_decode,
+    ))
+
+
+def cmd_bench_novel(args: argparse.Namespace) -> int:
+    from services.bench.novel import NovelBenchConfig, run
+
+    return run(NovelBenchConfig(
+        dataset=Path(args.dataset), model=args.model, cache_dir=args.cache_dir, queries=args.queries,
+        window=args.window, novel=args.novel, popular=args.popular, popular_pool=args.popular_pool,
+        chunk_tokens=args.chunk_tokens, cpu_bytes=args.cpu_bytes, max_new_tokens=args.max_new_tokens,
+        json_out=_path(args.json_out),
     ))
 
 
@@ -155,6 +167,24 @@ def add_parsers(subparsers) -> None:
                    help="run the load on a server with batched decode off, then on, and print the ratio")
     b.add_argument("--json", dest="json_out", default="out/bench_service.json")
     b.set_defaults(func=cmd_bench_service)
+
+    b = subparsers.add_parser("bench-novel",
+                              help="queries of mostly never-seen chunks: CPU-tier hit rate and blend's speed-up "
+                                   "over full per window (issue 21)")
+    b.add_argument("--dataset", default="../shared/datasets/musique_dev.json",
+                   help="MuSiQue-shaped JSON whose passages are the corpus")
+    b.add_argument("--model", default="smollm2-135m", help="model of the server started here")
+    b.add_argument("--cache-dir", default=None)
+    b.add_argument("--queries", type=int, default=500, help="queries, each asked in blend and in full")
+    b.add_argument("--window", type=int, default=50, help="queries per reported window")
+    b.add_argument("--novel", type=int, default=4, help="chunks per query never used before")
+    b.add_argument("--popular", type=int, default=2, help="chunks per query from the popular set")
+    b.add_argument("--popular-pool", type=int, default=8, help="size of the popular set")
+    b.add_argument("--chunk-tokens", type=int, default=64, help="the server's chunk size in tokens")
+    b.add_argument("--cpu-bytes", type=int, default=64 << 20, help="the CPU tier's byte budget (default 64 MiB)")
+    b.add_argument("--max-new-tokens", type=int, default=1)
+    b.add_argument("--json", dest="json_out", default="out/bench_novel.json")
+    b.set_defaults(func=cmd_bench_novel)
 
     b = subparsers.add_parser("bench-model",
                               help="write a timing-only checkpoint folder (random weights) of an 8B shape")
