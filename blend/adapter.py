@@ -89,6 +89,11 @@ class LlamaStep:
         self.max_positions = getattr(config, "max_position_embeddings", None)
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's K and V take in the cache, every layer."""
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.hf.model.embed_tokens.weight.dtype
 

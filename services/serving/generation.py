@@ -150,7 +150,7 @@ class Generation:
             return 0
         step = self.model.precompute.step
         tokens = n + self._limit if not step.max_positions else min(n + self._limit, step.max_positions)
-        return tokens * step.n_layers * 2 * step.n_kv_heads * step.head_dim * step.dtype.itemsize
+        return tokens * step.kv_bytes_per_token
 
     def start(self) -> bool:
         precompute, step = self.model.precompute, self.model.precompute.step
@@ -293,8 +293,7 @@ class Generation:
         if config.mode != "blend":
             return [], config
         step = self.model.precompute.step
-        bytes_per_token = step.n_layers * 2 * step.n_kv_heads * step.head_dim * step.dtype.itemsize
-        plan = self.estimates.plan(source.stats.tiers[1:], [len(ids) for ids in chunks], bytes_per_token,
+        plan = self.estimates.plan(source.stats.tiers[1:], [len(ids) for ids in chunks], step.kv_bytes_per_token,
                                    config.ratio, step.device.type == "cuda")
         if plan is None:
             self.report.plan = PlanReport(reason="controller off" if not self.estimates.enabled

@@ -110,6 +110,7 @@ class ModelWorker:
         self.max_active = max_active
         self.max_kv_bytes = max_kv_bytes
         self._kv: dict[int, int] = {}  # id(job) -> KV bytes, for every started job that has not ended
+        self._kv_blocked = 0  # waiting jobs that did not fit beside the started ones, at the last pick
         self.batch = batch  # one decode step for several `decoding` jobs at once; per job, True for more
         self._waiting: deque[Job] = deque()
         self._active: deque[Job] = deque()
@@ -175,9 +176,10 @@ class ModelWorker:
         return sum(not isinstance(job, _Call) for job in self._waiting)
 
     def kv_bytes(self) -> tuple[int, int]:
-        """(KV bytes the started jobs hold, jobs waiting that do not fit beside them)."""
+        """(KV bytes the started jobs hold, jobs that waited for KV room at the last pick). Read from any
+        thread: it never sizes a job (that tokenizes its prompt, which only the model thread does)."""
         with self._cond:
-            return sum(self._kv.values()), len(self._waiting) - len(self._admissible())
+            return sum(self._kv.values()), self._kv_blocked
 
     def depth(self) -> tuple[int, int]:
         """(waiting, active): queued jobs not started yet, and started ones (the one running included)."""
@@ -200,6 +202,7 @@ class ModelWorker:
             self._waiting.clear()
             self._active.clear()
             self._kv.clear()
+            self._kv_blocked = 0
             self._closed = True
             self._aborted = error  # the job taking its turn now is dropped when the turn ends
             self._cond.notify_all()
@@ -230,6 +233,8 @@ class ModelWorker:
         lock; removes the job from its queue."""
         room = len(self._active) < self.max_active
         admissible = self._admissible() if room else []
+        if room:
+            self._kv_blocked = len(self._waiting) - len(admissible)
         candidates = list(self._active) + admissible
         if not candidates:
             return None

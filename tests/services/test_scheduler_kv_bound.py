@@ -29,9 +29,9 @@ def _job(name: str, size: int, turns: int, log: list, done: threading.Semaphore,
                            cancelled=lambda: False, fail=lambda error: done.release())
 
 
-def _run(sizes: dict[str, tuple[int, int]], max_kv_bytes: int) -> tuple[list[str], tuple[int, int], list[int]]:
+def _run(sizes: dict[str, tuple[int, int]], max_kv_bytes: int) -> tuple[list[str], tuple[int, int], list[tuple[int, int]]]:
     """Submit jobs (name -> (KV bytes, turns)) behind a held first turn; the turn log and, at each turn,
-    the worker's (bytes held, jobs waiting for room) at the end, and the bytes held at each later turn."""
+    the worker's (bytes held, jobs waiting for room) at the end, and the (bytes held, jobs waiting for room) at each later turn."""
     log, done, gate = [], threading.Semaphore(0), threading.Event()
     worker = ModelWorker(max_waiting=32, max_active=8, max_kv_bytes=max_kv_bytes)
     seen = []
@@ -40,7 +40,7 @@ def _run(sizes: dict[str, tuple[int, int]], max_kv_bytes: int) -> tuple[list[str
         for name, (size, turns) in sizes.items():
             job = _job(name, size, turns, log, done)
             step = job.step
-            job.step = lambda step=step: (seen.append(worker.kv_bytes()[0]), step())[1]
+            job.step = lambda step=step: (seen.append(worker.kv_bytes()), step())[1]
             worker.submit(job)
         gate.set()
         for _ in range(len(sizes) + 1):
@@ -54,7 +54,8 @@ def _run(sizes: dict[str, tuple[int, int]], max_kv_bytes: int) -> tuple[list[str
 def test_a_request_that_does_not_fit_waits_until_the_active_ones_end():
     log, after, seen = _run({"a": (60, 3), "b": (60, 3)}, max_kv_bytes=100)
     assert log == ["a", "a", "a", "b", "b", "b"]  # b never active beside a: 120 bytes > 100
-    assert seen and all(held <= 100 for held in seen)
+    assert seen and all(held <= 100 for held, _ in seen)
+    assert (60, 1) in seen  # while a ran, b was reported waiting for KV room
     assert after == (0, 0)  # every buffer released at the end
 
 
