@@ -68,6 +68,17 @@ def causal_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> tor
     return mask.masked_fill_(~allowed, float("-inf"))[None, None]
 
 
+# On CUDA, PyTorch's SDPA takes cuDNN attention, which builds an execution plan for every new shape
+# (40-66 ms on an H200, torch 2.11; services/bench/probe_sdpa.py) and then runs that shape in ~0.2 ms.
+# Served prompts differ in length and blend's recompute set in size, so unpadded, nearly every request
+# paid plan builds. Attention is padded to these multiples instead (queries, keys), so shapes repeat.
+CUDA_ATTENTION_BUCKETS = (64, 512)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 class LlamaStep:
     """Explicit-position view of a loaded Hugging Face Llama-family causal LM (batch of one request)."""
 
@@ -87,6 +98,10 @@ class LlamaStep:
         self.inv_freq = rotary.inv_freq.float()
         self.scale = self.layers[0].self_attn.scaling
         self.max_positions = getattr(config, "max_position_embeddings", None)
+        # (query, key) multiples attention is padded to, or None for exact shapes; None on CPU, where
+        # no per-shape plan exists and padding would only add work (tests may set it there).
+        self.attention_buckets: tuple[int, int] | None = (
+            CUDA_ATTENTION_BUCKETS if self.device.type == "cuda" else None)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -101,8 +116,14 @@ class LlamaStep:
     def device(self) -> torch.device:
         return self.hf.model.embed_tokens.weight.device
 
+    def cache_tokens(self, capacity: int) -> int:
+        """Positions a KV buffer asked to hold `capacity` tokens has: padded to the key bucket, so
+        attention over it keeps a repeating shape (see CUDA_ATTENTION_BUCKETS)."""
+        return round_up(capacity, self.attention_buckets[1]) if self.attention_buckets else capacity
+
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache.empty(self.n_layers, capacity, self.n_kv_heads, self.head_dim, self.dtype, self.device)
+        return KVCache.empty(self.n_layers, self.cache_tokens(capacity), self.n_kv_heads, self.head_dim,
+                             self.dtype, self.device)
 
     # --- RoPE -------------------------------------------------------------------------------------
 
@@ -169,24 +190,52 @@ class LlamaStep:
         qk = self.apply_rotation(torch.cat((q, k), dim=1), cos, sin)
         return qk[:, : self.n_heads], qk[:, self.n_heads :], v
 
+    def _attention_shape(self, n_queries: int, length: int, capacity: int) -> tuple[int, int]:
+        """(queries, keys) attention runs on: exact, or padded to the buckets where the buffer has room."""
+        if not self.attention_buckets or round_up(length, self.attention_buckets[1]) > capacity:
+            return n_queries, length
+        keys = round_up(length, self.attention_buckets[1])
+        if n_queries == length:  # plain causal: queries pad along with the keys
+            return keys, keys
+        return min(round_up(n_queries, self.attention_buckets[0]), keys), keys
+
+    def mask(self, positions: torch.Tensor, length: int, capacity: int) -> torch.Tensor | None:
+        """The additive mask `attend` needs for these positions over cache[:length] (None: plain causal);
+        built once per set of positions and shared by every layer that computes them. Padded query rows
+        (position 0 stands in) see key 0 only; keys past `length` are never seen (positions < length)."""
+        n = positions.shape[0]
+        if n == length:
+            return None
+        rows, keys = self._attention_shape(n, length, capacity)
+        if rows > n:
+            positions = torch.cat((positions, positions.new_zeros(rows - n)))
+        return causal_mask(positions, keys, self.dtype)
+
     def attend(self, layer: int, h, q, positions: torch.Tensor, cache: KVCache, length: int, mask=None):
         """Attention of q over cache[:length] with an exact causal mask from absolute positions, then MLP.
 
-        `mask` may be passed in when the same positions run through several layers (it only depends on
-        positions and length); positions are always sorted and unique.
+        `mask` (from `mask`) may be passed in when the same positions run through several layers;
+        positions are always sorted and unique. On CUDA the queries and keys are padded to bucket
+        sizes (zero query rows whose output is dropped, keys the mask hides): one shape serves many
+        requests (CUDA_ATTENTION_BUCKETS).
         """
-        keys, values = cache.keys_values(layer, length)  # [n_kv, length, d]
+        n = h.shape[0]
+        rows, width = self._attention_shape(n, length, cache.capacity)
+        keys, values = cache.keys_values(layer, width)  # [n_kv, width, d]
         # T == length means positions are exactly 0..length-1: plain causal, which takes the fused
-        # (flash) kernel instead of materialising a mask.
-        causal = h.shape[0] == length
+        # kernel instead of materialising a mask.
+        causal = n == length
         if mask is None and not causal:
-            mask = causal_mask(positions, length, q.dtype)
+            mask = self.mask(positions, length, cache.capacity)
+        queries = q.transpose(0, 1)[None]
+        if rows > n:
+            queries = F.pad(queries, (0, 0, 0, rows - n))
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=None if causal else mask,
+            queries, keys[None], values[None], attn_mask=None if causal else mask,
             is_causal=causal,
             scale=self.scale, enable_gqa=True,
         )
-        out = out[0].transpose(0, 1).reshape(h.shape[0], self.n_heads * self.head_dim)
+        out = out[0, :, :n].transpose(0, 1).reshape(n, self.n_heads * self.head_dim)
         return self._project(layer, h, out)
 
     def _project(self, layer: int, h, out):

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from blend.adapter import LlamaStep, causal_mask
+from blend.adapter import LlamaStep
 from blend.cache import ChunkKV, KVCache
 from blend.prompt import PromptLayout
 from blend.selectors import SCORERS, Selector, adaptive_count, parse_selector, token_scores
@@ -154,11 +154,6 @@ def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
     }
 
 
-def _mask_for(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Built once per set of positions and shared by every layer that computes them."""
-    return None if positions.shape[0] == length else causal_mask(positions, length, dtype)
-
-
 def _keep(selection: Selector, score, mass, candidate, n_candidates: int, n_always: int, ceiling: int):
     """Indices (sorted) of the computed tokens kept: every non-candidate, then the best candidates.
 
@@ -242,7 +237,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         exact[len(layout.prefix) : len(layout.prefix) + len(layout.chunks[0])] = True
         exact &= ~always
     h = step.embed(ids[first:])
-    mask, rope = _mask_for(positions, n, step.dtype), step.cos_sin(positions)
+    mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
     for layer in range(step.n_layers):
         if source is not None:
             _place(step, cache, layer, source.layer(layer), new_starts, turn)
@@ -264,7 +259,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
                      round(schedule[layer] * n_chunk_tokens))
         n_candidates = keep.shape[0] - n_always
         h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
-        mask, rope = _mask_for(positions, n, step.dtype), step.cos_sin(positions)
+        mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
         cache.write(layer, positions, k, v)
         h = step.attend(layer, h, q, positions, cache, n, mask)
         yield layer
@@ -288,4 +283,4 @@ def compute_kv(step: LlamaStep, token_ids: Sequence[int], behind: ChunkKV | None
         h = step.embed(torch.tensor(list(token_ids), device=step.device))
         for layer in range(step.n_layers):
             h = step.step(layer, h, positions, cache, start + count)
-    return ChunkKV(token_ids=tuple(token_ids), start=start, kv=cache.data[:, start:].clone())
+    return ChunkKV(token_ids=tuple(token_ids), start=start, kv=cache.data[:, start : start + count].clone())

@@ -150,7 +150,7 @@ class Generation:
             return 0
         step = self.model.precompute.step
         tokens = n + self._limit if not step.max_positions else min(n + self._limit, step.max_positions)
-        return tokens * step.kv_bytes_per_token
+        return step.cache_tokens(tokens) * step.kv_bytes_per_token
 
     def start(self) -> bool:
         precompute, step = self.model.precompute, self.model.precompute.step
