@@ -101,6 +101,51 @@ def _paired(base: list[float], times: list[float]) -> float:
     return round(statistics.median(b / t for b, t in zip(base, times)), 3)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, repeats: int = 5) -> dict:
+    """Decode ms/token at this prompt's context: our step (greedy, from a full prefill's cache) against the
+    Hugging Face model's own `generate` with its cache, rounds interleaved. `generate` includes its
+    prefill, so its per-token figure is (time for 1 + steps tokens - time for 1 token) / steps, `steps`
+    forward passes of one token; ours times `steps` decode steps alone. Also says whether both picked the same tokens."""
+    from blend.decode import Sampling, decode
+
+    device = step.device
+    filled = prefill(step, layout, BlendConfig("full"), None, capacity=len(layout) + steps + 1)
+    ids = torch.tensor([layout.token_ids], device=device)
+    hf_args = dict(do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
+
+    def ours():
+        # `steps` tokens: the first from the prefill's logits, each followed by one decode step.
+        return list(decode(step, filled.cache, filled.length, filled.logits, steps, set(), Sampling()))
+
+    def hf(new):
+        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, **hf_args)[0, ids.shape[1]:].tolist()
+
+    runs = {"ours": ours, "hf_one": lambda: hf(1), "hf_all": lambda: hf(steps + 1)}
+    for fn in runs.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    ours_ms = [1000 * t / steps for t in times["ours"]]
+    hf_ms = [1000 * (a - b) / steps for a, b in zip(times["hf_all"], times["hf_one"])]
+    return {"context_tokens": len(layout), "steps": steps, "repeats": repeats,
+            "ours_ms_per_token": round(statistics.median(ours_ms), 3),
+            "ours_min_ms_per_token": round(min(ours_ms), 3),
+            "hf_generate_ms_per_token": round(statistics.median(hf_ms), 3),
+            "speedup_vs_hf_generate": round(statistics.median(h / o for h, o in zip(hf_ms, ours_ms)), 3),
+            "same_tokens": ours() == hf(steps)}
+
+
 def tier_store(tier: str, entries: list[ChunkKV], fingerprint: str, redis_url: str | None = None):
     """A store holding only `tier` ("gpu", "cpu" or "redis") with every chunk entry put in it, and the
     chunks' keys: what the server's store holds when the chunks sit in that tier."""
@@ -227,6 +272,7 @@ def run_bench(config: BenchConfig) -> dict:
                 full = by_label["full"]
                 meta["full_median_over_min"] = round(statistics.median(full) / min(full), 3)
                 meta["timeline"] = copy_timeline(step, layout, stores["cpu"][0], prefix, stores["cpu"][1])
+                meta["decode"] = time_decode(step, model, layout, repeats=max(3, config.repeats // 4))
                 if config.profile:
                     meta["profile"] = profile_overlap(step, layout, lambda: source("cpu"), config.profile)
             stores.clear()
