@@ -21,6 +21,7 @@ import torch
 from blend.adapter import LlamaStep
 from blend.cache import ChunkKV
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
+from blend.graphs import GraphDecoder
 from blend.loader import gate
 from blend.prompt import PromptLayout
 from store.keys import chunk_key
@@ -126,6 +127,16 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
         return model.generate(ids, max_new_tokens=new, min_new_tokens=new, **hf_args)[0, ids.shape[1]:].tolist()
 
     runs = {"ours": ours, "hf_one": lambda: hf(1), "hf_all": lambda: hf(steps + 1)}
+    graphed = GraphDecoder(step, filled.cache) if device.type == "cuda" else None
+    if graphed is not None:
+        def ours_graph():
+            tokens, logits = [], filled.logits
+            for offset in range(steps):
+                tokens.append(int(logits.argmax()))
+                logits = graphed(tokens[-1], filled.length + offset)
+            return tokens
+
+        runs["ours_graph"] = ours_graph
     for fn in runs.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -143,7 +154,18 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
             "ours_min_ms_per_token": round(min(ours_ms), 3),
             "hf_generate_ms_per_token": round(statistics.median(hf_ms), 3),
             "speedup_vs_hf_generate": round(statistics.median(h / o for h, o in zip(hf_ms, ours_ms)), 3),
-            "same_tokens": ours() == hf(steps)}
+            "same_tokens": ours() == hf(steps),
+            **(_graph_figures(times["ours_graph"], ours_ms, steps, graphed, ours_graph() == ours())
+               if graphed is not None else {})}
+
+
+def _graph_figures(times: list[float], eager_ms: list[float], steps: int, graphed, same: bool) -> dict:
+    """The CUDA-graph decode's row: ms/token (its loop reads each token back, as serving does), its
+    gain over the eager step in the same rounds, the one-off capture time, and token agreement."""
+    graph_ms = [1000 * t / steps for t in times]
+    return {"graph_ms_per_token": round(statistics.median(graph_ms), 3),
+            "graph_speedup_vs_eager": round(statistics.median(e / g for e, g in zip(eager_ms, graph_ms)), 3),
+            "graph_capture_ms": round(1000 * graphed.capture_s, 1), "graph_same_tokens_as_eager": same}
 
 
 def tier_store(tier: str, entries: list[ChunkKV], fingerprint: str, redis_url: str | None = None):
