@@ -9,6 +9,7 @@ import torch
 
 from blend.adapter import LlamaStep
 from blend.cache import KVCache
+from blend.graphs import GraphDecoder
 
 
 def stop_token_ids(tokenizer, model_config) -> set[int]:
@@ -75,6 +76,10 @@ class Decoding:
     length: int
     logits: torch.Tensor
     choose: Callable[[torch.Tensor], int] = _argmax
+    # Decoding alone, its step runs as one CUDA graph (blend/graphs.py), captured at its first such
+    # step; in a batch it takes the eager batched step. Both write the same buffer.
+    use_graph: bool = False
+    graph: GraphDecoder | None = None
 
     def token(self) -> int:
         return self.choose(self.logits)
@@ -89,6 +94,13 @@ def advance(step: LlamaStep, decodings: Sequence[Decoding], tokens: Sequence[int
     for every request); each gets its next logits."""
     if any(d.full for d in decodings):
         raise ValueError("a decoding's KV buffer is full")
+    if len(decodings) == 1 and decodings[0].use_graph:
+        decoding = decodings[0]
+        if decoding.graph is None:
+            decoding.graph = GraphDecoder(step, decoding.cache)
+        decoding.logits = decoding.graph(tokens[0], decoding.length)
+        decoding.length += 1
+        return
     positions = torch.tensor([d.length for d in decodings], device=step.device)
     logits = step.forward_each(torch.tensor(list(tokens), device=step.device), positions,
                                [d.cache for d in decodings])

@@ -109,6 +109,9 @@ class ServerConfig:
     max_waiting: int = 64  # requests queued for the model; one more is RESOURCE_EXHAUSTED
     max_active: int = 4  # requests decoding at once, interleaved token by token on the model thread
     batch_decode: bool = True  # the active requests' decode steps run as one batched step (false: one each)
+    # On CUDA a request decoding alone replays its decode step as one CUDA graph, captured at its first
+    # decode step (blend/graphs.py). Off until measured on a GPU (docs/gpu.md).
+    decode_graphs: bool = False
     max_kv_bytes: int = 0  # active requests' KV buffers at most this many bytes together (0: no bound); one waits
     max_ingest_calls: int = 8  # IngestChunks calls in progress at once; one more is RESOURCE_EXHAUSTED
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish

@@ -30,6 +30,11 @@ WORDS = ("river stone harbor lantern meadow copper violet engine orchard signal 
          "falcon glacier velvet timber ember quarry pillar saddle").split()
 
 
+# redis, mixed and mixed-fixed run only with a Redis URL.
+SCENARIOS = ("gpu", "cpu", "redis", "mixed", "mixed-fixed", "cpu-fixed", "throughput", "decode-eager",
+             "decode-graphs")
+
+
 @dataclass(frozen=True)
 class GpuServiceBenchConfig:
     model: Path  # a checkpoint folder (e.g. from `kvblend bench-model`)
@@ -42,7 +47,7 @@ class GpuServiceBenchConfig:
     json_out: Path = Path("out/bench_service_gpu.json")
     plot: Path | None = None
     fusor_repeats: int = 10
-    scenarios: tuple[str, ...] = ("gpu", "cpu", "redis", "mixed", "mixed-fixed")  # also: cpu-fixed, throughput
+    scenarios: tuple[str, ...] = ("gpu", "cpu", "redis", "mixed", "mixed-fixed")  # see SCENARIOS
     device: str = "cuda"  # "cpu" only to smoke-test the program itself (no figures worth quoting)
 
 
@@ -79,6 +84,15 @@ def scenarios(config: GpuServiceBenchConfig) -> list[Scenario]:
     out.append(Scenario("throughput", {"gpu_bytes": 0, "cpu_bytes": 16 * GIB},
                         server={"max_active": 32, "max_waiting": 128, "rpc_threads": 256, "loading_controller": False},
                         rows=(("full", None), ("blend", 0.15)), clients=(1, 4, 16, 32), max_new_tokens=64))
+    # One client decoding alone, eager step against its CUDA graph (blend/graphs.py), 64-token answers:
+    # output tokens/s and TTFT of the same rows with only `decode_graphs` different (issue 16).
+    for name, graphs in (("decode-eager", False), ("decode-graphs", True)):
+        out.append(Scenario(name, {"gpu_bytes": 0, "cpu_bytes": 16 * GIB},
+                            server={"loading_controller": False, "decode_graphs": graphs},
+                            rows=(("full", None), ("blend", 0.15)), clients=(1,), max_new_tokens=64))
+    unknown = sorted(set(config.scenarios) - set(SCENARIOS))
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
     return [s for s in out if s.name in config.scenarios]
 
 

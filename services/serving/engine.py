@@ -93,7 +93,8 @@ class Engine:
         self.precompute: Precompute = self.worker.call(
             lambda: Precompute(model.step, model.tokenizer, model.fingerprint))
         self.parts = ModelParts(self.precompute, model.tokenizer,
-                                frozenset(stop_token_ids(model.tokenizer, model.step.config)))
+                                frozenset(stop_token_ids(model.tokenizer, model.step.config)),
+                                decode_graphs=config.decode_graphs)
         prefix = len(self.precompute.prefix_ids)
         limit = model.step.max_positions
         if limit and prefix + config.chunk_tokens >= limit:

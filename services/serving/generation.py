@@ -39,6 +39,7 @@ class ModelParts:
     precompute: Precompute  # the step, the system prefix, chunk keys and chunk K/V
     tokenizer: object
     stop_ids: frozenset[int]
+    decode_graphs: bool = False  # on CUDA, a request decoding alone replays its step as a CUDA graph
 
 
 _DONE = object()
@@ -204,7 +205,9 @@ class Generation:
             if time.perf_counter() >= until:
                 return True
         self._filling = None
-        self._decoding = Decoding(filled.cache, filled.length, filled.logits, self.request.sampling.chooser())
+        graphs = self.model.decode_graphs and self.model.precompute.step.device.type == "cuda"
+        self._decoding = Decoding(filled.cache, filled.length, filled.logits, self.request.sampling.chooser(),
+                                  use_graph=graphs)
         return self._emit(first=True)
 
     def _prefill(self, layout, capacity: int):
