@@ -249,17 +249,21 @@ class LlamaStep:
         cache.write(layer, positions, k, v)
         return self.attend(layer, h, q, positions, cache, length, mask)
 
-    def step_each(self, layer: int, h, positions: torch.Tensor, caches: list[KVCache], rope=None):
+    def step_each(self, layer: int, h, positions: torch.Tensor, caches: list[KVCache], rope=None,
+                  ends: list[int] | None = None):
         """`step` for one new token of each of several requests (batched decode): token i, at
         `positions[i]`, is the next token of the request whose buffer is `caches[i]`, and attends to that
         buffer's positions 0..positions[i] only. Projections and MLP run once over all the tokens (the
-        weights are read once); attention runs per request, over that request's own cache."""
+        weights are read once); attention runs per request, over that request's own cache. `ends` (the
+        positions on the host) spares a device read per request and layer."""
         q, k, v = self.qkv(layer, h, positions, rope)
+        kv = torch.stack((k, v), dim=1)  # once for the batch: each request's row is then one index_copy
+        ends = positions.tolist() if ends is None else ends
         outs = []
         for index, cache in enumerate(caches):
             row = slice(index, index + 1)
-            cache.write(layer, positions[row], k[row], v[row])
-            keys, values = cache.keys_values(layer, int(positions[index]) + 1)
+            cache.data[layer].index_copy_(0, positions[row], kv[row].to(cache.data.dtype))
+            keys, values = cache.keys_values(layer, ends[index] + 1)
             # One query at the cache's last filled position sees every key before it: no mask needed.
             out = F.scaled_dot_product_attention(q[row].transpose(0, 1)[None], keys[None], values[None],
                                                  scale=self.scale, enable_gqa=True)
@@ -273,10 +277,11 @@ class LlamaStep:
         """One new token for each of several requests (see `step_each`); logits [B, vocab]."""
         if not len(token_ids) == len(positions) == len(caches):
             raise ValueError(f"{len(token_ids)} tokens, {len(positions)} positions and {len(caches)} caches")
+        ends = positions.tolist()  # read once per step, not per request and layer
         positions = positions.to(self.device)
         h, rope = self.embed(token_ids), self.cos_sin(positions)
         for layer in range(self.n_layers):
-            h = self.step_each(layer, h, positions, caches, rope)
+            h = self.step_each(layer, h, positions, caches, rope, ends)
         return self.logits(h)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

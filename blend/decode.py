@@ -101,7 +101,7 @@ def advance(step: LlamaStep, decodings: Sequence[Decoding], tokens: Sequence[int
         decoding.logits = decoding.graph(tokens[0], decoding.length)
         decoding.length += 1
         return
-    positions = torch.tensor([d.length for d in decodings], device=step.device)
+    positions = torch.tensor([d.length for d in decodings])  # on the host: forward_each moves it
     logits = step.forward_each(torch.tensor(list(tokens), device=step.device), positions,
                                [d.cache for d in decodings])
     for decoding, row in zip(decodings, logits):
