@@ -115,5 +115,11 @@ def test_a_request_counts_its_whole_kv_buffer_and_stats_report_the_bound(engine,
     per_token = step.n_layers * 2 * step.n_kv_heads * step.head_dim * step.dtype.itemsize  # K and V, every layer
     assert step.kv_bytes_per_token == per_token
     assert job.kv_bytes() == (first.report.prompt_tokens + 5) * per_token
+    # Where attention is padded to buckets (CUDA), the buffer is too, and the bound counts what it holds.
+    step.attention_buckets = (64, 512)
+    try:
+        assert job.kv_bytes() == -(-(first.report.prompt_tokens + 5) // 512) * 512 * per_token
+    finally:
+        step.attention_buckets = None
     stats = engine.stats(DEFAULT_TENANT)
     assert stats["kv_bytes_limit"] == 0 and stats["kv_bytes_active"] == 0 and stats["waiting_for_kv"] == 0
