@@ -192,9 +192,11 @@ class LlamaStep:
 
     def _attention_shape(self, n_queries: int, length: int, capacity: int) -> tuple[int, int]:
         """(queries, keys) attention runs on: exact, or padded to the buckets where the buffer has room."""
-        if not self.attention_buckets or round_up(length, self.attention_buckets[1]) > capacity:
+        if not self.attention_buckets:
             return n_queries, length
         keys = round_up(length, self.attention_buckets[1])
+        if keys > capacity:
+            return n_queries, length
         if n_queries == length:  # plain causal: queries pad along with the keys
             return keys, keys
         return min(round_up(n_queries, self.attention_buckets[0]), keys), keys
@@ -227,16 +229,16 @@ class LlamaStep:
         causal = n == length
         if mask is None and not causal:
             mask = self.mask(positions, length, cache.capacity)
-        queries = q.transpose(0, 1)[None]
         if rows > n:
-            queries = F.pad(queries, (0, 0, 0, rows - n))
-        out = F.scaled_dot_product_attention(
-            queries, keys[None], values[None], attn_mask=None if causal else mask,
-            is_causal=causal,
-            scale=self.scale, enable_gqa=True,
-        )
-        out = out[0, :, :n].transpose(0, 1).reshape(n, self.n_heads * self.head_dim)
-        return self._project(layer, h, out)
+            q = F.pad(q, (0, 0, 0, 0, 0, rows - n))
+        out = self.attention(q, keys, values, None if causal else mask, causal)
+        return self._project(layer, h, out[:n])
+
+    def attention(self, q, keys, values, mask=None, causal: bool = False) -> torch.Tensor:
+        """q [T, heads, d] over keys and values [n_kv_heads, L, d] (grouped heads shared) -> [T, heads x d]."""
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                                             is_causal=causal, scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(q.shape[0], self.n_heads * self.head_dim)
 
     def _project(self, layer: int, h, out):
         """Attention output [T, heads x d] -> the layer's output: o_proj, residual, MLP, residual."""
@@ -262,12 +264,9 @@ class LlamaStep:
         outs = []
         for index, cache in enumerate(caches):
             row = slice(index, index + 1)
-            cache.data[layer].index_copy_(0, positions[row], kv[row].to(cache.data.dtype))
-            keys, values = cache.keys_values(layer, ends[index] + 1)
+            cache.write_stacked(layer, positions[row], kv[row])
             # One query at the cache's last filled position sees every key before it: no mask needed.
-            out = F.scaled_dot_product_attention(q[row].transpose(0, 1)[None], keys[None], values[None],
-                                                 scale=self.scale, enable_gqa=True)
-            outs.append(out[0].transpose(0, 1).reshape(1, self.n_heads * self.head_dim))
+            outs.append(self.attention(q[row], *cache.keys_values(layer, ends[index] + 1)))
         return self._project(layer, h, torch.cat(outs))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,11 @@ class KVCache:
         return self.data.shape[1]
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        kv = torch.stack((k, v), dim=1).to(self.data.dtype)
-        self.data[layer].index_copy_(0, positions.to(self.data.device), kv)
+        self.write_stacked(layer, positions, torch.stack((k, v), dim=1))
+
+    def write_stacked(self, layer: int, positions: torch.Tensor, kv: torch.Tensor) -> None:
+        """K and V already stacked as [T, 2, kv_heads, head_dim] (a batch stacks them once for all)."""
+        self.data[layer].index_copy_(0, positions.to(self.data.device), kv.to(self.data.dtype))
 
     def keys_values(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         block = self.data[layer, :length]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from blend.adapter import LlamaStep
 from blend.cache import KVCache
@@ -43,10 +42,7 @@ class GraphDecoder:
         for layer in range(step.n_layers):
             q, k, v = step.qkv(layer, h, position, rope)
             cache.write(layer, position, k, v)
-            keys, values = cache.keys_values(layer, cache.capacity)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                                 attn_mask=mask, scale=step.scale, enable_gqa=True)
-            h = step._project(layer, h, out[0].transpose(0, 1).reshape(1, step.n_heads * step.head_dim))
+            h = step._project(layer, h, step.attention(q, *cache.keys_values(layer, cache.capacity), mask))
         return step.logits(h)[0]
 
     def _capture(self, warmup: int) -> None:

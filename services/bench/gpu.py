@@ -20,6 +20,7 @@ import torch
 
 from blend.adapter import LlamaStep
 from blend.cache import ChunkKV
+from blend.decode import Sampling, decode
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
 from blend.graphs import GraphDecoder
 from blend.loader import gate
@@ -112,8 +113,6 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
     Hugging Face model's own `generate` with its cache, rounds interleaved. `generate` includes its
     prefill, so its per-token figure is (time for 1 + steps tokens - time for 1 token) / steps, `steps`
     forward passes of one token; ours times `steps` decode steps alone. Also says whether both picked the same tokens."""
-    from blend.decode import Sampling, decode
-
     device = step.device
     filled = prefill(step, layout, BlendConfig("full"), None, capacity=len(layout) + steps + 1)
     ids = torch.tensor([layout.token_ids], device=device)

@@ -1,19 +1,10 @@
 """Probe (not a result): SDPA backends on masked / causal attention with GQA, new shapes vs repeated."""
-import time
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from blend.adapter import causal_mask
-
-
-def ms(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3
+from services.bench.probe_shapes import _ms as ms
 
 
 def main():

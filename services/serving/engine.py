@@ -94,7 +94,7 @@ class Engine:
             lambda: Precompute(model.step, model.tokenizer, model.fingerprint))
         self.parts = ModelParts(self.precompute, model.tokenizer,
                                 frozenset(stop_token_ids(model.tokenizer, model.step.config)),
-                                decode_graphs=config.decode_graphs)
+                                decode_graphs=config.decode_graphs and model.step.device.type == "cuda")
         prefix = len(self.precompute.prefix_ids)
         limit = model.step.max_positions
         if limit and prefix + config.chunk_tokens >= limit:

@@ -39,7 +39,7 @@ class ModelParts:
     precompute: Precompute  # the step, the system prefix, chunk keys and chunk K/V
     tokenizer: object
     stop_ids: frozenset[int]
-    decode_graphs: bool = False  # on CUDA, a request decoding alone replays its step as a CUDA graph
+    decode_graphs: bool = False  # a request decoding alone replays its step as a CUDA graph (CUDA only)
 
 
 _DONE = object()
@@ -205,9 +205,8 @@ class Generation:
             if time.perf_counter() >= until:
                 return True
         self._filling = None
-        graphs = self.model.decode_graphs and self.model.precompute.step.device.type == "cuda"
         self._decoding = Decoding(filled.cache, filled.length, filled.logits, self.request.sampling.chooser(),
-                                  use_graph=graphs)
+                                  use_graph=self.model.decode_graphs)
         return self._emit(first=True)
 
     def _prefill(self, layout, capacity: int):
