@@ -102,6 +102,9 @@ class LlamaStep:
         # no per-shape plan exists and padding would only add work (tests may set it there).
         self.attention_buckets: tuple[int, int] | None = (
             CUDA_ATTENTION_BUCKETS if self.device.type == "cuda" else None)
+        # blend.graphs.LayerGraphs, or None: the row-wise parts of a step over few enough tokens replay as
+        # CUDA graphs (set at the edge, e.g. by the engine on CUDA; eager is the reference).
+        self.graphs = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -221,7 +224,11 @@ class LlamaStep:
         sizes (zero query rows whose output is dropped, keys the mask hides): one shape serves many
         requests (CUDA_ATTENTION_BUCKETS).
         """
-        n = h.shape[0]
+        return self._project(layer, h, self._attend_out(layer, q, h.shape[0], positions, cache, length, mask))
+
+    def _attend_out(self, layer: int, q, n: int, positions: torch.Tensor, cache: KVCache, length: int, mask=None):
+        """The attention output [n, heads x d] of `attend`; q may carry rows past n (a graph bucket's:
+        they stand in for padding, and their output is dropped like padding's)."""
         rows, width = self._attention_shape(n, length, cache.capacity)
         keys, values = cache.keys_values(layer, width)  # [n_kv, width, d]
         # T == length means positions are exactly 0..length-1: plain causal, which takes the fused
@@ -229,10 +236,10 @@ class LlamaStep:
         causal = n == length
         if mask is None and not causal:
             mask = self.mask(positions, length, cache.capacity)
-        if rows > n:
-            q = F.pad(q, (0, 0, 0, 0, 0, rows - n))
-        out = self.attention(q, keys, values, None if causal else mask, causal)
-        return self._project(layer, h, out[:n])
+        q = q[:rows]
+        if rows > q.shape[0]:
+            q = F.pad(q, (0, 0, 0, 0, 0, rows - q.shape[0]))
+        return self.attention(q, keys, values, None if causal else mask, causal)[:n]
 
     def attention(self, q, keys, values, mask=None, causal: bool = False) -> torch.Tensor:
         """q [T, heads, d] over keys and values [n_kv_heads, L, d] (grouped heads shared) -> [T, heads x d]."""
@@ -247,6 +254,11 @@ class LlamaStep:
         return h + block.mlp(block.post_attention_layernorm(h))
 
     def step(self, layer: int, h, positions: torch.Tensor, cache: KVCache, length: int, mask=None, rope=None):
+        if self.graphs is not None and self.graphs.bucket(h.shape[0]) is not None:
+            bucket, q, kv = self.graphs.pre(layer, h, positions)
+            cache.write_stacked(layer, positions, kv)
+            return self.graphs.post(bucket, layer,
+                                    self._attend_out(layer, q, h.shape[0], positions, cache, length, mask))
         q, k, v = self.qkv(layer, h, positions, rope)
         cache.write(layer, positions, k, v)
         return self.attend(layer, h, q, positions, cache, length, mask)
@@ -258,8 +270,12 @@ class LlamaStep:
         buffer's positions 0..positions[i] only. Projections and MLP run once over all the tokens (the
         weights are read once); attention runs per request, over that request's own cache. `ends` (the
         positions on the host) spares a device read per request and layer."""
-        q, k, v = self.qkv(layer, h, positions, rope)
-        kv = torch.stack((k, v), dim=1)  # once for the batch: each request's row is then one index_copy
+        bucket = None
+        if self.graphs is not None and self.graphs.bucket(h.shape[0]) is not None:
+            bucket, q, kv = self.graphs.pre(layer, h, positions)
+        else:
+            q, k, v = self.qkv(layer, h, positions, rope)
+            kv = torch.stack((k, v), dim=1)  # once for the batch: each request's row is then one index_copy
         ends = positions.tolist() if ends is None else ends
         outs = []
         for index, cache in enumerate(caches):
@@ -267,6 +283,8 @@ class LlamaStep:
             cache.write_stacked(layer, positions[row], kv[row])
             # One query at the cache's last filled position sees every key before it: no mask needed.
             outs.append(self.attention(q[row], *cache.keys_values(layer, ends[index] + 1)))
+        if bucket is not None:
+            return self.graphs.post(bucket, layer, torch.cat(outs))
         return self._project(layer, h, torch.cat(outs))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

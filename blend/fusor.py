@@ -113,10 +113,12 @@ def cached_entries(mode: str, prefix: ChunkKV, chunks: Sequence[ChunkKV], layout
 
 
 def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn) -> None:
-    for block, new in zip(blocks, new_starts):
-        if block is None or block.shape[0] == 0:  # None: a chunk prefilled in full instead of loaded
-            continue
-        cache.data[layer, new : new + block.shape[0]].copy_(block, non_blocking=True)
+    # None: a chunk prefilled in full instead of loaded. One multi-tensor copy: a launch per layer, not
+    # one per chunk (on a GPU the step is bound by launches, issue 16).
+    pairs = [(cache.data[layer, new : new + block.shape[0]], block)
+             for block, new in zip(blocks, new_starts) if block is not None and block.shape[0]]
+    if pairs:
+        torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs], non_blocking=True)
     if turn is not None:
         # K was rotated at the positions each chunk was computed at: move every chunk's K to where it
         # sits now, in one pass over the contiguous chunk range (one rotation per layer, not per chunk).

@@ -72,3 +72,121 @@ class GraphDecoder:
             return self._body()
         self.graph.replay()
         return self._logits.clone()
+
+
+# Token counts the per-layer graphs are captured for: a step over n tokens runs in the smallest bucket
+# >= n (its padded rows are computed and dropped: every op in the captured parts is row by row). Small
+# ones serve decode batches, the rest a blend request's recompute set; above the last, the step is
+# compute-bound and runs eagerly.
+LAYER_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+
+
+class _Bucket:
+    """Static input/output buffers of one bucket, shared by its layers' graphs (they run one at a time)."""
+
+    def __init__(self, step: LlamaStep, rows: int):
+        dims = dict(dtype=step.dtype, device=step.device)
+        self.rows = rows
+        self.h = torch.zeros(rows, step.config.hidden_size, **dims)  # layer input (and post's residual)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=step.device)
+        self.q = torch.zeros(rows, step.n_heads, step.head_dim, **dims)
+        self.kv = torch.zeros(rows, 2, step.n_kv_heads, step.head_dim, **dims)
+        self.attended = torch.zeros(rows, step.n_heads * step.head_dim, **dims)
+        self.out = torch.zeros(rows, step.config.hidden_size, **dims)
+        self.pre: list = []  # per layer: a CUDA graph, or None where the body runs eagerly (CPU)
+        self.post: list = []
+        self.last_positions: torch.Tensor | None = None  # the positions tensor `positions` holds
+
+
+class LayerGraphs:
+    """Each layer's row-wise parts as CUDA graphs, per bucket of token count (issue 16): `pre` (input
+    norm, q/k/v projections, RoPE) and `post` (o_proj, residual, MLP, residual). The KV write and the
+    attention stay eager between them: they touch the request's own buffer at its own length, so the
+    graphs serve every request, prefill and decode batches alike, and a layer costs ~8 launches
+    instead of ~45. The bodies are `LlamaStep.qkv` and `LlamaStep._project` themselves; on CPU they
+    run eagerly on the same buffers (what the CPU tests check). One model thread uses them at a time.
+    """
+
+    def __init__(self, step: LlamaStep, buckets: tuple[int, ...] = LAYER_BUCKETS):
+        self.step = step
+        self.buckets = tuple(sorted(buckets))
+        self._sets: dict[int, _Bucket] = {}
+        self._pool = torch.cuda.graph_pool_handle() if step.device.type == "cuda" else None
+        self.capture_s = 0.0
+
+    def bucket(self, n: int) -> int | None:
+        """The bucket a step over n tokens runs in, or None (eager) past the largest."""
+        for rows in self.buckets:
+            if rows >= n:
+                return rows
+        return None
+
+    def _pre_body(self, b: _Bucket, layer: int) -> None:
+        q, k, v = self.step.qkv(layer, b.h, b.positions)
+        b.q.copy_(q)
+        b.kv.copy_(torch.stack((k, v), dim=1))
+
+    def _post_body(self, b: _Bucket, layer: int) -> None:
+        b.out.copy_(self.step._project(layer, b.h, b.attended))
+
+    def _set(self, rows: int) -> _Bucket:
+        b = self._sets.get(rows)
+        if b is None:
+            b = _Bucket(self.step, rows)
+            if self._pool is not None:
+                self._capture(b)
+            self._sets[rows] = b
+        return b
+
+    def _capture(self, b: _Bucket) -> None:
+        start = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS workspaces, lazy inits
+            for layer in range(self.step.n_layers):
+                self._pre_body(b, layer)
+                self._post_body(b, layer)
+        torch.cuda.current_stream().wait_stream(side)
+        for layer in range(self.step.n_layers):
+            for body, graphs in ((self._pre_body, b.pre), (self._post_body, b.post)):
+                graph = torch.cuda.CUDAGraph()
+                # All graphs share one pool: they replay one at a time, and each copies its results
+                # into the bucket's buffers, which live outside the pool.
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    body(b, layer)
+                graphs.append(graph)
+        torch.cuda.synchronize()
+        self.capture_s += time.perf_counter() - start
+
+    def capture_all(self) -> float:
+        """Capture every bucket now (start-up), not at the first request that needs it; seconds taken."""
+        before = self.capture_s
+        for rows in self.buckets:
+            self._set(rows)
+        return self.capture_s - before
+
+    def pre(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
+        """(bucket, q, kv): the layer's rotated q [n, heads, d] and stacked K/V [n, 2, kv_heads, d] for
+        h [n, hidden] at positions [n], as views of the bucket's buffers (valid until its next replay)."""
+        n = h.shape[0]
+        b = self._set(self.bucket(n))
+        b.h[:n].copy_(h)
+        if b.last_positions is not positions:
+            b.positions[:n].copy_(positions)
+            b.last_positions = positions
+        if b.pre and b.pre[layer] is not None:
+            b.pre[layer].replay()
+        else:
+            self._pre_body(b, layer)
+        return b, b.q, b.kv[:n]
+
+    def post(self, b: _Bucket, layer: int, attended: torch.Tensor) -> torch.Tensor:
+        """The layer's output [n, hidden] (a fresh tensor) from attention's output [n, heads x d], the
+        residual being the h `pre` took."""
+        n = attended.shape[0]
+        b.attended[:n].copy_(attended)
+        if b.post and b.post[layer] is not None:
+            b.post[layer].replay()
+        else:
+            self._post_body(b, layer)
+        return b.out[:n].clone()

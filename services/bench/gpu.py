@@ -22,7 +22,7 @@ from blend.adapter import LlamaStep
 from blend.cache import ChunkKV
 from blend.decode import Sampling, decode
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
-from blend.graphs import GraphDecoder
+from blend.graphs import GraphDecoder, LayerGraphs
 from blend.loader import gate
 from blend.prompt import PromptLayout
 from store.keys import chunk_key
@@ -49,6 +49,7 @@ class BenchConfig:
     plot: Path | None = None
     profile: Path | None = None
     selectors: tuple[str, ...] = (BlendConfig.selector,)  # the first gets every blend row; the others blend@0.15, CPU tier
+    layer_graphs: bool = True  # also time each cached-KV row with the per-layer CUDA graphs (blend/graphs.py)
 
     def __post_init__(self):
         for selector in self.selectors:
@@ -103,12 +104,21 @@ def _paired(base: list[float], times: list[float]) -> float:
     return round(statistics.median(b / t for b, t in zip(base, times)), 3)
 
 
+def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
+    step.graphs = graphs
+    try:
+        return fn()
+    finally:
+        step.graphs = None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, repeats: int = 5) -> dict:
+def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, repeats: int = 5,
+                graphs: LayerGraphs | None = None) -> dict:
     """Decode ms/token at this prompt's context: our step (greedy, from a full prefill's cache) against the
     Hugging Face model's own `generate` with its cache, rounds interleaved. `generate` includes its
     prefill, so its per-token figure is (time for 1 + steps tokens - time for 1 token) / steps, `steps`
@@ -126,6 +136,8 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
         return model.generate(ids, max_new_tokens=new, min_new_tokens=new, **hf_args)[0, ids.shape[1]:].tolist()
 
     runs = {"ours": ours, "hf_one": lambda: hf(1), "hf_all": lambda: hf(steps + 1)}
+    if graphs is not None:
+        runs["ours_layer_graphs"] = lambda: _with_graphs(step, graphs, ours)
     graphed = GraphDecoder(step, filled.cache) if device.type == "cuda" else None
     if graphed is not None:
         def ours_graph():
@@ -154,6 +166,8 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
             "hf_generate_ms_per_token": round(statistics.median(hf_ms), 3),
             "speedup_vs_hf_generate": round(statistics.median(h / o for h, o in zip(hf_ms, ours_ms)), 3),
             "same_tokens": ours() == hf(steps),
+            **({"layer_graphs_ms_per_token": round(statistics.median(1000 * t / steps for t in times["ours_layer_graphs"]), 3),
+                "layer_graphs_same_tokens": _with_graphs(step, graphs, ours) == ours()} if graphs is not None else {}),
             **(_graph_figures(times["ours_graph"], ours_ms, steps, graphed, ours_graph() == ours())
                if graphed is not None else {})}
 
@@ -241,6 +255,11 @@ def run_bench(config: BenchConfig) -> dict:
     gate_error = gate(step, probe)
     rows, meta = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": config.shape,
                       "gate_relative_error": gate_error}
+    graphs = None
+    if config.layer_graphs:
+        graphs = LayerGraphs(step)
+        with torch.inference_mode():
+            meta["layer_graphs_capture_s"] = round(graphs.capture_all(), 2)
     fingerprint = f"bench-{config.shape}"
     with torch.inference_mode():
         for n_chunks in config.chunks:
@@ -278,6 +297,10 @@ def run_bench(config: BenchConfig) -> dict:
                 plan.append((f"blend@0.15/cpu/{selector}", "blend", 0.15, "cpu",
                              lambda blend=BlendConfig("blend", ratio=0.15, selector=selector):
                              prefill(step, layout, blend, source("cpu"))))
+            if graphs is not None:
+                # The same requests with the per-layer graphs on (issue 16): eager and graph in one run.
+                for label, mode, ratio, tier, fn in list(plan[2:]):
+                    plan.append((f"{label}+graphs", mode, ratio, tier, lambda fn=fn: _with_graphs(step, graphs, fn)))
             # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each
             # row's speed-up is the median over rounds of full's time / its time in the same round.
             times = _interleaved([fn for *_, fn in plan], config.repeats)
@@ -293,7 +316,7 @@ def run_bench(config: BenchConfig) -> dict:
                 full = by_label["full"]
                 meta["full_median_over_min"] = round(statistics.median(full) / min(full), 3)
                 meta["timeline"] = copy_timeline(step, layout, stores["cpu"][0], prefix, stores["cpu"][1])
-                meta["decode"] = time_decode(step, model, layout, repeats=max(3, config.repeats // 4))
+                meta["decode"] = time_decode(step, model, layout, repeats=max(3, config.repeats // 4), graphs=graphs)
                 if config.profile:
                     meta["profile"] = profile_overlap(step, layout, lambda: source("cpu"), config.profile)
             stores.clear()

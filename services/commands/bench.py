@@ -22,7 +22,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         shape=args.shape, chunks=tuple(int(c) for c in args.chunks.split(",")), repeats=args.repeats,
         ratios=tuple(float(r) for r in args.ratios.split(",")), redis_url=args.redis_url,
         json_out=Path(args.json_out), plot=_path(args.plot), profile=_path(args.profile),
-        selectors=tuple(args.selectors.split(",")),
+        selectors=tuple(args.selectors.split(",")), layer_graphs=not args.no_layer_graphs,
     ))
 
 
@@ -113,6 +113,8 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--ratios", default="0.05,0.15,0.3")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--redis-url", default=None, help="also time chunk KV loaded from this Redis")
+    parser.add_argument("--no-layer-graphs", action="store_true",
+                        help="leave out the rows timed with the per-layer CUDA graphs (blend/graphs.py)")
     parser.add_argument("--selectors", default=BlendConfig.selector,
                         help="blend selectors timed; the first gets every row, the others blend@0.15 from the CPU tier")
     parser.add_argument("--json", dest="json_out", required=True)
