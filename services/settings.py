@@ -112,6 +112,10 @@ class ServerConfig:
     # On CUDA a request decoding alone replays its decode step as one CUDA graph, captured at its first
     # decode step (blend/graphs.py). Off until measured on a GPU (docs/gpu.md).
     decode_graphs: bool = False
+    # On CUDA each layer's row-wise parts (norm, projections, RoPE, MLP) replay as CUDA graphs per bucket of
+    # token count, captured at start-up (blend/graphs.py LayerGraphs): prefill, recompute and decode steps
+    # of up to 1,024 tokens launch ~8 kernels per layer instead of ~45.
+    layer_graphs: bool = True
     max_kv_bytes: int = 0  # active requests' KV buffers at most this many bytes together (0: no bound); one waits
     max_ingest_calls: int = 8  # IngestChunks calls in progress at once; one more is RESOURCE_EXHAUSTED
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish

@@ -31,7 +31,7 @@ WORDS = ("river stone harbor lantern meadow copper violet engine orchard signal 
 
 
 # redis, mixed and mixed-fixed run only with a Redis URL.
-SCENARIOS = ("gpu", "cpu", "redis", "mixed", "mixed-fixed", "cpu-fixed", "throughput", "decode-eager",
+SCENARIOS = ("gpu", "cpu", "redis", "mixed", "mixed-fixed", "cpu-fixed", "cpu-eager", "throughput", "decode-eager",
              "decode-graphs")
 
 
@@ -78,7 +78,11 @@ def scenarios(config: GpuServiceBenchConfig) -> list[Scenario]:
     # Fixed ratios beside the controller's raised one (~0.069 on an H200): does a recompute set whose size
     # changes per request cost more than its FLOPs (docs/gpu.md)?
     out.append(Scenario("cpu-fixed", {"gpu_bytes": 0, "cpu_bytes": 16 * GIB}, server={"loading_controller": False},
-                        rows=(("blend", 0.05), ("blend", 0.069), ("blend", 0.15)), clients=(1,)))
+                        rows=(("full", None), ("blend", 0.05), ("blend", 0.069), ("blend", 0.15)), clients=(1,)))
+    # The same with the per-layer CUDA graphs off (blend/graphs.py): the served gain of the graphs (issue 16).
+    out.append(Scenario("cpu-eager", {"gpu_bytes": 0, "cpu_bytes": 16 * GIB},
+                        server={"loading_controller": False, "layer_graphs": False},
+                        rows=(("full", None), ("blend", 0.05), ("blend", 0.15)), clients=(1,)))
     # Throughput under load (batched decode): chunks in the CPU tier, 64-token answers, up to 32 clients,
     # each decoding in the same batched step; the controller off so both modes do fixed work.
     out.append(Scenario("throughput", {"gpu_bytes": 0, "cpu_bytes": 16 * GIB},
@@ -264,9 +268,11 @@ def _compare(rows: list[dict], fusor: dict) -> None:
     for row in rows:
         base = full.get((row["scenario"], row["clients"]), full_any.get(row["clients"]))
         row["speedup_vs_full"] = base / row["server_ttft_p50_ms"] if base and row["server_ttft_p50_ms"] else None
-        tier = {"gpu": "gpu", "cpu": "cpu", "redis": "redis"}.get(row["scenario"])
+        tier = {"gpu": "gpu", "cpu": "cpu", "redis": "redis", "cpu-fixed": "cpu", "cpu-eager": "cpu"}.get(row["scenario"])
         label = ("full" if row["mode"] == "full" else "reuse" if row["mode"] == "reuse"
                  else f"blend@{row['ratio']:g}/{tier}" if tier else None)
+        if label and label != "full" and row["scenario"] != "cpu-eager" and row["scenario"] != "redis":
+            label += "+graphs"  # the server runs the per-layer graphs unless the scenario turns them off
         reference = fusor.get(label) if label else None
         row["vs_fusor"] = row["server_ttft_p50_ms"] / reference["ttft_ms"] if reference and row["clients"] == 1 \
             else None
