@@ -2,7 +2,8 @@
 
 Tiers are ordered fastest first. A `get` looks in each tier in turn; a hit below the top is copied
 up into the highest tier above that admits it (the lower copy stays, so the hierarchy is
-inclusive). A `put` goes to the highest admitting tier. When a tier is over its budget its least
+inclusive), unless that tier is full and its least recently used entry belongs to a chunk used at
+least as often (so a request larger than a tier leaves whole chunks there, not a slice of each). A `put` goes to the highest admitting tier. When a tier is over its budget its least
 recently used entries are evicted and demoted to the next tier down; the last tier drops them (a
 Redis bottom tier has no budget here and evicts by its own maxmemory policy). An entry larger than
 a tier's whole budget passes through it to the next tier.
@@ -219,10 +220,32 @@ class TieredStore:
             missing = still
         return found
 
+    def _displaces_as_hot(self, index: int, key: str, value: torch.Tensor) -> bool:
+        """Would promoting `key` into tier `index` evict an entry of a chunk used at least as often?
+
+        A request reads every chunk layer by layer. When its chunks do not all fit a tier, promoting
+        on every hit evicts, layer by layer, chunks that were wholly in the tier, until each chunk has
+        some layers only below and the whole request reads at the slow tier's speed (seen on an H200:
+        half the chunks in the CPU tier, half only in Redis, and after one request every chunk read as
+        a Redis chunk). So a promotion that needs room takes it only from a colder chunk (TinyLFU's
+        admission: the candidate's use count against the victim's)."""
+        lru = self._lru[index]
+        if lru is None:
+            return False
+        size = value.numel() * value.element_size()
+        with self._lock:
+            if self._used[index] - lru.get(key, 0) + size <= self.budgets[index] or not lru:
+                return False
+            victim = next(iter(lru))
+        return self.sketch.estimate(chunk_of(key)) <= self.sketch.estimate(chunk_of(victim))
+
     def _promote(self, index: int, key: str, value: torch.Tensor) -> None:
-        """A hit in tier `index`: a copy into the highest tier above that admits it."""
+        """A hit in tier `index`: a copy into the highest tier above that admits it and has room for it
+        without evicting a chunk as hot (`_displaces_as_hot`)."""
         for above in range(index):
             if self._admits(above, key):
+                if self._displaces_as_hot(above, key, value):
+                    continue
                 if self._place(above, key, value):
                     with self._lock:
                         self._stats[self.tiers[above].name].promotions += 1

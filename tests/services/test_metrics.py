@@ -139,6 +139,7 @@ def test_tier_counters_and_bytes_come_from_the_store_without_measuring_a_tier(se
     tiered = engine.store.tiered
     tiered.put("a", entry)
     tiered.put("b", entry)  # evicts a down to Redis
+    tiered.note_use("a")  # used more often than b: promotion may evict it
     assert tiered.get("a") is not None  # a Redis hit, promoted back up (evicting b)
     assert tiered.get("c") is None
     for tier in (cpu, redis_tier):

@@ -46,11 +46,42 @@ def test_a_hit_below_is_promoted_and_pushes_out_the_least_recently_used(tmp_path
     cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
     store = TieredStore([cpu, disk], [2 * SIZE, None])
     put_all(store, "abc")  # a was demoted
+    store.note_use("a")  # a is used more often than b, the least recently used: it takes b's place
     assert torch.equal(store.get("a"), block(0))
     assert held(cpu) == {"c", "a"} and held(disk) == {"a", "b"}  # inclusive: disk keeps its copy
     stats = store.stats()
     assert (stats["cpu"].promotions, stats["disk"].hits, stats["cpu"].misses) == (1, 1, 1)
     assert stats["disk"].demotions == 2  # a when c came in, b when a came back
+
+
+def test_a_hit_below_does_not_push_out_a_chunk_used_as_often(tmp_path):
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    store = TieredStore([cpu, disk], [2 * SIZE, None])
+    put_all(store, "abc")  # a was demoted
+    for key in "abc":
+        store.note_use(key)
+    assert torch.equal(store.get("a"), block(0))  # served from below, not promoted
+    assert held(cpu) == {"b", "c"} and store.stats()["cpu"].promotions == 0
+
+
+def test_a_request_larger_than_the_tier_leaves_whole_chunks_in_it(tmp_path):
+    """Four chunks of four layers, room for two chunks in the CPU tier: requests read every chunk
+    layer by layer. The tier keeps two whole chunks (read at its speed), instead of promotion on every
+    hit leaving layer slices of all four there, which makes every chunk read at the slow tier's speed."""
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    store = TieredStore([cpu, disk], [8 * SIZE, None])
+    chunks = ["c0", "c1", "c2", "c3"]
+    for seed, chunk in enumerate(chunks):
+        for layer in range(4):
+            assert store.put(f"{chunk}:{layer}", block(seed))
+    for _ in range(3):
+        for chunk in chunks:
+            store.note_use(chunk)
+        for layer in range(4):
+            for chunk in chunks:
+                assert store.get(f"{chunk}:{layer}") is not None
+    tiers = [store.slowest([f"{chunk}:{layer}" for layer in range(4)]) for chunk in chunks]
+    assert tiers == ["disk", "disk", "cpu", "cpu"]
 
 
 def test_the_bottom_tier_drops_its_least_recently_used(tmp_path):

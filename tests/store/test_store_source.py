@@ -140,7 +140,10 @@ def test_source_delivers_each_layer_on_the_gpu():
         store.put(key, chunk)
     assert store.tiered.tiers[0].pin  # the CPU tier holds pinned memory when CUDA is present
     with StoreSource(store, keys, device="cuda") as source:
-        for layer, blocks in enumerate(layers_of(source)):
+        # Checked as each layer arrives: a layer's blocks live in one of two staging buffers, refilled
+        # two layers later (the fusor places them into the request's buffer before asking for more).
+        for layer in range(N_LAYERS):
+            blocks = source.layer(layer)
             assert all(block.is_cuda and torch.equal(block.cpu(), chunk.kv[layer])
                        for block, chunk in zip(blocks, chunks))
 
