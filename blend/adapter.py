@@ -8,6 +8,8 @@ causal mask built from positions. The weights are the Hugging Face modules' own;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,53 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass
+class DecodeBatch:
+    """One batched decode step's attention over every request at once: each layer, the requests' K/V
+    (new token included) are copied into one zero-padded buffer [rows, keys, 2, kv_heads, d] by one
+    multi-tensor copy, and one attention call runs over it under a mask that hides each row's keys past
+    its request's end. Rows pad to a power of two and keys to the key bucket (on CUDA), so attention
+    shapes repeat (see CUDA_ATTENTION_BUCKETS); padded rows see key 0 only. Built once per step, shared
+    by its layers: a layer rewrites each row's filled keys, and the padding stays zero."""
+
+    keys_values: torch.Tensor  # [rows, keys, 2, n_kv_heads, head_dim]
+    mask: torch.Tensor  # [rows, 1, 1, keys] additive
+
+    @classmethod
+    def build(cls, step: "LlamaStep", ends: list[int]) -> "DecodeBatch":
+        rows, width = len(ends), max(ends) + 1
+        if step.attention_buckets:
+            rows, width = _pow2(rows), round_up(width, step.attention_buckets[1])
+        device = step.device
+        data = torch.zeros(rows, width, 2, step.n_kv_heads, step.head_dim, dtype=step.dtype, device=device)
+        last = torch.zeros(rows, dtype=torch.long)
+        last[: len(ends)] = torch.tensor(ends)
+        visible = torch.arange(width)[None, :] <= last[:, None]
+        mask = torch.zeros(rows, width, dtype=step.dtype).masked_fill_(~visible, float("-inf"))
+        return cls(data, mask.to(device)[:, None, None, :])
+
+    def attend(self, step: "LlamaStep", layer: int, q, kv, caches: list[KVCache], ends: list[int]) -> torch.Tensor:
+        """Write each request's new K/V (kv [B, 2, kv_heads, d]) at its end, gather every request's
+        keys 0..end, attend; q may carry padding rows (a graph bucket's). Returns [B, heads x d]."""
+        n = len(caches)
+        torch._foreach_copy_([cache.data[layer, end] for cache, end in zip(caches, ends)], list(kv[:n].unbind(0)))
+        torch._foreach_copy_([self.keys_values[i, : end + 1] for i, end in enumerate(ends)],
+                             [cache.data[layer, : end + 1] for cache, end in zip(caches, ends)])
+        rows = self.keys_values.shape[0]
+        q = q[:rows]
+        if q.shape[0] < rows:
+            q = F.pad(q, (0, 0, 0, 0, 0, rows - q.shape[0]))
+        keys = self.keys_values[:, :, 0].transpose(1, 2)  # [rows, n_kv, keys, d]
+        values = self.keys_values[:, :, 1].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=self.mask, scale=step.scale,
+                                             enable_gqa=True)  # [rows, heads, 1, d]
+        return out[:n, :, 0].reshape(n, step.n_heads * step.head_dim)
+
+
 class LlamaStep:
     """Explicit-position view of a loaded Hugging Face Llama-family causal LM (batch of one request)."""
 
@@ -102,6 +151,10 @@ class LlamaStep:
         # no per-shape plan exists and padding would only add work (tests may set it there).
         self.attention_buckets: tuple[int, int] | None = (
             CUDA_ATTENTION_BUCKETS if self.device.type == "cuda" else None)
+        # Batched decode attends all requests in one call over a zero-padded copy of their K/V (one
+        # gather per layer) instead of one call per request: on CUDA the per-request calls made a
+        # 16-request step launch-bound (~60 ms); on CPU per-request calls are cheaper (tests may set it).
+        self.batched_attention = self.device.type == "cuda"
         # blend.graphs.LayerGraphs, or None: the row-wise parts of a step over few enough tokens replay as
         # CUDA graphs (set at the edge, e.g. by the engine on CUDA; eager is the reference).
         self.graphs = None
@@ -264,12 +317,13 @@ class LlamaStep:
         return self.attend(layer, h, q, positions, cache, length, mask)
 
     def step_each(self, layer: int, h, positions: torch.Tensor, caches: list[KVCache], rope=None,
-                  ends: list[int] | None = None):
+                  ends: list[int] | None = None, batch: DecodeBatch | None = None):
         """`step` for one new token of each of several requests (batched decode): token i, at
         `positions[i]`, is the next token of the request whose buffer is `caches[i]`, and attends to that
         buffer's positions 0..positions[i] only. Projections and MLP run once over all the tokens (the
-        weights are read once); attention runs per request, over that request's own cache. `ends` (the
-        positions on the host) spares a device read per request and layer."""
+        weights are read once); attention runs per request over its own cache, or, given `batch`
+        (`decode_batch`), once for all of them. `ends` (the positions on the host) spares a device read
+        per request and layer."""
         bucket = None
         if self.graphs is not None and self.graphs.bucket(h.shape[0]) is not None:
             bucket, q, kv = self.graphs.pre(layer, h, positions)
@@ -277,15 +331,25 @@ class LlamaStep:
             q, k, v = self.qkv(layer, h, positions, rope)
             kv = torch.stack((k, v), dim=1)  # once for the batch: each request's row is then one index_copy
         ends = positions.tolist() if ends is None else ends
-        outs = []
-        for index, cache in enumerate(caches):
-            row = slice(index, index + 1)
-            cache.write_stacked(layer, positions[row], kv[row])
-            # One query at the cache's last filled position sees every key before it: no mask needed.
-            outs.append(self.attention(q[row], *cache.keys_values(layer, ends[index] + 1)))
+        if batch is not None:
+            out = batch.attend(self, layer, q, kv, caches, ends)
+        else:
+            outs = []
+            for index, cache in enumerate(caches):
+                row = slice(index, index + 1)
+                cache.write_stacked(layer, positions[row], kv[row])
+                # One query at the cache's last filled position sees every key before it: no mask needed.
+                outs.append(self.attention(q[row], *cache.keys_values(layer, ends[index] + 1)))
+            out = torch.cat(outs)
         if bucket is not None:
-            return self.graphs.post(bucket, layer, torch.cat(outs))
-        return self._project(layer, h, torch.cat(outs))
+            return self.graphs.post(bucket, layer, out)
+        return self._project(layer, h, out)
+
+    def decode_batch(self, caches: list[KVCache], ends: list[int]) -> DecodeBatch | None:
+        """The shared buffers of one batched decode step's attention (None: attend per request)."""
+        if not self.batched_attention or len(caches) < 2:
+            return None
+        return DecodeBatch.build(self, ends)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(self.hf.model.norm(h)).float()
@@ -297,8 +361,9 @@ class LlamaStep:
         ends = positions.tolist()  # read once per step, not per request and layer
         positions = positions.to(self.device)
         h, rope = self.embed(token_ids), self.cos_sin(positions)
+        batch = self.decode_batch(caches, ends)
         for layer in range(self.n_layers):
-            h = self.step_each(layer, h, positions, caches, rope, ends)
+            h = self.step_each(layer, h, positions, caches, rope, ends, batch)
         return self.logits(h)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from blend.adapter import LlamaStep
-from blend.cache import ChunkKV
-from blend.decode import Sampling, decode
+from blend.cache import ChunkKV, KVCache
+from blend.decode import Decoding, Sampling, advance, decode
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
 from blend.graphs import GraphDecoder, LayerGraphs
 from blend.loader import gate
@@ -172,6 +172,44 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
                if graphed is not None else {})}
 
 
+def time_batch_decode(step: LlamaStep, layout: PromptLayout, graphs: LayerGraphs | None, batch: int = 16,
+                      steps: int = 8, repeats: int = 3) -> dict:
+    """ms per batched decode step of `batch` requests at this prompt's context, the attention one call
+    per request against one call for the batch (`LlamaStep.batched_attention`), layer graphs as given,
+    rounds interleaved; and whether both give the same tokens."""
+    filled = prefill(step, layout, BlendConfig("full"), None, capacity=len(layout) + 2 * steps * (repeats + 2))
+    caches = [KVCache(filled.cache.data.clone()) for _ in range(batch)]
+
+    def run(batched: bool) -> list[list[int]]:
+        step.batched_attention = batched
+        decodings = [Decoding(cache, filled.length, filled.logits) for cache in caches]
+        picked = []
+        for _ in range(steps):
+            picked.append([d.token() for d in decodings])
+            advance(step, decodings, picked[-1])
+        return picked
+
+    old, step.graphs = step.batched_attention, graphs
+    try:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats + 1):
+            for batched in (False, True):
+                _sync(step.device)
+                start = time.perf_counter()
+                run(batched)
+                _sync(step.device)
+                times[batched].append(1000 * (time.perf_counter() - start) / steps)
+        same = run(False) == run(True)
+    finally:
+        step.batched_attention, step.graphs = old, None
+    per_request, together = times[False][1:], times[True][1:]  # the first round warms up
+    return {"batch": batch, "context_tokens": len(layout), "layer_graphs": graphs is not None,
+            "per_request_attention_ms_per_step": round(statistics.median(per_request), 2),
+            "batched_attention_ms_per_step": round(statistics.median(together), 2),
+            "speedup": round(statistics.median(a / b for a, b in zip(per_request, together)), 3),
+            "same_tokens": same}
+
+
 def _graph_figures(times: list[float], eager_ms: list[float], steps: int, graphed, same: bool) -> dict:
     """The CUDA-graph decode's row: ms/token (its loop reads each token back, as serving does), its
     gain over the eager step in the same rounds, the one-off capture time, and token agreement."""
@@ -317,6 +355,7 @@ def run_bench(config: BenchConfig) -> dict:
                 meta["full_median_over_min"] = round(statistics.median(full) / min(full), 3)
                 meta["timeline"] = copy_timeline(step, layout, stores["cpu"][0], prefix, stores["cpu"][1])
                 meta["decode"] = time_decode(step, model, layout, repeats=max(3, config.repeats // 4), graphs=graphs)
+                meta["decode_batch"] = time_batch_decode(step, layout, graphs)
                 if config.profile:
                     meta["profile"] = profile_overlap(step, layout, lambda: source("cpu"), config.profile)
             stores.clear()

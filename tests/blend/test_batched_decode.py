@@ -36,6 +36,29 @@ def test_one_batched_step_equals_each_request_alone_with_caches_of_different_len
         torch.testing.assert_close(many.cache.data, one.cache.data, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("buckets", [None, (8, 16)], ids=["exact", "padded"])
+def test_one_attention_call_for_the_batch_equals_one_per_request(buckets):
+    """The batch's attention as one call over a zero-padded gather of every request's K/V (what CUDA
+    runs) against one call per request: same logits, same buffers, over several steps, also with the
+    rows padded to a power of two and the keys to a bucket."""
+    from blend.adapter import LlamaStep
+    from tests.helpers import model
+
+    layouts = [random_layout(seed, lengths) for seed, lengths in ((1, (9, 14, 11)), (2, (4,)), (3, (20, 7)))]
+    runs = []
+    for batched in (False, True):
+        step = LlamaStep(model.tiny_model())
+        step.batched_attention, step.attention_buckets = batched, buckets
+        decodings = [Decoding(f.cache, f.length, f.logits) for f in (_filled(step, layout, 6) for layout in layouts)]
+        for _ in range(5):
+            advance(step, decodings, [d.token() for d in decodings])
+        runs.append(decodings)
+    for per_request, batched in zip(*runs):
+        assert batched.length == per_request.length
+        torch.testing.assert_close(batched.logits, per_request.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched.cache.data, per_request.cache.data, rtol=1e-5, atol=1e-6)
+
+
 def test_a_full_buffer_is_refused_by_name(tiny):
     filled = _filled(tiny, random_layout(4, (5,)), 0)
     with pytest.raises(ValueError, match="full"):

@@ -42,6 +42,7 @@ def test_layer_graph_bodies_equal_the_plain_step(config):
     plain = LlamaStep(model.tiny_model())
     graphed = LlamaStep(model.tiny_model())
     graphed.graphs = LayerGraphs(graphed, buckets=(2, 4, 16, 32))
+    graphed.batched_attention = True  # the decode batch's attention in one call, as on CUDA
     for step in (plain, graphed):
         step.attention_buckets = (8, 16)  # padded attention rows too, as on CUDA
     layouts = [random_layout(seed=5), random_layout(seed=6, chunk_lengths=(7, 12))]
