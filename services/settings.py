@@ -153,9 +153,11 @@ class ServerConfig:
     catalog: str = "local"
     # Tenant collections kept open (about 3 file descriptors each); past it the least recently used closes.
     max_open_tenants: int = 256
-    # Replica warm-up (catalog "redis" with a CPU tier): this often the shared catalog's log is followed without
-    # a request, and the chunks other replicas added are copied from Redis into free room of the CPU tier, at
-    # most `warmup_pass_bytes` per pass, on a background thread, never while requests wait; 0 = off.
+    # Warm-up (a CPU tier above a bottom tier): this often, chunks waiting to be pulled are copied from the
+    # bottom tier (Redis, disk) into free room of the CPU tier, at most `warmup_pass_bytes` per pass, on a
+    # background thread, never while requests wait; 0 = off. Waiting are the chunks other replicas added
+    # (catalog "redis": the shared log is followed without a request) and the chunks a request prefilled in
+    # full because their tier loads slower than they recompute (so the next request loads them).
     warmup_interval_s: float = 1.0
     warmup_pass_bytes: int = 64 << 20
 

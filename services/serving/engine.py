@@ -106,15 +106,18 @@ class Engine:
         self.warmup, self.warmup_thread = self._start_warmup()
 
     def _start_warmup(self) -> tuple[Warmup | None, WarmupThread | None]:
-        """With a shared catalog, a CPU tier above Redis and `warmup_interval_s`: the replica warm-up."""
+        """With a CPU tier above a bottom tier and `warmup_interval_s`: the warm-up, which pulls into the
+        CPU tier the chunks requests recomputed for their slow tier and, with a shared catalog, the chunks
+        other replicas added."""
         names = [tier.name for tier in self.store.tiered.tiers]
-        if not self.shared or not self.config.warmup_interval_s or "cpu" not in names[:-1]:
+        if not self.config.warmup_interval_s or "cpu" not in names[:-1]:
             return None, None
         warmup = Warmup(self.store.tiered, "cpu", self.config.warmup_pass_bytes,
                         busy=lambda: self.worker.depth()[0] > 0)
-        self.catalog.on_shared_add = warmup.offer
-        self.catalog.on_shared_delete = self._deleted_elsewhere
-        return warmup, WarmupThread(warmup, self.catalog, self.config.warmup_interval_s)
+        if self.shared:
+            self.catalog.on_shared_add = warmup.offer
+            self.catalog.on_shared_delete = self._deleted_elsewhere
+        return warmup, WarmupThread(warmup, self.catalog if self.shared else None, self.config.warmup_interval_s)
 
     def _capture_layer_graphs(self) -> float:
         """On the model thread, before the first request: every bucket's graphs, so no request pays a capture."""
@@ -410,7 +413,7 @@ class Engine:
                                     retrieve_s, deadline, tuple(documents), params.messages, sampling,
                                     params.stop)
         job = Generation(request, self.parts, self.store, self.estimates, self.metrics, self.guard,
-                         self.degraded_tiers())
+                         self.degraded_tiers(), pull=self.warmup.offer if self.warmup is not None else None)
         job.queued = time.perf_counter()
         try:
             self.worker.submit(job)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from blend.decode import Decoding, advance
@@ -68,8 +68,10 @@ class Generation:
     by the caller. `cancel()` (the RPC went away) makes the model thread drop it before its next token."""
 
     def __init__(self, request: GenerationRequest, model: ModelParts, store: ChunkStore, estimates: LoadEstimates,
-                 metrics: Metrics, guard: Guard, degraded_tiers: list[str]):
+                 metrics: Metrics, guard: Guard, degraded_tiers: list[str],
+                 pull: Callable[[list[str]], None] | None = None):
         self.request = request
+        self.pull = pull  # chunk keys to copy into the CPU tier in the background (the warm-up's offer)
         self.model = model
         self.store = store
         self.estimates = estimates
@@ -303,6 +305,10 @@ class Generation:
             return [], config
         # A chunk computed on its own for this request is already in memory: load it, never recompute.
         skip = [index for index in plan.recompute_chunks if 1 + index not in source.stats.computed]
+        if skip and self.pull is not None:
+            # Recomputed because its tier loads too slowly: pulled into the CPU tier in the background,
+            # so the next request that needs it loads it instead.
+            self.pull([source.segments[1 + index] for index in skip if isinstance(source.segments[1 + index], str)])
         self.report.plan = PlanReport(planned=True, ratio=plan.ratio,
                                       recompute_chunk_ids=tuple(self.request.chunk_ids[i] for i in skip
                                                                 if i < len(self.request.chunk_ids)),

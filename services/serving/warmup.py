@@ -1,6 +1,6 @@
-"""The replica warm-up's thread: every `server.warmup_interval_s`, follow the shared catalog's log and run a
-warm-up pass (store/warmup.py), so chunks another replica ingested reach this replica's CPU tier before a
-request asks for them.
+"""The warm-up's thread: every `server.warmup_interval_s`, follow the shared catalog's log (when the catalog
+is shared) and run a warm-up pass (store/warmup.py), so chunks another replica ingested, and chunks a request
+recomputed because their tier loads too slowly, reach this replica's CPU tier before a request asks for them.
 
 The thread never runs model work and holds the catalog thread only for the log sync a request would do
 anyway (one round trip per followed collection when nothing changed); if the catalog thread is busy for
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class WarmupThread:
-    def __init__(self, warmup: Warmup, catalog: Catalog, interval_s: float):
+    def __init__(self, warmup: Warmup, catalog: Catalog | None, interval_s: float):
         self.warmup = warmup
         self.catalog = catalog
         self.interval_s = interval_s
@@ -36,7 +36,8 @@ class WarmupThread:
             pass
         while not self._stop.wait(self.interval_s):
             try:
-                self.catalog.run(self.catalog.follow, wait_s=self.interval_s)
+                if self.catalog is not None:  # a shared catalog: learn of other replicas' chunks
+                    self.catalog.run(self.catalog.follow, wait_s=self.interval_s)
             except Exception as err:  # noqa: BLE001 - Redis down or the catalog busy: the pass still runs
                 log.debug("warm-up: catalog sync skipped (%s)", err)
             try:

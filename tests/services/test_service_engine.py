@@ -101,3 +101,52 @@ def test_when_every_chunk_loads_slower_than_it_recomputes_the_request_is_a_plain
     assert report.chunks_hit == {} and report.ratio == 1.0 and report.tokens_recomputed == report.chunk_tokens
     assert tokens == full_tokens
     assert modes[0] == "full"  # not blend at ratio 1 (the guard may add its own full prefill after it)
+
+
+@pytest.fixture
+def redis_engine(service_model_dir, tmp_path):
+    import uuid
+
+    from tests.helpers.kv import REDIS_URL
+    from tests.helpers.service import delete_redis_prefix
+
+    prefix = f"kvblend-engine-pull-{uuid.uuid4().hex}:"
+    # A CPU tier over Redis (every put written through); the warm-up's thread waits an hour: the test runs
+    # its passes itself.
+    settings = build({"server": {"chunk_tokens": 128, "warmup_interval_s": 3600},
+                      "store": {"disk_path": "none", "redis_url": REDIS_URL, "redis_prefix": prefix,
+                                "write_through": True}},
+                     {"spec": str(service_model_dir), "cache_dir": str(CACHE_DIR), "data_dir": str(tmp_path),
+                      "device": "cpu"})
+    engine = Engine.open(settings)
+    yield engine
+    engine.close()
+    delete_redis_prefix(prefix)
+
+
+def test_chunks_recomputed_for_their_slow_tier_are_pulled_into_the_cpu_tier_and_loaded_next_time(redis_engine):
+    """Chunks only in Redis, which the controller finds slower to load than to recompute: the request
+    prefills them in full and offers them to the warm-up; after one pass they sit in the CPU tier, and the
+    same request loads them from there instead of recomputing them."""
+    engine = redis_engine
+    assert [tier.name for tier in engine.store.tiered.tiers] == ["cpu", "redis"] and engine.warmup is not None
+    ids = tuple(cid for chunk_ids in engine.ingest(DEFAULT_TENANT, [DocumentIn(**d) for d in DOCUMENTS[:2]]).chunk_ids
+                for cid in chunk_ids)
+    n_layers = engine.model.step.n_layers
+    for chunk_id in ids:
+        text = engine.catalog.run(lambda cid=chunk_id: engine.catalog.existing(DEFAULT_TENANT).get(cid).text)
+        token_ids = engine.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        engine.store.delete_local(engine.precompute.key(token_ids, DEFAULT_TENANT), n_layers)  # in Redis only
+    kept = engine.estimates
+    slow = LoadEstimates(n_layers)
+    slow.observe_prefill(1000 * n_layers, 1.0)
+    slow.observe_loads(LoadStats(read_s={"redis": 1000.0}, read_bytes={"redis": 2 << 20}))  # ~2 KB/s
+    engine.estimates = slow
+    try:
+        first, _, _ = _answer(engine, query="Where?", chunk_ids=ids, mode="blend", ratio=0.15, max_new_tokens=1)
+        assert first.plan.recompute_chunk_ids == ids and engine.warmup.stats().queue == len(ids)
+        assert engine.warmup.run_pass() > 0 and engine.warmup.stats().chunks == len(ids)
+        again, _, _ = _answer(engine, query="Where?", chunk_ids=ids, mode="blend", ratio=0.15, max_new_tokens=1)
+    finally:
+        engine.estimates = kept
+    assert again.plan.recompute_chunk_ids == () and again.chunks_hit == {"cpu": len(ids)}
