@@ -35,7 +35,7 @@ from services.serving.errors import (Cancelled, DeadlineExceeded, InvalidArgumen
                                      Unavailable)
 from services.serving.generation import Generation, ModelParts, decode_together
 from services.serving.guard import Guard
-from services.serving.loading import LoadEstimates
+from services.serving.loading import LoadEstimates, probe_tiers
 from services.serving.metrics import Metrics
 from services.serving.requests import DocumentIn, GenerateParams, GenerationRequest, IngestResult, Retrieved
 from services.serving.scheduler import ModelWorker
@@ -90,6 +90,11 @@ class Engine:
                                   batch=decode_together if config.batch_decode else None,
                                   max_kv_bytes=config.max_kv_bytes)
         self.estimates = LoadEstimates(model.step.n_layers, enabled=config.loading_controller)
+        if config.loading_controller:
+            rates = probe_tiers(store.tiered, self.estimates)
+            if rates:
+                log.info("loading controller: tier read rates at start-up %s",
+                         ", ".join(f"{name} {rate / 1e9:.2f} GB/s" for name, rate in rates.items()))
         self.precompute: Precompute = self.worker.call(
             lambda: Precompute(model.step, model.tokenizer, model.fingerprint))
         self.parts = ModelParts(self.precompute, model.tokenizer,

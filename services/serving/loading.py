@@ -1,17 +1,26 @@
 """The loading controller on the request path: the running estimates it plans with, measured by this
 server's own reads and prefills, and its plan for each blend request (blend.controller decides).
 
-Until a tier's bandwidth has been measured its chunks are assumed to load in time (they are read,
-and that read is the measurement); until a prefill has been measured there is no plan at all.
+The tiers below the memory tiers (disk, Redis) are probed at start-up (`probe_tiers`); a tier not yet
+measured is assumed to load in time (its chunks are read, and that read is the measurement); until a
+prefill has been measured there is no plan at all.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+import uuid
 from dataclasses import dataclass
+
+import torch
 
 from blend.controller import LoadPlan, plan_loading
 from store.source import LoadStats
+from store.tiered import TieredStore
+
+log = logging.getLogger(__name__)
 
 IN_PLACE = ("gpu", "memory", None)  # None: computed for this request, already on the device
 MIN_SAMPLE_BYTES = 1 << 20  # reads smaller than this say more about latency than bandwidth
@@ -91,3 +100,36 @@ class LoadEstimates:
             per_layer = self._s_per_token_layer
             return LoadingSummary(self.enabled, self.planned, self.chunks_recomputed, self.ratio_raised, rates,
                                   0.0 if per_layer is None else per_layer * self.n_layers)
+
+
+def probe_tiers(tiered: TieredStore, estimates: LoadEstimates, value_bytes: int = 2 << 20, count: int = 4) -> dict[str, float]:
+    """Seed the read rate of each tier below the memory tiers (disk, Redis) before the first request:
+    `count` values of `value_bytes` written under fresh probe keys, read back as one batch (as a request
+    reads a layer of its chunks), deleted. Without it a server's first request reads chunks that are only
+    in Redis whatever Redis's speed (on an H200, 2x full prefill's time), since an unmeasured tier is
+    assumed to load in time. Returns the rates measured, bytes/s; a tier that is down or fails is skipped."""
+    measured: dict[str, float] = {}
+    value = torch.randn(value_bytes // 4, generator=torch.Generator().manual_seed(0))
+    for tier in tiered.tiers:
+        if tier.name in IN_PLACE or tier.name == "cpu" or not getattr(tier, "available", True):
+            continue
+        keys = [f"probe-{uuid.uuid4().hex}:{index}" for index in range(count)]
+        try:
+            if any(tier.put(key, value) is None for key in keys):
+                continue
+            started = time.perf_counter()
+            values = tier.get_many(keys)
+            seconds = time.perf_counter() - started
+            if seconds > 0 and all(isinstance(v, torch.Tensor) for v in values):
+                size = count * value.numel() * value.element_size()
+                estimates.observe_loads(LoadStats(read_s={tier.name: seconds}, read_bytes={tier.name: size}))
+                measured[tier.name] = size / seconds
+        except Exception as err:  # noqa: BLE001 - a probe never stops the server; requests measure later
+            log.warning("loading controller: probing tier %s failed (%s); its rate is measured by requests", tier.name, err)
+        finally:
+            for key in keys:
+                try:
+                    tier.delete(key)
+                except Exception:  # noqa: BLE001 - best effort: a probe key left behind is only bytes
+                    pass
+    return measured

@@ -150,3 +150,16 @@ def test_chunks_recomputed_for_their_slow_tier_are_pulled_into_the_cpu_tier_and_
     finally:
         engine.estimates = kept
     assert again.plan.recompute_chunk_ids == () and again.chunks_hit == {"cpu": len(ids)}
+
+
+def test_a_tier_below_memory_has_a_measured_read_rate_before_the_first_request(redis_engine):
+    """Probed at start-up (values written, read back as a batch, deleted): the first request's plan already
+    knows Redis's speed, and nothing of the probe is left in Redis."""
+    import redis
+
+    from tests.helpers.kv import REDIS_URL
+
+    rates = redis_engine.estimates.summary().read_bytes_per_s
+    assert rates.get("redis", 0) > 1e6
+    prefix = redis_engine.store.tiered.tiers[-1].prefix
+    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"{prefix}probe-*"))
