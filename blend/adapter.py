@@ -98,17 +98,18 @@ class DecodeBatch:
     mask: torch.Tensor  # [rows, 1, 1, keys] additive
 
     @classmethod
-    def build(cls, step: "LlamaStep", ends: list[int]) -> "DecodeBatch":
+    def build(cls, step: "LlamaStep", ends: list[int], positions: torch.Tensor) -> "DecodeBatch":
+        """`ends` the positions on the host (shapes), `positions` the same on the device (the mask is
+        built there: a host-to-device copy here would wait for the GPU once per step)."""
         rows, width = len(ends), max(ends) + 1
         if step.attention_buckets:
             rows, width = _pow2(rows), round_up(width, step.attention_buckets[1])
         device = step.device
         data = torch.zeros(rows, width, 2, step.n_kv_heads, step.head_dim, dtype=step.dtype, device=device)
-        last = torch.zeros(rows, dtype=torch.long)
-        last[: len(ends)] = torch.tensor(ends)
-        visible = torch.arange(width)[None, :] <= last[:, None]
-        mask = torch.zeros(rows, width, dtype=step.dtype).masked_fill_(~visible, float("-inf"))
-        return cls(data, mask.to(device)[:, None, None, :])
+        last = F.pad(positions.to(device), (0, rows - len(ends)))  # padding rows see key 0 only
+        visible = torch.arange(width, device=device)[None, :] <= last[:, None]
+        mask = torch.zeros(rows, width, dtype=step.dtype, device=device).masked_fill_(~visible, float("-inf"))
+        return cls(data, mask[:, None, None, :])
 
     def attend(self, step: "LlamaStep", layer: int, q, kv, caches: list[KVCache], ends: list[int]) -> torch.Tensor:
         """Write each request's new K/V (kv [B, 2, kv_heads, d]) at its end, gather every request's
@@ -345,11 +346,11 @@ class LlamaStep:
             return self.graphs.post(bucket, layer, out)
         return self._project(layer, h, out)
 
-    def decode_batch(self, caches: list[KVCache], ends: list[int]) -> DecodeBatch | None:
+    def decode_batch(self, caches: list[KVCache], ends: list[int], positions: torch.Tensor) -> DecodeBatch | None:
         """The shared buffers of one batched decode step's attention (None: attend per request)."""
         if not self.batched_attention or len(caches) < 2:
             return None
-        return DecodeBatch.build(self, ends)
+        return DecodeBatch.build(self, ends, positions)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(self.hf.model.norm(h)).float()
@@ -361,7 +362,7 @@ class LlamaStep:
         ends = positions.tolist()  # read once per step, not per request and layer
         positions = positions.to(self.device)
         h, rope = self.embed(token_ids), self.cos_sin(positions)
-        batch = self.decode_batch(caches, ends)
+        batch = self.decode_batch(caches, ends, positions)
         for layer in range(self.n_layers):
             h = self.step_each(layer, h, positions, caches, rope, ends, batch)
         return self.logits(h)
