@@ -318,13 +318,14 @@ class LlamaStep:
         return self.attend(layer, h, q, positions, cache, length, mask)
 
     def step_each(self, layer: int, h, positions: torch.Tensor, caches: list[KVCache], rope=None,
-                  ends: list[int] | None = None, batch: DecodeBatch | None = None):
+                  ends: list[int] | None = None, batch: DecodeBatch | None = None, chain: bool = False):
         """`step` for one new token of each of several requests (batched decode): token i, at
         `positions[i]`, is the next token of the request whose buffer is `caches[i]`, and attends to that
         buffer's positions 0..positions[i] only. Projections and MLP run once over all the tokens (the
         weights are read once); attention runs per request over its own cache, or, given `batch`
         (`decode_batch`), once for all of them. `ends` (the positions on the host) spares a device read
-        per request and layer."""
+        per request and layer. `chain` (every layer run back to back, as `forward_each` does): with the
+        layer graphs, the output stays in their buffer for the next layer instead of being copied out."""
         bucket = None
         if self.graphs is not None and self.graphs.bucket(h.shape[0]) is not None:
             bucket, q, kv = self.graphs.pre(layer, h, positions)
@@ -341,9 +342,9 @@ class LlamaStep:
                 cache.write_stacked(layer, positions[row], kv[row])
                 # One query at the cache's last filled position sees every key before it: no mask needed.
                 outs.append(self.attention(q[row], *cache.keys_values(layer, ends[index] + 1)))
-            out = torch.cat(outs)
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if bucket is not None:
-            return self.graphs.post(bucket, layer, out)
+            return self.graphs.post(bucket, layer, out, chain)
         return self._project(layer, h, out)
 
     def decode_batch(self, caches: list[KVCache], ends: list[int], positions: torch.Tensor) -> DecodeBatch | None:
@@ -364,7 +365,8 @@ class LlamaStep:
         h, rope = self.embed(token_ids), self.cos_sin(positions)
         batch = self.decode_batch(caches, ends, positions)
         for layer in range(self.n_layers):
-            h = self.step_each(layer, h, positions, caches, rope, ends, batch)
+            # Layers back to back, nothing in between: the graphs' buffer carries h from one to the next.
+            h = self.step_each(layer, h, positions, caches, rope, ends, batch, chain=True)
         return self.logits(h)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

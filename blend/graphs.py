@@ -87,12 +87,13 @@ class _Bucket:
     def __init__(self, step: LlamaStep, rows: int):
         dims = dict(dtype=step.dtype, device=step.device)
         self.rows = rows
-        self.h = torch.zeros(rows, step.config.hidden_size, **dims)  # layer input (and post's residual)
+        # The layer's input (pre's, and post's residual), then its output: post writes it back here, so a
+        # caller running every layer at once (a decode step) chains them without a copy.
+        self.h = torch.zeros(rows, step.config.hidden_size, **dims)
         self.positions = torch.zeros(rows, dtype=torch.long, device=step.device)
         self.q = torch.zeros(rows, step.n_heads, step.head_dim, **dims)
         self.kv = torch.zeros(rows, 2, step.n_kv_heads, step.head_dim, **dims)
         self.attended = torch.zeros(rows, step.n_heads * step.head_dim, **dims)
-        self.out = torch.zeros(rows, step.config.hidden_size, **dims)
         self.pre: list = []  # per layer: a CUDA graph, or None where the body runs eagerly (CPU)
         self.post: list = []
         self.last_positions: torch.Tensor | None = None  # the positions tensor `positions` holds
@@ -127,7 +128,7 @@ class LayerGraphs:
         b.kv.copy_(torch.stack((k, v), dim=1))
 
     def _post_body(self, b: _Bucket, layer: int) -> None:
-        b.out.copy_(self.step._project(layer, b.h, b.attended))
+        b.h.copy_(self.step._project(layer, b.h, b.attended))
 
     def _set(self, rows: int) -> _Bucket:
         b = self._sets.get(rows)
@@ -170,7 +171,8 @@ class LayerGraphs:
         h [n, hidden] at positions [n], as views of the bucket's buffers (valid until its next replay)."""
         n = h.shape[0]
         b = self._set(self.bucket(n))
-        b.h[:n].copy_(h)
+        if h.data_ptr() != b.h.data_ptr():  # not the previous layer's chained output (already in place)
+            b.h[:n].copy_(h)
         if b.last_positions is not positions:
             b.positions[:n].copy_(positions)
             b.last_positions = positions
@@ -180,13 +182,14 @@ class LayerGraphs:
             self._pre_body(b, layer)
         return b, b.q, b.kv[:n]
 
-    def post(self, b: _Bucket, layer: int, attended: torch.Tensor) -> torch.Tensor:
-        """The layer's output [n, hidden] (a fresh tensor) from attention's output [n, heads x d], the
-        residual being the h `pre` took."""
+    def post(self, b: _Bucket, layer: int, attended: torch.Tensor, chain: bool = False) -> torch.Tensor:
+        """The layer's output [n, hidden] from attention's output [n, heads x d], the residual being the
+        h `pre` took: a fresh tensor, or (`chain`) the bucket's own buffer, for a caller that passes it
+        straight to the next layer's `pre` with nothing run in between (valid until the bucket's next use)."""
         n = attended.shape[0]
         b.attended[:n].copy_(attended)
         if b.post and b.post[layer] is not None:
             b.post[layer].replay()
         else:
             self._post_body(b, layer)
-        return b.out[:n].clone()
+        return b.h[:n] if chain else b.h[:n].clone()

@@ -19,14 +19,15 @@ MODES = [BlendConfig(mode="full"), BlendConfig(mode="prefix"), BlendConfig(mode=
 
 
 def _run(step, layouts, config, steps=5):
-    """Prefill each layout, then decode all of them together: (first-token logits, last logits, tokens)."""
+    """Prefill each layout, decode all of them together, then the first alone for one more token:
+    (first-token logits, last logits, tokens)."""
     with torch.inference_mode():
         decodings, firsts = [], []
         for layout in layouts:
             prefix = compute_kv(step, layout.prefix)
             chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
             source = MemorySource(cached_entries(config.mode, prefix, chunks, layout))
-            filled = prefill(step, layout, config, source if config.mode != "full" else None, len(layout) + steps)
+            filled = prefill(step, layout, config, source if config.mode != "full" else None, len(layout) + steps + 1)
             firsts.append(filled.logits)
             decodings.append(Decoding(filled.cache, filled.length, filled.logits))
         tokens = []
@@ -34,6 +35,7 @@ def _run(step, layouts, config, steps=5):
             picked = [d.token() for d in decodings]
             tokens.append(picked)
             advance(step, decodings, picked)
+        advance(step, decodings[:1], [decodings[0].token()])  # and one request decoding alone
     return torch.stack(firsts), torch.stack([d.logits for d in decodings]), tokens
 
 
