@@ -189,8 +189,11 @@ class LlamaStep:
         return positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape [T, 1, head_dim] at absolute positions."""
-        return self._cos_sin(self.angles(positions))
+        """cos/sin of shape [T, 1, head_dim] at absolute positions, for the forward's own q/k rotation: in
+        the model's dtype, rounded from float32 as the Hugging Face forward rounds them (so a bf16 model
+        rotates in bf16, as HF does, in a third of the float32 passes' memory traffic)."""
+        cos, sin = self._cos_sin(self.angles(positions))
+        return cos.to(self.dtype), sin.to(self.dtype)
 
     @staticmethod
     def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +202,10 @@ class LlamaStep:
 
     @staticmethod
     def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x rotated by cos/sin: in x's dtype when cos/sin are in it (the forward's rotation), else in
+        float32 and rounded once (re-placing cached K, where float32 angle differences keep it exact)."""
+        if cos.dtype == x.dtype:
+            return x * cos + rotate_half(x) * sin
         xf = x.float()
         return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
