@@ -167,8 +167,9 @@ class LayerGraphs:
         return self.capture_s - before
 
     def pre(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
-        """(bucket, q, kv): the layer's rotated q [n, heads, d] and stacked K/V [n, 2, kv_heads, d] for
-        h [n, hidden] at positions [n], as views of the bucket's buffers (valid until its next replay)."""
+        """(bucket, q, kv) for h [n, hidden] at positions [n]: the layer's rotated q [rows, heads, d] (the
+        bucket's rows; those past n are padding, for attention to use or drop) and stacked K/V [n, 2,
+        kv_heads, d], as views of the bucket's buffers (valid until its next replay)."""
         n = h.shape[0]
         b = self._set(self.bucket(n))
         if h.data_ptr() != b.h.data_ptr():  # not the previous layer's chained output (already in place)
