@@ -271,11 +271,36 @@ class TieredStore:
                 return None
         return "anywhere: every tier skipped it or it exceeds every budget"
 
-    def fill(self, name: str, key: str, value: torch.Tensor) -> bool:
+    def make_room(self, name: str, size: int, chunk: str) -> bool:
+        """Evict (demoting down) tier `name`'s least recently used entries while they belong to chunks used
+        less often than `chunk`, until `size` more bytes fit its budget; True when they fit. What a chunk a
+        request just used may push out before it is pulled into the tier (never one as hot as itself)."""
+        index = next(i for i, tier in enumerate(self.tiers) if tier.name == name)
+        lru = self._lru[index]
+        if lru is None:
+            return True
+        uses = self.sketch.estimate(chunk)
+        evicted = []
+        with self._lock:
+            while self._used[index] + size > self.budgets[index] and lru:
+                victim = next(iter(lru))
+                if chunk_of(victim) == chunk or self.sketch.estimate(chunk_of(victim)) >= uses:
+                    break
+                self._used[index] -= lru.pop(victim)
+                evicted.append((victim, self._take(index, victim)))
+            self._stats[self.tiers[index].name].evictions += len(evicted)
+            fits = self._used[index] + size <= self.budgets[index]
+        for victim, value in evicted:
+            if value is not None:
+                self._demote(index, victim, value)
+        return fits
+
+    def fill(self, name: str, key: str, value: torch.Tensor, hot: bool = False) -> bool:
         """Place an entry into tier `name` only if it fits the room its budget has left, at the cold end of
         its LRU: nothing is evicted for it and it is the first to go when the tier needs room. Admission is
         not asked: it keeps one-off chunks from pushing out used ones, and a fill pushes out nothing
-        (the replica warm-up, store/warmup.py). False when it does not fit or the tier skipped it."""
+        (the replica warm-up, store/warmup.py). False when it does not fit or the tier skipped it. `hot`:
+        at the hot end instead (a chunk a request just used, pulled in after it)."""
         index = next((i for i, tier in enumerate(self.tiers) if tier.name == name), None)
         if index is None:
             raise ValueError(f"no tier named {name!r} (tiers: {', '.join(t.name for t in self.tiers)})")
@@ -290,7 +315,7 @@ class TieredStore:
             if lru is not None:
                 self._used[index] += stored - lru.pop(key, 0)
                 lru[key] = stored
-                lru.move_to_end(key, last=False)
+                lru.move_to_end(key, last=hot)
         return True
 
     def drop(self, name: str, key: str) -> None:

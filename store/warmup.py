@@ -1,12 +1,15 @@
-"""Replica warm-up: chunks another replica ingested, copied from the shared bottom tier (Redis) into this
-replica's CPU tier before any request asks for them.
+"""Warm-up: chunks copied from the bottom tier (Redis, disk) into this replica's CPU tier in the background:
+chunks another replica ingested, before any request asks for them, and chunks a request prefilled in full
+because their tier loads slower than they recompute, so the next request loads them.
 
-The catalog's log tells a replica which chunks are new (`offer`); a pass (`run_pass`, on the warm-up's
+The catalog's log tells a replica which chunks are new, and a request which chunks it recomputed (`offer`); a pass (`run_pass`, on the warm-up's
 own thread: services/serving/warmup.py) reads each one's manifest and layers from the bottom tier and
 fills them into the CPU tier, the layers first and the manifest last (a reader that finds the manifest
 finds the layers, as after `ChunkStore.put`). A pass is the lowest priority there is:
-- it only fills room the CPU tier's budget has left, at the cold end of its LRU, so it never evicts what
-  requests use (`TieredStore.fill`); when the next chunk does not fit, the pass stops and the chunk waits;
+- a chunk another replica added only fills room the CPU tier's budget has left, at the cold end of its LRU,
+  so it never evicts what requests use (`TieredStore.fill`); a chunk a request used may also push out chunks
+  used less often (`TieredStore.make_room`) and goes in at the hot end; when the next chunk does not fit,
+  the pass stops and the chunk waits;
 - it moves at most `pass_bytes` per pass (a chunk larger than that moves alone);
 - it stops between chunks as soon as `busy()` says requests are waiting for the model.
 A chunk already in the CPU tier is skipped; one that cannot be read (not in Redis, Redis down, a corrupt
@@ -60,15 +63,18 @@ class Warmup:
         self._target = tiered.tiers[names.index(tier)]
         self._source = tiered.tiers[-1]
         self._budget = tiered.budgets[names.index(tier)]
-        self._queue: OrderedDict[str, None] = OrderedDict()  # chunk keys, oldest offer first
+        # chunk key -> whether it may push colder chunks out (a request used it), oldest offer first
+        self._queue: OrderedDict[str, bool] = OrderedDict()
         self._stats = WarmupStats()
         self._lock = threading.Lock()
 
-    def offer(self, keys: Iterable[str]) -> None:
-        """Chunk keys another replica added (cheap: called on the catalog thread)."""
+    def offer(self, keys: Iterable[str], used: bool = False) -> None:
+        """Chunk keys to pull (cheap: called on the catalog thread or the model thread): ones another
+        replica added fill free room only; `used` ones (a request just recomputed them for their slow
+        tier) may also push out chunks used less often, at the hot end of the tier's LRU."""
         with self._lock:
             for key in keys:
-                self._queue[key] = None
+                self._queue[key] = used or self._queue.get(key, False)
             while len(self._queue) > MAX_QUEUE:
                 self._queue.popitem(last=False)
                 self._stats.dropped += 1
@@ -90,9 +96,10 @@ class Warmup:
         while not self.busy():
             with self._lock:
                 key = next(iter(self._queue), None)
+                used = self._queue.get(key, False)
             if key is None:
                 break
-            outcome, size = self._pull(key, self.pass_bytes - pulled if pulled else None)
+            outcome, size = self._pull(key, self.pass_bytes - pulled if pulled else None, used)
             if outcome == "wait":  # no room in the tier or in this pass: it stays first in line
                 break
             with self._lock:
@@ -107,7 +114,7 @@ class Warmup:
             self._stats.passes += 1
         return pulled
 
-    def _pull(self, key: str, allowed: int | None) -> tuple[str, int]:
+    def _pull(self, key: str, allowed: int | None, used: bool = False) -> tuple[str, int]:
         """("pulled", bytes), ("skipped" | "misses" | "dropped", 0), or ("wait", 0) when it does not fit now."""
         placed: list[str] = []
         try:
@@ -124,17 +131,19 @@ class Warmup:
             size = block_bytes * manifest.n_layers + raw.numel() * raw.element_size()
             if self._budget is not None and size > self._budget:
                 return "dropped", 0  # larger than the whole tier: a request reads it from Redis
+            if allowed is not None and size > allowed:
+                return "wait", 0
             room = self.tiered.room(self.tier)
-            if (room is not None and size > room) or (allowed is not None and size > allowed):
+            if room is not None and size > room and not (used and self.tiered.make_room(self.tier, size, key)):
                 return "wait", 0
             for entry in layers:
                 value = self._source.get(entry)
                 if value is None or tuple(value.shape) != manifest.block_shape or value.dtype != manifest.dtype:
                     return self._undo(placed, "misses")
-                if not self.tiered.fill(self.tier, entry, value):
+                if not self.tiered.fill(self.tier, entry, value, hot=used):
                     return self._undo(placed, "wait")  # requests' entries took the room meanwhile
                 placed.append(entry)
-            if not self.tiered.fill(self.tier, manifest_key(key), raw):
+            if not self.tiered.fill(self.tier, manifest_key(key), raw, hot=used):
                 return self._undo(placed, "wait")
             return "pulled", size
         except (CorruptEntry, ValueError) as err:

@@ -418,7 +418,8 @@ class Engine:
                                     retrieve_s, deadline, tuple(documents), params.messages, sampling,
                                     params.stop)
         job = Generation(request, self.parts, self.store, self.estimates, self.metrics, self.guard,
-                         self.degraded_tiers(), pull=self.warmup.offer if self.warmup is not None else None)
+                         self.degraded_tiers(),
+                         pull=functools.partial(self.warmup.offer, used=True) if self.warmup is not None else None)
         job.queued = time.perf_counter()
         try:
             self.worker.submit(job)

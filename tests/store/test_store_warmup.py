@@ -1,5 +1,6 @@
-"""The replica warm-up's pass: chunks copied from the shared bottom tier into free room of the CPU tier, within
-its budgets, never evicting, never raising on a Redis outage."""
+"""The warm-up's pass: chunks copied from the shared bottom tier into free room of the CPU tier, within its
+budgets, never raising on a Redis outage; a replica's offers never evict, a request's push out only colder
+chunks."""
 
 from __future__ import annotations
 
@@ -176,3 +177,29 @@ def test_a_chunk_deleted_elsewhere_is_not_pulled_and_leaves_this_replicas_tiers_
     assert warmup.stats().queue == 0 and warmup.run_pass() == 0
     assert tiered.usage()["cpu"] == 0
     assert bottom.contains(manifest_key(pulled))  # the shared tier is the deleting replica's to clear
+
+
+def test_a_chunk_a_request_used_pushes_out_colder_chunks_but_not_one_used_as_often():
+    """The CPU tier is full of chunks no request used; a chunk a request just recomputed (offered `used`) takes
+    their place, at the hot end, and they are demoted to the bottom tier (not lost); offered without `used`, or
+    against chunks used as often, it waits as a replica's offer does."""
+    tiered, bottom = shared_store(2 * chunk_bytes())
+    cold = ingest_elsewhere(bottom, [1, 2])
+    warmup = Warmup(tiered, "cpu")
+    warmup.offer(cold)
+    warmup.run_pass()
+    assert all(in_cpu(tiered, key) for key in cold)
+    hot = ingest_elsewhere(bottom, [3])[0]
+    tiered.note_use(hot)
+    warmup.offer([hot])  # a replica's offer: free room only
+    assert warmup.run_pass() == 0 and warmup.stats().queue == 1
+    warmup.offer([hot], used=True)
+    assert warmup.run_pass() == chunk_bytes()
+    left = [key for key in cold if in_cpu(tiered, key)]
+    assert in_cpu(tiered, hot) and len(left) == 1
+    assert all(bottom.contains(manifest_key(key)) for key in cold)  # demoted, still in the shared tier
+    tiered.note_use(left[0])  # now used as often as the next candidate
+    other = ingest_elsewhere(bottom, [4])[0]
+    tiered.note_use(other)
+    warmup.offer([other], used=True)
+    assert warmup.run_pass() == 0 and not in_cpu(tiered, other)  # the LRU victim is used as often: it stays
