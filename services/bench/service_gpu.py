@@ -32,7 +32,7 @@ WORDS = ("river stone harbor lantern meadow copper violet engine orchard signal 
 
 # redis, mixed and mixed-fixed run only with a Redis URL.
 SCENARIOS = ("gpu", "cpu", "redis", "mixed", "mixed-fixed", "cpu-fixed", "cpu-eager", "throughput", "decode-eager",
-             "decode-graphs")
+             "decode-graphs", "redis-pull")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class GpuServiceBenchConfig:
     fusor_repeats: int = 10
     scenarios: tuple[str, ...] = ("gpu", "cpu", "redis", "mixed", "mixed-fixed")  # see SCENARIOS
     device: str = "cuda"  # "cpu" only to smoke-test the program itself (no figures worth quoting)
+    kv_bytes_per_token: int = 128 * 1024  # the model's K/V per token, every layer (8B shape in bf16: 128 KiB)
 
 
 @dataclass
@@ -59,10 +60,13 @@ class Scenario:
     rows: tuple[tuple[str, float | None], ...] = ()  # (mode, ratio)
     clients: tuple[int, ...] | None = None  # None: the config's
     max_new_tokens: int | None = None  # None: the config's
+    # "load": each row a fixed-duration load. "pull": the chunks pushed out to Redis by as many others, then
+    # full, one cold blend request, the warm-up's pull, and blend again (run_pull).
+    kind: str = "load"
 
 
 def scenarios(config: GpuServiceBenchConfig) -> list[Scenario]:
-    chunk_bytes = config.chunk_tokens * 128 * 1024  # 8B shape in bf16: 128 KiB of K/V per token
+    chunk_bytes = config.chunk_tokens * config.kv_bytes_per_token
     blends = (("blend", 0.05), ("blend", 0.15))
     every = (("full", None), ("reuse", None), *blends)
     out = [Scenario("gpu", {"gpu_bytes": 16 * GIB, "cpu_bytes": 4 * GIB}, rows=every),
@@ -94,16 +98,23 @@ def scenarios(config: GpuServiceBenchConfig) -> list[Scenario]:
         out.append(Scenario(name, {"gpu_bytes": 0, "cpu_bytes": 16 * GIB},
                             server={"loading_controller": False, "decode_graphs": graphs},
                             rows=(("full", None), ("blend", 0.15)), clients=(1,), max_new_tokens=64))
+    if config.redis_url:
+        # Issue 21: the chunks only in Redis (pushed out of a CPU tier that holds one request's chunks), the
+        # controller on: the first blend request against full, then, once the warm-up has pulled the chunks
+        # that request recomputed into the CPU tier, the same request again.
+        out.append(Scenario("redis-pull", {"gpu_bytes": 0, "cpu_bytes": config.chunks * chunk_bytes + chunk_bytes // 2,
+                                           "redis_url": config.redis_url, "write_through": True},
+                            rows=(("full", None), ("blend", 0.15)), clients=(1,), kind="pull"))
     unknown = sorted(set(config.scenarios) - set(SCENARIOS))
     if unknown:
         raise ValueError(f"unknown scenario(s) {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
     return [s for s in out if s.name in config.scenarios]
 
 
-def _documents(tokenizer, count: int, tokens: int) -> list[dict]:
-    """`count` distinct passages of about `tokens` model tokens each (one chunk apiece)."""
+def _documents(tokenizer, count: int, tokens: int, first: int = 0) -> list[dict]:
+    """`count` distinct passages of about `tokens` model tokens each (one chunk apiece), numbered from `first`."""
     docs = []
-    for index in range(count):
+    for index in range(first, first + count):
         words, text = [], ""
         while True:
             words.append(WORDS[(index * 7 + len(words) * 3) % len(WORDS)] + str(len(words) % 97))
@@ -219,6 +230,12 @@ def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path
             client.wait_ready(60)
             response = client.ingest(_documents(tokenizer, config.chunks, config.chunk_tokens), timeout=600)
             chunk_ids = [document.chunk_ids[0] for document in response.documents]
+            if scenario.kind == "pull":
+                # The CPU tier holds about one request's chunks: twice as many others push every one of ours out.
+                others = _documents(tokenizer, 2 * config.chunks, config.chunk_tokens, first=config.chunks)
+                client.ingest(others, timeout=600)
+                rows = run_pull(server.target, client, chunk_ids, scenario, config)
+                return rows
             for mode, ratio in scenario.rows:  # warm-up: first use of each path outside the timed rows
                 for _ in range(3):
                     client.answer("Warm up?", chunk_ids=chunk_ids, mode=mode, ratio=ratio, max_new_tokens=2)
@@ -244,8 +261,41 @@ def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path
     return rows
 
 
+def run_pull(target: str, client, chunk_ids: list[str], scenario: Scenario, config: GpuServiceBenchConfig) -> list[dict]:
+    """Full (a load row: also the cold request's kernels warm), then one blend request whose chunks are only
+    in Redis (timed alone, `cold`), then wait for the warm-up to pull what it recomputed, then blend again
+    (a load row). Returns the three rows; `cold` carries the plan and where the chunks came from."""
+    (full_mode, _), (mode, ratio) = scenario.rows
+    client.answer("Warm up?", mode=full_mode, max_new_tokens=2, chunk_ids=chunk_ids)
+    full = run_row(target, chunk_ids, full_mode, None, 1, config, scenario.max_new_tokens)
+    began = time.perf_counter()
+    answer = client.answer("Which passage names river first?", chunk_ids=chunk_ids, mode=mode, ratio=ratio,
+                           max_new_tokens=config.max_new_tokens)
+    report = answer.report
+    cold = {"mode": mode, "ratio": ratio, "clients": 1, "requests": 1, "failed": 0, "requests_per_s": 0.0,
+            "output_tokens_per_s": 0.0, "server_ttft_p50_ms": 1000 * answer.ttft_s,
+            "server_ttft_p99_ms": 1000 * answer.ttft_s, "client_ttft_p50_ms": 1000 * answer.client_ttft_s,
+            "client_ttft_p99_ms": 1000 * answer.client_ttft_s, "load_wait_share": 0.0,
+            "chunks_hit": dict(report.chunks_hit), "recomputed_chunks_mean": float(len(report.plan.recompute_chunk_ids)),
+            "plan_reasons": [report.plan.reason], "ratio_run_mean": report.ratio, "cold": True}
+    deadline = time.perf_counter() + 120
+    while time.perf_counter() < deadline and client.stats().warmup.chunks < len(report.plan.recompute_chunk_ids):
+        time.sleep(0.5)
+    waited = time.perf_counter() - began
+    again = run_row(target, chunk_ids, mode, ratio, 1, config, scenario.max_new_tokens)
+    again["pulled_after_s"] = round(waited, 1)
+    rows = []
+    for row, label in ((full, "full"), (cold, "first, chunks only in Redis"), (again, "again, after the pull")):
+        row["scenario"], row["step"] = scenario.name, label
+        rows.append(row)
+        print(f"[{scenario.name}] {label}: {row['mode']}@{row['ratio']} server TTFT p50 {row['server_ttft_p50_ms']:.1f} "
+              f"ms, hits {row['chunks_hit']}, chunks recomputed {row.get('recomputed_chunks_mean', 0):.1f}, "
+              f"plan {row.get('plan_reasons')}", file=sys.stderr, flush=True)
+    return rows
+
+
 def format_table(rows: list[dict], fusor: dict) -> str:
-    columns = ["scenario", "mode", "ratio", "clients", "requests", "failed", "requests_per_s", "output_tokens_per_s",
+    columns = ["scenario", "step", "mode", "ratio", "clients", "requests", "failed", "requests_per_s", "output_tokens_per_s",
                "server_ttft_p50_ms",
                "server_ttft_p99_ms", "client_ttft_p50_ms", "client_ttft_p99_ms", "load_wait_share",
                "speedup_vs_full", "vs_fusor"]
