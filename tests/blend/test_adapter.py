@@ -137,3 +137,25 @@ def test_in_bf16_the_step_rotates_and_computes_as_the_hugging_face_forward():
         assert torch.equal(q, want_q[0].transpose(0, 1)) and torch.equal(k, want_k[0].transpose(0, 1))
         ours = step.forward(ids, positions, step.new_cache(40))
         assert torch.equal(ours, hf(ids[None]).logits[0].float())
+
+
+def test_fused_projections_share_the_modules_memory_and_follow_a_moved_model():
+    """q/k/v (and gate/up) run as one matmul over one matrix whose rows are the modules' own weights (views,
+    no second copy); the HF forward is unchanged; when the model is moved (its weights re-allocated) the
+    step fuses again instead of reading a stale matrix."""
+    from blend.adapter import fused_projection
+
+    hf = tiny_model()
+    ids = torch.randint(0, 100, (30,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        before = hf(ids[None]).logits[0]
+        step = LlamaStep(hf)
+        attn = hf.model.layers[0].self_attn
+        weight, _ = fused_projection([attn.q_proj, attn.k_proj, attn.v_proj])
+        assert attn.q_proj.weight.data_ptr() == weight.data_ptr()
+        assert attn.v_proj.weight.data_ptr() == weight[-attn.v_proj.weight.shape[0]:].data_ptr()
+        assert torch.equal(hf(ids[None]).logits[0], before)
+        assert (step.forward(ids, torch.arange(30), step.new_cache(30)) - before).abs().max() < 1e-4
+        hf.to(torch.float64)  # every weight re-allocated
+        moved, _ = fused_projection([attn.q_proj, attn.k_proj, attn.v_proj])
+        assert moved.dtype == torch.float64 and moved.data_ptr() == attn.q_proj.weight.data_ptr()
