@@ -122,13 +122,13 @@ def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn
     if turn is not None:
         # K was rotated at the positions each chunk was computed at: move every chunk's K to where it
         # sits now, in one pass over the contiguous chunk range (one rotation per layer, not per chunk).
-        lo, hi, cos, sin = turn
-        keys = cache.data[layer, lo:hi, 0]
-        keys.copy_(step.apply_rotation(keys, cos, sin))
+        lo, hi, cos, signed_sin = turn
+        step.turn_in_place(cache.data[layer, lo:hi, 0], cos, signed_sin)
 
 
 def _turn(step: LlamaStep, old_starts, new_starts, lengths, skip):
-    """(lo, hi, cos, sin) re-rotating the placed segments in [lo, hi) by token, or None if none moves."""
+    """(lo, hi, cos, signed sin) re-rotating the placed segments in [lo, hi) by token (`turn_in_place`), or
+    None if none moves."""
     moving = [i for i, (old, new) in enumerate(zip(old_starts, new_starts)) if i not in skip and old != new]
     if not moving:
         return None
@@ -138,7 +138,8 @@ def _turn(step: LlamaStep, old_starts, new_starts, lengths, skip):
     for i in moving:
         span = slice(new_starts[i] - lo, new_starts[i] - lo + lengths[i])
         old[span] = torch.arange(old_starts[i], old_starts[i] + lengths[i], device=step.device)
-    return (lo, hi, *step.turn_between(old, new))
+    cos, sin = step.turn_between(old, new)
+    return lo, hi, cos, step.signed_sin(sin)
 
 
 def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:

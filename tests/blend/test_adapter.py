@@ -159,3 +159,18 @@ def test_fused_projections_share_the_modules_memory_and_follow_a_moved_model():
         hf.to(torch.float64)  # every weight re-allocated
         moved, _ = fused_projection([attn.q_proj, attn.k_proj, attn.v_proj])
         assert moved.dtype == torch.float64 and moved.data_ptr() == attn.q_proj.weight.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_turning_keys_in_place_equals_the_rotation(tiny, dtype):
+    """The placement's in-place re-rotation (a roll and a signed sin: fewer kernels) moves keys as
+    `apply_rotation` does, within float32 rounding (and so, in bf16, to the same or the adjacent value)."""
+    g = torch.Generator().manual_seed(8)
+    keys = torch.randn(40, 2, tiny.n_kv_heads, tiny.head_dim, generator=g).to(dtype)[:, 0]  # strided, as in a buffer
+    old = torch.arange(100, 140)
+    new = old + 37
+    cos, sin = tiny.turn_between(old, new)
+    want = tiny.apply_rotation(keys, cos, sin)
+    tiny.turn_in_place(keys, cos, tiny.signed_sin(sin))
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7 * float(want.abs().max())
+    assert (keys.float() - want.float()).abs().max() <= tolerance
