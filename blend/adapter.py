@@ -336,9 +336,11 @@ class LlamaStep:
         """
         return self._project(layer, h, self._attend_out(layer, q, h.shape[0], positions, cache, length, mask))
 
-    def _attend_out(self, layer: int, q, n: int, positions: torch.Tensor, cache: KVCache, length: int, mask=None):
-        """The attention output [n, heads x d] of `attend`; q may carry rows past n (a graph bucket's:
-        they stand in for padding, and their output is dropped like padding's)."""
+    def _attend_out(self, layer: int, q, n: int, positions: torch.Tensor, cache: KVCache, length: int, mask=None,
+                    flat: bool = True):
+        """The attention output [n, heads x d] of `attend` (`flat=False`: [n, heads, d], a view, for a
+        caller that copies it anyway); q may carry rows past n (a graph bucket's: they stand in for
+        padding, and their output is dropped like padding's)."""
         rows, width = self._attention_shape(n, length, cache.capacity)
         keys, values = cache.keys_values(layer, width)  # [n_kv, width, d]
         # T == length means positions are exactly 0..length-1: plain causal, which takes the fused
@@ -349,13 +351,15 @@ class LlamaStep:
         q = q[:rows]
         if rows > q.shape[0]:
             q = F.pad(q, (0, 0, 0, 0, 0, rows - q.shape[0]))
-        return self.attention(q, keys, values, None if causal else mask, causal)[:n]
+        return self.attention(q, keys, values, None if causal else mask, causal, flat)[:n]
 
-    def attention(self, q, keys, values, mask=None, causal: bool = False) -> torch.Tensor:
-        """q [T, heads, d] over keys and values [n_kv_heads, L, d] (grouped heads shared) -> [T, heads x d]."""
+    def attention(self, q, keys, values, mask=None, causal: bool = False, flat: bool = True) -> torch.Tensor:
+        """q [T, heads, d] over keys and values [n_kv_heads, L, d] (grouped heads shared) -> [T, heads x d]
+        (`flat=False`: [T, heads, d], a view of the kernel's output, not yet copied into rows)."""
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                                              is_causal=causal, scale=self.scale, enable_gqa=True)
-        return out[0].transpose(0, 1).reshape(q.shape[0], self.n_heads * self.head_dim)
+        heads_last = out[0].transpose(0, 1)
+        return heads_last.reshape(q.shape[0], self.n_heads * self.head_dim) if flat else heads_last
 
     def _project(self, layer: int, h, out):
         """Attention output [T, heads x d] -> the layer's output: o_proj, residual, MLP, residual."""
@@ -370,8 +374,9 @@ class LlamaStep:
         if self.graphs is not None and self.graphs.bucket(h.shape[0]) is not None:
             bucket, q, kv = self.graphs.pre(layer, h, positions)
             cache.write_stacked(layer, positions, kv)
+            # The attention output goes into the graphs' buffer in one copy (not reshaped into rows first).
             return self.graphs.post(bucket, layer,
-                                    self._attend_out(layer, q, h.shape[0], positions, cache, length, mask))
+                                    self._attend_out(layer, q, h.shape[0], positions, cache, length, mask, flat=False))
         q, k, v = self.qkv(layer, h, positions, rope)
         cache.write(layer, positions, k, v)
         return self.attend(layer, h, q, positions, cache, length, mask)

@@ -184,11 +184,11 @@ class LayerGraphs:
         return b, b.q, b.kv[:n]
 
     def post(self, b: _Bucket, layer: int, attended: torch.Tensor, chain: bool = False) -> torch.Tensor:
-        """The layer's output [n, hidden] from attention's output [n, heads x d], the residual being the
+        """The layer's output [n, hidden] from attention's output [n, heads x d] (or [n, heads, d]), the residual being the
         h `pre` took: a fresh tensor, or (`chain`) the bucket's own buffer, for a caller that passes it
         straight to the next layer's `pre` with nothing run in between (valid until the bucket's next use)."""
         n = attended.shape[0]
-        b.attended[:n].copy_(attended)
+        b.attended[:n].view(attended.shape).copy_(attended)  # [n, heads x d] or [n, heads, d]
         if b.post and b.post[layer] is not None:
             b.post[layer].replay()
         else:
