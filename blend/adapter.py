@@ -370,8 +370,12 @@ class LlamaStep:
                             *fused_projection([mlp.gate_proj, mlp.up_proj])).chunk(2, dim=-1)
         return h + mlp.down_proj(mlp.act_fn(gate) * up)
 
+    def _graphed(self, n: int) -> bool:
+        """Does a step over n tokens run through the layer graphs?"""
+        return self.graphs is not None and self.graphs.bucket(n) is not None
+
     def step(self, layer: int, h, positions: torch.Tensor, cache: KVCache, length: int, mask=None, rope=None):
-        if self.graphs is not None and self.graphs.bucket(h.shape[0]) is not None:
+        if self._graphed(h.shape[0]):
             bucket, q, kv = self.graphs.pre(layer, h, positions)
             cache.write_stacked(layer, positions, kv)
             # The attention output goes into the graphs' buffer in one copy (not reshaped into rows first).
@@ -391,7 +395,7 @@ class LlamaStep:
         per request and layer. `chain` (every layer run back to back, as `forward_each` does): with the
         layer graphs, the output stays in their buffer for the next layer instead of being copied out."""
         bucket = None
-        if self.graphs is not None and self.graphs.bucket(h.shape[0]) is not None:
+        if self._graphed(h.shape[0]):
             bucket, q, kv = self.graphs.pre(layer, h, positions)
         else:
             q, k, v = self.qkv(layer, h, positions, rope)
@@ -426,7 +430,9 @@ class LlamaStep:
             raise ValueError(f"{len(token_ids)} tokens, {len(positions)} positions and {len(caches)} caches")
         ends = positions.tolist()  # read once per step, not per request and layer
         positions = positions.to(self.device)
-        h, rope = self.embed(token_ids), self.cos_sin(positions)
+        graphed = self._graphed(len(ends))
+        # The graphs rotate inside their own bodies: eager cos/sin only for the eager step.
+        h, rope = self.embed(token_ids), None if graphed else self.cos_sin(positions)
         batch = self.decode_batch(caches, ends, positions)
         for layer in range(self.n_layers):
             # Layers back to back, nothing in between: the graphs' buffer carries h from one to the next.

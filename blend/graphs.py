@@ -1,11 +1,12 @@
-"""Decode of one request as one CUDA graph: the per-layer step, captured once per KV buffer, replayed
-per token, so a token costs one launch instead of ~40 per layer (issue 16; the eager step is the
-reference and what runs on CPU).
+"""CUDA graphs around the per-layer step (issue 16; the eager step is the reference and what runs on CPU):
 
-The graph's body is the same per-layer step on a fixed shape: one token at a position held in a device
-tensor, attending to the whole buffer with a mask from that position (keys past it are hidden, so the
-shape never changes while the answer grows). On CPU `__call__` runs the body eagerly: it is the code
-the graph records, and what the CPU tests check against `LlamaStep.forward_each`.
+- `LayerGraphs` (served by default on CUDA): each layer's row-wise parts captured per bucket of token
+  count and shared by every request; the KV write and attention stay eager between them.
+- `GraphDecoder` (`server.decode_graphs`, off): one request's whole decode step as one graph, captured
+  per KV buffer: one token at a position held in a device tensor, attending to the whole buffer under a
+  mask from that position, so the shape never changes while the answer grows.
+
+On CPU both run their bodies eagerly: the code the graphs record, and what the CPU tests check.
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ class _Bucket:
 
     def __init__(self, step: LlamaStep, rows: int):
         dims = dict(dtype=step.dtype, device=step.device)
-        self.rows = rows
         # The layer's input (pre's, and post's residual), then its output: post writes it back here, so a
         # caller running every layer at once (a decode step) chains them without a copy.
         self.h = torch.zeros(rows, step.config.hidden_size, **dims)
@@ -94,7 +94,7 @@ class _Bucket:
         self.q = torch.zeros(rows, step.n_heads, step.head_dim, **dims)
         self.kv = torch.zeros(rows, 2, step.n_kv_heads, step.head_dim, **dims)
         self.attended = torch.zeros(rows, step.n_heads * step.head_dim, **dims)
-        self.pre: list = []  # per layer: a CUDA graph, or None where the body runs eagerly (CPU)
+        self.pre: list = []  # per layer: a CUDA graph; empty where the bodies run eagerly (CPU)
         self.post: list = []
         self.last_positions: torch.Tensor | None = None  # the positions tensor `positions` holds
 
@@ -177,7 +177,7 @@ class LayerGraphs:
         if b.last_positions is not positions:
             b.positions[:n].copy_(positions)
             b.last_positions = positions
-        if b.pre and b.pre[layer] is not None:
+        if b.pre:
             b.pre[layer].replay()
         else:
             self._pre_body(b, layer)
@@ -189,7 +189,7 @@ class LayerGraphs:
         straight to the next layer's `pre` with nothing run in between (valid until the bucket's next use)."""
         n = attended.shape[0]
         b.attended[:n].view(attended.shape).copy_(attended)  # [n, heads x d] or [n, heads, d]
-        if b.post and b.post[layer] is not None:
+        if b.post:
             b.post[layer].replay()
         else:
             self._post_body(b, layer)

@@ -3,7 +3,8 @@
 Tiers are ordered fastest first. A `get` looks in each tier in turn; a hit below the top is copied
 up into the highest tier above that admits it (the lower copy stays, so the hierarchy is
 inclusive), unless that tier is full and its least recently used entry belongs to a chunk used at
-least as often (so a request larger than a tier leaves whole chunks there, not a slice of each). A `put` goes to the highest admitting tier. When a tier is over its budget its least
+least as often (so a request larger than a tier leaves whole chunks there, not a slice of each).
+A `put` goes to the highest admitting tier. When a tier is over its budget its least
 recently used entries are evicted and demoted to the next tier down; the last tier drops them (a
 Redis bottom tier has no budget here and evicts by its own maxmemory policy). An entry larger than
 a tier's whole budget passes through it to the next tier.
@@ -237,7 +238,12 @@ class TieredStore:
             if self._used[index] - lru.get(key, 0) + size <= self.budgets[index] or not lru:
                 return False
             victim = next(iter(lru))
-        return self.sketch.estimate(chunk_of(key)) <= self.sketch.estimate(chunk_of(victim))
+        return not self._colder(victim, chunk_of(key))
+
+    def _colder(self, entry: str, chunk: str) -> bool:
+        """Is `entry` of another chunk, used less often than `chunk` (what a copy-up may evict for it)?"""
+        owner = chunk_of(entry)
+        return owner != chunk and self.sketch.estimate(owner) < self.sketch.estimate(chunk)
 
     def _promote(self, index: int, key: str, value: torch.Tensor) -> None:
         """A hit in tier `index`: a copy into the highest tier above that admits it and has room for it
@@ -279,12 +285,11 @@ class TieredStore:
         lru = self._lru[index]
         if lru is None:
             return True
-        uses = self.sketch.estimate(chunk)
         evicted = []
         with self._lock:
             while self._used[index] + size > self.budgets[index] and lru:
                 victim = next(iter(lru))
-                if chunk_of(victim) == chunk or self.sketch.estimate(chunk_of(victim)) >= uses:
+                if not self._colder(victim, chunk):
                     break
                 self._used[index] -= lru.pop(victim)
                 evicted.append((victim, self._take(index, victim)))

@@ -73,11 +73,17 @@ def make_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens: i
     return PromptLayout(ids(32), tuple(ids(chunk_tokens) for _ in range(n_chunks)), ids(question_tokens))
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time(fn, repeats: int, warmup: int = 2) -> list[float]:
     return _interleaved([fn], repeats, warmup)[0]
 
 
-def _interleaved(fns, rounds: int, warmup: int = 2) -> list[list[float]]:
+def _interleaved(fns, rounds: int, warmup: int = 2, device: torch.device = torch.device("cuda")) -> list[list[float]]:
+    """Seconds of each fn per round, the fns taking turns in every round (after `warmup` calls each)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -87,10 +93,10 @@ def _interleaved(fns, rounds: int, warmup: int = 2) -> list[list[float]]:
     try:
         for _ in range(rounds):
             for fn, bucket in zip(fns, times):
-                torch.cuda.synchronize()
+                _sync(device)
                 start = time.perf_counter()
                 fn()
-                torch.cuda.synchronize()
+                _sync(device)
                 bucket.append(time.perf_counter() - start)
     finally:
         gc.enable()
@@ -110,11 +116,6 @@ def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
         return fn()
     finally:
         step.graphs = None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, repeats: int = 5,
@@ -148,16 +149,7 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
             return tokens
 
         runs["ours_graph"] = ours_graph
-    for fn in runs.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+    times = dict(zip(runs, _interleaved(list(runs.values()), repeats, warmup=1, device=device)))
     ours_ms = [1000 * t / steps for t in times["ours"]]
     hf_ms = [1000 * (a - b) / steps for a, b in zip(times["hf_all"], times["hf_one"])]
     return {"context_tokens": len(layout), "steps": steps, "repeats": repeats,
@@ -191,18 +183,11 @@ def time_batch_decode(step: LlamaStep, layout: PromptLayout, graphs: LayerGraphs
 
     old, step.graphs = step.batched_attention, graphs
     try:
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(repeats + 1):
-            for batched in (False, True):
-                _sync(step.device)
-                start = time.perf_counter()
-                run(batched)
-                _sync(step.device)
-                times[batched].append(1000 * (time.perf_counter() - start) / steps)
+        per_request, together = ([1000 * t / steps for t in runs] for runs in _interleaved(
+            [lambda: run(False), lambda: run(True)], repeats, warmup=1, device=step.device))
         same = run(False) == run(True)
     finally:
         step.batched_attention, step.graphs = old, None
-    per_request, together = times[False][1:], times[True][1:]  # the first round warms up
     return {"batch": batch, "context_tokens": len(layout), "layer_graphs": graphs is not None,
             "per_request_attention_ms_per_step": round(statistics.median(per_request), 2),
             "batched_attention_ms_per_step": round(statistics.median(together), 2),

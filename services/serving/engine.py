@@ -105,8 +105,8 @@ class Engine:
         if limit and prefix + config.chunk_tokens >= limit:
             raise ValueError(f"server.chunk_tokens {config.chunk_tokens} plus the {prefix}-token "
                              f"system prompt does not fit the model's context of {limit} tokens")
-        self.layer_graphs_s = (self.worker.call(self._capture_layer_graphs)
-                               if config.layer_graphs and model.step.device.type == "cuda" else None)
+        if config.layer_graphs and model.step.device.type == "cuda":
+            self.worker.call(self._capture_layer_graphs)
         self.worker.call(self._measure_prefill)
         self.warmup, self.warmup_thread = self._start_warmup()
 
@@ -124,7 +124,7 @@ class Engine:
             self.catalog.on_shared_delete = self._deleted_elsewhere
         return warmup, WarmupThread(warmup, self.catalog if self.shared else None, self.config.warmup_interval_s)
 
-    def _capture_layer_graphs(self) -> float:
+    def _capture_layer_graphs(self) -> None:
         """On the model thread, before the first request: every bucket's graphs, so no request pays a capture."""
         from blend.graphs import LayerGraphs
 
@@ -133,7 +133,6 @@ class Engine:
         with torch.inference_mode():
             seconds = step.graphs.capture_all()
         log.info("layer graphs: %d buckets captured in %.1f s", len(step.graphs.buckets), seconds)
-        return seconds
 
     def _measure_prefill(self) -> None:
         """One full prefill of a chunk's length at start-up: warms the kernels and gives the loading
