@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blend.cache import KVCache
+from blend.cache import KVCache, KVPool
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Rope types whose inverse frequencies do not depend on the sequence length and whose cos/sin are not
@@ -155,6 +155,62 @@ class DecodeBatch:
         return out[:n, :, 0].reshape(n, step.n_heads * step.head_dim)
 
 
+@dataclass
+class PooledDecode:
+    """One batched decode step's attention when every request's cache is a range of one `KVPool`
+    (issue 18): each layer, one multi-row write of the new K/V into the pool and one varlen attention
+    call over it, each row with its own request's offset and length (no gather, no mask). Built from
+    one int64 tensor `raw` = [tokens | positions | pool rows written | offsets (rows + 1) | keys seen]
+    of `rows` rows, so a CUDA graph captured over a fixed `raw` (blend.graphs.DecodeGraphs) serves
+    every batch of that size: rows past the batch write and attend at the pool's scratch position 0.
+    On CUDA the attention is FlashAttention's varlen kernel; elsewhere each row attends through the
+    plain step (the reference, what CPU tests run)."""
+
+    pool: KVPool
+    raw: torch.Tensor
+    rows: int
+    tokens: torch.Tensor  # [rows] long
+    positions: torch.Tensor  # [rows] long
+    slots: torch.Tensor  # [rows] long: the pool row each token's K/V goes to (offset + position)
+    starts: torch.Tensor  # [rows + 1] int32 offsets (varlen cu_seqlens_k; the last is the pool's size)
+    used: torch.Tensor  # [rows] int32: keys each row sees (position + 1)
+
+    @staticmethod
+    def layout(caches: list[KVCache], tokens: list[int], ends: list[int], rows: int, pool: KVPool) -> torch.Tensor:
+        """The host `raw` of a batch (rows past len(caches) are scratch padding)."""
+        pad = rows - len(caches)
+        offsets = [cache.offset for cache in caches] + [0] * pad
+        positions = list(ends) + [0] * pad
+        return torch.tensor(list(tokens) + [0] * pad + positions + [o + p for o, p in zip(offsets, positions)]
+                            + offsets + [pool.tokens] + [p + 1 for p in positions], dtype=torch.long)
+
+    @classmethod
+    def over(cls, pool: KVPool, raw: torch.Tensor, rows: int) -> "PooledDecode":
+        return cls(pool, raw, rows, raw[:rows], raw[rows : 2 * rows], raw[2 * rows : 3 * rows],
+                   raw[3 * rows : 4 * rows + 1].to(torch.int32), raw[4 * rows + 1 : 5 * rows + 1].to(torch.int32))
+
+    @classmethod
+    def build(cls, caches: list[KVCache], tokens: list[int], ends: list[int], device) -> "PooledDecode":
+        pool = caches[0].pool
+        return cls.over(pool, cls.layout(caches, tokens, ends, len(caches), pool).to(device), len(caches))
+
+    def attend(self, step: "LlamaStep", layer: int, q, kv) -> torch.Tensor:
+        """Write each row's new K/V (kv [rows, 2, kv_heads, d]) into the pool, attend; -> [rows, heads x d]."""
+        rows = self.pool.layer_rows(layer)
+        rows.index_copy_(0, self.slots, kv.to(rows.dtype))
+        keys, values = rows[:, 0], rows[:, 1]  # [pool tokens, kv_heads, d], strided views
+        if q.is_cuda:
+            out = torch.ops.aten._flash_attention_forward(
+                q, keys, values, torch.arange(self.rows + 1, device=q.device, dtype=torch.int32), self.starts,
+                1, self.pool.tokens, 0.0, False, False, scale=step.scale, seqused_k=self.used)[0]
+        else:
+            starts, used = self.starts.tolist(), self.used.tolist()
+            out = torch.cat([step.attention(q[i : i + 1], keys[starts[i] : starts[i] + used[i]].transpose(0, 1),
+                                            values[starts[i] : starts[i] + used[i]].transpose(0, 1), flat=False)
+                             for i in range(self.rows)])
+        return out.reshape(self.rows, step.n_heads * step.head_dim)
+
+
 class LlamaStep:
     """Explicit-position view of a loaded Hugging Face Llama-family causal LM (batch of one request)."""
 
@@ -188,6 +244,10 @@ class LlamaStep:
         # blend.graphs.LayerGraphs, or None: the row-wise parts of a step over few enough tokens replay as
         # CUDA graphs (set at the edge, e.g. by the engine on CUDA; eager is the reference).
         self.graphs = None
+        # blend.cache.KVPool, or None: request caches are ranges of it where one fits (set at the edge).
+        self.kv_pool: KVPool | None = None
+        # blend.graphs.DecodeGraphs, or None: a decode step over pooled caches replays as one CUDA graph.
+        self.decode_graphs = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -208,6 +268,11 @@ class LlamaStep:
         return round_up(capacity, self.attention_buckets[1]) if self.attention_buckets else capacity
 
     def new_cache(self, capacity: int) -> KVCache:
+        """A range of the KV pool where one is set and has room, else a buffer of its own."""
+        if self.kv_pool is not None:
+            cache = self.kv_pool.take(self.cache_tokens(capacity))
+            if cache is not None:
+                return cache
         return KVCache.empty(self.n_layers, self.cache_tokens(capacity), self.n_kv_heads, self.head_dim,
                              self.dtype, self.device)
 
@@ -385,38 +450,50 @@ class LlamaStep:
         cache.write(layer, positions, k, v)
         return self.attend(layer, h, q, positions, cache, length, mask)
 
-    def step_each(self, layer: int, h, positions: torch.Tensor, caches: list[KVCache], rope=None,
-                  ends: list[int] | None = None, batch: DecodeBatch | None = None, chain: bool = False):
+    def step_each(self, layer: int, h, positions: torch.Tensor, caches: list[KVCache] | None, rope=None,
+                  ends: list[int] | None = None, batch: "DecodeBatch | PooledDecode | None" = None,
+                  chain: bool = False, layer_graphs: bool = True):
         """`step` for one new token of each of several requests (batched decode): token i, at
         `positions[i]`, is the next token of the request whose buffer is `caches[i]`, and attends to that
         buffer's positions 0..positions[i] only. Projections and MLP run once over all the tokens (the
         weights are read once); attention runs per request over its own cache, or, given `batch`
-        (`decode_batch`), once for all of them. `ends` (the positions on the host) spares a device read
-        per request and layer. `chain` (every layer run back to back, as `forward_each` does): with the
-        layer graphs, the output stays in their buffer for the next layer instead of being copied out."""
+        (`decode_batch`), once for all of them (a `PooledDecode` carries the caches itself: `caches` may
+        be None). `ends` (the positions on the host) spares a device read per request and layer.
+        `chain` (every layer run back to back, as `forward_each` does): with the layer graphs, the
+        output stays in their buffer for the next layer instead of being copied out. `layer_graphs=False`
+        runs the plain step (what a whole-step graph records)."""
         bucket = None
-        if self._graphed(h.shape[0]):
+        if layer_graphs and self._graphed(h.shape[0]):
             bucket, q, kv = self.graphs.pre(layer, h, positions)
         else:
             q, k, v = self.qkv(layer, h, positions, rope)
             kv = torch.stack((k, v), dim=1)  # once for the batch: each request's row is then one index_copy
-        ends = positions.tolist() if ends is None else ends
-        if batch is not None:
-            out = batch.attend(self, layer, q, kv, caches, ends)
+        if isinstance(batch, PooledDecode):
+            out = batch.attend(self, layer, q[: h.shape[0]], kv)
         else:
-            outs = []
-            for index, cache in enumerate(caches):
-                row = slice(index, index + 1)
-                cache.write_stacked(layer, positions[row], kv[row])
-                # One query at the cache's last filled position sees every key before it: no mask needed.
-                outs.append(self.attention(q[row], *cache.keys_values(layer, ends[index] + 1)))
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            ends = positions.tolist() if ends is None else ends
+            if batch is not None:
+                out = batch.attend(self, layer, q, kv, caches, ends)
+            else:
+                outs = []
+                for index, cache in enumerate(caches):
+                    row = slice(index, index + 1)
+                    cache.write_stacked(layer, positions[row], kv[row])
+                    # One query at the cache's last filled position sees every key before it: no mask needed.
+                    outs.append(self.attention(q[row], *cache.keys_values(layer, ends[index] + 1)))
+                out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if bucket is not None:
             return self.graphs.post(bucket, layer, out, chain)
         return self._project(layer, h, out)
 
-    def decode_batch(self, caches: list[KVCache], ends: list[int], positions: torch.Tensor) -> DecodeBatch | None:
-        """The shared buffers of one batched decode step's attention (None: attend per request)."""
+    def decode_batch(self, caches: list[KVCache], ends: list[int], positions: torch.Tensor,
+                     tokens: list[int] | None = None) -> "DecodeBatch | PooledDecode | None":
+        """The shared state of one batched decode step's attention (None: attend per request): over the
+        pool where every cache is a range of the step's pool (and the tokens are known on the host),
+        else over a gathered copy."""
+        pool = self.kv_pool
+        if pool is not None and tokens is not None and all(cache.pool is pool for cache in caches):
+            return PooledDecode.build(caches, tokens, ends, self.device)
         if not self.batched_attention or len(caches) < 2:
             return None
         return DecodeBatch.build(self, ends, positions)
@@ -424,19 +501,39 @@ class LlamaStep:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(self._norm(self.hf.model.norm, h)).float()
 
-    def forward_each(self, token_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """One new token for each of several requests (see `step_each`); logits [B, vocab]."""
+    def forward_each(self, token_ids, positions: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One new token for each of several requests (see `step_each`); logits [B, vocab]. Where every
+        cache is a range of the step's pool, the step runs as one captured graph (`decode_graphs`) or,
+        past its buckets, eagerly over the pool."""
         if not len(token_ids) == len(positions) == len(caches):
             raise ValueError(f"{len(token_ids)} tokens, {len(positions)} positions and {len(caches)} caches")
         ends = positions.tolist()  # read once per step, not per request and layer
-        positions = positions.to(self.device)
+        tokens = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(tokens, ends, caches)
+            if logits is not None:
+                return logits
+        positions = torch.as_tensor(ends, device=self.device)
+        batch = self.decode_batch(caches, ends, positions, tokens)
+        if isinstance(batch, PooledDecode):
+            return self.decode_pooled(batch)
         graphed = self._graphed(len(ends))
         # The graphs rotate inside their own bodies: eager cos/sin only for the eager step.
-        h, rope = self.embed(token_ids), None if graphed else self.cos_sin(positions)
-        batch = self.decode_batch(caches, ends, positions)
+        h = self.embed(torch.as_tensor(tokens, device=self.device))
+        rope = None if graphed else self.cos_sin(positions)
         for layer in range(self.n_layers):
             # Layers back to back, nothing in between: the graphs' buffer carries h from one to the next.
             h = self.step_each(layer, h, positions, caches, rope, ends, batch, chain=True)
+        return self.logits(h)
+
+    def decode_pooled(self, batch: PooledDecode, layer_graphs: bool = True) -> torch.Tensor:
+        """Every layer of a decode step over pooled caches; logits [rows, vocab]. The body a
+        `DecodeGraphs` graph records (`layer_graphs=False`), and the eager step past its buckets."""
+        h, positions = self.embed(batch.tokens), batch.positions
+        graphed = layer_graphs and self._graphed(batch.rows)
+        rope = None if graphed else self.cos_sin(positions)
+        for layer in range(self.n_layers):
+            h = self.step_each(layer, h, positions, None, rope, batch=batch, chain=True, layer_graphs=graphed)
         return self.logits(h)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

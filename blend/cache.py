@@ -8,14 +8,19 @@ which is what lets a GPU source issue it as a single asynchronous DMA.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 
-@dataclass
+@dataclass(eq=False)
 class KVCache:
     data: torch.Tensor  # [n_layers, capacity, 2, n_kv_heads, head_dim]
+    # Where `data` sits in a KVPool's buffer (a view of it), or None for a buffer of its own.
+    pool: "KVPool | None" = None
+    offset: int = 0
 
     @classmethod
     def empty(cls, n_layers, capacity, n_kv_heads, head_dim, dtype, device) -> "KVCache":
@@ -36,6 +41,66 @@ class KVCache:
     def keys_values(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         block = self.data[layer, :length]
         return block[:, 0].transpose(0, 1), block[:, 1].transpose(0, 1)
+
+
+class KVPool:
+    """One KV buffer every request's cache is a range of (issue 18): `[n_layers, tokens, 2, kv_heads,
+    head_dim]`, allocated once. A request's cache is a view of a contiguous range, so a batched decode
+    step attends every request through one base address with per-request offsets and lengths (one
+    varlen attention call, no gather), and a CUDA graph captured once over the pool serves every
+    request. The first `block` positions are scratch: padding rows of a graphed batch write and attend
+    there. A range is freed when its cache is garbage-collected; `take` returns None when no free range
+    is large enough (the caller then allocates a buffer of its own). Thread-safe."""
+
+    def __init__(self, n_layers, tokens, n_kv_heads, head_dim, dtype, device, block: int = 512):
+        if tokens < 2 * block:
+            raise ValueError(f"a KV pool of {tokens} tokens is smaller than two blocks of {block}")
+        self.block = block
+        self.data = torch.zeros(n_layers, tokens, 2, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self._free = [(block, tokens - block)]  # sorted (start, length) ranges; [0, block) is scratch
+        self._lock = threading.Lock()
+
+    @property
+    def tokens(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def free_tokens(self) -> int:
+        with self._lock:
+            return sum(length for _, length in self._free)
+
+    def take(self, capacity: int) -> KVCache | None:
+        """A cache of `capacity` positions (rounded up to the block) as a view of a free range, or None."""
+        size = -(-capacity // self.block) * self.block
+        with self._lock:
+            for index, (start, length) in enumerate(self._free):
+                if length >= size:
+                    if length == size:
+                        del self._free[index]
+                    else:
+                        self._free[index] = (start + size, length - size)
+                    break
+            else:
+                return None
+        cache = KVCache(self.data[:, start : start + size], self, start)
+        weakref.finalize(cache, self._give_back, start, size)
+        return cache
+
+    def _give_back(self, start: int, size: int) -> None:
+        with self._lock:
+            ranges = sorted(self._free + [(start, size)])
+            merged = [ranges[0]]
+            for begin, length in ranges[1:]:
+                last_begin, last_length = merged[-1]
+                if last_begin + last_length == begin:
+                    merged[-1] = (last_begin, last_length + length)
+                else:
+                    merged.append((begin, length))
+            self._free = merged
+
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """Layer's pool as rows [tokens, 2, kv_heads, head_dim] (a view): row offset + p is position p."""
+        return self.data[layer]
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def advance(step: LlamaStep, decodings: Sequence[Decoding], tokens: Sequence[int
         decoding.length += 1
         return
     positions = torch.tensor([d.length for d in decodings])  # on the host: forward_each moves it
-    logits = step.forward_each(torch.tensor(list(tokens), device=step.device), positions,
+    logits = step.forward_each(torch.tensor(list(tokens)), positions,
                                [d.cache for d in decodings])
     for decoding, row in zip(decodings, logits):
         decoding.logits = row

@@ -2,7 +2,10 @@
 
 - `LayerGraphs` (served by default on CUDA): each layer's row-wise parts captured per bucket of token
   count and shared by every request; the KV write and attention stay eager between them.
-- `GraphDecoder` (`server.decode_graphs`, off): one request's whole decode step as one graph, captured
+- `DecodeGraphs` (served by default on CUDA, with the KV pool): a whole decode step over requests whose
+  caches are ranges of one `KVPool`, captured once per batch size at start-up: attention inside the
+  graph through the pool's fixed address, each row's offset and length in a device tensor.
+- `GraphDecoder` (`server.decode_graphs`, off; superseded by `DecodeGraphs`): one request's whole decode step as one graph, captured
   per KV buffer: one token at a position held in a device tensor, attending to the whole buffer under a
   mask from that position, so the shape never changes while the answer grows.
 
@@ -15,8 +18,8 @@ import time
 
 import torch
 
-from blend.adapter import LlamaStep
-from blend.cache import KVCache
+from blend.adapter import LlamaStep, PooledDecode
+from blend.cache import KVCache, KVPool
 
 
 class GraphDecoder:
@@ -194,3 +197,81 @@ class LayerGraphs:
         else:
             self._post_body(b, layer)
         return b.h[:n] if chain else b.h[:n].clone()
+
+
+# Batch sizes the whole-step decode graphs are captured for: a step over n requests replays the
+# smallest >= n (its extra rows decode a dummy token at the pool's scratch position, then are dropped).
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class _DecodeSet:
+    def __init__(self, step: LlamaStep, pool: KVPool, rows: int):
+        self.rows = rows
+        # [tokens | positions | pool rows | offsets (rows + 1) | keys seen]: the graph's one input.
+        self.raw = PooledDecode.layout([], [], [], rows, pool).to(step.device)
+        self.graph = None
+        self.logits: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    """One decode step of up to 32 requests as one CUDA graph per batch size (issue 16's decode and
+    issue 18's batched decode): embedding, every layer (the plain step: `LlamaStep.decode_pooled`, the
+    new K/V written into the pool and one varlen attention call over it) and the logits. Requests'
+    caches must be ranges of `pool`; a step with any other cache, or more requests than the largest
+    bucket, returns None and runs eagerly. Captured once (start-up), never per request. One model
+    thread uses it at a time. On CPU the body runs eagerly on the same input (what the CPU tests check)."""
+
+    def __init__(self, step: LlamaStep, pool: KVPool, buckets: tuple[int, ...] = DECODE_BUCKETS):
+        self.step, self.pool = step, pool
+        self.buckets = tuple(sorted(buckets))
+        self._sets: dict[int, _DecodeSet] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if step.device.type == "cuda" else None
+        self.capture_s = 0.0
+
+    def bucket(self, n: int) -> int | None:
+        for rows in self.buckets:
+            if rows >= n:
+                return rows
+        return None
+
+    def _body(self, d: _DecodeSet) -> torch.Tensor:
+        return self.step.decode_pooled(PooledDecode.over(self.pool, d.raw, d.rows), layer_graphs=False)
+
+    def _set(self, rows: int) -> _DecodeSet:
+        d = self._sets.get(rows)
+        if d is None:
+            d = _DecodeSet(self.step, self.pool, rows)
+            if self._graph_pool is not None:
+                start = time.perf_counter()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the capture; it writes the scratch rows only
+                    self._body(d)
+                torch.cuda.current_stream().wait_stream(side)
+                d.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(d.graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+                    d.logits = self._body(d)
+                torch.cuda.synchronize()
+                self.capture_s += time.perf_counter() - start
+            self._sets[rows] = d
+        return d
+
+    def capture_all(self) -> float:
+        """Capture every bucket now (start-up); seconds taken."""
+        before = self.capture_s
+        for rows in self.buckets:
+            self._set(rows)
+        return self.capture_s - before
+
+    def run(self, tokens: list[int], ends: list[int], caches: list[KVCache]) -> torch.Tensor | None:
+        """Logits [n, vocab] of the next token of each request (token i fed at position ends[i] of
+        caches[i]), or None when this step cannot replay a graph."""
+        rows = self.bucket(len(caches))
+        if rows is None or any(cache.pool is not self.pool for cache in caches):
+            return None
+        d = self._set(rows)
+        d.raw.copy_(PooledDecode.layout(caches, tokens, ends, rows, self.pool))
+        if d.graph is None:
+            return self._body(d)[: len(caches)]
+        d.graph.replay()
+        return d.logits[: len(caches)].clone()

@@ -118,6 +118,14 @@ class ServerConfig:
     # of up to 1,024 tokens launch ~8 kernels per layer instead of ~45.
     layer_graphs: bool = True
     max_kv_bytes: int = 0  # active requests' KV buffers at most this many bytes together (0: no bound); one waits
+    # On CUDA requests' KV buffers are ranges of one pool (blend/cache.py KVPool), allocated at start-up:
+    # its size in bytes; 0: server.max_kv_bytes where set, else a quarter of the GPU memory free after
+    # the model loaded; -1: no pool (each request allocates its own). A request that finds no free
+    # range allocates its own buffer and decodes on the slower gathered path.
+    kv_pool_bytes: int = 0
+    # With the pool, a decode step of up to 32 requests replays as one CUDA graph per batch size,
+    # captured at start-up (blend/graphs.py DecodeGraphs).
+    step_graphs: bool = True
     max_ingest_calls: int = 8  # IngestChunks calls in progress at once; one more is RESOURCE_EXHAUSTED
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
     chunk_tokens: int = 512  # documents are split into chunks of at most this many model tokens
@@ -199,6 +207,9 @@ class ServerConfig:
                              f"{self.health_interval_s!r} > 0")
         if self.orphan_idle_s < 0:
             raise ValueError(f"server.orphan_idle_s {self.orphan_idle_s!r} must be >= 0 (0 = never sweep)")
+        if not isinstance(self.kv_pool_bytes, int) or self.kv_pool_bytes < -1:
+            raise ValueError(f"server.kv_pool_bytes {self.kv_pool_bytes!r} must be an integer >= -1 "
+                             "(0: sized at start-up, -1: no pool)")
 
     @property
     def url_host(self) -> str:

@@ -149,6 +149,13 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
             return tokens
 
         runs["ours_graph"] = ours_graph
+    pooled = _Pooled(step, filled.cache, 1, (1,)) if device.type == "cuda" else None
+    if pooled is not None:
+        def ours_pool_graphs():
+            with pooled:
+                return list(decode(step, pooled.caches[0], filled.length, filled.logits, steps, set(), Sampling()))
+
+        runs["ours_pool_graphs"] = ours_pool_graphs
     times = dict(zip(runs, _interleaved(list(runs.values()), repeats, warmup=1, device=device)))
     ours_ms = [1000 * t / steps for t in times["ours"]]
     hf_ms = [1000 * (a - b) / steps for a, b in zip(times["hf_all"], times["hf_one"])]
@@ -161,7 +168,47 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
             **({"layer_graphs_ms_per_token": round(statistics.median(1000 * t / steps for t in times["ours_layer_graphs"]), 3),
                 "layer_graphs_same_tokens": _with_graphs(step, graphs, ours) == ours()} if graphs is not None else {}),
             **(_graph_figures(times["ours_graph"], ours_ms, steps, graphed, ours_graph() == ours())
-               if graphed is not None else {})}
+               if graphed is not None else {}),
+            **(_pool_figures(times["ours_pool_graphs"], hf_ms, steps, pooled, ours_pool_graphs() == ours())
+               if pooled is not None else {})}
+
+
+class _Pooled:
+    """`count` copies of a filled cache as ranges of a KV pool, with the served whole-step decode graphs
+    over it (captured for `buckets`); `with` it, the step decodes through them (what the server runs)."""
+
+    def __init__(self, step: LlamaStep, cache: KVCache, count: int, buckets: tuple[int, ...]):
+        from blend.cache import KVPool
+        from blend.graphs import DecodeGraphs
+
+        self.step = step
+        block = step.attention_buckets[1] if step.attention_buckets else 512
+        size = -(-cache.capacity // block) * block
+        self.pool = KVPool(step.n_layers, (count + 1) * size, step.n_kv_heads, step.head_dim, step.dtype,
+                           step.device, block)
+        self.caches = [self.pool.take(cache.capacity) for _ in range(count)]
+        for own in self.caches:
+            own.data[:, : cache.capacity].copy_(cache.data)
+        self.graphs = DecodeGraphs(step, self.pool, buckets)
+        with torch.inference_mode():
+            self.capture_s = self.graphs.capture_all()
+
+    def __enter__(self):
+        self.step.kv_pool, self.step.decode_graphs = self.pool, self.graphs
+        return self
+
+    def __exit__(self, *exc):
+        self.step.kv_pool, self.step.decode_graphs = None, None
+
+
+def _pool_figures(times: list[float], hf_ms: list[float], steps: int, pooled: _Pooled, same: bool) -> dict:
+    """The served decode's row (pooled caches, one graph per step, captured once at start-up)."""
+    pool_ms = [1000 * t / steps for t in times]
+    return {"pool_graphs_ms_per_token": round(statistics.median(pool_ms), 3),
+            "pool_graphs_min_ms_per_token": round(min(pool_ms), 3),
+            "pool_graphs_speedup_vs_hf_generate": round(statistics.median(h / o for h, o in zip(hf_ms, pool_ms)), 3),
+            "pool_graphs_capture_ms_once": round(1000 * pooled.capture_s, 1),
+            "pool_graphs_same_tokens_as_eager": same}
 
 
 def time_batch_decode(step: LlamaStep, layout: PromptLayout, graphs: LayerGraphs | None, batch: int = 16,
@@ -181,18 +228,35 @@ def time_batch_decode(step: LlamaStep, layout: PromptLayout, graphs: LayerGraphs
             advance(step, decodings, picked[-1])
         return picked
 
+    pooled = _Pooled(step, filled.cache, batch, (batch,)) if step.device.type == "cuda" else None
+
+    def run_pooled() -> list[list[int]]:
+        with pooled:
+            decodings = [Decoding(cache, filled.length, filled.logits) for cache in pooled.caches]
+            picked = []
+            for _ in range(steps):
+                picked.append([d.token() for d in decodings])
+                advance(step, decodings, picked[-1])
+            return picked
+
     old, step.graphs = step.batched_attention, graphs
     try:
-        per_request, together = ([1000 * t / steps for t in runs] for runs in _interleaved(
-            [lambda: run(False), lambda: run(True)], repeats, warmup=1, device=step.device))
+        timed = _interleaved([lambda: run(False), lambda: run(True)] + ([run_pooled] if pooled else []), repeats,
+                             warmup=1, device=step.device)
+        per_request, together, *pool_runs = ([1000 * t / steps for t in runs] for runs in timed)
         same = run(False) == run(True)
+        same_pooled = pooled is not None and run_pooled() == run(True)
     finally:
         step.batched_attention, step.graphs = old, None
     return {"batch": batch, "context_tokens": len(layout), "layer_graphs": graphs is not None,
             "per_request_attention_ms_per_step": round(statistics.median(per_request), 2),
             "batched_attention_ms_per_step": round(statistics.median(together), 2),
             "speedup": round(statistics.median(a / b for a, b in zip(per_request, together)), 3),
-            "same_tokens": same}
+            "same_tokens": same,
+            **({"pool_graphs_ms_per_step": round(statistics.median(pool_runs[0]), 2),
+                "pool_graphs_speedup_vs_batched": round(statistics.median(
+                    a / b for a, b in zip(together, pool_runs[0])), 3),
+                "pool_graphs_same_tokens": same_pooled} if pool_runs else {})}
 
 
 def _graph_figures(times: list[float], eager_ms: list[float], steps: int, graphed, same: bool) -> dict:

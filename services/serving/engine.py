@@ -107,6 +107,8 @@ class Engine:
                              f"system prompt does not fit the model's context of {limit} tokens")
         if config.layer_graphs and model.step.device.type == "cuda":
             self.worker.call(self._capture_layer_graphs)
+        if config.kv_pool_bytes >= 0 and model.step.device.type == "cuda":
+            self.worker.call(self._open_kv_pool)
         self.worker.call(self._measure_prefill)
         self.warmup, self.warmup_thread = self._start_warmup()
 
@@ -133,6 +135,24 @@ class Engine:
         with torch.inference_mode():
             seconds = step.graphs.capture_all()
         log.info("layer graphs: %d buckets captured in %.1f s", len(step.graphs.buckets), seconds)
+
+    def _open_kv_pool(self) -> None:
+        """On the model thread: the KV pool requests' buffers are taken from and, with `step_graphs`, the
+        whole-step decode graphs over it (captured now, not at a request)."""
+        from blend.cache import KVPool
+        from blend.graphs import DecodeGraphs
+
+        step, config = self.model.step, self.config
+        size = config.kv_pool_bytes or config.max_kv_bytes or torch.cuda.mem_get_info(step.device)[0] // 4
+        block = step.attention_buckets[1] if step.attention_buckets else 512
+        tokens = size // step.kv_bytes_per_token // block * block
+        step.kv_pool = KVPool(step.n_layers, tokens, step.n_kv_heads, step.head_dim, step.dtype, step.device, block)
+        log.info("KV pool: %d tokens, %.2f GB", tokens, tokens * step.kv_bytes_per_token / 1e9)
+        if config.step_graphs:
+            step.decode_graphs = DecodeGraphs(step, step.kv_pool)
+            with torch.inference_mode():
+                seconds = step.decode_graphs.capture_all()
+            log.info("decode graphs: batch sizes %s captured in %.1f s", step.decode_graphs.buckets, seconds)
 
     def _measure_prefill(self) -> None:
         """One full prefill of a chunk's length at start-up: warms the kernels and gives the loading
@@ -482,6 +502,15 @@ class Engine:
 
     # -- stats and lifecycle -------------------------------------------------------------------------
 
+    def _pool_stats(self) -> dict:
+        """The KV pool's size and free bytes (both 0 without a pool)."""
+        step = self.model.step
+        pool = step.kv_pool
+        if pool is None:
+            return {"kv_pool_bytes": 0, "kv_pool_free_bytes": 0}
+        return {"kv_pool_bytes": pool.tokens * step.kv_bytes_per_token,
+                "kv_pool_free_bytes": pool.free_tokens * step.kv_bytes_per_token}
+
     def stats(self, tenant: str) -> dict:
         waiting, active = self.worker.depth()
         kv_held, kv_waiting = self.worker.kv_bytes()
@@ -516,6 +545,7 @@ class Engine:
             "loading": asdict(self.estimates.summary()),
             "decode_steps": metrics.decode_steps, "decode_step_tokens": metrics.decode_step_tokens,
             "kv_bytes_active": kv_held, "kv_bytes_limit": self.config.max_kv_bytes, "waiting_for_kv": kv_waiting,
+            **self._pool_stats(),
             "warmup": {"enabled": self.warmup is not None, **self.warmup_stats().as_dict()},
         }
 

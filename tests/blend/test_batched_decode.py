@@ -95,14 +95,34 @@ def test_smollm2_batched_greedy_tokens_equal_each_prompt_decoded_alone(smol):
     assert len({tuple(answer) for answer in alone}) == 3  # three different answers, not one repeated
 
 
+# bf16's tolerance, stated from the H200 run (docs/gpu.md, session 8): batched matmuls round differently
+# from one-row ones, so a greedy answer may leave the lone one's path only where that one's top two
+# logits were nearly tied (one step at 16 tokens in that run), and not in the first 8 tokens.
+BF16_TIE = 0.25  # logits apart; bf16 has 8 bits of mantissa: a logit near 20 rounds to a step of 0.125
+
+
 @pytest.mark.model
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_smollm2_bf16_on_cuda_batched_greedy_tokens_equal_each_prompt_decoded_alone():
-    """bf16 on a GPU, the same 16 tokens expected. Batched matmuls may round differently from one-row
-    ones; should a token differ, the tolerance is to be stated from this test's output, not assumed.
-    Runs on the H200 only (CI has no GPU)."""
+def test_smollm2_bf16_on_cuda_batched_greedy_tokens_equal_each_prompt_decoded_alone_up_to_a_near_tie():
+    """bf16 on a GPU: each answer decoded in a batch is the lone answer's tokens, except that from a
+    step where the lone run's two best logits were within BF16_TIE the answers may part (never within
+    the first 8 tokens). Runs on the H200 only (CI has no GPU)."""
     from blend.loader import load
+    from blend.prompt import build_layout
     from tests.helpers.model import CACHE_DIR
 
-    alone, together = _alone_and_together(load("smollm2-135m", CACHE_DIR, torch.bfloat16, "cuda"))
-    assert together == alone
+    smol = load("smollm2-135m", CACHE_DIR, torch.bfloat16, "cuda")
+    alone, together = _alone_and_together(smol)
+    with torch.inference_mode():
+        for prompt, lone, batched in zip(PROMPTS, alone, together):
+            if lone == batched:
+                continue
+            first = next(i for i, (a, b) in enumerate(zip(lone, batched)) if a != b)
+            filled = _filled(smol.step, build_layout(smol.tokenizer, [], prompt, system=None), 16)
+            decoding = Decoding(filled.cache, filled.length, filled.logits)
+            for token in lone[:first]:
+                advance(smol.step, [decoding], [token])
+            top = decoding.logits.float().topk(2).values
+            margin = float(top[0] - top[1])
+            print(f"{prompt[:30]!r}: parts at token {first}, lone top-2 margin {margin:.3f}")
+            assert first >= 8 and margin < BF16_TIE, (prompt, first, margin)

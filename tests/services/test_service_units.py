@@ -155,3 +155,9 @@ def test_the_server_sweeps_orphaned_layers_at_start_up_and_every_orphan_idle_s_a
     assert never == []
     with pytest.raises(ValueError, match="orphan_idle_s"):
         build({"server": {"orphan_idle_s": -1}}, {})
+
+
+def test_a_kv_pool_size_below_minus_one_is_refused_by_name():
+    with pytest.raises(ValueError, match="kv_pool_bytes -2"):
+        build({"server": {"kv_pool_bytes": -2}}, {})
+    assert build({"server": {"kv_pool_bytes": -1}}, {}).server.kv_pool_bytes == -1
