@@ -174,6 +174,7 @@ class PooledDecode:
     slots: torch.Tensor  # [rows] long: the pool row each token's K/V goes to (offset + position)
     starts: torch.Tensor  # [rows + 1] int32 offsets (varlen cu_seqlens_k; the last is the pool's size)
     used: torch.Tensor  # [rows] int32: keys each row sees (position + 1)
+    queries: torch.Tensor  # [rows + 1] int32: 0, 1, ..., rows (one query per row: varlen cu_seqlens_q)
 
     @staticmethod
     def layout(caches: list[KVCache], tokens: list[int], ends: list[int], rows: int, pool: KVPool) -> torch.Tensor:
@@ -187,7 +188,8 @@ class PooledDecode:
     @classmethod
     def over(cls, pool: KVPool, raw: torch.Tensor, rows: int) -> "PooledDecode":
         return cls(pool, raw, rows, raw[:rows], raw[rows : 2 * rows], raw[2 * rows : 3 * rows],
-                   raw[3 * rows : 4 * rows + 1].to(torch.int32), raw[4 * rows + 1 : 5 * rows + 1].to(torch.int32))
+                   raw[3 * rows : 4 * rows + 1].to(torch.int32), raw[4 * rows + 1 : 5 * rows + 1].to(torch.int32),
+                   torch.arange(rows + 1, device=raw.device, dtype=torch.int32))
 
     @classmethod
     def build(cls, caches: list[KVCache], tokens: list[int], ends: list[int], device) -> "PooledDecode":
@@ -201,7 +203,7 @@ class PooledDecode:
         keys, values = rows[:, 0], rows[:, 1]  # [pool tokens, kv_heads, d], strided views
         if q.is_cuda:
             out = torch.ops.aten._flash_attention_forward(
-                q, keys, values, torch.arange(self.rows + 1, device=q.device, dtype=torch.int32), self.starts,
+                q, keys, values, self.queries, self.starts,
                 1, self.pool.tokens, 0.0, False, False, scale=step.scale, seqused_k=self.used)[0]
         else:
             starts, used = self.starts.tolist(), self.used.tolist()
