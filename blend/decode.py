@@ -80,8 +80,12 @@ class Decoding:
     # step; in a batch it takes the eager batched step. Both write the same buffer.
     use_graph: bool = False
     graph: GraphDecoder | None = None
+    # The greedy pick of `logits`, where a batched step read every row's in one go (None: not yet).
+    picked: int | None = None
 
     def token(self) -> int:
+        if self.picked is not None and self.choose is _argmax:
+            return self.picked
         return self.choose(self.logits)
 
     @property
@@ -99,13 +103,18 @@ def advance(step: LlamaStep, decodings: Sequence[Decoding], tokens: Sequence[int
         if decoding.graph is None:
             decoding.graph = GraphDecoder(step, decoding.cache)
         decoding.logits = decoding.graph(tokens[0], decoding.length)
+        decoding.picked = None
         decoding.length += 1
         return
     positions = torch.tensor([d.length for d in decodings])  # on the host: forward_each moves it
     logits = step.forward_each(torch.tensor(list(tokens)), positions,
                                [d.cache for d in decodings])
-    for decoding, row in zip(decodings, logits):
+    # Greedy rows' next tokens in one argmax and one read for the batch, not one wait per request.
+    greedy_rows = [i for i, d in enumerate(decodings) if d.choose is _argmax]
+    picks = dict(zip(greedy_rows, logits[greedy_rows].argmax(-1).tolist())) if len(greedy_rows) > 1 else {}
+    for index, (decoding, row) in enumerate(zip(decodings, logits)):
         decoding.logits = row
+        decoding.picked = picks.get(index)
         decoding.length += 1
 
 

@@ -116,13 +116,17 @@ def test_gate_refuses_a_step_that_disagrees_with_the_model(tiny):
         gate(broken, probe)
 
 
-def test_in_bf16_the_step_rotates_and_computes_as_the_hugging_face_forward():
+@pytest.mark.parametrize("fused_up_to", [1024, 8], ids=["fused-projections", "one-matmul-each"])
+def test_in_bf16_the_step_rotates_and_computes_as_the_hugging_face_forward(fused_up_to):
     """A bf16 model rotates q/k in bf16 with cos/sin rounded from float32, as the HF forward does: the
-    same q/k and, on this tiny model, bit-identical logits (the float32 rotation was off by ~1%)."""
+    same q/k and, on this tiny model, bit-identical logits (the float32 rotation was off by ~1%); with
+    q/k/v and gate/up fused into one matmul each (small steps) and with one matmul per projection
+    (steps over more than `fuse_projections_up_to` tokens)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     hf = tiny_model().to(torch.bfloat16)
     step = LlamaStep(hf)
+    step.fuse_projections_up_to = fused_up_to
     ids = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(40)
     with torch.inference_mode():
