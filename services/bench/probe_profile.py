@@ -100,6 +100,21 @@ def main() -> None:
         decoding = Decoding(filled.cache, filled.length, filled.logits)
         runs["decode x16 eager"] = lambda: [advance(step, [decoding], [7]) for _ in range(16)]
         runs["decode x16 layer graphs"] = lambda: graphed(lambda: [advance(step, [decoding], [7]) for _ in range(16)])
+        # The served decode: caches as ranges of a KV pool, each step one graph (batch 1 and 16).
+        from services.bench.gpu import _Pooled
+
+        pooled = _Pooled(step, filled.cache, 16, (1, 16))
+        alone = Decoding(pooled.caches[0], filled.length, filled.logits)
+        batch = [Decoding(cache, filled.length, filled.logits) for cache in pooled.caches]
+
+        def pool_steps(decodings):
+            with pooled:
+                for _ in range(16):
+                    advance(step, decodings, [7] * len(decodings))
+            for d in decodings:
+                d.length = filled.length
+        runs["decode x16 pool graphs"] = lambda: pool_steps([alone])
+        runs["decode x16 pool graphs, batch 16"] = lambda: pool_steps(batch)
         for name, fn in runs.items():
             for _ in range(3):
                 fn()
