@@ -80,9 +80,12 @@ class GraphDecoder:
 
 # Token counts the per-layer graphs are captured for: a step over n tokens runs in the smallest bucket
 # >= n (its padded rows are computed and dropped: every op in the captured parts is row by row). Small
-# ones serve decode batches, the rest a blend request's recompute set; above the last, the step is
-# compute-bound and runs eagerly.
-LAYER_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+# ones serve decode batches and reuse's question, the rest small recompute sets; above the last, the
+# step is compute-bound and runs eagerly. On the H200 (kvblend bench, session 8, two runs, eager
+# against graphs in the same rounds) graphs gained 8 ms at 32 tokens (reuse), nothing at ~290 (blend@0.05:
+# 29.9 / 30.1 ms, 31.1 / 30.7) and lost ~3 ms at ~800 (blend@0.15: 44.8 / 47.3, 45.7 / 48.2), padding
+# to 896 rows costing more than the launches saved: so no bucket above 256.
+LAYER_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256)
 
 
 class _Bucket:

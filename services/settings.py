@@ -115,7 +115,7 @@ class ServerConfig:
     decode_graphs: bool = False
     # On CUDA each layer's row-wise parts (norm, projections, RoPE, MLP) replay as CUDA graphs per bucket of
     # token count, captured at start-up (blend/graphs.py LayerGraphs): prefill, recompute and decode steps
-    # of up to 1,024 tokens launch ~8 kernels per layer instead of ~45.
+    # of up to 256 tokens launch ~8 kernels per layer instead of ~45 (larger steps are GPU-bound: eager).
     layer_graphs: bool = True
     max_kv_bytes: int = 0  # active requests' KV buffers at most this many bytes together (0: no bound); one waits
     # On CUDA requests' KV buffers are ranges of one pool (blend/cache.py KVPool), allocated at start-up:
