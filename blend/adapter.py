@@ -163,8 +163,12 @@ class PooledDecode:
     one int64 tensor `raw` = [tokens | positions | pool rows written | offsets (rows + 1) | keys seen]
     of `rows` rows, so a CUDA graph captured over a fixed `raw` (blend.graphs.DecodeGraphs) serves
     every batch of that size: rows past the batch write and attend at the pool's scratch position 0.
-    On CUDA the attention is FlashAttention's varlen kernel; elsewhere each row attends through the
-    plain step (the reference, what CPU tests run)."""
+
+    With `splits` > 1 each row's keys are cut into that many equal pieces attended as separate varlen
+    entries and merged by their log-sum-exps (split-KV, as flash-decoding does): one request's 32 heads
+    alone give the kernel 32 blocks for 132 SMs, each walking the whole context. All of it is device
+    arithmetic on `raw`, so the graph still serves every batch. On CUDA the attention is FlashAttention's
+    varlen kernel; elsewhere `_varlen` computes the same (the reference, what CPU tests run)."""
 
     pool: KVPool
     raw: torch.Tensor
@@ -172,9 +176,11 @@ class PooledDecode:
     tokens: torch.Tensor  # [rows] long
     positions: torch.Tensor  # [rows] long
     slots: torch.Tensor  # [rows] long: the pool row each token's K/V goes to (offset + position)
-    starts: torch.Tensor  # [rows + 1] int32 offsets (varlen cu_seqlens_k; the last is the pool's size)
-    used: torch.Tensor  # [rows] int32: keys each row sees (position + 1)
-    queries: torch.Tensor  # [rows + 1] int32: 0, 1, ..., rows (one query per row: varlen cu_seqlens_q)
+    starts: torch.Tensor  # [entries + 1] int32 offsets of the varlen entries (cu_seqlens_k; last: pool size)
+    used: torch.Tensor  # [entries] int32: keys each entry sees (at least 1)
+    queries: torch.Tensor  # [entries + 1] int32: 0, 1, ..., entries (one query each: cu_seqlens_q)
+    splits: int = 1
+    valid: torch.Tensor | None = None  # [rows, splits] bool: the piece holds keys (else its weight is 0)
 
     @staticmethod
     def layout(caches: list[KVCache], tokens: list[int], ends: list[int], rows: int, pool: KVPool) -> torch.Tensor:
@@ -186,31 +192,73 @@ class PooledDecode:
                             + offsets + [pool.tokens] + [p + 1 for p in positions], dtype=torch.long)
 
     @classmethod
-    def over(cls, pool: KVPool, raw: torch.Tensor, rows: int) -> "PooledDecode":
+    def over(cls, pool: KVPool, raw: torch.Tensor, rows: int, splits: int = 1) -> "PooledDecode":
+        starts, end, used = raw[3 * rows : 4 * rows], raw[4 * rows : 4 * rows + 1], raw[4 * rows + 1 : 5 * rows + 1]
+        valid = None
+        if splits > 1:
+            if splits > pool.block:
+                raise ValueError(f"{splits} splits exceed the pool's block of {pool.block} positions")
+            piece = (used + splits - 1) // splits  # [rows]
+            begin = torch.arange(splits, device=raw.device)[None, :] * piece[:, None]  # [rows, splits]
+            left = used[:, None] - begin
+            valid = left > 0
+            # An empty piece still reads one key (inside the request's range: it is at least a block
+            # long, and splits <= block); its weight is zeroed at the merge.
+            used = torch.minimum(left, piece[:, None]).clamp_(min=1).flatten()
+            starts = (starts[:, None] + begin).flatten()
+        entries = used.shape[0]
         return cls(pool, raw, rows, raw[:rows], raw[rows : 2 * rows], raw[2 * rows : 3 * rows],
-                   raw[3 * rows : 4 * rows + 1].to(torch.int32), raw[4 * rows + 1 : 5 * rows + 1].to(torch.int32),
-                   torch.arange(rows + 1, device=raw.device, dtype=torch.int32))
+                   torch.cat((starts, end)).to(torch.int32), used.to(torch.int32),
+                   torch.arange(entries + 1, device=raw.device, dtype=torch.int32), splits, valid)
 
     @classmethod
-    def build(cls, caches: list[KVCache], tokens: list[int], ends: list[int], device) -> "PooledDecode":
+    def build(cls, caches: list[KVCache], tokens: list[int], ends: list[int], device,
+              splits: int = 1) -> "PooledDecode":
         pool = caches[0].pool
-        return cls.over(pool, cls.layout(caches, tokens, ends, len(caches), pool).to(device), len(caches))
+        return cls.over(pool, cls.layout(caches, tokens, ends, len(caches), pool).to(device), len(caches), splits)
 
     def attend(self, step: "LlamaStep", layer: int, q, kv) -> torch.Tensor:
         """Write each row's new K/V (kv [rows, 2, kv_heads, d]) into the pool, attend; -> [rows, heads x d]."""
         rows = self.pool.layer_rows(layer)
         rows.index_copy_(0, self.slots, kv.to(rows.dtype))
         keys, values = rows[:, 0], rows[:, 1]  # [pool tokens, kv_heads, d], strided views
+        if self.splits > 1:
+            q = q.repeat_interleave(self.splits, dim=0)
         if q.is_cuda:
-            out = torch.ops.aten._flash_attention_forward(
+            out, lse = torch.ops.aten._flash_attention_forward(
                 q, keys, values, self.queries, self.starts,
-                1, self.pool.tokens, 0.0, False, False, scale=step.scale, seqused_k=self.used)[0]
+                1, self.pool.tokens, 0.0, False, False, scale=step.scale, seqused_k=self.used)[:2]
+            # varlen log-sum-exps come as [heads, entries] (or, in older builds, [entries, heads, 1])
+            lse = lse.t() if lse.dim() == 2 else lse[..., 0]
         else:
-            starts, used = self.starts.tolist(), self.used.tolist()
-            out = torch.cat([step.attention(q[i : i + 1], keys[starts[i] : starts[i] + used[i]].transpose(0, 1),
-                                            values[starts[i] : starts[i] + used[i]].transpose(0, 1), flat=False)
-                             for i in range(self.rows)])
+            out, lse = _varlen(q, keys, values, self.starts, self.used, step.scale)
+        if self.splits > 1:
+            out = _merge(out.view(self.rows, self.splits, *out.shape[1:]),
+                         lse.reshape(self.rows, self.splits, -1), self.valid)
         return out.reshape(self.rows, step.n_heads * step.head_dim)
+
+
+def _varlen(q, keys, values, starts, used, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the varlen kernel computes, one entry at a time (CPU): q [E, heads, d], entry e attending to
+    keys[starts[e] : starts[e] + used[e]] (grouped heads shared) -> (out [E, heads, d], lse [E, heads])."""
+    group = q.shape[1] // keys.shape[1]
+    outs, lses = [], []
+    for e, (start, count) in enumerate(zip(starts.tolist(), used.tolist())):
+        k = keys[start : start + count].float().repeat_interleave(group, 1)  # [count, heads, d]
+        v = values[start : start + count].float().repeat_interleave(group, 1)
+        scores = torch.einsum("hd,khd->hk", q[e].float(), k) * scale
+        outs.append(torch.einsum("hk,khd->hd", scores.softmax(-1), v))
+        lses.append(scores.logsumexp(-1))
+    return torch.stack(outs).to(q.dtype), torch.stack(lses)
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Split-KV pieces [rows, splits, heads, d] and their log-sum-exps [rows, splits, heads] -> [rows,
+    heads, d]: each piece weighted by its share of the row's softmax mass (empty pieces: none)."""
+    lse = torch.where(valid[..., None], lse.float(), float("-inf"))
+    weight = torch.exp(lse - lse.amax(1, keepdim=True))  # the first piece is never empty: max finite
+    merged = (out.float() * weight[..., None]).sum(1) / weight.sum(1)[..., None]
+    return merged.to(out.dtype)
 
 
 class LlamaStep:
@@ -245,6 +293,9 @@ class LlamaStep:
         # layer 0) with one per projection, whose contiguous outputs the elementwise passes run faster
         # on (H200 profile: strided SiLU/mul/RoPE cost full prefill ~7 ms over the HF forward).
         self.fuse_projections_up_to = 1024
+        # Pieces each row's keys are cut into in a decode step over the KV pool (PooledDecode): more
+        # parallel work for one request's attention on a GPU; 1 elsewhere (tests may set it).
+        self.decode_splits = 8 if self.device.type == "cuda" else 1
         for block in self.layers:  # one matmul for q/k/v and one for gate/up from now on (no extra memory)
             fused_projection([block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj])
             fused_projection([block.mlp.gate_proj, block.mlp.up_proj])
@@ -511,7 +562,7 @@ class LlamaStep:
         else over a gathered copy."""
         pool = self.kv_pool
         if pool is not None and tokens is not None and all(cache.pool is pool for cache in caches):
-            return PooledDecode.build(caches, tokens, ends, self.device)
+            return PooledDecode.build(caches, tokens, ends, self.device, self.decode_splits)
         if not self.batched_attention or len(caches) < 2:
             return None
         return DecodeBatch.build(self, ends, positions)

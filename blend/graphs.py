@@ -238,7 +238,8 @@ class DecodeGraphs:
         return None
 
     def _body(self, d: _DecodeSet) -> torch.Tensor:
-        return self.step.decode_pooled(PooledDecode.over(self.pool, d.raw, d.rows), layer_graphs=False)
+        return self.step.decode_pooled(PooledDecode.over(self.pool, d.raw, d.rows, self.step.decode_splits),
+                                       layer_graphs=False)
 
     def _set(self, rows: int) -> _DecodeSet:
         d = self._sets.get(rows)

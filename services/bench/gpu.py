@@ -156,6 +156,13 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
                 return list(decode(step, pooled.caches[0], filled.length, filled.logits, steps, set(), Sampling()))
 
         runs["ours_pool_graphs"] = ours_pool_graphs
+        one_piece = _Pooled(step, filled.cache, 1, (1,), splits=1)
+
+        def ours_pool_one_piece():
+            with one_piece:
+                return list(decode(step, one_piece.caches[0], filled.length, filled.logits, steps, set(), Sampling()))
+
+        runs["ours_pool_one_piece"] = ours_pool_one_piece
     times = dict(zip(runs, _interleaved(list(runs.values()), repeats, warmup=1, device=device)))
     ours_ms = [1000 * t / steps for t in times["ours"]]
     hf_ms = [1000 * (a - b) / steps for a, b in zip(times["hf_all"], times["hf_one"])]
@@ -170,18 +177,22 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
             **(_graph_figures(times["ours_graph"], ours_ms, steps, graphed, ours_graph() == ours())
                if graphed is not None else {}),
             **(_pool_figures(times["ours_pool_graphs"], hf_ms, steps, pooled, ours_pool_graphs() == ours())
-               if pooled is not None else {})}
+               if pooled is not None else {}),
+            **({"pool_graphs_splits": pooled.splits,
+                "pool_graphs_one_piece_ms_per_token": round(statistics.median(
+                    1000 * t / steps for t in times["ours_pool_one_piece"]), 3)} if pooled is not None else {})}
 
 
 class _Pooled:
     """`count` copies of a filled cache as ranges of a KV pool, with the served whole-step decode graphs
     over it (captured for `buckets`); `with` it, the step decodes through them (what the server runs)."""
 
-    def __init__(self, step: LlamaStep, cache: KVCache, count: int, buckets: tuple[int, ...]):
+    def __init__(self, step: LlamaStep, cache: KVCache, count: int, buckets: tuple[int, ...],
+                 splits: int | None = None):
         from blend.cache import KVPool
         from blend.graphs import DecodeGraphs
 
-        self.step = step
+        self.step, self.splits = step, step.decode_splits if splits is None else splits
         block = step.attention_buckets[1] if step.attention_buckets else 512
         size = -(-cache.capacity // block) * block
         self.pool = KVPool(step.n_layers, (count + 1) * size, step.n_kv_heads, step.head_dim, step.dtype,
@@ -190,15 +201,16 @@ class _Pooled:
         for own in self.caches:
             own.data[:, : cache.capacity].copy_(cache.data)
         self.graphs = DecodeGraphs(step, self.pool, buckets)
-        with torch.inference_mode():
+        with self, torch.inference_mode():
             self.capture_s = self.graphs.capture_all()
 
     def __enter__(self):
+        self._splits, self.step.decode_splits = self.step.decode_splits, self.splits
         self.step.kv_pool, self.step.decode_graphs = self.pool, self.graphs
         return self
 
     def __exit__(self, *exc):
-        self.step.kv_pool, self.step.decode_graphs = None, None
+        self.step.kv_pool, self.step.decode_graphs, self.step.decode_splits = None, None, self._splits
 
 
 def _pool_figures(times: list[float], hf_ms: list[float], steps: int, pooled: _Pooled, same: bool) -> dict:

@@ -97,8 +97,33 @@ def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer
     for one, many in zip(alone, together):
         assert many.length == one.length
         torch.testing.assert_close(many.logits, one.logits, rtol=1e-5, atol=1e-5)
+        # atol 1e-5: the pooled attention sums in another order than SDPA (float32 rounding only)
         torch.testing.assert_close(many.cache.data[:, : many.length], one.cache.data[:, : one.length],
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [2, 4, 16])
+def test_split_kv_attention_over_the_pool_equals_one_piece_per_row(splits):
+    """Each row's keys cut into pieces merged by log-sum-exp (what CUDA runs, 8 pieces): the same logits
+    as one piece per row, also for rows shorter than the number of pieces (empty pieces weigh nothing;
+    a padding row of a graph bucket has one key) and through the whole-step graphs' body."""
+    runs = []
+    for pieces in (1, splits):
+        step = LlamaStep(model.tiny_model())
+        step.kv_pool, step.decode_splits = _pool(step, tokens=512, block=16), pieces
+        step.decode_graphs = DecodeGraphs(step, step.kv_pool, buckets=(4,))
+        runs.append(_decode(step))
+    for one, split in zip(*runs):
+        torch.testing.assert_close(split.logits, one.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_more_pieces_than_a_pool_block_are_refused_by_name():
+    from blend.adapter import PooledDecode
+
+    step = LlamaStep(model.tiny_model())
+    pool = _pool(step, tokens=64, block=16)
+    with pytest.raises(ValueError, match="17 splits"):
+        PooledDecode.over(pool, PooledDecode.layout([], [], [], 2, pool), 2, splits=17)
 
 
 def test_decode_graphs_decline_a_cache_outside_the_pool_and_a_batch_past_their_buckets():
