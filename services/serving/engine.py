@@ -502,7 +502,7 @@ class Engine:
 
     # -- stats and lifecycle -------------------------------------------------------------------------
 
-    def _pool_stats(self) -> dict:
+    def pool_stats(self) -> dict:
         """The KV pool's size and free bytes (both 0 without a pool)."""
         step = self.model.step
         pool = step.kv_pool
@@ -545,7 +545,7 @@ class Engine:
             "loading": asdict(self.estimates.summary()),
             "decode_steps": metrics.decode_steps, "decode_step_tokens": metrics.decode_step_tokens,
             "kv_bytes_active": kv_held, "kv_bytes_limit": self.config.max_kv_bytes, "waiting_for_kv": kv_waiting,
-            **self._pool_stats(),
+            **self.pool_stats(),
             "warmup": {"enabled": self.warmup is not None, **self.warmup_stats().as_dict()},
         }
 

@@ -104,6 +104,11 @@ class EngineCollector:
         yield GaugeMetricFamily("kvblend_kv_bytes_active", "KV buffer bytes of the requests being generated "
                                 "(counted with server.max_kv_bytes set)", value=held)
         yield GaugeMetricFamily("kvblend_waiting_for_kv", "queued requests waiting for KV room", value=kv_waiting)
+        pool = engine.pool_stats()
+        yield GaugeMetricFamily("kvblend_kv_pool_bytes", "the KV pool request buffers are ranges of (CUDA; 0: none)",
+                                value=pool["kv_pool_bytes"])
+        yield GaugeMetricFamily("kvblend_kv_pool_free_bytes", "of the KV pool, bytes free now",
+                                value=pool["kv_pool_free_bytes"])
 
         warmup = engine.warmup_stats()
         yield GaugeMetricFamily("kvblend_warmup_queue", "chunks other replicas added that the warm-up has not "
