@@ -110,6 +110,15 @@ def _paired(base: list[float], times: list[float]) -> float:
     return round(statistics.median(b / t for b, t in zip(base, times)), 3)
 
 
+def _with_fusion(step: LlamaStep, limit: int, fn):
+    """fn() with steps of up to `limit` tokens projecting q/k/v and gate/up in one matmul each."""
+    old, step.fuse_projections_up_to = step.fuse_projections_up_to, limit
+    try:
+        return fn()
+    finally:
+        step.fuse_projections_up_to = old
+
+
 def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
     step.graphs = graphs
     try:
@@ -400,6 +409,14 @@ def run_bench(config: BenchConfig) -> dict:
                 # The same requests with the per-layer graphs on (issue 16): eager and graph in one run.
                 for label, mode, ratio, tier, fn in list(plan[2:]):
                     plan.append((f"{label}+graphs", mode, ratio, tier, lambda fn=fn: _with_graphs(step, graphs, fn)))
+            if main:
+                # Where one matmul for q/k/v (and for gate/up) pays: full prefill with every step fused,
+                # and blend with none fused, against the default rows (LlamaStep.fuse_projections_up_to).
+                for label, mode, ratio, tier, fn in list(plan[1:2]) + [r for r in plan if r[0] in (
+                        "blend@0.05/cpu", "blend@0.15/cpu")]:
+                    limit, name = (1 << 30, "all-fused") if mode == "full" else (0, "none-fused")
+                    plan.append((f"{label}/{name}", mode, ratio, tier,
+                                 lambda fn=fn, limit=limit: _with_fusion(step, limit, fn)))
             # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each
             # row's speed-up is the median over rounds of full's time / its time in the same round.
             times = _interleaved([fn for *_, fn in plan], config.repeats)
