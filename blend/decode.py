@@ -67,6 +67,14 @@ def _argmax(logits: torch.Tensor) -> int:
     return int(logits.argmax())
 
 
+def settle(tensor: torch.Tensor) -> None:
+    """Wait for the GPU work that produces `tensor` with the GIL released: `.item()` and `.tolist()`
+    hold it while they wait, so a server's other threads (streaming the tokens already made) would
+    stall behind every step instead of running while the GPU computes. Nothing on CPU."""
+    if tensor.is_cuda:
+        torch.cuda.current_stream(tensor.device).synchronize()
+
+
 @dataclass
 class Decoding:
     """One answer being decoded: its KV buffer, how many positions are filled, the next token's logits,
@@ -86,6 +94,7 @@ class Decoding:
     def token(self) -> int:
         if self.picked is not None and self.choose is _argmax:
             return self.picked
+        settle(self.logits)
         return self.choose(self.logits)
 
     @property
@@ -111,7 +120,11 @@ def advance(step: LlamaStep, decodings: Sequence[Decoding], tokens: Sequence[int
                                [d.cache for d in decodings])
     # Greedy rows' next tokens in one argmax and one read for the batch, not one wait per request.
     greedy_rows = [i for i, d in enumerate(decodings) if d.choose is _argmax]
-    picks = dict(zip(greedy_rows, logits[greedy_rows].argmax(-1).tolist())) if len(greedy_rows) > 1 else {}
+    picks = {}
+    if len(greedy_rows) > 1:
+        rows = logits[greedy_rows].argmax(-1)
+        settle(rows)
+        picks = dict(zip(greedy_rows, rows.tolist()))
     for index, (decoding, row) in enumerate(zip(decodings, logits)):
         decoding.logits = row
         decoding.picked = picks.get(index)

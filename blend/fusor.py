@@ -23,6 +23,7 @@ import torch
 
 from blend.adapter import LlamaStep
 from blend.cache import ChunkKV, KVCache
+from blend.decode import settle
 from blend.prompt import PromptLayout
 from blend.selectors import SCORERS, Selector, adaptive_count, parse_selector, token_scores
 
@@ -169,7 +170,9 @@ def _keep(selection: Selector, score, mass, candidate, n_candidates: int, n_alwa
     budget = ceiling
     if selection.coverage and 0 < ceiling < n_candidates:
         floor = round(selection.floor * ceiling)
-        budget = int(adaptive_count(score, mass, candidate, selection.coverage).clamp(floor, ceiling))
+        count = adaptive_count(score, mass, candidate, selection.coverage).clamp(floor, ceiling)
+        settle(count)  # the wait with the GIL released (the host reads it next)
+        budget = int(count)
     return torch.topk(score, budget + n_always).indices.sort().values
 
 
@@ -266,7 +269,9 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         cache.write(layer, positions, k, v)
         h = step.attend(layer, h, q, positions, cache, n, mask)
         yield layer
-    recomputed = int((positions < question_start).sum())
+    recomputed = (positions < question_start).sum()
+    settle(recomputed)  # the GPU is still on the last layers: wait with the GIL released
+    recomputed = int(recomputed)
     return Prefill(cache=cache, length=n, logits=step.logits(h[-1]), recomputed=recomputed)
 
 
