@@ -125,6 +125,7 @@ class Generation:
         if self._filling is not None:  # dropped mid-prefill: close its source (finally blocks run)
             self._filling.close()
             self._filling = None
+        self._decoding = None  # its KV buffer goes back now
         cancelled = isinstance(error, Cancelled)
         self.metrics.ended(cancelled=cancelled, failed=not cancelled)
         self._events.put(error)
@@ -354,6 +355,7 @@ class Generation:
         self._events.put(Piece(text=text, token_ids=ids, ttft_s=ttft,
                                report=self.report if first else None, finish=finish))
         if done:
+            self._decoding = None  # its KV buffer goes back now (a KV pool range), not when the call ends
             self.metrics.ended()
             self._events.put(_DONE)
         return not done

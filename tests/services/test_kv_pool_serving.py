@@ -1,0 +1,63 @@
+"""The KV pool on the served path (on CUDA the engine opens one; here a CPU engine is given one): an
+answer decoded from pooled buffers is the answer decoded from buffers of their own, and a request's
+range goes back to the pool when its answer ends, without waiting for the garbage collector."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from tests.helpers.model import CACHE_DIR
+from tests.helpers.service import DOCUMENTS
+
+from blend.cache import KVPool
+from blend.graphs import DecodeGraphs
+from services.serving.engine import Engine
+from services.serving.requests import DocumentIn, GenerateParams
+from services.settings import DEFAULT_TENANT, build
+
+
+@pytest.fixture(scope="module")
+def engine(service_model_dir, tmp_path_factory):
+    settings = build({"server": {"chunk_tokens": 128, "max_active": 4}},
+                     {"spec": str(service_model_dir), "cache_dir": str(CACHE_DIR),
+                      "data_dir": str(tmp_path_factory.mktemp("pool-data")), "device": "cpu"})
+    engine = Engine.open(settings)
+    yield engine
+    engine.close()
+
+
+def _tokens(engine, ids, query):
+    pieces = list(engine.generate(DEFAULT_TENANT, GenerateParams(query=query, chunk_ids=tuple(ids), mode="blend",
+                                                                 max_new_tokens=6)))
+    return [t for p in pieces for t in p.token_ids]
+
+
+def test_pooled_answers_equal_own_buffer_answers_and_ranges_go_back_when_answers_end(engine):
+    result = engine.ingest(DEFAULT_TENANT, [DocumentIn(**d) for d in DOCUMENTS[:3]])
+    ids = [chunk_ids[0] for chunk_ids in result.chunk_ids]
+    queries = ["Where is the Seine?", "How high is Everest?"]
+    own = [_tokens(engine, ids, q) for q in queries]
+    step = engine.model.step
+    pool = KVPool(step.n_layers, 4096, step.n_kv_heads, step.head_dim, step.dtype, step.device, block=64)
+    step.kv_pool, step.decode_graphs = pool, DecodeGraphs(step, pool, buckets=(1, 2))
+    taken, take = [], pool.take  # whether each buffer asked for was a range of the pool (no reference kept)
+
+    def recording(capacity):
+        cache = take(capacity)
+        taken.append(cache is not None)
+        return cache
+    pool.take = recording
+    try:
+        assert engine.stats(DEFAULT_TENANT)["kv_pool_bytes"] == 4096 * step.kv_bytes_per_token
+        gc.disable()  # a range must come back when the answer ends, not at a collection
+        try:
+            pooled = [_tokens(engine, ids, q) for q in queries]
+            assert pool.free_tokens == 4096 - 64
+            assert engine.stats(DEFAULT_TENANT)["kv_pool_free_bytes"] == (4096 - 64) * step.kv_bytes_per_token
+        finally:
+            gc.enable()
+    finally:
+        step.kv_pool, step.decode_graphs = None, None
+    assert taken and all(taken)
+    assert pooled == own and all(len(answer) == 6 for answer in own)
