@@ -172,6 +172,9 @@ def run_row(target: str, chunk_ids: list[str], mode: str, ratio: float | None, c
                 "chunks_hit": dict(report.chunks_hit), "chunks_missing": report.chunks_missing,
                 "prompt_tokens": report.prompt_tokens, "ratio": report.ratio,
                 "tokens": answer.finish.tokens if answer.finish else 0,
+                # the server's time per token after the first (its decode, batched with the other clients')
+                "decode_s_per_token": ((answer.finish.seconds - answer.ttft_s) / (answer.finish.tokens - 1)
+                                       if answer.finish and answer.finish.tokens > 1 else None),
                 "recomputed_chunks": list(report.plan.recompute_chunk_ids), "plan_reason": report.plan.reason}
 
     records, began = drive(clients, config.duration, lambda: Client(target), ask)
@@ -192,6 +195,8 @@ def run_row(target: str, chunk_ids: list[str], mode: str, ratio: float | None, c
         "client_ttft_p50_ms": 1000 * percentile([r["client_ttft_s"] for r in ok], 0.5),
         "client_ttft_p99_ms": 1000 * percentile([r["client_ttft_s"] for r in ok], 0.99),
         "queue_p50_ms": 1000 * percentile([r["queue_s"] for r in ok], 0.5),
+        "decode_ms_per_token_p50": 1000 * percentile(
+            [r["decode_s_per_token"] for r in ok if r["decode_s_per_token"] is not None], 0.5),
         "load_wait_share": (sum(r["load_wait_s"] for r in ok) / compute) if compute else 0.0,
         "stalled_layers_mean": statistics.fmean(r["stalled_layers"] for r in ok) if ok else 0.0,
         "ratio_run_mean": statistics.fmean(r["ratio"] for r in ok) if ok else 0.0,
@@ -247,7 +252,7 @@ def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path
                     print(f"[{scenario.name}] {mode}@{ratio} x{clients}: server TTFT p50 "
                           f"{row['server_ttft_p50_ms']:.1f} ms p99 {row['server_ttft_p99_ms']:.1f} ms, load wait "
                           f"{100 * row['load_wait_share']:.1f}% of compute, {row['output_tokens_per_s']:.0f} tokens/s, "
-                          f"{row['requests']} calls, {row['failed']} failed, "
+                          f"decode {row['decode_ms_per_token_p50']:.2f} ms/token, {row['requests']} calls, {row['failed']} failed, "
                           f"hits {row['chunks_hit']}, ratio run {row['ratio_run_mean']:.3f}, chunks recomputed "
                           f"{row['recomputed_chunks_mean']:.1f}, plan {row['plan_reasons']}", file=sys.stderr, flush=True)
             stats = client.stats()
