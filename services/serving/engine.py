@@ -108,7 +108,10 @@ class Engine:
         if config.layer_graphs and model.step.device.type == "cuda":
             self.worker.call(self._capture_layer_graphs)
         if config.kv_pool_bytes >= 0 and model.step.device.type == "cuda":
-            self.worker.call(self._open_kv_pool)
+            if model.step.dtype in (torch.bfloat16, torch.float16):
+                self.worker.call(self._open_kv_pool)
+            else:  # FlashAttention's varlen kernel, which decodes over the pool, takes 16-bit floats only
+                log.info("KV pool: off for a %s model (16-bit floats only); buffers of their own", model.step.dtype)
         self.worker.call(self._measure_prefill)
         self.warmup, self.warmup_thread = self._start_warmup()
 
