@@ -515,6 +515,9 @@ class Engine:
                 "kv_pool_free_bytes": pool.free_tokens * step.kv_bytes_per_token}
 
     def stats(self, tenant: str) -> dict:
+        # The warm-up's counters before the tiers': a chunk it counts as pulled is already in the tier's
+        # bytes read below (it counts after placing), so the two never disagree in that direction.
+        warmup = {"enabled": self.warmup is not None, **self.warmup_stats().as_dict()}
         waiting, active = self.worker.depth()
         kv_held, kv_waiting = self.worker.kv_bytes()
         p50, p99 = self.metrics.ttft_percentiles()
@@ -549,7 +552,7 @@ class Engine:
             "decode_steps": metrics.decode_steps, "decode_step_tokens": metrics.decode_step_tokens,
             "kv_bytes_active": kv_held, "kv_bytes_limit": self.config.max_kv_bytes, "waiting_for_kv": kv_waiting,
             **self.pool_stats(),
-            "warmup": {"enabled": self.warmup is not None, **self.warmup_stats().as_dict()},
+            "warmup": warmup,
         }
 
     def warmup_stats(self) -> WarmupStats:
