@@ -1,0 +1,29 @@
+#!/bin/bash
+# The device calls' measurements, one step per call (each under the 600 s a call may run), so a call's
+# command stays short: `source .devcarry/s/env.sh && bash .devcarry/s/setup_X.sh >/dev/null 2>&1;
+# source .devcarry/s/env.sh; bash deploy/gpu-bench/measure.sh STEP`. Output files go to $OUT.
+#   bench    (after setup_a)  GPU unit tests on tiny models, then `kvblend bench` with the Redis row   ~150 s
+#   service  (after setup_b)  bench-service throughput and cpu scenarios                              ~330 s
+#   tests    (after setup_c)  the GPU test modules with the real SmolLM2                               ~200 s
+#   probe    (no setup)       probe_profile: where each row's time goes                                ~60 s
+set -u
+OUT=${OUT:-/tmp/out}
+case "${1:-}" in
+  bench)
+    timeout 120 python3 -m pytest -q tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
+      tests/blend/test_adapter.py tests/blend/test_graph_decode.py -k "not smollm2" 2>&1 | tail -8
+    timeout 420 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
+      --redis-url redis://127.0.0.1:6379/0 2>&1 | tail -70 ;;
+  service)
+    timeout 560 python3 -m services.commands.cli bench-service --device cuda --model /tmp/kv/bench-model \
+      --redis-url redis://127.0.0.1:6379/0 --scenarios throughput,cpu --duration 3 --json "$OUT/service.json" \
+      2>&1 | grep -v '^\[' | tail -30 ;;
+  tests)
+    timeout 500 python3 -m pytest -q -s tests/services/test_gpu_serving.py tests/blend/test_batched_decode.py \
+      tests/blend/test_kv_pool.py tests/blend/test_graph_decode.py tests/store/test_cuda_source.py \
+      tests/store/test_store_source.py 2>&1 | grep -v "Loading weights\|Writing model" | tail -25 ;;
+  probe)
+    timeout 300 python3 -m services.bench.probe_profile 2>&1 | tail -120 ;;
+  *)
+    echo "usage: measure.sh bench|service|tests|probe" >&2; exit 2 ;;
+esac
