@@ -261,6 +261,16 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor) -> torch.T
     return merged.to(out.dtype)
 
 
+@dataclass(frozen=True)
+class SuffixCausal:
+    """`LlamaStep.mask`'s answer for queries at the contiguous positions start..length-1 when they are
+    most of the keys: attention runs as plain causal over all `length` keys with `start` zero query rows
+    in front (computed, then dropped), which takes the fused causal kernel instead of a dense mask
+    over nearly the same area. Exact: the row at position p sees keys 0..p either way."""
+
+    start: int
+
+
 class LlamaStep:
     """Explicit-position view of a loaded Hugging Face Llama-family causal LM (batch of one request)."""
 
@@ -446,13 +456,18 @@ class LlamaStep:
             return keys, keys
         return min(round_up(n_queries, self.attention_buckets[0]), keys), keys
 
-    def mask(self, positions: torch.Tensor, length: int, capacity: int) -> torch.Tensor | None:
+    def mask(self, positions: torch.Tensor, length: int, capacity: int,
+             start: int | None = None) -> "torch.Tensor | SuffixCausal | None":
         """The additive mask `attend` needs for these positions over cache[:length] (None: plain causal);
         built once per set of positions and shared by every layer that computes them. Padded query rows
-        (position 0 stands in) see key 0 only; keys past `length` are never seen (positions < length)."""
+        (position 0 stands in) see key 0 only; keys past `length` are never seen (positions < length).
+        `start`: the caller knows the positions are start..length-1 (prefix mode's computed tokens, blend's
+        layers before the check); when they are at least half the keys, a `SuffixCausal` instead."""
         n = positions.shape[0]
         if n == length:
             return None
+        if start is not None and start + n == length and 2 * n >= length:
+            return SuffixCausal(start)
         rows, keys = self._attention_shape(n, length, capacity)
         if rows > n:
             positions = torch.cat((positions, positions.new_zeros(rows - n)))
@@ -473,6 +488,11 @@ class LlamaStep:
         """The attention output [n, heads x d] of `attend` (`flat=False`: [n, heads, d], a view, for a
         caller that copies it anyway); q may carry rows past n (a graph bucket's: they stand in for
         padding, and their output is dropped like padding's)."""
+        if isinstance(mask, SuffixCausal):  # plain causal over every key, the first `start` query rows zero
+            rows, width = self._attention_shape(length, length, cache.capacity)
+            keys, values = cache.keys_values(layer, width)
+            q = F.pad(q[:n], (0, 0, 0, 0, mask.start, rows - length))
+            return self.attention(q, keys, values, None, True, flat)[mask.start : mask.start + n]
         rows, width = self._attention_shape(n, length, cache.capacity)
         keys, values = cache.keys_values(layer, width)  # [n_kv, width, d]
         # T == length means positions are exactly 0..length-1: plain causal, which takes the fused

@@ -243,7 +243,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         exact[len(layout.prefix) : len(layout.prefix) + len(layout.chunks[0])] = True
         exact &= ~always
     h = step.embed(ids[first:])
-    mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
+    mask, rope = step.mask(positions, n, cache.capacity, start=first), step.cos_sin(positions)
     for layer in range(step.n_layers):
         if source is not None:
             _place(step, cache, layer, source.layer(layer), new_starts, turn)

@@ -134,3 +134,32 @@ def test_blend_with_one_chunk_prefilled_keeps_all_of_it(tiny):
     assert blend.recomputed == 10 + round(0.1 * 20)
     with pytest.raises(ValueError, match="recompute chunks"):
         prefill(tiny, layout, BlendConfig(mode="reuse"), MemorySource([prefix] + chunks), recompute=[1])
+
+
+@pytest.mark.parametrize("buckets", [None, (8, 16)], ids=["exact", "padded"])
+@pytest.mark.parametrize("mode", ["prefix", "blend"])
+def test_a_contiguous_suffix_of_most_keys_attends_as_plain_causal_with_the_same_result(mode, buckets):
+    """Prefix mode's computed tokens, and blend's layers up to the check, are the positions first..n-1:
+    attention then runs as plain causal over every key with zero query rows in front (SuffixCausal),
+    and gives what the dense mask gives (logits and every cached K/V)."""
+    from blend.adapter import LlamaStep, SuffixCausal
+    from tests.helpers import model
+
+    layout = random_layout(seed=5, chunk_lengths=(6, 14, 11))
+    runs = []
+    for suffix in (True, False):
+        step = LlamaStep(model.tiny_model())
+        step.attention_buckets = buckets
+        plain = step.mask
+        seen = []
+
+        def mask(positions, length, capacity, start=None, plain=plain, suffix=suffix, seen=seen):
+            out = plain(positions, length, capacity, start if suffix else None)
+            seen.append(isinstance(out, SuffixCausal))
+            return out
+        step.mask = mask
+        runs.append((_run(step, layout, BlendConfig(mode=mode, ratio=0.3), len(layout) + 4), any(seen)))
+    (fast, used), (dense, unused) = runs
+    assert used and not unused
+    torch.testing.assert_close(fast.logits, dense.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.cache.data, dense.cache.data, rtol=1e-5, atol=1e-5)
