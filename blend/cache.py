@@ -59,6 +59,7 @@ class KVPool:
         self.data = torch.zeros(n_layers, tokens, 2, n_kv_heads, head_dim, dtype=dtype, device=device)
         self._free = [(block, tokens - block)]  # sorted (start, length) ranges; [0, block) is scratch
         self._lock = threading.Lock()
+        self.misses = 0  # `take`s that found no free range large enough (their caller allocated its own)
 
     @property
     def tokens(self) -> int:
@@ -81,6 +82,7 @@ class KVPool:
                         self._free[index] = (start + size, length - size)
                     break
             else:
+                self.misses += 1
                 return None
         cache = KVCache(self.data[:, start : start + size], self, start)
         weakref.finalize(cache, self._give_back, start, size)

@@ -684,7 +684,7 @@ def test_metrics_table_matches_what_the_collector_exports():
     engine = SimpleNamespace(metrics=Metrics(), store=SimpleNamespace(tiered=TieredStore(tiers, [1 << 20, None])),
                              worker=SimpleNamespace(depth=lambda: (0, 0), kv_bytes=lambda: (0, 0)),
                              tier_availability=lambda: {t.name: True for t in tiers}, warmup_stats=WarmupStats,
-                             pool_stats=lambda: {"kv_pool_bytes": 0, "kv_pool_free_bytes": 0})
+                             pool_stats=lambda: {"kv_pool_bytes": 0, "kv_pool_free_bytes": 0, "kv_pool_misses": 0})
     engine.metrics.rpc("Generate", "OK")
     exported = {}
     for family in prometheus.EngineCollector(engine).collect():

@@ -506,13 +506,13 @@ class Engine:
     # -- stats and lifecycle -------------------------------------------------------------------------
 
     def pool_stats(self) -> dict:
-        """The KV pool's size and free bytes (both 0 without a pool)."""
+        """The KV pool's size, free bytes, and buffers it could not give (all 0 without a pool)."""
         step = self.model.step
         pool = step.kv_pool
         if pool is None:
-            return {"kv_pool_bytes": 0, "kv_pool_free_bytes": 0}
+            return {"kv_pool_bytes": 0, "kv_pool_free_bytes": 0, "kv_pool_misses": 0}
         return {"kv_pool_bytes": pool.tokens * step.kv_bytes_per_token,
-                "kv_pool_free_bytes": pool.free_tokens * step.kv_bytes_per_token}
+                "kv_pool_free_bytes": pool.free_tokens * step.kv_bytes_per_token, "kv_pool_misses": pool.misses}
 
     def stats(self, tenant: str) -> dict:
         # The warm-up's counters before the tiers': a chunk it counts as pulled is already in the tier's

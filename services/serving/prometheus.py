@@ -109,6 +109,9 @@ class EngineCollector:
                                 value=pool["kv_pool_bytes"])
         yield GaugeMetricFamily("kvblend_kv_pool_free_bytes", "of the KV pool, bytes free now",
                                 value=pool["kv_pool_free_bytes"])
+        yield CounterMetricFamily("kvblend_kv_pool_misses", "KV buffers the pool had no free range for "
+                                  "(allocated outside it; their decode takes the slower gathered path)",
+                                  value=pool["kv_pool_misses"])
 
         warmup = engine.warmup_stats()
         yield GaugeMetricFamily("kvblend_warmup_queue", "chunks other replicas added that the warm-up has not "

@@ -62,7 +62,7 @@ def light_engine(tiers, budgets) -> SimpleNamespace:
     return SimpleNamespace(metrics=Metrics(), store=SimpleNamespace(tiered=tiered), worker=Worker(),
                            tier_availability=lambda: {t.name: getattr(t, "available", True) for t in tiers},
                            warmup_stats=WarmupStats,
-                           pool_stats=lambda: {"kv_pool_bytes": 1 << 30, "kv_pool_free_bytes": 3 << 28})
+                           pool_stats=lambda: {"kv_pool_bytes": 1 << 30, "kv_pool_free_bytes": 3 << 28, "kv_pool_misses": 2})
 
 
 def never(*_):
@@ -132,6 +132,7 @@ def test_rpcs_outcomes_tokens_and_queue_are_reported_by_label(serve):
     assert value(samples, "kvblend_tokens_generated_total") == 5
     assert value(samples, "kvblend_queue_depth") == 3 and value(samples, "kvblend_active_requests") == 1
     assert value(samples, "kvblend_kv_pool_bytes") == 1 << 30 and value(samples, "kvblend_kv_pool_free_bytes") == 3 << 28
+    assert value(samples, "kvblend_kv_pool_misses_total") == 2
 
 
 def test_tier_counters_and_bytes_come_from_the_store_without_measuring_a_tier(serve, redis_prefix, monkeypatch):
