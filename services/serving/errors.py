@@ -19,7 +19,7 @@ class NotFound(ServiceError, LookupError):
 
 
 class Overloaded(ServiceError):
-    """The request queue is full."""
+    """The request queue is full, or the model's device ran out of memory for a request: retry later."""
 
 
 class Unavailable(ServiceError):

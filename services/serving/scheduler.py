@@ -296,7 +296,16 @@ class ModelWorker:
                     else:
                         mores = [job.start() if new else job.step()]
                 except Exception as err:  # noqa: BLE001 - one request's failure must not stop the worker
-                    if not isinstance(err, ServiceError):
+                    if isinstance(err, torch.OutOfMemoryError):
+                        # The device ran out of memory for this turn (a KV buffer outside the KV pool, a
+                        # large prefill): the caller may retry later; the worker and other requests go on.
+                        log.warning("request failed on the model thread: device out of memory (%s)",
+                                    str(err).splitlines()[0] if str(err) else "no detail")
+                        err = Overloaded("the model's device ran out of memory for this request; retry later, "
+                                         "or lower server.max_active or set server.max_kv_bytes")
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                    elif not isinstance(err, ServiceError):
                         log.exception("request failed on the model thread")
                     for failed in jobs:
                         failed.fail(err)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
+import torch
+
 from services.serving.scheduler import ModelWorker
 
 
@@ -71,3 +73,25 @@ def test_a_large_waiting_request_is_not_overtaken_by_smaller_ones_behind_it():
     # small (10) would fit beside a (60), but big came first and does not: small waits behind it.
     assert log.index("small") > log.index("big")
     assert log[:3] == ["a", "a", "a"]
+
+
+def test_a_turn_that_runs_out_of_device_memory_fails_its_requests_as_overloaded_and_the_worker_goes_on():
+    from services.serving.errors import Overloaded
+
+    failures, done = [], threading.Semaphore(0)
+
+    def oom() -> bool:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    starved = SimpleNamespace(request=SimpleNamespace(tenant="t"), start=oom, step=oom, kv_bytes=lambda: 0,
+                              cancelled=lambda: False, fail=lambda error: (failures.append(error), done.release()))
+    log: list = []
+    worker = ModelWorker(max_waiting=4, max_active=2)
+    try:
+        worker.submit(starved)
+        worker.submit(_job("next", 0, 2, log, done))
+        assert done.acquire(timeout=10) and done.acquire(timeout=10)
+    finally:
+        worker.close()
+    assert len(failures) == 1 and isinstance(failures[0], Overloaded) and "out of memory" in str(failures[0])
+    assert log == ["next", "next"]  # the next request ran to its end
