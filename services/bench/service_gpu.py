@@ -257,7 +257,13 @@ def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path
                           f"{row['recomputed_chunks_mean']:.1f}, plan {row['plan_reasons']}", file=sys.stderr, flush=True)
             stats = client.stats()
             loading = stats.loading
+            memory = {"device_memory_peak_bytes": stats.device_memory_peak_bytes, "kv_pool_bytes": stats.kv_pool_bytes,
+                      "kv_pool_misses": stats.kv_pool_misses}
+            print(f"[{scenario.name}] device memory: peak {stats.device_memory_peak_bytes / 1e9:.1f} GB held (KV pool "
+                  f"{stats.kv_pool_bytes / 1e9:.1f} GB, {stats.kv_pool_misses} buffers outside it)", file=sys.stderr,
+                  flush=True)
             for row in rows:
+                row["server_memory"] = memory
                 row["server_loading"] = {"planned": loading.planned, "chunks_recomputed": loading.chunks_recomputed,
                                          "read_bytes_per_s": dict(loading.read_bytes_per_s),
                                          "prefill_s_per_token": loading.prefill_s_per_token}

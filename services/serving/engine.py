@@ -505,6 +505,14 @@ class Engine:
 
     # -- stats and lifecycle -------------------------------------------------------------------------
 
+    def device_memory(self) -> dict:
+        """The model device's memory the allocator holds now and at most since start-up (0 on CPU)."""
+        device = self.model.step.device
+        if device.type != "cuda":
+            return {"device_memory_bytes": 0, "device_memory_peak_bytes": 0}
+        return {"device_memory_bytes": torch.cuda.memory_reserved(device),
+                "device_memory_peak_bytes": torch.cuda.max_memory_reserved(device)}
+
     def pool_stats(self) -> dict:
         """The KV pool's size, free bytes, and buffers it could not give (all 0 without a pool)."""
         step = self.model.step
@@ -551,7 +559,7 @@ class Engine:
             "loading": asdict(self.estimates.summary()),
             "decode_steps": metrics.decode_steps, "decode_step_tokens": metrics.decode_step_tokens,
             "kv_bytes_active": kv_held, "kv_bytes_limit": self.config.max_kv_bytes, "waiting_for_kv": kv_waiting,
-            **self.pool_stats(),
+            **self.pool_stats(), **self.device_memory(),
             "warmup": warmup,
         }
 

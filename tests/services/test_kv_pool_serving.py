@@ -49,7 +49,9 @@ def test_pooled_answers_equal_own_buffer_answers_and_ranges_go_back_when_answers
         return cache
     pool.take = recording
     try:
-        assert engine.stats(DEFAULT_TENANT)["kv_pool_bytes"] == 4096 * step.kv_bytes_per_token
+        stats = engine.stats(DEFAULT_TENANT)
+        assert stats["kv_pool_bytes"] == 4096 * step.kv_bytes_per_token and stats["kv_pool_misses"] == 0
+        assert stats["device_memory_bytes"] == stats["device_memory_peak_bytes"] == 0  # a CPU engine
         gc.disable()  # a range must come back when the answer ends, not at a collection
         try:
             pooled = [_tokens(engine, ids, q) for q in queries]
