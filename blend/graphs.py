@@ -22,6 +22,59 @@ from blend.adapter import LlamaStep, PooledDecode
 from blend.cache import KVCache, KVPool
 
 
+def _warm_up(*bodies) -> None:
+    """Run each body once on a side stream before capturing it (cuBLAS workspaces, lazy inits)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for body in bodies:
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _record(body, pool=None):
+    """(graph, body's output) of one capture of `body` into `pool` (None: a pool of its own)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = body()
+    return graph, out
+
+
+class _Buckets:
+    """State captured per bucket size (a token count, a batch size), made at its first use or all at
+    start-up (`capture_all`); a size n runs in the smallest bucket >= n."""
+
+    def __init__(self, buckets: tuple[int, ...]):
+        self.buckets = tuple(sorted(buckets))
+        self._sets: dict = {}
+        self.capture_s = 0.0
+
+    def bucket(self, n: int) -> int | None:
+        """The bucket n runs in, or None (eager) past the largest."""
+        for rows in self.buckets:
+            if rows >= n:
+                return rows
+        return None
+
+    def _make(self, rows: int):
+        raise NotImplementedError
+
+    def _set(self, rows: int):
+        made = self._sets.get(rows)
+        if made is None:
+            start = time.perf_counter()
+            made = self._sets[rows] = self._make(rows)
+            self.capture_s += time.perf_counter() - start
+        return made
+
+    def capture_all(self) -> float:
+        """Capture every bucket now (start-up), not at the first step that needs it; seconds taken."""
+        before = self.capture_s
+        for rows in self.buckets:
+            self._set(rows)
+        return self.capture_s - before
+
+
 class GraphDecoder:
     """Next-token logits for one request whose KV buffer is `cache`, one token at a time."""
 
@@ -54,15 +107,8 @@ class GraphDecoder:
         # The position the warm-up runs write to is the buffer's last: never a filled one (a request's
         # prompt and answer end before it, or the buffer is full and decode has stopped).
         self._position.fill_(self.cache.capacity - 1)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._logits = self._body()
+        _warm_up(*[self._body] * warmup)
+        self.graph, self._logits = _record(self._body)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
 
@@ -105,7 +151,7 @@ class _Bucket:
         self.last_positions: torch.Tensor | None = None  # the positions tensor `positions` holds
 
 
-class LayerGraphs:
+class LayerGraphs(_Buckets):
     """Each layer's row-wise parts as CUDA graphs, per bucket of token count (issue 16): `pre` (input
     norm, q/k/v projections, RoPE) and `post` (o_proj, residual, MLP, residual). The KV write and the
     attention stay eager between them: they touch the request's own buffer at its own length, so the
@@ -115,18 +161,9 @@ class LayerGraphs:
     """
 
     def __init__(self, step: LlamaStep, buckets: tuple[int, ...] = LAYER_BUCKETS):
+        super().__init__(buckets)
         self.step = step
-        self.buckets = tuple(sorted(buckets))
-        self._sets: dict[int, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if step.device.type == "cuda" else None
-        self.capture_s = 0.0
-
-    def bucket(self, n: int) -> int | None:
-        """The bucket a step over n tokens runs in, or None (eager) past the largest."""
-        for rows in self.buckets:
-            if rows >= n:
-                return rows
-        return None
 
     def _pre_body(self, b: _Bucket, layer: int) -> None:
         q, k, v = self.step.qkv(layer, b.h, b.positions)
@@ -136,41 +173,19 @@ class LayerGraphs:
     def _post_body(self, b: _Bucket, layer: int) -> None:
         b.h.copy_(self.step._project(layer, b.h, b.attended))
 
-    def _set(self, rows: int) -> _Bucket:
-        b = self._sets.get(rows)
-        if b is None:
-            b = _Bucket(self.step, rows)
-            if self._pool is not None:
-                self._capture(b)
-            self._sets[rows] = b
-        return b
-
-    def _capture(self, b: _Bucket) -> None:
-        start = time.perf_counter()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS workspaces, lazy inits
-            for layer in range(self.step.n_layers):
-                self._pre_body(b, layer)
-                self._post_body(b, layer)
-        torch.cuda.current_stream().wait_stream(side)
-        for layer in range(self.step.n_layers):
-            for body, graphs in ((self._pre_body, b.pre), (self._post_body, b.post)):
-                graph = torch.cuda.CUDAGraph()
+    def _make(self, rows: int) -> _Bucket:
+        b = _Bucket(self.step, rows)
+        if self._pool is not None:
+            layers = range(self.step.n_layers)
+            _warm_up(*[lambda layer=layer, body=body: body(b, layer)
+                       for layer in layers for body in (self._pre_body, self._post_body)])
+            for layer in layers:
                 # All graphs share one pool: they replay one at a time, and each copies its results
                 # into the bucket's buffers, which live outside the pool.
-                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                    body(b, layer)
-                graphs.append(graph)
-        torch.cuda.synchronize()
-        self.capture_s += time.perf_counter() - start
-
-    def capture_all(self) -> float:
-        """Capture every bucket now (start-up), not at the first request that needs it; seconds taken."""
-        before = self.capture_s
-        for rows in self.buckets:
-            self._set(rows)
-        return self.capture_s - before
+                b.pre.append(_record(lambda layer=layer: self._pre_body(b, layer), self._pool)[0])
+                b.post.append(_record(lambda layer=layer: self._post_body(b, layer), self._pool)[0])
+            torch.cuda.synchronize()
+        return b
 
     def pre(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
         """(bucket, q, kv) for h [n, hidden] at positions [n]: the layer's rotated q [rows, heads, d] (the
@@ -216,7 +231,7 @@ class _DecodeSet:
         self.logits: torch.Tensor | None = None
 
 
-class DecodeGraphs:
+class DecodeGraphs(_Buckets):
     """One decode step of up to 32 requests as one CUDA graph per batch size (issue 16's decode and
     issue 18's batched decode): embedding, every layer (the plain step: `LlamaStep.decode_pooled`, the
     new K/V written into the pool and one varlen attention call over it) and the logits. Requests'
@@ -225,47 +240,21 @@ class DecodeGraphs:
     thread uses it at a time. On CPU the body runs eagerly on the same input (what the CPU tests check)."""
 
     def __init__(self, step: LlamaStep, pool: KVPool, buckets: tuple[int, ...] = DECODE_BUCKETS):
+        super().__init__(buckets)
         self.step, self.pool = step, pool
-        self.buckets = tuple(sorted(buckets))
-        self._sets: dict[int, _DecodeSet] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if step.device.type == "cuda" else None
-        self.capture_s = 0.0
-
-    def bucket(self, n: int) -> int | None:
-        for rows in self.buckets:
-            if rows >= n:
-                return rows
-        return None
 
     def _body(self, d: _DecodeSet) -> torch.Tensor:
         return self.step.decode_pooled(PooledDecode.over(self.pool, d.raw, d.rows, self.step.decode_splits),
                                        layer_graphs=False)
 
-    def _set(self, rows: int) -> _DecodeSet:
-        d = self._sets.get(rows)
-        if d is None:
-            d = _DecodeSet(self.step, self.pool, rows)
-            if self._graph_pool is not None:
-                start = time.perf_counter()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up off the capture; it writes the scratch rows only
-                    self._body(d)
-                torch.cuda.current_stream().wait_stream(side)
-                d.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(d.graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                    d.logits = self._body(d)
-                torch.cuda.synchronize()
-                self.capture_s += time.perf_counter() - start
-            self._sets[rows] = d
+    def _make(self, rows: int) -> _DecodeSet:
+        d = _DecodeSet(self.step, self.pool, rows)
+        if self._graph_pool is not None:
+            _warm_up(lambda: self._body(d))  # writes the pool's scratch rows only
+            d.graph, d.logits = _record(lambda: self._body(d), self._graph_pool)
+            torch.cuda.synchronize()
         return d
-
-    def capture_all(self) -> float:
-        """Capture every bucket now (start-up); seconds taken."""
-        before = self.capture_s
-        for rows in self.buckets:
-            self._set(rows)
-        return self.capture_s - before
 
     def run(self, tokens: list[int], ends: list[int], caches: list[KVCache]) -> torch.Tensor | None:
         """Logits [n, vocab] of the next token of each request (token i fed at position ends[i] of

@@ -158,20 +158,17 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
             return tokens
 
         runs["ours_graph"] = ours_graph
-    pooled = _Pooled(step, filled.cache, 1, (1,)) if device.type == "cuda" else None
-    if pooled is not None:
-        def ours_pool_graphs():
-            with pooled:
-                return list(decode(step, pooled.caches[0], filled.length, filled.logits, steps, set(), Sampling()))
+    pooled = one_piece = None
+    if device.type == "cuda":
+        # The served decode (pooled buffers, one graph per step), with its default split-KV and with one piece.
+        pooled, one_piece = _Pooled(step, filled.cache, 1, (1,)), _Pooled(step, filled.cache, 1, (1,), splits=1)
 
-        runs["ours_pool_graphs"] = ours_pool_graphs
-        one_piece = _Pooled(step, filled.cache, 1, (1,), splits=1)
+        def through(p: _Pooled) -> list[int]:
+            with p:
+                return list(decode(step, p.caches[0], filled.length, filled.logits, steps, set(), Sampling()))
 
-        def ours_pool_one_piece():
-            with one_piece:
-                return list(decode(step, one_piece.caches[0], filled.length, filled.logits, steps, set(), Sampling()))
-
-        runs["ours_pool_one_piece"] = ours_pool_one_piece
+        runs["ours_pool_graphs"] = lambda: through(pooled)
+        runs["ours_pool_one_piece"] = lambda: through(one_piece)
     times = dict(zip(runs, _interleaved(list(runs.values()), repeats, warmup=1, device=device)))
     ours_ms = [1000 * t / steps for t in times["ours"]]
     hf_ms = [1000 * (a - b) / steps for a, b in zip(times["hf_all"], times["hf_one"])]
@@ -185,7 +182,7 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
                 "layer_graphs_same_tokens": _with_graphs(step, graphs, ours) == ours()} if graphs is not None else {}),
             **(_graph_figures(times["ours_graph"], ours_ms, steps, graphed, ours_graph() == ours())
                if graphed is not None else {}),
-            **(_pool_figures(times["ours_pool_graphs"], hf_ms, steps, pooled, ours_pool_graphs() == ours())
+            **(_pool_figures(times["ours_pool_graphs"], hf_ms, steps, pooled, through(pooled) == ours())
                if pooled is not None else {}),
             **({"pool_graphs_splits": pooled.splits,
                 "pool_graphs_one_piece_ms_per_token": round(statistics.median(
@@ -240,25 +237,23 @@ def time_batch_decode(step: LlamaStep, layout: PromptLayout, graphs: LayerGraphs
     filled = prefill(step, layout, BlendConfig("full"), None, capacity=len(layout) + 2 * steps * (repeats + 2))
     caches = [KVCache(filled.cache.data.clone()) for _ in range(batch)]
 
-    def run(batched: bool) -> list[list[int]]:
-        step.batched_attention = batched
-        decodings = [Decoding(cache, filled.length, filled.logits) for cache in caches]
+    def greedy_steps(buffers: list[KVCache]) -> list[list[int]]:
+        decodings = [Decoding(cache, filled.length, filled.logits) for cache in buffers]
         picked = []
         for _ in range(steps):
             picked.append([d.token() for d in decodings])
             advance(step, decodings, picked[-1])
         return picked
 
+    def run(batched: bool) -> list[list[int]]:
+        step.batched_attention = batched
+        return greedy_steps(caches)
+
     pooled = _Pooled(step, filled.cache, batch, (batch,)) if step.device.type == "cuda" else None
 
     def run_pooled() -> list[list[int]]:
         with pooled:
-            decodings = [Decoding(cache, filled.length, filled.logits) for cache in pooled.caches]
-            picked = []
-            for _ in range(steps):
-                picked.append([d.token() for d in decodings])
-                advance(step, decodings, picked[-1])
-            return picked
+            return greedy_steps(pooled.caches)
 
     old, step.graphs = step.batched_attention, graphs
     try:
