@@ -118,12 +118,15 @@ def test_gate_refuses_a_step_that_disagrees_with_the_model(tiny):
 
 @pytest.mark.parametrize("fused_up_to", [1024, 8], ids=["fused-projections", "one-matmul-each"])
 def test_in_bf16_the_step_rotates_and_computes_as_the_hugging_face_forward(fused_up_to):
-    """A bf16 model rotates q/k in bf16 with cos/sin rounded from float32, as the HF forward does: the
-    same q/k and, on this tiny model, bit-identical logits (the float32 rotation was off by ~1%); with
-    q/k/v and gate/up fused into one matmul each (small steps) and with one matmul per projection
-    (steps over more than `fuse_projections_up_to` tokens)."""
+    """A bf16 model rotates q/k in bf16 with cos/sin rounded from float32, as the HF forward does: q/k
+    within one bf16 unit (of the largest) of HF's (the fused norm, the 3-kernel rotation and the residual add inside the
+    GEMM round once where HF rounds twice), and logits as close to the float32 model's as HF's own bf16
+    forward is (a float32 rotation with bf16 cos/sin was off by ~1% of HF's); with q/k/v and gate/up
+    fused into one matmul each (small steps) and with one matmul per projection (steps over more than
+    `fuse_projections_up_to` tokens)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+    reference = tiny_model()
     hf = tiny_model().to(torch.bfloat16)
     step = LlamaStep(hf)
     step.fuse_projections_up_to = fused_up_to
@@ -138,9 +141,12 @@ def test_in_bf16_the_step_rotates_and_computes_as_the_hugging_face_forward(fused
         cos, sin = hf.model.rotary_emb(h[None], positions[None])
         want_q, want_k = apply_rotary_pos_emb(heads(attn.q_proj, step.n_heads), heads(attn.k_proj, step.n_kv_heads),
                                               cos, sin)
-        assert torch.equal(q, want_q[0].transpose(0, 1)) and torch.equal(k, want_k[0].transpose(0, 1))
+        for ours, want in ((q, want_q[0].transpose(0, 1)), (k, want_k[0].transpose(0, 1))):
+            assert (ours.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+        truth = reference(ids[None]).logits[0]
+        error = lambda logits: float((logits.float() - truth).abs().max() / truth.abs().max())  # noqa: E731
         ours = step.forward(ids, positions, step.new_cache(40))
-        assert torch.equal(ours, hf(ids[None]).logits[0].float())
+        assert error(ours) <= 1.25 * error(hf(ids[None]).logits[0]) + 1e-3
 
 
 def test_fused_projections_share_the_modules_memory_and_follow_a_moved_model():
