@@ -60,7 +60,7 @@ def _profile(fn) -> dict:
                                                                                "aten::nonzero"):
             syncs[e.name] += 1
     top_cpu = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:12]
-    top_gpu = sorted(prof.key_averages(), key=lambda a: a.self_device_time_total, reverse=True)[:8]
+    top_gpu = sorted(prof.key_averages(), key=lambda a: a.self_device_time_total, reverse=True)[:14]
     return {"kernels": len(kernels), "gpu_busy_ms": busy_us / 1e3, "syncs": dict(syncs),
             "top_cpu": [(a.key[:60], a.count, round(a.self_cpu_time_total / 1e3, 2)) for a in top_cpu],
             "top_gpu": [(a.key[:60], a.count, round(a.self_device_time_total / 1e3, 2)) for a in top_gpu]}
