@@ -134,12 +134,12 @@ def _turn(step: LlamaStep, old_starts, new_starts, lengths, skip):
     if not moving:
         return None
     lo, hi = new_starts[moving[0]], new_starts[moving[-1]] + lengths[moving[-1]]
-    new = torch.arange(lo, hi, device=step.device)
+    new = torch.arange(lo, hi)
     old = new.clone()
-    for i in moving:
+    for i in moving:  # built on the host and sent once: not two small launches per chunk
         span = slice(new_starts[i] - lo, new_starts[i] - lo + lengths[i])
-        old[span] = torch.arange(old_starts[i], old_starts[i] + lengths[i], device=step.device)
-    cos, sin = step.turn_between(old, new)
+        old[span] = torch.arange(old_starts[i], old_starts[i] + lengths[i])
+    cos, sin = step.turn_between(old.to(step.device), new.to(step.device))
     return lo, hi, cos, step.signed_sin(sin)
 
 
@@ -224,8 +224,9 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     else:
         first = covered
     positions = torch.arange(first, n, device=device)
-    # Positions the selection never drops: the question, and chunks prefilled in full.
-    always = torch.zeros(n, dtype=torch.bool, device=device)
+    # Positions the selection never drops: the question, and chunks prefilled in full. These masks are
+    # built on the host and sent once each (a GPU step is bound by launches: not one per chunk).
+    always = torch.zeros(n, dtype=torch.bool)
     always[question_start:] = True
     for segment in skip:
         always[boundaries[segment] : boundaries[segment + 1]] = True
@@ -234,14 +235,15 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     selection = config.selection if config.mode == "blend" else None
     if selection is not None and selection.sinks:
         # Chunk-start tokens are ranked above every other chunk token: they take the budget first.
-        sinks = torch.zeros(n, dtype=torch.bool, device=device)
+        sinks = torch.zeros(n, dtype=torch.bool)
         for start in layout.chunk_starts():
             sinks[start : start + selection.sinks] = True
-        sinks &= ~always
+        sinks = (sinks & ~always).to(device)
     if selection is not None and selection.skip_first and layout.chunks:
-        exact = torch.zeros(n, dtype=torch.bool, device=device)
+        exact = torch.zeros(n, dtype=torch.bool)
         exact[len(layout.prefix) : len(layout.prefix) + len(layout.chunks[0])] = True
-        exact &= ~always
+        exact = (exact & ~always).to(device)
+    always = always.to(device)
     h = step.embed(ids[first:])
     mask, rope = step.mask(positions, n, cache.capacity, start=first), step.cos_sin(positions)
     for layer in range(step.n_layers):

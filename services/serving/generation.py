@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-from blend.decode import Decoding, advance
+from blend.decode import Decoding, advance, settle
 from blend.fusor import BlendConfig, cached_chunks, prefill_layers
 from blend.prompt import DEFAULT_SYSTEM, build_chat_layout, build_layout
 from blend.quality import kl_divergence
@@ -56,7 +56,7 @@ def _timed(layers):
             next(layers)
         except StopIteration as done:
             filled = done.value
-            float(filled.logits[0])  # the first token waits for the GPU: time its work too
+            settle(filled.logits)  # the first token waits for the GPU: time its work too (GIL released)
             return filled, busy + time.perf_counter() - began
         busy += time.perf_counter() - began
         yield
