@@ -107,6 +107,10 @@ def fused_projection(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+# Steps over at most this many tokens may rotate q/k by `LlamaStep.rotation`'s matrices (d x d each).
+ROTATION_MATRIX_ROWS = 32
+
+
 def _plus_linear(h: torch.Tensor, x: torch.Tensor, linear) -> torch.Tensor:
     """h + linear(x) as one GEMM that accumulates into h (the residual add in the matmul's epilogue, not a
     pass of its own over [T, hidden]); rounded once instead of twice. Linears with a bias: two steps."""
@@ -385,6 +389,23 @@ class LlamaStep:
         sin; the product and the sum rounded once)."""
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """`cos_sin`'s rotation as one [head_dim, head_dim] matrix per position ([T, d, d], model dtype):
+        x @ R[t] == `rotate_by(x, cos, signed_sin)` for every head of token t, each output the sum of two
+        products rounded once. A decode step's q and k then rotate in one batched matmul per layer, not
+        three elementwise kernels (for few tokens only: the matrices are d x d per token)."""
+        cos, signed_sin = self.cos_sin(positions)  # [T, 1, d]
+        d = cos.shape[-1]
+        shift = torch.arange(d, device=cos.device)
+        # out[j] = x[j] cos[j] + x[(j - d/2) mod d] signed_sin[j]: a diagonal plus a rolled one.
+        matrix = torch.diag_embed(cos[:, 0])
+        matrix[:, (shift - d // 2) % d, shift] = signed_sin[:, 0]
+        return matrix
+
+    def _rotate(self, x: torch.Tensor, rope) -> torch.Tensor:
+        """x [T, heads, d] rotated by `rope`: `rotation`'s matrices (one matmul) or `cos_sin`'s pair."""
+        return torch.bmm(x, rope) if isinstance(rope, torch.Tensor) else self.rotate_by(x, *rope)
+
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Apply RoPE to x [T, heads, head_dim] at the given positions."""
         return self.rotate_by(x, *self.cos_sin(positions))
@@ -431,25 +452,26 @@ class LlamaStep:
     def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor, rope=None):
         """Rotated q [T, n_heads, d], rotated k and v [T, n_kv_heads, d] for hidden states h [T, hidden].
 
-        `rope` (cos, sin) may be passed in when the same positions run through several layers."""
+        `rope` (`cos_sin`'s pair, or `rotation`'s matrices for a small step) may be passed in when the
+        same positions run through several layers."""
         block = self.layers[layer]
         attn = block.self_attn
         x = self._norm(block.input_layernorm, h)
         n = h.shape[0]
-        cos, signed_sin = rope if rope is not None else self.cos_sin(positions)
+        rope = rope if rope is not None else self.cos_sin(positions)
         if n > self.fuse_projections_up_to:
             # A large step: one matmul each, as the Hugging Face forward does, so q, k and v come out
             # contiguous and their elementwise passes take the vectorised kernels (the fused output's
             # column slices are strided, which costs more than the launches fusion saves at this size).
             def project(proj, count):
                 return F.linear(x, proj.weight, proj.bias).view(n, count, self.head_dim)
-            return (self.rotate_by(project(attn.q_proj, self.n_heads), cos, signed_sin),
-                    self.rotate_by(project(attn.k_proj, self.n_kv_heads), cos, signed_sin),
+            return (self._rotate(project(attn.q_proj, self.n_heads), rope),
+                    self._rotate(project(attn.k_proj, self.n_kv_heads), rope),
                     project(attn.v_proj, self.n_kv_heads))
         # One matmul for q, k and v; q and k are adjacent in its output, so they rotate in one pass.
         qkv = F.linear(x, *fused_projection([attn.q_proj, attn.k_proj, attn.v_proj]))
         heads = self.n_heads + self.n_kv_heads
-        qk = self.rotate_by(qkv[:, : heads * self.head_dim].view(n, heads, self.head_dim), cos, signed_sin)
+        qk = self._rotate(qkv[:, : heads * self.head_dim].view(n, heads, self.head_dim), rope)
         v = qkv[:, heads * self.head_dim :].view(n, self.n_kv_heads, self.head_dim)
         return qk[:, : self.n_heads], qk[:, self.n_heads :], v
 
@@ -635,7 +657,9 @@ class LlamaStep:
         `DecodeGraphs` graph records (`layer_graphs=False`), and the eager step past its buckets."""
         h, positions = self.embed(batch.tokens), batch.positions
         graphed = layer_graphs and self._graphed(batch.rows)
-        rope = None if graphed else self.cos_sin(positions)
+        # q/k rotate by one matrix per row, in one batched matmul per layer (few rows: a decode step).
+        rope = None if graphed else (self.rotation(positions) if batch.rows <= ROTATION_MATRIX_ROWS
+                                     else self.cos_sin(positions))
         for layer in range(self.n_layers):
             h = self.step_each(layer, h, positions, None, rope, batch=batch, chain=True, layer_graphs=graphed)
         return self.logits(h)

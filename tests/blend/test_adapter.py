@@ -184,3 +184,25 @@ def test_turning_keys_in_place_equals_the_rotation(tiny, dtype):
     tiny.turn_in_place(keys, cos, tiny.signed_sin(sin))
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7 * float(want.abs().max())
     assert (keys.float() - want.float()).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotation_matrices_rotate_as_the_elementwise_rope(dtype):
+    """`rotation`'s per-token matrices (a decode step's q/k rotated by one batched matmul per layer) give
+    what `rotate_by` gives: in float32 within rounding, in bf16 within one unit of the largest value (the
+    matmul rounds the two products' sum once, `rotate_by` the first product too), and a layer's q/k over them
+    are the same as over cos/sin (v untouched)."""
+    step = LlamaStep(tiny_model().to(dtype))
+    positions = torch.tensor([0, 5, 1000, 4097])
+    x = torch.randn(4, 6, step.head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    want = step.rotate_by(x, *step.cos_sin(positions))
+    got = torch.bmm(x, step.rotation(positions))
+    tolerance = 1e-6 if dtype == torch.float32 else 2 ** -7 * float(want.abs().max())
+    assert (got.float() - want.float()).abs().max() <= tolerance * (4 if dtype == torch.float32 else 1)
+    with torch.inference_mode():
+        h = step.embed(torch.tensor([3, 9, 27, 81]))
+        q_matrix, k_matrix, v_matrix = step.qkv(0, h, positions, step.rotation(positions))
+        q_pair, k_pair, v_pair = step.qkv(0, h, positions, step.cos_sin(positions))
+    assert torch.equal(v_matrix, v_pair)
+    for a, b in ((q_matrix, q_pair), (k_matrix, k_pair)):
+        assert (a.float() - b.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 2 ** -7 * float(b.abs().max()))
