@@ -95,9 +95,11 @@ def test_smollm2_batched_greedy_tokens_equal_each_prompt_decoded_alone(smol):
     assert len({tuple(answer) for answer in alone}) == 3  # three different answers, not one repeated
 
 
-# bf16's tolerance, stated from the H200 run (docs/gpu.md, session 8): batched matmuls round differently
-# from one-row ones, so a greedy answer may leave the lone one's path only where that one's top two
-# logits were nearly tied (one step at 16 tokens in that run), and not in the first 8 tokens.
+# bf16's tolerance, stated from the H200 runs (docs/gpu.md): batched matmuls round differently from
+# one-row ones, so a greedy answer may leave the lone one's path only at a step where that one's top two
+# logits were nearly tied. Session 8: one prompt parted at token 15, margin 0.000; session 9 (the fused
+# norm and the residual inside the GEMM): one prompt at token 5, margin 0.000. Where a tie falls depends
+# on the rounding, so no position is promised, only that no answer parts without one.
 BF16_TIE = 0.25  # logits apart; bf16 has 8 bits of mantissa: a logit near 20 rounds to a step of 0.125
 
 
@@ -105,8 +107,8 @@ BF16_TIE = 0.25  # logits apart; bf16 has 8 bits of mantissa: a logit near 20 ro
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_smollm2_bf16_on_cuda_batched_greedy_tokens_equal_each_prompt_decoded_alone_up_to_a_near_tie():
     """bf16 on a GPU: each answer decoded in a batch is the lone answer's tokens, except that from a
-    step where the lone run's two best logits were within BF16_TIE the answers may part (never within
-    the first 8 tokens). Runs on the H200 only (CI has no GPU)."""
+    step where the lone run's two best logits were within BF16_TIE the answers may part. Runs on the
+    H200 only (CI has no GPU)."""
     from blend.loader import load
     from blend.prompt import build_layout
     from tests.helpers.model import CACHE_DIR
@@ -125,4 +127,4 @@ def test_smollm2_bf16_on_cuda_batched_greedy_tokens_equal_each_prompt_decoded_al
             top = decoding.logits.float().topk(2).values
             margin = float(top[0] - top[1])
             print(f"{prompt[:30]!r}: parts at token {first}, lone top-2 margin {margin:.3f}")
-            assert first >= 8 and margin < BF16_TIE, (prompt, first, margin)
+            assert margin < BF16_TIE, (prompt, first, margin)
