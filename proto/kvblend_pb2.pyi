@@ -284,7 +284,7 @@ class GuardStats(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., max_kl: _Optional[float] = ..., checked: _Optional[int] = ..., fell_back: _Optional[int] = ..., mean_kl: _Optional[float] = ..., agreement: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "tiers", "degraded_tiers", "queue_depth", "queue_capacity", "active", "requests", "completed", "failed", "cancelled", "rejected", "tokens_generated", "ttft_p50_s", "ttft_p99_s", "tenant_chunks", "guard", "uptime_s", "draining", "loading", "kv_bytes_active", "kv_bytes_limit", "waiting_for_kv", "kv_pool_bytes", "kv_pool_free_bytes", "kv_pool_misses", "device_memory_bytes", "device_memory_peak_bytes", "warmup", "decode_steps", "decode_step_tokens")
+    __slots__ = ("model", "fingerprint", "tiers", "degraded_tiers", "queue_depth", "queue_capacity", "active", "requests", "completed", "failed", "cancelled", "rejected", "tokens_generated", "ttft_p50_s", "ttft_p99_s", "tenant_chunks", "guard", "uptime_s", "draining", "loading", "kv_bytes_active", "kv_bytes_limit", "waiting_for_kv", "kv_pool_bytes", "kv_pool_free_bytes", "kv_pool_misses", "device_memory_bytes", "device_memory_peak_bytes", "warmup", "decode_steps", "decode_step_tokens", "decode_step_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +316,7 @@ class StatsResponse(_message.Message):
     WARMUP_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
@@ -347,7 +348,8 @@ class StatsResponse(_message.Message):
     warmup: WarmupStats
     decode_steps: int
     decode_step_tokens: int
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., degraded_tiers: _Optional[_Iterable[str]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., active: _Optional[int] = ..., requests: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., rejected: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., ttft_p50_s: _Optional[float] = ..., ttft_p99_s: _Optional[float] = ..., tenant_chunks: _Optional[int] = ..., guard: _Optional[_Union[GuardStats, _Mapping]] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., loading: _Optional[_Union[LoadingStats, _Mapping]] = ..., kv_bytes_active: _Optional[int] = ..., kv_bytes_limit: _Optional[int] = ..., waiting_for_kv: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., kv_pool_free_bytes: _Optional[int] = ..., kv_pool_misses: _Optional[int] = ..., device_memory_bytes: _Optional[int] = ..., device_memory_peak_bytes: _Optional[int] = ..., warmup: _Optional[_Union[WarmupStats, _Mapping]] = ..., decode_steps: _Optional[int] = ..., decode_step_tokens: _Optional[int] = ...) -> None: ...
+    decode_step_seconds: float
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., degraded_tiers: _Optional[_Iterable[str]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., active: _Optional[int] = ..., requests: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., rejected: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., ttft_p50_s: _Optional[float] = ..., ttft_p99_s: _Optional[float] = ..., tenant_chunks: _Optional[int] = ..., guard: _Optional[_Union[GuardStats, _Mapping]] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., loading: _Optional[_Union[LoadingStats, _Mapping]] = ..., kv_bytes_active: _Optional[int] = ..., kv_bytes_limit: _Optional[int] = ..., waiting_for_kv: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., kv_pool_free_bytes: _Optional[int] = ..., kv_pool_misses: _Optional[int] = ..., device_memory_bytes: _Optional[int] = ..., device_memory_peak_bytes: _Optional[int] = ..., warmup: _Optional[_Union[WarmupStats, _Mapping]] = ..., decode_steps: _Optional[int] = ..., decode_step_tokens: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ...) -> None: ...
 
 class WarmupStats(_message.Message):
     __slots__ = ("enabled", "queue", "chunks", "bytes", "skipped", "misses", "dropped", "passes")

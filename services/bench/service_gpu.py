@@ -207,6 +207,15 @@ def run_row(target: str, chunk_ids: list[str], mode: str, ratio: float | None, c
     }
 
 
+def _decode_steps(before, after) -> dict:
+    """The server's decode steps between two Stats: the model thread's mean time per step (the step and its
+    tokens' emits) and the mean batch; against a request's time per token, what it spends outside them."""
+    steps = after.decode_steps - before.decode_steps
+    return {"decode_steps": steps,
+            "decode_step_ms": 1000 * (after.decode_step_seconds - before.decode_step_seconds) / steps if steps else 0.0,
+            "decode_batch_mean": (after.decode_step_tokens - before.decode_step_tokens) / steps if steps else 0.0}
+
+
 def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path) -> list[dict]:
     from transformers import AutoTokenizer
 
@@ -246,13 +255,16 @@ def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path
                     client.answer("Warm up?", chunk_ids=chunk_ids, mode=mode, ratio=ratio, max_new_tokens=2)
             for clients in scenario.clients or config.clients:
                 for mode, ratio in scenario.rows:
+                    before = client.stats()
                     row = run_row(server.target, chunk_ids, mode, ratio, clients, config, scenario.max_new_tokens)
                     row["scenario"] = scenario.name
+                    row.update(_decode_steps(before, client.stats()))
                     rows.append(row)
                     print(f"[{scenario.name}] {mode}@{ratio} x{clients}: server TTFT p50 "
                           f"{row['server_ttft_p50_ms']:.1f} ms p99 {row['server_ttft_p99_ms']:.1f} ms, load wait "
                           f"{100 * row['load_wait_share']:.1f}% of compute, {row['output_tokens_per_s']:.0f} tokens/s, "
-                          f"decode {row['decode_ms_per_token_p50']:.2f} ms/token, {row['requests']} calls, {row['failed']} failed, "
+                          f"decode {row['decode_ms_per_token_p50']:.2f} ms/token (model thread {row['decode_step_ms']:.2f} ms "
+                          f"per step of {row['decode_batch_mean']:.1f}), {row['requests']} calls, {row['failed']} failed, "
                           f"hits {row['chunks_hit']}, ratio run {row['ratio_run_mean']:.3f}, chunks recomputed "
                           f"{row['recomputed_chunks_mean']:.1f}, plan {row['plan_reasons']}", file=sys.stderr, flush=True)
             stats = client.stats()

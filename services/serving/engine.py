@@ -558,6 +558,7 @@ class Engine:
             "uptime_s": time.monotonic() - metrics.started, "draining": self.draining,
             "loading": asdict(self.estimates.summary()),
             "decode_steps": metrics.decode_steps, "decode_step_tokens": metrics.decode_step_tokens,
+            "decode_step_seconds": metrics.decode_step_seconds,
             "kv_bytes_active": kv_held, "kv_bytes_limit": self.config.max_kv_bytes, "waiting_for_kv": kv_waiting,
             **self.pool_stats(), **self.device_memory(),
             "warmup": warmup,

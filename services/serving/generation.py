@@ -367,10 +367,11 @@ def decode_together(jobs: list[Generation]) -> list[bool]:
     A generation's tokens are the ones it gets alone (tested). True per job while more may follow."""
     if not jobs:
         return []
-    step = jobs[0].model.precompute.step
+    step, began = jobs[0].model.precompute.step, time.perf_counter()
     advance(step, [job._decoding for job in jobs], [job._pending for job in jobs])
-    jobs[0].metrics.decoded(len(jobs))
-    return [job._emit(first=False) for job in jobs]
+    mores = [job._emit(first=False) for job in jobs]
+    jobs[0].metrics.decoded(len(jobs), time.perf_counter() - began)
+    return mores
 
 
 class TextStream:

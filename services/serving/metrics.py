@@ -20,6 +20,7 @@ class Metrics:
         self.requests = self.completed = self.failed = self.cancelled = self.rejected = 0
         self.tokens_generated = 0
         self.decode_steps = self.decode_step_tokens = 0  # forwards run for decoding, and the tokens they fed
+        self.decode_step_seconds = 0.0  # the model thread's time in them, each token's emit included
         self.ttfts: deque[float] = deque(maxlen=1000)
         self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)  # per bucket, not cumulative; last is +Inf
         self.ttft_sum = 0.0
@@ -43,11 +44,14 @@ class Metrics:
         with self._lock:
             self.tokens_generated += 1
 
-    def decoded(self, batch: int) -> None:
-        """One decode step fed `batch` requests' tokens (batched decode: their mean is the batch size)."""
+    def decoded(self, batch: int, seconds: float = 0.0) -> None:
+        """One decode step fed `batch` requests' tokens (batched decode: their mean is the batch size) in
+        `seconds` of the model thread (the step and its tokens' emits: against the time between a request's
+        tokens, what is spent outside the step)."""
         with self._lock:
             self.decode_steps += 1
             self.decode_step_tokens += batch
+            self.decode_step_seconds += seconds
 
     def first_token(self, ttft: float) -> None:
         bucket = next((i for i, bound in enumerate(TTFT_BUCKETS_S) if ttft <= bound), len(TTFT_BUCKETS_S))
@@ -63,7 +67,7 @@ class Metrics:
                     "requests": self.requests, "completed": self.completed, "failed": self.failed,
                     "cancelled": self.cancelled, "rejected": self.rejected,
                     "tokens_generated": self.tokens_generated, "decode_steps": self.decode_steps,
-                    "decode_step_tokens": self.decode_step_tokens}
+                    "decode_step_tokens": self.decode_step_tokens, "decode_step_seconds": self.decode_step_seconds}
 
     def ended(self, cancelled: bool = False, failed: bool = False) -> None:
         with self._lock:

@@ -62,6 +62,9 @@ class EngineCollector:
                                   value=snapshot["decode_steps"])
         yield CounterMetricFamily("kvblend_decode_step_tokens", "tokens fed to decode forwards (over steps: the "
                                   "mean batch)", value=snapshot["decode_step_tokens"])
+        yield CounterMetricFamily("kvblend_decode_step_seconds", "the model thread's time in decode steps, their "
+                                  "tokens' emits included (over steps: the mean step)",
+                                  value=snapshot["decode_step_seconds"])
 
         counters = tiered.counters()
         for field, help_text in TIER_COUNTERS.items():

@@ -85,6 +85,7 @@ def test_batched_decode_gives_each_request_the_tokens_it_gets_alone(engine, chun
     steps = during["decode_steps"] - before["decode_steps"]
     assert steps >= len(sizes)
     assert during["decode_step_tokens"] - before["decode_step_tokens"] == sum(sizes) + (steps - len(sizes))
+    assert during["decode_step_seconds"] > before["decode_step_seconds"]  # the steps' model-thread time
     assert batched == alone
     assert all(len(tokens) >= 2 for tokens in alone)  # answers long enough to have decode steps
 

@@ -34,3 +34,18 @@ def test_the_pull_scenario_reads_the_first_request_from_redis_and_the_next_ones_
     # after the first of the next row (it may still find a layer or two left in Redis) reads the CPU tier.
     assert cold["chunks_hit"] == {"redis": 3}
     assert again["chunks_hit"].get("cpu", 0) >= 3 * (again["requests"] - 1)
+
+
+def test_a_load_row_reports_the_model_threads_time_per_decode_step(service_model_dir, tmp_path):
+    """`bench-service`'s load rows read the server's decode steps before and after the row: the model
+    thread's mean time per step (step and emits) and the mean batch, beside the requests' own time per
+    token, so the time a token spends outside the step shows (the H200's 8.45 against 5.88 ms)."""
+    config = GpuServiceBenchConfig(model=service_model_dir, chunks=2, chunk_tokens=64, clients=(2,), duration=1.0,
+                                   max_new_tokens=6, device="cpu", scenarios=("cpu-fixed",))
+    scenario = next(s for s in scenarios(config) if s.name == "cpu-fixed")
+    scenario.rows = (("blend", 0.15),)
+    (row,) = run_scenario(scenario, config, tmp_path)
+    assert row["failed"] == 0 and row["requests"] >= 1
+    assert row["decode_steps"] >= 5  # 6 tokens: the first from the prefill, five steps
+    assert 1.0 <= row["decode_batch_mean"] <= 2.0
+    assert 0 < row["decode_step_ms"] <= row["decode_ms_per_token_p50"] * 1.5

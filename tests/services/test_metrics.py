@@ -242,6 +242,10 @@ def test_calls_are_counted_by_method_and_status_with_ttft_and_tiers(server, clie
     assert delta(before, after, "kvblend_ttft_seconds_count") == 1
     assert delta(before, after, "kvblend_generate_requests_total", outcome="completed") == 1
     assert delta(before, after, "kvblend_tokens_generated_total") == 3
+    # 3 tokens: the first from the prefill, then two decode steps, each timed on the model thread
+    assert delta(before, after, "kvblend_decode_steps_total") == 2
+    assert delta(before, after, "kvblend_decode_step_seconds_total") > 0
+    assert client.stats().decode_step_seconds > 0
     # Tier counters count store entries: a chunk is a manifest and one entry per layer. On a chunk's first
     # use it is not admitted to the CPU tier yet, so each of its entries is a CPU miss and a Redis hit.
     layers = json.loads((service_model_dir / "config.json").read_text())["num_hidden_layers"]
