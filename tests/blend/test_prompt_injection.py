@@ -44,3 +44,21 @@ def test_a_chunks_ingest_tokens_are_the_tokens_its_prompt_holds(chat_tokenizer):
     assert [c.token_ids for c in chunks] == list(layout.chunks)
     special = set(chat_tokenizer.added_tokens_decoder)
     assert not any(special & set(c.token_ids) for c in chunks)
+
+
+def test_a_passages_remembered_ids_are_its_tokenizers_and_the_same_as_tokenizing_it_again(chat_tokenizer, tokenizer):
+    """Passages' token ids are remembered per tokenizer and text (served prompts repeat chunks: tokenizing
+    them again took ms of every request): a layout built twice equals one built from fresh tokenizer calls,
+    attack text included, and another tokenizer gets its own ids for the same text."""
+    from blend.prompt import _chunk_ids, encode_user_text
+
+    passages = [format_passage("Paris", ATTACK), format_passage("", "Mount Everest is high. " * 40)]
+    first = build_layout(chat_tokenizer, passages, "Where?", DEFAULT_SYSTEM)
+    hits = _chunk_ids.cache_info().hits
+    again = build_layout(chat_tokenizer, passages, "Where?", DEFAULT_SYSTEM)
+    assert _chunk_ids.cache_info().hits == hits + len(passages)  # the second build tokenized no passage
+    assert again == first
+    assert first.chunks == tuple(encode_user_text(chat_tokenizer, text) for text in passages)
+    other = build_layout(tokenizer, passages, "Where?", None)
+    assert other.chunks == tuple(encode_user_text(tokenizer, text) for text in passages)
+    assert other.chunks != first.chunks
