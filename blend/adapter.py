@@ -239,7 +239,7 @@ class PooledDecode:
         if q.is_cuda:
             out, lse = torch.ops.aten._flash_attention_forward(
                 q, keys, values, self.queries, self.starts,
-                1, self.pool.tokens, 0.0, False, False, scale=step.scale, seqused_k=self.used)[:2]
+                1, self.pool.longest, 0.0, False, False, scale=step.scale, seqused_k=self.used)[:2]
             # varlen log-sum-exps come as [heads, entries] (or, in older builds, [entries, heads, 1])
             lse = lse.t() if lse.dim() == 2 else lse[..., 0]
         else:
@@ -346,6 +346,12 @@ class LlamaStep:
         """Positions a KV buffer asked to hold `capacity` tokens has: padded to the key bucket, so
         attention over it keeps a repeating shape (see CUDA_ATTENTION_BUCKETS)."""
         return round_up(capacity, self.attention_buckets[1]) if self.attention_buckets else capacity
+
+    @property
+    def longest_cache(self) -> int | None:
+        """The most positions a request's KV buffer holds: the model's context, padded (None: unbounded).
+        A KV pool's `longest` (its decode attention's bound on keys per row)."""
+        return self.cache_tokens(self.max_positions) if self.max_positions else None
 
     def new_cache(self, capacity: int) -> KVCache:
         """A range of the KV pool where one is set and has room, else a buffer of its own."""

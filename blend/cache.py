@@ -50,12 +50,21 @@ class KVPool:
     varlen attention call, no gather), and a CUDA graph captured once over the pool serves every
     request. The first `block` positions are scratch: padding rows of a graphed batch write and attend
     there. A range is freed when its cache is garbage-collected; `take` returns None when no free range
-    is large enough (the caller then allocates a buffer of its own). Thread-safe."""
+    is large enough (the caller then allocates a buffer of its own). Thread-safe.
 
-    def __init__(self, n_layers, tokens, n_kv_heads, head_dim, dtype, device, block: int = 512):
+    `longest`: the most positions one range may hold (the model's context, rounded up to the block; default
+    the whole pool). A decode step's attention is told no row sees more keys than that: a bound the kernel
+    sizes its work by, so a pool of 250K positions does not make a 5K-token request's decode walk 250K.
+    A cache asked for beyond it is refused like one that finds no room."""
+
+    def __init__(self, n_layers, tokens, n_kv_heads, head_dim, dtype, device, block: int = 512,
+                 longest: int | None = None):
         if tokens < 2 * block:
             raise ValueError(f"a KV pool of {tokens} tokens is smaller than two blocks of {block}")
+        if longest is not None and longest < 1:
+            raise ValueError(f"longest range {longest} must be at least 1 position")
         self.block = block
+        self.longest = min(tokens - block, -(-longest // block) * block) if longest else tokens - block
         self.data = torch.zeros(n_layers, tokens, 2, n_kv_heads, head_dim, dtype=dtype, device=device)
         self._free = [(block, tokens - block)]  # sorted (start, length) ranges; [0, block) is scratch
         self._lock = threading.Lock()
@@ -74,6 +83,9 @@ class KVPool:
         """A cache of `capacity` positions (rounded up to the block) as a view of a free range, or None."""
         size = -(-capacity // self.block) * self.block
         with self._lock:
+            if size > self.longest:
+                self.misses += 1
+                return None
             for index, (start, length) in enumerate(self._free):
                 if length >= size:
                     if length == size:

@@ -202,7 +202,7 @@ class _Pooled:
         block = step.attention_buckets[1] if step.attention_buckets else 512
         size = -(-cache.capacity // block) * block
         self.pool = KVPool(step.n_layers, (count + 1) * size, step.n_kv_heads, step.head_dim, step.dtype,
-                           step.device, block)
+                           step.device, block, step.longest_cache)  # as the server's
         self.caches = [self.pool.take(cache.capacity) for _ in range(count)]
         for own in self.caches:
             own.data[:, : cache.capacity].copy_(cache.data)

@@ -149,7 +149,8 @@ class Engine:
         size = config.kv_pool_bytes or config.max_kv_bytes or torch.cuda.mem_get_info(step.device)[0] // 4
         block = step.attention_buckets[1] if step.attention_buckets else 512
         tokens = size // step.kv_bytes_per_token // block * block
-        step.kv_pool = KVPool(step.n_layers, tokens, step.n_kv_heads, step.head_dim, step.dtype, step.device, block)
+        step.kv_pool = KVPool(step.n_layers, tokens, step.n_kv_heads, step.head_dim, step.dtype, step.device, block,
+                              step.longest_cache)
         log.info("KV pool: %d tokens, %.2f GB", tokens, tokens * step.kv_bytes_per_token / 1e9)
         if config.step_graphs:
             step.decode_graphs = DecodeGraphs(step, step.kv_pool)

@@ -40,6 +40,23 @@ def test_ranges_are_taken_first_fit_and_given_back_when_the_cache_is_dropped():
     assert pool.free_tokens == 112 and pool.take(112).offset == 16  # neighbours merged back into one range
 
 
+def test_a_range_longer_than_the_pools_longest_is_refused_and_the_bound_is_the_models_context():
+    """`longest` bounds one range (a decode step's attention is told no row sees more keys: in a pool of
+    250K positions a 5K-token request's decode need not be sized for 250K); a cache asked for beyond it is
+    refused like one that finds no room (the caller allocates its own), and the server's bound is the
+    model's context, padded as a buffer is."""
+    step = LlamaStep(model.tiny_model())
+    pool = KVPool(step.n_layers, 256, step.n_kv_heads, step.head_dim, step.dtype, step.device, block=16, longest=40)
+    assert pool.longest == 48  # rounded up to the block
+    held = pool.take(48)
+    assert held.capacity == 48
+    assert pool.take(49) is None and pool.misses == 1 and pool.free_tokens == 256 - 16 - 48
+    assert _pool(step, tokens=128, block=16).longest == 112  # default: all but the scratch block
+    assert step.longest_cache == step.cache_tokens(step.max_positions)
+    with pytest.raises(ValueError, match="longest range 0"):
+        KVPool(step.n_layers, 256, step.n_kv_heads, step.head_dim, step.dtype, step.device, block=16, longest=0)
+
+
 def test_a_pool_smaller_than_two_blocks_is_refused_by_name():
     step = LlamaStep(model.tiny_model())
     with pytest.raises(ValueError, match="16 tokens"):
