@@ -54,6 +54,11 @@ class BlendConfig:
             raise ValueError(f"check layer {self.check_layer} must be >= 1 (layer 0 always runs in full)")
         if self.gradual_layers < 0:
             raise ValueError(f"gradual_layers {self.gradual_layers} must be >= 0")
+        if parse_selector(self.selector).cached_keys and (self.gradual_layers > 1 or self.check_layer != 1):
+            # Only layer 0's K/V depend on a token alone: with a later check layer the layers between would
+            # keep placed K/V where blend recomputes every token, another method, not a cheaper ranking.
+            raise ValueError("+cachedk ranks once, at check layer 1: it takes no gradual_layers and no later "
+                             f"check layer (got check_layer {self.check_layer}, gradual_layers {self.gradual_layers})")
 
     @property
     def label(self) -> str:
@@ -244,8 +249,21 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         exact[len(layout.prefix) : len(layout.prefix) + len(layout.chunks[0])] = True
         exact = (exact & ~always).to(device)
     always = always.to(device)
-    h = step.embed(ids[first:])
-    mask, rope = step.mask(positions, n, cache.capacity, start=first), step.cos_sin(positions)
+    early = selection is not None and selection.cached_keys
+    if early:
+        # Before the check layer only the positions never dropped run (the question, chunks prefilled in
+        # full): the others' placed layer-0 K/V are exact (a token's own), and past layer 0 their placed
+        # K/V are what blend keeps for every token it does not recompute. The kept ones catch up once
+        # chosen (below). Positions on the host: no device read to find them.
+        computing = positions
+        fixed = [p for s in skip for p in range(boundaries[s], boundaries[s + 1])] + list(range(question_start, n))
+        rows = torch.tensor([p - first for p in fixed], device=device)  # their rows among `computing`
+        positions = computing[rows]
+        h = step.embed(ids[positions])
+        mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
+    else:
+        h = step.embed(ids[first:])
+        mask, rope = step.mask(positions, n, cache.capacity, start=first), step.cos_sin(positions)
     for layer in range(step.n_layers):
         if source is not None:
             _place(step, cache, layer, source.layer(layer), new_starts, turn)
@@ -254,20 +272,47 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
             yield layer
             continue
         q, k, v = step.qkv(layer, h, positions, rope)
-        candidate = ~always[positions]
-        score, mass = token_scores(selection, q, k, v, cache.data[layer], positions, len(layout.suffix), step.scale)
+        if early:
+            # The question's fresh q against every position's K at this layer: the placed (cached) one
+            # for chunk tokens not computed yet, the fresh one for the rest; ranked as usual below.
+            keys = cache.data[layer].index_select(0, computing)[:, 0].to(k.dtype)
+            keys[rows] = k
+            score, mass = token_scores(selection, q, keys, None, cache.data[layer], computing, len(layout.suffix),
+                                       step.scale)
+            ranked = computing
+        else:
+            score, mass = token_scores(selection, q, k, v, cache.data[layer], positions, len(layout.suffix),
+                                       step.scale)
+            ranked = positions
+        candidate = ~always[ranked]
         if selection.sinks:
-            score = torch.where(sinks[positions], torch.finfo(score.dtype).max, score)
+            score = torch.where(sinks[ranked], torch.finfo(score.dtype).max, score)
         if selection.skip_first and layout.chunks:
             # Ranked last, and their attention mass is not counted towards an adaptive coverage.
-            score = torch.where(exact[positions], -torch.finfo(score.dtype).max, score)
-            mass = None if mass is None else torch.where(exact[positions], 0.0, mass)
-        n_always = positions.shape[0] - n_candidates
+            score = torch.where(exact[ranked], -torch.finfo(score.dtype).max, score)
+            mass = None if mass is None else torch.where(exact[ranked], 0.0, mass)
+        n_always = ranked.shape[0] - n_candidates
         keep = _keep(selection, score, mass, candidate, n_candidates, n_always,
                      round(schedule[layer] * n_chunk_tokens))
         n_candidates = keep.shape[0] - n_always
-        h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
-        mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
+        if early:
+            # The kept chunk tokens run the layers before this one now (over the placed and the fixed
+            # positions' K/V), then join the fixed positions, in position order.
+            kept = ranked[keep]
+            # The kept candidates, in position order, without a device read: a stable sort puts them first.
+            chosen = kept[torch.sort((~candidate[keep]).to(torch.int8), stable=True).indices[:n_candidates]]
+            caught_up = step.embed(ids[chosen])
+            catch_mask, catch_rope = step.mask(chosen, n, cache.capacity), step.cos_sin(chosen)
+            for before in range(layer):
+                caught_up = step.step(before, caught_up, chosen, cache, n, catch_mask, catch_rope)
+            order = torch.cat((chosen, positions)).argsort()
+            h, positions = torch.cat((caught_up, h))[order], kept
+            mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
+            q, k, v = step.qkv(layer, h, positions, rope)
+            early = False
+        else:
+            h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
+            mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
         cache.write(layer, positions, k, v)
         h = step.attend(layer, h, q, positions, cache, n, mask)
         yield layer

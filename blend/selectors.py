@@ -15,6 +15,11 @@ label and a `--selector` list name every variant:
     +nofirst   rank the first chunk's tokens last: its placed cache is exact (computed behind the same
                prefix at the same positions), so recomputing it fixes nothing, however much the
                question attends to it (drift scorers already score it ~0)
+    +cachedk   (qattn, check layer 1) score the chunk tokens' *cached* K at the check layer, not a recomputed one:
+               the layers before it then run for the question (and chunks prefilled in full) alone, and
+               the kept tokens catch up once chosen. Layer-0 K/V depend on a token alone, so the cached
+               ones are exact and every kept token is computed as without the option; only the ranking
+               differs (issue 16: layer 0 over every token is ~4.6 ms of an 8B-shape request)
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 
 SCORERS = ("v", "k", "qattn", "k*qattn")
 ATTENTION_SCORERS = ("qattn", "k*qattn")
-_HELP = "choose one of v, k, qattn, k*qattn, optionally with +sinkN, +gmax, +coverX, +floorY, +nofirst"
+_HELP = "choose one of v, k, qattn, k*qattn, optionally with +sinkN, +gmax, +coverX, +floorY, +nofirst, +cachedk"
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class Selector:
     coverage: float = 0.0  # 0: fixed budget of round(ratio x chunk tokens)
     floor: float = 0.25  # adaptive budget's floor, as a share of the ceiling
     skip_first: bool = False  # the first chunk's tokens ranked last (their cache is exact)
+    cached_keys: bool = False  # rank on the check layer's cached K: no layer before it over every token
 
     @property
     def needs_attention(self) -> bool:
@@ -52,10 +58,12 @@ def parse_selector(spec: str) -> Selector:
         raise ValueError(f"unknown selector {spec!r} ({_HELP})")
     fields: dict = {"scorer": scorer}
     for option in options:
-        match = re.fullmatch(r"(sink)(\d+)|(gmax)|(cover|floor)(\d*\.?\d+)|(nofirst)", option)
+        match = re.fullmatch(r"(sink)(\d+)|(gmax)|(cover|floor)(\d*\.?\d+)|(nofirst)|(cachedk)", option)
         if match is None:
             raise ValueError(f"unknown option {option!r} in selector {spec!r} ({_HELP})")
-        if match[6]:
+        if match[7]:
+            fields["cached_keys"] = True
+        elif match[6]:
             fields["skip_first"] = True
         elif match[1]:
             fields["sinks"] = int(match[2])
@@ -68,6 +76,8 @@ def parse_selector(spec: str) -> Selector:
             fields["coverage" if match[4] == "cover" else "floor"] = value
     if fields.get("groups") == "max" and scorer not in ATTENTION_SCORERS:
         raise ValueError(f"+gmax in selector {spec!r} needs an attention scorer (qattn or k*qattn)")
+    if fields.get("cached_keys") and scorer != "qattn":
+        raise ValueError(f"+cachedk in selector {spec!r} needs the qattn scorer (drift scorers compare a recomputed K)")
     if "floor" in fields and "coverage" not in fields:
         raise ValueError(f"+floor in selector {spec!r} only applies with an adaptive budget (+coverX)")
     return Selector(**fields)

@@ -21,7 +21,7 @@ import tomllib
 
 import torch
 
-from blend.fusor import MODES
+from blend.fusor import MODES, BlendConfig
 from store.config import StoreConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -139,6 +139,9 @@ class ServerConfig:
     default_mode: str = "blend"
     default_ratio: float = 0.15
     check_layer: int = 1
+    # blend's token selector (blend/selectors.py); "...+cachedk" ranks on the cached K of check layer 1,
+    # so layer 0 runs for the question and the kept tokens only (issue 16; not yet the default).
+    selector: str = BlendConfig.selector
     # The loading controller plans every blend request from measured tier bandwidths and prefill cost:
     # chunks that load slower than they compute are prefilled in full, the ratio never below the request's.
     loading_controller: bool = True
@@ -193,6 +196,10 @@ class ServerConfig:
             raise ValueError(f"server.default_mode {self.default_mode!r} is not one of {', '.join(MODES)}")
         if not 0.0 <= self.default_ratio <= 1.0:
             raise ValueError(f"server.default_ratio {self.default_ratio!r} is outside [0, 1]")
+        try:
+            BlendConfig("blend", self.default_ratio, self.check_layer, self.selector)
+        except ValueError as err:
+            raise ValueError(f"server.selector {self.selector!r} with check_layer {self.check_layer}: {err}") from None
         for name in ("metrics_port", "http_port"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= 65535:

@@ -336,7 +336,8 @@ class Engine:
         if not 1 <= max_new <= self.config.max_new_tokens:
             raise InvalidArgument(f"max_new_tokens {max_new} is outside 1..{self.config.max_new_tokens}")
         try:
-            config = BlendConfig(mode=mode, ratio=ratio, check_layer=self.config.check_layer)
+            config = BlendConfig(mode=mode, ratio=ratio, check_layer=self.config.check_layer,
+                                 selector=self.config.selector)
         except ValueError as err:
             raise InvalidArgument(str(err)) from None
         return config, max_new

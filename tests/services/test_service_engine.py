@@ -163,3 +163,24 @@ def test_a_tier_below_memory_has_a_measured_read_rate_before_the_first_request(r
     assert rates.get("redis", 0) > 1e6
     prefix = redis_engine.store.tiered.tiers[-1].prefix
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"{prefix}probe-*"))
+
+
+def test_the_servers_selector_reaches_the_request_and_a_bad_one_is_refused_at_start_up(engine, tmp_path):
+    """`server.selector` is the blend ranking every request runs (here `+cachedk`: check layer 1 on the
+    cached K); one the fusor would refuse stops the configuration, naming the setting."""
+    from dataclasses import replace
+
+    result = engine.ingest(DEFAULT_TENANT, [DocumentIn(**d) for d in DOCUMENTS[:3]])
+    ids = tuple(chunk_ids[0] for chunk_ids in result.chunk_ids)
+    served = engine.config
+    try:
+        engine.config = replace(served, selector="qattn+sink4+nofirst+cachedk")
+        config, _ = engine.blend_config(GenerateParams(query="Where?", chunk_ids=ids, mode="blend", ratio=0.5))
+        assert config.selection.cached_keys
+        report, tokens, finish = _answer(engine, query="Where?", chunk_ids=ids, mode="blend", ratio=0.5,
+                                         max_new_tokens=2)
+        assert report.tokens_recomputed > 0 and finish.tokens == len(tokens) == 2
+    finally:
+        engine.config = served
+    with pytest.raises(ValueError, match="server.selector 'k\\+cachedk'"):
+        build({"server": {"selector": "k+cachedk"}}, {"spec": "unused", "data_dir": str(tmp_path)})
