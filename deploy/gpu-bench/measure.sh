@@ -13,7 +13,8 @@ case "${1:-}" in
     timeout 120 python3 -m pytest -q tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
       tests/blend/test_adapter.py tests/blend/test_graph_decode.py -k "not smollm2" 2>&1 | tail -8
     timeout 420 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
-      --redis-url redis://127.0.0.1:6379/0 2>&1 | tail -70 ;;
+      --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst,qattn+sink4+nofirst+cachedk' \
+      2>&1 | tail -70 ;;
   service)
     timeout 560 python3 -m services.commands.cli bench-service --device cuda --model /tmp/kv/bench-model \
       --redis-url redis://127.0.0.1:6379/0 --scenarios throughput,cpu --duration 3 --json "$OUT/service.json" \

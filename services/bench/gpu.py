@@ -396,10 +396,11 @@ def run_bench(config: BenchConfig) -> dict:
                            prefill(step, layout, blend, source(tier)))
                     (slow if tier == "redis" else plan).append(row)
             for selector in config.selectors[1:] if main else ():
-                # The selector's own cost: the same request as blend@0.15/cpu, another ranking.
-                plan.append((f"blend@0.15/cpu/{selector}", "blend", 0.15, "cpu",
-                             lambda blend=BlendConfig("blend", ratio=0.15, selector=selector):
-                             prefill(step, layout, blend, source("cpu"))))
+                # The selector's own cost: the same requests as blend@0.05 and @0.15/cpu, another ranking.
+                for ratio in (0.05, 0.15):
+                    plan.append((f"blend@{ratio:g}/cpu/{selector}", "blend", ratio, "cpu",
+                                 lambda blend=BlendConfig("blend", ratio=ratio, selector=selector):
+                                 prefill(step, layout, blend, source("cpu"))))
             if graphs is not None:
                 # The same requests with the per-layer graphs on (issue 16): eager and graph in one run.
                 for label, mode, ratio, tier, fn in list(plan[2:]):

@@ -116,7 +116,8 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--no-layer-graphs", action="store_true",
                         help="leave out the rows timed with the per-layer CUDA graphs (blend/graphs.py)")
     parser.add_argument("--selectors", default=BlendConfig.selector,
-                        help="blend selectors timed; the first gets every row, the others blend@0.15 from the CPU tier")
+                        help="blend selectors timed; the first gets every row, the others blend@0.05 and @0.15 "
+                             "from the CPU tier")
     parser.add_argument("--json", dest="json_out", required=True)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--profile", default=None, help="write a chrome trace of one pipelined request here")
