@@ -46,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=Path("../shared/datasets/musique_dev.json"))
     parser.add_argument("--limit", type=int, default=12)
+    parser.add_argument("--first", type=int, default=0, help="skip the questions before this index")
     parser.add_argument("--ratios", default="0.05,0.15")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "kvblend")
@@ -59,6 +60,8 @@ def main() -> None:
     with torch.inference_mode():
         prefix: ChunkKV | None = None
         for index, question in enumerate(load_dataset(args.dataset, args.limit, 10)):
+            if index < args.first:
+                continue
             began = time.perf_counter()
             layout = build_layout(model.tokenizer, list(question.passages), question.question, DEFAULT_SYSTEM)
             if step.max_positions and len(layout) > step.max_positions:
