@@ -296,20 +296,21 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
                      round(schedule[layer] * n_chunk_tokens))
         n_candidates = keep.shape[0] - n_always
         if early:
-            # The kept chunk tokens run the layers before this one now (over the placed and the fixed
-            # positions' K/V), then join the fixed positions, in position order.
-            kept = ranked[keep]
-            # The kept candidates, in position order, without a device read: a stable sort puts them first.
-            chosen = kept[torch.sort((~candidate[keep]).to(torch.int8), stable=True).indices[:n_candidates]]
-            caught_up = step.embed(ids[chosen])
-            catch_mask, catch_rope = step.mask(chosen, n, cache.capacity), step.cos_sin(chosen)
-            for before in range(layer):
-                caught_up = step.step(before, caught_up, chosen, cache, n, catch_mask, catch_rope)
-            order = torch.cat((chosen, positions)).argsort()
-            h, positions = torch.cat((caught_up, h))[order], kept
-            mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
-            q, k, v = step.qkv(layer, h, positions, rope)
             early = False
+            if n_candidates:  # (none kept: the fixed positions go on alone, as computed)
+                # The kept chunk tokens run the layers before this one now (over the placed and the fixed
+                # positions' K/V), then join the fixed positions, in position order.
+                kept = ranked[keep]
+                # The kept candidates, in position order, without a device read: a stable sort puts them first.
+                chosen = kept[torch.sort((~candidate[keep]).to(torch.int8), stable=True).indices[:n_candidates]]
+                caught_up = step.embed(ids[chosen])
+                catch_mask, catch_rope = step.mask(chosen, n, cache.capacity), step.cos_sin(chosen)
+                for before in range(layer):
+                    caught_up = step.step(before, caught_up, chosen, cache, n, catch_mask, catch_rope)
+                order = torch.cat((chosen, positions)).argsort()
+                h, positions = torch.cat((caught_up, h))[order], kept
+                mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
+                q, k, v = step.qkv(layer, h, positions, rope)
         else:
             h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
             mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
