@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "kvblend")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--time", type=int, default=0,
+                        help="also time blend with the default selector against +cachedk (the real option), "
+                             "this many interleaved rounds per question and ratio")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     model = load(args.model, args.cache_dir, torch.float32, args.device)
@@ -80,15 +83,29 @@ def main() -> None:
                     finally:
                         fusor.token_scores = _served_scores
                     row[f"{name}@{ratio:g}"] = kl_divergence(full, logits)
+                if args.time:
+                    times = {"default": [], "cachedk": []}
+                    for _ in range(args.time):
+                        for name, selector in (("default", BlendConfig.selector),
+                                               ("cachedk", BlendConfig.selector + "+cachedk")):
+                            began_run = time.perf_counter()
+                            prefill(step, layout, BlendConfig("blend", ratio, selector=selector),
+                                    MemorySource([prefix, *chunks]))
+                            times[name].append(time.perf_counter() - began_run)
+                    row[f"seconds_default@{ratio:g}"] = statistics.median(times["default"])
+                    row[f"seconds_cachedk@{ratio:g}"] = statistics.median(times["cachedk"])
             records.append(row)
             print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}),
                   f"{time.perf_counter() - began:.0f} s", flush=True)
-    labels = [k for k in records[0] if k not in ("index", "tokens")]
+    labels = [k for k in records[0] if k not in ("index", "tokens") and not k.startswith("seconds_")]
     summary = {label: {"mean_kl": statistics.fmean(r[label] for r in records),
                        "median_kl": statistics.median(r[label] for r in records)} for label in labels}
     for ratio in ratios:
         summary[f"cached_not_worse@{ratio:g}"] = sum(
             r[f"cached@{ratio:g}"] <= r[f"recomputed@{ratio:g}"] * 1.1 + 1e-4 for r in records) / len(records)
+        if args.time:
+            summary[f"speedup_cachedk@{ratio:g}"] = statistics.median(
+                r[f"seconds_default@{ratio:g}"] / r[f"seconds_cachedk@{ratio:g}"] for r in records)
     print(json.dumps(summary, indent=1))
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "device": args.device, "n": len(records),
