@@ -307,10 +307,12 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
                 catch_mask, catch_rope = step.mask(chosen, n, cache.capacity), step.cos_sin(chosen)
                 for before in range(layer):
                     caught_up = step.step(before, caught_up, chosen, cache, n, catch_mask, catch_rope)
+                # This layer's q/k/v of the fixed positions are the ones scored above: only the kept add theirs.
                 order = torch.cat((chosen, positions)).argsort()
-                h, positions = torch.cat((caught_up, h))[order], kept
+                joined = zip((caught_up, *step.qkv(layer, caught_up, chosen, catch_rope)), (h, q, k, v))
+                h, q, k, v = (torch.cat(pair)[order] for pair in joined)
+                positions = kept
                 mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
-                q, k, v = step.qkv(layer, h, positions, rope)
         else:
             h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
             mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)

@@ -8,7 +8,7 @@ difference is which K the question's attention is scored against at the check la
 
 This measures that difference's cost in fidelity: for each question, first-token KL(full || blend) with
 the default selector scored on recomputed K (as served) and on the cached K (chunk tokens; the question's
-own K stays fresh), at two ratios. `python3 -m services.bench.probe_cached_scores --limit 12 --json out.json`
+own K stays fresh), at two ratios. `python3 -m services.bench.probecached_key_scores --limit 12 --json out.json`
 (SmolLM2-135M, float32, CPU by default). A probe: nothing here is on the request path.
 """
 
@@ -33,7 +33,7 @@ from services.bench.evaluate import load_dataset
 _served_scores = fusor.token_scores
 
 
-def _cached_scores(selector, q, k, v, cached, positions, n_question, scale):
+def cached_key_scores(selector, q, k, v, cached, positions, n_question, scale):
     """`token_scores` with the chunk tokens' K taken from the placed (cached) buffer, the question's fresh."""
     placed = cached.index_select(0, positions)[:, 0].to(k.dtype)
     question = torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
@@ -76,7 +76,7 @@ def main() -> None:
             reuse = prefill(step, layout, BlendConfig("reuse"), MemorySource([prefix, *chunks])).logits
             row = {"index": index, "tokens": len(layout), "reuse": kl_divergence(full, reuse)}
             for ratio in ratios:
-                for name, scores in (("recomputed", _served_scores), ("cached", _cached_scores)):
+                for name, scores in (("recomputed", _served_scores), ("cached", cached_key_scores)):
                     fusor.token_scores = scores
                     try:
                         logits = prefill(step, layout, BlendConfig("blend", ratio), MemorySource([prefix, *chunks])).logits

@@ -3,11 +3,11 @@ run for the question and the chunks prefilled in full alone, and the kept tokens
 Every kept token is computed exactly as without the option; only the ranking's keys differ."""
 
 import pytest
-import torch
 from tests.helpers.model import random_layout
 
 from blend import fusor
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
+from services.bench.probe_cached_scores import cached_key_scores
 
 LAYOUTS = ((1, (9, 14, 11)), (2, (20, 7, 16, 12)), (3, (30,)))
 
@@ -21,16 +21,6 @@ def _source(prefix, chunks, skip=()):
     return MemorySource([prefix, *[None if i in skip else c for i, c in enumerate(chunks)]])
 
 
-def _scored_on_cached_keys(selector, q, k, v, cached, positions, n_question, scale):
-    """The served ranking with every non-question row's K taken from the placed buffer (the probe's)."""
-    placed = cached.index_select(0, positions)[:, 0].to(k.dtype)
-    k = torch.cat((placed[:-n_question], k[-n_question:]))
-    return _served(selector, q, k, v, cached, positions, n_question, scale)
-
-
-_served = fusor.token_scores
-
-
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5])
 def test_it_computes_what_the_one_pass_step_computes_when_that_ranks_on_the_cached_keys(tiny, monkeypatch, ratio):
     """The two-pass step (fixed positions first, the kept ones caught up) against the one-pass step over
@@ -42,7 +32,7 @@ def test_it_computes_what_the_one_pass_step_computes_when_that_ranks_on_the_cach
         fast = prefill(tiny, layout, BlendConfig("blend", ratio, 1, "qattn+sink2+nofirst+cachedk"),
                        _source(prefix, chunks))
         with monkeypatch.context() as patch:
-            patch.setattr(fusor, "token_scores", _scored_on_cached_keys)
+            patch.setattr(fusor, "token_scores", cached_key_scores)  # the probe's ranking on cached keys
             slow = prefill(tiny, layout, BlendConfig("blend", ratio, 1, "qattn+sink2+nofirst"),
                            _source(prefix, chunks))
         assert fast.recomputed == slow.recomputed > 0
