@@ -9,10 +9,12 @@ causal mask built from positions. The weights are the Hugging Face modules' own;
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from blend import scattered
 from blend.cache import KVCache, KVPool
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -283,6 +285,12 @@ class SuffixCausal:
     start: int
 
 
+class ScatteredCausal(NamedTuple):
+    """`mask`'s answer for queries at sorted scattered positions where the scattered-attention kernel
+    runs: their positions (int32), each query seeing the keys up to its own position."""
+    positions: torch.Tensor
+
+
 class LlamaStep:
     """Explicit-position view of a loaded Hugging Face Llama-family causal LM (batch of one request)."""
 
@@ -318,6 +326,10 @@ class LlamaStep:
         # Pieces each row's keys are cut into in a decode step over the KV pool (PooledDecode): more
         # parallel work for one request's attention on a GPU; 1 elsewhere (tests may set it).
         self.decode_splits = 1  # split-KV (8 pieces) measured slower on the H200: 7.51 against 6.25 ms/token
+        # Queries at scattered positions (blend's recompute set, reuse's question) attend through the
+        # Triton kernel that takes their positions (blend/scattered.py: only the keys each block of
+        # queries can see, no dense mask); SDPA with the dense mask where there is no Triton or no GPU.
+        self.scattered_attention = self.device.type == "cuda" and scattered.available(self.device)
         for block in self.layers:  # one matmul for q/k/v and one for gate/up from now on (no extra memory)
             fused_projection([block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj])
             fused_projection([block.mlp.gate_proj, block.mlp.up_proj])
@@ -511,6 +523,8 @@ class LlamaStep:
             return None
         if start is not None and start + n == length and 2 * n >= length:
             return SuffixCausal(start)
+        if self.scattered_attention:
+            return ScatteredCausal(positions.to(torch.int32))
         rows, keys = self._attention_shape(n, length, capacity)
         if rows > n:
             positions = torch.cat((positions, positions.new_zeros(rows - n)))
@@ -536,13 +550,16 @@ class LlamaStep:
             keys, values = cache.keys_values(layer, width)
             q = F.pad(q[:n], (0, 0, 0, 0, mask.start, rows - length))
             return self.attention(q, keys, values, None, True, flat)[mask.start : mask.start + n]
-        rows, width = self._attention_shape(n, length, cache.capacity)
-        keys, values = cache.keys_values(layer, width)  # [n_kv, width, d]
         # T == length means positions are exactly 0..length-1: plain causal, which takes the fused
         # kernel instead of materialising a mask.
         causal = n == length
         if mask is None and not causal:
             mask = self.mask(positions, length, cache.capacity)
+        if isinstance(mask, ScatteredCausal):
+            out = scattered.attention(q[:n], *cache.keys_values(layer, length), mask.positions, self.scale)
+            return out.view(n, self.n_heads * self.head_dim) if flat else out
+        rows, width = self._attention_shape(n, length, cache.capacity)
+        keys, values = cache.keys_values(layer, width)  # [n_kv, width, d]
         q = q[:rows]
         if rows > q.shape[0]:
             q = F.pad(q, (0, 0, 0, 0, 0, rows - q.shape[0]))

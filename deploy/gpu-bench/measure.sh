@@ -11,7 +11,9 @@ OUT=${OUT:-/tmp/out}
 case "${1:-}" in
   bench)
     timeout 120 python3 -m pytest -q tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
-      tests/blend/test_adapter.py tests/blend/test_graph_decode.py -k "not smollm2" 2>&1 | tail -8
+      tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py -k "not smollm2" \
+      2>&1 | tail -8
+    timeout 120 python3 -m services.bench.probe_scattered 2>&1 | tail -40
     timeout 420 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
       --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst,qattn+sink4+nofirst+cachedk' \
       2>&1 | tail -70 ;;

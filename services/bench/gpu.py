@@ -119,6 +119,15 @@ def _with_fusion(step: LlamaStep, limit: int, fn):
         step.fuse_projections_up_to = old
 
 
+def _without_kernel(step: LlamaStep, fn):
+    """fn() with scattered queries attending through SDPA and the dense mask, not the Triton kernel."""
+    step.scattered_attention = False
+    try:
+        return fn()
+    finally:
+        step.scattered_attention = True
+
+
 def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
     step.graphs = graphs
     try:
@@ -408,11 +417,15 @@ def run_bench(config: BenchConfig) -> dict:
             if main:
                 # Where one matmul for q/k/v (and for gate/up) pays: full prefill with every step fused,
                 # and blend with none fused, against the default rows (LlamaStep.fuse_projections_up_to).
-                for label, mode, ratio, tier, fn in list(plan[1:2]) + [r for r in plan if r[0] in (
-                        "blend@0.05/cpu", "blend@0.15/cpu")]:
-                    limit, name = (1 << 30, "all-fused") if mode == "full" else (0, "none-fused")
-                    plan.append((f"{label}/{name}", mode, ratio, tier,
-                                 lambda fn=fn, limit=limit: _with_fusion(step, limit, fn)))
+                for label, mode, ratio, tier, fn in list(plan[1:2]):
+                    plan.append((f"{label}/all-fused", mode, ratio, tier,
+                                 lambda fn=fn: _with_fusion(step, 1 << 30, fn)))
+                # The scattered-query kernel against SDPA with the dense mask (LlamaStep.scattered_attention).
+                if step.scattered_attention:
+                    for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
+                            "reuse", "blend@0.05/cpu", "blend@0.15/cpu") or r[0].endswith("+cachedk")]:
+                        plan.append((f"{label}/dense-mask", mode, ratio, tier,
+                                     lambda fn=fn: _without_kernel(step, fn)))
             # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each
             # row's speed-up is the median over rounds of full's time / its time in the same round.
             times = _interleaved([fn for *_, fn in plan], config.repeats)

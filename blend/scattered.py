@@ -1,0 +1,172 @@
+"""Attention for queries at scattered positions, causal by position, in one Triton kernel (issue 16).
+
+Blend recomputes a few hundred tokens spread over the whole prompt, each seeing the keys at positions up
+to its own. SDPA can only take that as a dense additive mask [queries, keys] and then computes every
+query against every key, the masked half included. This kernel takes each query's position instead and
+walks, per block of queries (sorted by position), only the keys up to the block's last position; for few
+query blocks (reuse's question, blend at a small ratio) it also splits the key walk into pieces that run
+in parallel and merges them by their log-sum-exp (flash-decoding).
+
+`attention(q, keys, values, positions, scale)`: q [T, H, d], keys/values [H_kv, L, d] (any strides with a
+unit last one: views into a KV buffer), positions [T] int32 sorted ascending, each < L -> [T, H, d] in
+q's dtype. Grouped heads: query head h reads key/value head h // (H / H_kv).
+
+Runs on CUDA; on the CPU only under Triton's interpreter (`TRITON_INTERPRET=1` set before this module is
+imported), which the tests use to check it against SDPA with the dense mask.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; the CPU build has none, and the step then keeps SDPA.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+# Block sizes: queries per program, keys per inner step. Measured on the H200 (docs/gpu.md).
+BLOCK_M = 64
+BLOCK_N = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
+# Split the key walk until there are about this many programs (an H200 has 132 SMs), at most MAX_SPLITS.
+TARGET_PROGRAMS = 264
+MAX_SPLITS = 16
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Can the kernel run for tensors on this device (on the CPU: only interpreted, for tests)?"""
+    return triton is not None and (device.type == "cuda" or INTERPRETED)
+
+
+if triton is not None:
+    @triton.jit
+    def _keys_step(q, K, V, pos, keys, hi, kv, sk_t, sk_h, sv_t, sv_h, dims, m, total, acc, scale_log2,
+                   EXACT: tl.constexpr):
+        """One block of keys into the running softmax (m, total, acc) of a block of queries."""
+        inside = keys < hi
+        k = tl.load(K + keys[None, :] * sk_t + kv * sk_h + dims[:, None], mask=inside[None, :], other=0.0)
+        if EXACT:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = tl.where((keys[None, :] <= pos[:, None]) & inside[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet stay at 0
+        p = tl.exp2(s - base[:, None])
+        alpha = tl.exp2(m - base)
+        total = total * alpha + tl.sum(p, 1)
+        v = tl.load(V + keys[:, None] * sv_t + kv * sv_h + dims[None, :], mask=inside[:, None], other=0.0)
+        if EXACT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, total, acc
+
+    @triton.jit
+    def _pieces(Q, K, V, P, O, LSE, scale_log2, T, piece_keys,
+                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_s, so_t, so_h, sl_s, sl_t,
+                GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT: tl.constexpr, EXACT: tl.constexpr, INTERPRETED_KEYS: tl.constexpr):
+        block = tl.program_id(0)
+        head = tl.program_id(1)
+        piece = tl.program_id(2)
+        kv = head // GROUP
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = rows < T
+        pos = tl.load(P + rows, mask=valid, other=-1)
+        dims = tl.arange(0, D)
+        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=valid[:, None], other=0.0)
+        # Positions are sorted: the block's last row has its last position, and no row sees a key past it.
+        last = tl.load(P + tl.minimum(block * BLOCK_M + BLOCK_M, T) - 1)
+        lo = piece * piece_keys
+        hi = tl.minimum(lo + piece_keys, last + 1)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        if INTERPRETED_KEYS == 0:  # compiled: walk only up to the block's last position
+            for start in range(lo, hi, BLOCK_N):
+                m, total, acc = _keys_step(q, K, V, pos, start + tl.arange(0, BLOCK_N), hi, kv, sk_t, sk_h,
+                                           sv_t, sv_h, dims, m, total, acc, scale_log2, EXACT)
+        else:  # Triton's interpreter takes no loop bound read from a tensor: the whole piece, masked
+            for start in range(0, INTERPRETED_KEYS, BLOCK_N):
+                m, total, acc = _keys_step(q, K, V, pos, lo + start + tl.arange(0, BLOCK_N), hi, kv, sk_t,
+                                           sk_h, sv_t, sv_h, dims, m, total, acc, scale_log2, EXACT)
+        seen = total > 0.0
+        out = acc / tl.where(seen, total, 1.0)[:, None]
+        dest = O + piece * so_s + rows[:, None] * so_t + head * so_h + dims[None, :]
+        tl.store(dest, out.to(O.dtype.element_ty), mask=valid[:, None])
+        if SPLIT:  # log2-sum-exp of this piece's scores (-inf where the row saw none of its keys)
+            lse = tl.where(seen, m + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
+            tl.store(LSE + piece * sl_s + rows * sl_t + head, lse, mask=valid)
+
+    @triton.jit
+    def _merge(O, LSE, OUT, T, pieces, so_s, so_t, so_h, sl_s, sl_t, st_t, st_h,
+               D: tl.constexpr, PIECES: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        index = tl.arange(0, PIECES)
+        used = index < pieces
+        lse = tl.load(LSE + index * sl_s + row * sl_t + head, mask=used, other=float("-inf"))
+        top = tl.max(lse, 0)
+        weight = tl.exp2(lse - top)
+        weight = weight / tl.sum(weight, 0)
+        dims = tl.arange(0, D)
+        parts = tl.load(O + index[:, None] * so_s + row * so_t + head * so_h + dims[None, :],
+                        mask=used[:, None], other=0.0)
+        out = tl.sum(parts * weight[:, None], 0)
+        tl.store(OUT + row * st_t + head * st_h + dims, out.to(OUT.dtype.element_ty))
+
+
+def splits_for(rows: int, heads: int, length: int) -> int:
+    """How many pieces the key walk is split into: enough programs for the card, each piece at least
+    four key blocks long."""
+    programs = triton.cdiv(rows, BLOCK_M) * heads
+    wanted = max(1, -(-TARGET_PROGRAMS // programs))
+    return max(1, min(wanted, MAX_SPLITS, length // (4 * BLOCK_N)))
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              scale: float, splits: int | None = None) -> torch.Tensor:
+    """q [T, H, d] over keys/values [H_kv, L, d], query t seeing the keys at positions <= positions[t]."""
+    rows, heads, dim = q.shape
+    kv_heads, length, _ = keys.shape
+    if heads % kv_heads or values.shape != keys.shape or positions.shape != (rows,):
+        raise ValueError(f"q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}, "
+                         f"positions {tuple(positions.shape)}: shapes do not match")
+    if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("q, keys and values need a unit stride along the head dimension")
+    out = torch.empty(rows, heads, dim, dtype=q.dtype, device=q.device)
+    if rows == 0:
+        return out
+    positions = positions.to(torch.int32)
+    pieces = splits_for(rows, heads, length) if splits is None else max(1, int(splits))
+    piece_keys = -(-length // pieces)
+    piece_keys = -(-piece_keys // BLOCK_N) * BLOCK_N  # whole key blocks per piece
+    pieces = -(-length // piece_keys)
+    grid = (triton.cdiv(rows, BLOCK_M), heads, pieces)
+    scale_log2 = float(scale) * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+    exact = q.dtype == torch.float32
+    common = dict(GROUP=heads // kv_heads, D=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EXACT=exact,
+                  INTERPRETED_KEYS=piece_keys if INTERPRETED else 0,
+                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if pieces == 1:
+        _pieces[grid](q, keys, values, positions, out, out, scale_log2, rows, piece_keys,
+                      q.stride(0), q.stride(1), keys.stride(1), keys.stride(0), values.stride(1), values.stride(0),
+                      0, out.stride(0), out.stride(1), 0, 0, SPLIT=False, **common)
+        return out
+    part = torch.empty(pieces, rows, heads, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(pieces, rows, heads, dtype=torch.float32, device=q.device)
+    _pieces[grid](q, keys, values, positions, part, lse, scale_log2, rows, piece_keys,
+                  q.stride(0), q.stride(1), keys.stride(1), keys.stride(0), values.stride(1), values.stride(0),
+                  part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+                  SPLIT=True, **common)
+    _merge[(rows, heads)](part, lse, out, rows, pieces, part.stride(0), part.stride(1), part.stride(2),
+                          lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                          D=dim, PIECES=triton.next_power_of_2(pieces), num_warps=4)
+    return out

@@ -1,0 +1,97 @@
+"""The scattered-query attention kernel (blend/scattered.py) against SDPA with the dense causal mask: on
+the CPU under Triton's interpreter (tests/conftest.py), on CUDA compiled (run on the H200)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blend import scattered
+from blend.adapter import causal_mask
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not scattered.available(DEVICE), reason="no Triton for this device")
+
+
+def reference(q, keys, values, positions, scale):
+    mask = causal_mask(positions, keys.shape[1], torch.float32)
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], keys.float()[None], values.float()[None],
+                                         attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def case(rows, length, heads=4, kv_heads=2, dim=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.randperm(length, generator=g)[:rows].sort().values
+    buffer = torch.randn(length + 7, 2, kv_heads, dim, generator=g)  # a KV buffer: [tokens, 2, kv, d]
+    q = torch.randn(rows, heads, dim, generator=g)
+    keys, values = buffer[:length, 0].transpose(0, 1), buffer[:length, 1].transpose(0, 1)
+    to = dict(device=DEVICE, dtype=dtype)
+    return q.to(**to), keys.to(**to), values.to(**to), positions.to(DEVICE)
+
+
+@pytest.mark.parametrize("rows,length,splits", [(5, 40, 1), (70, 300, 1), (70, 300, 3), (130, 260, None),
+                                                  (1, 200, 2), (33, 33, 1)])
+def test_float32_equals_sdpa_with_the_dense_causal_mask(rows, length, splits):
+    q, keys, values, positions = case(rows, length)
+    if rows == length:
+        positions = torch.arange(length, device=DEVICE)
+    out = scattered.attention(q, keys, values, positions, 0.3, splits=splits)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.float(), reference(q, keys, values, positions, 0.3), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(scattered.INTERPRETED, reason="Triton's interpreter multiplies bfloat16 wrongly (numpy has none)")
+def test_bfloat16_within_rounding_of_the_float32_reference():
+    q, keys, values, positions = case(90, 400, heads=8, kv_heads=2, dtype=torch.bfloat16, seed=3)
+    expected = reference(q, keys, values, positions, 0.2)
+    for splits in (1, 4):
+        out = scattered.attention(q, keys, values, positions, 0.2, splits=splits)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - expected).abs().max().item() < 2e-2
+
+
+def test_a_query_at_position_zero_sees_only_the_first_key():
+    q, keys, values, _ = case(3, 128)
+    positions = torch.tensor([0, 64, 127], device=DEVICE)
+    out = scattered.attention(q, keys, values, positions, 0.5, splits=2)
+    torch.testing.assert_close(out[0].float(), values[torch.arange(4, device=DEVICE) // 2, 0].float())
+
+
+def test_mismatched_shapes_are_refused_with_the_shapes_named():
+    q, keys, values, positions = case(4, 50)
+    with pytest.raises(ValueError, match="positions"):
+        scattered.attention(q, keys, values, positions[:3], 0.5)
+
+
+@pytest.mark.parametrize("config", [dict(mode="blend", ratio=0.3), dict(mode="blend", ratio=0.1, selector="qattn"),
+                                    dict(mode="reuse"), dict(mode="prefix")], ids=lambda c: "-".join(map(str, c.values())))
+def test_each_mode_through_the_kernel_equals_the_dense_mask(config, monkeypatch):
+    """The step's path: `mask` hands the kernel the positions instead of a dense mask; the logits and the
+    filled cache are the same as through SDPA (float32; the interpreter on the CPU)."""
+    from blend.adapter import LlamaStep
+    from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill
+    from tests.helpers.model import random_layout, tiny_model
+
+    step = LlamaStep(tiny_model().to(DEVICE))
+    layout = random_layout(seed=5, chunk_lengths=(40, 70, 55))
+    prefix = compute_kv(step, layout.prefix)
+    chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+    blend_config = BlendConfig(**config)
+    calls = []
+    kernel_attention = scattered.attention
+    monkeypatch.setattr(scattered, "attention", lambda *a, **k: calls.append(a[0].shape[0]) or kernel_attention(*a, **k))
+    results = []
+    for kernel in (False, True):
+        step.scattered_attention = kernel
+        source = MemorySource(cached_entries(blend_config.mode, prefix, chunks, layout))
+        with torch.inference_mode():
+            results.append(prefill(step, layout, blend_config, source))
+    dense, through_kernel = results
+    # Prefix mode computes a suffix at least half the prompt long: plain causal attention, not the kernel.
+    assert bool(calls) == (blend_config.mode != "prefix")
+    assert through_kernel.recomputed == dense.recomputed
+    torch.testing.assert_close(through_kernel.logits, dense.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(through_kernel.cache.data[:, : dense.length], dense.cache.data[:, : dense.length],
+                               rtol=1e-4, atol=1e-4)
