@@ -69,7 +69,7 @@ if triton is not None:
         return m_new, total, acc
 
     @triton.jit
-    def _pieces(Q, K, V, P, O, LSE, scale_log2, T, piece_keys,
+    def _pieces(Q, K, V, P, Out, LSE, scale_log2, T, piece_keys,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_s, so_t, so_h, sl_s, sl_t,
                 GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPLIT: tl.constexpr, EXACT: tl.constexpr, INTERPRETED_KEYS: tl.constexpr):
@@ -99,14 +99,14 @@ if triton is not None:
                                            sk_h, sv_t, sv_h, dims, m, total, acc, scale_log2, EXACT)
         seen = total > 0.0
         out = acc / tl.where(seen, total, 1.0)[:, None]
-        dest = O + piece * so_s + rows[:, None] * so_t + head * so_h + dims[None, :]
-        tl.store(dest, out.to(O.dtype.element_ty), mask=valid[:, None])
+        dest = Out + piece * so_s + rows[:, None] * so_t + head * so_h + dims[None, :]
+        tl.store(dest, out.to(Out.dtype.element_ty), mask=valid[:, None])
         if SPLIT:  # log2-sum-exp of this piece's scores (-inf where the row saw none of its keys)
             lse = tl.where(seen, m + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
             tl.store(LSE + piece * sl_s + rows * sl_t + head, lse, mask=valid)
 
     @triton.jit
-    def _merge(O, LSE, OUT, T, pieces, so_s, so_t, so_h, sl_s, sl_t, st_t, st_h,
+    def _merge(Parts, LSE, OUT, T, pieces, so_s, so_t, so_h, sl_s, sl_t, st_t, st_h,
                D: tl.constexpr, PIECES: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -117,7 +117,7 @@ if triton is not None:
         weight = tl.exp2(lse - top)
         weight = weight / tl.sum(weight, 0)
         dims = tl.arange(0, D)
-        parts = tl.load(O + index[:, None] * so_s + row * so_t + head * so_h + dims[None, :],
+        parts = tl.load(Parts + index[:, None] * so_s + row * so_t + head * so_h + dims[None, :],
                         mask=used[:, None], other=0.0)
         out = tl.sum(parts * weight[:, None], 0)
         tl.store(OUT + row * st_t + head * st_h + dims, out.to(OUT.dtype.element_ty))
