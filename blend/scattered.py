@@ -26,11 +26,16 @@ try:  # Triton ships with CUDA builds of torch; the CPU build has none, and the 
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# Block sizes: queries per program, keys per inner step. Measured on the H200 (docs/gpu.md).
+# Block sizes: queries per program, keys per inner step, and software-pipelining stages, chosen on the H200
+# (`python3 -m services.bench.probe_scattered`, docs/gpu.md): 64 x 64 with 4 warps was the quickest of six
+# for 800, 290 and 32 queries; three stages for many query blocks (800: 0.206 against 0.247 ms with two),
+# two for few (290 split in two: 0.130 against 0.137; 32 split in nine: 0.093 against 0.129).
 BLOCK_M = 64
 BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
+NUM_STAGES_MANY = 3
+MANY_ROWS = 512
 # Split the key walk until there are about this many programs (an H200 has 132 SMs), at most MAX_SPLITS.
 TARGET_PROGRAMS = 264
 MAX_SPLITS = 16
@@ -68,7 +73,7 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, total, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["scale_log2", "T", "piece_keys"])
     def _pieces(Q, K, V, P, Out, LSE, scale_log2, T, piece_keys,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_s, so_t, so_h, sl_s, sl_t,
                 GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -105,7 +110,7 @@ if triton is not None:
             lse = tl.where(seen, m + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
             tl.store(LSE + piece * sl_s + rows * sl_t + head, lse, mask=valid)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "pieces"])
     def _merge(Parts, LSE, OUT, T, pieces, so_s, so_t, so_h, sl_s, sl_t, st_t, st_h,
                D: tl.constexpr, PIECES: tl.constexpr):
         row = tl.program_id(0)
@@ -154,7 +159,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positio
     exact = q.dtype == torch.float32
     common = dict(GROUP=heads // kv_heads, D=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EXACT=exact,
                   INTERPRETED_KEYS=piece_keys if INTERPRETED else 0,
-                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                  num_warps=NUM_WARPS, num_stages=NUM_STAGES_MANY if rows >= MANY_ROWS else NUM_STAGES)
     if pieces == 1:
         _pieces[grid](q, keys, values, positions, out, out, scale_log2, rows, piece_keys,
                       q.stride(0), q.stride(1), keys.stride(1), keys.stride(0), values.stride(1), values.stride(0),

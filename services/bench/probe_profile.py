@@ -82,7 +82,8 @@ def main() -> None:
             "reuse": lambda: prefill(step, layout, BlendConfig("reuse"), source()),
             "blend@0.05": lambda: prefill(step, layout, BlendConfig("blend", 0.05), source()),
             "blend@0.15": lambda: prefill(step, layout, BlendConfig("blend", 0.15), source()),
-            "blend@0.15/k": lambda: prefill(step, layout, BlendConfig("blend", 0.15, selector="k"), source()),
+            "blend@0.05/cachedk": lambda: prefill(step, layout, BlendConfig(
+                "blend", 0.05, selector="qattn+sink4+nofirst+cachedk"), source()),
         }
         graphs = LayerGraphs(step)
         print(f"layer graphs captured in {graphs.capture_all():.2f} s")

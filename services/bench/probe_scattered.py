@@ -9,6 +9,8 @@ reference; times are CUDA events, median of 30 after warm-up.
 
 `python3 -m services.bench.probe_scattered` on a GPU.
 """
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +18,7 @@ from blend import scattered
 from blend.adapter import causal_mask
 
 H, KVH, D, L = 32, 8, 128, 5184
-CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2)]
+CONFIGS = [(64, 64, 4, 2, 3), (64, 64, 4, 2, 2), (64, 64, 4, 3, 3), (64, 32, 4, 2, 2), (64, 64, 8, 2, 3)]
 
 
 def timed(fn, iters=30):
@@ -59,13 +61,25 @@ def main() -> None:
         print(f"{name:<11} queries {n:4d}  dense mask (SDPA) {base:.3f} ms  err {(dense().float() - reference).abs().max():.4f}")
         positions32 = positions.to(torch.int32)
         for config in CONFIGS:
-            scattered.BLOCK_M, scattered.BLOCK_N, scattered.NUM_WARPS, scattered.NUM_STAGES = config
+            (scattered.BLOCK_M, scattered.BLOCK_N, scattered.NUM_WARPS, scattered.NUM_STAGES,
+             scattered.NUM_STAGES_MANY) = config
             for splits in (None, 1):
                 out = scattered.attention(q, keys, values, positions32, D ** -0.5, splits=splits)
                 err = (out.float() - reference).abs().max().item()
                 ms = timed(lambda: scattered.attention(q, keys, values, positions32, D ** -0.5, splits=splits))
                 pieces = scattered.splits_for(n, H, L) if splits is None else 1
                 print(f"{'':11} kernel {config} pieces {pieces:2d}  {ms:.3f} ms  ({base / ms:.2f}x)  err {err:.4f}")
+        # The host's cost per call: many calls issued back to back, against the GPU's time for them.
+        scattered.BLOCK_M, scattered.BLOCK_N, scattered.NUM_WARPS, scattered.NUM_STAGES, scattered.NUM_STAGES_MANY = CONFIGS[0]
+        for label, fn in (("kernel", lambda: scattered.attention(q, keys, values, positions32, D ** -0.5)),
+                          ("dense", dense)):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(200):
+                fn()
+            issued = (time.perf_counter() - start) / 200 * 1e3
+            torch.cuda.synchronize()
+            print(f"{'':11} {label}: host issue {issued:.3f} ms per call")
 
 
 if __name__ == "__main__":
