@@ -1,0 +1,80 @@
+"""Probe (not a result): where the host's time goes in a served-shape request on a GPU (8B shape, random
+weights, 10 x 512 chunks from the CPU tier through the server's StoreSource, layer graphs on as served).
+Prints, per request kind, the wall time, the host's issue time and the Python functions with the most
+own time (cProfile over several requests); writes the .prof files to $OUT (or /tmp/out).
+
+`python3 -m services.bench.probe_host` on a GPU.
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import time
+from pathlib import Path
+
+import torch
+
+from blend.adapter import LlamaStep
+from blend.fusor import BlendConfig, compute_kv, prefill
+from blend.graphs import LayerGraphs
+from services.bench.gpu import build_model, make_layout, tier_store
+from store.source import StoreSource
+
+REQUESTS = 8
+
+
+def main() -> None:
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    model = build_model("llama3-8b")
+    step = LlamaStep(model)
+    with torch.inference_mode():
+        layout = make_layout(model.config.vocab_size, 10, 512, 32)
+        prefix = compute_kv(step, layout.prefix)
+        chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+        store, keys = tier_store("cpu", chunks, "probe-host")
+        step.graphs = LayerGraphs(step)
+        step.graphs.capture_all()
+
+        def source():
+            return StoreSource(store, [prefix, *keys], device="cuda").begin()
+
+        kinds = {
+            "reuse": BlendConfig("reuse"),
+            "blend@0.05": BlendConfig("blend", 0.05),
+            "blend@0.05/cachedk": BlendConfig("blend", 0.05, selector="qattn+sink4+nofirst+cachedk"),
+            "blend@0.15/cachedk": BlendConfig("blend", 0.15, selector="qattn+sink4+nofirst+cachedk"),
+        }
+        for name, config in kinds.items():
+            run = lambda: prefill(step, layout, config, source())  # noqa: E731
+            for _ in range(3):
+                run()
+            torch.cuda.synchronize()
+            walls, issues = [], []
+            for _ in range(REQUESTS):
+                start = time.perf_counter()
+                run()
+                issues.append(1e3 * (time.perf_counter() - start))
+                torch.cuda.synchronize()
+                walls.append(1e3 * (time.perf_counter() - start))
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(REQUESTS):
+                run()
+            torch.cuda.synchronize()
+            profiler.disable()
+            profiler.dump_stats(out / f"host_{name.replace('/', '_')}.prof")
+            text = io.StringIO()
+            stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+            stats.print_stats(28)
+            print(f"\n== {name}: wall median {sorted(walls)[REQUESTS // 2]:.1f} ms (min {min(walls):.1f}), "
+                  f"host issue median {sorted(issues)[REQUESTS // 2]:.1f} ms")
+            body = text.getvalue().split("ncalls", 1)[-1]
+            print("ncalls" + "\n".join(line[:150] for line in body.splitlines()[:32]))
+
+
+if __name__ == "__main__":
+    main()
