@@ -74,6 +74,10 @@ def main() -> None:
                   f"host issue median {sorted(issues)[REQUESTS // 2]:.1f} ms")
             body = text.getvalue().split("ncalls", 1)[-1]
             print("ncalls" + "\n".join(line[:150] for line in body.splitlines()[:32]))
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(r"(blend|store)/", 24)
+            body = text.getvalue().split("ncalls", 1)[-1]
+            print("cumulative, ours: ncalls" + "\n".join(line[:150] for line in body.splitlines()[:26]))
 
 
 if __name__ == "__main__":
