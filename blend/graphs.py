@@ -130,8 +130,11 @@ class GraphDecoder:
 # step is compute-bound and runs eagerly. On the H200 (kvblend bench, session 8, two runs, eager
 # against graphs in the same rounds) graphs gained 8 ms at 32 tokens (reuse), nothing at ~290 (blend@0.05:
 # 29.9 / 30.1 ms, 31.1 / 30.7) and lost ~3 ms at ~800 (blend@0.15: 44.8 / 47.3, 45.7 / 48.2), padding
-# to 896 rows costing more than the launches saved: so no bucket above 256.
-LAYER_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256)
+# to 896 rows costing more than the launches saved: so no bucket above 256. Session 10: on slower hosts
+# blend@0.05 (~290 rows) is host-bound (H200 host issue 26.8 ms against 16.6 ms of GPU work,
+# `services.bench.probe_profile`; 55 ms on another call's host, `probe_host`), where padding 290 rows to
+# 320 costs ~10% of two matmul-light parts and saves ~15 launches a layer: buckets up to 384.
+LAYER_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384)
 
 
 class _Bucket:
