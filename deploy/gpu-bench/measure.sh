@@ -6,6 +6,7 @@
 #   service  (after setup_b)  bench-service throughput and cpu scenarios                              ~330 s
 #   tests    (after setup_c)  the GPU test modules with the real SmolLM2                               ~200 s
 #   probe    (no setup)       probe_profile: where each row's time goes                                ~60 s
+#   host     (no setup)       probe_host: the host's own time per request kind (cProfile, files in $OUT) ~50 s
 set -u
 OUT=${OUT:-/tmp/out}
 case "${1:-}" in
@@ -13,7 +14,8 @@ case "${1:-}" in
     timeout 120 python3 -m pytest -q tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
       tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py -k "not smollm2" \
       2>&1 | tail -8
-    timeout 120 python3 -m services.bench.probe_scattered 2>&1 | tail -40
+    timeout 120 python3 -m services.bench.probe_scattered > "$OUT/probe_scattered.txt" 2>&1
+    grep "host issue\|dense mask" "$OUT/probe_scattered.txt"
     timeout 420 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
       --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst,qattn+sink4+nofirst+cachedk' \
       2>&1 | tail -70 ;;
@@ -27,6 +29,9 @@ case "${1:-}" in
       tests/store/test_store_source.py 2>&1 | grep -v "Loading weights\|Writing model" | tail -25 ;;
   probe)
     timeout 300 python3 -m services.bench.probe_profile 2>&1 | tail -120 ;;
+  host)
+    timeout 300 python3 -m services.bench.probe_host > "$OUT/probe_host.txt" 2>&1
+    grep "==" "$OUT/probe_host.txt" ;;
   *)
-    echo "usage: measure.sh bench|service|tests|probe" >&2; exit 2 ;;
+    echo "usage: measure.sh bench|service|tests|probe|host" >&2; exit 2 ;;
 esac
