@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from blend import scattered
+from blend import rerotate, scattered
 from blend.cache import KVCache, KVPool
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -330,6 +330,8 @@ class LlamaStep:
         # Triton kernel that takes their positions (blend/scattered.py: only the keys each block of
         # queries can see, no dense mask); SDPA with the dense mask where there is no Triton or no GPU.
         self.scattered_attention = self.device.type == "cuda" and scattered.available(self.device)
+        # Placed chunks' keys re-rotate in one Triton kernel (blend/rerotate.py) instead of five passes.
+        self.rerotate_kernel = self.scattered_attention
         for block in self.layers:  # one matmul for q/k/v and one for gate/up from now on (no extra memory)
             fused_projection([block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj])
             fused_projection([block.mlp.gate_proj, block.mlp.up_proj])
@@ -453,6 +455,13 @@ class LlamaStep:
         """sin with its first half negated: rotate_half(x) * sin == x.roll(half) * signed_sin(sin)."""
         half = sin.shape[-1] // 2
         return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+    def turn_keys(self, keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+        """`turn_in_place`, through the Triton kernel where it runs (`rerotate_kernel`)."""
+        if self.rerotate_kernel:
+            rerotate.turn(keys, cos, signed_sin)
+        else:
+            self.turn_in_place(keys, cos, signed_sin)
 
     @staticmethod
     def turn_in_place(keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:

@@ -129,7 +129,7 @@ def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn
         # K was rotated at the positions each chunk was computed at: move every chunk's K to where it
         # sits now, in one pass over the contiguous chunk range (one rotation per layer, not per chunk).
         lo, hi, cos, signed_sin = turn
-        step.turn_in_place(cache.data[layer, lo:hi, 0], cos, signed_sin)
+        step.turn_keys(cache.data[layer, lo:hi, 0], cos, signed_sin)
 
 
 def _turn(step: LlamaStep, old_starts, new_starts, lengths, skip):

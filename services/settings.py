@@ -27,6 +27,7 @@ from store.config import StoreConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DATA_DIR = "~/.kvblend"  # chunk texts, vectors, index and KV, as `kvblend ingest` writes them
 DEFAULT_CACHE_DIR = "~/.cache/kvblend"  # converted model weights
+SERVED_SELECTOR = BlendConfig.selector + "+cachedk"  # server.selector's default (see ServerSettings.selector)
 KV_DIR = "kv"  # under the data folder: the disk KV tier that `kvblend ingest` writes and `serve` reads
 
 
@@ -139,9 +140,12 @@ class ServerConfig:
     default_mode: str = "blend"
     default_ratio: float = 0.15
     check_layer: int = 1
-    # blend's token selector (blend/selectors.py); "...+cachedk" ranks on the cached K of check layer 1,
-    # so layer 0 runs for the question and the kept tokens only (issue 16; not yet the default).
-    selector: str = BlendConfig.selector
+    # blend's token selector (blend/selectors.py). Served: the question's attention ranking the chunk
+    # tokens' cached K at check layer 1 ("+cachedk"), so layer 0 runs for the question and the kept tokens
+    # only: on the H200 blend@0.05 24.7 against 26.4 ms and @0.15 36.4 against 38.1 ms with the same
+    # ranking on cached keys (docs/gpu.md, seventh session), first-token KL 0.0695 against 0.0700 at 0.15
+    # on 40 MuSiQue questions (docs/blend.md). It needs check_layer 1; any other selector may be set.
+    selector: str = SERVED_SELECTOR
     # The loading controller plans every blend request from measured tier bandwidths and prefill cost:
     # chunks that load slower than they compute are prefilled in full, the ratio never below the request's.
     loading_controller: bool = True

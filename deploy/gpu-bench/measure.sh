@@ -12,12 +12,12 @@ OUT=${OUT:-/tmp/out}
 case "${1:-}" in
   bench)
     timeout 120 python3 -m pytest -q tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
-      tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py -k "not smollm2" \
+      tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py tests/blend/test_rerotate.py -k "not smollm2" \
       2>&1 | tail -8
     timeout 120 python3 -m services.bench.probe_scattered > "$OUT/probe_scattered.txt" 2>&1
     grep "host issue\|dense mask" "$OUT/probe_scattered.txt"
     timeout 420 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
-      --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst,qattn+sink4+nofirst+cachedk' \
+      --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
       2>&1 | tail -70 ;;
   service)
     timeout 560 python3 -m services.commands.cli bench-service --device cuda --model /tmp/kv/bench-model \

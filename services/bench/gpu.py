@@ -25,6 +25,7 @@ from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
 from blend.graphs import GraphDecoder, LayerGraphs
 from blend.loader import gate
 from blend.prompt import PromptLayout
+from services.settings import SERVED_SELECTOR
 from store.keys import chunk_key
 from store.source import StoreSource
 
@@ -48,7 +49,8 @@ class BenchConfig:
     json_out: Path = Path("bench.json")
     plot: Path | None = None
     profile: Path | None = None
-    selectors: tuple[str, ...] = (BlendConfig.selector,)  # the first gets every blend row; the others blend@0.15, CPU tier
+    # The first gets every blend row (the served default first); the others blend@0.05 and @0.15, CPU tier.
+    selectors: tuple[str, ...] = (SERVED_SELECTOR,)
     layer_graphs: bool = True  # also time each cached-KV row with the per-layer CUDA graphs (blend/graphs.py)
 
     def __post_init__(self):
@@ -119,13 +121,14 @@ def _with_fusion(step: LlamaStep, limit: int, fn):
         step.fuse_projections_up_to = old
 
 
-def _without_kernel(step: LlamaStep, fn):
-    """fn() with scattered queries attending through SDPA and the dense mask, not the Triton kernel."""
-    step.scattered_attention = False
+def _without_kernels(step: LlamaStep, fn):
+    """fn() without the step's Triton kernels: scattered queries attend through SDPA and the dense mask,
+    placed keys re-rotate in PyTorch's passes."""
+    step.scattered_attention = step.rerotate_kernel = False
     try:
         return fn()
     finally:
-        step.scattered_attention = True
+        step.scattered_attention = step.rerotate_kernel = True
 
 
 def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
@@ -420,12 +423,13 @@ def run_bench(config: BenchConfig) -> dict:
                 for label, mode, ratio, tier, fn in list(plan[1:2]):
                     plan.append((f"{label}/all-fused", mode, ratio, tier,
                                  lambda fn=fn: _with_fusion(step, 1 << 30, fn)))
-                # The scattered-query kernel against SDPA with the dense mask (LlamaStep.scattered_attention).
+                # The step's Triton kernels (scattered-query attention, re-rotation) against SDPA with the
+                # dense mask and PyTorch's passes (LlamaStep.scattered_attention, rerotate_kernel).
                 if step.scattered_attention:
                     for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
                             "reuse", "blend@0.05/cpu", "blend@0.15/cpu") or r[0].endswith("+cachedk")]:
-                        plan.append((f"{label}/dense-mask", mode, ratio, tier,
-                                     lambda fn=fn: _without_kernel(step, fn)))
+                        plan.append((f"{label}/no-triton", mode, ratio, tier,
+                                     lambda fn=fn: _without_kernels(step, fn)))
             # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each
             # row's speed-up is the median over rounds of full's time / its time in the same round.
             times = _interleaved([fn for *_, fn in plan], config.repeats)

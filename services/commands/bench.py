@@ -103,9 +103,9 @@ def cmd_bench_hardening(args: argparse.Namespace) -> int:
 
 
 def add_parsers(subparsers) -> None:
-    from blend.fusor import BlendConfig
     from services.bench.gpu import SHAPES
     from services.bench.store import LAYOUTS
+    from services.settings import SERVED_SELECTOR
 
     parser = subparsers.add_parser("bench", help="GPU TTFT of every mode and tier on an 8B-shaped model")
     parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
@@ -115,9 +115,9 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--redis-url", default=None, help="also time chunk KV loaded from this Redis")
     parser.add_argument("--no-layer-graphs", action="store_true",
                         help="leave out the rows timed with the per-layer CUDA graphs (blend/graphs.py)")
-    parser.add_argument("--selectors", default=BlendConfig.selector,
+    parser.add_argument("--selectors", default=SERVED_SELECTOR,
                         help="blend selectors timed; the first gets every row, the others blend@0.05 and @0.15 "
-                             "from the CPU tier")
+                             f"from the CPU tier (default: the served one, {SERVED_SELECTOR})")
     parser.add_argument("--json", dest="json_out", required=True)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--profile", default=None, help="write a chrome trace of one pipelined request here")

@@ -68,8 +68,9 @@ def test_mismatched_shapes_are_refused_with_the_shapes_named():
 @pytest.mark.parametrize("config", [dict(mode="blend", ratio=0.3), dict(mode="blend", ratio=0.1, selector="qattn"),
                                     dict(mode="reuse"), dict(mode="prefix")], ids=lambda c: "-".join(map(str, c.values())))
 def test_each_mode_through_the_kernel_equals_the_dense_mask(config, monkeypatch):
-    """The step's path: `mask` hands the kernel the positions instead of a dense mask; the logits and the
-    filled cache are the same as through SDPA (float32; the interpreter on the CPU)."""
+    """The step's path: `mask` hands the kernel the positions instead of a dense mask, and placed keys turn
+    in the re-rotation kernel; the logits and the filled cache are the same as through SDPA and PyTorch's
+    passes (float32; the interpreter on the CPU)."""
     from blend.adapter import LlamaStep
     from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill
     from tests.helpers.model import random_layout, tiny_model
@@ -84,7 +85,7 @@ def test_each_mode_through_the_kernel_equals_the_dense_mask(config, monkeypatch)
     monkeypatch.setattr(scattered, "attention", lambda *a, **k: calls.append(a[0].shape[0]) or kernel_attention(*a, **k))
     results = []
     for kernel in (False, True):
-        step.scattered_attention = kernel
+        step.scattered_attention = step.rerotate_kernel = kernel
         source = MemorySource(cached_entries(blend_config.mode, prefix, chunks, layout))
         with torch.inference_mode():
             results.append(prefill(step, layout, blend_config, source))

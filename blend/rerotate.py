@@ -1,0 +1,55 @@
+"""Re-rotating placed keys in one Triton kernel (issue 16).
+
+Every request that places cached chunks moves their keys from the positions they were computed at to
+where they sit now, in every layer: 5,120 keys x 8 heads x 128 in the 8B shape. In PyTorch that is five
+passes over float32 copies (`LlamaStep.turn_in_place`: to float, x cos, roll, x signed sin + add, back),
+~3 ms of a request's GPU time on an H200 (`services.bench.probe_profile`) and five launches per layer on a
+host-bound path. This kernel reads each key once, rotates it in float32 and writes it back rounded once.
+
+`turn(keys, cos, signed_sin)`: keys [T, H_kv, d] (a view into a KV buffer, unit stride along d), cos and
+signed_sin [T, 1, d] float32 (`LlamaStep.turn_between`, `signed_sin`); in place, the same arithmetic as
+`turn_in_place` (x cos + roll(x, d/2) signed_sin in float32). Runs on CUDA; on the CPU only under Triton's
+interpreter, for the tests.
+"""
+from __future__ import annotations
+
+import torch
+
+from blend import scattered
+
+triton = scattered.triton
+BLOCK_T = 32
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["T"])
+    def _turn(K, C, S, T, sk_t, sk_h, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        valid = rows[:, None] < T
+        dims = tl.arange(0, D)
+        partner = (dims + D // 2) % D  # torch.roll(x, D / 2)[i] = x[(i - D / 2) mod D] = x[(i + D / 2) mod D]
+        cos = tl.load(C + rows[:, None] * D + dims[None, :], mask=valid, other=0.0)
+        sin = tl.load(S + rows[:, None] * D + dims[None, :], mask=valid, other=0.0)
+        for head in tl.static_range(HEADS):
+            base = K + rows[:, None] * sk_t + head * sk_h
+            x = tl.load(base + dims[None, :], mask=valid, other=0.0).to(tl.float32)
+            rolled = tl.load(base + partner[None, :], mask=valid, other=0.0).to(tl.float32)
+            tl.store(base + dims[None, :], (x * cos + rolled * sin).to(K.dtype.element_ty), mask=valid)
+
+
+def available(keys: torch.Tensor) -> bool:
+    return scattered.available(keys.device)
+
+
+def turn(keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    rows, heads, dim = keys.shape
+    if keys.stride(-1) != 1 or cos.shape != (rows, 1, dim) or signed_sin.shape != cos.shape:
+        raise ValueError(f"keys {tuple(keys.shape)} (strides {keys.stride()}), cos {tuple(cos.shape)}, "
+                         f"signed sin {tuple(signed_sin.shape)}: need [T, H, d] with unit stride and [T, 1, d]")
+    if cos.dtype != torch.float32 or not cos.is_contiguous() or not signed_sin.is_contiguous():
+        raise ValueError("cos and signed sin must be contiguous float32")
+    if rows == 0:
+        return
+    scattered._launch(_turn, (triton.cdiv(rows, BLOCK_T), 1, 1), (keys, cos, signed_sin, rows),
+                      (keys.stride(0), keys.stride(1)), dict(HEADS=heads, D=dim, BLOCK_T=BLOCK_T), (4, 2))
