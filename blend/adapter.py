@@ -456,6 +456,18 @@ class LlamaStep:
         half = sin.shape[-1] // 2
         return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
+    def compile_kernels(self) -> float:
+        """Compile the Triton kernels this step launches (start-up: the server, the bench); seconds."""
+        seconds = 0.0
+        if self.scattered_attention:
+            seconds += scattered.compile_variants(self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device)
+        if self.rerotate_kernel:
+            import time
+            started = time.perf_counter()
+            rerotate.compile_variants(self.n_kv_heads, self.head_dim, self.dtype, self.device)
+            seconds += time.perf_counter() - started
+        return seconds
+
     def turn_keys(self, keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
         """`turn_in_place`, through the Triton kernel where it runs (`rerotate_kernel`)."""
         if self.rerotate_kernel:

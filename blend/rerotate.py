@@ -53,3 +53,10 @@ def turn(keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> Non
         return
     scattered._launch(_turn, (triton.cdiv(rows, BLOCK_T), 1, 1), (keys, cos, signed_sin, rows),
                       (keys.stride(0), keys.stride(1)), dict(HEADS=heads, D=dim, BLOCK_T=BLOCK_T), (4, 2))
+
+
+def compile_variants(kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile the kernel for this model shape now (start-up), keys laid out as in a KV buffer."""
+    buffer = torch.zeros(BLOCK_T, 2, kv_heads, dim, dtype=dtype, device=device)
+    cos = torch.ones(BLOCK_T, 1, dim, device=device)
+    turn(buffer[:, 0], cos, torch.zeros_like(cos))

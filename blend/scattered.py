@@ -198,3 +198,25 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positio
             (part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1)),
             dict(D=dim, PIECES=triton.next_power_of_2(pieces)), (4, NUM_STAGES))
     return out
+
+
+def compile_variants(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Compile every variant `attention` can launch for this model shape (one and several pieces, both
+    stage counts, each merge width), so no served request pays Triton's compile (~0.3-1 s per variant);
+    seconds taken. Keys are laid out as in a KV buffer ([tokens, 2, kv_heads, d]) so strides specialise
+    as the served ones do."""
+    import time
+
+    started = time.perf_counter()
+    length = 16 * BLOCK_N  # 16 pieces of one key block each at most
+    buffer = torch.zeros(length, 2, kv_heads, dim, dtype=dtype, device=device)
+    keys, values = buffer[:, 0].transpose(0, 1), buffer[:, 1].transpose(0, 1)
+    for rows in (1, MANY_ROWS):  # two stages below MANY_ROWS, three from it
+        q = torch.zeros(rows, heads, dim, dtype=dtype, device=device)
+        positions = torch.arange(rows, dtype=torch.int32, device=device) % length
+        positions = positions.sort().values
+        for splits in (1, 2, 4, 8, 16):  # merge widths 2, 4, 8 and 16
+            attention(q, keys, values, positions, 1.0, splits=splits)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started

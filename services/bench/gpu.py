@@ -370,6 +370,8 @@ def run_bench(config: BenchConfig) -> dict:
     gate_error = gate(step, probe)
     rows, meta = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": config.shape,
                       "gate_relative_error": gate_error}
+    with torch.inference_mode():
+        meta["triton_compile_s"] = round(step.compile_kernels(), 2)  # once, at start-up, as the server does
     graphs = None
     if config.layer_graphs:
         graphs = LayerGraphs(step)

@@ -105,6 +105,8 @@ class Engine:
         if limit and prefix + config.chunk_tokens >= limit:
             raise ValueError(f"server.chunk_tokens {config.chunk_tokens} plus the {prefix}-token "
                              f"system prompt does not fit the model's context of {limit} tokens")
+        if model.step.device.type == "cuda":
+            self.worker.call(self._compile_kernels)
         if config.layer_graphs and model.step.device.type == "cuda":
             self.worker.call(self._capture_layer_graphs)
         if config.kv_pool_bytes >= 0 and model.step.device.type == "cuda":
@@ -128,6 +130,13 @@ class Engine:
             self.catalog.on_shared_add = warmup.offer
             self.catalog.on_shared_delete = self._deleted_elsewhere
         return warmup, WarmupThread(warmup, self.catalog if self.shared else None, self.config.warmup_interval_s)
+
+    def _compile_kernels(self) -> None:
+        """On the model thread, before the first request: the step's Triton kernels, every variant."""
+        with torch.inference_mode():
+            seconds = self.model.step.compile_kernels()
+        if seconds:
+            log.info("Triton kernels compiled in %.1f s", seconds)
 
     def _capture_layer_graphs(self) -> None:
         """On the model thread, before the first request: every bucket's graphs, so no request pays a capture."""

@@ -96,3 +96,29 @@ def test_each_mode_through_the_kernel_equals_the_dense_mask(config, monkeypatch)
     torch.testing.assert_close(through_kernel.logits, dense.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(through_kernel.cache.data[:, : dense.length], dense.cache.data[:, : dense.length],
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="compiling is what this checks (the interpreter compiles nothing)")
+def test_after_compile_variants_no_launch_of_the_step_compiles_again():
+    """The server compiles at start-up (`LlamaStep.compile_kernels`): every size a request can bring then
+    finds its kernel compiled (one piece or several, two or three stages, each merge width)."""
+    from blend.adapter import LlamaStep
+    from tests.helpers.model import tiny_model
+
+    step = LlamaStep(tiny_model().to(DEVICE).to(torch.bfloat16))
+    step.compile_kernels()
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for kernel in (scattered._pieces, scattered._merge)
+                   for cache in kernel.device_caches.values())
+
+    before = compiled()
+    buffer = torch.randn(3000, 2, step.n_kv_heads, step.head_dim, device=DEVICE, dtype=torch.bfloat16)
+    keys, values = buffer[:, 0].transpose(0, 1), buffer[:, 1].transpose(0, 1)
+    for rows in (1, 31, 290, 800, 2900):
+        q = torch.randn(rows, step.n_heads, step.head_dim, device=DEVICE, dtype=torch.bfloat16)
+        positions = torch.randperm(3000, device=DEVICE)[:rows].sort().values.to(torch.int32)
+        for length in (64, 700, 3000):
+            scattered.attention(q, keys[:, :length], values[:, :length], positions.clamp(max=length - 1).sort().values,
+                                0.25)
+    assert compiled() == before
