@@ -138,12 +138,14 @@ _COMPILED: dict = {}
 def _launch(kernel, grid, args: tuple, strides: tuple, constexprs: dict, options: tuple[int, int]) -> None:
     """kernel[grid](*args, *strides, **constexprs) with (num_warps, num_stages) = options. `args` are the
     tensors and the values Triton does not specialise on (`do_not_specialize`); `strides` the integers it
-    does (so they are part of the key, with the tensors' dtypes and 16-byte alignment)."""
+    does (so what it specialises them on is part of the key, with the tensors' dtypes and 16-byte alignment)."""
     if INTERPRETED:
         kernel[grid](*args, *strides, **constexprs, num_warps=options[0], num_stages=options[1])
         return
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    key = (kernel, options, strides, tuple(constexprs.values()), tensors[0].device.index,
+    # Triton specialises an integer on being 1 and on dividing by 16 (not on its value): so does the key.
+    key = (kernel, options, tuple((v == 1, v % 16 == 0) for v in strides), tuple(constexprs.values()),
+           tensors[0].device.index,
            tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
     compiled = _COMPILED.get(key)
     if compiled is None:
