@@ -143,8 +143,10 @@ def _launch(kernel, grid, args: tuple, strides: tuple, constexprs: dict, options
         kernel[grid](*args, *strides, **constexprs, num_warps=options[0], num_stages=options[1])
         return
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    # Triton specialises an integer on being 1 and on dividing by 16 (not on its value): so does the key.
-    key = (kernel, options, tuple((v == 1, v % 16 == 0) for v in strides), tuple(constexprs.values()),
+    # Triton specialises an integer on being 1, on dividing by 16 and on its width (triton 3.6's
+    # native_specialize_impl: 1 -> constexpr, else i32/i64 with "D" or not), not on its value: so does the key.
+    key = (kernel, options, tuple((v == 1, v % 16 == 0, -(1 << 31) <= v < (1 << 31)) for v in strides),
+           tuple(constexprs.values()),
            tensors[0].device.index,
            tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
     compiled = _COMPILED.get(key)
