@@ -256,7 +256,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         # K/V are what blend keeps for every token it does not recompute. The kept ones catch up once
         # chosen (below). Positions on the host: no device read to find them.
         computing = positions
-        fixed = [p for s in skip for p in range(boundaries[s], boundaries[s + 1])] + list(range(question_start, n))
+        fixed = [p for s in sorted(skip) for p in range(boundaries[s], boundaries[s + 1])] + list(range(question_start, n))
         rows = torch.tensor([p - first for p in fixed], device=device)  # their rows among `computing`
         positions = computing[rows]
         h = step.embed(ids[positions])

@@ -8,7 +8,8 @@ query blocks (reuse's question, blend at a small ratio) it also splits the key w
 in parallel and merges them by their log-sum-exp (flash-decoding).
 
 `attention(q, keys, values, positions, scale)`: q [T, H, d], keys/values [H_kv, L, d] (any strides with a
-unit last one: views into a KV buffer), positions [T] int32 sorted ascending, each < L -> [T, H, d] in
+unit last one: views into a KV buffer), positions [T] int32 (sorted ascending for speed; exact in any order),
+each < L -> [T, H, d] in
 q's dtype. Grouped heads: query head h reads key/value head h // (H / H_kv).
 
 Runs on CUDA; on the CPU only under Triton's interpreter (`TRITON_INTERPRET=1` set before this module is
@@ -87,8 +88,9 @@ if triton is not None:
         pos = tl.load(P + rows, mask=valid, other=-1)
         dims = tl.arange(0, D)
         q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=valid[:, None], other=0.0)
-        # Positions are sorted: the block's last row has its last position, and no row sees a key past it.
-        last = tl.load(P + tl.minimum(block * BLOCK_M + BLOCK_M, T) - 1)
+        # No row of the block sees a key past its largest position (sorted positions keep it near the others:
+        # the walk then stops early; unsorted ones stay exact, each row masked by its own position).
+        last = tl.max(pos, axis=0)
         lo = piece * piece_keys
         hi = tl.minimum(lo + piece_keys, last + 1)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
