@@ -66,7 +66,8 @@ def main() -> None:
                 run()
             torch.cuda.synchronize()
             profiler.disable()
-            profiler.dump_stats(out / f"host_{name.replace('/', '_')}.prof")
+            # A plain file name (the device tool leaves out names with '@'): host_blend_0.05_cachedk.prof
+            profiler.dump_stats(out / f"host_{name.replace('/', '_').replace('@', '_')}.prof")
             text = io.StringIO()
             stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
             stats.print_stats(28)
