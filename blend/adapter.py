@@ -457,16 +457,29 @@ class LlamaStep:
         return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def compile_kernels(self) -> float:
-        """Compile the Triton kernels this step launches (start-up: the server, the bench); seconds."""
-        seconds = 0.0
-        if self.scattered_attention:
-            seconds += scattered.compile_variants(self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device)
-        if self.rerotate_kernel:
-            import time
-            started = time.perf_counter()
-            rerotate.compile_variants(self.n_kv_heads, self.head_dim, self.dtype, self.device)
-            seconds += time.perf_counter() - started
-        return seconds
+        """Compile the Triton kernels this step launches (start-up: the server, the bench); seconds. A kernel
+        that does not compile for this card or model shape is turned off with a warning naming the error,
+        and the step takes PyTorch's path for it (SDPA with the dense mask, the re-rotation's passes): slower,
+        the same answers, and a server that starts."""
+        import logging
+        import time
+
+        started, attempted = time.perf_counter(), False
+        for flag, compile_one in (
+                ("scattered_attention", lambda: scattered.compile_variants(
+                    self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device)),
+                ("rerotate_kernel", lambda: rerotate.compile_variants(
+                    self.n_kv_heads, self.head_dim, self.dtype, self.device))):
+            if not getattr(self, flag):
+                continue
+            attempted = True
+            try:
+                compile_one()
+            except Exception as err:  # noqa: BLE001 - any compile or launch failure: fall back, never fail start-up
+                setattr(self, flag, False)
+                logging.getLogger(__name__).warning("Triton kernel for %s does not run here (%s: %s); PyTorch's "
+                                                    "path serves it instead", flag, type(err).__name__, err)
+        return time.perf_counter() - started if attempted else 0.0
 
     def turn_keys(self, keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
         """`turn_in_place`, through the Triton kernel where it runs (`rerotate_kernel`)."""

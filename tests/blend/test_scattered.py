@@ -132,3 +132,32 @@ def test_after_compile_variants_no_launch_of_the_step_compiles_again():
             scattered.attention(q, keys[:, :length], values[:, :length], positions.clamp(max=length - 1).sort().values,
                                 0.25)
     assert compiled() == before
+
+
+def test_a_kernel_that_does_not_compile_is_turned_off_with_a_warning_and_the_step_still_answers(monkeypatch, caplog):
+    """Start-up compiles the kernels; one that fails (another card, a Triton bug) must not stop the server:
+    its flag goes off, the warning names the error, and blend runs through SDPA with the same logits."""
+    from blend.adapter import LlamaStep
+    from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill
+    from tests.helpers.model import random_layout, tiny_model
+
+    step = LlamaStep(tiny_model().to(DEVICE))
+    step.scattered_attention = step.rerotate_kernel = True
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of shared memory: 232448 > 227328")
+
+    monkeypatch.setattr(scattered, "compile_variants", broken)
+    with caplog.at_level("WARNING"):
+        step.compile_kernels()
+    assert not step.scattered_attention and step.rerotate_kernel
+    assert "scattered_attention" in caplog.text and "out of shared memory" in caplog.text
+    layout = random_layout(seed=2)
+    prefix = compute_kv(step, layout.prefix)
+    chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+    config = BlendConfig(mode="blend", ratio=0.3)
+    with torch.inference_mode():
+        fallback = prefill(step, layout, config, MemorySource(cached_entries("blend", prefix, chunks, layout)))
+        step.rerotate_kernel = False
+        plain = prefill(step, layout, config, MemorySource(cached_entries("blend", prefix, chunks, layout)))
+    torch.testing.assert_close(fallback.logits, plain.logits, rtol=1e-4, atol=1e-4)
