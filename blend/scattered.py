@@ -75,10 +75,11 @@ if triton is not None:
         return m_new, total, acc
 
     @triton.jit(do_not_specialize=["scale_log2", "T", "piece_keys"])
-    def _pieces(Q, K, V, P, Out, LSE, scale_log2, T, piece_keys,
+    def _pieces(Q, K, V, P, Out, LSE, Bounds, scale_log2, T, piece_keys,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_s, so_t, so_h, sl_s, sl_t,
                 GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                SPLIT: tl.constexpr, EXACT: tl.constexpr, INTERPRETED_KEYS: tl.constexpr):
+                SPLIT: tl.constexpr, EXACT: tl.constexpr, INTERPRETED_KEYS: tl.constexpr,
+                DEVICE_BOUNDS: tl.constexpr):
         block = tl.program_id(0)
         head = tl.program_id(1)
         piece = tl.program_id(2)
@@ -91,7 +92,13 @@ if triton is not None:
         # No row of the block sees a key past its largest position (sorted positions keep it near the others:
         # the walk then stops early; unsorted ones stay exact, each row masked by its own position).
         last = tl.max(pos, axis=0)
-        lo = piece * piece_keys
+        if DEVICE_BOUNDS:  # keys from row Bounds[0], Bounds[1] of them: read on the device (a CUDA graph)
+            first = tl.load(Bounds)
+            length = tl.load(Bounds + 1)
+            piece_keys = tl.cdiv(tl.cdiv(length, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+            lo = first + piece * piece_keys
+        else:
+            lo = piece * piece_keys
         hi = tl.minimum(lo + piece_keys, last + 1)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
@@ -121,8 +128,9 @@ if triton is not None:
         used = index < pieces
         lse = tl.load(LSE + index * sl_s + row * sl_t + head, mask=used, other=float("-inf"))
         top = tl.max(lse, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # a row no piece saw (graph padding): zeros, not NaN
         weight = tl.exp2(lse - top)
-        weight = weight / tl.sum(weight, 0)
+        weight = weight / tl.maximum(tl.sum(weight, 0), 1e-30)
         dims = tl.arange(0, D)
         parts = tl.load(Parts + index[:, None] * so_s + row * so_t + head * so_h + dims[None, :],
                         mask=used[:, None], other=0.0)
@@ -175,6 +183,12 @@ def _workspace(device: torch.device, pieces: int, rows: int, heads: int, dim: in
     return held[0][: size * dim].view(pieces, rows, heads, dim), held[1][:size].view(pieces, rows, heads)
 
 
+def workspace_for(pieces: int, rows: int, heads: int, dim: int, device: torch.device):
+    """A graph's own (pieces' outputs, log-sum-exps) for `attention(..., workspace=)`: fixed addresses."""
+    return (torch.empty(pieces, rows, heads, dim, dtype=torch.float32, device=device),
+            torch.empty(pieces, rows, heads, dtype=torch.float32, device=device))
+
+
 def splits_for(rows: int, heads: int, length: int) -> int:
     """How many pieces the key walk is split into: enough programs for the card, each piece at least
     four key blocks long."""
@@ -184,8 +198,15 @@ def splits_for(rows: int, heads: int, length: int) -> int:
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-              scale: float, splits: int | None = None) -> torch.Tensor:
-    """q [T, H, d] over keys/values [H_kv, L, d], query t seeing the keys at positions <= positions[t]."""
+              scale: float, splits: int | None = None, bounds: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+    """q [T, H, d] over keys/values [H_kv, L, d], query t seeing the keys at positions <= positions[t].
+
+    For a CUDA graph over a KV pool (nothing read on the host, every buffer fixed): `bounds`, a device
+    int64 [2] (first key row, key count), makes the keys rows bounds[0] .. positions[t] of the given view
+    (positions then count from the view's row 0, like the first key row); `splits` is then required and
+    fixed, and `out` and `workspace` (`workspace_for`) are the graph's own buffers."""
     rows, heads, dim = q.shape
     kv_heads, length, _ = keys.shape
     if heads % kv_heads or values.shape != keys.shape or positions.shape != (rows,):
@@ -193,26 +214,34 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positio
                          f"positions {tuple(positions.shape)}: shapes do not match")
     if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("q, keys and values need a unit stride along the head dimension")
-    out = torch.empty(rows, heads, dim, dtype=q.dtype, device=q.device)
+    if bounds is not None and (splits is None or bounds.dtype != torch.int64 or bounds.shape != (2,)):
+        raise ValueError(f"bounds {None if bounds is None else (bounds.dtype, tuple(bounds.shape))} with splits "
+                         f"{splits}: device bounds need an int64 [2] tensor and a fixed number of pieces")
+    out = torch.empty(rows, heads, dim, dtype=q.dtype, device=q.device) if out is None else out
     if rows == 0:
         return out
-    positions = positions.to(torch.int32)
+    if positions.dtype != torch.int32:
+        positions = positions.to(torch.int32)
     pieces = splits_for(rows, heads, length) if splits is None else max(1, int(splits))
     piece_keys = -(-length // pieces)
     piece_keys = -(-piece_keys // BLOCK_N) * BLOCK_N  # whole key blocks per piece
-    pieces = -(-length // piece_keys)
+    if bounds is None:
+        pieces = -(-length // piece_keys)
     grid = (triton.cdiv(rows, BLOCK_M), heads, pieces)
     scale_log2 = float(scale) * 1.4426950408889634  # exp(x) = exp2(x log2 e)
     options = (NUM_WARPS, NUM_STAGES_MANY if rows >= MANY_ROWS else NUM_STAGES)
     fixed = dict(GROUP=heads // kv_heads, D=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    tail = dict(EXACT=q.dtype == torch.float32, INTERPRETED_KEYS=piece_keys if INTERPRETED else 0)
+    # Under the interpreter a piece's walk is a fixed length: with device bounds, the whole view (an upper bound).
+    walk = (-(-length // BLOCK_N) * BLOCK_N if bounds is not None else piece_keys) if INTERPRETED else 0
+    tail = dict(EXACT=q.dtype == torch.float32, INTERPRETED_KEYS=walk, DEVICE_BOUNDS=bounds is not None)
     strides = (q.stride(0), q.stride(1), keys.stride(1), keys.stride(0), values.stride(1), values.stride(0))
+    bounds_arg = positions if bounds is None else bounds  # any pointer where the kernel reads none
     if pieces == 1:
-        _launch(_pieces, grid, (q, keys, values, positions, out, out, scale_log2, rows, piece_keys),
+        _launch(_pieces, grid, (q, keys, values, positions, out, out, bounds_arg, scale_log2, rows, piece_keys),
                 (*strides, 0, out.stride(0), out.stride(1), 0, 0), dict(**fixed, SPLIT=False, **tail), options)
         return out
-    part, lse = _workspace(q.device, pieces, rows, heads, dim)
-    _launch(_pieces, grid, (q, keys, values, positions, part, lse, scale_log2, rows, piece_keys),
+    part, lse = _workspace(q.device, pieces, rows, heads, dim) if workspace is None else workspace
+    _launch(_pieces, grid, (q, keys, values, positions, part, lse, bounds_arg, scale_log2, rows, piece_keys),
             (*strides, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1)),
             dict(**fixed, SPLIT=True, **tail), options)
     _launch(_merge, (rows, heads, 1), (part, lse, out, rows, pieces),

@@ -161,3 +161,26 @@ def test_a_kernel_that_does_not_compile_is_turned_off_with_a_warning_and_the_ste
         step.rerotate_kernel = False
         plain = prefill(step, layout, config, MemorySource(cached_entries("blend", prefix, chunks, layout)))
     torch.testing.assert_close(fallback.logits, plain.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_device_bounds_over_a_pool_equal_the_requests_own_keys_and_padding_rows_stay_finite(splits):
+    """For a CUDA graph over the KV pool: positions count pool rows, the request's keys start at bounds[0]
+    (read on the device), the pieces are fixed. Equal to attention over the request's own rows; padding
+    rows pointed at scratch rows below the request see nothing and come out zero, not NaN."""
+    q, keys, values, positions = case(60, 200, seed=11)
+    pool = torch.randn(2, 4 + 64 + 300, 2, 32, device=DEVICE)  # [k/v, rows, kv heads, d]: scratch, others, ours
+    base = 68
+    pool[0, base : base + 200] = keys.transpose(0, 1)
+    pool[1, base : base + 200] = values.transpose(0, 1)
+    pool_keys, pool_values = pool[0].transpose(0, 1), pool[1].transpose(0, 1)
+    padded_q = torch.cat((q, torch.randn(4, *q.shape[1:], device=DEVICE)))
+    rows = torch.cat((positions + base, torch.zeros(4, dtype=positions.dtype, device=DEVICE))).to(torch.int32)
+    bounds = torch.tensor([base, 200], dtype=torch.int64, device=DEVICE)
+    workspace = scattered.workspace_for(splits, 64, 4, 32, DEVICE)
+    out = scattered.attention(padded_q, pool_keys, pool_values, rows, 0.3, splits=splits, bounds=bounds,
+                              workspace=workspace)
+    torch.testing.assert_close(out[:60].float(), reference(q, keys, values, positions, 0.3), rtol=1e-4, atol=1e-4)
+    assert torch.equal(out[60:], torch.zeros_like(out[60:]))
+    with pytest.raises(ValueError, match="bounds"):
+        scattered.attention(padded_q, pool_keys, pool_values, rows, 0.3, bounds=bounds)
