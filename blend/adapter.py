@@ -623,6 +623,10 @@ class LlamaStep:
         return self.graphs is not None and self.graphs.bucket(n) is not None
 
     def step(self, layer: int, h, positions: torch.Tensor, cache: KVCache, length: int, mask=None, rope=None):
+        if self.graphs is not None and self.graphs.pooled_for(h.shape[0], cache):
+            # The whole layer as one graph over the KV pool (blend.graphs.LayerGraphs.whole): positions
+            # alone fix the causal mask, so `mask` is not needed there.
+            return self.graphs.whole(layer, h, positions, cache, length)
         if self._graphed(h.shape[0]):
             bucket, q, kv = self.graphs.pre(layer, h, positions)
             cache.write_stacked(layer, positions, kv)

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from blend import scattered
 from blend.adapter import LlamaStep, PooledDecode
 from blend.cache import KVCache, KVPool
 
@@ -152,6 +153,23 @@ class _Bucket:
         self.pre: list = []  # per layer: a CUDA graph; empty where the bodies run eagerly (CPU)
         self.post: list = []
         self.last_positions: torch.Tensor | None = None  # the positions tensor `positions` holds
+        self.whole: list = []  # per layer, with a KV pool: the whole layer as one graph (`LayerGraphs.whole`)
+        self.last_rows: tuple | None = None  # (positions tensor, cache offset) `pool_rows` was made from
+        self.last_bounds: tuple[int, int] | None = None
+
+    def pooled(self, step: LlamaStep, keys_hint: int) -> None:
+        """The whole-layer graphs' own buffers: each token's pool row (padding rows: scratch row 0), as
+        the KV write's index and as the attention's positions; the request's (first key row, key count);
+        the attention's output and, split in `pieces`, its workspace."""
+        rows, device = self.h.shape[0], step.device
+        self.pool_rows = torch.zeros(rows, dtype=torch.long, device=device)
+        self.pool_rows32 = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.bounds = torch.zeros(2, dtype=torch.int64, device=device)
+        self.out = torch.zeros(rows, step.n_heads, step.head_dim, dtype=step.dtype, device=device)
+        # Pieces sized for a typical prompt (`keys_hint` keys; a shorter one walks shorter pieces).
+        self.pieces = scattered.splits_for(rows, step.n_heads, keys_hint)
+        self.workspace = (scattered.workspace_for(self.pieces, rows, step.n_heads, step.head_dim, device)
+                          if self.pieces > 1 else None)
 
 
 class LayerGraphs(_Buckets):
@@ -163,10 +181,16 @@ class LayerGraphs(_Buckets):
     run eagerly on the same buffers (what the CPU tests check). One model thread uses them at a time.
     """
 
-    def __init__(self, step: LlamaStep, buckets: tuple[int, ...] = LAYER_BUCKETS):
+    def __init__(self, step: LlamaStep, buckets: tuple[int, ...] = LAYER_BUCKETS, kv_pool: KVPool | None = None,
+                 keys_hint: int = 8192):
         super().__init__(buckets)
         self.step = step
         self._pool = torch.cuda.graph_pool_handle() if step.device.type == "cuda" else None
+        # With a KV pool (and the scattered-attention kernel): also each whole layer as one graph for a
+        # request whose cache is a range of it (`whole`): KV write and attention inside, addressed through
+        # the pool with the request's offset in a device tensor: one launch a layer instead of ~6.
+        self.kv_pool = kv_pool if kv_pool is not None and step.scattered_attention else None
+        self.keys_hint = keys_hint  # the prompt length the whole-layer attention's pieces are sized for
 
     def _pre_body(self, b: _Bucket, layer: int) -> None:
         q, k, v = self.step.qkv(layer, b.h, b.positions)
@@ -176,19 +200,63 @@ class LayerGraphs(_Buckets):
     def _post_body(self, b: _Bucket, layer: int) -> None:
         b.h.copy_(self.step._project(layer, b.h, b.attended))
 
+    def _whole_body(self, b: _Bucket, layer: int) -> None:
+        step, rows = self.step, self.kv_pool.layer_rows(layer)  # [pool tokens, 2, kv_heads, d]
+        q, k, v = step.qkv(layer, b.h, b.positions)
+        rows.index_copy_(0, b.pool_rows, torch.stack((k, v), dim=1))
+        out = scattered.attention(q, rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1), b.pool_rows32,
+                                  step.scale, splits=b.pieces, bounds=b.bounds, out=b.out, workspace=b.workspace)
+        b.h.copy_(step._project(layer, b.h, out.view(out.shape[0], -1)))
+
     def _make(self, rows: int) -> _Bucket:
         b = _Bucket(self.step, rows)
+        bodies = (self._pre_body, self._post_body)
+        if self.kv_pool is not None:
+            b.pooled(self.step, self.keys_hint)
+            b.bounds.copy_(torch.tensor([self.kv_pool.block, 1]))  # warm-up and capture: scratch rows only
+            bodies += (self._whole_body,)
         if self._pool is not None:
             layers = range(self.step.n_layers)
-            _warm_up(*[lambda layer=layer, body=body: body(b, layer)
-                       for layer in layers for body in (self._pre_body, self._post_body)])
+            _warm_up(*[lambda layer=layer, body=body: body(b, layer) for layer in layers for body in bodies])
             for layer in layers:
                 # All graphs share one pool: they replay one at a time, and each copies its results
                 # into the bucket's buffers, which live outside the pool.
                 b.pre.append(_record(lambda layer=layer: self._pre_body(b, layer), self._pool)[0])
                 b.post.append(_record(lambda layer=layer: self._post_body(b, layer), self._pool)[0])
+                if self.kv_pool is not None:
+                    b.whole.append(_record(lambda layer=layer: self._whole_body(b, layer), self._pool)[0])
             torch.cuda.synchronize()
         return b
+
+    def pooled_for(self, n: int, cache: KVCache) -> bool:
+        """Does a step of n tokens over `cache` run as whole-layer graphs (`whole`)?"""
+        return self.kv_pool is not None and cache.pool is self.kv_pool and self.bucket(n) is not None
+
+    def whole(self, layer: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int,
+              chain: bool = False) -> torch.Tensor:
+        """`LlamaStep.step` for h [n, hidden] at positions [n] of `cache` (a range of the KV pool, keys
+        0..length-1) as one graph: q/k/v, the KV write into the pool, attention over the request's rows
+        (each token seeing positions up to its own), o_proj and MLP. Returns the layer's output [n, hidden]
+        (`chain`: the bucket's buffer, as `post`)."""
+        n = h.shape[0]
+        b = self._set(self.bucket(n))
+        if h.data_ptr() != b.h.data_ptr():
+            b.h[:n].copy_(h)
+        if b.last_rows is None or b.last_rows[0] is not positions or b.last_rows[1] != cache.offset:
+            b.positions[:n].copy_(positions)
+            b.last_positions = positions
+            torch.add(b.positions[:n], cache.offset, out=b.pool_rows[:n])
+            b.pool_rows[n:].zero_()  # padding rows: scratch row 0, below every request's first key row
+            b.pool_rows32.copy_(b.pool_rows)
+            b.last_rows = (positions, cache.offset)
+        if b.last_bounds != (cache.offset, length):
+            b.bounds.copy_(torch.tensor([cache.offset, length]))
+            b.last_bounds = (cache.offset, length)
+        if b.whole:
+            b.whole[layer].replay()
+        else:
+            self._whole_body(b, layer)
+        return b.h[:n] if chain else b.h[:n].clone()
 
     def pre(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
         """(bucket, q, kv) for h [n, hidden] at positions [n]: the layer's rotated q [rows, heads, d] (the
@@ -201,6 +269,7 @@ class LayerGraphs(_Buckets):
         if b.last_positions is not positions:
             b.positions[:n].copy_(positions)
             b.last_positions = positions
+            b.last_rows = None  # `whole`'s pool rows were made from other positions
         if b.pre:
             b.pre[layer].replay()
         else:

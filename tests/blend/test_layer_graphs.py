@@ -10,6 +10,7 @@ from blend.adapter import LlamaStep
 from blend.decode import Decoding, advance
 from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill
 from blend.graphs import LayerGraphs
+from blend.scattered import INTERPRETED as _INTERPRETED
 from tests.helpers import model
 from tests.helpers.model import random_layout
 
@@ -75,3 +76,65 @@ def test_captured_layer_graphs_equal_eager_on_cuda(config):
     scale = want[0].abs().max()
     assert (got[0] - want[0]).abs().max() <= 2e-2 * scale
     assert (got[1] - want[1]).abs().max() <= 2e-2 * scale
+
+
+def _first_logits(step, layouts, config):
+    with torch.inference_mode():
+        out = []
+        for layout in layouts:
+            prefix = compute_kv(step, layout.prefix)
+            chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+            source = MemorySource(cached_entries(config.mode, prefix, chunks, layout))
+            filled = prefill(step, layout, config, source if config.mode != "full" else None, len(layout) + 4)
+            out.append((filled.logits, filled.cache.data[:, : filled.length].clone(), filled.cache))
+    return out
+
+
+def _pooled_step(hf, buckets):
+    from blend.cache import KVPool
+
+    step = LlamaStep(hf)
+    step.scattered_attention = True
+    step.kv_pool = KVPool(step.n_layers, 240, step.n_kv_heads, step.head_dim, step.dtype, step.device, block=16)
+    # Keys hint 256: one piece a step on the CPU (the interpreter is slow; the split path with device bounds
+    # is checked in test_scattered.py); on CUDA, two pieces for the larger buckets.
+    step.graphs = LayerGraphs(step, buckets=buckets, kv_pool=step.kv_pool,
+                              keys_hint=512 if step.device.type == "cuda" else 256)
+    return step
+
+
+POOLED_MODES = [BlendConfig(mode="reuse"), BlendConfig(mode="blend", ratio=0.3),
+                BlendConfig(mode="blend", ratio=0.3, selector="qattn+sink4+nofirst+cachedk"),
+                BlendConfig(mode="prefix")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not _INTERPRETED, reason="the CPU check (interpreter)")
+def test_whole_layer_bodies_over_the_kv_pool_equal_the_plain_step():
+    """With a KV pool, each layer of a step in a bucket runs as one body (`LayerGraphs.whole`: KV write into
+    the pool, scattered attention through device-read bounds, MLP): on the CPU the bodies run eagerly under
+    Triton's interpreter and must give the plain step's logits and K/V, the requests' caches sitting at
+    different offsets of the pool and the buckets padded. The served mode only (the interpreter is slow);
+    on CUDA every mode, captured (below)."""
+    config = POOLED_MODES[2]
+    hf = model.tiny_model()
+    plain, pooled = LlamaStep(hf), _pooled_step(hf, (2, 4, 16, 32, 64))
+    layouts = [random_layout(seed=5, chunk_lengths=(12, 9, 10)), random_layout(seed=6, chunk_lengths=(7, 12))]
+    want, got = _first_logits(plain, layouts, config), _first_logits(pooled, layouts, config)
+    offsets = {cache.offset for *_, cache in got}
+    assert all(cache.pool is pooled.kv_pool for *_, cache in got) and len(offsets) == 2 and min(offsets) >= 16
+    for (logits, kv, _), (want_logits, want_kv, _) in zip(got, want):
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kv, want_kv, rtol=1e-4, atol=1e-4)
+    assert any(b.last_rows is not None for b in pooled.graphs._sets.values())  # the whole-layer path ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("config", POOLED_MODES, ids=lambda c: c.label)
+def test_captured_whole_layer_graphs_over_the_kv_pool_equal_eager_on_cuda(config):
+    hf = model.tiny_model().to("cuda", torch.bfloat16)
+    eager, pooled = LlamaStep(hf), _pooled_step(hf, (2, 4, 16, 32, 64))
+    assert pooled.graphs.capture_all() > 0 and all(b.whole for b in pooled.graphs._sets.values())
+    layouts = [random_layout(seed=5, chunk_lengths=(20, 25, 18)), random_layout(seed=6, chunk_lengths=(7, 12))]
+    want, got = _first_logits(eager, layouts, config), _first_logits(pooled, layouts, config)
+    for (logits, _, _), (want_logits, _, _) in zip(got, want):
+        assert (logits - want_logits).abs().max() <= 2e-2 * want_logits.abs().max()
