@@ -131,6 +131,16 @@ def _without_kernels(step: LlamaStep, fn):
         step.scattered_attention = step.rerotate_kernel = True
 
 
+def _with_pool_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
+    """fn() with request caches taken from `graphs.kv_pool` and each layer of a bucket-sized step run as one
+    whole-layer graph over it (LayerGraphs(kv_pool=)), the per-layer graphs for the rest."""
+    step.kv_pool, step.graphs = graphs.kv_pool, graphs
+    try:
+        return fn()
+    finally:
+        step.kv_pool, step.graphs = None, None
+
+
 def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
     step.graphs = graphs
     try:
@@ -372,11 +382,23 @@ def run_bench(config: BenchConfig) -> dict:
                       "gate_relative_error": gate_error}
     with torch.inference_mode():
         meta["triton_compile_s"] = round(step.compile_kernels(), 2)  # once, at start-up, as the server does
-    graphs = None
+    graphs = pool_graphs = None
     if config.layer_graphs:
         graphs = LayerGraphs(step)
         with torch.inference_mode():
             meta["layer_graphs_capture_s"] = round(graphs.capture_all(), 2)
+        if step.scattered_attention:
+            # Whole-layer graphs over a KV pool with room for three requests of the main prompt (a timed
+            # request's range is freed when its result is dropped, before the next is taken).
+            from blend.cache import KVPool
+
+            block = step.attention_buckets[1] if step.attention_buckets else 512
+            per_request = step.cache_tokens(max(config.chunks) * config.chunk_tokens + 2 * config.question_tokens + 64)
+            kv_pool = KVPool(step.n_layers, block + 3 * per_request, step.n_kv_heads, step.head_dim, step.dtype,
+                             step.device, block, step.longest_cache)
+            pool_graphs = LayerGraphs(step, kv_pool=kv_pool)
+            with torch.inference_mode():
+                meta["pool_layer_graphs_capture_s"] = round(pool_graphs.capture_all(), 2)
     fingerprint = f"bench-{config.shape}"
     with torch.inference_mode():
         for n_chunks in config.chunks:
@@ -419,6 +441,12 @@ def run_bench(config: BenchConfig) -> dict:
                 # The same requests with the per-layer graphs on (issue 16): eager and graph in one run.
                 for label, mode, ratio, tier, fn in list(plan[2:]):
                     plan.append((f"{label}+graphs", mode, ratio, tier, lambda fn=fn: _with_graphs(step, graphs, fn)))
+            if pool_graphs is not None and main:
+                # Each layer as one graph over a KV pool (opt-in, LayerGraphs(kv_pool=)) against the rows above.
+                for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
+                        "reuse", "blend@0.05/cpu", "blend@0.15/cpu")]:
+                    plan.append((f"{label}+poolgraphs", mode, ratio, tier,
+                                 lambda fn=fn: _with_pool_graphs(step, pool_graphs, fn)))
             if main:
                 # Where one matmul for q/k/v (and for gate/up) pays: full prefill with every step fused,
                 # and blend with none fused, against the default rows (LlamaStep.fuse_projections_up_to).

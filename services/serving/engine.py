@@ -161,6 +161,14 @@ class Engine:
         step.kv_pool = KVPool(step.n_layers, tokens, step.n_kv_heads, step.head_dim, step.dtype, step.device, block,
                               step.longest_cache)
         log.info("KV pool: %d tokens, %.2f GB", tokens, tokens * step.kv_bytes_per_token / 1e9)
+        if config.pool_layer_graphs and config.layer_graphs and step.scattered_attention:
+            from blend.graphs import LayerGraphs
+
+            step.graphs = LayerGraphs(step, kv_pool=step.kv_pool)  # the per-layer graphs too, and whole layers
+            with torch.inference_mode():
+                seconds = step.graphs.capture_all()
+            log.info("whole-layer graphs over the KV pool: %d buckets captured in %.1f s", len(step.graphs.buckets),
+                     seconds)
         if config.step_graphs:
             step.decode_graphs = DecodeGraphs(step, step.kv_pool)
             with torch.inference_mode():

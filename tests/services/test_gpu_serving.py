@@ -13,17 +13,21 @@ from blend.decode import greedy, stop_token_ids
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
 from blend.loader import load
 from blend.prompt import build_layout
+from services.settings import SERVED_SELECTOR
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 QUESTION = "Which river flows through the capital of France?"
 
 
-@pytest.mark.parametrize("tier", ["gpu", "cpu"])
-def test_a_blend_answer_through_the_server_on_cuda_equals_the_fusor_in_process(service_model_dir, tmp_path, tier):
+@pytest.mark.parametrize("tier,whole_layers", [("gpu", False), ("cpu", False), ("cpu", True)])
+def test_a_blend_answer_through_the_server_on_cuda_equals_the_fusor_in_process(service_model_dir, tmp_path, tier,
+                                                                               whole_layers):
+    """`whole_layers`: the opt-in whole-layer graphs over the KV pool (`server.pool_layer_graphs`)."""
     store = {"gpu_bytes": 1 << 30, "cpu_bytes": 1 << 30} if tier == "gpu" else {"gpu_bytes": 0, "cpu_bytes": 1 << 30}
     server = ServerProcess(tmp_path / "server", service_model_dir, {
-        "server": {"chunk_tokens": 128}, "model": {"device": "cuda", "dtype": "bfloat16"},
+        "server": {"chunk_tokens": 128, "pool_layer_graphs": whole_layers},
+        "model": {"device": "cuda", "dtype": "bfloat16"},
         "store": {"disk_path": "", "admit_after": 1, **store}, "guard": {"fraction": 0.0}})
     try:
         with server.client() as client:
@@ -44,7 +48,8 @@ def test_a_blend_answer_through_the_server_on_cuda_equals_the_fusor_in_process(s
     with torch.inference_mode():
         prefix = compute_kv(model.step, layout.prefix)
         chunks = [compute_kv(model.step, c, behind=prefix) for c in layout.chunks]
-        filled = prefill(model.step, layout, BlendConfig(mode="blend", ratio=report.ratio), MemorySource(
+        served = BlendConfig(mode="blend", ratio=report.ratio, selector=SERVED_SELECTOR)  # the server's ranking
+        filled = prefill(model.step, layout, served, MemorySource(
             [prefix, *chunks]), len(layout) + 12, recompute=recompute)
         tokens = list(greedy(model.step, filled.cache, filled.length, filled.logits, 12,
                              stop_token_ids(model.tokenizer, model.step.config)))
