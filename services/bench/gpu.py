@@ -396,9 +396,13 @@ def run_bench(config: BenchConfig) -> dict:
             per_request = step.cache_tokens(max(config.chunks) * config.chunk_tokens + 2 * config.question_tokens + 64)
             kv_pool = KVPool(step.n_layers, block + 3 * per_request, step.n_kv_heads, step.head_dim, step.dtype,
                              step.device, block, step.longest_cache)
-            pool_graphs = LayerGraphs(step, kv_pool=kv_pool)
-            with torch.inference_mode():
-                meta["pool_layer_graphs_capture_s"] = round(pool_graphs.capture_all(), 2)
+            try:  # opt-in and new: a failure costs its rows, not the run
+                pool_graphs = LayerGraphs(step, kv_pool=kv_pool)
+                with torch.inference_mode():
+                    meta["pool_layer_graphs_capture_s"] = round(pool_graphs.capture_all(), 2)
+            except Exception as err:  # noqa: BLE001
+                pool_graphs, meta["pool_layer_graphs_error"] = None, f"{type(err).__name__}: {err}"
+                print(f"whole-layer graphs over the KV pool: no rows ({meta['pool_layer_graphs_error']})")
     fingerprint = f"bench-{config.shape}"
     with torch.inference_mode():
         for n_chunks in config.chunks:

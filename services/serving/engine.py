@@ -164,11 +164,17 @@ class Engine:
         if config.pool_layer_graphs and config.layer_graphs and step.scattered_attention:
             from blend.graphs import LayerGraphs
 
-            step.graphs = LayerGraphs(step, kv_pool=step.kv_pool)  # the per-layer graphs too, and whole layers
-            with torch.inference_mode():
-                seconds = step.graphs.capture_all()
-            log.info("whole-layer graphs over the KV pool: %d buckets captured in %.1f s", len(step.graphs.buckets),
-                     seconds)
+            plain = step.graphs
+            try:
+                step.graphs = LayerGraphs(step, kv_pool=step.kv_pool)  # the per-layer graphs too, and whole layers
+                with torch.inference_mode():
+                    seconds = step.graphs.capture_all()
+                log.info("whole-layer graphs over the KV pool: %d buckets captured in %.1f s",
+                         len(step.graphs.buckets), seconds)
+            except Exception as err:  # noqa: BLE001 - an opt-in speed-up must not stop the server
+                step.graphs = plain
+                log.warning("server.pool_layer_graphs: not captured (%s: %s); serving with the per-layer graphs",
+                            type(err).__name__, err)
         if config.step_graphs:
             step.decode_graphs = DecodeGraphs(step, step.kv_pool)
             with torch.inference_mode():
