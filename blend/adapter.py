@@ -8,6 +8,8 @@ causal mask built from positions. The weights are the Hugging Face modules' own;
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 
 from blend import rerotate, scattered
 from blend.cache import KVCache, KVPool
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Rope types whose inverse frequencies do not depend on the sequence length and whose cos/sin are not
@@ -461,9 +465,6 @@ class LlamaStep:
         that does not compile for this card or model shape is turned off with a warning naming the error,
         and the step takes PyTorch's path for it (SDPA with the dense mask, the re-rotation's passes): slower,
         the same answers, and a server that starts."""
-        import logging
-        import time
-
         started, attempted = time.perf_counter(), False
         for flag, compile_one in (
                 ("scattered_attention", lambda: scattered.compile_variants(
@@ -477,8 +478,10 @@ class LlamaStep:
                 compile_one()
             except Exception as err:  # noqa: BLE001 - any compile or launch failure: fall back, never fail start-up
                 setattr(self, flag, False)
-                logging.getLogger(__name__).warning("Triton kernel for %s does not run here (%s: %s); PyTorch's "
-                                                    "path serves it instead", flag, type(err).__name__, err)
+                log.warning("Triton kernel for %s does not run here (%s: %s); PyTorch's path serves it instead",
+                            flag, type(err).__name__, err)
+        if attempted and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter() - started if attempted else 0.0
 
     def turn_keys(self, keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:

@@ -159,11 +159,11 @@ class _Bucket:
 
     def pooled(self, step: LlamaStep, keys_hint: int) -> None:
         """The whole-layer graphs' own buffers: each token's pool row (padding rows: scratch row 0), as
-        the KV write's index and as the attention's positions; the request's (first key row, key count);
+        the KV write's index and as the attention's positions (made int32 inside the graph); the request's
+        (first key row, key count);
         the attention's output and, split in `pieces`, its workspace."""
         rows, device = self.h.shape[0], step.device
         self.pool_rows = torch.zeros(rows, dtype=torch.long, device=device)
-        self.pool_rows32 = torch.zeros(rows, dtype=torch.int32, device=device)
         self.bounds = torch.zeros(2, dtype=torch.int64, device=device)
         self.out = torch.zeros(rows, step.n_heads, step.head_dim, dtype=step.dtype, device=device)
         # Pieces sized for a typical prompt (`keys_hint` keys; a shorter one walks shorter pieces).
@@ -204,7 +204,7 @@ class LayerGraphs(_Buckets):
         step, rows = self.step, self.kv_pool.layer_rows(layer)  # [pool tokens, 2, kv_heads, d]
         q, k, v = step.qkv(layer, b.h, b.positions)
         rows.index_copy_(0, b.pool_rows, torch.stack((k, v), dim=1))
-        out = scattered.attention(q, rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1), b.pool_rows32,
+        out = scattered.attention(q, rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1), b.pool_rows,
                                   step.scale, splits=b.pieces, bounds=b.bounds, out=b.out, workspace=b.workspace)
         b.h.copy_(step._project(layer, b.h, out.view(out.shape[0], -1)))
 
@@ -247,7 +247,6 @@ class LayerGraphs(_Buckets):
             b.last_positions = positions
             torch.add(b.positions[:n], cache.offset, out=b.pool_rows[:n])
             b.pool_rows[n:].zero_()  # padding rows: scratch row 0, below every request's first key row
-            b.pool_rows32.copy_(b.pool_rows)
             b.last_rows = (positions, cache.offset)
         if b.last_bounds != (cache.offset, length):
             b.bounds.copy_(torch.tensor([cache.offset, length]))

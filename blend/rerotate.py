@@ -3,8 +3,8 @@
 Every request that places cached chunks moves their keys from the positions they were computed at to
 where they sit now, in every layer: 5,120 keys x 8 heads x 128 in the 8B shape. In PyTorch that is five
 passes over float32 copies (`LlamaStep.turn_in_place`: to float, x cos, roll, x signed sin + add, back),
-~3 ms of a request's GPU time on an H200 (`services.bench.probe_profile`) and five launches per layer on a
-host-bound path. This kernel reads each key once, rotates it in float32 and writes it back rounded once.
+~3 ms of a request's GPU time on an H200 (`services.bench.probe_profile`,
+docs/ops/h200_probe_profile_s10b.txt) and five launches per layer on a host-bound path. This kernel reads each key once, rotates it in float32 and writes it back rounded once.
 
 `turn(keys, cos, signed_sin)`: keys [T, H_kv, d] (a view into a KV buffer, unit stride along d), cos and
 signed_sin [T, 1, d] float32 (`LlamaStep.turn_between`, `signed_sin`); in place, the same arithmetic as
@@ -36,10 +36,6 @@ if triton is not None:
             x = tl.load(base + dims[None, :], mask=valid, other=0.0).to(tl.float32)
             rolled = tl.load(base + partner[None, :], mask=valid, other=0.0).to(tl.float32)
             tl.store(base + dims[None, :], (x * cos + rolled * sin).to(K.dtype.element_ty), mask=valid)
-
-
-def available(keys: torch.Tensor) -> bool:
-    return scattered.available(keys.device)
 
 
 def turn(keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:

@@ -75,6 +75,16 @@ def make_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens: i
     return PromptLayout(ids(32), tuple(ids(chunk_tokens) for _ in range(n_chunks)), ids(question_tokens))
 
 
+def served_prompt(n_chunks: int = 10, chunk_tokens: int = 512, question_tokens: int = 32, shape: str = "llama3-8b"):
+    """(model, step, layout, prefix KV, chunks' KV) of the served prompt shape the benches and probes time:
+    the system prefix's KV and each chunk's computed on its own behind it (call under inference_mode)."""
+    model = build_model(shape)
+    step = LlamaStep(model)
+    layout = make_layout(model.config.vocab_size, n_chunks, chunk_tokens, question_tokens)
+    prefix = compute_kv(step, layout.prefix)
+    return model, step, layout, prefix, [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -124,21 +134,22 @@ def _with_fusion(step: LlamaStep, limit: int, fn):
 def _without_kernels(step: LlamaStep, fn):
     """fn() without the step's Triton kernels: scattered queries attend through SDPA and the dense mask,
     placed keys re-rotate in PyTorch's passes."""
+    old = step.scattered_attention, step.rerotate_kernel
     step.scattered_attention = step.rerotate_kernel = False
     try:
         return fn()
     finally:
-        step.scattered_attention = step.rerotate_kernel = True
+        step.scattered_attention, step.rerotate_kernel = old
 
 
 def _with_pool_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
     """fn() with request caches taken from `graphs.kv_pool` and each layer of a bucket-sized step run as one
     whole-layer graph over it (LayerGraphs(kv_pool=)), the per-layer graphs for the rest."""
-    step.kv_pool, step.graphs = graphs.kv_pool, graphs
+    old, (step.kv_pool, step.graphs) = (step.kv_pool, step.graphs), (graphs.kv_pool, graphs)
     try:
         return fn()
     finally:
-        step.kv_pool, step.graphs = None, None
+        step.kv_pool, step.graphs = old
 
 
 def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
@@ -461,7 +472,7 @@ def run_bench(config: BenchConfig) -> dict:
                 # dense mask and PyTorch's passes (LlamaStep.scattered_attention, rerotate_kernel).
                 if step.scattered_attention:
                     for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
-                            "reuse", "blend@0.05/cpu", "blend@0.15/cpu") or r[0].endswith("+cachedk")]:
+                            "reuse", "blend@0.05/cpu", "blend@0.15/cpu")]:
                         plan.append((f"{label}/no-triton", mode, ratio, tier,
                                      lambda fn=fn: _without_kernels(step, fn)))
             # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from blend.adapter import LlamaStep
-from blend.fusor import BlendConfig, compute_kv, prefill
+from blend.fusor import BlendConfig, prefill
 from blend.graphs import LayerGraphs
-from services.bench.gpu import build_model, make_layout, tier_store
+from services.bench.gpu import served_prompt, tier_store
 from store.source import StoreSource
 
 REQUESTS = 8
@@ -29,12 +28,8 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    model = build_model("llama3-8b")
-    step = LlamaStep(model)
     with torch.inference_mode():
-        layout = make_layout(model.config.vocab_size, 10, 512, 32)
-        prefix = compute_kv(step, layout.prefix)
-        chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+        _, step, layout, prefix, chunks = served_prompt()
         store, keys = tier_store("cpu", chunks, "probe-host")
         step.graphs = LayerGraphs(step)
         step.graphs.capture_all()

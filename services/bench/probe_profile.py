@@ -17,11 +17,10 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from blend.adapter import LlamaStep
 from blend.decode import Decoding, advance
-from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
+from blend.fusor import BlendConfig, MemorySource, prefill
 from blend.graphs import GraphDecoder, LayerGraphs
-from services.bench.gpu import build_model, make_layout
+from services.bench.gpu import served_prompt
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
 
@@ -68,12 +67,8 @@ def _profile(fn) -> dict:
 
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    model = build_model("llama3-8b")
-    step = LlamaStep(model)
     with torch.inference_mode():
-        layout = make_layout(model.config.vocab_size, 10, 512, 32)
-        prefix = compute_kv(step, layout.prefix)
-        entries = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+        model, step, layout, prefix, entries = served_prompt()
         source = lambda: MemorySource([prefix] + entries)  # noqa: E731
         ids = torch.tensor([layout.token_ids], device="cuda")
         runs = {

@@ -16,24 +16,10 @@ import torch.nn.functional as F
 
 from blend import scattered
 from blend.adapter import causal_mask
+from services.bench.probe_attention import timed
 
 H, KVH, D, L = 32, 8, 128, 5184
 CONFIGS = [(64, 64, 4, 2, 3), (64, 64, 4, 2, 2), (64, 64, 4, 3, 3), (64, 32, 4, 2, 2), (64, 64, 8, 2, 3)]
-
-
-def timed(fn, iters=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -57,7 +43,7 @@ def main() -> None:
         def dense():
             return F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                                                   scale=D ** -0.5, enable_gqa=True)[0].transpose(0, 1)
-        base = timed(dense)
+        base = timed(dense, 30)
         print(f"{name:<11} queries {n:4d}  dense mask (SDPA) {base:.3f} ms  err {(dense().float() - reference).abs().max():.4f}")
         positions32 = positions.to(torch.int32)
         for config in CONFIGS:
@@ -66,7 +52,7 @@ def main() -> None:
             for splits in (None, 1):
                 out = scattered.attention(q, keys, values, positions32, D ** -0.5, splits=splits)
                 err = (out.float() - reference).abs().max().item()
-                ms = timed(lambda: scattered.attention(q, keys, values, positions32, D ** -0.5, splits=splits))
+                ms = timed(lambda: scattered.attention(q, keys, values, positions32, D ** -0.5, splits=splits), 30)
                 pieces = scattered.splits_for(n, H, L) if splits is None else 1
                 print(f"{'':11} kernel {config} pieces {pieces:2d}  {ms:.3f} ms  ({base / ms:.2f}x)  err {err:.4f}")
         # The host's cost per call: many calls issued back to back, against the GPU's time for them.

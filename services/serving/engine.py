@@ -105,12 +105,14 @@ class Engine:
         if limit and prefix + config.chunk_tokens >= limit:
             raise ValueError(f"server.chunk_tokens {config.chunk_tokens} plus the {prefix}-token "
                              f"system prompt does not fit the model's context of {limit} tokens")
-        if model.step.device.type == "cuda":
+        cuda = model.step.device.type == "cuda"
+        pooled = cuda and config.kv_pool_bytes >= 0 and model.step.dtype in (torch.bfloat16, torch.float16)
+        if cuda:
             self.worker.call(self._compile_kernels)
-        if config.layer_graphs and model.step.device.type == "cuda":
-            self.worker.call(self._capture_layer_graphs)
-        if config.kv_pool_bytes >= 0 and model.step.device.type == "cuda":
-            if model.step.dtype in (torch.bfloat16, torch.float16):
+        if config.layer_graphs and cuda and not (pooled and config.pool_layer_graphs):
+            self.worker.call(self._capture_layer_graphs)  # with pool_layer_graphs: once the pool is open
+        if config.kv_pool_bytes >= 0 and cuda:
+            if pooled:
                 self.worker.call(self._open_kv_pool)
             else:  # FlashAttention's varlen kernel, which decodes over the pool, takes 16-bit floats only
                 log.info("KV pool: off for a %s model (16-bit floats only); buffers of their own", model.step.dtype)
@@ -138,15 +140,17 @@ class Engine:
         if seconds:
             log.info("Triton kernels compiled in %.1f s", seconds)
 
-    def _capture_layer_graphs(self) -> None:
-        """On the model thread, before the first request: every bucket's graphs, so no request pays a capture."""
+    def _capture_layer_graphs(self, kv_pool=None) -> None:
+        """On the model thread, before the first request: every bucket's graphs, so no request pays a capture
+        (with `kv_pool`, `server.pool_layer_graphs`: each whole layer over it too)."""
         from blend.graphs import LayerGraphs
 
         step = self.model.step
-        step.graphs = LayerGraphs(step)
+        step.graphs = LayerGraphs(step, kv_pool=kv_pool)
         with torch.inference_mode():
             seconds = step.graphs.capture_all()
-        log.info("layer graphs: %d buckets captured in %.1f s", len(step.graphs.buckets), seconds)
+        log.info("layer graphs%s: %d buckets captured in %.1f s", "" if step.graphs.kv_pool is None else
+                 " with whole layers over the KV pool", len(step.graphs.buckets), seconds)
 
     def _open_kv_pool(self) -> None:
         """On the model thread: the KV pool requests' buffers are taken from and, with `step_graphs`, the
@@ -161,20 +165,13 @@ class Engine:
         step.kv_pool = KVPool(step.n_layers, tokens, step.n_kv_heads, step.head_dim, step.dtype, step.device, block,
                               step.longest_cache)
         log.info("KV pool: %d tokens, %.2f GB", tokens, tokens * step.kv_bytes_per_token / 1e9)
-        if config.pool_layer_graphs and config.layer_graphs and step.scattered_attention:
-            from blend.graphs import LayerGraphs
-
-            plain = step.graphs
+        if config.pool_layer_graphs and config.layer_graphs:
             try:
-                step.graphs = LayerGraphs(step, kv_pool=step.kv_pool)  # the per-layer graphs too, and whole layers
-                with torch.inference_mode():
-                    seconds = step.graphs.capture_all()
-                log.info("whole-layer graphs over the KV pool: %d buckets captured in %.1f s",
-                         len(step.graphs.buckets), seconds)
+                self._capture_layer_graphs(step.kv_pool)
             except Exception as err:  # noqa: BLE001 - an opt-in speed-up must not stop the server
-                step.graphs = plain
                 log.warning("server.pool_layer_graphs: not captured (%s: %s); serving with the per-layer graphs",
                             type(err).__name__, err)
+                self._capture_layer_graphs()
         if config.step_graphs:
             step.decode_graphs = DecodeGraphs(step, step.kv_pool)
             with torch.inference_mode():

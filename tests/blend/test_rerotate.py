@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blend import rerotate
+from blend import rerotate, scattered
 from blend.adapter import LlamaStep
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(not rerotate.available(torch.empty(0, device=DEVICE)), reason="no Triton here")
+pytestmark = pytest.mark.skipif(not scattered.available(DEVICE), reason="no Triton here")
 
 
 def _case(dtype, rows=70, heads=4, dim=32, seed=0):
