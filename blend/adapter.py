@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from blend import rerotate, scattered
+from blend import fused, rerotate, scattered
 from blend.cache import KVCache, KVPool
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,9 @@ class LlamaStep:
         self.scattered_attention = self.device.type == "cuda" and scattered.available(self.device)
         # Placed chunks' keys re-rotate in one Triton kernel (blend/rerotate.py) instead of five passes.
         self.rerotate_kernel = self.scattered_attention
+        # RoPE with the K/V write, and SiLU x up, as one Triton kernel each (blend/fused.py) instead of
+        # PyTorch's passes over strided slices (SiLU models only: the MLP kernel computes SiLU).
+        self.fused_kernels = self.scattered_attention and getattr(config, "hidden_act", "silu") == "silu"
         for block in self.layers:  # one matmul for q/k/v and one for gate/up from now on (no extra memory)
             fused_projection([block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj])
             fused_projection([block.mlp.gate_proj, block.mlp.up_proj])
@@ -470,7 +473,10 @@ class LlamaStep:
                 ("scattered_attention", lambda: scattered.compile_variants(
                     self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device)),
                 ("rerotate_kernel", lambda: rerotate.compile_variants(
-                    self.n_kv_heads, self.head_dim, self.dtype, self.device))):
+                    self.n_kv_heads, self.head_dim, self.dtype, self.device)),
+                ("fused_kernels", lambda: fused.compile_variants(
+                    self.n_heads, self.n_kv_heads, self.head_dim, self.config.intermediate_size, self.dtype,
+                    self.device))):
             if not getattr(self, flag):
                 continue
             attempted = True
@@ -509,26 +515,59 @@ class LlamaStep:
 
         `rope` (`cos_sin`'s pair, or `rotation`'s matrices for a small step) may be passed in when the
         same positions run through several layers."""
-        block = self.layers[layer]
-        attn = block.self_attn
-        x = self._norm(block.input_layernorm, h)
         n = h.shape[0]
         rope = rope if rope is not None else self.cos_sin(positions)
+        if self._rope_kernel(rope):
+            q = torch.empty(n, self.n_heads, self.head_dim, dtype=h.dtype, device=h.device)
+            kv = torch.empty(n, 2, self.n_kv_heads, self.head_dim, dtype=h.dtype, device=h.device)
+            fused.rope_qkv(*self._projected(layer, h), *rope, q, kv)
+            return q, kv[:, 0], kv[:, 1]
+        q, k, v = self._projected(layer, h)
+        if n > self.fuse_projections_up_to:  # separate, contiguous outputs (see `_projected`): rotated apart
+            return self._rotate(q, rope), self._rotate(k, rope), v
+        # q and k are adjacent in the fused projection's output, so they rotate in one pass (q's view widened).
+        qk = self._rotate(q.as_strided((n, self.n_heads + self.n_kv_heads, self.head_dim), q.stride()), rope)
+        return qk[:, : self.n_heads], qk[:, self.n_heads :], v
+
+    def qkv_into(self, layer: int, h: torch.Tensor, positions: torch.Tensor, rope, q_out: torch.Tensor,
+                 kv_out: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """`qkv` written out: rotated q into q_out [>= T, n_heads, d], K and V into rows `slots` (None: 0..T-1) of
+        kv_out [N, 2, n_kv_heads, d] (a layer of a KV buffer: the cache write). One pass through the fused kernel
+        on CUDA (`fused_kernels`), `qkv` and copies elsewhere."""
+        n = h.shape[0]
+        rope = rope if rope is not None else self.cos_sin(positions)
+        if self._rope_kernel(rope):
+            fused.rope_qkv(*self._projected(layer, h), *rope, q_out, kv_out, slots)
+            return
+        q, k, v = self.qkv(layer, h, positions, rope)
+        q_out[:n].copy_(q)
+        kv = torch.stack((k, v), dim=1).to(kv_out.dtype)
+        if slots is None:
+            kv_out[:n].copy_(kv)
+        else:
+            kv_out.index_copy_(0, slots, kv)
+
+    def _rope_kernel(self, rope) -> bool:
+        return self.fused_kernels and not isinstance(rope, torch.Tensor)
+
+    def _projected(self, layer: int, h: torch.Tensor):
+        """q [T, n_heads, d], k and v [T, n_kv_heads, d] before RoPE: column slices of one fused matmul (few
+        tokens), else one matmul each."""
+        attn = self.layers[layer].self_attn
+        x = self._norm(self.layers[layer].input_layernorm, h)
+        n = h.shape[0]
         if n > self.fuse_projections_up_to:
             # A large step: one matmul each, as the Hugging Face forward does, so q, k and v come out
-            # contiguous and their elementwise passes take the vectorised kernels (the fused output's
+            # contiguous and PyTorch's elementwise passes take the vectorised kernels (the fused output's
             # column slices are strided, which costs more than the launches fusion saves at this size).
             def project(proj, count):
                 return F.linear(x, proj.weight, proj.bias).view(n, count, self.head_dim)
-            return (self._rotate(project(attn.q_proj, self.n_heads), rope),
-                    self._rotate(project(attn.k_proj, self.n_kv_heads), rope),
-                    project(attn.v_proj, self.n_kv_heads))
-        # One matmul for q, k and v; q and k are adjacent in its output, so they rotate in one pass.
+            return project(attn.q_proj, self.n_heads), project(attn.k_proj, self.n_kv_heads), project(
+                attn.v_proj, self.n_kv_heads)
         qkv = F.linear(x, *fused_projection([attn.q_proj, attn.k_proj, attn.v_proj]))
-        heads = self.n_heads + self.n_kv_heads
-        qk = self._rotate(qkv[:, : heads * self.head_dim].view(n, heads, self.head_dim), rope)
-        v = qkv[:, heads * self.head_dim :].view(n, self.n_kv_heads, self.head_dim)
-        return qk[:, : self.n_heads], qk[:, self.n_heads :], v
+        width = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+        q, k, v = qkv.split([count * self.head_dim for count in width], dim=1)
+        return q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim), v.view(n, -1, self.head_dim)
 
     @staticmethod
     def _norm(norm, h: torch.Tensor) -> torch.Tensor:
@@ -616,10 +655,12 @@ class LlamaStep:
         h = _plus_linear(h, out, block.self_attn.o_proj)
         mlp = block.mlp
         x = self._norm(block.post_attention_layernorm, h)
-        if h.shape[0] > self.fuse_projections_up_to:  # contiguous gate and up (see `qkv`)
-            return _plus_linear(h, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj)
-        gate, up = F.linear(x, *fused_projection([mlp.gate_proj, mlp.up_proj])).chunk(2, dim=-1)
-        return _plus_linear(h, mlp.act_fn(gate) * up, mlp.down_proj)
+        if h.shape[0] > self.fuse_projections_up_to:  # contiguous gate and up (see `_projected`)
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        else:
+            gate, up = F.linear(x, *fused_projection([mlp.gate_proj, mlp.up_proj])).chunk(2, dim=-1)
+        return _plus_linear(h, fused.silu_mul(gate, up) if self.fused_kernels else mlp.act_fn(gate) * up,
+                            mlp.down_proj)
 
     def _graphed(self, n: int) -> bool:
         """Does a step over n tokens run through the layer graphs?"""
@@ -636,8 +677,12 @@ class LlamaStep:
             # The attention output goes into the graphs' buffer in one copy (not reshaped into rows first).
             return self.graphs.post(bucket, layer,
                                     self._attend_out(layer, q, h.shape[0], positions, cache, length, mask, flat=False))
-        q, k, v = self.qkv(layer, h, positions, rope)
-        cache.write(layer, positions, k, v)
+        if self.fused_kernels:  # RoPE and the KV write in one pass
+            q = torch.empty(h.shape[0], self.n_heads, self.head_dim, dtype=h.dtype, device=h.device)
+            self.qkv_into(layer, h, positions, rope, q, cache.data[layer], positions)
+        else:
+            q, k, v = self.qkv(layer, h, positions, rope)
+            cache.write(layer, positions, k, v)
         return self.attend(layer, h, q, positions, cache, length, mask)
 
     def step_each(self, layer: int, h, positions: torch.Tensor, caches: list[KVCache] | None, rope=None,

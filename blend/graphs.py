@@ -167,7 +167,7 @@ class _Bucket:
         self.bounds = torch.zeros(2, dtype=torch.int64, device=device)
         self.out = torch.zeros(rows, step.n_heads, step.head_dim, dtype=step.dtype, device=device)
         # Pieces sized for a typical prompt (`keys_hint` keys; a shorter one walks shorter pieces).
-        self.pieces = scattered.splits_for(rows, step.n_heads, keys_hint)
+        self.pieces = scattered.splits_for(rows, step.n_heads, step.n_kv_heads, keys_hint)
         self.workspace = (scattered.workspace_for(self.pieces, rows, step.n_heads, step.head_dim, device)
                           if self.pieces > 1 else None)
 
@@ -193,18 +193,15 @@ class LayerGraphs(_Buckets):
         self.keys_hint = keys_hint  # the prompt length the whole-layer attention's pieces are sized for
 
     def _pre_body(self, b: _Bucket, layer: int) -> None:
-        q, k, v = self.step.qkv(layer, b.h, b.positions)
-        b.q.copy_(q)
-        b.kv.copy_(torch.stack((k, v), dim=1))
+        self.step.qkv_into(layer, b.h, b.positions, None, b.q, b.kv)
 
     def _post_body(self, b: _Bucket, layer: int) -> None:
         b.h.copy_(self.step._project(layer, b.h, b.attended))
 
     def _whole_body(self, b: _Bucket, layer: int) -> None:
         step, rows = self.step, self.kv_pool.layer_rows(layer)  # [pool tokens, 2, kv_heads, d]
-        q, k, v = step.qkv(layer, b.h, b.positions)
-        rows.index_copy_(0, b.pool_rows, torch.stack((k, v), dim=1))
-        out = scattered.attention(q, rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1), b.pool_rows,
+        step.qkv_into(layer, b.h, b.positions, None, b.q, rows, b.pool_rows)  # the KV write into the pool with it
+        out = scattered.attention(b.q, rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1), b.pool_rows,
                                   step.scale, splits=b.pieces, bounds=b.bounds, out=b.out, workspace=b.workspace)
         b.h.copy_(step._project(layer, b.h, out.view(out.shape[0], -1)))
 

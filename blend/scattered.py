@@ -37,6 +37,10 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 NUM_STAGES_MANY = 3
 MANY_ROWS = 512
+# Blocks hold the heads that share a KV head (BLOCK_M rows = BLOCK_M / group queries x the group's heads), so
+# each key block loaded serves every head of its group: a quarter of the loads in the 8B shape (4 heads a KV
+# head), and a 32-query question fills a block instead of a fraction of 32 of them.
+GROUPED = False
 # Split the key walk until there are about this many programs (an H200 has 132 SMs), at most MAX_SPLITS.
 TARGET_PROGRAMS = 264
 MAX_SPLITS = 16
@@ -79,16 +83,27 @@ if triton is not None:
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_s, so_t, so_h, sl_s, sl_t,
                 GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPLIT: tl.constexpr, EXACT: tl.constexpr, INTERPRETED_KEYS: tl.constexpr,
-                DEVICE_BOUNDS: tl.constexpr):
-        block = tl.program_id(0)
-        head = tl.program_id(1)
+                DEVICE_BOUNDS: tl.constexpr, GROUPED: tl.constexpr):
+        # Blocks of queries with the largest positions (the longest walks) first: the tail runs short ones.
+        block = tl.num_programs(0) - 1 - tl.program_id(0)
         piece = tl.program_id(2)
-        kv = head // GROUP
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        valid = rows < T
+        if GROUPED:  # a block's BLOCK_M rows are BLOCK_M // GROUP queries x the GROUP heads sharing a KV head
+            kv = tl.program_id(1)
+            m = tl.arange(0, BLOCK_M)
+            rows = block * (BLOCK_M // GROUP) + m // GROUP
+            head = kv * GROUP + m % GROUP
+            valid = (rows < T) & (m < (BLOCK_M // GROUP) * GROUP)
+        else:  # one head, BLOCK_M queries
+            head = tl.program_id(1)
+            kv = head // GROUP
+            rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+            valid = rows < T
         pos = tl.load(P + rows, mask=valid, other=-1)
         dims = tl.arange(0, D)
-        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=valid[:, None], other=0.0)
+        if GROUPED:
+            q = tl.load(Q + rows[:, None] * sq_t + head[:, None] * sq_h + dims[None, :], mask=valid[:, None], other=0.0)
+        else:
+            q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=valid[:, None], other=0.0)
         # No row of the block sees a key past its largest position (sorted positions keep it near the others:
         # the walk then stops early; unsorted ones stay exact, each row masked by its own position).
         last = tl.max(pos, axis=0)
@@ -100,23 +115,26 @@ if triton is not None:
         else:
             lo = piece * piece_keys
         hi = tl.minimum(lo + piece_keys, last + 1)
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         if INTERPRETED_KEYS == 0:  # compiled: walk only up to the block's last position
             for start in range(lo, hi, BLOCK_N):
-                m, total, acc = _keys_step(q, K, V, pos, start + tl.arange(0, BLOCK_N), hi, kv, sk_t, sk_h,
-                                           sv_t, sv_h, dims, m, total, acc, scale_log2, EXACT)
+                m_run, total, acc = _keys_step(q, K, V, pos, start + tl.arange(0, BLOCK_N), hi, kv, sk_t, sk_h,
+                                               sv_t, sv_h, dims, m_run, total, acc, scale_log2, EXACT)
         else:  # Triton's interpreter takes no loop bound read from a tensor: the whole piece, masked
             for start in range(0, INTERPRETED_KEYS, BLOCK_N):
-                m, total, acc = _keys_step(q, K, V, pos, lo + start + tl.arange(0, BLOCK_N), hi, kv, sk_t,
-                                           sk_h, sv_t, sv_h, dims, m, total, acc, scale_log2, EXACT)
+                m_run, total, acc = _keys_step(q, K, V, pos, lo + start + tl.arange(0, BLOCK_N), hi, kv, sk_t,
+                                               sk_h, sv_t, sv_h, dims, m_run, total, acc, scale_log2, EXACT)
         seen = total > 0.0
         out = acc / tl.where(seen, total, 1.0)[:, None]
-        dest = Out + piece * so_s + rows[:, None] * so_t + head * so_h + dims[None, :]
+        if GROUPED:
+            dest = Out + piece * so_s + rows[:, None] * so_t + head[:, None] * so_h + dims[None, :]
+        else:
+            dest = Out + piece * so_s + rows[:, None] * so_t + head * so_h + dims[None, :]
         tl.store(dest, out.to(Out.dtype.element_ty), mask=valid[:, None])
         if SPLIT:  # log2-sum-exp of this piece's scores (-inf where the row saw none of its keys)
-            lse = tl.where(seen, m + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
+            lse = tl.where(seen, m_run + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
             tl.store(LSE + piece * sl_s + rows * sl_t + head, lse, mask=valid)
 
     @triton.jit(do_not_specialize=["T", "pieces"])
@@ -189,10 +207,23 @@ def workspace_for(pieces: int, rows: int, heads: int, dim: int, device: torch.de
             torch.empty(pieces, rows, heads, dtype=torch.float32, device=device))
 
 
-def splits_for(rows: int, heads: int, length: int) -> int:
+def _grouped(heads: int, kv_heads: int) -> bool:
+    """Does a block of the kernel hold the heads sharing a KV head (`GROUPED`, where they fit a block)?"""
+    return GROUPED and heads // kv_heads <= BLOCK_M
+
+
+def _grid_rows(rows: int, heads: int, kv_heads: int) -> tuple[int, int]:
+    """(query blocks, programs per block along the heads) of the kernel's grid."""
+    if _grouped(heads, kv_heads):
+        return triton.cdiv(rows, BLOCK_M // (heads // kv_heads)), kv_heads
+    return triton.cdiv(rows, BLOCK_M), heads
+
+
+def splits_for(rows: int, heads: int, kv_heads: int, length: int) -> int:
     """How many pieces the key walk is split into: enough programs for the card, each piece at least
     four key blocks long."""
-    programs = triton.cdiv(rows, BLOCK_M) * heads
+    blocks, across = _grid_rows(rows, heads, kv_heads)
+    programs = blocks * across
     wanted = max(1, -(-TARGET_PROGRAMS // programs))
     return max(1, min(wanted, MAX_SPLITS, length // (4 * BLOCK_N)))
 
@@ -222,15 +253,16 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positio
         return out
     if positions.dtype != torch.int32:
         positions = positions.to(torch.int32)
-    pieces = splits_for(rows, heads, length) if splits is None else max(1, int(splits))
+    pieces = splits_for(rows, heads, kv_heads, length) if splits is None else max(1, int(splits))
     piece_keys = -(-length // pieces)
     piece_keys = -(-piece_keys // BLOCK_N) * BLOCK_N  # whole key blocks per piece
     if bounds is None:
         pieces = -(-length // piece_keys)
-    grid = (triton.cdiv(rows, BLOCK_M), heads, pieces)
+    grid = (*_grid_rows(rows, heads, kv_heads), pieces)
     scale_log2 = float(scale) * 1.4426950408889634  # exp(x) = exp2(x log2 e)
     options = (NUM_WARPS, NUM_STAGES_MANY if rows >= MANY_ROWS else NUM_STAGES)
     fixed = dict(GROUP=heads // kv_heads, D=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    grouped = dict(GROUPED=_grouped(heads, kv_heads))
     # Under the interpreter a piece's walk is a fixed length: with device bounds, the whole view (an upper bound).
     walk = (-(-length // BLOCK_N) * BLOCK_N if bounds is not None else piece_keys) if INTERPRETED else 0
     tail = dict(EXACT=q.dtype == torch.float32, INTERPRETED_KEYS=walk, DEVICE_BOUNDS=bounds is not None)
@@ -238,12 +270,12 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positio
     bounds_arg = positions if bounds is None else bounds  # any pointer where the kernel reads none
     if pieces == 1:
         _launch(_pieces, grid, (q, keys, values, positions, out, out, bounds_arg, scale_log2, rows, piece_keys),
-                (*strides, 0, out.stride(0), out.stride(1), 0, 0), dict(**fixed, SPLIT=False, **tail), options)
+                (*strides, 0, out.stride(0), out.stride(1), 0, 0), dict(**fixed, SPLIT=False, **tail, **grouped), options)
         return out
     part, lse = _workspace(q.device, pieces, rows, heads, dim) if workspace is None else workspace
     _launch(_pieces, grid, (q, keys, values, positions, part, lse, bounds_arg, scale_log2, rows, piece_keys),
             (*strides, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1)),
-            dict(**fixed, SPLIT=True, **tail), options)
+            dict(**fixed, SPLIT=True, **tail, **grouped), options)
     _launch(_merge, (rows, heads, 1), (part, lse, out, rows, pieces),
             (part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1)),
             dict(D=dim, PIECES=triton.next_power_of_2(pieces)), (4, NUM_STAGES))

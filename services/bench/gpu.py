@@ -131,15 +131,17 @@ def _with_fusion(step: LlamaStep, limit: int, fn):
         step.fuse_projections_up_to = old
 
 
-def _without_kernels(step: LlamaStep, fn):
-    """fn() without the step's Triton kernels: scattered queries attend through SDPA and the dense mask,
-    placed keys re-rotate in PyTorch's passes."""
-    old = step.scattered_attention, step.rerotate_kernel
-    step.scattered_attention = step.rerotate_kernel = False
+def _without_kernels(step: LlamaStep, fn, flags=("scattered_attention", "rerotate_kernel", "fused_kernels")):
+    """fn() without the step's Triton kernels named by `flags` (default all: scattered queries attend through
+    SDPA and the dense mask, placed keys re-rotate and RoPE, the KV write and SiLU x up run in PyTorch's passes)."""
+    old = [getattr(step, flag) for flag in flags]
+    for flag in flags:
+        setattr(step, flag, False)
     try:
         return fn()
     finally:
-        step.scattered_attention, step.rerotate_kernel = old
+        for flag, value in zip(flags, old):
+            setattr(step, flag, value)
 
 
 def _with_pool_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
@@ -475,6 +477,12 @@ def run_bench(config: BenchConfig) -> dict:
                             "reuse", "blend@0.05/cpu", "blend@0.15/cpu")]:
                         plan.append((f"{label}/no-triton", mode, ratio, tier,
                                      lambda fn=fn: _without_kernels(step, fn)))
+                # The fused elementwise kernels alone (RoPE + KV write, SiLU x up; blend/fused.py), eager rows.
+                if step.fused_kernels:
+                    for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
+                            "full", "blend@0.05/cpu", "blend@0.15/cpu")]:
+                        plan.append((f"{label}/no-fused", mode, ratio, tier,
+                                     lambda fn=fn: _without_kernels(step, fn, ("fused_kernels",))))
             # Rows interleaved round by round, so a slow spell of the machine hits every row alike; each
             # row's speed-up is the median over rounds of full's time / its time in the same round.
             times = _interleaved([fn for *_, fn in plan], config.repeats)

@@ -19,7 +19,17 @@ from blend.adapter import causal_mask
 from services.bench.probe_attention import timed
 
 H, KVH, D, L = 32, 8, 128, 5184
-CONFIGS = [(64, 64, 4, 2, 3), (64, 64, 4, 2, 2), (64, 64, 4, 3, 3), (64, 32, 4, 2, 2), (64, 64, 8, 2, 3)]
+# (BLOCK_M, BLOCK_N, warps, stages below MANY_ROWS, stages from it, GROUPED): the first is the default.
+CONFIGS = [(scattered.BLOCK_M, scattered.BLOCK_N, scattered.NUM_WARPS, scattered.NUM_STAGES, scattered.NUM_STAGES_MANY,
+            scattered.GROUPED),
+           (64, 64, 4, 2, 3, False), (64, 64, 4, 2, 3, True), (128, 64, 8, 2, 3, True), (128, 64, 4, 2, 3, True),
+           (128, 32, 4, 3, 3, True), (64, 32, 4, 2, 2, True), (128, 64, 8, 3, 3, True)]
+FIELDS = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "NUM_STAGES_MANY", "GROUPED")
+
+
+def use(config) -> None:
+    for field, value in zip(FIELDS, config):
+        setattr(scattered, field, value)
 
 
 def main() -> None:
@@ -47,16 +57,15 @@ def main() -> None:
         print(f"{name:<11} queries {n:4d}  dense mask (SDPA) {base:.3f} ms  err {(dense().float() - reference).abs().max():.4f}")
         positions32 = positions.to(torch.int32)
         for config in CONFIGS:
-            (scattered.BLOCK_M, scattered.BLOCK_N, scattered.NUM_WARPS, scattered.NUM_STAGES,
-             scattered.NUM_STAGES_MANY) = config
+            use(config)
             for splits in (None, 1):
                 out = scattered.attention(q, keys, values, positions32, D ** -0.5, splits=splits)
                 err = (out.float() - reference).abs().max().item()
                 ms = timed(lambda: scattered.attention(q, keys, values, positions32, D ** -0.5, splits=splits), 30)
-                pieces = scattered.splits_for(n, H, L) if splits is None else 1
+                pieces = scattered.splits_for(n, H, KVH, L) if splits is None else 1
                 print(f"{'':11} kernel {config} pieces {pieces:2d}  {ms:.3f} ms  ({base / ms:.2f}x)  err {err:.4f}")
         # The host's cost per call: many calls issued back to back, against the GPU's time for them.
-        scattered.BLOCK_M, scattered.BLOCK_N, scattered.NUM_WARPS, scattered.NUM_STAGES, scattered.NUM_STAGES_MANY = CONFIGS[0]
+        use(CONFIGS[0])
         for label, fn in (("kernel", lambda: scattered.attention(q, keys, values, positions32, D ** -0.5)),
                           ("dense", dense)):
             torch.cuda.synchronize()

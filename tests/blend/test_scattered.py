@@ -42,6 +42,20 @@ def test_float32_equals_sdpa_with_the_dense_causal_mask(rows, length, splits):
     torch.testing.assert_close(out.float(), reference(q, keys, values, positions, 0.3), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("heads,kv_heads,rows,splits", [(4, 2, 70, 1), (6, 2, 45, 2), (8, 1, 33, 1), (4, 4, 20, 1)])
+def test_blocks_of_grouped_heads_equal_sdpa_with_the_dense_causal_mask(heads, kv_heads, rows, splits, monkeypatch):
+    """GROUPED: a block holds queries x the heads sharing a KV head (a group of 3 leaves a row of 64 unused;
+    positions out of order stay exact), as one piece, split, and over a pool with device bounds."""
+    monkeypatch.setattr(scattered, "GROUPED", True)
+    q, keys, values, positions = case(rows, 150, heads=heads, kv_heads=kv_heads, seed=heads + rows)
+    positions = positions[torch.randperm(rows, generator=torch.Generator().manual_seed(2)).to(DEVICE)]
+    out = scattered.attention(q, keys, values, positions, 0.3, splits=splits)
+    torch.testing.assert_close(out.float(), reference(q, keys, values, positions, 0.3), rtol=1e-4, atol=1e-4)
+    bounds = torch.tensor([0, 150], dtype=torch.int64, device=DEVICE)
+    out = scattered.attention(q, keys, values, positions.to(torch.int32), 0.3, splits=splits, bounds=bounds)
+    torch.testing.assert_close(out.float(), reference(q, keys, values, positions, 0.3), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(scattered.INTERPRETED, reason="Triton's interpreter multiplies bfloat16 wrongly (numpy has none)")
 def test_bfloat16_within_rounding_of_the_float32_reference():
     q, keys, values, positions = case(90, 400, heads=8, kv_heads=2, dtype=torch.bfloat16, seed=3)
