@@ -323,10 +323,11 @@ class LlamaStep:
         # 16-request step launch-bound (~60 ms); on CPU per-request calls are cheaper (tests may set it).
         self.batched_attention = self.device.type == "cuda"
         # Steps over at most this many tokens project q/k/v and gate/up with one matmul each (fewer
-        # launches: decode, recompute sets, the graphed buckets); larger ones (a full prefill, blend's
-        # layer 0) with one per projection, whose contiguous outputs the elementwise passes run faster
-        # on (H200 profile: strided SiLU/mul/RoPE cost full prefill ~7 ms over the HF forward).
-        self.fuse_projections_up_to = 1024
+        # launches); larger ones with one per projection. None: every step with the fused kernels, which read
+        # the strided slices at full speed (H200, session 11: full prefill 132.4 against 137.2 ms projected
+        # apart, same rounds), else up to 1,024 tokens (PyTorch's strided SiLU/mul/RoPE passes cost a full
+        # prefill ~7 ms over the HF forward). Tests and the bench may set a number.
+        self.fuse_projections_up_to: int | None = None
         # Pieces each row's keys are cut into in a decode step over the KV pool (PooledDecode): more
         # parallel work for one request's attention on a GPU; 1 elsewhere (tests may set it).
         self.decode_splits = 1  # split-KV (8 pieces) measured slower on the H200: 7.51 against 6.25 ms/token
@@ -523,7 +524,7 @@ class LlamaStep:
             fused.rope_qkv(*self._projected(layer, h), *rope, q, kv)
             return q, kv[:, 0], kv[:, 1]
         q, k, v = self._projected(layer, h)
-        if n > self.fuse_projections_up_to:  # separate, contiguous outputs (see `_projected`): rotated apart
+        if self._apart(n):  # separate, contiguous outputs (see `_projected`): rotated apart
             return self._rotate(q, rope), self._rotate(k, rope), v
         # q and k are adjacent in the fused projection's output, so they rotate in one pass (q's view widened).
         qk = self._rotate(q.as_strided((n, self.n_heads + self.n_kv_heads, self.head_dim), q.stride()), rope)
@@ -547,6 +548,13 @@ class LlamaStep:
         else:
             kv_out.index_copy_(0, slots, kv)
 
+    def _apart(self, n: int) -> bool:
+        """Does a step over n tokens project q, k, v (and gate, up) with one matmul each (`fuse_projections_up_to`)?"""
+        limit = self.fuse_projections_up_to
+        if limit is None:
+            return not self.fused_kernels and n > 1024
+        return n > limit
+
     def _rope_kernel(self, rope) -> bool:
         return self.fused_kernels and not isinstance(rope, torch.Tensor)
 
@@ -556,7 +564,7 @@ class LlamaStep:
         attn = self.layers[layer].self_attn
         x = self._norm(self.layers[layer].input_layernorm, h)
         n = h.shape[0]
-        if n > self.fuse_projections_up_to:
+        if self._apart(n):
             # A large step: one matmul each, as the Hugging Face forward does, so q, k and v come out
             # contiguous and PyTorch's elementwise passes take the vectorised kernels (the fused output's
             # column slices are strided, which costs more than the launches fusion saves at this size).
@@ -655,7 +663,7 @@ class LlamaStep:
         h = _plus_linear(h, out, block.self_attn.o_proj)
         mlp = block.mlp
         x = self._norm(block.post_attention_layernorm, h)
-        if h.shape[0] > self.fuse_projections_up_to:  # contiguous gate and up (see `_projected`)
+        if self._apart(h.shape[0]):  # contiguous gate and up (see `_projected`)
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         else:
             gate, up = F.linear(x, *fused_projection([mlp.gate_proj, mlp.up_proj])).chunk(2, dim=-1)

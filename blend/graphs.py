@@ -134,8 +134,9 @@ class GraphDecoder:
 # to 896 rows costing more than the launches saved: so no bucket above 256. Session 10: on slower hosts
 # blend@0.05 (~290 rows) is host-bound (H200 host issue 26.8 ms against 16.6 ms of GPU work,
 # `services.bench.probe_profile`; 55 ms on another call's host, `probe_host`), where padding 290 rows to
-# 320 costs ~10% of two matmul-light parts and saves ~15 launches a layer: buckets up to 384.
-LAYER_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384)
+# 320 costs ~10% of two matmul-light parts and saves ~15 launches a layer: buckets up to 384. Session 11: every
+# 32 rows from 64 on (blend@0.05's 288 rows had padded to 320: 11% more of every matmul of the request).
+LAYER_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384)
 
 
 class _Bucket:

@@ -5,7 +5,7 @@
 #   bench    (after setup_a)  GPU unit tests on tiny models, then `kvblend bench` with the Redis row   ~150 s
 #   service  (after setup_b)  bench-service throughput and cpu scenarios                              ~330 s
 #   tests    (after setup_c)  the GPU test modules with the real SmolLM2                               ~200 s
-#   probe    (no setup)       probe_profile: where each row's time goes                                ~60 s
+#   probe    (no setup)       probe_profile: where each row's time goes (file in $OUT)                 ~60 s
 #   host     (no setup)       probe_host: the host's own time per request kind (cProfile, files in $OUT) ~50 s
 set -u
 OUT=${OUT:-/tmp/out}
@@ -29,7 +29,8 @@ case "${1:-}" in
       tests/blend/test_kv_pool.py tests/blend/test_graph_decode.py tests/store/test_cuda_source.py \
       tests/store/test_store_source.py 2>&1 | grep -v "Loading weights\|Writing model" | tail -25 ;;
   probe)
-    timeout 300 python3 -m services.bench.probe_profile 2>&1 | tail -120 ;;
+    timeout 300 python3 -m services.bench.probe_profile > "$OUT/probe_profile.txt" 2>&1
+    grep "==\|captured" "$OUT/probe_profile.txt" ;;
   host)
     timeout 300 python3 -m services.bench.probe_host > "$OUT/probe_host.txt" 2>&1
     grep "==" "$OUT/probe_host.txt" ;;

@@ -465,11 +465,10 @@ def run_bench(config: BenchConfig) -> dict:
                     plan.append((f"{label}+poolgraphs", mode, ratio, tier,
                                  lambda fn=fn: _with_pool_graphs(step, pool_graphs, fn)))
             if main:
-                # Where one matmul for q/k/v (and for gate/up) pays: full prefill with every step fused,
-                # and blend with none fused, against the default rows (LlamaStep.fuse_projections_up_to).
+                # Where one matmul for q/k/v (and for gate/up) pays: full prefill projected apart above 1,024
+                # tokens against the default (fused everywhere with the fused kernels: LlamaStep._apart).
                 for label, mode, ratio, tier, fn in list(plan[1:2]):
-                    plan.append((f"{label}/all-fused", mode, ratio, tier,
-                                 lambda fn=fn: _with_fusion(step, 1 << 30, fn)))
+                    plan.append((f"{label}/apart", mode, ratio, tier, lambda fn=fn: _with_fusion(step, 1024, fn)))
                 # The step's Triton kernels (scattered-query attention, re-rotation) against SDPA with the
                 # dense mask and PyTorch's passes (LlamaStep.scattered_attention, rerotate_kernel).
                 if step.scattered_attention:

@@ -4,7 +4,8 @@ Issue 16: on an H200 (8B shape, 10 x 512 chunks) reuse, which computes only the 
 takes ~59 ms and blend@0.05 is no faster than @0.15. For each mode this prints the wall time, the GPU
 time the kernels were busy, the kernel count, and the host-device syncs (calls that wait for the GPU:
 `.item()`, `.tolist()`, nonzero, blocking copies) with the op that caused each, so the floor can be
-attributed before anything is rewritten. Also runs one CUDA-graph decode against the eager step.
+attributed before anything is rewritten. Blend rows use the served selector, eager, with the per-layer graphs
+and with the whole-layer graphs over a KV pool; also the served decode (16 tokens, pool graphs).
 Run: python3 -m services.bench.probe_profile (CUDA only).
 """
 
@@ -19,8 +20,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from blend.decode import Decoding, advance
 from blend.fusor import BlendConfig, MemorySource, prefill
-from blend.graphs import GraphDecoder, LayerGraphs
-from services.bench.gpu import served_prompt
+from blend.graphs import LayerGraphs
+from blend.cache import KVPool
+from services.bench.gpu import _with_graphs, _with_pool_graphs, served_prompt
+from services.settings import SERVED_SELECTOR
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
 
@@ -71,37 +74,36 @@ def main() -> None:
         model, step, layout, prefix, entries = served_prompt()
         source = lambda: MemorySource([prefix] + entries)  # noqa: E731
         ids = torch.tensor([layout.token_ids], device="cuda")
+        served = dict(selector=SERVED_SELECTOR)  # the server's default selector
         runs = {
             "hf_full": lambda: model(ids, use_cache=True, logits_to_keep=1),
             "full": lambda: prefill(step, layout, BlendConfig("full"), None),
             "reuse": lambda: prefill(step, layout, BlendConfig("reuse"), source()),
-            "blend@0.05": lambda: prefill(step, layout, BlendConfig("blend", 0.05), source()),
-            "blend@0.15": lambda: prefill(step, layout, BlendConfig("blend", 0.15), source()),
-            "blend@0.05/cachedk": lambda: prefill(step, layout, BlendConfig(
-                "blend", 0.05, selector="qattn+sink4+nofirst+cachedk"), source()),
+            "blend@0.05": lambda: prefill(step, layout, BlendConfig("blend", 0.05, **served), source()),
+            "blend@0.15": lambda: prefill(step, layout, BlendConfig("blend", 0.15, **served), source()),
         }
         graphs = LayerGraphs(step)
         print(f"layer graphs captured in {graphs.capture_all():.2f} s")
+        # The whole-layer graphs over a KV pool (server.pool_layer_graphs), room for two requests.
+        per_request = step.cache_tokens(len(layout) + 64)
+        kv_pool = KVPool(step.n_layers, 512 + 2 * per_request, step.n_kv_heads, step.head_dim, step.dtype,
+                         step.device, 512, step.longest_cache)
+        pool_graphs = LayerGraphs(step, kv_pool=kv_pool)
+        print(f"whole-layer graphs captured in {pool_graphs.capture_all():.2f} s")
 
         def graphed(fn):
-            step.graphs = graphs
-            try:
-                return fn()
-            finally:
-                step.graphs = None
+            return _with_graphs(step, graphs, fn)
 
         for name in ("reuse", "blend@0.05", "blend@0.15"):
             runs[f"{name}+graphs"] = lambda fn=runs[name]: graphed(fn)
+            runs[f"{name}+poolgraphs"] = lambda fn=runs[name]: _with_pool_graphs(step, pool_graphs, fn)
         filled = prefill(step, layout, BlendConfig("full"), None, capacity=len(layout) + 64)
         decoding = Decoding(filled.cache, filled.length, filled.logits)
-        runs["decode x16 eager"] = lambda: [advance(step, [decoding], [7]) for _ in range(16)]
-        runs["decode x16 layer graphs"] = lambda: graphed(lambda: [advance(step, [decoding], [7]) for _ in range(16)])
-        # The served decode: caches as ranges of a KV pool, each step one graph (batch 1 and 16).
+        # The served decode: caches as ranges of a KV pool, each step one graph (batch 1).
         from services.bench.gpu import _Pooled
 
         pooled = _Pooled(step, filled.cache, 16, (1, 16))
         alone = Decoding(pooled.caches[0], filled.length, filled.logits)
-        batch = [Decoding(cache, filled.length, filled.logits) for cache in pooled.caches]
 
         def pool_steps(decodings):
             with pooled:
@@ -110,7 +112,6 @@ def main() -> None:
             for d in decodings:
                 d.length = filled.length
         runs["decode x16 pool graphs"] = lambda: pool_steps([alone])
-        runs["decode x16 pool graphs, batch 16"] = lambda: pool_steps(batch)
         for name, fn in runs.items():
             for _ in range(3):
                 fn()
@@ -128,14 +129,6 @@ def main() -> None:
                   f"GPU busy {p['gpu_busy_ms']:.1f} ms in {p['kernels']} kernels, syncs {p['syncs']}")
             print("  top host ops (name, calls, self ms):", p["top_cpu"])
             print("  top GPU ops (name, calls, self ms):", p["top_gpu"])
-        try:
-            graphed = GraphDecoder(step, filled.cache)
-            graphed(7, filled.length)
-            median, least = _wall(lambda: [graphed(7, filled.length + i) for i in range(16)])
-            print(f"\n== decode x16 graph: wall median {median:.1f} ms (min {least:.1f}), capture "
-                  f"{1e3 * graphed.capture_s:.0f} ms")
-        except Exception as error:  # a probe: report and go on
-            print(f"graph decode failed: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":
