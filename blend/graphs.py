@@ -135,8 +135,10 @@ class GraphDecoder:
 # blend@0.05 (~290 rows) is host-bound (H200 host issue 26.8 ms against 16.6 ms of GPU work,
 # `services.bench.probe_profile`; 55 ms on another call's host, `probe_host`), where padding 290 rows to
 # 320 costs ~10% of two matmul-light parts and saves ~15 launches a layer: buckets up to 384. Session 11: every
-# 32 rows from 64 on (blend@0.05's 288 rows had padded to 320: 11% more of every matmul of the request).
-LAYER_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384)
+# 32 rows from 64 on (blend@0.05's 288 rows had padded to 320: 11% more of every matmul of the request), and up
+# to 1,024: with the fused kernels blend@0.15 (800 rows) became host-bound too (H200 probe_profile: GPU busy 23.1
+# of 28.5 ms, the host issuing for 28.0), and a step of 800 pads by at most 31 rows now, not to 896.
+LAYER_BUCKETS = (1, 2, 4, 8, 16) + tuple(range(32, 1025, 32))
 
 
 class _Bucket:

@@ -116,12 +116,12 @@ class ServerConfig:
     decode_graphs: bool = False
     # On CUDA each layer's row-wise parts (norm, projections, RoPE, MLP) replay as CUDA graphs per bucket of
     # token count, captured at start-up (blend/graphs.py LayerGraphs): prefill, recompute and decode steps
-    # of up to 384 tokens launch ~8 kernels per layer instead of ~45 (larger steps are GPU-bound: eager).
+    # of up to 1,024 tokens launch ~8 kernels per layer instead of ~45 (larger steps are GPU-bound: eager).
     layer_graphs: bool = True
     # With `layer_graphs` and the KV pool on CUDA: a step of a request whose cache is a pool range also runs
-    # each layer as one graph (KV write and scattered attention inside, `LayerGraphs(kv_pool=)`): opt-in
-    # until measured on a GPU (docs/gpu.md, seventh session).
-    pool_layer_graphs: bool = False
+    # each layer as one graph (KV write and scattered attention inside, `LayerGraphs(kv_pool=)`). On the H200
+    # (docs/gpu.md, eighth session) faster than the per-layer graphs at every ratio the bench times.
+    pool_layer_graphs: bool = True
     max_kv_bytes: int = 0  # active requests' KV buffers at most this many bytes together (0: no bound); one waits
     # On CUDA requests' KV buffers are ranges of one pool (blend/cache.py KVPool), allocated at start-up:
     # its size in bytes; 0: server.max_kv_bytes where set, else a quarter of the GPU memory free after
