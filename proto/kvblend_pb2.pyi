@@ -372,7 +372,7 @@ class WarmupStats(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., queue: _Optional[int] = ..., chunks: _Optional[int] = ..., bytes: _Optional[int] = ..., skipped: _Optional[int] = ..., misses: _Optional[int] = ..., dropped: _Optional[int] = ..., passes: _Optional[int] = ...) -> None: ...
 
 class LoadingStats(_message.Message):
-    __slots__ = ("enabled", "planned", "chunks_recomputed", "ratio_raised", "read_bytes_per_s", "prefill_s_per_token")
+    __slots__ = ("enabled", "planned", "chunks_recomputed", "ratio_raised", "read_bytes_per_s", "prefill_s_per_token", "recompute_s_per_token")
     class ReadBytesPerSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -386,10 +386,12 @@ class LoadingStats(_message.Message):
     RATIO_RAISED_FIELD_NUMBER: _ClassVar[int]
     READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     planned: int
     chunks_recomputed: int
     ratio_raised: int
     read_bytes_per_s: _containers.ScalarMap[str, float]
     prefill_s_per_token: float
-    def __init__(self, enabled: _Optional[bool] = ..., planned: _Optional[int] = ..., chunks_recomputed: _Optional[int] = ..., ratio_raised: _Optional[int] = ..., read_bytes_per_s: _Optional[_Mapping[str, float]] = ..., prefill_s_per_token: _Optional[float] = ...) -> None: ...
+    recompute_s_per_token: float
+    def __init__(self, enabled: _Optional[bool] = ..., planned: _Optional[int] = ..., chunks_recomputed: _Optional[int] = ..., ratio_raised: _Optional[int] = ..., read_bytes_per_s: _Optional[_Mapping[str, float]] = ..., prefill_s_per_token: _Optional[float] = ..., recompute_s_per_token: _Optional[float] = ...) -> None: ...

@@ -278,7 +278,8 @@ def run_scenario(scenario: Scenario, config: GpuServiceBenchConfig, folder: Path
                 row["server_memory"] = memory
                 row["server_loading"] = {"planned": loading.planned, "chunks_recomputed": loading.chunks_recomputed,
                                          "read_bytes_per_s": dict(loading.read_bytes_per_s),
-                                         "prefill_s_per_token": loading.prefill_s_per_token}
+                                         "prefill_s_per_token": loading.prefill_s_per_token,
+                                         "recompute_s_per_token": loading.recompute_s_per_token}
     finally:
         server.stop()
     return rows

@@ -271,6 +271,9 @@ class Generation:
         if config.mode == "blend":
             report.ratio = config.ratio
             report.tokens_recomputed = filled.recomputed
+            if not computed and not skip:  # a plain blend (no chunk prefilled in full): its recompute cost
+                self.estimates.observe_blend((filled.recomputed + len(layout.suffix)) * step.n_layers,
+                                             report.compute_s)
         return filled
 
     def _full(self, layout, capacity: int):

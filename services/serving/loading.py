@@ -34,6 +34,7 @@ class LoadingSummary:
     ratio_raised: int
     read_bytes_per_s: dict[str, float]
     prefill_s_per_token: float
+    recompute_s_per_token: float = 0.0  # blend requests' compute per recomputed token (0: none measured yet)
 
 
 class LoadEstimates:
@@ -47,6 +48,7 @@ class LoadEstimates:
         self._bandwidth: dict[str, float] = {}  # tier -> bytes/s, host read and device copy together
         self._copy_bandwidth: float | None = None  # host -> device, bytes/s (CUDA)
         self._s_per_token_layer: float | None = None
+        self._blend_s_per_token_layer: float | None = None  # blend requests' compute per recomputed token-layer
         self.planned = self.chunks_recomputed = self.ratio_raised = 0
 
     def _blend(self, old: float | None, new: float) -> float:
@@ -57,6 +59,14 @@ class LoadEstimates:
         if token_layers > 0 and seconds > 0:
             with self._lock:
                 self._s_per_token_layer = self._blend(self._s_per_token_layer, seconds / token_layers)
+
+    def observe_blend(self, token_layers: int, seconds: float) -> None:
+        """A blend prefill that recomputed `token_layers` (its recomputed and question tokens x layers) in
+        `seconds` of compute: the recompute cost the plan matches to load time (full prefill's rate per token
+        underestimates it several-fold at a small ratio)."""
+        if token_layers > 0 and seconds > 0:
+            with self._lock:
+                self._blend_s_per_token_layer = self._blend(self._blend_s_per_token_layer, seconds / token_layers)
 
     def observe_loads(self, stats: LoadStats) -> None:
         with self._lock:
@@ -81,11 +91,12 @@ class LoadEstimates:
              on_device: bool) -> LoadPlan | None:
         """Chunk i sits in `tiers[i]` and has `tokens[i]` tokens; None while no prefill was measured."""
         with self._lock:
-            per_token_layer = self._s_per_token_layer
+            per_token_layer, blend_per_token_layer = self._s_per_token_layer, self._blend_s_per_token_layer
         if not self.enabled or per_token_layer is None or not tokens:
             return None
         plan = plan_loading(tokens, [self.bandwidth(t, on_device) for t in tiers], bytes_per_token,
-                            per_token_layer * self.n_layers, self.n_layers, floor)
+                            per_token_layer * self.n_layers, self.n_layers, floor,
+                            None if blend_per_token_layer is None else blend_per_token_layer * self.n_layers)
         with self._lock:
             self.planned += 1
             self.chunks_recomputed += len(plan.recompute_chunks)
@@ -97,9 +108,10 @@ class LoadEstimates:
             rates = dict(self._bandwidth)
             if self._copy_bandwidth:
                 rates["host_to_device"] = self._copy_bandwidth
-            per_layer = self._s_per_token_layer
+            per_layer, blend_per_layer = self._s_per_token_layer, self._blend_s_per_token_layer
             return LoadingSummary(self.enabled, self.planned, self.chunks_recomputed, self.ratio_raised, rates,
-                                  0.0 if per_layer is None else per_layer * self.n_layers)
+                                  0.0 if per_layer is None else per_layer * self.n_layers,
+                                  0.0 if blend_per_layer is None else blend_per_layer * self.n_layers)
 
 
 def probe_tiers(tiered: TieredStore, estimates: LoadEstimates, value_bytes: int = 2 << 20, count: int = 4) -> dict[str, float]:

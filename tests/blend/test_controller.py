@@ -35,3 +35,24 @@ def test_bad_inputs_name_the_value():
         plan_loading([1, 2], [1e9], BYTES, PER_TOKEN, LAYERS)
     with pytest.raises(ValueError, match="floor 1.5"):
         plan_loading([1], [1e9], BYTES, PER_TOKEN, LAYERS, floor=1.5)
+
+
+def test_with_blends_measured_recompute_cost_the_ratio_matches_load_at_that_cost():
+    # 10 x 512 tokens from a 5 GB/s tier: 134 ms of loading. Blend's own measured cost, 64 us per recomputed
+    # token (every layer): the ratio whose recompute takes as long is 134 ms / (5,120 x 64 us) = 0.41.
+    plan = plan_loading([512] * 10, [5e9] * 10, BYTES, PER_TOKEN, LAYERS, floor=0.05, recompute_s_per_token=64e-6)
+    assert plan.ratio == pytest.approx(plan.load_s / (5120 * 64e-6), rel=1e-3)
+    assert plan.recompute_s == pytest.approx(plan.load_s, rel=1e-3)
+    with pytest.raises(ValueError, match="recompute cost 0"):
+        plan_loading([512], [5e9], BYTES, PER_TOKEN, LAYERS, recompute_s_per_token=0)
+
+
+def test_a_recompute_that_already_outlasts_the_load_is_not_raised():
+    """H200 (docs/gpu.md, eighth session): CPU tier at ~50 GB/s, 10 x 512 tokens, 13.4 ms of copies; full
+    prefill's rate (~25 us/token) predicted blend@0.05 at ~10 ms and raised it (served: to 0.085-0.089, where it
+    took ~30 ms); blend's measured ~18 ms for ~290 recomputed tokens (62 us/token) already covers the load."""
+    from_full = plan_loading([512] * 10, [50e9] * 10, BYTES, 25.5e-6, LAYERS, floor=0.05)
+    assert from_full.ratio > 0.07
+    measured = plan_loading([512] * 10, [50e9] * 10, BYTES, 25.5e-6, LAYERS, floor=0.05,
+                            recompute_s_per_token=0.018 / 290)
+    assert measured.ratio == 0.05 and "floor" in measured.reason

@@ -52,3 +52,16 @@ def test_estimates_come_from_measured_reads_and_small_reads_are_ignored():
     summary = estimates.summary()
     assert summary.prefill_s_per_token == pytest.approx(0.160 / 5000)
     assert summary.read_bytes_per_s["redis"] == pytest.approx(0.5e9)
+
+
+def test_blend_requests_teach_the_plan_their_own_recompute_cost():
+    """Until a blend request was measured the plan prices recompute at full prefill's rate; after, at blend's
+    own (seconds per recomputed token-layer), which a small recompute set pays several times over."""
+    estimates = measured()
+    before = estimates.plan(["cpu"] * 10, [512] * 10, BYTES_PER_TOKEN, 0.05, True)
+    assert before.ratio > 0.05 and estimates.summary().recompute_s_per_token == 0.0
+    estimates.observe_blend(290 * LAYERS, 0.018)
+    after = estimates.plan(["cpu"] * 10, [512] * 10, BYTES_PER_TOKEN, 0.05, True)
+    assert after.ratio == pytest.approx(0.05)
+    assert after.recompute_s == pytest.approx(0.05 * 5120 * 0.018 / 290)
+    assert estimates.summary().recompute_s_per_token == pytest.approx(0.018 / 290)

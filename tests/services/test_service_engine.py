@@ -70,6 +70,8 @@ def test_every_blend_request_is_planned_by_the_loading_controller_from_measured_
     assert report.ratio == report.plan.ratio >= 0.2
     loading = engine.stats(DEFAULT_TENANT)["loading"]
     assert loading["enabled"] and loading["planned"] >= 1 and loading["prefill_s_per_token"] > 0
+    # The request's own recompute was measured: the next plan prices recompute at blend's cost, not full's.
+    assert loading["recompute_s_per_token"] > 0
 
 
 def test_when_every_chunk_loads_slower_than_it_recomputes_the_request_is_a_plain_full_prefill(engine, monkeypatch):
