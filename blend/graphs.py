@@ -249,7 +249,11 @@ class LayerGraphs(_Buckets):
             b.pool_rows[n:].zero_()  # padding rows: scratch row 0, below every request's first key row
             b.last_rows = (positions, cache.offset)
         if b.last_bounds != (cache.offset, length):
-            b.bounds.copy_(torch.tensor([cache.offset, length]))
+            # Two fills, not a copy from a host tensor: a blocking host-to-device copy waits for the GPU to
+            # drain, and this runs at the first layer of each bucket a request uses (mid-request: the GPU then
+            # idles while the host issues the next layer).
+            b.bounds[0].fill_(cache.offset)
+            b.bounds[1].fill_(length)
             b.last_bounds = (cache.offset, length)
         if b.whole:
             b.whole[layer].replay()

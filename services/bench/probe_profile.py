@@ -49,6 +49,43 @@ def _issue_ms(fn) -> float:
     return issued
 
 
+def layer_timeline(step, layout, config: BlendConfig, source_fn, pooled=None) -> dict:
+    """Where the GPU idles in one request: the host's time to issue each layer (between the fusor's yields)
+    against the GPU's time for it (CUDA events recorded at the same points: a layer the GPU finished faster
+    than the host issued it leaves the GPU waiting). Also the host time before the first layer (set-up, the
+    source's begin) and after the last (the result's read-back). `pooled`: run under whole-layer graphs."""
+    from blend.fusor import prefill_layers
+
+    def run():
+        marks, host = [torch.cuda.Event(enable_timing=True)], [time.perf_counter()]
+        marks[0].record()
+        layers = prefill_layers(step, layout, config, source_fn())
+        while True:
+            try:
+                next(layers)
+            except StopIteration:
+                break
+            host.append(time.perf_counter())
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        torch.cuda.synchronize()
+        host.append(time.perf_counter())
+        return marks, host
+
+    run() if pooled is None else _with_pool_graphs(step, pooled, run)  # warm
+    marks, host = run() if pooled is None else _with_pool_graphs(step, pooled, run)
+    gpu = [marks[i].elapsed_time(marks[i + 1]) for i in range(len(marks) - 1)]
+    issue = [1e3 * (host[i + 1] - host[i]) for i in range(len(marks) - 1)]
+    host_bound = [i for i, (g, h) in enumerate(zip(gpu, issue)) if h > g]
+    return {"layers": len(gpu), "gpu_ms": round(sum(gpu), 2), "host_issue_ms": round(sum(issue), 2),
+            "read_back_ms": round(1e3 * (host[-1] - host[-2]), 2), "layer0_host_ms": round(issue[0], 2),
+            "layer0_gpu_ms": round(gpu[0], 2), "check_layer_host_ms": round(issue[1], 2),
+            "check_layer_gpu_ms": round(gpu[1], 2),
+            "later_layers_host_ms_each": round(statistics.median(issue[2:]), 3),
+            "later_layers_gpu_ms_each": round(statistics.median(gpu[2:]), 3),
+            "host_bound_layers": host_bound}
+
+
 def _profile(fn) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
@@ -129,6 +166,11 @@ def main() -> None:
                   f"GPU busy {p['gpu_busy_ms']:.1f} ms in {p['kernels']} kernels, syncs {p['syncs']}")
             print("  top host ops (name, calls, self ms):", p["top_cpu"])
             print("  top GPU ops (name, calls, self ms):", p["top_gpu"])
+        # Per layer, the served selector: host issue against GPU time (layer 0 includes the set-up before it).
+        for ratio in (0.05, 0.15):
+            config = BlendConfig("blend", ratio, **served)
+            for label, pooled in (("eager", None), ("poolgraphs", pool_graphs)):
+                print(f"\n== layers blend@{ratio:g} {label}:", layer_timeline(step, layout, config, source, pooled))
 
 
 if __name__ == "__main__":
