@@ -26,6 +26,10 @@ triton = scattered.triton
 ROPE_ROWS = 16  # tokens per program (one head each)
 MLP_ROWS = 4  # tokens per program of silu_mul
 MLP_COLUMNS = 1024  # columns per program of silu_mul
+MLP_WARPS = 4
+# H200 (docs/ops/h200_probe_profile_s11c.txt): silu_mul over a full prefill's 5,184 x 14,336 ran at ~2 TB/s
+# (0.229 ms a layer for 446 MB), about half the card's bandwidth; `services.bench.probe_fused` times other
+# block shapes for the next device session.
 
 if triton is not None:
     import triton.language as tl
@@ -117,7 +121,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
         return out
     grid = (triton.cdiv(rows, MLP_ROWS), triton.cdiv(columns, MLP_COLUMNS), 1)
     scattered._launch(_silu_mul, grid, (gate, up, out, rows, columns), (gate.stride(0), up.stride(0), out.stride(0)),
-                      dict(ROWS=MLP_ROWS, COLUMNS=MLP_COLUMNS), (4, 2))
+                      dict(ROWS=MLP_ROWS, COLUMNS=MLP_COLUMNS), (MLP_WARPS, 2))
     return out
 
 
