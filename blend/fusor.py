@@ -118,6 +118,13 @@ def cached_entries(mode: str, prefix: ChunkKV, chunks: Sequence[ChunkKV], layout
     return ([prefix] + list(chunks))[: (1 + cached_chunks(mode, len(chunks))) if mode != "full" else 0]
 
 
+def _sent(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A small host-built tensor on the compute device without a stream synchronize: a blocking copy from
+    pageable memory waits for the GPU to drain (work still queued: another request's decode step, the
+    previous layers), a non-blocking one is staged by the driver at once and ordered on the stream."""
+    return tensor.to(device, non_blocking=True)
+
+
 def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn) -> None:
     # None: a chunk prefilled in full instead of loaded. One multi-tensor copy: a launch per layer, not
     # one per chunk (on a GPU the step is bound by launches, issue 16).
@@ -144,7 +151,7 @@ def _turn(step: LlamaStep, old_starts, new_starts, lengths, skip):
     for i in moving:  # built on the host and sent once: not two small launches per chunk
         span = slice(new_starts[i] - lo, new_starts[i] - lo + lengths[i])
         old[span] = torch.arange(old_starts[i], old_starts[i] + lengths[i])
-    cos, sin = step.turn_between(old.to(step.device), new.to(step.device))
+    cos, sin = step.turn_between(_sent(old, step.device), _sent(new, step.device))
     return lo, hi, cos, step.signed_sin(sin)
 
 
@@ -208,7 +215,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     capacity = max(capacity or n, n)
     device = step.device
     cache = step.new_cache(capacity)
-    ids = torch.tensor(layout.token_ids, device=device)
+    ids = _sent(torch.tensor(layout.token_ids), device)
     question_start = n - len(layout.suffix)
     segment_starts = [0] + layout.chunk_starts()
     old_starts = list(source.starts) if source is not None else []
@@ -243,12 +250,12 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         sinks = torch.zeros(n, dtype=torch.bool)
         for start in layout.chunk_starts():
             sinks[start : start + selection.sinks] = True
-        sinks = (sinks & ~always).to(device)
+        sinks = _sent(sinks & ~always, device)
     if selection is not None and selection.skip_first and layout.chunks:
         exact = torch.zeros(n, dtype=torch.bool)
         exact[len(layout.prefix) : len(layout.prefix) + len(layout.chunks[0])] = True
-        exact = (exact & ~always).to(device)
-    always = always.to(device)
+        exact = _sent(exact & ~always, device)
+    always = _sent(always, device)
     early = selection is not None and selection.cached_keys
     if early:
         # Before the check layer only the positions never dropped run (the question, chunks prefilled in
@@ -257,7 +264,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         # chosen (below). Positions on the host: no device read to find them.
         computing = positions
         fixed = [p for s in sorted(skip) for p in range(boundaries[s], boundaries[s + 1])] + list(range(question_start, n))
-        rows = torch.tensor([p - first for p in fixed], device=device)  # their rows among `computing`
+        rows = _sent(torch.tensor([p - first for p in fixed]), device)  # their rows among `computing`
         positions = computing[rows]
         h = step.embed(ids[positions])
         mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
