@@ -22,8 +22,8 @@ H, KVH, D, L = 32, 8, 128, 5184
 # (BLOCK_M, BLOCK_N, warps, stages below MANY_ROWS, stages from it, GROUPED): the first is the default.
 CONFIGS = [(scattered.BLOCK_M, scattered.BLOCK_N, scattered.NUM_WARPS, scattered.NUM_STAGES, scattered.NUM_STAGES_MANY,
             scattered.GROUPED),
-           (64, 64, 4, 2, 3, False), (64, 64, 4, 2, 3, True), (128, 64, 8, 2, 3, True), (128, 64, 4, 2, 3, True),
-           (128, 32, 4, 3, 3, True), (64, 32, 4, 2, 2, True), (128, 64, 8, 3, 3, True)]
+           (64, 64, 4, 2, 3, False), (128, 64, 8, 2, 3, True), (128, 64, 8, 3, 3, True), (64, 128, 4, 2, 3, True),
+           (64, 128, 8, 2, 3, True), (128, 128, 8, 2, 2, True), (32, 64, 4, 2, 3, True)]
 FIELDS = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "NUM_STAGES_MANY", "GROUPED")
 
 
