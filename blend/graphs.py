@@ -1,7 +1,9 @@
 """CUDA graphs around the per-layer step (issue 16; the eager step is the reference and what runs on CPU):
 
 - `LayerGraphs` (served by default on CUDA): each layer's row-wise parts captured per bucket of token
-  count and shared by every request; the KV write and attention stay eager between them.
+  count and shared by every request; the KV write and attention stay eager between them. With a KV pool
+  (`server.pool_layer_graphs`, on by default) also each whole layer, KV write and attention inside, for a
+  request whose cache is a pool range.
 - `DecodeGraphs` (served by default on CUDA, with the KV pool): a whole decode step over requests whose
   caches are ranges of one `KVPool`, captured once per batch size at start-up: attention inside the
   graph through the pool's fixed address, each row's offset and length in a device tensor.

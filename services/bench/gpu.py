@@ -409,7 +409,7 @@ def run_bench(config: BenchConfig) -> dict:
             per_request = step.cache_tokens(max(config.chunks) * config.chunk_tokens + 2 * config.question_tokens + 64)
             kv_pool = KVPool(step.n_layers, block + 3 * per_request, step.n_kv_heads, step.head_dim, step.dtype,
                              step.device, block, step.longest_cache)
-            try:  # opt-in and new: a failure costs its rows, not the run
+            try:  # a capture failure costs these rows, not the run (the server falls back the same way)
                 pool_graphs = LayerGraphs(step, kv_pool=kv_pool)
                 with torch.inference_mode():
                     meta["pool_layer_graphs_capture_s"] = round(pool_graphs.capture_all(), 2)
@@ -459,7 +459,7 @@ def run_bench(config: BenchConfig) -> dict:
                 for label, mode, ratio, tier, fn in list(plan[2:]):
                     plan.append((f"{label}+graphs", mode, ratio, tier, lambda fn=fn: _with_graphs(step, graphs, fn)))
             if pool_graphs is not None and main:
-                # Each layer as one graph over a KV pool (opt-in, LayerGraphs(kv_pool=)) against the rows above.
+                # Each layer as one graph over a KV pool (served by default: server.pool_layer_graphs) against the rows above.
                 for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
                         "reuse", "blend@0.05/cpu", "blend@0.15/cpu")]:
                     plan.append((f"{label}+poolgraphs", mode, ratio, tier,
