@@ -538,6 +538,8 @@ class LlamaStep:
         n = h.shape[0]
         rope = rope if rope is not None else self.cos_sin(positions)
         if self._rope_kernel(rope):
+            if slots is not None and slots.dtype != torch.int64:
+                slots = slots.long()
             fused.rope_qkv(*self._projected(layer, h), *rope, q_out, kv_out, slots)
             return
         q, k, v = self.qkv(layer, h, positions, rope)
