@@ -138,8 +138,9 @@ class GraphDecoder:
 # `services.bench.probe_profile`; 55 ms on another call's host, `probe_host`), where padding 290 rows to
 # 320 costs ~10% of two matmul-light parts and saves ~15 launches a layer: buckets up to 384. Session 11: every
 # 32 rows from 64 on (blend@0.05's 288 rows had padded to 320: 11% more of every matmul of the request), and up
-# to 1,024: with the fused kernels blend@0.15 (800 rows) became host-bound too (H200 probe_profile: GPU busy 23.1
-# of 28.5 ms, the host issuing for 28.0), and a step of 800 pads by at most 31 rows now, not to 896.
+# to 1,024, so blend@0.15's 800-row steps can run as graphs too (padding at most 31 rows, not to 896): with the
+# fused kernels its GPU work was 23.1 ms of a 28.5 ms request (H200 probe_profile). Measured: no gain at 0.15 yet
+# (30.64 against 30.18 ms eager, s11f), so those 5 ms of idle GPU are not the per-layer launches.
 LAYER_BUCKETS = (1, 2, 4, 8, 16) + tuple(range(32, 1025, 32))
 
 

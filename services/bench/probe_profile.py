@@ -40,7 +40,9 @@ def _wall(fn, repeats: int = 7) -> tuple[float, float]:
 
 
 def _issue_ms(fn) -> float:
-    """Host time to run fn without the final sync: the launch cost, if nothing inside waits for the GPU."""
+    """Host time to run fn without the final sync: the launch cost, if nothing inside waits for the GPU (a
+    prefill does: it reads how many tokens it recomputed, so for prefill rows this is the wall time;
+    `layer_timeline` separates host and GPU time per layer)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()

@@ -73,7 +73,7 @@ def test_each_mode_through_the_fused_kernels_equals_the_pytorch_passes(config, f
     """The step's path: q/k/v as one projection with RoPE and the KV write in one kernel, SiLU x up in
     another; the logits and the filled cache are those of PyTorch's passes (float32)."""
     from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill
-    from tests.helpers.model import random_layout, tiny_model
+    from tests.helpers.model import assert_same_prefill, random_layout, tiny_model
 
     step = LlamaStep(tiny_model().to(DEVICE))
     step.fuse_projections_up_to = fuse_up_to  # 8: larger steps project q, k, v (and gate, up) apart, contiguous
@@ -93,10 +93,7 @@ def test_each_mode_through_the_fused_kernels_equals_the_pytorch_passes(config, f
             results.append(prefill(step, layout, blend_config, source if blend_config.mode != "full" else None))
     plain, through_kernels = results
     assert calls.count("rope_qkv") >= step.n_layers and calls.count("silu_mul") >= step.n_layers
-    assert through_kernels.recomputed == plain.recomputed
-    torch.testing.assert_close(through_kernels.logits, plain.logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(through_kernels.cache.data[:, : plain.length], plain.cache.data[:, : plain.length],
-                               rtol=1e-4, atol=1e-4)
+    assert_same_prefill(through_kernels, plain)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="Triton's interpreter converts bfloat16 wrongly (numpy has none)")

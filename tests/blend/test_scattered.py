@@ -97,7 +97,7 @@ def test_each_mode_through_the_kernel_equals_the_dense_mask(config, monkeypatch)
     passes (float32; the interpreter on the CPU)."""
     from blend.adapter import LlamaStep
     from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill
-    from tests.helpers.model import random_layout, tiny_model
+    from tests.helpers.model import assert_same_prefill, random_layout, tiny_model
 
     step = LlamaStep(tiny_model().to(DEVICE))
     layout = random_layout(seed=5, chunk_lengths=(40, 70, 55))
@@ -116,10 +116,7 @@ def test_each_mode_through_the_kernel_equals_the_dense_mask(config, monkeypatch)
     dense, through_kernel = results
     # Prefix mode computes a suffix at least half the prompt long: plain causal attention, not the kernel.
     assert bool(calls) == (blend_config.mode != "prefix")
-    assert through_kernel.recomputed == dense.recomputed
-    torch.testing.assert_close(through_kernel.logits, dense.logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(through_kernel.cache.data[:, : dense.length], dense.cache.data[:, : dense.length],
-                               rtol=1e-4, atol=1e-4)
+    assert_same_prefill(through_kernel, dense)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="compiling is what this checks (the interpreter compiles nothing)")

@@ -43,6 +43,14 @@ def random_layout(seed=0, chunk_lengths=(9, 14, 11)) -> PromptLayout:
     return PromptLayout(prefix=rand(6), chunks=tuple(rand(n) for n in chunk_lengths), suffix=rand(5))
 
 
+def assert_same_prefill(got, want, tolerance: float = 1e-4) -> None:
+    """Two `Prefill`s of one prompt agree: the same tokens recomputed, logits and filled cache within `tolerance`."""
+    assert got.recomputed == want.recomputed
+    torch.testing.assert_close(got.logits, want.logits, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got.cache.data[:, : want.length], want.cache.data[:, : want.length],
+                               rtol=tolerance, atol=tolerance)
+
+
 def save_tiny_llama(folder: Path, tokenizer, vocab_size: int, max_positions: int) -> Path:
     """A 2-layer random-weight Llama with `tokenizer`, saved as a Hugging Face folder (`--model DIR`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
