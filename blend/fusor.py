@@ -77,6 +77,12 @@ class KVSource(Protocol):
 
     starts: Sequence[int]  # the position each segment's K was rotated at when it was computed
 
+    def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
+        """The request's KV buffer ([layers, capacity, 2, kv_heads, head_dim]) and where each segment goes
+        in it, before the first `layer`: a source may copy segments straight there; it returns their
+        indices, which the fusor then does not place (their blocks from `layer` are views of `data`)."""
+        ...
+
     def layer(self, index: int) -> Sequence[torch.Tensor]:
         """One [T, 2, kv_heads, head_dim] block per segment for this layer, on the compute device."""
         ...
@@ -88,6 +94,9 @@ class MemorySource:
     def __init__(self, entries: Sequence[ChunkKV | None]):
         self.entries = list(entries)
         self.starts = [entry.start if entry is not None else 0 for entry in self.entries]
+
+    def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
+        return set()  # in memory already: the fusor places each layer by one device-side copy
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
         return [entry.kv[index] if entry is not None else None for entry in self.entries]
@@ -125,11 +134,13 @@ def _sent(tensor: torch.Tensor, device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn) -> None:
-    # None: a chunk prefilled in full instead of loaded. One multi-tensor copy: a launch per layer, not
-    # one per chunk (on a GPU the step is bound by launches, issue 16).
+def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn, placed) -> None:
+    # None: a chunk prefilled in full instead of loaded; `placed`: segments the source copied into the
+    # buffer itself (`KVSource.into`). One multi-tensor copy: a launch per layer, not one per chunk (on a
+    # GPU the step is bound by launches, issue 16).
     pairs = [(cache.data[layer, new : new + block.shape[0]], block)
-             for block, new in zip(blocks, new_starts) if block is not None and block.shape[0]]
+             for index, (block, new) in enumerate(zip(blocks, new_starts))
+             if block is not None and block.shape[0] and index not in placed]
     if pairs:
         torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs], non_blocking=True)
     if turn is not None:
@@ -226,6 +237,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     if forced and (config.mode != "blend" or forced[0] < 0 or forced[-1] >= len(layout.chunks)):
         raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
     skip = {1 + index for index in forced}
+    placed = source.into(cache.data, new_starts) if source is not None else set()  # first: copies start now
     turn = _turn(step, old_starts, new_starts, lengths, skip)  # the same for every layer
     covered = boundaries[len(old_starts)]  # prompt tokens the placed segments fill
     schedule = _schedule(config, step.n_layers)
@@ -273,7 +285,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         mask, rope = step.mask(positions, n, cache.capacity, start=first), step.cos_sin(positions)
     for layer in range(step.n_layers):
         if source is not None:
-            _place(step, cache, layer, source.layer(layer), new_starts, turn)
+            _place(step, cache, layer, source.layer(layer), new_starts, turn, placed)
         if layer not in schedule:
             h = step.step(layer, h, positions, cache, n, mask, rope)
             yield layer
@@ -304,25 +316,19 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         n_candidates = keep.shape[0] - n_always
         if early:
             early = False
-            if n_candidates:  # (none kept: the fixed positions go on alone, as computed)
-                # The kept chunk tokens run the layers before this one now (over the placed and the fixed
-                # positions' K/V), then join the fixed positions, in position order.
-                kept = ranked[keep]
-                # The kept candidates, in position order, without a device read: a stable sort puts them first.
-                chosen = kept[torch.sort((~candidate[keep]).to(torch.int8), stable=True).indices[:n_candidates]]
-                caught_up = step.embed(ids[chosen])
-                catch_mask, catch_rope = step.mask(chosen, n, cache.capacity), step.cos_sin(chosen)
-                for before in range(layer):
-                    caught_up = step.step(before, caught_up, chosen, cache, n, catch_mask, catch_rope)
-                # This layer's q/k/v of the fixed positions are the ones scored above: only the kept add theirs.
-                order = torch.cat((chosen, positions)).argsort()
-                joined = zip((caught_up, *step.qkv(layer, caught_up, chosen, catch_rope)), (h, q, k, v))
-                h, q, k, v = (torch.cat(pair)[order] for pair in joined)
-                positions = kept
-                mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
-        else:
-            h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
+            # The kept chunk tokens and the fixed positions run every layer up to this one together, from the
+            # embedding (the fixed ones again: their layer-0 K/V are a token's own, rewritten equal, and this
+            # layer's q/k/v scored above are recomputed): whole steps, one graph each where graphs are on,
+            # instead of catching the kept ones up apart and merging them in. Ratio 1 is full prefill.
+            positions = ranked[keep]
+            h = step.embed(ids[positions])
             mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
+            for before in range(layer + 1):
+                h = step.step(before, h, positions, cache, n, mask, rope)
+            yield layer
+            continue
+        h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
+        mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
         cache.write(layer, positions, k, v)
         h = step.attend(layer, h, q, positions, cache, n, mask)
         yield layer

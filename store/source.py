@@ -6,17 +6,22 @@ A segment is a store key or a `ChunkKV` already in memory (the system prefix). P
 - an entry already on the compute device (the GPU tier, an in-memory segment, a chunk just computed)
   is handed over in place, no copy;
 - an entry in host memory (the CPU tier, pinned on a CUDA machine) is copied as one contiguous
-  asynchronous DMA per segment and layer, on a side copy stream, into one of two device buffers
-  (double buffering): layer i + 1 is copied while layer i computes;
+  asynchronous DMA per segment and layer, on a side copy stream, straight into the request's KV buffer
+  (`into`, which the fusor calls once it has the buffer): no staging buffer, no device-side placement
+  copy, and no buffer to recycle, so the copies run back to back from the first layer to the last
+  while the compute stream works (a few layers are issued per `layer` call, so the host never spends
+  a long spell issuing); a source read without `into` copies into a device buffer of its own;
 - an entry in a slow tier (disk, Redis) is read by a prefetch thread `depth` layers ahead, one batch
   per layer for all such segments (from Redis pipelined GETs over a few sockets, received straight
-  into pinned memory), then copied the same way.
+  into pinned memory), then copied the same way (issued ahead only once read: the host never waits
+  for a read the compute does not need yet).
 
-Ordering is by CUDA events only, never a device-wide synchronize: `ready[b]` (copy stream, after
-buffer b is filled) is waited on by the compute stream before the fusor reads the layer; `free[b]`
-(compute stream, recorded when the fusor asks for the next layer, so everything that read buffer b
-was enqueued before it) is waited on by the copy stream before it overwrites b. On a CPU device the
-same object runs without streams and hands host blocks over as they are.
+Ordering is by CUDA events only, never a device-wide synchronize: the copy stream waits for the
+buffer's allocation (an event on the compute stream at `into`), `ready[layer]` (copy stream, after
+the layer's copies) is waited on by the compute stream before the fusor reads the layer, and `close`
+makes the compute stream wait for every issued copy, so a buffer given back (a request dropped
+mid-prefill) is never reused under a copy still writing it. On a CPU device the same object runs
+without streams and hands host blocks over as they are.
 
 A segment missing from the store (no manifest) is computed on its own by the `compute` callback,
 used and written back; one whose manifest does not hold the tokens the prompt expects (a forged or
@@ -173,26 +178,38 @@ class StoreSource:
             for layer in range(min(self.depth, self.n_layers)):
                 self._reads[layer] = self._pool.submit(self._read_slow, layer)
         if self.cuda:
-            host = [i for i in range(len(self.segments)) if i not in self.skip and self._on_host(i)]
-            lengths = self.lengths()
-            self._offsets = {}
-            total = 0
-            for index in host:
-                self._offsets[index] = total
-                total += lengths[index]
-            shape, dtype = self._layout()
-            self._buffers = [torch.empty((total, *shape), dtype=dtype, device=self.device)
-                             for _ in range(2 if total else 0)]
+            self._host = [i for i in range(len(self.segments)) if i not in self.skip and self._on_host(i)]
+            self._lengths = self.lengths()
+            self._target = None  # (layer, segment) -> the device view its copy lands in (`into`, or our own)
             self._copy_stream = torch.cuda.Stream(self.device)
-            self._ready = [torch.cuda.Event() for _ in range(2)]
-            self._free = [torch.cuda.Event() for _ in range(2)]
+            self._ready = [torch.cuda.Event() for _ in range(self.n_layers)]
             self._marks = {name: [torch.cuda.Event(enable_timing=True) for _ in range(self.n_layers)]
                            for name in ("copy_start", "copy_end", "asked", "compute_start")}
             self._issued = -1
             self._pending_blocks: dict[int, list] = {}
-            self._issue(0)
-            self._issue(1)
         return self
+
+    # Layers issued per call: `into` starts this many, each `layer` call adds up to this many more (the
+    # copy stream stays ahead; no call spends long issuing: ~0.1 ms of host time a layer of 11 chunks).
+    ISSUE_PER_CALL = 3
+
+    def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
+        """Copy the host-held segments straight into `data` ([layers, capacity, 2, kv_heads, head_dim], the
+        request's KV buffer), segment i at positions starts[i]...; returns their indices (`layer` hands
+        back those views of `data`; the fusor does not place them). CUDA only (elsewhere none: the fusor
+        copies host blocks itself); call after `begin` and before the first `layer`."""
+        if not self.cuda or not self._begun:
+            return set()
+        if self._issued >= 0:
+            raise RuntimeError("into() after the first layer's copies were issued")
+        if len(starts) < len(self.segments) or data.shape[0] != self.n_layers:
+            raise ValueError(f"into(): {len(starts)} starts for {len(self.segments)} segments, "
+                             f"{data.shape[0]} layers in the buffer for the segments' {self.n_layers}")
+        lengths = self._lengths
+        self._target = lambda layer, index: data[layer, starts[index] : starts[index] + lengths[index]]
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
+        self._issue_ahead(self.ISSUE_PER_CALL - 1)
+        return set(self._host)
 
     def _on_host(self, index: int) -> bool:
         """Whether this segment's layers arrive in host memory (and so need a copy to the device)."""
@@ -291,15 +308,35 @@ class StoreSource:
                 blocks.append(self._read(index, layer))
         return blocks
 
+    def _own_target(self):
+        """Without `into`: one device buffer holding every layer of the host-held segments."""
+        offsets, total = {}, 0
+        for index in self._host:
+            offsets[index] = total
+            total += self._lengths[index]
+        shape, dtype = self._layout()
+        own = torch.empty((self.n_layers, total, *shape), dtype=dtype, device=self.device)
+        lengths = self._lengths
+        return lambda layer, index: own[layer, offsets[index] : offsets[index] + lengths[index]]
+
+    def _issue_ahead(self, last: int) -> None:
+        """Issue layers up to `last` (at most ISSUE_PER_CALL of them), stopping at a slow-tier layer whose
+        read is not back yet: the next `layer` call issues it (waiting for it only once it is needed)."""
+        for layer in range(self._issued + 1, min(last, self._issued + self.ISSUE_PER_CALL, self.n_layers - 1) + 1):
+            if self._slow and not (layer in self._reads and self._reads[layer].done()):
+                return
+            self._issue(layer)
+
     def _issue(self, layer: int) -> None:
-        """Enqueue layer `layer`'s host-to-device copies on the copy stream (CUDA)."""
+        """Enqueue layer `layer`'s host-to-device copies on the copy stream (CUDA), layers in order."""
         if layer >= self.n_layers or layer <= self._issued:
             return
+        if layer > self._issued + 1:
+            self._issue(layer - 1)
+        if self._target is None:
+            self._target = self._own_target()
         blocks = self._gather(layer)
-        slot = layer % 2
         with torch.cuda.stream(self._copy_stream):
-            if layer >= 2:
-                self._copy_stream.wait_event(self._free[slot])
             self._marks["copy_start"][layer].record(self._copy_stream)
             out: list[torch.Tensor | None] = []
             targets, sources = [], []
@@ -307,11 +344,10 @@ class StoreSource:
                 if block is None or block.device == self.device:
                     out.append(block)
                     continue
-                offset = self._offsets.get(index)
-                if offset is None:  # a segment that arrived on the host unexpectedly (recomputed on CPU)
+                if index not in self._host:  # a segment that arrived on the host unexpectedly (recomputed on CPU)
                     out.append(block.to(self.device, non_blocking=True))
                     continue
-                target = self._buffers[slot][offset : offset + block.shape[0]]
+                target = self._target(layer, index)
                 targets.append(target)
                 sources.append(block)
                 self.stats.copy_bytes += block.numel() * block.element_size()
@@ -319,7 +355,7 @@ class StoreSource:
             if targets:  # the layer's copies in one call (one Python dispatch, not one per chunk)
                 torch._foreach_copy_(targets, sources, non_blocking=True)
             self._marks["copy_end"][layer].record(self._copy_stream)
-            self._ready[slot].record(self._copy_stream)
+            self._ready[layer].record(self._copy_stream)
         self._pending_blocks[layer] = out
         self._issued = layer
 
@@ -334,16 +370,12 @@ class StoreSource:
                 self.close()
             return [b.to(self.device) if b is not None and b.device != self.device else b for b in blocks]
         compute = torch.cuda.current_stream(self.device)
-        if index >= 1:
-            # Everything that read the previous layer's buffer is enqueued: free it, and fill it with
-            # layer index + 1 while this layer computes.
-            self._free[(index - 1) % 2].record(compute)
-            self._issue(index + 1)
         self._issue(index)
         self._marks["asked"][index].record(compute)
-        compute.wait_event(self._ready[index % 2])
+        compute.wait_event(self._ready[index])
         self._marks["compute_start"][index].record(compute)
         blocks = self._pending_blocks.pop(index)
+        self._issue_ahead(self.n_layers - 1)
         if index + 1 == self.n_layers:
             self.close()
         return blocks
@@ -370,6 +402,10 @@ class StoreSource:
                 for layer in range(self.n_layers)]
 
     def close(self) -> None:
+        if self.cuda and self._begun and self._issued >= 0:
+            # Work the compute stream enqueues from now on (a buffer given back and taken again) follows
+            # every copy issued into it.
+            torch.cuda.current_stream(self.device).wait_event(self._ready[self._issued])
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

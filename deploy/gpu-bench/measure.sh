@@ -13,7 +13,7 @@ case "${1:-}" in
   bench)
     timeout 150 python3 -m pytest -q -rf tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
       tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py tests/blend/test_rerotate.py \
-      tests/blend/test_fused.py -k "not smollm2" > "$OUT/tests_tiny.txt" 2>&1
+      tests/blend/test_fused.py tests/store/test_cuda_source.py -k "not smollm2" > "$OUT/tests_tiny.txt" 2>&1
     grep -v "CUDAGraph.cpp" "$OUT/tests_tiny.txt" | grep "^FAILED\|^E  \|passed\|failed" | head -30
     timeout 120 python3 -m services.bench.probe_scattered > "$OUT/probe_scattered.txt" 2>&1
     grep "host issue\|dense mask" "$OUT/probe_scattered.txt"

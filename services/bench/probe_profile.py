@@ -89,69 +89,62 @@ def layer_timeline(step, layout, config: BlendConfig, source_fn, pooled=None) ->
             "host_bound_layers": host_bound}
 
 
-def _our_frames(event) -> str:
-    """The innermost two frames of kvblend's own code above a host op ("file(line): function"): the
-    profiler (with_stack) makes the Python calls the op's ancestors."""
-    frames, parent = [], event.cpu_parent
-    while parent is not None and len(frames) < 2:
-        if any(part in parent.name for part in ("blend/", "store/", "services/")):
-            frames.append(parent.name.rsplit("/", 1)[-1])
-        parent = parent.cpu_parent
-    return " < ".join(frames) or "?"
-
-
 def idle_gaps(fn, least_us: float = 15.0, top: int = 14) -> dict:
     """Where the compute stream sits idle in one run of fn, and why: for each gap between two kernels (or
     copies) on the stream that does most of the work, whether the next one was launched late (the host was
-    busy: `host_late`, with the Python line that launched it and the host ops run in the gap) or launched in
-    time and held back (waiting on an event, e.g. a KV copy: `held`). Totals by launching line, longest first."""
+    busy: `host_late`, with the line of kvblend's code that launched it) or launched in time and held back
+    (waiting on an event, e.g. a KV copy: `held`). Totals by launching line, longest first. Read from the
+    profiler's Chrome trace (its format links launches to kernels by correlation id in every torch)."""
+    import json
+    import tempfile
+
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         fn()
         torch.cuda.synchronize()
-    events = prof.events()
-    device = [e for e in events if e.device_type.name == "CUDA"]
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = [e for e in json.load(open(trace.name))["traceEvents"] if e.get("ph") == "X"]
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not device:
         return {}
     busy = Counter()
     for e in device:
-        busy[e.device_resource_id] += e.time_range.end - e.time_range.start
+        busy[e["tid"]] += e["dur"]
     stream = busy.most_common(1)[0][0]
-    work = sorted((e for e in device if e.device_resource_id == stream), key=lambda e: e.time_range.start)
-    host = [e for e in events if e.device_type.name == "CPU"]
-    launches = {e.id: e for e in host if e.name.startswith(("cuda", "cu")) and e.linked_correlation_id}
-    ops = {e.id: e for e in host if "::" in e.name and not e.linked_correlation_id}
-    by_site, late, held, first = Counter(), 0.0, 0.0, None
-    gaps = []
+    work = sorted((e for e in device if e["tid"] == stream), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    frames = sorted((e for e in events if e.get("cat") == "python_function"
+                     and any(part in e["name"] for part in ("blend/", "store/", "services/"))),
+                    key=lambda e: e["ts"])
+
+    def site(launch) -> str:
+        """kvblend's innermost two frames around a launch (the Python calls enclosing it in time)."""
+        at, tid = launch["ts"], launch["tid"]
+        around = [f for f in frames if f["tid"] == tid and f["ts"] <= at <= f["ts"] + f["dur"]]
+        around.sort(key=lambda f: -f["ts"])  # innermost first
+        return " < ".join(f["name"].rsplit("/", 1)[-1] for f in around[:2]) or "?"
+
+    by_site, late, held, gaps = Counter(), 0.0, 0.0, []
     for before, after in zip(work, work[1:]):
-        gap = after.time_range.start - before.time_range.end
+        end = before["ts"] + before["dur"]
+        gap = after["ts"] - end
         if gap < least_us:
             continue
-        launch = launches.get(after.id)
-        launched_at = launch.time_range.start if launch is not None else None
-        op = ops.get(launch.linked_correlation_id) if launch is not None else None
-        site = f"{op.name} @ {_our_frames(op)}" if op is not None else after.name[:40]
-        if launched_at is not None and launched_at > before.time_range.end:
-            kind = "host_late"
+        launch = launches.get(after.get("args", {}).get("correlation"))
+        where = site(launch) if launch is not None else "?"
+        kind = "host_late" if launch is not None and launch["ts"] > end else "held"
+        if kind == "host_late":
             late += gap
-            window = [e for e in host if before.time_range.end <= e.time_range.start < launched_at
-                      and e.name.startswith("aten::")
-                      and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
-            busy_ops = Counter()
-            for e in window:
-                busy_ops[e.name] += 1
-            gaps.append((gap, kind, before.name[:30], after.name[:30], site, dict(busy_ops.most_common(4))))
         else:
-            kind = "held"
             held += gap
-            gaps.append((gap, kind, before.name[:30], after.name[:30], site, {}))
-        by_site[f"{kind}: {site}"] += gap
-    first = work[0].time_range.start - min(e.time_range.start for e in host)
-    span = work[-1].time_range.end - work[0].time_range.start
+        gaps.append((round(gap / 1e3, 3), kind, before["name"][:28], after["name"][:28], where))
+        by_site[f"{kind}: {where}"] += gap
+    span = work[-1]["ts"] + work[-1]["dur"] - work[0]["ts"]
     return {"stream_busy_ms": round(busy[stream] / 1e3, 2), "span_ms": round(span / 1e3, 2),
-            "before_first_kernel_ms": round(first / 1e3, 2),
             "idle_host_late_ms": round(late / 1e3, 2), "idle_held_ms": round(held / 1e3, 2),
             "by_site_ms": [(k, round(v / 1e3, 3)) for k, v in by_site.most_common(top)],
-            "longest": [(round(g / 1e3, 3), *rest) for g, *rest in sorted(gaps, key=lambda x: -x[0])[:top]]}
+            "longest": sorted(gaps, key=lambda x: -x[0])[:top]}
 
 
 def _profile(fn) -> dict:
@@ -217,6 +210,12 @@ def main() -> None:
             for d in decodings:
                 d.length = filled.length
         runs["decode x16 pool graphs"] = lambda: pool_steps([alone])
+        # Per layer, the served selector: host issue against GPU time (layer 0 includes the set-up before it),
+        # before any profiling (a profiler's tracing can linger and slow the host).
+        for ratio in (0.05, 0.15):
+            config = BlendConfig("blend", ratio, **served)
+            for label, pooled in (("eager", None), ("poolgraphs", pool_graphs)):
+                print(f"\n== layers blend@{ratio:g} {label}:", layer_timeline(step, layout, config, source, pooled))
         for name, fn in runs.items():
             for _ in range(3):
                 fn()
@@ -234,11 +233,6 @@ def main() -> None:
                   f"GPU busy {p['gpu_busy_ms']:.1f} ms in {p['kernels']} kernels, syncs {p['syncs']}")
             print("  top host ops (name, calls, self ms):", p["top_cpu"])
             print("  top GPU ops (name, calls, self ms):", p["top_gpu"])
-        # Per layer, the served selector: host issue against GPU time (layer 0 includes the set-up before it).
-        for ratio in (0.05, 0.15):
-            config = BlendConfig("blend", ratio, **served)
-            for label, pooled in (("eager", None), ("poolgraphs", pool_graphs)):
-                print(f"\n== layers blend@{ratio:g} {label}:", layer_timeline(step, layout, config, source, pooled))
         # The compute stream's idle gaps, KV in GPU memory and from the CPU tier through the server's source.
         store, keys = tier_store("cpu", entries, "probe")
         from_cpu = lambda: StoreSource(store, [prefix, *keys], device="cuda").begin()  # noqa: E731
@@ -256,10 +250,10 @@ def main() -> None:
             fn()
             gaps = idle_gaps(fn)
             print(f"\n== gaps {name}: " + ", ".join(f"{k} {v}" for k, v in gaps.items() if k not in ("by_site_ms", "longest")))
-            for site, ms in gaps["by_site_ms"]:
+            for site, ms in gaps.get("by_site_ms", ()):
                 print(f"  {ms:7.3f} ms  {site}")
             print("  longest:")
-            for row in gaps["longest"]:
+            for row in gaps.get("longest", ()):
                 print("   ", row)
 
 

@@ -110,3 +110,20 @@ def test_with_chunk_kv_in_the_cpu_tier_no_layer_waits_for_its_copy():
     # Layers 0 and 1 are copied before any compute can hide them; every later one must not wait.
     stalls = [row for row in source.timeline_ms()[2:] if row["compute_start"] - row["asked"] > 0.05]
     assert not stalls, f"layers waited for their copy: {stalls}"
+
+
+def test_into_copies_host_chunks_straight_into_the_request_buffer_at_their_positions(cuda_step, tmp_path):
+    layout, prefix, chunks = _entries(cuda_step)
+    store, keys = _store(_tier("cpu", tmp_path), chunks)
+    cache = cuda_step.new_cache(len(layout) + 8)
+    starts = [0] + layout.chunk_starts()
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    source.into(cache.data, starts)
+    for layer in range(source.n_layers):
+        blocks = source.layer(layer)
+        assert blocks[0].data_ptr() == prefix.kv[layer].data_ptr()  # in memory on the GPU: handed over as is
+        for block, start, chunk in zip(blocks[1:], starts[1:], chunks):
+            assert block.data_ptr() == cache.data[layer, start].data_ptr()  # a view of the buffer, no staging
+            torch.cuda.current_stream().synchronize()
+            assert torch.equal(cache.data[layer, start : start + len(chunk)], chunk.kv[layer].to("cuda"))
+    assert source.finish().copy_bytes == sum(c.kv.numel() * c.kv.element_size() for c in chunks)
