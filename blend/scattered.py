@@ -215,7 +215,7 @@ _WORKSPACE: dict = {}
 def _workspace(device: torch.device, pieces: int, rows: int, heads: int, dim: int):
     size = pieces * rows * heads
     held = _WORKSPACE.get(device)
-    if held is None or held[1].numel() < size:
+    if held is None or held[1].numel() < size or held[0].numel() < size * dim:  # (a model of larger heads)
         held = _WORKSPACE[device] = (torch.empty(size * dim, dtype=torch.float32, device=device),
                                      torch.empty(size, dtype=torch.float32, device=device))
     return held[0][: size * dim].view(pieces, rows, heads, dim), held[1][:size].view(pieces, rows, heads)

@@ -214,8 +214,8 @@ def main() -> None:
         # before any profiling (a profiler's tracing can linger and slow the host).
         for ratio in (0.05, 0.15):
             config = BlendConfig("blend", ratio, **served)
-            for label, pooled in (("eager", None), ("poolgraphs", pool_graphs)):
-                print(f"\n== layers blend@{ratio:g} {label}:", layer_timeline(step, layout, config, source, pooled))
+            for label, whole in (("eager", None), ("poolgraphs", pool_graphs)):
+                print(f"\n== layers blend@{ratio:g} {label}:", layer_timeline(step, layout, config, source, whole))
         for name, fn in runs.items():
             for _ in range(3):
                 fn()
