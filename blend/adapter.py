@@ -314,6 +314,8 @@ class LlamaStep:
         self.inv_freq = rotary.inv_freq.float()
         self.scale = self.layers[0].self_attn.scaling
         self.max_positions = getattr(config, "max_position_embeddings", None)
+        # `cos_sin` of every position of the context, computed once (CUDA; see `cos_sin`).
+        self._rope_table = self._cos_sin_table() if self.device.type == "cuda" else None
         # (query, key) multiples attention is padded to, or None for exact shapes; None on CPU, where
         # no per-shape plan exists and padding would only add work (tests may set it there).
         self.attention_buckets: tuple[int, int] | None = (
@@ -394,9 +396,25 @@ class LlamaStep:
         """(cos, signed sin) of shape [T, 1, head_dim] at absolute positions, for the forward's own q/k
         rotation (`rotate_by`): in the model's dtype, rounded from float32 as the Hugging Face forward
         rounds them (so a bf16 model rotates in bf16, as HF does, in a third of the float32 passes'
-        memory traffic); the sine's first half negated once here, not per layer (`signed_sin`)."""
+        memory traffic); the sine's first half negated once here, not per layer (`signed_sin`).
+        On CUDA two lookups in a table of the whole context computed the same way at start-up (the same
+        bits: each entry is the same elementwise arithmetic): ~12 small kernels fewer each time, which a
+        whole-layer graph paid on every layer. Positions are below the context (longer prompts are refused)."""
+        if self._rope_table is not None:
+            cos, signed_sin = self._rope_table
+            return cos[positions], signed_sin[positions]
+        return self._cos_sin_at(positions)
+
+    def _cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._cos_sin(self.angles(positions))
         return cos.to(self.dtype), self.signed_sin(sin.to(self.dtype))
+
+    def _cos_sin_table(self):
+        """(cos, signed sin) [context, 1, head_dim] for every position, or None where the context is unknown
+        or too long to hold (over 256K positions: 128 MB at head_dim 128 in bf16)."""
+        if not self.max_positions or self.max_positions > 262144:
+            return None
+        return self._cos_sin_at(torch.arange(self.max_positions, device=self.device))
 
     @staticmethod
     def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 # command stays short: `source .devcarry/s/env.sh && bash .devcarry/s/setup_X.sh >/dev/null 2>&1;
 # source .devcarry/s/env.sh; bash deploy/gpu-bench/measure.sh STEP`. Output files go to $OUT.
 #   bench    (after setup_a)  GPU unit tests on tiny models, then `kvblend bench` with the Redis row   ~150 s
+#   kernels  (no setup)       probe_scattered, probe_fused: the Triton kernels' block variants          ~30 s
 #   service  (after setup_b)  bench-service throughput and cpu scenarios                              ~330 s
 #   tests    (after setup_c)  the GPU test modules with the real SmolLM2                               ~200 s
 #   probe    (no setup)       probe_profile: where each row's time goes (file in $OUT)                 ~60 s
@@ -15,13 +16,14 @@ case "${1:-}" in
       tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py tests/blend/test_rerotate.py \
       tests/blend/test_fused.py tests/store/test_cuda_source.py -k "not smollm2" > "$OUT/tests_tiny.txt" 2>&1
     grep -v "CUDAGraph.cpp" "$OUT/tests_tiny.txt" | grep "^FAILED\|^E  \|passed\|failed" | head -30
-    timeout 120 python3 -m services.bench.probe_scattered > "$OUT/probe_scattered.txt" 2>&1
-    grep "host issue\|dense mask" "$OUT/probe_scattered.txt"
-    timeout 60 python3 -m services.bench.probe_fused > "$OUT/probe_fused.txt" 2>&1
-    grep "rope" "$OUT/probe_fused.txt"
     timeout 420 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
       --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
       2>&1 | tail -70 ;;
+  kernels)
+    timeout 120 python3 -m services.bench.probe_scattered > "$OUT/probe_scattered.txt" 2>&1
+    grep "host issue\|dense mask" "$OUT/probe_scattered.txt"
+    timeout 60 python3 -m services.bench.probe_fused > "$OUT/probe_fused.txt" 2>&1
+    grep "rope" "$OUT/probe_fused.txt" ;;
   service)
     timeout 560 python3 -m services.commands.cli bench-service --device cuda --model /tmp/kv/bench-model \
       --redis-url redis://127.0.0.1:6379/0 --scenarios throughput,cpu --duration 3 --json "$OUT/service.json" \
@@ -37,5 +39,5 @@ case "${1:-}" in
     timeout 300 python3 -m services.bench.probe_host > "$OUT/probe_host.txt" 2>&1
     grep "==" "$OUT/probe_host.txt" ;;
   *)
-    echo "usage: measure.sh bench|service|tests|probe|host" >&2; exit 2 ;;
+    echo "usage: measure.sh bench|kernels|service|tests|probe|host" >&2; exit 2 ;;
 esac

@@ -206,3 +206,17 @@ def test_the_rotation_matrices_rotate_as_the_elementwise_rope(dtype):
     assert torch.equal(v_matrix, v_pair)
     for a, b in ((q_matrix, q_pair), (k_matrix, k_pair)):
         assert (a.float() - b.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 2 ** -7 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rope_table_holds_the_same_bits_as_computing_cos_sin(dtype):
+    """CUDA steps look cos/sin up in a table of the whole context (`cos_sin`): every entry bit-equal to the
+    values computed for those positions, at the first, scattered and last positions of the context."""
+    step = LlamaStep(tiny_model().to(dtype))
+    table = step._cos_sin_table()
+    assert table is not None and table[0].shape == (step.max_positions, 1, step.head_dim)
+    positions = torch.tensor([0, 1, 7, 300, step.max_positions - 2, step.max_positions - 1])
+    for looked_up, computed in zip((table[0][positions], table[1][positions]), step._cos_sin_at(positions)):
+        assert looked_up.dtype == dtype and torch.equal(looked_up, computed)
+    step._rope_table = table  # as on CUDA: the step's own passes take the table from here
+    assert all(torch.equal(a, b) for a, b in zip(step.cos_sin(positions), step._cos_sin_at(positions)))
