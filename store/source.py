@@ -189,11 +189,14 @@ class StoreSource:
             self._pending_blocks: dict[int, list] = {}
         return self
 
-    # Layers issued per call: `into` starts this many, each `layer` call adds up to this many more while
-    # fewer than AHEAD layers are queued past the one asked for: no call spends long issuing (~0.1 ms of
-    # host time a layer of 11 chunks), and the copy stream (~0.4 ms a layer of 10 x 512 8B-shape tokens)
-    # still has work queued through a check layer's ~2 ms of host time.
-    ISSUE_PER_CALL = 4
+    # Layers issued: `into` starts ISSUE_FIRST, each `layer` call adds up to ISSUE_PER_CALL more while fewer
+    # than AHEAD are queued past the one asked for. The first layers' calls are on the request's critical
+    # path (the GPU idles while the host sets up and ranks), so they issue little (~70 us of host time a
+    # layer of 10 chunks); the copy stream (~0.41 ms a layer of 10 x 512 8B-shape tokens, H200) still never
+    # runs dry, and the later calls, while the GPU is busy, catch up to AHEAD (H200, blend@0.05: the last
+    # copy done ~1.3 ms before the last layer needs it).
+    ISSUE_FIRST = 3
+    ISSUE_PER_CALL = 2
     AHEAD = 8
 
     def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
@@ -211,7 +214,7 @@ class StoreSource:
         lengths = self._lengths
         self._target = lambda layer, index: data[layer, starts[index] : starts[index] + lengths[index]]
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
-        self._issue_ahead(self.ISSUE_PER_CALL - 1)
+        self._issue_ahead(self.ISSUE_FIRST - 1, self.ISSUE_FIRST)
         return set(self._host)
 
     def _on_host(self, index: int) -> bool:
@@ -322,10 +325,11 @@ class StoreSource:
         lengths = self._lengths
         return lambda layer, index: own[layer, offsets[index] : offsets[index] + lengths[index]]
 
-    def _issue_ahead(self, last: int) -> None:
-        """Issue layers up to `last` (at most ISSUE_PER_CALL of them), stopping at a slow-tier layer whose
-        read is not back yet: the next `layer` call issues it (waiting for it only once it is needed)."""
-        for layer in range(self._issued + 1, min(last, self._issued + self.ISSUE_PER_CALL, self.n_layers - 1) + 1):
+    def _issue_ahead(self, last: int, most: int | None = None) -> None:
+        """Issue layers up to `last` (at most `most`, default ISSUE_PER_CALL, of them), stopping at a slow-tier
+        layer whose read is not back yet: the next `layer` call issues it (waiting only once it is needed)."""
+        most = self.ISSUE_PER_CALL if most is None else most
+        for layer in range(self._issued + 1, min(last, self._issued + most, self.n_layers - 1) + 1):
             if self._slow and not (layer in self._reads and self._reads[layer].done()):
                 return
             self._issue(layer)
