@@ -272,8 +272,8 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     if early:
         # Before the check layer only the positions never dropped run (the question, chunks prefilled in
         # full): the others' placed layer-0 K/V are exact (a token's own), and past layer 0 their placed
-        # K/V are what blend keeps for every token it does not recompute. The kept ones catch up once
-        # chosen (below). Positions on the host: no device read to find them.
+        # K/V are what blend keeps for every token it does not recompute. The kept ones join them from
+        # the embedding once chosen (below). Positions on the host: no device read to find them.
         computing = positions
         fixed = [p for s in sorted(skip) for p in range(boundaries[s], boundaries[s + 1])] + list(range(question_start, n))
         rows = _sent(torch.tensor([p - first for p in fixed]), device)  # their rows among `computing`
@@ -294,22 +294,24 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         if early:
             # The question's fresh q against every position's K at this layer: the placed (cached) one
             # for chunk tokens not computed yet, the fresh one for the rest; ranked as usual below.
-            keys = cache.data[layer].index_select(0, computing)[:, 0].to(k.dtype)
+            # (`computing` is first..n-1: slices, not gathers, here and for the masks below.)
+            keys = cache.data[layer, first:n, 0].to(k.dtype, copy=True)
             keys[rows] = k
             score, mass = token_scores(selection, q, keys, None, cache.data[layer], computing, len(layout.suffix),
                                        step.scale)
-            ranked = computing
+            ranked, at = computing, slice(first, n)
         else:
             score, mass = token_scores(selection, q, k, v, cache.data[layer], positions, len(layout.suffix),
                                        step.scale)
-            ranked = positions
-        candidate = ~always[ranked]
+            ranked = at = positions
+        candidate = ~always[at]
         if selection.sinks:
-            score = torch.where(sinks[ranked], torch.finfo(score.dtype).max, score)
+            score = torch.where(sinks[at], torch.finfo(score.dtype).max, score)
         if selection.skip_first and layout.chunks:
             # Ranked last, and their attention mass is not counted towards an adaptive coverage.
-            score = torch.where(exact[ranked], -torch.finfo(score.dtype).max, score)
-            mass = None if mass is None else torch.where(exact[ranked], 0.0, mass)
+            last = exact[at]
+            score = torch.where(last, -torch.finfo(score.dtype).max, score)
+            mass = None if mass is None else torch.where(last, 0.0, mass)
         n_always = ranked.shape[0] - n_candidates
         keep = _keep(selection, score, mass, candidate, n_candidates, n_always,
                      round(schedule[layer] * n_chunk_tokens))
