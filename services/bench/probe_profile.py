@@ -94,7 +94,9 @@ def idle_gaps(fn, least_us: float = 15.0, top: int = 14) -> dict:
     copies) on the stream that does most of the work, whether the next one was launched late (the host was
     busy: `host_late`, with the line of kvblend's code that launched it) or launched in time and held back
     (waiting on an event, e.g. a KV copy: `held`). Totals by launching line, longest first. Read from the
-    profiler's Chrome trace (its format links launches to kernels by correlation id in every torch)."""
+    profiler's Chrome trace (its format links launches to kernels by correlation id in every torch). Stack
+    tracing slows the host several times (H200: a 30 ms request spanned 77 ms), so host-late gaps are
+    inflated: read the ranking of the lines, not the milliseconds (`layer_timeline` has those)."""
     import json
     import tempfile
 
