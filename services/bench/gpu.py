@@ -115,6 +115,21 @@ def _interleaved(fns, rounds: int, warmup: int = 2, device: torch.device = torch
     return times
 
 
+def host_us_per_launch(device: torch.device, count: int = 2000) -> float:
+    """Microseconds the host takes to issue one tiny in-place op on `device` (no wait for it): the cost that
+    the request's host-bound head (set-up, layer 0, the check layer's ranking) pays per operation. Taken
+    at the bench's start and end, it tells a busy host from a quiet one, which full prefill's median/min
+    (GPU-bound) does not."""
+    x = torch.zeros(8, device=device)
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(count):
+        x.add_(1)
+    issued = time.perf_counter() - started
+    _sync(device)
+    return round(1e6 * issued / count, 2)
+
+
 def _paired(base: list[float], times: list[float]) -> float:
     """Median over rounds of base / this; rows timed apart from the rounds use medians instead."""
     if len(base) != len(times):
@@ -425,7 +440,8 @@ def run_bench(config: BenchConfig) -> dict:
     probe = make_layout(vocab, 1, 64, 16, seed=99).token_ids
     gate_error = gate(step, probe)
     rows, meta = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": config.shape,
-                      "gate_relative_error": gate_error}
+                      "gate_relative_error": gate_error,
+                      "host_us_per_launch": [host_us_per_launch(step.device)]}  # start; end appended below
     with torch.inference_mode():
         meta["triton_compile_s"] = round(step.compile_kernels(), 2)  # once, at start-up, as the server does
     graphs = pool_graphs = None
@@ -524,6 +540,7 @@ def run_bench(config: BenchConfig) -> dict:
                 rows.append({"chunks": n_chunks, "tokens": len(layout), "label": label, "mode": mode,
                              "ratio": ratio, "tier": tier, "ttft_ms": round(1000 * statistics.median(t), 2),
                              "ttft_min_ms": round(1000 * min(t), 2), "repeats": len(t),
+                             "median_over_min": round(statistics.median(t) / min(t), 3),
                              "speedup_vs_full": _paired(by_label["full"], t),
                              "speedup_vs_hf": _paired(by_label["hf_full"], t)})
             if main:
@@ -540,6 +557,10 @@ def run_bench(config: BenchConfig) -> dict:
                     meta["profile"] = profile_overlap(step, layout, lambda: source("cpu"), config.profile)
             stores.clear()
             torch.cuda.empty_cache()
+    meta["host_us_per_launch"].append(host_us_per_launch(step.device))
+    # The brief's rule for a noisy run (median over 1.3x its minimum), applied to every row: host-bound rows
+    # (blend's head, HF's decode) show a busy host where full prefill (GPU-bound) does not.
+    meta["noisy_rows"] = [row["label"] for row in rows if row["median_over_min"] > 1.3]
     return {"meta": meta, "config": {k: str(v) for k, v in config.__dict__.items()}, "rows": rows}
 
 
@@ -575,8 +596,8 @@ def run(config: BenchConfig) -> int:
     """The bench as a program: prints the table and a summary, writes the JSON (and the plot)."""
     report = run_bench(config)
     print(format_table(report["rows"]))
-    summary = {k: v for k, v in report["meta"].items() if k != "timeline"}
-    summary["timeline"] = {k: v for k, v in report["meta"]["timeline"].items() if k != "layers"}
+    summary = {k: ({n: x for n, x in v.items() if n != "layers"} if k.startswith("timeline") else v)
+               for k, v in report["meta"].items()}
     print(json.dumps(summary, indent=1))
     config.json_out.write_text(json.dumps(report, indent=1))
     if config.plot:
