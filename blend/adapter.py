@@ -474,7 +474,13 @@ class LlamaStep:
 
     def turn_between(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin that move keys rotated at positions `old` to positions `new`, token by token."""
-        return self._cos_sin(self.angles(new).double() - self.angles(old).double())
+        return self.turn_pair(torch.stack((old, new)))
+
+    def turn_pair(self, old_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`turn_between` of old_new [2, T] (old positions, then new): both rows' angles in one pass (the
+        same values, fewer small launches in a request's set-up)."""
+        angles = self.angles(old_new.flatten()).double().unflatten(0, old_new.shape)
+        return self._cos_sin(angles[1] - angles[0])
 
     @staticmethod
     def signed_sin(sin: torch.Tensor) -> torch.Tensor:

@@ -150,20 +150,26 @@ def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn
         step.turn_keys(cache.data[layer, lo:hi, 0], cos, signed_sin)
 
 
-def _turn(step: LlamaStep, old_starts, new_starts, lengths, skip):
-    """(lo, hi, cos, signed sin) re-rotating the placed segments in [lo, hi) by token (`turn_in_place`), or
-    None if none moves."""
+def _turn(old_starts, new_starts, lengths, skip):
+    """(lo, hi, old_new) for re-rotating the placed segments in [lo, hi) by token (`turn_in_place`):
+    old_new [2, hi - lo] holds each token's position when computed, then now (host); None if none moves."""
     moving = [i for i, (old, new) in enumerate(zip(old_starts, new_starts)) if i not in skip and old != new]
     if not moving:
         return None
     lo, hi = new_starts[moving[0]], new_starts[moving[-1]] + lengths[moving[-1]]
-    new = torch.arange(lo, hi)
-    old = new.clone()
-    for i in moving:  # built on the host and sent once: not two small launches per chunk
+    old_new = torch.arange(lo, hi).repeat(2, 1)
+    for i in moving:  # built on the host and sent with the rest: not two small launches per chunk
         span = slice(new_starts[i] - lo, new_starts[i] - lo + lengths[i])
-        old[span] = torch.arange(old_starts[i], old_starts[i] + lengths[i])
-    cos, sin = step.turn_between(_sent(old, step.device), _sent(new, step.device))
-    return lo, hi, cos, step.signed_sin(sin)
+        old_new[0, span] = torch.arange(old_starts[i], old_starts[i] + lengths[i])
+    return lo, hi, old_new
+
+
+def _send_all(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Host tensors of one dtype on the device by one copy (views of it, in order): a request's set-up sends
+    several small index and mask tensors, and each copy is a host-side call on the critical path."""
+    flat = _sent(torch.cat([t.flatten() for t in tensors]), device)
+    sizes = [t.numel() for t in tensors]
+    return [part.view(t.shape) for part, t in zip(flat.split(sizes), tensors)]
 
 
 def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
@@ -226,7 +232,6 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     capacity = max(capacity or n, n)
     device = step.device
     cache = step.new_cache(capacity)
-    ids = _sent(torch.tensor(layout.token_ids), device)
     question_start = n - len(layout.suffix)
     segment_starts = [0] + layout.chunk_starts()
     old_starts = list(source.starts) if source is not None else []
@@ -238,7 +243,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
     skip = {1 + index for index in forced}
     placed = source.into(cache.data, new_starts) if source is not None else set()  # first: copies start now
-    turn = _turn(step, old_starts, new_starts, lengths, skip)  # the same for every layer
+    moving = _turn(old_starts, new_starts, lengths, skip)  # the same for every layer
     covered = boundaries[len(old_starts)]  # prompt tokens the placed segments fill
     schedule = _schedule(config, step.n_layers)
     if config.mode == "blend":
@@ -249,8 +254,11 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         first = covered
     positions = torch.arange(first, n, device=device)
     # Positions the selection never drops: the question, and chunks prefilled in full. These masks are
-    # built on the host and sent once each (a GPU step is bound by launches: not one per chunk).
-    always = torch.zeros(n, dtype=torch.bool)
+    # built on the host and sent together (a GPU request's set-up is bound by host calls: not one per chunk).
+    # Rows: never dropped; chunk-start sinks (ranked above every other chunk token: they take the budget
+    # first); the first chunk, exactly cached (ranked last).
+    flags = torch.zeros(3, n, dtype=torch.bool)
+    always, sinks, exact = flags
     always[question_start:] = True
     for segment in skip:
         always[boundaries[segment] : boundaries[segment + 1]] = True
@@ -258,26 +266,30 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     n_candidates = n_chunk_tokens  # computed chunk tokens the selection may drop, tracked on the host
     selection = config.selection if config.mode == "blend" else None
     if selection is not None and selection.sinks:
-        # Chunk-start tokens are ranked above every other chunk token: they take the budget first.
-        sinks = torch.zeros(n, dtype=torch.bool)
         for start in layout.chunk_starts():
             sinks[start : start + selection.sinks] = True
-        sinks = _sent(sinks & ~always, device)
+        sinks &= ~always
     if selection is not None and selection.skip_first and layout.chunks:
-        exact = torch.zeros(n, dtype=torch.bool)
         exact[len(layout.prefix) : len(layout.prefix) + len(layout.chunks[0])] = True
-        exact = _sent(exact & ~always, device)
-    always = _sent(always, device)
+        exact &= ~always
     early = selection is not None and selection.cached_keys
+    # Before the check layer, with +cachedk, only the positions never dropped run (the question, chunks
+    # prefilled in full): the others' placed layer-0 K/V are exact (a token's own), and past layer 0 their
+    # placed K/V are what blend keeps for every token it does not recompute. The kept ones join them from the
+    # embedding once chosen (below). Positions on the host: no device read to find them.
+    fixed = torch.tensor([p for s in sorted(skip) for p in range(boundaries[s], boundaries[s + 1])]
+                         + list(range(question_start, n)) if early else [], dtype=torch.long)
+    # The request's host-built integers in one copy: token ids, the fixed positions and their rows among the
+    # computed ones, and the placed tokens' positions then and now (for their re-rotation); the masks in another.
+    ints = [torch.tensor(layout.token_ids), fixed, fixed - first] + ([moving[2]] if moving is not None else [])
+    ids, fixed, rows, *old_new = _send_all(device, *ints)
+    always, sinks, exact = _sent(flags, device)
+    turn = None
+    if moving is not None:
+        cos, sin = step.turn_pair(old_new[0])
+        turn = (moving[0], moving[1], cos, step.signed_sin(sin))
     if early:
-        # Before the check layer only the positions never dropped run (the question, chunks prefilled in
-        # full): the others' placed layer-0 K/V are exact (a token's own), and past layer 0 their placed
-        # K/V are what blend keeps for every token it does not recompute. The kept ones join them from
-        # the embedding once chosen (below). Positions on the host: no device read to find them.
-        computing = positions
-        fixed = [p for s in sorted(skip) for p in range(boundaries[s], boundaries[s + 1])] + list(range(question_start, n))
-        rows = _sent(torch.tensor([p - first for p in fixed]), device)  # their rows among `computing`
-        positions = computing[rows]
+        computing, positions = positions, fixed
         h = step.embed(ids[positions])
         mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
     else:
