@@ -235,12 +235,11 @@ class LayerGraphs(_Buckets):
         """Does a step of n tokens over `cache` run as whole-layer graphs (`whole`)?"""
         return self.kv_pool is not None and cache.pool is self.kv_pool and self.bucket(n) is not None
 
-    def whole(self, layer: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int,
-              chain: bool = False) -> torch.Tensor:
+    def whole(self, layer: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor:
         """`LlamaStep.step` for h [n, hidden] at positions [n] of `cache` (a range of the KV pool, keys
         0..length-1) as one graph: q/k/v, the KV write into the pool, attention over the request's rows
-        (each token seeing positions up to its own), o_proj and MLP. Returns the layer's output [n, hidden]
-        (`chain`: the bucket's buffer, as `post`)."""
+        (each token seeing positions up to its own), o_proj and MLP. Returns the layer's output [n, hidden], a
+        fresh tensor (the bucket's buffers are shared: a prefill may yield between layers to other requests)."""
         n = h.shape[0]
         b = self._set(self.bucket(n))
         if h.data_ptr() != b.h.data_ptr():
@@ -262,7 +261,7 @@ class LayerGraphs(_Buckets):
             b.whole[layer].replay()
         else:
             self._whole_body(b, layer)
-        return b.h[:n] if chain else b.h[:n].clone()
+        return b.h[:n].clone()
 
     def pre(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
         """(bucket, q, kv) for h [n, hidden] at positions [n]: the layer's rotated q [rows, heads, d] (the

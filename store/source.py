@@ -78,7 +78,7 @@ class StoreSource:
 
     def __init__(self, store: ChunkStore, segments: Sequence[Segment], compute: Compute | None = None,
                  device: str | torch.device = "cpu", expected: Sequence[Sequence[int] | None] | None = None,
-                 depth: int = 2, timeline: bool = False):
+                 depth: int = 2):
         """`expected[i]`: the token ids segment i must hold (its manifest is checked against them)."""
         self.store = store
         self.segments = list(segments)
@@ -119,7 +119,6 @@ class StoreSource:
         self._begun = False
         self._pool: ThreadPoolExecutor | None = None
         self._reads: dict[int, Future] = {}
-        self._timeline = timeline
 
     # -- segments -------------------------------------------------------------------------------
 
