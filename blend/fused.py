@@ -12,6 +12,9 @@ in one pass each:
   buffer: the cache write done in the same pass; slots None: rows 0..T-1).
 - `silu_mul(gate, up, out)`: SiLU(gate) rounded to the model's dtype, times up, rounded once (the
   Hugging Face MLP's `act_fn(gate_proj(x)) * up_proj(x)`).
+- `rms_norm(h, weight, eps)`: `F.rms_norm`'s arithmetic (float32, scaled by the weight, rounded once), one
+  program a row. PyTorch's kernel took 6.3 us a call for one row on the H200 (65 a decode step: 0.41 ms of
+  a 5.9 ms token, docs/ops/h200_probe_profile_s12a.txt); a step over few rows takes this one.
 
 Inputs may be strided views (the fused projection's column slices) with a unit last stride. Runs on
 CUDA; on the CPU only under Triton's interpreter (the tests), where `LlamaStep` keeps its PyTorch passes.
@@ -27,6 +30,9 @@ ROPE_ROWS = 16  # tokens per program (one head each)
 MLP_ROWS = 4  # tokens per program of silu_mul
 MLP_COLUMNS = 1024  # columns per program of silu_mul
 MLP_WARPS = 4
+# Steps over at most this many rows normalise through `rms_norm` (decode, reuse's question, blend's recompute
+# sets); larger ones keep PyTorch's kernel, measured at full prefill's size.
+NORM_ROWS = 1024
 # H200 (docs/ops/h200_probe_profile_s11c.txt): silu_mul over a full prefill's 5,184 x 14,336 ran at ~2 TB/s
 # (0.229 ms a layer for 446 MB), about half the card's bandwidth; `services.bench.probe_fused` times other
 # block shapes for the next device session.
@@ -84,6 +90,16 @@ if triton is not None:
         out = act.to(tl.float32) * up.to(tl.float32)
         tl.store(Out + rows[:, None] * so_t + columns[None, :], out.to(Out.dtype.element_ty), mask=inside)
 
+    @triton.jit(do_not_specialize=["eps"])
+    def _rms_norm(X, W, Out, eps, sx_t, so_t, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        columns = tl.arange(0, BLOCK)
+        inside = columns < N
+        x = tl.load(X + row * sx_t + columns, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(W + columns, mask=inside, other=0.0).to(tl.float32)
+        scale = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+        tl.store(Out + row * so_t + columns, (x * scale * w).to(Out.dtype.element_ty), mask=inside)
+
 
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
              q_out: torch.Tensor, kv_out: torch.Tensor, slots: torch.Tensor | None = None) -> None:
@@ -125,8 +141,23 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
     return out
 
 
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h [T, N] (row-strided allowed) normalised by its rows' root mean square and scaled by weight [N] -> a new
+    [T, N] in h's dtype."""
+    rows, columns = h.shape
+    if weight.shape != (columns,) or h.stride(-1) != 1 or not weight.is_contiguous():
+        raise ValueError(f"h {tuple(h.shape)} (unit column stride) and weight {tuple(weight.shape)} do not match")
+    out = torch.empty(rows, columns, dtype=h.dtype, device=h.device)
+    if rows == 0:
+        return out
+    block = triton.next_power_of_2(columns)
+    scattered._launch(_rms_norm, (rows, 1, 1), (h, weight, out, float(eps)), (h.stride(0), out.stride(0)),
+                      dict(N=columns, BLOCK=block), (min(16, max(1, block // 512)), 1))
+    return out
+
+
 def compile_variants(heads: int, kv_heads: int, dim: int, intermediate: int, dtype: torch.dtype,
-                     device: torch.device) -> None:
+                     device: torch.device, hidden: int | None = None) -> None:
     """Compile both kernels as the step launches them (start-up): q/k/v as column slices of one fused
     projection, K/V into a KV buffer's layer by slot and into a graph's own rows, gate/up as halves."""
     width = (heads + 2 * kv_heads) * dim
@@ -142,3 +173,6 @@ def compile_variants(heads: int, kv_heads: int, dim: int, intermediate: int, dty
         rope_qkv(q, k, v, cos, torch.zeros_like(cos), q_out, kv_out, each)
     gate_up = torch.zeros(MLP_ROWS, 2 * intermediate, dtype=dtype, device=device)
     silu_mul(*gate_up.chunk(2, dim=-1))
+    hidden = hidden or heads * dim
+    rms_norm(torch.zeros(MLP_ROWS, hidden, dtype=dtype, device=device), torch.ones(hidden, dtype=dtype, device=device),
+             1e-5)

@@ -80,7 +80,7 @@ def test_each_mode_through_the_fused_kernels_equals_the_pytorch_passes(config, f
     layout = random_layout(seed=4, chunk_lengths=(40, 70, 55))
     blend_config = BlendConfig(**config)
     calls = []
-    for name in ("rope_qkv", "silu_mul"):
+    for name in ("rope_qkv", "silu_mul", "rms_norm"):
         kernel = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, kernel=kernel, name=name, **k: calls.append(name) or kernel(*a, **k))
     results = []
@@ -93,6 +93,7 @@ def test_each_mode_through_the_fused_kernels_equals_the_pytorch_passes(config, f
             results.append(prefill(step, layout, blend_config, source if blend_config.mode != "full" else None))
     plain, through_kernels = results
     assert calls.count("rope_qkv") >= step.n_layers and calls.count("silu_mul") >= step.n_layers
+    assert calls.count("rms_norm") >= 2 * step.n_layers
     assert_same_prefill(through_kernels, plain)
 
 
@@ -109,3 +110,19 @@ def test_bfloat16_kernels_equal_the_pytorch_passes_to_the_last_bit_almost_everyw
     ours, theirs = fused.silu_mul(gate, up), F.silu(gate) * up
     differ = (ours != theirs).float().mean().item()  # exp's last float32 bit may differ, and a rounding with it
     assert differ < 1e-3 and torch.allclose(ours.float(), theirs.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+def test_rms_norm_equals_pytorchs_fused_norm_on_strided_rows(dtype, tolerance):
+    g = torch.Generator().manual_seed(2)
+    wide = (4 * torch.randn(5, 200, generator=g)).to(DEVICE, dtype)
+    h = wide[:, :150]  # 150 columns: a ragged block; rows strided as a fused projection's slice
+    weight = torch.randn(150, generator=g).to(DEVICE, dtype)
+    expected = F.rms_norm(h.float(), (150,), weight.float(), 1e-5)
+    # bf16: within one unit in the last place of the float32 result rounded once.
+    torch.testing.assert_close(fused.rms_norm(h, weight, 1e-5).float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_rms_norm_refuses_a_weight_of_another_width():
+    with pytest.raises(ValueError, match=r"weight \(7,\)"):
+        fused.rms_norm(torch.zeros(2, 8, device=DEVICE), torch.ones(7, device=DEVICE), 1e-5)

@@ -80,10 +80,13 @@ def _decode(step, steps=5):
     return decodings
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "decode-graphs"])
-def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer(graphs):
+@pytest.mark.parametrize("graphs,kernels", [(False, False), (True, False), (True, True)],
+                         ids=["eager", "decode-graphs", "decode-graphs-kernels"])
+def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer(graphs, kernels):
     """Three requests of different lengths in one pool (their ranges not in batch order after a free),
-    five batched steps: same logits and same K/V as with buffers of their own, decoded one by one."""
+    five batched steps: same logits and same K/V as with buffers of their own, decoded one by one. With
+    the Triton kernels (CUDA's path; here interpreted): RoPE writing K/V into the pool, the norms, the
+    attention over the pool."""
     own = LlamaStep(model.tiny_model())
     alone = []
     for seed, lengths in LAYOUTS:
@@ -95,6 +98,7 @@ def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer
         alone.append(d)
 
     pooled = LlamaStep(model.tiny_model())
+    pooled.fused_kernels = kernels
     pooled.kv_pool = _pool(pooled, tokens=512, block=16)
     hole = pooled.kv_pool.take(48)  # taken then freed below: the next requests' offsets are out of order
     if graphs:
