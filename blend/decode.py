@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,10 +76,55 @@ def settle(tensor: torch.Tensor) -> None:
         torch.cuda.current_stream(tensor.device).synchronize()
 
 
+class Picks:
+    """The greedy tokens of one decode step's rows, computed on the device (a whole-step graph's argmax) and
+    copied to the host behind the step without waiting for it: read when asked (`value`), which waits for
+    that step only, not for steps enqueued after it."""
+
+    def __init__(self, picks: torch.Tensor):
+        self._values: list[int] | None = None
+        if picks.is_cuda:
+            self._host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+            self._host.copy_(picks, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = picks.clone(), None
+
+    def value(self, row: int) -> int:
+        if self._values is None:
+            if self._ready is not None:
+                self._ready.synchronize()  # the GIL released while it waits
+            self._values = self._host.tolist()
+        return self._values[row]
+
+
+@dataclass
+class _Next:
+    """A token not yet read: a row of a step's `Picks` (on the device until read), or one picked from logits."""
+
+    picks: Picks | None = None
+    row: int = 0
+    logits: torch.Tensor | None = None
+    choose: Callable[[torch.Tensor], int] = _argmax
+    in_slot: bool = False  # also held on the device in the request's slot of the decode graphs (`DecodeGraphs`)
+
+    def value(self) -> int:
+        if self.picks is not None:
+            return self.picks.value(self.row)
+        settle(self.logits)
+        return self.choose(self.logits)
+
+
 @dataclass
 class Decoding:
-    """One answer being decoded: its KV buffer, how many positions are filled, the next token's logits,
-    and how a token is picked from them (its own sampler: a batch never shares draws)."""
+    """One answer being decoded: its KV buffer, how many positions are filled, the newest step's logits,
+    how a token is picked from them (its own sampler: a batch never shares draws), and the tokens its
+    steps made that were not read yet, oldest first (one per step; the prompt's logits give the first).
+
+    A greedy step through the whole-step decode graphs leaves its token on the device: the next step may
+    be fed it there (`advance` with None) before the host reads it, so the GPU runs that step while the
+    host sends the token (`decode`, the server's `decode_together`: one step ahead)."""
 
     cache: KVCache
     length: int
@@ -88,31 +134,56 @@ class Decoding:
     # step; in a batch it takes the eager batched step. Both write the same buffer.
     use_graph: bool = False
     graph: GraphDecoder | None = None
-    # The greedy pick of `logits`, where a batched step read every row's in one go (None: not yet).
-    picked: int | None = None
+    unread: deque = field(default_factory=deque)  # _Next per step not yet read, oldest first
+
+    def __post_init__(self):
+        if not self.unread:
+            self.unread.append(_Next(logits=self.logits, choose=self.choose))
 
     def token(self) -> int:
-        if self.picked is not None and self.choose is _argmax:
-            return self.picked
-        settle(self.logits)
-        return self.choose(self.logits)
+        """The oldest token not yet read (waiting for the step that made it, not for later ones)."""
+        if not self.unread:
+            raise RuntimeError("every token this decoding made was read: advance it first")
+        return self.unread.popleft().value()
+
+    @property
+    def on_device(self) -> bool:
+        """Can the next step be fed this decoding's newest token where it is, on the device?"""
+        return bool(self.unread) and self.unread[-1].in_slot
 
     @property
     def full(self) -> bool:
         return self.length >= self.cache.capacity
 
 
-def advance(step: LlamaStep, decodings: Sequence[Decoding], tokens: Sequence[int]) -> None:
+def advance(step: LlamaStep, decodings: Sequence[Decoding], tokens: Sequence[int | None]) -> None:
     """Feed each decoding its token at its next position, all in one batched step (weights read once
-    for every request); each gets its next logits."""
+    for every request); each gets its next logits and its next token (unread). A token None is the
+    decoding's newest one, fed from the device without reading it (`Decoding.on_device`); where the step
+    cannot take it there (no graph for this batch), it is read first."""
     if any(d.full for d in decodings):
         raise ValueError("a decoding's KV buffer is full")
+    if any(t is None and not d.on_device for d, t in zip(decodings, tokens)):
+        raise ValueError("a token left on the device (None) for a decoding whose newest token is not there")
+    graphs = step.decode_graphs
+    if graphs is not None:
+        logits = graphs.run(list(tokens), [d.length for d in decodings], [d.cache for d in decodings])
+        if logits is not None:
+            picks = Picks(graphs.last_picks[: len(decodings)])
+            for row, (decoding, out) in enumerate(zip(decodings, logits)):
+                decoding.logits = out
+                greedy_row = decoding.choose is _argmax
+                decoding.unread.append(_Next(picks, row, in_slot=True) if greedy_row
+                                       else _Next(logits=out, choose=decoding.choose))
+                decoding.length += 1
+            return
+    tokens = [d.unread[-1].value() if t is None else t for d, t in zip(decodings, tokens)]
     if len(decodings) == 1 and decodings[0].use_graph:
         decoding = decodings[0]
         if decoding.graph is None:
             decoding.graph = GraphDecoder(step, decoding.cache)
         decoding.logits = decoding.graph(tokens[0], decoding.length)
-        decoding.picked = None
+        decoding.unread.append(_Next(logits=decoding.logits, choose=decoding.choose))
         decoding.length += 1
         return
     positions = torch.tensor([d.length for d in decodings])  # on the host: forward_each moves it
@@ -120,14 +191,11 @@ def advance(step: LlamaStep, decodings: Sequence[Decoding], tokens: Sequence[int
                                [d.cache for d in decodings])
     # Greedy rows' next tokens in one argmax and one read for the batch, not one wait per request.
     greedy_rows = [i for i, d in enumerate(decodings) if d.choose is _argmax]
-    picks = {}
-    if len(greedy_rows) > 1:
-        rows = logits[greedy_rows].argmax(-1)
-        settle(rows)
-        picks = dict(zip(greedy_rows, rows.tolist()))
+    picks = Picks(logits[greedy_rows].argmax(-1)) if len(greedy_rows) > 1 else None
     for index, (decoding, row) in enumerate(zip(decodings, logits)):
         decoding.logits = row
-        decoding.picked = picks.get(index)
+        decoding.unread.append(_Next(picks, greedy_rows.index(index)) if picks is not None and index in greedy_rows
+                               else _Next(logits=row, choose=decoding.choose))
         decoding.length += 1
 
 
@@ -139,13 +207,21 @@ def greedy(step: LlamaStep, cache: KVCache, length: int, first_logits: torch.Ten
 
 def decode(step: LlamaStep, cache: KVCache, length: int, first_logits: torch.Tensor,
            max_new_tokens: int, stop_ids: set[int], sampling: Sampling) -> Iterator[int]:
-    """Yield the answer's tokens, each picked as `sampling` says."""
+    """Yield the answer's tokens, each picked as `sampling` says. Greedy through the decode graphs, one
+    step ahead: the step after a token is enqueued, fed from the device, before that token is read."""
     decoding = Decoding(cache, length, first_logits, sampling.chooser())
-    for _ in range(max_new_tokens):
+    emitted = 0
+    while True:
         token = decoding.token()
         if token in stop_ids:
             return
         yield token
-        if decoding.full:
+        emitted += 1
+        if emitted >= max_new_tokens:
             return
-        advance(step, [decoding], [token])
+        if not decoding.unread:  # no step was fed this token yet
+            if decoding.full:
+                return
+            advance(step, [decoding], [token])
+        if decoding.on_device and emitted + len(decoding.unread) < max_new_tokens and not decoding.full:
+            advance(step, [decoding], [None])

@@ -302,46 +302,81 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
 class _DecodeSet:
     def __init__(self, step: LlamaStep, pool: KVPool, rows: int):
         self.rows = rows
-        # [tokens | positions | pool rows | offsets (rows + 1) | keys seen]: the graph's one input.
-        self.raw = PooledDecode.layout([], [], [], rows, pool).to(step.device)
+        # [tokens | positions | pool rows | offsets (rows + 1) | keys seen | fed | slot]: the graph's one input.
+        # fed: 1 where the row's token is not in `tokens` but in its request's slot of `DecodeGraphs.slots`.
+        self.raw = DecodeGraphs.layout([], [], [], rows, pool).to(step.device)
         self.graph = None
         self.logits: torch.Tensor | None = None
+        self.picks: torch.Tensor | None = None
 
 
 class DecodeGraphs(_Buckets):
     """One decode step of up to 32 requests as one CUDA graph per batch size (issue 16's decode and
     issue 18's batched decode): embedding, every layer (the plain step: `LlamaStep.decode_pooled`, the
-    new K/V written into the pool and one varlen attention call over it) and the logits. Requests'
-    caches must be ranges of `pool`; a step with any other cache, or more requests than the largest
-    bucket, returns None and runs eagerly. Captured once (start-up), never per request. One model
-    thread uses it at a time. On CPU the body runs eagerly on the same input (what the CPU tests check)."""
+    new K/V written into the pool and one varlen attention call over it), the logits and each row's
+    greedy token. Requests' caches must be ranges of `pool`; a step with any other cache, or more
+    requests than the largest bucket, returns None and runs eagerly. Captured once (start-up), never per
+    request. One model thread uses it at a time. On CPU the body runs eagerly on the same input (what
+    the CPU tests check).
+
+    Each request's greedy token is also left in its slot on the device (`slots`, one per pool block: a
+    request's slot is its range's first block), where the next step may take it as its input without
+    the host reading it first (`run` with None): so the host can enqueue a step before reading the token
+    the one before made (blend.decode: one step ahead)."""
 
     def __init__(self, step: LlamaStep, pool: KVPool, buckets: tuple[int, ...] = DECODE_BUCKETS):
         super().__init__(buckets)
         self.step, self.pool = step, pool
         self._graph_pool = torch.cuda.graph_pool_handle() if step.device.type == "cuda" else None
+        self.slots = torch.zeros(pool.tokens // pool.block, dtype=torch.long, device=step.device)
+        self.last_picks: torch.Tensor | None = None  # the last step's greedy tokens [rows] (the bucket's buffer)
 
-    def _body(self, d: _DecodeSet) -> torch.Tensor:
-        return self.step.decode_pooled(PooledDecode.over(self.pool, d.raw, d.rows, self.step.decode_splits),
-                                       layer_graphs=False)
+    @staticmethod
+    def layout(caches: list[KVCache], tokens: list[int | None], ends: list[int], rows: int, pool: KVPool) -> torch.Tensor:
+        """The host input of a batch: `PooledDecode.layout`, then per row whether its token is fed from its slot
+        (None in `tokens`) and its slot (padding rows: slot 0, the pool's scratch block)."""
+        fed = [int(token is None) for token in tokens] + [0] * (rows - len(caches))
+        slots = [cache.offset // pool.block for cache in caches] + [0] * (rows - len(caches))
+        pooled = PooledDecode.layout(caches, [0 if token is None else token for token in tokens], ends, rows, pool)
+        return torch.cat((pooled, torch.tensor(fed + slots, dtype=torch.long)))
+
+    def _body(self, d: _DecodeSet) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, raw = d.rows, d.raw
+        pooled, fed, slot = raw[: 5 * rows + 1], raw[5 * rows + 1 : 6 * rows + 1], raw[6 * rows + 1 :]
+        tokens = raw[:rows]
+        tokens.copy_(torch.where(fed.bool(), self.slots[slot], tokens))
+        logits = self.step.decode_pooled(PooledDecode.over(self.pool, pooled, rows, self.step.decode_splits),
+                                         layer_graphs=False)
+        picks = logits.argmax(-1)
+        self.slots.index_copy_(0, slot, picks)  # padding rows all write slot 0 (scratch): any of theirs wins
+        return logits, picks
 
     def _make(self, rows: int) -> _DecodeSet:
         d = _DecodeSet(self.step, self.pool, rows)
         if self._graph_pool is not None:
             _warm_up(lambda: self._body(d))  # writes the pool's scratch rows only
-            d.graph, d.logits = _record(lambda: self._body(d), self._graph_pool)
+            d.graph, (d.logits, d.picks) = _record(lambda: self._body(d), self._graph_pool)
             torch.cuda.synchronize()
         return d
 
-    def run(self, tokens: list[int], ends: list[int], caches: list[KVCache]) -> torch.Tensor | None:
+    def run(self, tokens: list[int | None], ends: list[int], caches: list[KVCache]) -> torch.Tensor | None:
         """Logits [n, vocab] of the next token of each request (token i fed at position ends[i] of
-        caches[i]), or None when this step cannot replay a graph."""
+        caches[i]; None: the request's greedy token of its previous step through these graphs, from its
+        slot), or None when this step cannot replay a graph. Each row's greedy token is then in
+        `last_picks` (and in its slot)."""
         rows = self.bucket(len(caches))
         if rows is None or any(cache.pool is not self.pool for cache in caches):
             return None
         d = self._set(rows)
-        d.raw.copy_(PooledDecode.layout(caches, tokens, ends, rows, self.pool))
+        raw = self.layout(caches, tokens, ends, rows, self.pool)
+        if d.raw.is_cuda:
+            # From pinned memory, not waiting for the GPU: a step may be enqueued while the one before runs.
+            d.raw.copy_(raw.pin_memory(), non_blocking=True)
+        else:
+            d.raw.copy_(raw)
         if d.graph is None:
-            return self._body(d)[: len(caches)]
+            logits, self.last_picks = self._body(d)
+            return logits[: len(caches)]
         d.graph.replay()
+        self.last_picks = d.picks
         return d.logits[: len(caches)].clone()

@@ -14,7 +14,7 @@ case "${1:-}" in
   bench)
     timeout 150 python3 -m pytest -q -rf tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
       tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py tests/blend/test_rerotate.py \
-      tests/blend/test_fused.py tests/store/test_cuda_source.py -k "not smollm2" > "$OUT/tests_tiny.txt" 2>&1
+      tests/blend/test_fused.py tests/blend/test_pool_attention.py tests/store/test_cuda_source.py -k "not smollm2" > "$OUT/tests_tiny.txt" 2>&1
     grep -v "CUDAGraph.cpp" "$OUT/tests_tiny.txt" | grep "^FAILED\|^E  \|passed\|failed" | head -30
     timeout 420 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
       --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
@@ -23,7 +23,10 @@ case "${1:-}" in
     timeout 120 python3 -m services.bench.probe_scattered > "$OUT/probe_scattered.txt" 2>&1
     grep "host issue\|dense mask" "$OUT/probe_scattered.txt"
     timeout 60 python3 -m services.bench.probe_fused > "$OUT/probe_fused.txt" 2>&1
-    grep "rope" "$OUT/probe_fused.txt" ;;
+    grep "rope" "$OUT/probe_fused.txt"
+    timeout 90 python3 -m services.bench.probe_pool_attention --json "$OUT/probe_pool_attention.json" \
+      > "$OUT/probe_pool_attention.txt" 2>&1
+    tail -25 "$OUT/probe_pool_attention.txt" ;;
   service)
     timeout 560 python3 -m services.commands.cli bench-service --device cuda --model /tmp/kv/bench-model \
       --redis-url redis://127.0.0.1:6379/0 --scenarios throughput,cpu --duration 3 --json "$OUT/service.json" \

@@ -208,17 +208,18 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
             return tokens
 
         runs["ours_graph"] = ours_graph
-    pooled = one_piece = None
+    pooled = flash = None
     if device.type == "cuda":
-        # The served decode (pooled buffers, one graph per step), with its default split-KV and with one piece.
-        pooled, one_piece = _Pooled(step, filled.cache, 1, (1,)), _Pooled(step, filled.cache, 1, (1,), splits=1)
+        # The served decode (pooled buffers, one graph per step, one step ahead), and the same with
+        # FlashAttention's varlen kernel instead of the pool-attention kernel (the gain of that kernel, paired).
+        pooled, flash = _Pooled(step, filled.cache, 1, (1,)), _Pooled(step, filled.cache, 1, (1,), kernel=False)
 
         def through(p: _Pooled) -> list[int]:
             with p:
                 return list(decode(step, p.caches[0], filled.length, filled.logits, steps, set(), Sampling()))
 
         runs["ours_pool_graphs"] = lambda: through(pooled)
-        runs["ours_pool_one_piece"] = lambda: through(one_piece)
+        runs["ours_pool_flash"] = lambda: through(flash)
     times = dict(zip(runs, _interleaved(list(runs.values()), repeats, warmup=1, device=device)))
     ours_ms = [1000 * t / steps for t in times["ours"]]
     hf_ms = [1000 * (a - b) / steps for a, b in zip(times["hf_all"], times["hf_one"])]
@@ -234,9 +235,12 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
                if graphed is not None else {}),
             **(_pool_figures(times["ours_pool_graphs"], hf_ms, steps, pooled, through(pooled) == ours())
                if pooled is not None else {}),
-            **({"pool_graphs_splits": pooled.splits,
-                "pool_graphs_one_piece_ms_per_token": round(statistics.median(
-                    1000 * t / steps for t in times["ours_pool_one_piece"]), 3)} if pooled is not None else {})}
+            **({"pool_graphs_splits": pooled.splits, "pool_graphs_attention_kernel": pooled.kernel,
+                "pool_graphs_flash_ms_per_token": round(statistics.median(
+                    1000 * t / steps for t in times["ours_pool_flash"]), 3),
+                "pool_graphs_kernel_speedup_vs_flash": round(statistics.median(
+                    f / o for f, o in zip(times["ours_pool_flash"], times["ours_pool_graphs"])), 3)}
+               if pooled is not None else {})}
 
 
 class _Pooled:
@@ -244,11 +248,12 @@ class _Pooled:
     over it (captured for `buckets`); `with` it, the step decodes through them (what the server runs)."""
 
     def __init__(self, step: LlamaStep, cache: KVCache, count: int, buckets: tuple[int, ...],
-                 splits: int | None = None):
+                 splits: int | None = None, kernel: bool | None = None):
         from blend.cache import KVPool
         from blend.graphs import DecodeGraphs
 
         self.step, self.splits = step, step.decode_splits if splits is None else splits
+        self.kernel = step.pool_attention_kernel if kernel is None else kernel
         block = step.attention_buckets[1] if step.attention_buckets else 512
         size = -(-cache.capacity // block) * block
         self.pool = KVPool(step.n_layers, (count + 1) * size, step.n_kv_heads, step.head_dim, step.dtype,
@@ -262,11 +267,13 @@ class _Pooled:
 
     def __enter__(self):
         self._splits, self.step.decode_splits = self.step.decode_splits, self.splits
+        self._kernel, self.step.pool_attention_kernel = self.step.pool_attention_kernel, self.kernel
         self.step.kv_pool, self.step.decode_graphs = self.pool, self.graphs
         return self
 
     def __exit__(self, *exc):
         self.step.kv_pool, self.step.decode_graphs, self.step.decode_splits = None, None, self._splits
+        self.step.pool_attention_kernel = self._kernel
 
 
 def _pool_figures(times: list[float], hf_ms: list[float], steps: int, pooled: _Pooled, same: bool) -> dict:

@@ -332,6 +332,27 @@ class Generation:
         self.guard.record(kl, agree, fell_back)
         return full if fell_back else blended
 
+    def _steps(self) -> bool:
+        """Does its turn run a step: unless the tokens already made (sent or not) reach its limit, or its
+        KV buffer is full."""
+        decoding = self._decoding
+        return not decoding.full and len(self._ids) + len(decoding.unread) < self._limit
+
+    def _newest(self) -> int | None:
+        """The token its next step is fed: the newest one made (None: on the device, not read), else the one
+        just sent."""
+        decoding = self._decoding
+        if decoding.on_device:
+            return None
+        return decoding.unread[-1].value() if decoding.unread else self._pending
+
+    def _goes_ahead(self) -> bool:
+        """After its step: is its new token on the device, with none older unread (its first step ahead),
+        and room for the step that token feeds?"""
+        decoding = self._decoding
+        return (decoding.on_device and len(decoding.unread) == 1 and not decoding.full
+                and len(self._ids) + 1 < self._limit)
+
     def _emit(self, first: bool) -> bool:
         """Produce the next token as one message; the last message also carries the finish. True while
         more may follow. Never asks for a token past the limit: its forward would be wasted."""
@@ -342,7 +363,8 @@ class Generation:
         if token is not None:
             self._ids.append(token)
             self.metrics.token()
-        full = token is not None and self._decoding.full  # no room for this token's K/V: the context's end
+        # No room for this token's K/V (the context's end), unless a step already took it (one step ahead).
+        full = token is not None and not self._decoding.unread and self._decoding.full
         done = token is None or len(self._ids) >= self._limit or full
         text, stopped = self._stops.add(self._text.add(token, final=done), final=done)
         done = done or stopped
@@ -365,13 +387,23 @@ class Generation:
 
 
 def decode_together(jobs: list[Generation]) -> list[bool]:
-    """One decode step for several generations at once (each `decoding`): the tokens they just sent go
+    """One decode step for several generations at once (each `decoding`): each one's newest token goes
     through the model in one batched step, each against its own cache, then each sends its next token.
-    A generation's tokens are the ones it gets alone (tested). True per job while more may follow."""
+    A generation's tokens are the ones it gets alone (tested). True per job while more may follow.
+
+    One step ahead where the decode graphs run it (greedy): a step is fed the token the one before made
+    while that token is still on the device, so the GPU computes it while the host reads and sends the
+    token; a job starts so with two steps in its first turn. A job ending on a stop token leaves one
+    step computed for nothing; one ending at its token limit or the context's end never does."""
     if not jobs:
         return []
     step, began = jobs[0].model.precompute.step, time.perf_counter()
-    advance(step, [job._decoding for job in jobs], [job._pending for job in jobs])
+    stepping = [job for job in jobs if job._steps()]
+    if stepping:
+        advance(step, [job._decoding for job in stepping], [job._newest() for job in stepping])
+        ahead = [job for job in stepping if job._goes_ahead()]
+        if ahead:
+            advance(step, [job._decoding for job in ahead], [None] * len(ahead))
     mores = [job._emit(first=False) for job in jobs]
     jobs[0].metrics.decoded(len(jobs), time.perf_counter() - began)
     return mores

@@ -9,6 +9,7 @@ import torch
 from tests.helpers import model
 from tests.helpers.model import random_layout
 
+from blend import scattered
 from blend.adapter import LlamaStep
 from blend.cache import KVCache, KVPool
 from blend.decode import Decoding, advance
@@ -80,7 +81,11 @@ def _decode(step, steps=5):
     return decodings
 
 
-@pytest.mark.parametrize("graphs,kernels", [(False, False), (True, False), (True, True)],
+# The tiny model stays on the CPU: its Triton kernels run only under the interpreter (not where CUDA is).
+@pytest.mark.parametrize("graphs,kernels", [(False, False), (True, False),
+                                            pytest.param(True, True, marks=pytest.mark.skipif(
+                                                not scattered.available(torch.device("cpu")),
+                                                reason="Triton's interpreter is off where CUDA runs"))],
                          ids=["eager", "decode-graphs", "decode-graphs-kernels"])
 def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer(graphs, kernels):
     """Three requests of different lengths in one pool (their ranges not in batch order after a free),
@@ -98,7 +103,7 @@ def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer
         alone.append(d)
 
     pooled = LlamaStep(model.tiny_model())
-    pooled.fused_kernels = kernels
+    pooled.fused_kernels = pooled.pool_attention_kernel = kernels
     pooled.kv_pool = _pool(pooled, tokens=512, block=16)
     hole = pooled.kv_pool.take(48)  # taken then freed below: the next requests' offsets are out of order
     if graphs:
@@ -174,3 +179,29 @@ def test_on_cuda_graphed_pooled_decode_equals_the_eager_step_over_the_pool_in_bf
     for own, eager, graphed in zip(*runs):
         torch.testing.assert_close(graphed.logits, eager.logits, rtol=0, atol=0)
         torch.testing.assert_close(eager.logits, own.logits, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("stop_at", [None, 3])
+def test_one_step_ahead_through_the_decode_graphs_yields_plain_decodes_tokens(stop_at):
+    """`decode` through the decode graphs feeds each step its token from the device before reading it:
+    the same tokens as decoding from a buffer of its own; every step after the first fed that way; no
+    step past the token limit, and one (computed for nothing) past a stop token."""
+    from blend.decode import Sampling, decode
+
+    layout = random_layout(5, (12, 9))
+    own = LlamaStep(model.tiny_model())
+    f = prefill(own, layout, BlendConfig("full"), None, capacity=len(layout) + 12)
+    plain = list(decode(own, f.cache, f.length, f.logits, 8, set(), Sampling()))
+    stop = set() if stop_at is None else {plain[stop_at]}
+    expected = plain if stop_at is None else plain[:stop_at]
+
+    step = LlamaStep(model.tiny_model())
+    step.kv_pool = _pool(step, tokens=512, block=16)
+    step.decode_graphs = DecodeGraphs(step, step.kv_pool, buckets=(1,))
+    fed, run = [], step.decode_graphs.run
+    step.decode_graphs.run = lambda tokens, ends, caches: fed.append(tokens[0]) or run(tokens, ends, caches)
+    f = prefill(step, layout, BlendConfig("full"), None, capacity=len(layout) + 12)
+    ahead = list(decode(step, f.cache, f.length, f.logits, 8, stop, Sampling()))
+    assert ahead == expected and len(set(plain)) > 1
+    assert fed[0] == plain[0] and all(token is None for token in fed[1:])
+    assert len(fed) == (7 if stop_at is None else stop_at + 1)
