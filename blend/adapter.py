@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from blend import fused, pool_attention, rerotate, scattered
+from blend import fused, pool_attention, rerotate, scattered, skinny
 from blend.cache import KVCache, KVPool
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ def fused_projection(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+# Steps over at most this many tokens may project through the few-rows matmul (blend/skinny.py): the row
+# counts `services.bench.probe_skinny` timed it at (1 and 16: decode batches).
+SKINNY_ROWS = 16
 # Steps over at most this many tokens may rotate q/k by `LlamaStep.rotation`'s matrices (d x d each).
 ROTATION_MATRIX_ROWS = 32
 
@@ -351,6 +354,10 @@ class LlamaStep:
         # A decode step over the KV pool attends through the Triton kernel that reads each key once for the heads
         # sharing it (blend/pool_attention.py), FlashAttention's varlen kernel elsewhere.
         self.pool_attention_kernel = self.scattered_attention
+        # Steps over at most skinny.MAX_ROWS tokens (decode, reuse's question) project through the Triton matmul
+        # for few rows (blend/skinny.py: each weight streamed once, the residual added in its epilogue) where
+        # `skinny.FASTER` says it beat cuBLAS on the H200; cuBLAS elsewhere (tests may set it).
+        self.skinny_kernel = self.scattered_attention
         # Placed chunks' keys re-rotate in one Triton kernel (blend/rerotate.py) instead of five passes.
         self.rerotate_kernel = self.scattered_attention
         # RoPE with the K/V write, and SiLU x up, as one Triton kernel each (blend/fused.py) instead of
@@ -513,6 +520,7 @@ class LlamaStep:
                     self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device)),
                 ("pool_attention_kernel", lambda: pool_attention.compile_variants(
                     self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device, self.longest_cache or 8192)),
+                ("skinny_kernel", lambda: skinny.compile_variants(self._skinny_shapes(), self.dtype, self.device)),
                 ("rerotate_kernel", lambda: rerotate.compile_variants(
                     self.n_kv_heads, self.head_dim, self.dtype, self.device)),
                 ("fused_kernels", lambda: fused.compile_variants(
@@ -614,7 +622,7 @@ class LlamaStep:
                 return F.linear(x, proj.weight, proj.bias).view(n, count, self.head_dim)
             return project(attn.q_proj, self.n_heads), project(attn.k_proj, self.n_kv_heads), project(
                 attn.v_proj, self.n_kv_heads)
-        qkv = F.linear(x, *fused_projection([attn.q_proj, attn.k_proj, attn.v_proj]))
+        qkv = self._linear(x, *fused_projection([attn.q_proj, attn.k_proj, attn.v_proj]))
         width = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         q, k, v = qkv.split([count * self.head_dim for count in width], dim=1)
         return q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim), v.view(n, -1, self.head_dim)
@@ -705,15 +713,42 @@ class LlamaStep:
     def _project(self, layer: int, h, out):
         """Attention output [T, heads x d] -> the layer's output: o_proj, residual, MLP, residual."""
         block = self.layers[layer]
-        h = _plus_linear(h, out, block.self_attn.o_proj)
+        h = self._plus_linear(h, out, block.self_attn.o_proj)
         mlp = block.mlp
         x = self._norm(block.post_attention_layernorm, h)
         if self._apart(h.shape[0]):  # contiguous gate and up (see `_projected`)
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         else:
-            gate, up = F.linear(x, *fused_projection([mlp.gate_proj, mlp.up_proj])).chunk(2, dim=-1)
-        return _plus_linear(h, fused.silu_mul(gate, up) if self.fused_kernels else mlp.act_fn(gate) * up,
-                            mlp.down_proj)
+            gate, up = self._linear(x, *fused_projection([mlp.gate_proj, mlp.up_proj])).chunk(2, dim=-1)
+        return self._plus_linear(h, fused.silu_mul(gate, up) if self.fused_kernels else mlp.act_fn(gate) * up,
+                                 mlp.down_proj)
+
+    def _skinny(self, x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+        """Does x @ weight^T go through the few-rows kernel (`skinny_kernel`, a shape it was measured faster on)?"""
+        return (self.skinny_kernel and bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_ROWS
+                and tuple(weight.shape) in skinny.FASTER and skinny.supports(x.shape[0], *weight.shape, x.dtype))
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        if self._skinny(x, weight, bias):
+            return skinny.linear(x, weight)
+        return F.linear(x, weight, bias)
+
+    def _plus_linear(self, h: torch.Tensor, x: torch.Tensor, linear) -> torch.Tensor:
+        """h + linear(x): the residual added in the few-rows kernel's epilogue, else in the GEMM's (`_plus_linear`)."""
+        if h.dim() == 2 and self._skinny(x, linear.weight, linear.bias):
+            return skinny.linear(x, linear.weight, residual=h)
+        return _plus_linear(h, x, linear)
+
+    def projection_shapes(self) -> list[tuple[int, int]]:
+        """The (N, K) of a layer's four projections as the step runs them: q/k/v fused, o, gate/up fused, down."""
+        block = self.layers[0]
+        weights = [fused_projection([block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj])[0],
+                   block.self_attn.o_proj.weight, fused_projection([block.mlp.gate_proj, block.mlp.up_proj])[0],
+                   block.mlp.down_proj.weight]
+        return [tuple(w.shape) for w in weights]
+
+    def _skinny_shapes(self) -> list[tuple[int, int]]:
+        return [shape for shape in self.projection_shapes() if shape in skinny.FASTER]
 
     def _graphed(self, n: int) -> bool:
         """Does a step over n tokens run through the layer graphs?"""

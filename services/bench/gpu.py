@@ -213,6 +213,7 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
         # The served decode (pooled buffers, one graph per step, one step ahead), and the same with
         # FlashAttention's varlen kernel instead of the pool-attention kernel (the gain of that kernel, paired).
         pooled, flash = _Pooled(step, filled.cache, 1, (1,)), _Pooled(step, filled.cache, 1, (1,), kernel=False)
+        cublas = _Pooled(step, filled.cache, 1, (1,), skinny=False)  # the projections through cuBLAS
 
         def through(p: _Pooled) -> list[int]:
             with p:
@@ -220,6 +221,7 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
 
         runs["ours_pool_graphs"] = lambda: through(pooled)
         runs["ours_pool_flash"] = lambda: through(flash)
+        runs["ours_pool_cublas"] = lambda: through(cublas)
     times = dict(zip(runs, _interleaved(list(runs.values()), repeats, warmup=1, device=device)))
     ours_ms = [1000 * t / steps for t in times["ours"]]
     hf_ms = [1000 * (a - b) / steps for a, b in zip(times["hf_all"], times["hf_one"])]
@@ -239,7 +241,12 @@ def time_decode(step: LlamaStep, model, layout: PromptLayout, steps: int = 32, r
                 "pool_graphs_flash_ms_per_token": round(statistics.median(
                     1000 * t / steps for t in times["ours_pool_flash"]), 3),
                 "pool_graphs_kernel_speedup_vs_flash": round(statistics.median(
-                    f / o for f, o in zip(times["ours_pool_flash"], times["ours_pool_graphs"])), 3)}
+                    f / o for f, o in zip(times["ours_pool_flash"], times["ours_pool_graphs"])), 3),
+                "pool_graphs_skinny_shapes": [list(shape) for shape in step._skinny_shapes()] if pooled.skinny else [],
+                "pool_graphs_cublas_ms_per_token": round(statistics.median(
+                    1000 * t / steps for t in times["ours_pool_cublas"]), 3),
+                "pool_graphs_skinny_speedup_vs_cublas": round(statistics.median(
+                    c / o for c, o in zip(times["ours_pool_cublas"], times["ours_pool_graphs"])), 3)}
                if pooled is not None else {})}
 
 
@@ -248,12 +255,13 @@ class _Pooled:
     over it (captured for `buckets`); `with` it, the step decodes through them (what the server runs)."""
 
     def __init__(self, step: LlamaStep, cache: KVCache, count: int, buckets: tuple[int, ...],
-                 splits: int | None = None, kernel: bool | None = None):
+                 splits: int | None = None, kernel: bool | None = None, skinny: bool | None = None):
         from blend.cache import KVPool
         from blend.graphs import DecodeGraphs
 
         self.step, self.splits = step, step.decode_splits if splits is None else splits
         self.kernel = step.pool_attention_kernel if kernel is None else kernel
+        self.skinny = step.skinny_kernel if skinny is None else skinny
         block = step.attention_buckets[1] if step.attention_buckets else 512
         size = -(-cache.capacity // block) * block
         self.pool = KVPool(step.n_layers, (count + 1) * size, step.n_kv_heads, step.head_dim, step.dtype,
@@ -268,12 +276,13 @@ class _Pooled:
     def __enter__(self):
         self._splits, self.step.decode_splits = self.step.decode_splits, self.splits
         self._kernel, self.step.pool_attention_kernel = self.step.pool_attention_kernel, self.kernel
+        self._skinny, self.step.skinny_kernel = self.step.skinny_kernel, self.skinny
         self.step.kv_pool, self.step.decode_graphs = self.pool, self.graphs
         return self
 
     def __exit__(self, *exc):
         self.step.kv_pool, self.step.decode_graphs, self.step.decode_splits = None, None, self._splits
-        self.step.pool_attention_kernel = self._kernel
+        self.step.pool_attention_kernel, self.step.skinny_kernel = self._kernel, self._skinny
 
 
 def _pool_figures(times: list[float], hf_ms: list[float], steps: int, pooled: _Pooled, same: bool) -> dict:

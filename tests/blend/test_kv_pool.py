@@ -9,7 +9,7 @@ import torch
 from tests.helpers import model
 from tests.helpers.model import random_layout
 
-from blend import scattered
+from blend import scattered, skinny
 from blend.adapter import LlamaStep
 from blend.cache import KVCache, KVPool
 from blend.decode import Decoding, advance
@@ -87,7 +87,7 @@ def _decode(step, steps=5):
                                                 not scattered.available(torch.device("cpu")),
                                                 reason="Triton's interpreter is off where CUDA runs"))],
                          ids=["eager", "decode-graphs", "decode-graphs-kernels"])
-def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer(graphs, kernels):
+def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer(graphs, kernels, monkeypatch):
     """Three requests of different lengths in one pool (their ranges not in batch order after a free),
     five batched steps: same logits and same K/V as with buffers of their own, decoded one by one. With
     the Triton kernels (CUDA's path; here interpreted): RoPE writing K/V into the pool, the norms, the
@@ -103,7 +103,9 @@ def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer
         alone.append(d)
 
     pooled = LlamaStep(model.tiny_model())
-    pooled.fused_kernels = pooled.pool_attention_kernel = kernels
+    pooled.fused_kernels = pooled.pool_attention_kernel = pooled.skinny_kernel = kernels
+    if kernels:  # every projection through the few-rows matmul
+        monkeypatch.setattr(skinny, "FASTER", {shape: (16, 16, 2) for shape in pooled.projection_shapes()})
     pooled.kv_pool = _pool(pooled, tokens=512, block=16)
     hole = pooled.kv_pool.take(48)  # taken then freed below: the next requests' offsets are out of order
     if graphs:
