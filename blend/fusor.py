@@ -15,6 +15,8 @@ layer i + 1 while layer i computes; the fusor never does I/O itself.
 
 from __future__ import annotations
 
+from array import array
+
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -281,7 +283,9 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
                          + list(range(question_start, n)) if early else [], dtype=torch.long)
     # The request's host-built integers in one copy: token ids, the fixed positions and their rows among the
     # computed ones, and the placed tokens' positions then and now (for their re-rotation); the masks in another.
-    ints = [torch.tensor(layout.token_ids), fixed, fixed - first] + ([moving[2]] if moving is not None else [])
+    # The prompt's ids through an array, not torch.tensor of a list (~600 against ~80 us for 5,184 ids on a slow host).
+    token_ids = torch.frombuffer(array("q", layout.token_ids), dtype=torch.int64)
+    ints = [token_ids, fixed, fixed - first] + ([moving[2]] if moving is not None else [])
     ids, fixed, rows, *old_new = _send_all(device, *ints)
     always, sinks, exact = _sent(flags, device)
     turn = None

@@ -7,6 +7,8 @@ Build it on the thread that owns the model (its construction runs the model for 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +20,10 @@ from services.settings import DEFAULT_TENANT
 from store.keys import chunk_key
 
 
+# Chunk keys remembered (about 4 KB each for 512-token chunks: ~16 MB at most).
+KEY_CACHE = 4096
+
+
 class Precompute:
     def __init__(self, step, tokenizer, fingerprint: str, system: str = DEFAULT_SYSTEM):
         self.step = step
@@ -25,12 +31,28 @@ class Precompute:
         self.prefix_ids = build_layout(tokenizer, [], "x", system).prefix
         with torch.inference_mode():
             self.prefix: ChunkKV = compute_kv(step, self.prefix_ids)
+        self._keys: OrderedDict = OrderedDict()  # (tenant, token ids) -> key, the most recent last
+        self._keys_lock = threading.Lock()  # the model thread and ingestion ask concurrently
 
     def key(self, token_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> str:
         """The chunk's content address. A tenant's keys carry the tenant, so one tenant's entries say
-        nothing about another's; the default tenant's are the plain addresses `kvblend ingest` writes."""
+        nothing about another's; the default tenant's are the plain addresses `kvblend ingest` writes.
+
+        The last KEY_CACHE chunks' keys are remembered: hashing a 512-token chunk takes ~65 us (JSON and
+        sha256), ~0.65 ms of a 10-chunk request's time to first token, where looking one up takes ~3 us."""
+        ids = tuple(token_ids)
+        with self._keys_lock:
+            key = self._keys.get((tenant, ids))
+            if key is not None:
+                self._keys.move_to_end((tenant, ids))
+                return key
         namespace = self.fingerprint if tenant == DEFAULT_TENANT else f"{self.fingerprint}/t/{tenant}"
-        return chunk_key(namespace, self.prefix_ids, token_ids, self.step.dtype)
+        key = chunk_key(namespace, self.prefix_ids, ids, self.step.dtype)
+        with self._keys_lock:
+            self._keys[(tenant, ids)] = key
+            while len(self._keys) > KEY_CACHE:
+                self._keys.popitem(last=False)
+        return key
 
     def compute(self, token_ids: Sequence[int]) -> ChunkKV:
         """The chunk's per-layer K/V, computed on its own right behind the system prefix."""

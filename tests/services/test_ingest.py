@@ -234,3 +234,22 @@ def test_recall_counts_a_passage_found_when_any_of_its_chunks_is_retrieved(tmp_p
     assert result[f"recall@{len(collection)}"] == 1.0  # everything retrieved: every passage found
     assert result["recall@1"] == 0.5  # one chunk retrieved: at most one of two passages
     collection.close()
+
+
+def test_chunk_keys_are_remembered_per_tenant_and_equal_the_content_address(kv, monkeypatch):
+    from services import precompute
+    from store import keys
+
+    hashed = []
+    monkeypatch.setattr(precompute, "chunk_key", lambda *a: hashed.append(a) or keys.chunk_key(*a))
+    monkeypatch.setattr(precompute, "KEY_CACHE", 2)
+    monkeypatch.setattr(kv, "_keys", type(kv._keys)())
+    ids = [5, 6, 7]
+    first = kv.key(ids)
+    assert first == keys.chunk_key(kv.fingerprint, kv.prefix_ids, ids, kv.step.dtype)
+    assert kv.key(tuple(ids)) == first and len(hashed) == 1  # remembered
+    other = kv.key(ids, tenant="acme")
+    assert other != first and len(hashed) == 2  # a tenant's key is its own
+    kv.key([8])  # a third key in a cache of two: the least recently used (the default tenant's) goes
+    assert kv.key(ids, tenant="acme") == other and len(hashed) == 3
+    assert kv.key(ids) == first and len(hashed) == 4  # recomputed after eviction, the same address
