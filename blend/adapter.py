@@ -188,8 +188,9 @@ class PooledDecode:
     With `splits` > 1 each row's keys are cut into that many equal pieces attended as separate varlen
     entries and merged by their log-sum-exps (split-KV, as flash-decoding does): one request's 32 heads
     alone give the kernel 32 blocks for 132 SMs, each walking the whole context. All of it is device
-    arithmetic on `raw`, so the graph still serves every batch. On CUDA the attention is FlashAttention's
-    varlen kernel; elsewhere `_varlen` computes the same (the reference, what CPU tests run)."""
+    arithmetic on `raw`, so the graph still serves every batch. On CUDA the attention is the pool-attention
+    Triton kernel (`pool_attention_kernel`, one piece: it splits the keys itself) or FlashAttention's varlen
+    kernel; elsewhere `_varlen` computes the same (the reference, what CPU tests run)."""
 
     pool: KVPool
     raw: torch.Tensor

@@ -6,7 +6,8 @@
   request whose cache is a pool range.
 - `DecodeGraphs` (served by default on CUDA, with the KV pool): a whole decode step over requests whose
   caches are ranges of one `KVPool`, captured once per batch size at start-up: attention inside the
-  graph through the pool's fixed address, each row's offset and length in a device tensor.
+  graph through the pool's fixed address, each row's offset and length in a device tensor; each row's
+  greedy token left on the device for the next step (one step ahead, blend/decode.py).
 - `GraphDecoder` (`server.decode_graphs`, off; superseded by `DecodeGraphs`): one request's whole decode step as one graph, captured
   per KV buffer: one token at a position held in a device tensor, attending to the whole buffer under a
   mask from that position, so the shape never changes while the answer grows.
