@@ -16,7 +16,6 @@ layer i + 1 while layer i computes; the fusor never does I/O itself.
 from __future__ import annotations
 
 from array import array
-
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
