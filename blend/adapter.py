@@ -355,8 +355,9 @@ class LlamaStep:
         # A decode step over the KV pool attends through the Triton kernel that reads each key once for the heads
         # sharing it (blend/pool_attention.py), FlashAttention's varlen kernel elsewhere.
         self.pool_attention_kernel = self.scattered_attention
-        # Steps over at most SKINNY_ROWS tokens (decode batches) project through the Triton matmul for few rows (blend/skinny.py: each weight streamed once, the residual added in its epilogue) where
-        # `skinny.FASTER` says it beat cuBLAS on the H200; cuBLAS elsewhere (tests may set it).
+        # Steps over at most SKINNY_ROWS tokens (decode batches) project through the Triton matmul for few rows
+        # (blend/skinny.py: each weight streamed once, the residual added in its epilogue) where `skinny.FASTER`
+        # says it beat cuBLAS on the H200; cuBLAS elsewhere (tests may set it).
         self.skinny_kernel = self.scattered_attention
         # Placed chunks' keys re-rotate in one Triton kernel (blend/rerotate.py) instead of five passes.
         self.rerotate_kernel = self.scattered_attention
