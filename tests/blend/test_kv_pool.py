@@ -89,23 +89,21 @@ def _decode(step, steps=5):
                          ids=["eager", "decode-graphs", "decode-graphs-kernels"])
 def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer(graphs, kernels, monkeypatch):
     """Three requests of different lengths in one pool (their ranges not in batch order after a free),
-    five batched steps: same logits and same K/V as with buffers of their own, decoded one by one. With
+    five batched steps (two through the kernels): same logits and same K/V as with buffers of their own, decoded one by one. With
     the Triton kernels (CUDA's path; here interpreted): RoPE writing K/V into the pool, the norms, the
     attention over the pool."""
+    steps = 2 if kernels else 5  # interpreted kernels are slow: fewer steps through them
     own = LlamaStep(model.tiny_model())
     alone = []
     for seed, lengths in LAYOUTS:
         layout = random_layout(seed, lengths)
         f = prefill(own, layout, BlendConfig("full"), None, capacity=len(layout) + 8)
         d = Decoding(f.cache, f.length, f.logits)
-        for _ in range(5):
+        for _ in range(steps):
             advance(own, [d], [d.token()])
         alone.append(d)
 
     pooled = LlamaStep(model.tiny_model())
-    pooled.fused_kernels = pooled.pool_attention_kernel = pooled.skinny_kernel = kernels
-    if kernels:  # every projection through the few-rows matmul
-        monkeypatch.setattr(skinny, "FASTER", {shape: (16, 16, 2) for shape in pooled.projection_shapes()})
     pooled.kv_pool = _pool(pooled, tokens=512, block=16)
     hole = pooled.kv_pool.take(48)  # taken then freed below: the next requests' offsets are out of order
     if graphs:
@@ -120,7 +118,11 @@ def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer
         assert f.cache.pool is pooled.kv_pool
         together.append(Decoding(f.cache, f.length, f.logits))
     assert [d.cache.offset for d in together] != sorted(d.cache.offset for d in together)
-    for _ in range(5):
+    # The decode steps' kernels (the prefills above took PyTorch's path: interpreted kernels are slow).
+    pooled.fused_kernels = pooled.pool_attention_kernel = pooled.skinny_kernel = kernels
+    if kernels:  # every projection through the few-rows matmul
+        monkeypatch.setattr(skinny, "FASTER", {shape: (16, 16, 2) for shape in pooled.projection_shapes()})
+    for _ in range(steps):
         advance(pooled, together, [d.token() for d in together])
     for one, many in zip(alone, together):
         assert many.length == one.length
