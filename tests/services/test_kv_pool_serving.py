@@ -63,3 +63,36 @@ def test_pooled_answers_equal_own_buffer_answers_and_ranges_go_back_when_answers
         step.kv_pool, step.decode_graphs = None, None
     assert taken and all(taken)
     assert pooled == own and all(len(answer) == 6 for answer in own)
+
+
+def test_an_answer_cut_by_a_stop_string_one_step_ahead_ends_where_it_ends_alone_and_gives_its_range_back(engine):
+    """Through the decode graphs the server runs one step ahead: the step after the token that completes a stop
+    string is already computed when the host sees it. The answer still ends at the same text as decoding from
+    a buffer of its own, and its range (with that step's K/V in it) goes back to the pool."""
+    result = engine.ingest(DEFAULT_TENANT, [DocumentIn(**d) for d in DOCUMENTS[:2]])
+    ids = tuple(chunk_ids[0] for chunk_ids in result.chunk_ids)
+
+    def answer(stop=()):
+        pieces = list(engine.generate(DEFAULT_TENANT, GenerateParams(query="Where is the Seine?", chunk_ids=ids,
+                                                                     mode="blend", max_new_tokens=8, stop=stop)))
+        return "".join(p.text for p in pieces), pieces[-1].finish
+
+    full_text, _ = answer()
+    cut = full_text[len(full_text) // 2 :][:3]  # a stop string from the answer's second half
+    assert cut.strip(), full_text
+    alone, alone_finish = answer((cut,))
+    step = engine.model.step
+    pool = KVPool(step.n_layers, 4096, step.n_kv_heads, step.head_dim, step.dtype, step.device, block=64)
+    step.kv_pool, step.decode_graphs = pool, DecodeGraphs(step, pool, buckets=(1, 2))
+    fed = []
+    run = step.decode_graphs.run
+    step.decode_graphs.run = lambda tokens, ends, caches: fed.extend(tokens) or run(tokens, ends, caches)
+    gc.disable()
+    try:
+        ahead, ahead_finish = answer((cut,))
+        assert pool.free_tokens == 4096 - 64
+    finally:
+        gc.enable()
+        step.kv_pool, step.decode_graphs = None, None
+    assert ahead == alone and ahead_finish.reason == alone_finish.reason == "stop"
+    assert None in fed  # steps were fed from the device
