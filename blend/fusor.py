@@ -282,7 +282,8 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
                          + list(range(question_start, n)) if early else [], dtype=torch.long)
     # The request's host-built integers in one copy: token ids, the fixed positions and their rows among the
     # computed ones, and the placed tokens' positions then and now (for their re-rotation); the masks in another.
-    # The prompt's ids through an array, not torch.tensor of a list (~600 against ~80 us for 5,184 ids on a slow host).
+    # The prompt's ids through an array, not torch.tensor of a list: 89 against 687 us for 6,217 ids on a 2-core
+    # CPU (`python3 -m services.bench.probe_prompt`, docs/ops/cpu_probe_prompt_s13.txt).
     token_ids = torch.frombuffer(array("q", layout.token_ids), dtype=torch.int64)
     ints = [token_ids, fixed, fixed - first] + ([moving[2]] if moving is not None else [])
     ids, fixed, rows, *old_new = _send_all(device, *ints)

@@ -28,9 +28,9 @@ if triton is not None:
     from blend.scattered import _keys_step
 
 # Keys per inner step, warps and software-pipelining stages. H200, 8B shape, 5,184 keys a row, per layer in a
-# CUDA graph (`python3 -m services.bench.probe_pool_attention`, and 2 / 8 warps by hand): 1 row 11.4-11.5 us
-# at pieces_for's 20 pieces (best variant 10.4-10.5: 16 pieces, 128 keys, 3 stages) against flash varlen's
-# 19.2-19.5; 16 rows 82.5-84.3 us at 3 pieces (best 81.2-82.5) against 93.3-94.8. 2 and 8 warps: no better.
+# CUDA graph (`python3 -m services.bench.probe_pool_attention`, docs/ops/h200_probe_pool_attention_s13a.txt): 1 row
+# 11.36 us at pieces_for's 20 pieces (best variant 10.29: 16 pieces, 128 keys, 3 stages) against flash varlen's
+# 19.47; 16 rows 83.32 us at 3 pieces (best 81.97) against 92.70. Warps other than 4 are not measured.
 BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 2

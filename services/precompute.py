@@ -38,8 +38,9 @@ class Precompute:
         """The chunk's content address. A tenant's keys carry the tenant, so one tenant's entries say
         nothing about another's; the default tenant's are the plain addresses `kvblend ingest` writes.
 
-        The last KEY_CACHE chunks' keys are remembered: hashing a 512-token chunk takes ~65 us (JSON and
-        sha256), ~0.65 ms of a 10-chunk request's time to first token, where looking one up takes ~3 us."""
+        The last KEY_CACHE chunks' keys are remembered: hashing ten ~600-token chunks (JSON and sha256) took
+        910 us of a request's time to first token on a 2-core CPU, looking them up 38 us
+        (`python3 -m services.bench.probe_prompt`, docs/ops/cpu_probe_prompt_s13.txt)."""
         ids = tuple(token_ids)
         with self._keys_lock:
             key = self._keys.get((tenant, ids))

@@ -22,7 +22,7 @@ from blend.adapter import LlamaStep
 from blend.cache import ChunkKV, KVCache
 from blend.decode import Decoding, Sampling, advance, decode
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
-from blend.graphs import GraphDecoder, LayerGraphs
+from blend.graphs import GraphDecoder, LayerGraphs, _record, _warm_up
 from blend.loader import gate
 from blend.prompt import PromptLayout
 from services.settings import SERVED_SELECTOR
@@ -92,6 +92,30 @@ def _sync(device: torch.device) -> None:
 
 def _time(fn, repeats: int, warmup: int = 2) -> list[float]:
     return _interleaved([fn], repeats, warmup)[0]
+
+
+# A graphed timing's calls per graph and replays (`graphed_ms`).
+GRAPH_CALLS = 20
+GRAPH_REPLAYS = 5
+
+
+def graphed_ms(call, calls: int = GRAPH_CALLS, replays: int = GRAPH_REPLAYS) -> float:
+    """Milliseconds per call of `call(i)` for a kernel probe: call(0 .. calls - 1) captured in one CUDA graph (the
+    served steps are graphs, so launches cost what they cost there), after three calls on a side stream
+    (compiles, workspaces); the median of `replays` replays timed by CUDA events."""
+    _warm_up(*[lambda i=i: call(i) for i in range(3)])
+    graph, _ = _record(lambda: [call(i) for i in range(calls)])
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / calls)
+    return statistics.median(times)
 
 
 def _interleaved(fns, rounds: int, warmup: int = 2, device: torch.device = torch.device("cuda")) -> list[list[float]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from types import SimpleNamespace
 
@@ -21,41 +20,15 @@ import torch
 from blend import pool_attention
 from blend.adapter import PooledDecode
 from blend.cache import KVPool
+from services.bench.gpu import GRAPH_CALLS, graphed_ms
 
 H, KVH, D, L = 32, 8, 128, 5184
 POOL_ROWS = 40_000
 SCALE = D ** -0.5
-CALLS = 20  # calls captured in one graph
-REPLAYS = 5
 ROWS = (1, 16)
 PIECES = (4, 8, 16, 32)
 BLOCKS = (64, 128)
 STAGES = (2, 3)
-
-
-def graphed_ms(call) -> float:
-    """Milliseconds per call: CALLS calls captured in one graph, the median of REPLAYS replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: Triton compiles, workspaces are allocated
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPLAYS):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / CALLS)
-    return statistics.median(times)
 
 
 def batch(pool: KVPool, rows: int) -> PooledDecode:
@@ -107,7 +80,7 @@ def main() -> None:
         for name, call in variants:
             try:
                 error = (call().float() - expected.float()).abs().max().item()
-                ms = graphed_ms(call)
+                ms = graphed_ms(lambda i, call=call: call())
             except Exception as exc:  # a probe: say what failed (a variant out of shared memory) and go on
                 results.append({"rows": rows, "kernel": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 print(f"{rows:4d} {name:<28} FAILED {type(exc).__name__}: {str(exc)[:160]}", flush=True)
@@ -119,7 +92,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [H, KVH, D, L],
-                       "pool_rows": POOL_ROWS, "calls_per_graph": CALLS, "rows": results}, f, indent=1)
+                       "pool_rows": POOL_ROWS, "calls_per_graph": GRAPH_CALLS, "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

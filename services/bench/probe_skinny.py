@@ -2,9 +2,10 @@
 (`F.linear` for q/k/v and gate/up, `torch.addmm(h, x, W.t())` for o_proj and down_proj, residual added), on
 the Llama-3-8B decode shapes in bf16 at 1 and 16 rows, for each (block_n, block_k, stages) below, 4 warps.
 
-Each time is per call: CALLS calls captured in one CUDA graph (the served step is a graph), replayed, CUDA
-events, median of REPLAYS replays. The calls cycle through copies of the weight adding up to CYCLE_BYTES, so
-no call finds its weight in the 50 MB L2 (the step reads each layer's weights once a token). GB/s counts the
+Each time is per call: `services.bench.gpu.graphed_ms` (GRAPH_CALLS calls captured in one CUDA graph, the
+served step being a graph, replayed, CUDA events, median of GRAPH_REPLAYS replays). The calls cycle through
+copies of the weight adding up to CYCLE_BYTES, so no call finds its weight in the 50 MB L2 (the step reads
+each layer's weights once a token). GB/s counts the
 weight's bytes once; errors are the max abs difference from cuBLAS's output. Then per (shape, rows) the best
 variant and its speed-up over cuBLAS, the best single setting over all shapes, and a token's total at one
 row over the 32 layers.
@@ -17,47 +18,20 @@ import argparse
 import itertools
 import json
 import math
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 from blend import skinny
+from services.bench.gpu import GRAPH_CALLS, GRAPH_REPLAYS, graphed_ms
 
 SHAPES = {"qkv": (6144, 4096, False), "o_proj": (4096, 4096, True), "gate_up": (28672, 4096, False),
           "down_proj": (4096, 14336, True)}  # name: (N, K, residual added)
 ROWS = (1, 16)
 LAYERS = 32
-CALLS = 20  # calls captured in one graph
-REPLAYS = 5
 CYCLE_BYTES = 256e6
 VARIANTS = list(itertools.product((16, 32, 64), (128, 256, 512), (3, 4)))  # (block_n, block_k, stages)
 DEFAULT = (skinny.BLOCK_N, skinny.BLOCK_K, skinny.NUM_STAGES)
-
-
-def graphed_us(call) -> float:
-    """Microseconds per call: call(0 .. CALLS - 1) captured in one graph, the median of REPLAYS replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS picks its kernels, Triton compiles
-        for i in range(3):
-            call(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            call(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPLAYS):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3 / CALLS)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -101,7 +75,7 @@ def main() -> None:
                     continue
                 try:
                     error = (call(0).float() - expected.float()).abs().max().item()
-                    us = graphed_us(call)
+                    us = 1e3 * graphed_ms(call)
                 except Exception as exc:  # a probe: say what failed (a variant out of shared memory) and go on
                     failed.add((variant, residual))
                     results.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -139,8 +113,8 @@ def main() -> None:
           f"best kernels {token['kernel_ms']:.3f} ms")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "calls_per_graph": CALLS,
-                       "replays": REPLAYS, "cycle_bytes": CYCLE_BYTES, "rows": results, "best": best,
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "calls_per_graph": GRAPH_CALLS,
+                       "replays": GRAPH_REPLAYS, "cycle_bytes": CYCLE_BYTES, "rows": results, "best": best,
                        "one_setting": {str(r): v for r, v in one_setting.items()}, "token_rows_1": token}, f, indent=1)
 
 
