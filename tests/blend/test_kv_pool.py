@@ -121,7 +121,7 @@ def test_a_batched_step_over_pooled_caches_equals_each_request_in_its_own_buffer
     # The decode steps' kernels (the prefills above took PyTorch's path: interpreted kernels are slow).
     pooled.fused_kernels = pooled.pool_attention_kernel = pooled.skinny_kernel = kernels
     if kernels:  # every projection through the few-rows matmul
-        monkeypatch.setattr(skinny, "FASTER", {shape: (16, 16, 2) for shape in pooled.projection_shapes()})
+        monkeypatch.setattr(skinny, "FASTER", {shape: (64, 32, 2) for shape in pooled.projection_shapes()})
     for _ in range(steps):
         advance(pooled, together, [d.token() for d in together])
     for one, many in zip(alone, together):
