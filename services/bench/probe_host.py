@@ -1,7 +1,9 @@
 """Probe (not a result): where the host's time goes in a served-shape request on a GPU (8B shape, random
-weights, 10 x 512 chunks from the CPU tier through the server's StoreSource, layer graphs on as served).
-Prints, per request kind, the wall time, the host's issue time and the Python functions with the most
-own time (cProfile over several requests); writes the .prof files to $OUT (or /tmp/out).
+weights, 10 x 512 chunks from the CPU tier through the server's StoreSource, whole-layer graphs over a KV pool
+as served). Prints, per request kind, the wall time, the host's time per phase (building the source, set-up
+to layer 0's end, the check layer, the rest) and the Python functions with the most own time in the head
+(cProfile over the source's building, the set-up, layer 0 and the check layer of several requests); then
+the host cost of a few primitives the head calls. Writes the .prof files to $OUT (or /tmp/out).
 
 `python3 -m services.bench.probe_host` on a GPU.
 """
@@ -11,17 +13,36 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from blend.fusor import BlendConfig, prefill
+from blend.cache import KVPool
+from blend.fusor import BlendConfig, prefill_layers
 from blend.graphs import LayerGraphs
 from services.bench.gpu import served_prompt, tier_store
 from store.source import StoreSource
 
-REQUESTS = 8
+REQUESTS = 12
+
+
+def _us(fn, count: int = 200) -> float:
+    """Host microseconds a call of fn, median of `count` (GPU synchronized first, so nothing queues)."""
+    torch.cuda.synchronize()
+    took = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        took.append(1e6 * (time.perf_counter() - start))
+    torch.cuda.synchronize()
+    return round(statistics.median(took), 1)
+
+
+def _enter(stream) -> None:
+    with torch.cuda.stream(stream):
+        pass
 
 
 def main() -> None:
@@ -31,49 +52,88 @@ def main() -> None:
     with torch.inference_mode():
         _, step, layout, prefix, chunks = served_prompt()
         store, keys = tier_store("cpu", chunks, "probe-host")
-        step.graphs = LayerGraphs(step)
+        step.compile_kernels()
+        block = step.attention_buckets[1] if step.attention_buckets else 512
+        per_request = step.cache_tokens(len(layout) + 64)
+        step.kv_pool = KVPool(step.n_layers, block + 3 * per_request, step.n_kv_heads, step.head_dim, step.dtype,
+                              step.device, block, step.longest_cache)
+        step.graphs = LayerGraphs(step, kv_pool=step.kv_pool)
         step.graphs.capture_all()
-
-        def source():
-            return StoreSource(store, [prefix, *keys], device="cuda").begin()
-
         kinds = {
             "reuse": BlendConfig("reuse"),
-            "blend@0.05": BlendConfig("blend", 0.05),
             "blend@0.05/cachedk": BlendConfig("blend", 0.05, selector="qattn+sink4+nofirst+cachedk"),
             "blend@0.15/cachedk": BlendConfig("blend", 0.15, selector="qattn+sink4+nofirst+cachedk"),
+            "blend@0.05": BlendConfig("blend", 0.05),
         }
         for name, config in kinds.items():
-            run = lambda: prefill(step, layout, config, source())  # noqa: E731
-            for _ in range(3):
-                run()
-            torch.cuda.synchronize()
-            walls, issues = [], []
-            for _ in range(REQUESTS):
+            def request(profiler=None):
                 start = time.perf_counter()
-                run()
-                issues.append(1e3 * (time.perf_counter() - start))
+                if profiler is not None:
+                    profiler.enable()
+                source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+                built = time.perf_counter()
+                layers = prefill_layers(step, layout, config, source)
+                next(layers)
+                first = time.perf_counter()
+                next(layers)
+                check = time.perf_counter()
+                if profiler is not None:
+                    profiler.disable()
+                for _ in layers:
+                    pass
+                issued = time.perf_counter()
                 torch.cuda.synchronize()
-                walls.append(1e3 * (time.perf_counter() - start))
+                done = time.perf_counter()
+                return [1e3 * (t - start) for t in (built, first, check, issued, done)]
+
+            for _ in range(3):
+                request()
+            marks = [request() for _ in range(REQUESTS)]
+            med = [statistics.median(m[i] for m in marks) for i in range(5)]
+            print(f"\n== {name}: wall median {med[4]:.2f} ms (min {min(m[4] for m in marks):.2f}); host at: source "
+                  f"built {med[0]:.2f}, layer 0 done {med[1]:.2f}, check layer done {med[2]:.2f}, "
+                  f"all issued {med[3]:.2f} ms")
             profiler = cProfile.Profile()
-            profiler.enable()
             for _ in range(REQUESTS):
-                run()
-            torch.cuda.synchronize()
-            profiler.disable()
-            # A plain file name (the device tool leaves out names with '@'): host_blend_0.05_cachedk.prof
-            profiler.dump_stats(out / f"host_{name.replace('/', '_').replace('@', '_')}.prof")
+                request(profiler)
+            profiler.dump_stats(out / f"head_{name.replace('/', '_').replace('@', '_')}.prof")
             text = io.StringIO()
-            stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
-            stats.print_stats(28)
-            print(f"\n== {name}: wall median {sorted(walls)[REQUESTS // 2]:.1f} ms (min {min(walls):.1f}), "
-                  f"host issue median {sorted(issues)[REQUESTS // 2]:.1f} ms")
+            stats = pstats.Stats(profiler, stream=text)
+            print(f"   head under cProfile: {1e3 * stats.total_tt / REQUESTS:.2f} ms a request")
+            stats.sort_stats("tottime").print_stats(30)
             body = text.getvalue().split("ncalls", 1)[-1]
             print("ncalls" + "\n".join(line[:150] for line in body.splitlines()[:32]))
             text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(r"(blend|store)/", 24)
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(r"(blend|store)/", 30)
             body = text.getvalue().split("ncalls", 1)[-1]
-            print("cumulative, ours: ncalls" + "\n".join(line[:150] for line in body.splitlines()[:26]))
+            print("cumulative, ours: ncalls" + "\n".join(line[:150] for line in body.splitlines()[:32]))
+
+        # The host cost of primitives the head calls, each alone.
+        host = torch.empty(512, 2, 8, 128, dtype=torch.bfloat16, pin_memory=True)
+        dev = torch.empty(512, 2, 8, 128, dtype=torch.bfloat16, device="cuda")
+        sources, targets = [host] * 11, [dev] * 11
+        event = torch.cuda.Event()
+        stream = torch.cuda.Stream()
+        small = torch.arange(6000)
+        prims = {
+            "torch.cuda.Stream()": lambda: torch.cuda.Stream(),
+            "Event() + record": lambda: torch.cuda.Event().record(),
+            "Event(timing) + record": lambda: torch.cuda.Event(enable_timing=True).record(),
+            "event.record (made)": lambda: event.record(),
+            "wait_event": lambda: torch.cuda.current_stream().wait_event(event),
+            "one H2D copy_ of a 2 MB block (pinned)": lambda: dev.copy_(host, non_blocking=True),
+            "_foreach_copy_ of 11 blocks H2D": lambda: torch._foreach_copy_(targets, sources, non_blocking=True),
+            "with torch.cuda.stream(s): pass": lambda: _enter(stream),
+            "small tensor .to(cuda, non_blocking)": lambda: small.to("cuda", non_blocking=True),
+            "empty on cuda": lambda: torch.empty(6000, device="cuda"),
+            "an elementwise kernel": lambda: dev.add_(0),
+            "store.manifest": lambda: store.manifest(keys[0]),
+            "store.layers_from (10 chunks)": lambda: store.layers_from([(k, store.manifest(k)) for k in keys], 3),
+            "StoreSource(...) (11 segments)": lambda: StoreSource(store, [prefix, *keys], device="cuda"),
+        }
+        print("\n== primitives, host us a call (median of 200):")
+        for label, fn in prims.items():
+            print(f"   {label}: {_us(fn)}")
 
 
 if __name__ == "__main__":
