@@ -187,3 +187,26 @@ def test_a_chunk_with_one_layer_left_only_on_disk_is_a_disk_chunk_read_ahead_and
     # Chunk 1's layer 2 came from disk (then promoted); its other layers and all of chunk 0's from memory.
     assert source.stats.read_bytes["disk"] == size[1]
     assert source.stats.read_bytes["cpu"] == N_LAYERS * size[0] + (N_LAYERS - 1) * size[1]
+
+
+@pytest.mark.parametrize("starts,lengths,indices", [
+    ([0, 3, 8, 8, 12], [3, 5, 0, 4, 2], [1, 2, 3, 4]),  # back to back (one empty): one split a layer
+    ([0, 3, 8, 12], [3, 5, 4, 2], [3, 1]),  # a gap (segment 2 not asked for): a view each
+    ([5, 0], [4, 5], [0, 1]),  # out of order, back to back
+])
+def test_layer_views_are_each_segments_own_slice_of_the_layer(starts, lengths, indices):
+    """The views a layer's copies land in (`into`): segment i's tokens of that layer, writable into the buffer."""
+    from store.source import layer_views
+
+    data = torch.zeros(3, 16, 2, 1, 2)
+    views = layer_views(data, starts, lengths, indices)
+    for layer in range(3):
+        got = views(layer)
+        assert sorted(got) == sorted(indices)
+        for index, view in got.items():
+            view.fill_(10 * layer + index + 1)
+            assert view.shape == (lengths[index], 2, 1, 2)
+    for layer in range(3):
+        for index in indices:
+            expected = torch.full((lengths[index], 2, 1, 2), 10.0 * layer + index + 1)
+            assert torch.equal(data[layer, starts[index] : starts[index] + lengths[index]], expected)
