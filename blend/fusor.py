@@ -188,19 +188,40 @@ def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
     }
 
 
-def _keep(selection: Selector, score, mass, candidate, n_candidates: int, n_always: int, ceiling: int):
+# A computed token's fixed rank where it has one (`_ranks`): never dropped, a chunk-start sink, the first chunk.
+NEVER_DROPPED, SINK, EXACT = float("inf"), torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max
+
+
+def _ranks(n: int, always: Sequence[slice], sinks: Sequence[slice], exact: slice | None) -> torch.Tensor:
+    """[n] float32 on the host: each position's fixed score, NaN where its own score ranks it. Never dropped
+    (the question, chunks prefilled in full) above all; chunk-start sinks above every other chunk token (they
+    take the budget first); the exactly cached first chunk below all (ranked last); a sink in the first chunk
+    is ranked last. One tensor the ranking applies in one `where`, not three masks and as many passes."""
+    ranks = torch.full((n,), float("nan"))
+    for span in sinks:
+        ranks[span] = SINK
+    if exact is not None:
+        ranks[exact] = EXACT
+    for span in always:
+        ranks[span] = NEVER_DROPPED
+    return ranks
+
+
+def _keep(selection: Selector, score, mass, ranks, n_candidates: int, n_always: int, ceiling: int):
     """Indices (sorted) of the computed tokens kept: every non-candidate, then the best candidates.
 
-    The fixed budget needs no device value on the host. The adaptive one reads its count once (the
-    kept set's size sets every later layer's shapes); it stays between floor x ceiling and ceiling,
-    and applies only where the ceiling drops tokens, so ratio 1 still recomputes every chunk token.
+    `score` already holds the fixed `ranks` (non-candidates at +inf). The fixed budget needs no device value on
+    the host. The adaptive one reads its count once (the kept set's size sets every later layer's shapes); it
+    stays between floor x ceiling and ceiling, and applies only where the ceiling drops tokens, so ratio 1
+    still recomputes every chunk token.
     """
     ceiling = min(n_candidates, ceiling)
-    score = torch.where(candidate, score, torch.full_like(score, float("inf")))
     budget = ceiling
     if selection.coverage and 0 < ceiling < n_candidates:
         floor = round(selection.floor * ceiling)
-        count = adaptive_count(score, mass, candidate, selection.coverage).clamp(floor, ceiling)
+        # The first chunk's attention mass is not counted towards the coverage.
+        mass = torch.where(ranks == EXACT, 0.0, mass)
+        count = adaptive_count(score, mass, ranks != NEVER_DROPPED, selection.coverage).clamp(floor, ceiling)
         settle(count)  # the wait with the GIL released (the host reads it next)
         budget = int(count)
     return torch.topk(score, budget + n_always).indices.sort().values
@@ -254,25 +275,18 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     else:
         first = covered
     positions = torch.arange(first, n, device=device)
-    # Positions the selection never drops: the question, and chunks prefilled in full. These masks are
-    # built on the host and sent together (a GPU request's set-up is bound by host calls: not one per chunk).
-    # Rows: never dropped; chunk-start sinks (ranked above every other chunk token: they take the budget
-    # first); the first chunk, exactly cached (ranked last).
-    flags = torch.zeros(3, n, dtype=torch.bool)
-    always, sinks, exact = flags
-    always[question_start:] = True
-    for segment in skip:
-        always[boundaries[segment] : boundaries[segment + 1]] = True
     n_chunk_tokens = question_start - len(layout.prefix) - sum(lengths[s] for s in skip)
     n_candidates = n_chunk_tokens  # computed chunk tokens the selection may drop, tracked on the host
     selection = config.selection if config.mode == "blend" else None
-    if selection is not None and selection.sinks:
-        for start in layout.chunk_starts():
-            sinks[start : start + selection.sinks] = True
-        sinks &= ~always
-    if selection is not None and selection.skip_first and layout.chunks:
-        exact[len(layout.prefix) : len(layout.prefix) + len(layout.chunks[0])] = True
-        exact &= ~always
+    # The positions' fixed ranks (`_ranks`), built on the host and sent in one copy (a GPU request's set-up is
+    # bound by host calls: not one per chunk); blend only.
+    ranks = None
+    if selection is not None:
+        ranks = _ranks(n, [slice(question_start, n)] + [slice(boundaries[s], boundaries[s + 1]) for s in skip],
+                       [slice(start, start + selection.sinks) for start in layout.chunk_starts()]
+                       if selection.sinks else [],
+                       slice(len(layout.prefix), len(layout.prefix) + len(layout.chunks[0]))
+                       if selection.skip_first and layout.chunks else None)
     early = selection is not None and selection.cached_keys
     # Before the check layer, with +cachedk, only the positions never dropped run (the question, chunks
     # prefilled in full): the others' placed layer-0 K/V are exact (a token's own), and past layer 0 their
@@ -281,13 +295,13 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     fixed = torch.tensor([p for s in sorted(skip) for p in range(boundaries[s], boundaries[s + 1])]
                          + list(range(question_start, n)) if early else [], dtype=torch.long)
     # The request's host-built integers in one copy: token ids, the fixed positions and their rows among the
-    # computed ones, and the placed tokens' positions then and now (for their re-rotation); the masks in another.
+    # computed ones, and the placed tokens' positions then and now (for their re-rotation); the ranks in another.
     # The prompt's ids through an array, not torch.tensor of a list: 89 against 687 us for 6,217 ids on a 2-core
     # CPU (`python3 -m services.bench.probe_prompt`, docs/ops/cpu_probe_prompt_s13.txt).
     token_ids = torch.frombuffer(array("q", layout.token_ids), dtype=torch.int64)
     ints = [token_ids, fixed, fixed - first] + ([moving[2]] if moving is not None else [])
     ids, fixed, rows, *old_new = _send_all(device, *ints)
-    always, sinks, exact = _sent(flags, device)
+    ranks = _sent(ranks, device) if ranks is not None else None
     turn = None
     if moving is not None:
         cos, sin = step.turn_pair(old_new[0])
@@ -320,16 +334,10 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
             score, mass = token_scores(selection, q, k, v, cache.data[layer], positions, len(layout.suffix),
                                        step.scale)
             ranked = at = positions
-        candidate = ~always[at]
-        if selection.sinks:
-            score = torch.where(sinks[at], torch.finfo(score.dtype).max, score)
-        if selection.skip_first and layout.chunks:
-            # Ranked last, and their attention mass is not counted towards an adaptive coverage.
-            last = exact[at]
-            score = torch.where(last, -torch.finfo(score.dtype).max, score)
-            mass = None if mass is None else torch.where(last, 0.0, mass)
+        fixed_rank = ranks[at]
+        score = torch.where(fixed_rank.isnan(), score, fixed_rank)
         n_always = ranked.shape[0] - n_candidates
-        keep = _keep(selection, score, mass, candidate, n_candidates, n_always,
+        keep = _keep(selection, score, mass, fixed_rank, n_candidates, n_always,
                      round(schedule[layer] * n_chunk_tokens))
         n_candidates = keep.shape[0] - n_always
         if early:
