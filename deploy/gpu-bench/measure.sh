@@ -7,7 +7,7 @@
 #   service  (after setup_b)  bench-service throughput and cpu scenarios                              ~330 s
 #   tests    (after setup_c)  the GPU test modules with the real SmolLM2                               ~200 s
 #   probe    (no setup)       probe_profile: where each row's time goes (file in $OUT)                 ~60 s
-#   host     (no setup)       probe_host: the host's own time per request kind (cProfile, files in $OUT) ~50 s
+#   host     (no setup)       probe_host: the served head's host time by phase, its cProfile (files in $OUT) ~60 s
 set -u
 OUT=${OUT:-/tmp/out}
 case "${1:-}" in
@@ -40,7 +40,7 @@ case "${1:-}" in
     grep "==\|captured" "$OUT/probe_profile.txt" ;;
   host)
     timeout 300 python3 -m services.bench.probe_host > "$OUT/probe_host.txt" 2>&1
-    grep "==" "$OUT/probe_host.txt" ;;
+    grep "^== \|head under" "$OUT/probe_host.txt"; sed -n '/== primitives/,$p' "$OUT/probe_host.txt" ;;
   *)
     echo "usage: measure.sh bench|kernels|service|tests|probe|host" >&2; exit 2 ;;
 esac
