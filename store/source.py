@@ -201,7 +201,10 @@ class StoreSource:
             self._host = [i for i in range(len(self.segments)) if i not in self.skip and self._on_host(i)]
             self._lengths = self.lengths()
             self._target = None  # layer -> {segment: the device view its copy lands in} (`into`, or our own)
-            self._copy_stream = torch.cuda.Stream(self.device)  # from PyTorch's pool of streams: no creation
+            # One of PyTorch's pooled streams (no stream created); without the device argument where it is the
+            # current device (PyTorch then skips switching devices around the call, which it calls expensive).
+            here = self.device.index == torch.cuda.current_device()
+            self._copy_stream = torch.cuda.Stream() if here else torch.cuda.Stream(self.device)
             # Each layer's events are made when its copies are issued (`_issue`), not ~160 here: begin() is on
             # the request's critical path, and most layers are issued later, while the GPU is busy.
             self._ready: list[torch.cuda.Event | None] = [None] * self.n_layers
