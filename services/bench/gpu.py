@@ -154,6 +154,35 @@ def host_us_per_launch(device: torch.device, count: int = 2000) -> float:
     return round(1e6 * issued / count, 2)
 
 
+def host_us(fn, count: int = 200) -> float:
+    """Median host microseconds of one call of fn over `count` calls, nothing waited for between them (the GPU,
+    where there is one, synchronized before and after): what a call costs the host that issues it. One call
+    first, untimed (lazy set-ups)."""
+    cuda = torch.cuda.is_available()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    took = []
+    for _ in range(count):
+        started = time.perf_counter()
+        fn()
+        took.append(1e6 * (time.perf_counter() - started))
+    if cuda:
+        torch.cuda.synchronize()
+    return round(statistics.median(took), 1)
+
+
+def request_pool(step: LlamaStep, prompt_tokens: int, requests: int = 3):
+    """A KV pool like the server's (its first block scratch) with room for `requests` caches of a prompt of
+    `prompt_tokens` (a timed request's range is freed when its result is dropped, before the next is taken)."""
+    from blend.cache import KVPool
+
+    block = step.attention_buckets[1] if step.attention_buckets else 512
+    per_request = step.cache_tokens(prompt_tokens)
+    return KVPool(step.n_layers, block + requests * per_request, step.n_kv_heads, step.head_dim, step.dtype,
+                  step.device, block, step.longest_cache)
+
+
 def _paired(base: list[float], times: list[float]) -> float:
     """Median over rounds of base / this; rows timed apart from the rounds use medians instead."""
     if len(base) != len(times):
@@ -490,14 +519,8 @@ def run_bench(config: BenchConfig) -> dict:
         with torch.inference_mode():
             meta["layer_graphs_capture_s"] = round(graphs.capture_all(), 2)
         if step.scattered_attention:
-            # Whole-layer graphs over a KV pool with room for three requests of the main prompt (a timed
-            # request's range is freed when its result is dropped, before the next is taken).
-            from blend.cache import KVPool
-
-            block = step.attention_buckets[1] if step.attention_buckets else 512
-            per_request = step.cache_tokens(max(config.chunks) * config.chunk_tokens + 2 * config.question_tokens + 64)
-            kv_pool = KVPool(step.n_layers, block + 3 * per_request, step.n_kv_heads, step.head_dim, step.dtype,
-                             step.device, block, step.longest_cache)
+            # Whole-layer graphs over a KV pool with room for three requests of the main prompt.
+            kv_pool = request_pool(step, max(config.chunks) * config.chunk_tokens + 2 * config.question_tokens + 64)
             try:  # a capture failure costs these rows, not the run (the server falls back the same way)
                 pool_graphs = LayerGraphs(step, kv_pool=kv_pool)
                 with torch.inference_mode():

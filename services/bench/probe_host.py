@@ -19,25 +19,12 @@ from pathlib import Path
 
 import torch
 
-from blend.cache import KVPool
 from blend.fusor import BlendConfig, prefill_layers
 from blend.graphs import LayerGraphs
-from services.bench.gpu import served_prompt, tier_store
+from services.bench.gpu import host_us, request_pool, served_prompt, tier_store
 from store.source import StoreSource
 
 REQUESTS = 12
-
-
-def _us(fn, count: int = 200) -> float:
-    """Host microseconds a call of fn, median of `count` (GPU synchronized first, so nothing queues)."""
-    torch.cuda.synchronize()
-    took = []
-    for _ in range(count):
-        start = time.perf_counter()
-        fn()
-        took.append(1e6 * (time.perf_counter() - start))
-    torch.cuda.synchronize()
-    return round(statistics.median(took), 1)
 
 
 def _enter(stream) -> None:
@@ -53,10 +40,7 @@ def main() -> None:
         _, step, layout, prefix, chunks = served_prompt()
         store, keys = tier_store("cpu", chunks, "probe-host")
         step.compile_kernels()
-        block = step.attention_buckets[1] if step.attention_buckets else 512
-        per_request = step.cache_tokens(len(layout) + 64)
-        step.kv_pool = KVPool(step.n_layers, block + 3 * per_request, step.n_kv_heads, step.head_dim, step.dtype,
-                              step.device, block, step.longest_cache)
+        step.kv_pool = request_pool(step, len(layout) + 64)
         step.graphs = LayerGraphs(step, kv_pool=step.kv_pool)
         step.graphs.capture_all()
         kinds = {
@@ -133,7 +117,7 @@ def main() -> None:
         }
         print("\n== primitives, host us a call (median of 200):")
         for label, fn in prims.items():
-            print(f"   {label}: {_us(fn)}")
+            print(f"   {label}: {host_us(fn)}")
 
 
 if __name__ == "__main__":

@@ -10,24 +10,12 @@ K/V blocks are small stand-ins.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from blend.cache import ChunkKV
-from services.bench.gpu import make_layout, tier_store
+from services.bench.gpu import host_us, make_layout, tier_store
 from store.source import StoreSource, layer_views
-
-
-def _us(fn, repeats: int) -> float:
-    fn()
-    took = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        took.append(1e6 * (time.perf_counter() - began))
-    return statistics.median(took)
 
 
 def main() -> None:
@@ -45,7 +33,7 @@ def main() -> None:
         "layer_views (served)": lambda: views(5),
     }
     for name, fn in each.items():
-        print(f"{len(segments)} segments' views of a layer, {name}: {_us(fn, args.repeats):.1f} us "
+        print(f"{len(segments)} segments' views of a layer, {name}: {host_us(fn, args.repeats):.1f} us "
               f"(median of {args.repeats})")
 
     def kv(ids, start):
@@ -53,9 +41,9 @@ def main() -> None:
 
     prefix = kv(layout.prefix, 0)
     store, keys = tier_store("cpu", [kv(ids, len(layout.prefix)) for ids in layout.chunks], "probe-source")
-    build = _us(lambda: StoreSource(store, [prefix, *keys]), args.repeats // 10)
+    build = host_us(lambda: StoreSource(store, [prefix, *keys]), args.repeats // 10)
     source = StoreSource(store, [prefix, *keys]).begin()
-    gather = _us(lambda: source._gather(5), args.repeats // 10)
+    gather = host_us(lambda: source._gather(5), args.repeats // 10)
     print(f"StoreSource over the CPU tier, prefix and 10 chunks: built in {build:.0f} us; a layer's lookup "
           f"(_gather) {gather:.1f} us")
 
