@@ -10,6 +10,8 @@ the host cost of a few primitives the head calls. Writes the .prof files to $OUT
 from __future__ import annotations
 
 import cProfile
+import importlib
+import inspect
 import io
 import os
 import pstats
@@ -25,6 +27,50 @@ from services.bench.gpu import host_us, request_pool, served_prompt, tier_store
 from store.source import StoreSource
 
 REQUESTS = 12
+
+# The head's parts timed apart (`_parts`): (owner, attribute) as the fusor calls them.
+PARTS = [("store.source:StoreSource", n) for n in ("__init__", "begin", "into", "layer", "_issue", "_gather")] + [
+    ("blend.fusor", n) for n in ("_turn", "_ranks", "_send_all", "_sent", "_place", "_keep", "token_scores")] + [
+    ("blend.adapter:LlamaStep", n) for n in ("new_cache", "turn_pair", "signed_sin", "embed", "mask", "cos_sin",
+                                              "qkv", "step", "turn_keys")]
+
+
+class _Parts:
+    """Host seconds inside each of PARTS while on (inclusive: a part called inside another counts in both;
+    `top` sums only the outermost calls, so head minus top is the fusor's own lines)."""
+
+    def __init__(self):
+        self.total, self.calls, self.top, self.depth, self.on, self.saved = {}, {}, 0.0, 0, False, []
+        for where, name in PARTS:
+            module, _, cls = where.partition(":")
+            owner = importlib.import_module(module)
+            owner = getattr(owner, cls) if cls else owner
+            original = inspect.getattr_static(owner, name)
+            self.saved.append((owner, name, original))
+            static = isinstance(original, staticmethod)
+            timed = self._wrap(f"{cls or module.split('.')[-1]}.{name}", original.__func__ if static else original)
+            setattr(owner, name, staticmethod(timed) if static else timed)
+
+    def _wrap(self, label, fn):
+        def timed(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - started
+                self.depth -= 1
+                self.total[label] = self.total.get(label, 0.0) + took
+                self.calls[label] = self.calls.get(label, 0) + 1
+                if self.depth == 0:
+                    self.top += took
+        return timed
+
+    def restore(self):
+        for owner, name, original in self.saved:
+            setattr(owner, name, original)
 
 
 def _enter(stream) -> None:
@@ -50,10 +96,12 @@ def main() -> None:
             "blend@0.05": BlendConfig("blend", 0.05),
         }
         for name, config in kinds.items():
-            def request(profiler=None):
+            def request(profiler=None, parts=None):
                 start = time.perf_counter()
                 if profiler is not None:
                     profiler.enable()
+                if parts is not None:
+                    parts.on = True
                 source = StoreSource(store, [prefix, *keys], device="cuda").begin()
                 built = time.perf_counter()
                 layers = prefill_layers(step, layout, config, source)
@@ -63,6 +111,8 @@ def main() -> None:
                 check = time.perf_counter()
                 if profiler is not None:
                     profiler.disable()
+                if parts is not None:
+                    parts.on = False
                 for _ in layers:
                     pass
                 issued = time.perf_counter()
@@ -77,6 +127,18 @@ def main() -> None:
             print(f"\n== {name}: wall median {med[4]:.2f} ms (min {min(m[4] for m in marks):.2f}); host at: source "
                   f"built {med[0]:.2f}, layer 0 done {med[1]:.2f}, check layer done {med[2]:.2f}, "
                   f"all issued {med[3]:.2f} ms")
+            parts = _Parts()
+            try:
+                for _ in range(3):
+                    request()
+                heads = [request(parts=parts)[2] for _ in range(REQUESTS)]
+            finally:
+                parts.restore()
+            head = statistics.fmean(heads)
+            print(f"   head by part (host us a request, inclusive; mean of {REQUESTS}; head {1e3 * head:.0f} us, of it "
+                  f"outside every part {1e3 * head - 1e6 * parts.top / REQUESTS:.0f} us):")
+            for label, total in sorted(parts.total.items(), key=lambda item: -item[1]):
+                print(f"     {label:28s} {1e6 * total / REQUESTS:7.0f} us in {parts.calls[label] / REQUESTS:4.1f} calls")
             profiler = cProfile.Profile()
             for _ in range(REQUESTS):
                 request(profiler)
