@@ -7,6 +7,7 @@ A chunk key is 64 hex digits. Its entries in the tiers are `<chunk key>:m` (the 
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 import json
 import re
 from collections.abc import Sequence
@@ -46,6 +47,13 @@ def manifest_key(key: str) -> str:
 
 def layer_key(key: str, layer: int) -> str:
     return f"{key}:{layer}"
+
+
+@lru_cache(maxsize=8192)
+def layer_keys(key: str, n_layers: int) -> tuple[str, ...]:
+    """Every layer entry's key of a chunk, built once per chunk (a request asks for them per chunk, ~30 us of
+    string formatting each time for 32 layers)."""
+    return tuple(layer_key(key, layer) for layer in range(n_layers))
 
 
 def chunk_of(entry_key: str) -> str:

@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 import torch
 
 from blend.cache import ChunkKV
+from store import dma
 from store.chunks import ChunkStore, Manifest
-from store.keys import layer_key
+from store.keys import layer_keys
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,7 @@ class StoreSource:
             else:
                 # Its slowest layer's tier: a chunk with one layer left only in Redis is a Redis chunk
                 # (read ahead on the prefetch thread, planned at Redis speed), not a CPU-tier one.
-                self.stats.tiers[index] = store.tiered.slowest(
-                    [layer_key(segment, layer) for layer in range(manifest.n_layers)])
+                self.stats.tiers[index] = store.tiered.slowest(layer_keys(segment, manifest.n_layers))
         self.starts = [self._entry_start(index) for index in range(len(self.segments))]
         counts = {self._layers_of(index) for index in range(len(self.segments))}
         if len(counts) > 1:
@@ -212,6 +212,7 @@ class StoreSource:
                            for name in ("copy_start", "copy_end", "asked", "compute_start")}
             self._issued = -1
             self._pending_blocks: dict[int, list] = {}
+            self._holds = dma.Holds()  # the host blocks of copies not known to be done
         return self
 
     # Layers issued: `into` starts ISSUE_FIRST, each `layer` call adds up to ISSUE_PER_CALL more while fewer
@@ -367,27 +368,33 @@ class StoreSource:
             self._target = self._own_target()
         blocks = self._gather(layer)
         views = self._target(layer)
-        marks = self._marks
-        with torch.cuda.stream(self._copy_stream):
-            marks["copy_start"][layer] = _recorded(self._copy_stream, timing=True)
-            out: list[torch.Tensor | None] = []
-            targets, sources = [], []
-            for index, block in enumerate(blocks):
-                if block is None or block.device == self.device:
-                    out.append(block)
-                    continue
-                target = views.get(index)
-                if target is None:  # a segment that arrived on the host unexpectedly (recomputed on CPU)
+        copy = self._copy_stream
+        start = _recorded(copy, timing=True)
+        out: list[torch.Tensor | None] = []
+        targets, sources = [], []
+        for index, block in enumerate(blocks):
+            if block is None or block.device == self.device:
+                out.append(block)
+                continue
+            target = views.get(index)
+            if target is None:  # a segment that arrived on the host unexpectedly (recomputed on CPU)
+                with torch.cuda.stream(copy):
                     out.append(block.to(self.device, non_blocking=True))
-                    continue
-                targets.append(target)
-                sources.append(block)
-                self.stats.copy_bytes += block.numel() * block.element_size()
-                out.append(target)
-            if targets:  # the layer's copies in one call (one Python dispatch, not one per chunk)
-                torch._foreach_copy_(targets, sources, non_blocking=True)
-            marks["copy_end"][layer] = _recorded(self._copy_stream, timing=True)
-            self._ready[layer] = _recorded(self._copy_stream)
+                continue
+            targets.append(target)
+            sources.append(block)
+            self.stats.copy_bytes += block.numel() * block.element_size()
+            out.append(target)
+        # The layer's copies as runtime calls on raw pointers (store.dma: no PyTorch dispatch or pinned-memory
+        # event a block; the blocks are held here until the copies are done); the rest through PyTorch in one call.
+        left = dma.copy_async(targets, sources, copy) if targets else []
+        if left:
+            with torch.cuda.stream(copy):
+                torch._foreach_copy_([targets[i] for i in left], [sources[i] for i in left], non_blocking=True)
+        end = _recorded(copy, timing=True)  # also the layer's ready event (a timing event can be waited on)
+        self._holds.add(end, sources)
+        self._marks["copy_start"][layer], self._marks["copy_end"][layer] = start, end
+        self._ready[layer] = end
         self._pending_blocks[layer] = out
         self._issued = layer
 
@@ -408,6 +415,7 @@ class StoreSource:
         self._marks["compute_start"][index] = _recorded(compute, timing=True)
         blocks = self._pending_blocks.pop(index)
         self._issue_ahead(index + self.AHEAD)
+        self._holds.release_done()
         if index + 1 == self.n_layers:
             self.close()
         return blocks
@@ -416,7 +424,8 @@ class StoreSource:
         """After the prefill's results were read back (a synchronize happened): the GPU-side figures."""
         self.close()
         if self.cuda and self._begun and self.n_layers:
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.current_stream(self.device).synchronize()  # after close: every copy is done
+            self._holds.release_all()
             # Over the layers read (and issued): a request stopped early has the rest unrecorded.
             stalls = [start.elapsed_time(end) / 1000 for start, end in self._spans("asked", "compute_start")]
             self.stats.stall_s = sum(stalls)
@@ -441,6 +450,7 @@ class StoreSource:
             # Work the compute stream enqueues from now on (a buffer given back and taken again) follows
             # every copy issued into it.
             torch.cuda.current_stream(self.device).wait_event(self._ready[self._issued])
+            self._holds.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

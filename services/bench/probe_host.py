@@ -24,6 +24,7 @@ import torch
 from blend.fusor import BlendConfig, prefill_layers
 from blend.graphs import LayerGraphs
 from services.bench.gpu import host_us, request_pool, served_prompt, tier_store
+from store import dma
 from store.source import StoreSource
 
 REQUESTS = 12
@@ -169,6 +170,7 @@ def main() -> None:
             "wait_event": lambda: torch.cuda.current_stream().wait_event(event),
             "one H2D copy_ of a 2 MB block (pinned)": lambda: dev.copy_(host, non_blocking=True),
             "_foreach_copy_ of 11 blocks H2D": lambda: torch._foreach_copy_(targets, sources, non_blocking=True),
+            "dma.copy_async of 11 blocks H2D (served)": lambda: dma.copy_async(targets, sources, stream),
             "with torch.cuda.stream(s): pass": lambda: _enter(stream),
             "small tensor .to(cuda, non_blocking)": lambda: small.to("cuda", non_blocking=True),
             "empty on cuda": lambda: torch.empty(6000, device="cuda"),
