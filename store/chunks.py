@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -35,7 +36,7 @@ class Manifest:
     head_dim: int
     dtype: torch.dtype
 
-    @property
+    @cached_property
     def block_shape(self) -> tuple[int, int, int, int]:
         return (len(self.token_ids), 2, self.kv_heads, self.head_dim)
 

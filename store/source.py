@@ -292,16 +292,16 @@ class StoreSource:
             started = time.perf_counter()
             served = self.store.layers_from([(self.segments[i], self.manifests[i]) for i in stored], layer)
             elapsed = time.perf_counter() - started
-            sizes = {index: block.numel() * block.element_size() for index, (block, _) in zip(stored, served)
-                     if block is not None}
-            total = sum(sizes.values())
+            sizes = []
             for index, (block, tier) in zip(stored, served):
-                if block is None:
-                    continue
-                # One batch's time, shared among the tiers that served it by their bytes.
-                self.stats.read_s[tier] = self.stats.read_s.get(tier, 0.0) + elapsed * sizes[index] / total
-                self.stats.read_bytes[tier] = self.stats.read_bytes.get(tier, 0) + sizes[index]
-                found[index] = block
+                if block is not None:
+                    found[index] = block
+                    sizes.append((tier, block.numel() * block.element_size()))
+            total = sum(size for _, size in sizes)
+            read_s, read_bytes = self.stats.read_s, self.stats.read_bytes
+            for tier, size in sizes:  # one batch's time, shared among the tiers that served it by their bytes
+                read_s[tier] = read_s.get(tier, 0.0) + elapsed * size / total
+                read_bytes[tier] = read_bytes.get(tier, 0) + size
         blocks = {}
         for index in indices:
             block = found.get(index)
