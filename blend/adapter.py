@@ -327,6 +327,7 @@ class LlamaStep:
         if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
             raise UnsupportedModel(f"rope attention_scaling={rotary.attention_scaling} is not implemented")
         self.inv_freq = rotary.inv_freq.float()
+        self._inv_freq_here: torch.Tensor | None = None  # inv_freq on the keys' device (`turn_keys`)
         self.scale = self.layers[0].self_attn.scaling
         self.max_positions = getattr(config, "max_position_embeddings", None)
         # `cos_sin` of every position of the context, computed once (CUDA; see `cos_sin`).
@@ -540,12 +541,26 @@ class LlamaStep:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started if attempted else 0.0
 
-    def turn_keys(self, keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
-        """`turn_in_place`, through the Triton kernel where it runs (`rerotate_kernel`)."""
+    def turning(self, old_new: torch.Tensor):
+        """What `turn_keys` re-rotates placed keys by, token by token, from old_new [2, T] (positions when
+        computed, then now; on the device), made once per request: through the Triton kernel the positions
+        themselves (it computes each token's angles, `rerotate.turn_at`), else `turn_pair`'s float32 cos and
+        signed sin."""
         if self.rerotate_kernel:
-            rerotate.turn(keys, cos, signed_sin)
+            return old_new
+        cos, sin = self.turn_pair(old_new)
+        return cos, self.signed_sin(sin)
+
+    def turn_keys(self, keys: torch.Tensor, turning) -> None:
+        """`turn_in_place` by `turning`'s angles, through the Triton kernel where it runs (`rerotate_kernel`)."""
+        if isinstance(turning, torch.Tensor):
+            if self._inv_freq_here is None or self._inv_freq_here.device != keys.device:
+                self._inv_freq_here = self.inv_freq.to(keys.device).contiguous()
+            rerotate.turn_at(keys, turning, self._inv_freq_here)
+        elif self.rerotate_kernel:
+            rerotate.turn(keys, *turning)
         else:
-            self.turn_in_place(keys, cos, signed_sin)
+            self.turn_in_place(keys, *turning)
 
     @staticmethod
     def turn_in_place(keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:

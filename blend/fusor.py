@@ -20,6 +20,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from blend.adapter import LlamaStep
@@ -147,8 +148,8 @@ def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn
     if turn is not None:
         # K was rotated at the positions each chunk was computed at: move every chunk's K to where it
         # sits now, in one pass over the contiguous chunk range (one rotation per layer, not per chunk).
-        lo, hi, cos, signed_sin = turn
-        step.turn_keys(cache.data[layer, lo:hi, 0], cos, signed_sin)
+        lo, hi, turning = turn
+        step.turn_keys(cache.data[layer, lo:hi, 0], turning)
 
 
 def _turn(old_starts, new_starts, lengths, skip):
@@ -158,6 +159,15 @@ def _turn(old_starts, new_starts, lengths, skip):
     if not moving:
         return None
     lo, hi = new_starts[moving[0]], new_starts[moving[-1]] + lengths[moving[-1]]
+    between = range(moving[0], moving[-1] + 1)
+    if all(new_starts[i] + lengths[i] == new_starts[i + 1] for i in between[:-1]):
+        # Back to back (a prompt's segments are): each token's shift by one repeat, in numpy (~15 against ~50 us
+        # with a pass per segment on a 2-core CPU; the request's head is bound by its host time).
+        moved = set(moving)
+        now = np.arange(lo, hi)
+        shifts = np.repeat([new_starts[i] - old_starts[i] if i in moved else 0 for i in between],
+                           [lengths[i] for i in between])
+        return lo, hi, torch.from_numpy(np.stack((now - shifts, now)))
     old_new = torch.arange(lo, hi).repeat(2, 1)
     for i in moving:  # built on the host and sent with the rest: not two small launches per chunk
         span = slice(new_starts[i] - lo, new_starts[i] - lo + lengths[i])
@@ -304,8 +314,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     ranks = _sent(ranks, device) if ranks is not None else None
     turn = None
     if moving is not None:
-        cos, sin = step.turn_pair(old_new[0])
-        turn = (moving[0], moving[1], cos, step.signed_sin(sin))
+        turn = (moving[0], moving[1], step.turning(old_new[0]))
     if early:
         computing, positions = positions, fixed
         h = step.embed(ids[positions])

@@ -10,6 +10,12 @@ docs/ops/h200_probe_profile_s10b.txt) and five launches per layer on a host-boun
 signed_sin [T, 1, d] float32 (`LlamaStep.turn_between`, `signed_sin`); in place, the same arithmetic as
 `turn_in_place` (x cos + roll(x, d/2) signed_sin in float32). Runs on CUDA; on the CPU only under Triton's
 interpreter, for the tests.
+
+`turn_at(keys, old_new, inv_freq)`: the same, each token's cos and signed sin computed in the kernel from its
+positions then and now (old_new [2, T] int64) exactly as `LlamaStep.turn_pair` computes them (float32 angles,
+their difference and its cos/sin in float64, rounded to float32): a request's set-up then builds no cos/sin
+tables (~10 launches and ~0.2 ms of host time in its head on an H200 host, `python3 -m
+services.bench.probe_host`), and a layer's pass reads 16 bytes a token instead of two float32 rows of d.
 """
 from __future__ import annotations
 
@@ -38,6 +44,27 @@ if triton is not None:
             tl.store(base + dims[None, :], (x * cos + rolled * sin).to(K.dtype.element_ty), mask=valid)
 
 
+    @triton.jit(do_not_specialize=["T"])
+    def _turn_at(K, P, F, T, sk_t, sk_h, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        inside = rows < T
+        valid = inside[:, None]
+        dims = tl.arange(0, D)
+        partner = (dims + D // 2) % D
+        freq = tl.load(F + dims % (D // 2))  # emb = cat(angles, angles): dims d and d + D/2 share a frequency
+        old = tl.load(P + rows, mask=inside, other=0).to(tl.float32)
+        new = tl.load(P + T + rows, mask=inside, other=0).to(tl.float32)
+        turned = (new[:, None] * freq[None, :]).to(tl.float64) - (old[:, None] * freq[None, :]).to(tl.float64)
+        cos = tl.cos(turned).to(tl.float32)
+        sin = tl.sin(turned).to(tl.float32)
+        sin = tl.where(dims[None, :] < D // 2, -sin, sin)  # `LlamaStep.signed_sin`
+        for head in tl.static_range(HEADS):
+            base = K + rows[:, None] * sk_t + head * sk_h
+            x = tl.load(base + dims[None, :], mask=valid, other=0.0).to(tl.float32)
+            rolled = tl.load(base + partner[None, :], mask=valid, other=0.0).to(tl.float32)
+            tl.store(base + dims[None, :], (x * cos + rolled * sin).to(K.dtype.element_ty), mask=valid)
+
+
 def turn(keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
     rows, heads, dim = keys.shape
     if keys.stride(-1) != 1 or cos.shape != (rows, 1, dim) or signed_sin.shape != cos.shape:
@@ -51,8 +78,23 @@ def turn(keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> Non
                       (keys.stride(0), keys.stride(1)), dict(HEADS=heads, D=dim, BLOCK_T=BLOCK_T), (4, 2))
 
 
+def turn_at(keys: torch.Tensor, old_new: torch.Tensor, inv_freq: torch.Tensor) -> None:
+    rows, heads, dim = keys.shape
+    if keys.stride(-1) != 1 or old_new.shape != (2, rows) or inv_freq.shape != (dim // 2,):
+        raise ValueError(f"keys {tuple(keys.shape)} (strides {keys.stride()}), positions {tuple(old_new.shape)}, "
+                         f"inverse frequencies {tuple(inv_freq.shape)}: need [T, H, d] with unit stride, [2, T], [d/2]")
+    if old_new.dtype != torch.int64 or not old_new.is_contiguous() or inv_freq.dtype != torch.float32:
+        raise ValueError("positions must be contiguous int64 and inverse frequencies float32")
+    if rows == 0:
+        return
+    scattered._launch(_turn_at, (triton.cdiv(rows, BLOCK_T), 1, 1), (keys, old_new, inv_freq, rows),
+                      (keys.stride(0), keys.stride(1)), dict(HEADS=heads, D=dim, BLOCK_T=BLOCK_T), (4, 2))
+
+
 def compile_variants(kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Compile the kernel for this model shape now (start-up), keys laid out as in a KV buffer."""
+    """Compile the kernels for this model shape now (start-up), keys laid out as in a KV buffer."""
     buffer = torch.zeros(BLOCK_T, 2, kv_heads, dim, dtype=dtype, device=device)
     cos = torch.ones(BLOCK_T, 1, dim, device=device)
     turn(buffer[:, 0], cos, torch.zeros_like(cos))
+    turn_at(buffer[:, 0], torch.zeros(2, BLOCK_T, dtype=torch.int64, device=device),
+            torch.ones(dim // 2, device=device))

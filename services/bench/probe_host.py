@@ -32,7 +32,7 @@ REQUESTS = 12
 # The head's parts timed apart (`_parts`): (owner, attribute) as the fusor calls them.
 PARTS = [("store.source:StoreSource", n) for n in ("__init__", "begin", "into", "layer", "_issue", "_gather")] + [
     ("blend.fusor", n) for n in ("_turn", "_ranks", "_send_all", "_sent", "_place", "_keep", "token_scores")] + [
-    ("blend.adapter:LlamaStep", n) for n in ("new_cache", "turn_pair", "signed_sin", "embed", "mask", "cos_sin",
+    ("blend.adapter:LlamaStep", n) for n in ("new_cache", "turning", "turn_pair", "signed_sin", "embed", "mask", "cos_sin",
                                               "qkv", "step", "turn_keys")]
 
 

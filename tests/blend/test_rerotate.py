@@ -48,3 +48,50 @@ def test_a_key_view_of_the_wrong_shape_is_refused():
     buffer, cos, signed_sin = _case(torch.float32)
     with pytest.raises(ValueError, match="keys"):
         rerotate.turn(buffer[:10, 0], cos, signed_sin)
+
+
+def _positions_case(dtype, rows, heads=4, dim=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(rows + 5, 2, heads, dim, generator=g).to(DEVICE, dtype)
+    old = torch.randint(0, 8000, (rows,), generator=g)
+    new = (old + torch.randint(-500, 3000, (rows,), generator=g)).clamp(min=0)
+    inv_freq = (1.0 / (500000.0 ** (torch.arange(0, dim, 2).float() / dim))).float()
+    return buffer, torch.stack((old, new)).to(DEVICE), inv_freq.to(DEVICE)
+
+
+def _tables(old_new, inv_freq):
+    """`LlamaStep.turn_pair`'s cos and signed sin (float32 angles, their float64 difference)."""
+    angles = (old_new.flatten().to(torch.float32)[:, None] * inv_freq[None, :]).double().unflatten(0, old_new.shape)
+    cos, sin = LlamaStep._cos_sin(angles[1] - angles[0])
+    return cos, LlamaStep.signed_sin(sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 33, 70])
+def test_turn_from_positions_equals_the_turn_by_the_steps_tables(rows, dtype):
+    if dtype == torch.bfloat16 and DEVICE.type != "cuda":
+        pytest.skip("Triton's interpreter converts bfloat16 wrongly (numpy has none)")
+    buffer, old_new, inv_freq = _positions_case(dtype, rows, heads=8, dim=128)
+    expected = buffer.clone()
+    rerotate.turn(expected[:rows, 0], *_tables(old_new, inv_freq))
+    rerotate.turn_at(buffer[:rows, 0], old_new, inv_freq)
+    # Compiled on CUDA the kernel's float64 cos/sin are the CUDA math library's, as PyTorch's: the same bits;
+    # under the interpreter numpy's against PyTorch's CPU ones, within a unit of the last place.
+    if DEVICE.type == "cuda":
+        assert torch.equal(buffer, expected)
+    else:
+        torch.testing.assert_close(buffer, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_float32_turn_from_positions_equals_the_pytorch_passes():
+    buffer, old_new, inv_freq = _positions_case(torch.float32, 70)
+    expected = buffer.clone()
+    LlamaStep.turn_in_place(expected[:70, 0], *_tables(old_new, inv_freq))
+    rerotate.turn_at(buffer[:70, 0], old_new, inv_freq)
+    torch.testing.assert_close(buffer, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_positions_of_the_wrong_shape_are_refused():
+    buffer, old_new, inv_freq = _positions_case(torch.float32, 10)
+    with pytest.raises(ValueError, match="positions"):
+        rerotate.turn_at(buffer[:10, 0], old_new[:, :9], inv_freq)
