@@ -183,6 +183,16 @@ def _send_all(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [part.view(t.shape) for part, t in zip(flat.split(sizes), tensors)]
 
 
+def _shared(step: LlamaStep, positions: torch.Tensor, n: int, cache: KVCache, start: int | None = None):
+    """(mask, rope) for steps over `positions` of `cache`, made once and shared by the layers that compute them;
+    (None, None) where whole-layer graphs run those steps (positions alone fix the mask and the rotation inside;
+    a step that needs either, e.g. the check layer's q/k/v, makes its own): ~3 launches fewer, twice, in a
+    request's host-bound head."""
+    if step.graphs is not None and step.graphs.pooled_for(positions.shape[0], cache):
+        return None, None
+    return step.mask(positions, n, cache.capacity, start=start), step.cos_sin(positions)
+
+
 def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
     """Layer -> fraction of chunk tokens kept from that layer on (blend only)."""
     if config.mode != "blend":
@@ -318,10 +328,10 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     if early:
         computing, positions = positions, fixed
         h = step.embed(ids[positions])
-        mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
+        mask, rope = _shared(step, positions, n, cache)
     else:
         h = step.embed(ids[first:])
-        mask, rope = step.mask(positions, n, cache.capacity, start=first), step.cos_sin(positions)
+        mask, rope = _shared(step, positions, n, cache, start=first)
     for layer in range(step.n_layers):
         if source is not None:
             _place(step, cache, layer, source.layer(layer), new_starts, turn, placed)
@@ -334,7 +344,9 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
             # The question's fresh q against every position's K at this layer: the placed (cached) one
             # for chunk tokens not computed yet, the fresh one for the rest; ranked as usual below.
             # (`computing` is first..n-1: slices, not gathers, here and for the masks below.)
-            keys = cache.data[layer, first:n, 0].to(k.dtype, copy=True)
+            # The fixed positions' fresh K written where the step would write it (it rewrites the same below):
+            # the layer's keys then are a view of the buffer, not a copy of every placed one.
+            keys = cache.data[layer, first:n, 0]
             keys[rows] = k
             score, mass = token_scores(selection, q, keys, None, cache.data[layer], computing, len(layout.suffix),
                                        step.scale)
@@ -357,13 +369,13 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
             # instead of catching the kept ones up apart and merging them in. Ratio 1 is full prefill.
             positions = ranked[keep]
             h = step.embed(ids[positions])
-            mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
+            mask, rope = _shared(step, positions, n, cache)
             for before in range(layer + 1):
                 h = step.step(before, h, positions, cache, n, mask, rope)
             yield layer
             continue
         h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
-        mask, rope = step.mask(positions, n, cache.capacity), step.cos_sin(positions)
+        mask, rope = _shared(step, positions, n, cache)
         cache.write(layer, positions, k, v)
         h = step.attend(layer, h, q, positions, cache, n, mask)
         yield layer
