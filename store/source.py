@@ -227,8 +227,8 @@ class StoreSource:
 
     def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
         """Copy the host-held segments straight into `data` ([layers, capacity, 2, kv_heads, head_dim], the
-        request's KV buffer), segment i at positions starts[i]...; returns their indices (`layer` hands
-        back those views of `data`; the fusor does not place them). CUDA only (elsewhere none: the fusor
+        request's KV buffer), segment i at positions starts[i]..., and place the device-held whole ones (the
+        system prefix) there at once; returns their indices (the fusor does not place them). CUDA only (elsewhere none: the fusor
         copies host blocks itself); call after `begin` and before the first `layer`."""
         if not self.cuda or not self._begun:
             return set()
@@ -240,7 +240,14 @@ class StoreSource:
         self._target = layer_views(data, starts, self._lengths, self._host)
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
         self._issue_ahead(self.ISSUE_FIRST - 1, self.ISSUE_FIRST)
-        return set(self._host)
+        # Segments held whole on the device (the system prefix): every layer placed now by one copy on the
+        # compute stream, not one small copy per layer by the fusor.
+        resident = [i for i, segment in enumerate(self.segments)
+                    if isinstance(segment, ChunkKV) and i not in self.skip and segment.kv.device == self.device]
+        for i in resident:
+            kv = self.segments[i].kv
+            data[:, starts[i] : starts[i] + kv.shape[1]].copy_(kv)
+        return set(self._host) | set(resident)
 
     def _on_host(self, index: int) -> bool:
         """Whether this segment's layers arrive in host memory (and so need a copy to the device)."""

@@ -112,13 +112,15 @@ def test_with_chunk_kv_in_the_cpu_tier_no_layer_waits_for_its_copy():
     assert not stalls, f"layers waited for their copy: {stalls}"
 
 
-def test_into_copies_host_chunks_straight_into_the_request_buffer_at_their_positions(cuda_step, tmp_path):
+def test_into_copies_host_chunks_and_places_the_prefix_straight_into_the_request_buffer(cuda_step, tmp_path):
     layout, prefix, chunks = _entries(cuda_step)
     store, keys = _store(_tier("cpu", tmp_path), chunks)
     cache = cuda_step.new_cache(len(layout) + 8)
     starts = [0] + layout.chunk_starts()
     source = StoreSource(store, [prefix, *keys], device="cuda").begin()
-    source.into(cache.data, starts)
+    assert source.into(cache.data, starts) == set(range(1 + len(keys)))  # the fusor places none of them
+    torch.cuda.current_stream().synchronize()
+    assert torch.equal(cache.data[:, : len(prefix)], prefix.kv)  # the prefix, every layer at once
     for layer in range(source.n_layers):
         blocks = source.layer(layer)
         assert blocks[0].data_ptr() == prefix.kv[layer].data_ptr()  # in memory on the GPU: handed over as is
