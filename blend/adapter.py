@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from blend import fused, pool_attention, rerotate, scattered, skinny
+from blend import fused, pool_attention, question_mass, rerotate, scattered, skinny
 from blend.cache import KVCache, KVPool
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,9 @@ class LlamaStep:
         self.skinny_kernel = self.scattered_attention
         # Placed chunks' keys re-rotate in one Triton kernel (blend/rerotate.py) instead of five passes.
         self.rerotate_kernel = self.scattered_attention
+        # The question's attention mass (the served selector's ranking) in two Triton kernels
+        # (blend/question_mass.py) instead of a dozen PyTorch operations in the request's host-bound head.
+        self.question_kernel = self.scattered_attention
         # RoPE with the K/V write, and SiLU x up, as one Triton kernel each (blend/fused.py) instead of
         # PyTorch's passes over strided slices (SiLU models only: the MLP kernel computes SiLU).
         self.fused_kernels = self.scattered_attention and getattr(config, "hidden_act", "silu") == "silu"
@@ -523,6 +526,8 @@ class LlamaStep:
                 ("pool_attention_kernel", lambda: pool_attention.compile_variants(
                     self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device, self.longest_cache or 8192)),
                 ("skinny_kernel", lambda: skinny.compile_variants(self._skinny_shapes(), self.dtype, self.device)),
+                ("question_kernel", lambda: question_mass.compile_variants(
+                    self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device)),
                 ("rerotate_kernel", lambda: rerotate.compile_variants(
                     self.n_kv_heads, self.head_dim, self.dtype, self.device)),
                 ("fused_kernels", lambda: fused.compile_variants(

@@ -349,11 +349,11 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
             keys = cache.data[layer, first:n, 0]
             keys[rows] = k
             score, mass = token_scores(selection, q, keys, None, cache.data[layer], computing, len(layout.suffix),
-                                       step.scale)
+                                       step.scale, step.question_kernel)
             ranked, at = computing, slice(first, n)
         else:
             score, mass = token_scores(selection, q, k, v, cache.data[layer], positions, len(layout.suffix),
-                                       step.scale)
+                                       step.scale, step.question_kernel)
             ranked = at = positions
         fixed_rank = ranks[at]
         score = torch.where(fixed_rank.isnan(), score, fixed_rank)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from blend import question_mass
+
 SCORERS = ("v", "k", "qattn", "k*qattn")
 ATTENTION_SCORERS = ("qattn", "k*qattn")
 _HELP = "choose one of v, k, qattn, k*qattn, optionally with +sinkN, +gmax, +coverX, +floorY, +nofirst, +cachedk"
@@ -109,13 +111,17 @@ def question_attention(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
 
 
 def token_scores(selector: Selector, q, k, v, cached: torch.Tensor, positions: torch.Tensor, n_question: int,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 scale: float, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(score [T], question attention mass [T] or None) for the computed tokens; higher is kept first.
 
     `cached` is the layer's placed buffer [capacity, 2, n_kv_heads, d]; only the drift scorers
-    gather it at `positions`.
+    gather it at `positions`. `kernel`: the question's mass through blend/question_mass.py's Triton
+    kernels (the same values up to the order of the sums).
     """
-    mass = question_attention(q, k, positions, n_question, scale, selector.groups) if selector.needs_attention else None
+    mass = None
+    if selector.needs_attention:
+        attention = question_mass.mass if kernel else question_attention
+        mass = attention(q, k, positions, n_question, scale, selector.groups)
     if selector.scorer == "qattn":
         return mass, mass
     placed = cached.index_select(0, positions)

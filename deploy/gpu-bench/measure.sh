@@ -14,7 +14,7 @@ case "${1:-}" in
   bench)
     timeout 150 python3 -m pytest -q -rf tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
       tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py tests/blend/test_rerotate.py \
-      tests/blend/test_fused.py tests/blend/test_pool_attention.py tests/store/test_cuda_source.py tests/store/test_dma.py -k "not smollm2" > "$OUT/tests_tiny.txt" 2>&1
+      tests/blend/test_fused.py tests/blend/test_pool_attention.py tests/blend/test_question_mass.py tests/store/test_cuda_source.py tests/store/test_dma.py -k "not smollm2" > "$OUT/tests_tiny.txt" 2>&1
     grep -v "CUDAGraph.cpp" "$OUT/tests_tiny.txt" | grep "^FAILED\|^E  \|passed\|failed" | head -30
     timeout 420 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
       --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \

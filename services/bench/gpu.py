@@ -199,7 +199,8 @@ def _with_fusion(step: LlamaStep, limit: int, fn):
         step.fuse_projections_up_to = old
 
 
-def _without_kernels(step: LlamaStep, fn, flags=("scattered_attention", "rerotate_kernel", "fused_kernels")):
+def _without_kernels(step: LlamaStep, fn, flags=("scattered_attention", "rerotate_kernel", "fused_kernels",
+                                                  "question_kernel")):
     """fn() without the step's Triton kernels named by `flags` (default all: scattered queries attend through
     SDPA and the dense mask, placed keys re-rotate and RoPE, the KV write and SiLU x up run in PyTorch's passes)."""
     old = [getattr(step, flag) for flag in flags]

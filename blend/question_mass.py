@@ -1,0 +1,129 @@
+"""The question's attention mass on every token, in two Triton kernels (issue 16): the served selector's
+ranking at the check layer.
+
+`selectors.question_attention` is a dozen PyTorch operations (upcasts, an einsum over every key, the causal
+mask, softmax, two sums): ~0.34 ms of host time in a blend request's head on an H200 host, where the GPU
+idles while the host issues (`python3 -m services.bench.probe_host`). Here: one kernel takes, per KV head
+and block of keys, the logits of every question row of that head's query group (the rows share the keys,
+one matrix product) and writes their running max and sum; the second combines those into each row's
+log-sum-exp, recomputes the block's logits and adds up exp(logit - lse) over the rows; the group reduction
+(sum, or max) is one PyTorch call. Float32 throughout (inputs upcast, IEEE products): the same values as the
+PyTorch operations up to the order of the sums.
+
+`mass(q, keys, positions, n_question, scale, groups)`: q [T, H, d] (the question its last n_question rows),
+keys [T, H_kv, d] (any strides with a unit last one: a view of a KV buffer), positions [T] (sorted, each
+question row sees the tokens at positions up to its own) -> [T] float32. Runs on CUDA; on the CPU only under
+Triton's interpreter, for the tests.
+"""
+from __future__ import annotations
+
+import torch
+
+from blend import scattered
+
+triton = scattered.triton
+BLOCK_T = 64
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _logits(Q, K, P, rows, keys, kv, T, Q0, scale, sq_t, sq_h, sk_t, sk_h,
+                N_ROWS: tl.constexpr, SHARE: tl.constexpr, D: tl.constexpr):
+        """[R, BLOCK] logits of the group's question rows (row r: question token r // SHARE, head r % SHARE of the
+        group) against `keys`, -inf where not seen (a later position, or past the rows or the keys)."""
+        dims = tl.arange(0, D)
+        token = rows // SHARE
+        head = kv * SHARE + rows % SHARE
+        row_ok = rows < N_ROWS
+        q = tl.load(Q + token[:, None] * sq_t + head[:, None] * sq_h + dims[None, :],
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        key_ok = keys < T
+        k = tl.load(K + keys[:, None] * sk_t + kv * sk_h + dims[None, :], mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        asked = tl.load(P + Q0 + token, mask=row_ok, other=-1)
+        at = tl.load(P + keys, mask=key_ok, other=2147483647)
+        seen = row_ok[:, None] & key_ok[None, :] & (at[None, :] <= asked[:, None])
+        return tl.where(seen, s, float("-inf"))
+
+    @triton.jit(do_not_specialize=["T", "Q0", "blocks"])
+    def _partials(Q, K, P, M, L, T, Q0, blocks, scale, sq_t, sq_h, sk_t, sk_h,
+                  N_ROWS: tl.constexpr, R: tl.constexpr, SHARE: tl.constexpr, D: tl.constexpr,
+                  BLOCK: tl.constexpr):
+        kv, block = tl.program_id(0), tl.program_id(1)
+        rows = tl.arange(0, R)
+        keys = block * BLOCK + tl.arange(0, BLOCK)
+        s = _logits(Q, K, P, rows, keys, kv, T, Q0, scale, sq_t, sq_h, sk_t, sk_h, N_ROWS, SHARE, D)
+        m = tl.max(s, axis=1)
+        safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.sum(tl.exp(s - safe[:, None]), axis=1)
+        out = (kv * blocks + block) * R + rows
+        tl.store(M + out, m)
+        tl.store(L + out, total)
+
+    @triton.jit
+    def _combine(M, L, at, m, total):
+        m_o = tl.load(M + at)
+        l_o = tl.load(L + at)
+        new = tl.maximum(m, m_o)
+        safe = tl.where(new == float("-inf"), 0.0, new)
+        total = total * tl.exp(tl.where(m == float("-inf"), float("-inf"), m - safe)) \
+            + l_o * tl.exp(tl.where(m_o == float("-inf"), float("-inf"), m_o - safe))
+        return new, total
+
+    @triton.jit(do_not_specialize=["T", "Q0", "blocks"])
+    def _mass(Q, K, P, M, L, Out, T, Q0, blocks, scale, sq_t, sq_h, sk_t, sk_h,
+              N_ROWS: tl.constexpr, R: tl.constexpr, SHARE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+              INTERPRETED_BLOCKS: tl.constexpr):
+        kv, block = tl.program_id(0), tl.program_id(1)
+        rows = tl.arange(0, R)
+        m = tl.full((R,), float("-inf"), tl.float32)
+        total = tl.zeros((R,), tl.float32)
+        if INTERPRETED_BLOCKS == 0:  # each row's log-sum-exp over every block's partials
+            for other in range(0, blocks):
+                m, total = _combine(M, L, (kv * blocks + other) * R + rows, m, total)
+        else:  # Triton's interpreter loops over a constant only
+            for other in range(0, INTERPRETED_BLOCKS):
+                m, total = _combine(M, L, (kv * blocks + other) * R + rows, m, total)
+        lse = tl.where(total > 0, m + tl.log(tl.maximum(total, 1e-30)), 0.0)
+        keys = block * BLOCK + tl.arange(0, BLOCK)
+        s = _logits(Q, K, P, rows, keys, kv, T, Q0, scale, sq_t, sq_h, sk_t, sk_h, N_ROWS, SHARE, D)
+        p = tl.where(s == float("-inf"), 0.0, tl.exp(s - lse[:, None]))
+        tl.store(Out + kv * T + keys, tl.sum(p, axis=0), mask=keys < T)
+
+
+def mass(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_question: int, scale: float,
+         groups: str = "sum") -> torch.Tensor:
+    tokens, heads, dim = q.shape
+    length, kv_heads = keys.shape[0], keys.shape[1]
+    if (keys.shape[2] != dim or heads % kv_heads or q.stride(-1) != 1 or keys.stride(-1) != 1
+            or positions.shape != (length,) or not 0 < n_question <= tokens):
+        raise ValueError(f"q {tuple(q.shape)}, keys {tuple(keys.shape)}, positions {tuple(positions.shape)}, "
+                         f"{n_question} question rows: need [T, H, d] and [L, H_kv, d] (unit last strides), [L]")
+    if positions.dtype != torch.int64 or not positions.is_contiguous():
+        raise ValueError("positions must be contiguous int64")
+    share = heads // kv_heads
+    n_rows = n_question * share
+    rows = max(16, triton.next_power_of_2(n_rows))
+    blocks = triton.cdiv(length, BLOCK_T)
+    m = torch.empty(kv_heads * blocks * rows, dtype=torch.float32, device=q.device)
+    total = torch.empty_like(m)
+    out = torch.empty(kv_heads, length, dtype=torch.float32, device=q.device)
+    # The question rows of q are its last n_question; positions hold theirs at the end too (from `first`).
+    q_rows = q[tokens - n_question :]
+    first = length - n_question
+    strides = (q_rows.stride(0), q_rows.stride(1), keys.stride(0), keys.stride(1))
+    consts = dict(N_ROWS=n_rows, R=rows, SHARE=share, D=dim, BLOCK=BLOCK_T)
+    grid = (kv_heads, blocks, 1)
+    scattered._launch(_partials, grid, (q_rows, keys, positions, m, total, length, first, blocks, scale), strides,
+                      consts, (4, 1))
+    scattered._launch(_mass, grid, (q_rows, keys, positions, m, total, out, length, first, blocks, scale), strides,
+                      consts | dict(INTERPRETED_BLOCKS=blocks if scattered.INTERPRETED else 0), (4, 1))
+    return out.amax(dim=0) if groups == "max" else out.sum(dim=0)
+
+
+def compile_variants(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile both kernels for this model shape now (start-up): keys a view of a KV buffer, a 32-token question."""
+    buffer = torch.zeros(2 * BLOCK_T, 2, kv_heads, dim, dtype=dtype, device=device)
+    q = torch.zeros(32, heads, dim, dtype=dtype, device=device)
+    mass(q, buffer[:, 0], torch.arange(2 * BLOCK_T, device=device), 32, 1.0)
