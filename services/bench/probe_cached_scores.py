@@ -33,13 +33,13 @@ from services.bench.evaluate import load_dataset
 _served_scores = fusor.token_scores
 
 
-def cached_key_scores(selector, q, k, v, cached, positions, n_question, scale):
+def cached_key_scores(selector, q, k, v, cached, positions, n_question, scale, kernel=False):
     """`token_scores` with the chunk tokens' K taken from the placed (cached) buffer, the question's fresh."""
     placed = cached.index_select(0, positions)[:, 0].to(k.dtype)
     question = torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
     question[-n_question:] = True
     k = torch.where(question[:, None, None], k, placed)
-    return _served_scores(selector, q, k, v, cached, positions, n_question, scale)
+    return _served_scores(selector, q, k, v, cached, positions, n_question, scale, kernel)
 
 
 def main() -> None:
