@@ -586,6 +586,12 @@ class LlamaStep:
         `rope` (`cos_sin`'s pair, or `rotation`'s matrices for a small step) may be passed in when the
         same positions run through several layers."""
         n = h.shape[0]
+        if rope is None and self._graphed(n):
+            # The layer graphs' `pre` (norm, projections, RoPE; the rotation from positions inside): one replay
+            # instead of ~7 launches and the cos/sin lookups (the check layer's q/k/v, in the request's head).
+            # Views of the bucket's buffers, valid until its next use.
+            _, q, kv = self.graphs.pre(layer, h, positions)
+            return q[:n], kv[:, 0], kv[:, 1]
         rope = rope if rope is not None else self.cos_sin(positions)
         if self._rope_kernel(rope):
             q = torch.empty(n, self.n_heads, self.head_dim, dtype=h.dtype, device=h.device)
