@@ -49,9 +49,29 @@ def _memcpy_async():
             continue
         function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         function.restype = ctypes.c_int
-        return function
+        if _copies_right(function):
+            return function
+        log.warning("dma: cudaMemcpyAsync from %s did not copy a test block exactly; host-to-device copies go "
+                    "through PyTorch", name)
+        return None
     log.info("dma: no CUDA runtime library found in this process; host-to-device copies go through PyTorch")
     return None
+
+
+def _copies_right(memcpy) -> bool:
+    """Once, before any request's copy: a pinned test block copied through `memcpy` on a side stream lands exactly
+    (the library is the process's runtime and the call's arguments are read as meant), else it is not used."""
+    try:
+        source = torch.arange(4096, dtype=torch.int32).pin_memory()
+        target = torch.full((4096,), -1, dtype=torch.int32, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        error = memcpy(target.data_ptr(), source.data_ptr(), source.numel() * 4, _HOST_TO_DEVICE, stream.cuda_stream)
+        stream.synchronize()
+        return error == 0 and torch.equal(target.cpu(), source)
+    except Exception as err:  # noqa: BLE001 - any failure: PyTorch's copies instead, never a failed request
+        log.warning("dma: the test copy failed (%s: %s)", type(err).__name__, err)
+        return False
 
 
 def available() -> bool:

@@ -95,3 +95,11 @@ def test_positions_of_the_wrong_shape_are_refused():
     buffer, old_new, inv_freq = _positions_case(torch.float32, 10)
     with pytest.raises(ValueError, match="positions"):
         rerotate.turn_at(buffer[:10, 0], old_new[:, :9], inv_freq)
+
+
+def test_start_up_checks_the_turn_from_positions_against_the_tables(monkeypatch):
+    rerotate.compile_variants(2, 32, torch.float32, DEVICE)
+    real = rerotate.turn_at
+    monkeypatch.setattr(rerotate, "turn_at", lambda keys, old_new, inv_freq: real(keys, old_new, inv_freq * 1.5))
+    with pytest.raises(RuntimeError, match="differs"):
+        rerotate.compile_variants(2, 32, torch.float32, DEVICE)
