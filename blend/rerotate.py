@@ -14,8 +14,8 @@ interpreter, for the tests.
 `turn_at(keys, old_new, inv_freq)`: the same, each token's cos and signed sin computed in the kernel from its
 positions then and now (old_new [2, T] int64) exactly as `LlamaStep.turn_pair` computes them (float32 angles,
 their difference and its cos/sin in float64, rounded to float32): a request's set-up then builds no cos/sin
-tables (~10 launches and ~0.2 ms of host time in its head on an H200 host, `python3 -m
-services.bench.probe_host`), and a layer's pass reads 16 bytes a token instead of two float32 rows of d.
+tables (~10 launches, 0.23 ms of host time in its head on an H200 host: `python3 -m services.bench.probe_host`,
+docs/ops/h200_probe_host_s15b.txt), and a layer's pass reads 16 bytes a token instead of two float32 rows of d.
 """
 from __future__ import annotations
 
