@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import threading
 from collections import deque
 from collections.abc import Sequence
 from functools import lru_cache
@@ -103,11 +104,12 @@ def copy_async(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
 class Holds:
     """Source blocks of issued copies, each batch kept until the event recorded after it has completed."""
 
-    # Batches of sources whose holder closed before their copies were known to be done (module-wide).
+    # Batches of sources whose holder closed before their copies were known to be done (module-wide, any thread).
     _orphans: deque = deque()
+    _orphans_lock = threading.Lock()
 
     def __init__(self):
-        self._held: deque = deque()
+        self._held: deque = deque()  # one holder per request source, used by one thread
 
     def add(self, event: torch.cuda.Event, blocks: Sequence[torch.Tensor]) -> None:
         if blocks:
@@ -116,9 +118,10 @@ class Holds:
     def release_done(self) -> None:
         """Drop the batches whose copies have completed (oldest first; one event query each, stopping at the
         first still running), this holder's and any closed holder's."""
-        for held in (self._held, Holds._orphans):
-            while held and held[0][0].query():
-                held.popleft()
+        _release(self._held)
+        if Holds._orphans:
+            with Holds._orphans_lock:
+                _release(Holds._orphans)
 
     def release_all(self) -> None:
         """After a synchronize that covered every copy of this holder: drop them (and any closed holder's done)."""
@@ -127,5 +130,12 @@ class Holds:
 
     def close(self) -> None:
         """The holder is going away with copies possibly in flight: their blocks wait module-wide instead."""
-        Holds._orphans.extend(self._held)
-        self._held.clear()
+        if self._held:
+            with Holds._orphans_lock:
+                Holds._orphans.extend(self._held)
+            self._held.clear()
+
+
+def _release(held: deque) -> None:
+    while held and held[0][0].query():
+        held.popleft()
