@@ -85,7 +85,8 @@ def copy_async(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
     (not a plain case, or no runtime library): the caller copies those itself. The caller holds `sources`
     until an event recorded on `stream` after this call has completed (`Holds`)."""
     memcpy = _memcpy_async()
-    if memcpy is None:
+    if memcpy is None or stream.device_index != torch.cuda.current_device():
+        # (A stream of another device than the current one: PyTorch's copies, which switch devices.)
         return list(range(len(targets)))
     handle = stream.cuda_stream
     left = []
