@@ -51,8 +51,9 @@ def layer_key(key: str, layer: int) -> str:
 
 @lru_cache(maxsize=8192)
 def layer_keys(key: str, n_layers: int) -> tuple[str, ...]:
-    """Every layer entry's key of a chunk, built once per chunk (a request asks for them per chunk, ~30 us of
-    string formatting each time for 32 layers)."""
+    """Every layer entry's key of a chunk, built once per chunk (a request asks for them per chunk; with the
+    manifests parsed once, `StoreSource` is built in 50 against 193 us on the 2-core CPU,
+    docs/ops/cpu_probe_source_s15.txt)."""
     return tuple(layer_key(key, layer) for layer in range(n_layers))
 
 
