@@ -2,12 +2,12 @@
 source's per-layer copies (store.source).
 
 A request from the CPU tier copies ~11 blocks per layer, 32 layers: ~350 copies, each issued on the host while
-the request's head (set-up, layer 0, the check layer) is on the critical path. Through PyTorch a copy costs the
-host its dispatch plus, for pinned memory, an event the pinned-memory allocator records so the block is not
-reused before the copy reads it (5.9 us a block on an H200 host: `python3 -m services.bench.probe_host`,
-docs/ops/h200_probe_host_s15b.txt). Here a copy is one runtime call on the raw pointers; the same guarantee comes from holding the source blocks until an
-event recorded after their copies has completed (`Holds`), so a block evicted from its tier mid-copy is never
-freed, and so never reused, under the copy.
+the request's head (set-up, layer 0, the check layer) is on the critical path. Through PyTorch a copy costs
+the host its dispatch plus, for pinned memory, an event the pinned-memory allocator records so the block is
+not reused before the copy reads it (5.9 us a block on an H200 host: `python3 -m services.bench.probe_host`,
+docs/ops/h200_probe_host_s15b.txt). Here a copy is one runtime call on the raw pointers; the same guarantee
+comes from holding the source blocks until an event recorded after their copies has completed (`Holds`), so a
+block evicted from its tier mid-copy is never freed, and so never reused, under the copy.
 
 Only plain cases go this way: a contiguous CPU block into a contiguous CUDA view of the same dtype and size;
 anything else (and every copy where the runtime library is not found) is left to PyTorch by the caller.
