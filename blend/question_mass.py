@@ -2,13 +2,13 @@
 ranking at the check layer.
 
 `selectors.question_attention` is a dozen PyTorch operations (upcasts, an einsum over every key, the causal
-mask, softmax, two sums): 0.34 ms of host time in a blend request's head on an H200 host, where the GPU
-idles while the host issues (`python3 -m services.bench.probe_host`, docs/ops/h200_probe_host_s15b.txt). Here: one kernel takes, per KV head
-and block of keys, the logits of every question row of that head's query group (the rows share the keys,
-one matrix product) and writes their running max and sum; the second combines those into each row's
-log-sum-exp, recomputes the block's logits and adds up exp(logit - lse) over the rows; the group reduction
-(sum, or max) is one PyTorch call. Float32 throughout (inputs upcast, IEEE products): the same values as the
-PyTorch operations up to the order of the sums.
+mask, softmax, two sums): 0.34 ms of host time in a blend request's head on an H200 host, where the GPU idles
+while the host issues (`python3 -m services.bench.probe_host`, docs/ops/h200_probe_host_s15b.txt). Here: one
+kernel takes, per KV head and block of keys, the logits of every question row of that head's query group (the
+rows share the keys, one matrix product) and writes their running max and sum; the second combines those into
+each row's log-sum-exp, recomputes the block's logits and adds up exp(logit - lse) over the rows; the group
+reduction (sum, or max) is one PyTorch call. Float32 throughout (inputs upcast, IEEE products): the same
+values as the PyTorch operations up to the order of the sums.
 
 `mass(q, keys, positions, n_question, scale, groups)`: q [T, H, d] (the question its last n_question rows),
 keys [T, H_kv, d] (any strides with a unit last one: a view of a KV buffer), positions [T] (sorted, each
