@@ -135,4 +135,5 @@ def compile_variants(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, de
 
     want = question_attention(q, buffer[:, 0], positions, 32, dim ** -0.5)
     if not torch.allclose(got, want, rtol=1e-3, atol=1e-5):
-        raise RuntimeError(f"question mass differs from the PyTorch operations by {(got - want).abs().max().item():.3g}")
+        worst = (got - want).abs().max().item()
+        raise RuntimeError(f"question mass differs from the PyTorch operations by {worst:.3g}")
