@@ -182,6 +182,52 @@ def main() -> None:
         print("\n== primitives, host us a call (median of 200):")
         for label, fn in prims.items():
             print(f"   {label}: {host_us(fn)}")
+        _kernels(step, layout)
+
+
+def _gpu_us(fn, count: int = 50) -> float:
+    """GPU microseconds one call of fn takes, from events around `count` calls back to back."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(count):
+        fn()
+    end.record()
+    end.synchronize()
+    return round(1000 * start.elapsed_time(end) / count, 1)
+
+
+def _kernels(step, layout) -> None:
+    """The head's replaced operations against their kernels at the served shape: host and GPU time a call."""
+    from blend import question_mass, rerotate
+    from blend.selectors import question_attention
+
+    n, first, question = len(layout), len(layout.prefix), len(layout.suffix)
+    cache = torch.randn(n, 2, step.n_kv_heads, step.head_dim, device="cuda").to(step.dtype)
+    keys = cache[first:, 0]
+    old_new = torch.stack((torch.arange(first, n) - 300, torch.arange(first, n))).cuda()
+    inv_freq = step.inv_freq.cuda()
+
+    def tables():
+        cos, sin = step.turn_pair(old_new)
+        return cos, step.signed_sin(sin)
+
+    cos, signed_sin = tables()
+    q = torch.randn(question, step.n_heads, step.head_dim, device="cuda").to(step.dtype)
+    positions = torch.arange(first, n, device="cuda")
+    calls = {
+        "re-rotation tables (turn_pair + signed_sin), once a request": tables,
+        "re-rotation by tables (rerotate.turn), a layer": lambda: rerotate.turn(keys, cos, signed_sin),
+        "re-rotation from positions (rerotate.turn_at, served), a layer": lambda: rerotate.turn_at(keys, old_new,
+                                                                                                  inv_freq),
+        "question mass, PyTorch (selectors.question_attention)": lambda: question_attention(
+            q, keys, positions, question, step.scale),
+        "question mass, kernels (question_mass.mass, served)": lambda: question_mass.mass(
+            q, keys, positions, question, step.scale),
+    }
+    print(f"\n== the head's replaced operations at the served shape ({n - first} keys), a call: host us / GPU us")
+    for label, fn in calls.items():
+        print(f"   {label}: {host_us(fn)} / {_gpu_us(fn)}")
 
 
 if __name__ == "__main__":
