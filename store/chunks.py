@@ -66,8 +66,9 @@ class Manifest:
 class ChunkStore:
     """Whole chunks and single layers of chunks, over a `TieredStore`. Thread-safe."""
 
-    # Parsed manifests kept by chunk with the stored tensor they were parsed from (`_manifest`).
-    PARSED_MAX = 4096
+    # Parsed manifests kept by chunk with the stored tensor they were parsed from (`_manifest`): a request's
+    # chunks and then some (~18 KB each for 512 tokens: the ids as Python ints), the oldest dropped first.
+    PARSED_MAX = 512
 
     def __init__(self, tiered: TieredStore):
         self.tiered = tiered
