@@ -62,6 +62,29 @@ def test_memory_tier_keeps_its_own_copy():
     assert tier.get("k").abs().sum() > 0
 
 
+def test_a_manifest_is_parsed_once_per_stored_tensor_and_again_once_rewritten(monkeypatch):
+    """The store keeps a memory tier's parsed manifest with the very tensor it came from: asked again it
+    parses nothing; a chunk written anew (a new manifest tensor) is read as written; the kept ones are bounded."""
+    from store import chunks
+
+    store = ChunkStore(TieredStore([MemoryTier("cpu")], [None]))
+    key = chunk_key("fp", [], [1, 2, 3], torch.float32)
+    store.put(key, make_chunk(seed=1, start=7))
+    first = store.manifest(key)
+    parsed = []
+    real = chunks.Manifest.from_tensor
+    monkeypatch.setattr(chunks.Manifest, "from_tensor", classmethod(lambda cls, t: parsed.append(t) or real(t)))
+    assert store.manifest(key) is first and not parsed
+    store.put(key, make_chunk(seed=1, start=40))
+    assert store.manifest(key).start == 40 and len(parsed) == 1
+    monkeypatch.setattr(ChunkStore, "PARSED_MAX", 2)
+    for seed in range(2, 6):
+        other = chunk_key("fp", [], [seed], torch.float32)
+        store.put(other, make_chunk(seed=seed))
+        store.manifest(other)
+    assert len(store._parsed) == 2
+
+
 def test_chunk_round_trip_is_bit_exact_through_each_tier_alone(tier):
     chunks = ChunkStore(TieredStore([tier], [None]))
     chunk = make_chunk(7, dtype=torch.bfloat16)
