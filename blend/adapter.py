@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from blend import fused, pool_attention, question_mass, rerotate, scattered, skinny
 from blend.cache import KVCache, KVPool
+from blend.selectors import question_attention
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +528,7 @@ class LlamaStep:
                     self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device, self.longest_cache or 8192)),
                 ("skinny_kernel", lambda: skinny.compile_variants(self._skinny_shapes(), self.dtype, self.device)),
                 ("question_kernel", lambda: question_mass.compile_variants(
-                    self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device)),
+                    self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device, question_attention)),
                 ("rerotate_kernel", lambda: rerotate.compile_variants(
                     self.n_kv_heads, self.head_dim, self.dtype, self.device)),
                 ("fused_kernels", lambda: fused.compile_variants(

@@ -122,18 +122,17 @@ def mass(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_questio
     return out.amax(dim=0) if groups == "max" else out.sum(dim=0)
 
 
-def compile_variants(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Compile both kernels for this model shape now (start-up): keys a view of a KV buffer, a 32-token question."""
+def compile_variants(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device,
+                     reference) -> None:
+    """Compile both kernels for this model shape now (start-up): keys a view of a KV buffer, a 32-token question;
+    checked against `reference` (the PyTorch operations they replace, `selectors.question_attention`): a kernel
+    that computes otherwise here raises, and `LlamaStep.compile_kernels` turns it off, so it is never served."""
     g = torch.Generator().manual_seed(0)
     buffer = torch.randn(3 * BLOCK_T, 2, kv_heads, dim, generator=g).to(device, dtype)
     q = torch.randn(32, heads, dim, generator=g).to(device, dtype)
     positions = torch.arange(3 * BLOCK_T, device=device)
     got = mass(q, buffer[:, 0], positions, 32, dim ** -0.5)
-    # Checked against the PyTorch operations it replaces: a kernel that computes otherwise here is turned off
-    # (`LlamaStep.compile_kernels`), never served.
-    from blend.selectors import question_attention
-
-    want = question_attention(q, buffer[:, 0], positions, 32, dim ** -0.5)
+    want = reference(q, buffer[:, 0], positions, 32, dim ** -0.5)
     if not torch.allclose(got, want, rtol=1e-3, atol=1e-5):
         worst = (got - want).abs().max().item()
         raise RuntimeError(f"question mass differs from the PyTorch operations by {worst:.3g}")

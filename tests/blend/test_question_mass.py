@@ -76,8 +76,8 @@ def test_the_served_selector_through_the_kernel_recomputes_the_same_tokens():
 def test_start_up_checks_the_kernel_against_the_pytorch_operations(monkeypatch):
     """compile_variants runs the kernel on a small case and compares: a kernel computing otherwise raises (and
     `LlamaStep.compile_kernels` then turns it off), so it is never served."""
-    question_mass.compile_variants(4, 2, 32, torch.float32, DEVICE)
+    question_mass.compile_variants(4, 2, 32, torch.float32, DEVICE, question_attention)
     real = question_mass.mass
     monkeypatch.setattr(question_mass, "mass", lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
     with pytest.raises(RuntimeError, match="differs"):
-        question_mass.compile_variants(4, 2, 32, torch.float32, DEVICE)
+        question_mass.compile_variants(4, 2, 32, torch.float32, DEVICE, question_attention)
