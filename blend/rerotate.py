@@ -44,8 +44,11 @@ if triton is not None:
             tl.store(base + dims[None, :], (x * cos + rolled * sin).to(K.dtype.element_ty), mask=valid)
 
 
+    from triton.language.extra import libdevice
+
     @triton.jit(do_not_specialize=["T"])
-    def _turn_at(K, P, F, T, sk_t, sk_h, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _turn_at(K, P, F, T, sk_t, sk_h, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                 INTERPRETED: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         inside = rows < T
         valid = inside[:, None]
@@ -55,8 +58,12 @@ if triton is not None:
         old = tl.load(P + rows, mask=inside, other=0).to(tl.float32)
         new = tl.load(P + T + rows, mask=inside, other=0).to(tl.float32)
         turned = (new[:, None] * freq[None, :]).to(tl.float64) - (old[:, None] * freq[None, :]).to(tl.float64)
-        cos = tl.cos(turned).to(tl.float32)
-        sin = tl.sin(turned).to(tl.float32)
+        if INTERPRETED:  # numpy's float64 cos/sin (Triton's interpreter runs no libdevice)
+            cos = tl.cos(turned).to(tl.float32)
+            sin = tl.sin(turned).to(tl.float32)
+        else:  # the CUDA math library's __nv_cos/__nv_sin, as PyTorch's float64 cos/sin on CUDA
+            cos = libdevice.cos(turned).to(tl.float32)
+            sin = libdevice.sin(turned).to(tl.float32)
         sin = tl.where(dims[None, :] < D // 2, -sin, sin)  # `LlamaStep.signed_sin`
         for head in tl.static_range(HEADS):
             base = K + rows[:, None] * sk_t + head * sk_h
@@ -88,7 +95,8 @@ def turn_at(keys: torch.Tensor, old_new: torch.Tensor, inv_freq: torch.Tensor) -
     if rows == 0:
         return
     scattered._launch(_turn_at, (triton.cdiv(rows, BLOCK_T), 1, 1), (keys, old_new, inv_freq, rows),
-                      (keys.stride(0), keys.stride(1)), dict(HEADS=heads, D=dim, BLOCK_T=BLOCK_T), (4, 2))
+                      (keys.stride(0), keys.stride(1)),
+                      dict(HEADS=heads, D=dim, BLOCK_T=BLOCK_T, INTERPRETED=scattered.INTERPRETED), (4, 2))
 
 
 def compile_variants(kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
