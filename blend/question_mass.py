@@ -7,8 +7,9 @@ while the host issues (`python3 -m services.bench.probe_host`, docs/ops/h200_pro
 kernel takes, per KV head and block of keys, the logits of every question row of that head's query group (the
 rows share the keys, one matrix product) and writes their running max and sum; the second combines those into
 each row's log-sum-exp, recomputes the block's logits and adds up exp(logit - lse) over the rows; the group
-reduction (sum, or max) is one PyTorch call. Float32 throughout (inputs upcast, IEEE products): the same
-values as the PyTorch operations up to the order of the sums.
+reduction (sum, or max) is one PyTorch call. Float32 sums and softmax; the products exact (16-bit inputs on
+the tensor cores, float32 ones as IEEE products): the same values as the PyTorch operations (which upcast to
+float32 first) up to the order of the sums.
 
 `mass(q, keys, positions, n_question, scale, groups)`: q [T, H, d] (the question its last n_question rows),
 keys [T, H_kv, d] (any strides with a unit last one: a view of a KV buffer), positions [T] (sorted, each
@@ -36,11 +37,13 @@ if triton is not None:
         token = rows // SHARE
         head = kv * SHARE + rows % SHARE
         row_ok = rows < N_ROWS
-        q = tl.load(Q + token[:, None] * sq_t + head[:, None] * sq_h + dims[None, :],
-                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q = tl.load(Q + token[:, None] * sq_t + head[:, None] * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
         key_ok = keys < T
         k = tl.load(K + keys[:, None] * sk_t + kv * sk_h + dims[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        if q.dtype == tl.float32:  # IEEE products (the tensor cores' default would round inputs to TF32)
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:  # 16-bit inputs on the tensor cores: their products exact in the float32 accumulator
+            s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
         asked = tl.load(P + Q0 + token, mask=row_ok, other=-1)
         at = tl.load(P + keys, mask=key_ok, other=2147483647)
         seen = row_ok[:, None] & key_ok[None, :] & (at[None, :] <= asked[:, None])
