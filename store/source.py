@@ -193,6 +193,9 @@ class StoreSource:
         self.skip = set(skip)
         self._slow = [index for index, tier in enumerate(self.stats.tiers)
                       if tier in self.SLOW_TIERS and index not in self.skip]
+        # The segments read from the store (not skipped, not held in memory), in order.
+        self._stored = [index for index, segment in enumerate(self.segments)
+                        if index not in self.skip and not isinstance(segment, ChunkKV)]
         if self._slow:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-prefetch")
             for layer in range(min(self.depth, self.n_layers)):
@@ -287,34 +290,38 @@ class StoreSource:
 
     def _read_slow(self, layer: int) -> dict[int, torch.Tensor]:
         """Layer `layer` of every slow-tier segment as one batch (from Redis: pipelined GETs, a few sockets)."""
-        return self._read_batch(self._slow, layer)
+        return self._read_batch(self._slow, layer, pin=self.cuda)
 
-    def _read_batch(self, indices: Sequence[int], layer: int) -> dict[int, torch.Tensor]:
+    def _read_batch(self, indices: Sequence[int], layer: int, pin: bool = False) -> dict[int, torch.Tensor]:
         """Layer `layer` of the segments `indices` (store keys), the store asked once for all of them (each
         tier once: one lookup pass instead of one per chunk, which on a GPU host was ~1/4 of a blend
-        request's host time); what went missing is recomputed as by `_read`."""
-        stored = [index for index in indices if index not in self.computed]
+        request's host time); what went missing is recomputed as by `_read`. `pin`: blocks in pageable host
+        memory are pinned (a slow tier's, so each copy to the device is one asynchronous DMA)."""
+        computed = self.computed
+        stored = [index for index in indices if index not in computed] if computed else indices
         found: dict[int, torch.Tensor] = {}
         if stored:
             started = time.perf_counter()
             served = self.store.layers_from([(self.segments[i], self.manifests[i]) for i in stored], layer)
             elapsed = time.perf_counter() - started
-            sizes = []
+            per_tier: dict[str, int] = {}
             for index, (block, tier) in zip(stored, served):
                 if block is not None:
                     found[index] = block
-                    sizes.append((tier, block.numel() * block.element_size()))
-            total = sum(size for _, size in sizes)
+                    per_tier[tier] = per_tier.get(tier, 0) + block.numel() * block.element_size()
+            total = sum(per_tier.values())
             read_s, read_bytes = self.stats.read_s, self.stats.read_bytes
-            for tier, size in sizes:  # one batch's time, shared among the tiers that served it by their bytes
+            for tier, size in per_tier.items():  # one batch's time, shared among the tiers that served it by bytes
                 read_s[tier] = read_s.get(tier, 0.0) + elapsed * size / total
                 read_bytes[tier] = read_bytes.get(tier, 0) + size
+        if len(found) == len(indices) and not pin:
+            return found  # every block served (the usual case): nothing to recompute or pin
         blocks = {}
         for index in indices:
             block = found.get(index)
             if block is None:  # computed already, or went missing: recomputed from this layer on
                 block = self._read(index, layer)
-            if self.cuda and index in self._slow and block.device.type == "cpu" and not block.is_pinned():
+            if pin and block.device.type == "cpu" and not block.is_pinned():
                 block = block.pin_memory()  # so its copy to the device is one asynchronous DMA
             blocks[index] = block
         return blocks
@@ -331,19 +338,17 @@ class StoreSource:
             slow = pending.result()
             self.stats.host_wait_s += time.perf_counter() - started
         # The store's segments not read above, as one batch; segments held in memory directly.
-        batch = self._read_batch([index for index, segment in enumerate(self.segments)
-                                  if index not in self.skip and index not in slow
-                                  and not isinstance(segment, ChunkKV)], layer)
-        blocks = []
+        batch = self._read_batch([index for index in self._stored if index not in slow] if slow else self._stored,
+                                 layer)
+        blocks: list[torch.Tensor | None] = []
         for index in range(len(self.segments)):
             if index in self.skip:
                 blocks.append(None)
             elif index in slow and index not in self.computed:
                 blocks.append(slow[index])
-            elif index in batch:
-                blocks.append(batch[index])
             else:
-                blocks.append(self._read(index, layer))
+                block = batch.get(index)
+                blocks.append(block if block is not None else self._read(index, layer))
         return blocks
 
     def _own_target(self):
