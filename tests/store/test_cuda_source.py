@@ -129,3 +129,27 @@ def test_into_copies_host_chunks_and_places_the_prefix_straight_into_the_request
             torch.cuda.current_stream().synchronize()
             assert torch.equal(cache.data[layer, start : start + len(chunk)], chunk.kv[layer].to("cuda"))
     assert source.finish().copy_bytes == sum(c.kv.numel() * c.kv.element_size() for c in chunks)
+
+
+@pytest.mark.parametrize("ratio", [0.15, 0.5])
+def test_the_served_path_equals_it_without_the_twelfth_sessions_kernels_and_raw_copies(cuda_step, ratio, monkeypatch):
+    """The served selector from the pinned CPU tier: with raw copies (store.dma), the re-rotation from positions and
+    the question-mass kernels against PyTorch's copies, the re-rotation by tables and the PyTorch ranking: the same
+    recomputed tokens, the same caches (bf16-free: the tiny model is float32) and logits within rounding."""
+    from services.settings import SERVED_SELECTOR
+    from store import dma
+
+    layout, prefix, chunks = _entries(cuda_step, seed=5, lengths=(60, 45, 70, 52))
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    config = BlendConfig(mode="blend", ratio=ratio, selector=SERVED_SELECTOR)
+    with torch.inference_mode():
+        served = prefill(cuda_step, layout, config, StoreSource(store, [prefix, *keys], device="cuda").begin())
+        with monkeypatch.context() as patch:
+            patch.setattr(dma, "copy_async", lambda targets, sources, stream: list(range(len(targets))))
+            patch.setattr(cuda_step, "question_kernel", False)
+            patch.setattr(cuda_step, "rerotate_kernel", False)
+            plain = prefill(cuda_step, layout, config, StoreSource(store, [prefix, *keys], device="cuda").begin())
+    assert dma.available() and served.recomputed == plain.recomputed > 0
+    torch.testing.assert_close(served.logits, plain.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(served.cache.data[:, : plain.length], plain.cache.data[:, : plain.length],
+                               rtol=1e-4, atol=1e-4)
