@@ -159,21 +159,14 @@ def _turn(old_starts, new_starts, lengths, skip):
     if not moving:
         return None
     lo, hi = new_starts[moving[0]], new_starts[moving[-1]] + lengths[moving[-1]]
-    between = range(moving[0], moving[-1] + 1)
-    if all(new_starts[i] + lengths[i] == new_starts[i + 1] for i in between[:-1]):
-        # Back to back (a prompt's segments are): each token's shift by one repeat, in numpy, not two PyTorch
-        # calls per segment (the request's head is bound by its host time: `_turn` was 0.19 ms of it on an H200
-        # host, docs/ops/h200_probe_host_s15b.txt).
-        moved = set(moving)
-        now = np.arange(lo, hi)
-        shifts = np.repeat([new_starts[i] - old_starts[i] if i in moved else 0 for i in between],
-                           [lengths[i] for i in between])
-        return lo, hi, torch.from_numpy(np.stack((now - shifts, now)))
-    old_new = torch.arange(lo, hi).repeat(2, 1)
-    for i in moving:  # built on the host and sent with the rest: not two small launches per chunk
-        span = slice(new_starts[i] - lo, new_starts[i] - lo + lengths[i])
-        old_new[0, span] = torch.arange(old_starts[i], old_starts[i] + lengths[i])
-    return lo, hi, old_new
+    # Built in numpy (a slice assignment a moving segment) and sent with the rest: the request's head is bound
+    # by its host time, and two PyTorch calls a segment here were 0.19 ms of it on an H200 host
+    # (docs/ops/h200_probe_host_s15b.txt).
+    now = np.arange(lo, hi)
+    shift = np.zeros(hi - lo, dtype=np.int64)
+    for i in moving:
+        shift[new_starts[i] - lo : new_starts[i] - lo + lengths[i]] = new_starts[i] - old_starts[i]
+    return lo, hi, torch.from_numpy(np.stack((now - shift, now)))
 
 
 def _send_all(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
