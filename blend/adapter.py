@@ -530,7 +530,7 @@ class LlamaStep:
                 ("question_kernel", lambda: question_mass.compile_variants(
                     self.n_heads, self.n_kv_heads, self.head_dim, self.dtype, self.device, question_attention)),
                 ("rerotate_kernel", lambda: rerotate.compile_variants(
-                    self.n_kv_heads, self.head_dim, self.dtype, self.device)),
+                    self.n_kv_heads, self.head_dim, self.dtype, self.device, self.inv_freq, self.turn_tables)),
                 ("fused_kernels", lambda: fused.compile_variants(
                     self.n_heads, self.n_kv_heads, self.head_dim, self.config.intermediate_size, self.dtype,
                     self.device, self.config.hidden_size))):
@@ -552,8 +552,10 @@ class LlamaStep:
         computed, then now; on the device), made once per request: through the Triton kernel the positions
         themselves (it computes each token's angles, `rerotate.turn_at`), else `turn_pair`'s float32 cos and
         signed sin."""
-        if self.rerotate_kernel:
-            return old_new
+        return old_new if self.rerotate_kernel else self.turn_tables(old_new)
+
+    def turn_tables(self, old_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`turn_pair`'s float32 cos and its signed sin (`signed_sin`) for old_new [2, T]."""
         cos, sin = self.turn_pair(old_new)
         return cos, self.signed_sin(sin)
 

@@ -99,21 +99,16 @@ def turn_at(keys: torch.Tensor, old_new: torch.Tensor, inv_freq: torch.Tensor) -
                       dict(HEADS=heads, D=dim, BLOCK_T=BLOCK_T, INTERPRETED=scattered.INTERPRETED), (4, 2))
 
 
-def compile_variants(kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Compile the kernels for this model shape now (start-up), keys laid out as in a KV buffer."""
-    buffer = torch.zeros(BLOCK_T, 2, kv_heads, dim, dtype=dtype, device=device)
-    cos = torch.ones(BLOCK_T, 1, dim, device=device)
-    turn(buffer[:, 0], cos, torch.zeros_like(cos))
-    # `turn_at` checked against `turn` by the step's own tables on a small case (positions as a request's): a
-    # kernel whose angles differ here is turned off (`LlamaStep.compile_kernels`), never served.
+def compile_variants(kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device, inv_freq: torch.Tensor,
+                     tables) -> None:
+    """Compile the kernels for this model shape now (start-up), keys laid out as in a KV buffer. `turn_at` is checked
+    against `turn` by `tables(old_new)` (the step's cos and signed sin, `LlamaStep.turn_tables`) on a small case with
+    positions as a request's: a kernel whose angles differ here raises, and `LlamaStep.compile_kernels` turns it
+    off, so it is never served."""
     old_new = torch.stack((torch.arange(BLOCK_T) * 37 % 4096, torch.arange(BLOCK_T) * 101 + 5000)).to(device)
-    inv_freq = (1.0 / (500000.0 ** (torch.arange(0, dim, 2, device=device).float() / dim))).float()
     keys = torch.randn(BLOCK_T, 2, kv_heads, dim, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     expected = keys.clone()
-    angles = (old_new.flatten().to(torch.float32)[:, None] * inv_freq[None, :]).double().unflatten(0, old_new.shape)
-    emb = torch.cat((angles[1] - angles[0],) * 2, dim=-1)[:, None, :]
-    sin = emb.sin().float()
-    turn(expected[:, 0], emb.cos().float(), torch.cat((-sin[..., : dim // 2], sin[..., dim // 2 :]), dim=-1))
-    turn_at(keys[:, 0], old_new, inv_freq)
+    turn(expected[:, 0], *tables(old_new))
+    turn_at(keys[:, 0], old_new, inv_freq.to(device).float().contiguous())
     if not torch.allclose(keys.float(), expected.float(), rtol=1e-2, atol=1e-2):
         raise RuntimeError(f"turn_at differs from turn by {(keys.float() - expected.float()).abs().max().item():.3g}")

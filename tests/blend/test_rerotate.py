@@ -98,8 +98,9 @@ def test_positions_of_the_wrong_shape_are_refused():
 
 
 def test_start_up_checks_the_turn_from_positions_against_the_tables(monkeypatch):
-    rerotate.compile_variants(2, 32, torch.float32, DEVICE)
+    _, _, inv_freq = _positions_case(torch.float32, 1)
+    rerotate.compile_variants(2, 32, torch.float32, DEVICE, inv_freq, lambda old_new: _tables(old_new, inv_freq))
     real = rerotate.turn_at
     monkeypatch.setattr(rerotate, "turn_at", lambda keys, old_new, inv_freq: real(keys, old_new, inv_freq * 1.5))
     with pytest.raises(RuntimeError, match="differs"):
-        rerotate.compile_variants(2, 32, torch.float32, DEVICE)
+        rerotate.compile_variants(2, 32, torch.float32, DEVICE, inv_freq, lambda old_new: _tables(old_new, inv_freq))
