@@ -23,7 +23,7 @@ import torch
 
 from blend.fusor import BlendConfig, prefill_layers
 from blend.graphs import LayerGraphs
-from services.bench.gpu import host_us, request_pool, served_prompt, tier_store
+from services.bench.gpu import graphed_ms, host_us, request_pool, served_prompt, tier_store
 from store import dma
 from store.source import StoreSource
 
@@ -185,18 +185,6 @@ def main() -> None:
         _kernels(step, layout)
 
 
-def _gpu_us(fn, count: int = 50) -> float:
-    """GPU microseconds one call of fn takes, from events around `count` calls back to back."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(count):
-        fn()
-    end.record()
-    end.synchronize()
-    return round(1000 * start.elapsed_time(end) / count, 1)
-
-
 def _kernels(step, layout) -> None:
     """The head's replaced operations against their kernels at the served shape: host and GPU time a call."""
     from blend import question_mass, rerotate
@@ -208,15 +196,11 @@ def _kernels(step, layout) -> None:
     old_new = torch.stack((torch.arange(first, n) - 300, torch.arange(first, n))).cuda()
     inv_freq = step.inv_freq.cuda()
 
-    def tables():
-        cos, sin = step.turn_pair(old_new)
-        return cos, step.signed_sin(sin)
-
-    cos, signed_sin = tables()
+    cos, signed_sin = step.turn_tables(old_new)
     q = torch.randn(question, step.n_heads, step.head_dim, device="cuda").to(step.dtype)
     positions = torch.arange(first, n, device="cuda")
     calls = {
-        "re-rotation tables (turn_pair + signed_sin), once a request": tables,
+        "re-rotation tables (LlamaStep.turn_tables), once a request": lambda: step.turn_tables(old_new),
         "re-rotation by tables (rerotate.turn), a layer": lambda: rerotate.turn(keys, cos, signed_sin),
         "re-rotation from positions (rerotate.turn_at, served), a layer": lambda: rerotate.turn_at(keys, old_new,
                                                                                                   inv_freq),
@@ -225,9 +209,10 @@ def _kernels(step, layout) -> None:
         "question mass, kernels (question_mass.mass, served)": lambda: question_mass.mass(
             q, keys, positions, question, step.scale),
     }
-    print(f"\n== the head's replaced operations at the served shape ({n - first} keys), a call: host us / GPU us")
+    print(f"\n== the head's replaced operations at the served shape ({n - first} keys), a call: host us / GPU us "
+          f"(in a CUDA graph)")
     for label, fn in calls.items():
-        print(f"   {label}: {host_us(fn)} / {_gpu_us(fn)}")
+        print(f"   {label}: {host_us(fn)} / {1000 * graphed_ms(lambda _, fn=fn: fn()):.1f}")
 
 
 if __name__ == "__main__":
