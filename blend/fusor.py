@@ -15,9 +15,9 @@ layer i + 1 while layer i computes; the fusor never does I/O itself.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Protocol
 
 import numpy as np
@@ -154,7 +154,7 @@ def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn
 
 def _turn(old_starts, new_starts, lengths, skip):
     """(lo, hi, old_new) for re-rotating the placed segments in [lo, hi) by token (`turn_in_place`):
-    old_new [2, hi - lo] holds each token's position when computed, then now (host); None if none moves."""
+    old_new [2, hi - lo] (int64, numpy) holds each token's position when computed, then now; None if none moves."""
     moving = [i for i, (old, new) in enumerate(zip(old_starts, new_starts)) if i not in skip and old != new]
     if not moving:
         return None
@@ -166,15 +166,25 @@ def _turn(old_starts, new_starts, lengths, skip):
     shift = np.zeros(hi - lo, dtype=np.int64)
     for i in moving:
         shift[new_starts[i] - lo : new_starts[i] - lo + lengths[i]] = new_starts[i] - old_starts[i]
-    return lo, hi, torch.from_numpy(np.stack((now - shift, now)))
+    return lo, hi, np.stack((now - shift, now))
 
 
-def _send_all(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Host tensors of one dtype on the device by one copy (views of it, in order): a request's set-up sends
-    several small index and mask tensors, and each copy is a host-side call on the critical path."""
-    flat = _sent(torch.cat([t.flatten() for t in tensors]), device)
-    sizes = [t.numel() for t in tensors]
-    return [part.view(t.shape) for part, t in zip(flat.split(sizes), tensors)]
+def _send_all(device, ints: Sequence[np.ndarray], floats: np.ndarray | None = None):
+    """Host-built int64 arrays and one float32 array on the device by one copy: (views of the int64 ones, in order;
+    the float32 one's view, or None). A request's set-up sends several small index and rank arrays, each copy is a
+    host-side call on its critical path, and they are built in numpy, not PyTorch (the served shape's set-up on the
+    meta device: 1,433 against 1,493 us on the 2-core CPU, `python3 -m services.bench.probe_head --time`,
+    docs/ops/cpu_probe_head_s16.txt)."""
+    parts = [np.ascontiguousarray(a, dtype=np.int64) for a in ints]
+    sizes = [a.size for a in parts]
+    flat = [a.reshape(-1) for a in parts]
+    if floats is not None:  # its bytes as int64 words (padded to a whole one): the device view reads them back
+        floats = np.ascontiguousarray(floats, dtype=np.float32).reshape(-1)
+        flat.append(np.concatenate((floats, np.zeros(floats.size % 2, np.float32))).view(np.int64))
+        sizes.append(flat[-1].size)
+    sent = _sent(torch.from_numpy(np.concatenate(flat)), device).split(sizes)
+    views = [part.view(a.shape) for part, a in zip(sent, parts)]
+    return views, sent[-1].view(torch.float32)[: floats.size] if floats is not None else None
 
 
 def _shared(step: LlamaStep, positions: torch.Tensor, n: int, cache: KVCache, start: int | None = None):
@@ -206,12 +216,12 @@ def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
 NEVER_DROPPED, SINK, EXACT = float("inf"), torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max
 
 
-def _ranks(n: int, always: Sequence[slice], sinks: Sequence[slice], exact: slice | None) -> torch.Tensor:
-    """[n] float32 on the host: each position's fixed score, NaN where its own score ranks it. Never dropped
+def _ranks(n: int, always: Sequence[slice], sinks: Sequence[slice], exact: slice | None) -> np.ndarray:
+    """[n] float32 on the host (numpy): each position's fixed score, NaN where its own score ranks it. Never dropped
     (the question, chunks prefilled in full) above all; chunk-start sinks above every other chunk token (they
     take the budget first); the exactly cached first chunk below all (ranked last); a sink in the first chunk
     is ranked last. One tensor the ranking applies in one `where`, not three masks and as many passes."""
-    ranks = torch.full((n,), float("nan"))
+    ranks = np.full(n, np.nan, dtype=np.float32)
     for span in sinks:
         ranks[span] = SINK
     if exact is not None:
@@ -306,16 +316,15 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     # prefilled in full): the others' placed layer-0 K/V are exact (a token's own), and past layer 0 their
     # placed K/V are what blend keeps for every token it does not recompute. The kept ones join them from the
     # embedding once chosen (below). Positions on the host: no device read to find them.
-    fixed = torch.tensor([p for s in sorted(skip) for p in range(boundaries[s], boundaries[s + 1])]
-                         + list(range(question_start, n)) if early else [], dtype=torch.long)
-    # The request's host-built integers in one copy: token ids, the fixed positions and their rows among the
-    # computed ones, and the placed tokens' positions then and now (for their re-rotation); the ranks in another.
-    # The prompt's ids through an array, not torch.tensor of a list: 89 against 687 us for 6,217 ids on a 2-core
-    # CPU (`python3 -m services.bench.probe_prompt`, docs/ops/cpu_probe_prompt_s13.txt).
-    token_ids = torch.frombuffer(array("q", layout.token_ids), dtype=torch.int64)
+    fixed = (np.concatenate([np.arange(boundaries[s], boundaries[s + 1]) for s in sorted(skip)]
+                            + [np.arange(question_start, n)]) if early else np.zeros(0, dtype=np.int64))
+    # The request's host-built numbers in one copy: token ids, the fixed positions and their rows among the
+    # computed ones, the placed tokens' positions then and now (for their re-rotation) and the ranks. The prompt's
+    # ids by numpy straight from the layout's tuples, not torch.tensor of a list (687 us for 6,217 ids on a 2-core
+    # CPU, docs/ops/cpu_probe_prompt_s13.txt) nor an array of one (~100 us for 5,184 there).
+    token_ids = np.fromiter(chain(layout.prefix, *layout.chunks, layout.suffix), np.int64, n)
     ints = [token_ids, fixed, fixed - first] + ([moving[2]] if moving is not None else [])
-    ids, fixed, rows, *old_new = _send_all(device, *ints)
-    ranks = _sent(ranks, device) if ranks is not None else None
+    (ids, fixed, rows, *old_new), ranks = _send_all(device, ints, ranks)
     turn = None
     if moving is not None:
         turn = (moving[0], moving[1], step.turning(old_new[0]))

@@ -100,8 +100,10 @@ class StoreSource:
 
     def __init__(self, store: ChunkStore, segments: Sequence[Segment], compute: Compute | None = None,
                  device: str | torch.device = "cpu", expected: Sequence[Sequence[int] | None] | None = None,
-                 depth: int = 2):
-        """`expected[i]`: the token ids segment i must hold (its manifest is checked against them)."""
+                 depth: int = 2, timeline: bool = False):
+        """`expected[i]`: the token ids segment i must hold (its manifest is checked against them). `timeline`:
+        record every layer's marks for `timeline_ms` (a probe's; a served request records only what its
+        figures need, see `layer`)."""
         self.store = store
         self.segments = list(segments)
         self.compute = compute
@@ -109,6 +111,7 @@ class StoreSource:
         if self.device.type == "cuda" and self.device.index is None:  # so cuda == cuda:0 compares equal
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.depth = max(1, depth)
+        self.timeline = timeline
         self.cuda = self.device.type == "cuda"
         self.stats = LoadStats(tiers=[None] * len(self.segments))
         self.computed: dict[int, ChunkKV] = {}  # segments the store could not serve, by index
@@ -214,18 +217,21 @@ class StoreSource:
             self._marks = {name: [None] * self.n_layers
                            for name in ("copy_start", "copy_end", "asked", "compute_start")}
             self._issued = -1
+            self._copied = -1  # every layer up to this one is known copied (its ready event completed)
+            self._batch_open = False  # inside `_issue_ahead`, past its first layer
             self._pending_blocks: dict[int, list] = {}
             self._holds = dma.Holds()  # the host blocks of copies not known to be done
         return self
 
-    # Layers issued: `into` starts ISSUE_FIRST, each `layer` call adds up to ISSUE_PER_CALL more while fewer
-    # than AHEAD are queued past the one asked for. The first layers' calls are on the request's critical
-    # path (the GPU idles while the host sets up and ranks), so they issue little (~70 us of host time a
-    # layer of 10 chunks); the copy stream (~0.41 ms a layer of 10 x 512 8B-shape tokens, H200) still never
-    # runs dry, and the later calls, while the GPU is busy, catch up to AHEAD (H200, blend@0.05: the last
-    # copy done ~1.3 ms before the last layer needs it).
+    # Layers issued: `into` starts ISSUE_FIRST; each `layer` call tops the copy stream up to IN_FLIGHT layers not
+    # yet copied (at most that many a call, never past AHEAD layers beyond the one asked for). A layer of 10 x 512
+    # 8B-shape tokens copies in ~0.41 ms on an H200 and costs the host ~0.2 ms to issue (less through store.dma):
+    # a fixed two a call (the earlier rule) left the stream idle for 0.9 and 1.4 ms while the host set up and
+    # ranked, then kept issuing two a call while the stream was well ahead, so the host, not the GPU, paced layers
+    # 3-14 of blend@0.05 (0.45-0.7 ms each against 0.385; docs/ops/h200_bench_s15a.json, timeline_served_0.05).
+    # Topping up issues where the stream runs low and spares the host where it does not.
     ISSUE_FIRST = 3
-    ISSUE_PER_CALL = 2
+    IN_FLIGHT = 3
     AHEAD = 8
 
     def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
@@ -361,14 +367,24 @@ class StoreSource:
         own = torch.empty((self.n_layers, total, *shape), dtype=dtype, device=self.device)
         return layer_views(own, [offsets.get(i, 0) for i in range(len(self.segments))], self._lengths, self._host)
 
-    def _issue_ahead(self, last: int, most: int | None = None) -> None:
-        """Issue layers up to `last` (at most `most`, default ISSUE_PER_CALL, of them), stopping at a slow-tier
-        layer whose read is not back yet: the next `layer` call issues it (waiting only once it is needed)."""
-        most = self.ISSUE_PER_CALL if most is None else most
-        for layer in range(self._issued + 1, min(last, self._issued + most, self.n_layers - 1) + 1):
-            if self._slow and not (layer in self._reads and self._reads[layer].done()):
-                return
-            self._issue(layer)
+    def _in_flight(self) -> int:
+        """Issued layers whose copies are not known done (stream order: one event query a layer found done since,
+        and one for the oldest still running)."""
+        while self._copied < self._issued and self._ready[self._copied + 1].query():
+            self._copied += 1
+        return self._issued - self._copied
+
+    def _issue_ahead(self, last: int, most: int) -> None:
+        """Issue layers up to `last` (at most `most` of them), stopping at a slow-tier layer whose read is not back
+        yet: the next `layer` call issues it (waiting only once it is needed)."""
+        try:
+            for layer in range(self._issued + 1, min(last, self._issued + most, self.n_layers - 1) + 1):
+                if self._slow and not (layer in self._reads and self._reads[layer].done()):
+                    return
+                self._issue(layer)
+                self._batch_open = True
+        finally:
+            self._batch_open = False
 
     def _issue(self, layer: int) -> None:
         """Enqueue layer `layer`'s host-to-device copies on the copy stream (CUDA), layers in order."""
@@ -381,7 +397,10 @@ class StoreSource:
         blocks = self._gather(layer)
         views = self._target(layer)
         copy = self._copy_stream
-        start = _recorded(copy, timing=True)
+        # A layer issued right behind the one before (the same `_issue_ahead` call, nothing else on the copy stream
+        # between) starts where that one ends: its end event is its start, one event fewer a layer on the host.
+        previous = self._marks["copy_end"][layer - 1] if layer and self._batch_open else None
+        start = previous if previous is not None and not self.timeline else _recorded(copy, timing=True)
         out: list[torch.Tensor | None] = []
         targets, sources = [], []
         for index, block in enumerate(blocks):
@@ -422,11 +441,16 @@ class StoreSource:
             return [b.to(self.device) if b is not None and b.device != self.device else b for b in blocks]
         compute = torch.cuda.current_stream(self.device)
         self._issue(index)
-        self._marks["asked"][index] = _recorded(compute, timing=True)
-        compute.wait_event(self._ready[index])
-        self._marks["compute_start"][index] = _recorded(compute, timing=True)
+        in_flight = self._in_flight()
+        if self.timeline or index > self._copied:
+            # The copy may still run: the compute stream waits for it, between two marks that time the stall.
+            self._marks["asked"][index] = _recorded(compute, timing=True)
+            compute.wait_event(self._ready[index])
+            self._marks["compute_start"][index] = _recorded(compute, timing=True)
+        # else its copy is done already (the usual case past the first layers): nothing to wait for and no stall
+        # to time, so no wait and no two events on the host's critical path (a layer without marks stalled 0 s).
         blocks = self._pending_blocks.pop(index)
-        self._issue_ahead(index + self.AHEAD)
+        self._issue_ahead(index + self.AHEAD, self.IN_FLIGHT - in_flight)
         self._holds.release_done()
         if index + 1 == self.n_layers:
             self.close()

@@ -439,7 +439,7 @@ def copy_timeline(step, layout, store, prefix, keys, config: BlendConfig | None 
         torch.cuda.synchronize()
         start, origin = time.perf_counter(), torch.cuda.Event(enable_timing=True)
         origin.record()
-        source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+        source = StoreSource(store, [prefix, *keys], device="cuda", timeline=True).begin()
         built = time.perf_counter()
         layers = prefill_layers(step, layout, config, source)
         next(layers)

@@ -103,7 +103,7 @@ def test_with_chunk_kv_in_the_cpu_tier_no_layer_waits_for_its_copy():
     store, keys = _store(MemoryTier("cpu"), chunks)
     with torch.inference_mode():
         for _ in range(2):  # the first request warms the kernels and the pinned allocator
-            source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+            source = StoreSource(store, [prefix, *keys], device="cuda", timeline=True).begin()
             prefill(step, layout, BlendConfig(mode="blend", ratio=0.15), source)
             stats = source.finish()
     print("timeline ms:", source.timeline_ms()[:4], "stall ms:", 1000 * stats.stall_s)
@@ -153,3 +153,42 @@ def test_the_served_path_equals_it_without_the_twelfth_sessions_kernels_and_raw_
     torch.testing.assert_close(served.logits, plain.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(served.cache.data[:, : plain.length], plain.cache.data[:, : plain.length],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_served_source_tops_the_copy_stream_up_and_neither_waits_nor_marks_for_a_copy_already_done(cuda_step):
+    """Without `timeline`, a layer whose copy is known done is handed over with no wait on the compute stream and no
+    stall marks; each `layer` call issues only what tops the copy stream up to IN_FLIGHT layers not yet copied;
+    the request's figures (bytes, GPU copy time, no stall) and the bytes delivered stay what they were."""
+    deep = LlamaStep(tiny_model(num_hidden_layers=16).to("cuda"))  # enough layers for AHEAD to bind
+    layout, prefix, chunks = _entries(deep, seed=7)
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    cache = deep.new_cache(len(layout) + 8)
+    starts = [0] + layout.chunk_starts()
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    source.into(cache.data, starts)
+    assert source._issued == StoreSource.ISSUE_FIRST - 1
+    expected_issued = source._issued
+    for layer in range(source.n_layers):
+        torch.cuda.synchronize()  # every copy issued so far is done
+        source.layer(layer)
+        expected_issued = min(max(expected_issued, layer) + StoreSource.IN_FLIGHT, layer + StoreSource.AHEAD,
+                              source.n_layers - 1)
+        assert source._issued == expected_issued
+    assert all(mark is None for mark in source._marks["asked"] + source._marks["compute_start"])
+    stats = source.finish()
+    assert stats.stall_s == 0 and stats.stalled_layers == 0 and stats.copy_s > 0
+    assert stats.copy_bytes == sum(c.kv.numel() * c.kv.element_size() for c in chunks)
+    for start, chunk in zip(starts[1:], chunks):
+        assert torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv.to("cuda"))
+
+
+def test_a_timeline_source_marks_every_layer(cuda_step):
+    layout, prefix, chunks = _entries(cuda_step, seed=8)
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    with torch.inference_mode():
+        source = StoreSource(store, [prefix, *keys], device="cuda", timeline=True).begin()
+        prefill(cuda_step, layout, BlendConfig(mode="blend", ratio=0.3), source)
+    source.finish()
+    rows = source.timeline_ms()
+    assert [row["layer"] for row in rows] == list(range(source.n_layers))
+    assert all(row["copy_start"] <= row["copy_end"] and row["asked"] <= row["compute_start"] for row in rows)
