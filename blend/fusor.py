@@ -320,8 +320,8 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
                             + [np.arange(question_start, n)]) if early else np.zeros(0, dtype=np.int64))
     # The request's host-built numbers in one copy: token ids, the fixed positions and their rows among the
     # computed ones, the placed tokens' positions then and now (for their re-rotation) and the ranks. The prompt's
-    # ids by numpy straight from the layout's tuples, not torch.tensor of a list (687 us for 6,217 ids on a 2-core
-    # CPU, docs/ops/cpu_probe_prompt_s13.txt) nor an array of one (~100 us for 5,184 there).
+    # ids by numpy straight from the layout's tuples (no list of them first), not torch.tensor of a list (687 us for
+    # 6,217 ids on a 2-core CPU, docs/ops/cpu_probe_prompt_s13.txt).
     token_ids = np.fromiter(chain(layout.prefix, *layout.chunks, layout.suffix), np.int64, n)
     ints = [token_ids, fixed, fixed - first] + ([moving[2]] if moving is not None else [])
     (ids, fixed, rows, *old_new), ranks = _send_all(device, ints, ranks)

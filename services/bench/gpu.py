@@ -223,6 +223,15 @@ def _with_pool_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
         step.kv_pool, step.graphs = old
 
 
+def _with_in_flight(layers: int, fn):
+    """fn() with the request source keeping `layers` layers' copies in flight (StoreSource.IN_FLIGHT)."""
+    old, StoreSource.IN_FLIGHT = StoreSource.IN_FLIGHT, layers
+    try:
+        return fn()
+    finally:
+        StoreSource.IN_FLIGHT = old
+
+
 def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
     step.graphs = graphs
     try:
@@ -577,6 +586,13 @@ def run_bench(config: BenchConfig) -> dict:
                         "reuse", "blend@0.05/cpu", "blend@0.15/cpu")]:
                     plan.append((f"{label}+poolgraphs", mode, ratio, tier,
                                  lambda fn=fn: _with_pool_graphs(step, pool_graphs, fn)))
+                # The served rows with fewer and more layers' copies kept in flight than served (StoreSource.IN_FLIGHT):
+                # where the copy stream runs dry against where issuing costs the host more than it gives.
+                for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
+                        "blend@0.05/cpu+poolgraphs", "blend@0.15/cpu+poolgraphs")]:
+                    for layers in (2, 5):
+                        plan.append((f"{label}/in-flight{layers}", mode, ratio, tier,
+                                     lambda fn=fn, layers=layers: _with_in_flight(layers, fn)))
             if main:
                 # Where one matmul for q/k/v (and for gate/up) pays: full prefill projected apart above 1,024
                 # tokens against the default (fused everywhere with the fused kernels: LlamaStep._apart).
