@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Protocol
 
 import numpy as np
@@ -172,9 +171,9 @@ def _turn(old_starts, new_starts, lengths, skip):
 def _send_all(device, ints: Sequence[np.ndarray], floats: np.ndarray | None = None):
     """Host-built int64 arrays and one float32 array on the device by one copy: (views of the int64 ones, in order;
     the float32 one's view, or None). A request's set-up sends several small index and rank arrays, each copy is a
-    host-side call on its critical path, and they are built in numpy, not PyTorch (the served shape's set-up on the
-    meta device: 1,433 against 1,493 us on the 2-core CPU, `python3 -m services.bench.probe_head --time`,
-    docs/ops/cpu_probe_head_s16.txt)."""
+    host-side call on its critical path, and they are built in numpy, not PyTorch (with the packed token ids, the
+    served shape's set-up on the meta device: 1,170 against 1,330 us on the 2-core CPU, `python3 -m
+    services.bench.probe_head --time`, docs/ops/cpu_probe_head_s16.txt)."""
     parts = [np.ascontiguousarray(a, dtype=np.int64) for a in ints]
     sizes = [a.size for a in parts]
     flat = [a.reshape(-1) for a in parts]
@@ -320,9 +319,9 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
                             + [np.arange(question_start, n)]) if early else np.zeros(0, dtype=np.int64))
     # The request's host-built numbers in one copy: token ids, the fixed positions and their rows among the
     # computed ones, the placed tokens' positions then and now (for their re-rotation) and the ranks. The prompt's
-    # ids by numpy straight from the layout's tuples (no list of them first), not torch.tensor of a list (687 us for
-    # 6,217 ids on a 2-core CPU, docs/ops/cpu_probe_prompt_s13.txt).
-    token_ids = np.fromiter(chain(layout.prefix, *layout.chunks, layout.suffix), np.int64, n)
+    # ids from the chunks' packed ids (`PromptLayout.packed_ids`), not torch.tensor of a list (687 us for 6,217 ids on
+    # a 2-core CPU, docs/ops/cpu_probe_prompt_s13.txt).
+    token_ids = layout.packed_ids()
     ints = [token_ids, fixed, fixed - first] + ([moving[2]] if moving is not None else [])
     (ids, fixed, rows, *old_new), ranks = _send_all(device, ints, ranks)
     turn = None
@@ -383,9 +382,9 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         h = step.attend(layer, h, q, positions, cache, n, mask)
         yield layer
     recomputed = (positions < question_start).sum()
+    logits = step.logits(h[-1])  # queued behind the last layer before the host waits (no idle GPU in between)
     settle(recomputed)  # the GPU is still on the last layers: wait with the GIL released
-    recomputed = int(recomputed)
-    return Prefill(cache=cache, length=n, logits=step.logits(h[-1]), recomputed=recomputed)
+    return Prefill(cache=cache, length=n, logits=logits, recomputed=int(recomputed))
 
 
 def compute_kv(step: LlamaStep, token_ids: Sequence[int], behind: ChunkKV | None = None) -> ChunkKV:

@@ -124,7 +124,9 @@ class StoreSource:
                 continue
             manifest = store.manifest(segment)
             want = expected[index]
-            if manifest is not None and want is not None and tuple(want) != manifest.token_ids:
+            # (A tuple as it is, a `TokenIds` one included: tuple() of a subclass would copy it.)
+            if manifest is not None and want is not None and (
+                    want if isinstance(want, tuple) else tuple(want)) != manifest.token_ids:
                 log.warning("store: chunk %s holds other tokens than the prompt's; recomputed", segment)
                 manifest = None
             self.manifests.append(manifest)
@@ -248,7 +250,8 @@ class StoreSource:
                              f"{data.shape[0]} layers in the buffer for the segments' {self.n_layers}")
         self._target = layer_views(data, starts, self._lengths, self._host)
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
-        self._issue_ahead(self.ISSUE_FIRST - 1, self.ISSUE_FIRST)
+        if self._host:  # (nothing to copy, e.g. every chunk in the GPU tier: each layer looked up when asked for)
+            self._issue_ahead(self.ISSUE_FIRST - 1, self.ISSUE_FIRST)
         # Segments held whole on the device (the system prefix): every layer placed now by one copy on the
         # compute stream, not one small copy per layer by the fusor.
         resident = [i for i, segment in enumerate(self.segments)
@@ -450,7 +453,7 @@ class StoreSource:
         # else its copy is done already (the usual case past the first layers): nothing to wait for and no stall
         # to time, so no wait and no two events on the host's critical path (a layer without marks stalled 0 s).
         blocks = self._pending_blocks.pop(index)
-        self._issue_ahead(index + self.AHEAD, self.IN_FLIGHT - in_flight)
+        self._issue_ahead(index + self.AHEAD, self.IN_FLIGHT - in_flight if self._host else 0)
         self._holds.release_done()
         if index + 1 == self.n_layers:
             self.close()
@@ -466,8 +469,27 @@ class StoreSource:
             stalls = [start.elapsed_time(end) / 1000 for start, end in self._spans("asked", "compute_start")]
             self.stats.stall_s = sum(stalls)
             self.stats.stalled_layers = sum(s > 5e-5 for s in stalls)
-            self.stats.copy_s = sum(start.elapsed_time(end) / 1000 for start, end in self._spans("copy_start", "copy_end"))
+            self.stats.copy_s = self._copy_seconds()
         return self.stats
+
+    def _copy_seconds(self) -> float:
+        """The copy stream's busy seconds: one event read per run of layers issued back to back (a layer whose start
+        is the previous one's end event continues that one's run), not one per layer; the same sum."""
+        starts, ends = self._marks["copy_start"], self._marks["copy_end"]
+        total, run = 0.0, None
+        for layer in range(self.n_layers):
+            start, end = starts[layer], ends[layer]
+            if start is None or end is None:
+                continue
+            if run is None or start is not ends[layer - 1]:
+                if run is not None:
+                    total += run[0].elapsed_time(run[1])
+                run = [start, end]
+            else:
+                run[1] = end
+        if run is not None:
+            total += run[0].elapsed_time(run[1])
+        return total / 1000
 
     def _spans(self, first: str, last: str):
         return [(start, end) for start, end in zip(self._marks[first], self._marks[last])

@@ -24,7 +24,7 @@ from blend.decode import Decoding, Sampling, advance, decode
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
 from blend.graphs import GraphDecoder, LayerGraphs, _record, _warm_up
 from blend.loader import gate
-from blend.prompt import PromptLayout
+from blend.prompt import PromptLayout, TokenIds
 from services.settings import SERVED_SELECTOR
 from store.keys import chunk_key
 from store.source import StoreSource
@@ -72,7 +72,8 @@ def build_model(shape: str, device: str = "cuda"):
 def make_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens: int, seed: int = 0) -> PromptLayout:
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: tuple(torch.randint(10, vocab, (n,), generator=g).tolist())  # noqa: E731
-    return PromptLayout(ids(32), tuple(ids(chunk_tokens) for _ in range(n_chunks)), ids(question_tokens))
+    # Chunks as the server's layouts hold them (`encode_chunk`: packed too), the prefix and question as plain tuples.
+    return PromptLayout(ids(32), tuple(TokenIds(ids(chunk_tokens)) for _ in range(n_chunks)), ids(question_tokens))
 
 
 def served_prompt(n_chunks: int = 10, chunk_tokens: int = 512, question_tokens: int = 32, shape: str = "llama3-8b"):

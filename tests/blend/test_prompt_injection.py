@@ -62,3 +62,21 @@ def test_a_passages_remembered_ids_are_its_tokenizers_and_the_same_as_tokenizing
     other = build_layout(tokenizer, passages, "Where?", None)
     assert other.chunks == tuple(encode_user_text(tokenizer, text) for text in passages)
     assert other.chunks != first.chunks
+
+
+def test_a_layouts_chunks_carry_their_ids_packed_and_the_layout_packs_every_piece(chat_tokenizer):
+    """`build_layout`'s chunks are `TokenIds` (tuples equal to the plain ids, packed as int64 and read-only); the
+    layout's packed ids are its token ids, plain tuples (the prefix, the question) packed too."""
+    import numpy as np
+
+    from blend.prompt import PromptLayout, TokenIds, encode_user_text
+
+    passages = [format_passage("Paris", "The Seine flows through Paris."), "Everest is high."]
+    layout = build_layout(chat_tokenizer, passages, "Which river?")
+    for chunk, text in zip(layout.chunks, passages):
+        assert isinstance(chunk, TokenIds) and chunk == encode_user_text(chat_tokenizer, text)
+        assert chunk.packed.dtype == np.int64 and chunk.packed.tolist() == list(chunk)
+        assert not chunk.packed.flags.writeable  # a view of the tokenizer's cache: never written
+    assert layout.packed_ids().tolist() == layout.token_ids
+    mixed = PromptLayout((1, 2), (TokenIds([3, 4]), (5,), TokenIds(())), (6,))
+    assert mixed.packed_ids().tolist() == mixed.token_ids == [1, 2, 3, 4, 5, 6]

@@ -177,6 +177,9 @@ def test_a_served_source_tops_the_copy_stream_up_and_neither_waits_nor_marks_for
     assert all(mark is None for mark in source._marks["asked"] + source._marks["compute_start"])
     stats = source.finish()
     assert stats.stall_s == 0 and stats.stalled_layers == 0 and stats.copy_s > 0
+    # One event read per run of layers issued back to back: the per-layer spans' sum, up to the events' resolution.
+    per_layer = sum(start.elapsed_time(end) for start, end in source._spans("copy_start", "copy_end")) / 1000
+    assert stats.copy_s == pytest.approx(per_layer, abs=2e-6 * source.n_layers)
     assert stats.copy_bytes == sum(c.kv.numel() * c.kv.element_size() for c in chunks)
     for start, chunk in zip(starts[1:], chunks):
         assert torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv.to("cuda"))
@@ -192,3 +195,20 @@ def test_a_timeline_source_marks_every_layer(cuda_step):
     rows = source.timeline_ms()
     assert [row["layer"] for row in rows] == list(range(source.n_layers))
     assert all(row["copy_start"] <= row["copy_end"] and row["asked"] <= row["compute_start"] for row in rows)
+
+
+def test_a_source_with_nothing_to_copy_looks_each_layer_up_when_asked(cuda_step, tmp_path):
+    """Every chunk in the GPU tier (and the prefix in memory): no copies to keep in flight, so no layer is issued
+    ahead of the one asked for (a lookup and two events each, on the head's critical path for nothing)."""
+    layout, prefix, chunks = _entries(cuda_step, seed=9)
+    store, keys = _store(_tier("gpu", tmp_path), chunks)
+    cache = cuda_step.new_cache(len(layout) + 8)
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    source.into(cache.data, [0] + layout.chunk_starts())
+    assert source._issued == -1
+    for layer in range(source.n_layers):
+        blocks = source.layer(layer)
+        assert source._issued == layer
+        for block, chunk in zip(blocks[1:], chunks):
+            assert torch.equal(block, chunk.kv[layer].to("cuda"))
+    assert source.finish().copy_bytes == 0
