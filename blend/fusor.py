@@ -135,13 +135,12 @@ def _sent(tensor: torch.Tensor, device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn, placed) -> None:
-    # None: a chunk prefilled in full instead of loaded; `placed`: segments the source copied into the
-    # buffer itself (`KVSource.into`). One multi-tensor copy: a launch per layer, not one per chunk (on a
-    # GPU the step is bound by launches, issue 16).
-    pairs = [(cache.data[layer, new : new + block.shape[0]], block)
-             for index, (block, new) in enumerate(zip(blocks, new_starts))
-             if block is not None and block.shape[0] and index not in placed]
+def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn, unplaced: Sequence[int]) -> None:
+    # `unplaced`: the segments the source did not copy into the buffer itself (`KVSource.into`; on a GPU's served
+    # path none: nothing to walk a layer); None among them: a chunk prefilled in full instead of loaded. One
+    # multi-tensor copy: a launch per layer, not one per chunk (on a GPU the step is bound by launches, issue 16).
+    pairs = [(cache.data[layer, new_starts[index] : new_starts[index] + blocks[index].shape[0]], blocks[index])
+             for index in unplaced if blocks[index] is not None and blocks[index].shape[0]]
     if pairs:
         torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs], non_blocking=True)
     if turn is not None:
@@ -288,6 +287,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
     skip = {1 + index for index in forced}
     placed = source.into(cache.data, new_starts) if source is not None else set()  # first: copies start now
+    unplaced = [index for index in range(len(new_starts)) if index not in placed]
     moving = _turn(old_starts, new_starts, lengths, skip)  # the same for every layer
     covered = boundaries[len(old_starts)]  # prompt tokens the placed segments fill
     schedule = _schedule(config, step.n_layers)
@@ -336,7 +336,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         mask, rope = _shared(step, positions, n, cache, start=first)
     for layer in range(step.n_layers):
         if source is not None:
-            _place(step, cache, layer, source.layer(layer), new_starts, turn, placed)
+            _place(step, cache, layer, source.layer(layer), new_starts, turn, unplaced)
         if layer not in schedule:
             h = step.step(layer, h, positions, cache, n, mask, rope)
             yield layer
