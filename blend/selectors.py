@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -52,9 +53,15 @@ class Selector:
 
 
 def parse_selector(spec: str) -> Selector:
-    """`qattn+sink4+gmax+cover0.9` -> Selector; a ValueError naming the bad piece otherwise."""
+    """`qattn+sink4+gmax+cover0.9` -> Selector; a ValueError naming the bad piece otherwise. Parsed once per
+    spec (a request's config is built and read a few times on its host-bound path; a Selector is immutable)."""
     if not isinstance(spec, str):
         raise ValueError(f"unknown selector {spec!r} ({_HELP})")
+    return _parse(spec)
+
+
+@lru_cache(maxsize=256)
+def _parse(spec: str) -> Selector:
     scorer, *options = spec.split("+")
     if scorer not in SCORERS:
         raise ValueError(f"unknown selector {spec!r} ({_HELP})")
