@@ -229,8 +229,8 @@ class StoreSource:
     # yet copied (at most that many a call, never past AHEAD layers beyond the one asked for). A layer of 10 x 512
     # 8B-shape tokens copies in ~0.41 ms on an H200 and costs the host ~0.2 ms to issue (less through store.dma):
     # a fixed two a call (the earlier rule) left the stream idle for 0.9 and 1.4 ms while the host set up and
-    # ranked, then kept issuing two a call while the stream was well ahead, so the host, not the GPU, paced layers
-    # 3-14 of blend@0.05 (0.45-0.7 ms each against 0.385; docs/ops/h200_bench_s15a.json, timeline_served_0.05).
+    # ranked, then kept issuing while the stream was well ahead, during layers 3-14 of blend@0.05 that took 0.45-0.7
+    # ms each against 0.385 later, their copies long done (docs/ops/h200_bench_s15a.json, timeline_served_0.05).
     # Topping up issues where the stream runs low and spares the host where it does not.
     ISSUE_FIRST = 3
     IN_FLIGHT = 3
