@@ -88,6 +88,10 @@ class KVSource(Protocol):
         """One [T, 2, kv_heads, head_dim] block per segment for this layer, on the compute device."""
         ...
 
+    def ahead(self) -> None:
+        """The asked layer's compute is enqueued: a source may start loading later layers now."""
+        ...
+
 
 class MemorySource:
     """Chunk KV already in memory on the compute device."""
@@ -101,6 +105,9 @@ class MemorySource:
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
         return [entry.kv[index] if entry is not None else None for entry in self.entries]
+
+    def ahead(self) -> None:
+        pass  # nothing to load
 
 
 @dataclass
@@ -334,11 +341,15 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     else:
         h = step.embed(ids[first:])
         mask, rope = _shared(step, positions, n, cache, start=first)
+    # Once a layer's compute is enqueued, the source may issue later layers' loads (`KVSource.ahead`): the host does
+    # that while the GPU works, not before the layer's launches.
+    ahead = source.ahead if source is not None else (lambda: None)
     for layer in range(step.n_layers):
         if source is not None:
             _place(step, cache, layer, source.layer(layer), new_starts, turn, unplaced)
         if layer not in schedule:
             h = step.step(layer, h, positions, cache, n, mask, rope)
+            ahead()
             yield layer
             continue
         q, k, v = step.qkv(layer, h, positions, rope)
@@ -374,12 +385,14 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
             mask, rope = _shared(step, positions, n, cache)
             for before in range(layer + 1):
                 h = step.step(before, h, positions, cache, n, mask, rope)
+            ahead()
             yield layer
             continue
         h, q, k, v, positions = h[keep], q[keep], k[keep], v[keep], positions[keep]
         mask, rope = _shared(step, positions, n, cache)
         cache.write(layer, positions, k, v)
         h = step.attend(layer, h, q, positions, cache, n, mask)
+        ahead()
         yield layer
     recomputed = (positions < question_start).sum()
     logits = step.logits(h[-1])  # queued behind the last layer before the host waits (no idle GPU in between)

@@ -219,14 +219,16 @@ class StoreSource:
             self._marks = {name: [None] * self.n_layers
                            for name in ("copy_start", "copy_end", "asked", "compute_start")}
             self._issued = -1
+            self._asked = -1  # the last layer `layer` handed over
             self._copied = -1  # every layer up to this one is known copied (its ready event completed)
             self._batch_open = False  # inside `_issue_ahead`, past its first layer
             self._pending_blocks: dict[int, list] = {}
             self._holds = dma.Holds()  # the host blocks of copies not known to be done
         return self
 
-    # Layers issued: `into` starts ISSUE_FIRST; each `layer` call tops the copy stream up to IN_FLIGHT layers not
-    # yet copied (at most that many a call, never past AHEAD layers beyond the one asked for). A layer of 10 x 512
+    # Layers issued: `into` starts ISSUE_FIRST; each `ahead` call (the fusor's, once a layer's compute is enqueued)
+    # tops the copy stream up to IN_FLIGHT layers not yet copied (never past AHEAD layers beyond the one asked for);
+    # `layer` issues the asked layer itself if it is not yet. A layer of 10 x 512
     # 8B-shape tokens copies in ~0.41 ms on an H200 and costs the host ~0.2 ms to issue (less through store.dma):
     # a fixed two a call (the earlier rule) left the stream idle for 0.9 and 1.4 ms while the host set up and
     # ranked, then kept issuing while the stream was well ahead, during layers 3-14 of blend@0.05 that took 0.45-0.7
@@ -444,7 +446,8 @@ class StoreSource:
             return [b.to(self.device) if b is not None and b.device != self.device else b for b in blocks]
         compute = torch.cuda.current_stream(self.device)
         self._issue(index)
-        in_flight = self._in_flight()
+        self._asked = index
+        self._in_flight()
         if self.timeline or index > self._copied:
             # The copy may still run: the compute stream waits for it, between two marks that time the stall.
             self._marks["asked"][index] = _recorded(compute, timing=True)
@@ -453,11 +456,19 @@ class StoreSource:
         # else its copy is done already (the usual case past the first layers): nothing to wait for and no stall
         # to time, so no wait and no two events on the host's critical path (a layer without marks stalled 0 s).
         blocks = self._pending_blocks.pop(index)
-        self._issue_ahead(index + self.AHEAD, self.IN_FLIGHT - in_flight if self._host else 0)
-        self._holds.release_done()
         if index + 1 == self.n_layers:
             self.close()
         return blocks
+
+    def ahead(self) -> None:
+        """Issue later layers' copies now: the fusor calls this once it has enqueued the asked layer's compute, so
+        the host issues them while the GPU works, not before its next work (on an H200 the request's head is bound
+        by its host time). Tops the copy stream up to IN_FLIGHT layers not yet copied, never past AHEAD beyond the
+        layer asked for last (a source with nothing to copy issues none: each layer is looked up when asked for)."""
+        if not (self.cuda and self._begun and self._host) or self._issued + 1 >= self.n_layers:
+            return
+        self._issue_ahead(self._asked + self.AHEAD, self.IN_FLIGHT - self._in_flight())
+        self._holds.release_done()
 
     def finish(self) -> LoadStats:
         """After the prefill's results were read back (a synchronize happened): the GPU-side figures."""

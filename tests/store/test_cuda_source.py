@@ -157,7 +157,7 @@ def test_the_served_path_equals_it_without_the_twelfth_sessions_kernels_and_raw_
 
 def test_a_served_source_tops_the_copy_stream_up_and_neither_waits_nor_marks_for_a_copy_already_done(cuda_step):
     """Without `timeline`, a layer whose copy is known done is handed over with no wait on the compute stream and no
-    stall marks; each `layer` call issues only what tops the copy stream up to IN_FLIGHT layers not yet copied;
+    stall marks; each `ahead` call issues only what tops the copy stream up to IN_FLIGHT layers not yet copied;
     the request's figures (bytes, GPU copy time, no stall) and the bytes delivered stay what they were."""
     deep = LlamaStep(tiny_model(num_hidden_layers=16).to("cuda"))  # enough layers for AHEAD to bind
     layout, prefix, chunks = _entries(deep, seed=7)
@@ -171,8 +171,10 @@ def test_a_served_source_tops_the_copy_stream_up_and_neither_waits_nor_marks_for
     for layer in range(source.n_layers):
         torch.cuda.synchronize()  # every copy issued so far is done
         source.layer(layer)
-        expected_issued = min(max(expected_issued, layer) + StoreSource.IN_FLIGHT, layer + StoreSource.AHEAD,
-                              source.n_layers - 1)
+        expected_issued = max(expected_issued, layer)
+        assert source._issued == expected_issued  # the asked layer only: later ones wait for `ahead`
+        source.ahead()  # (the fusor's call once the layer's compute is enqueued)
+        expected_issued = min(expected_issued + StoreSource.IN_FLIGHT, layer + StoreSource.AHEAD, source.n_layers - 1)
         assert source._issued == expected_issued
     assert all(mark is None for mark in source._marks["asked"] + source._marks["compute_start"])
     stats = source.finish()
@@ -208,6 +210,7 @@ def test_a_source_with_nothing_to_copy_looks_each_layer_up_when_asked(cuda_step,
     assert source._issued == -1
     for layer in range(source.n_layers):
         blocks = source.layer(layer)
+        source.ahead()
         assert source._issued == layer
         for block, chunk in zip(blocks[1:], chunks):
             assert torch.equal(block, chunk.kv[layer].to("cuda"))
