@@ -80,6 +80,44 @@ def _enter(stream) -> None:
         pass
 
 
+def timed_request(step, layout, config, make_source, profiler=None, parts=None, later=None) -> list[float]:
+    """One request through `prefill_layers` on a source from `make_source()`: host ms at the source built, layer 0
+    done, the check layer done, every layer issued and the GPU done, then a later layer's median host ms (not the
+    last, whose call waits for the GPU's end; above the GPU's ~0.385 ms a layer of blend@0.05, s15a's timeline, the
+    host paces the request). `profiler` (cProfile) and `parts` (`_Parts`) time the head; `later` (another `_Parts`)
+    layers 2 to the one before the last, their host time added to `later.span`."""
+    start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
+    if parts is not None:
+        parts.on = True
+    source = make_source()
+    built = time.perf_counter()
+    layers = prefill_layers(step, layout, config, source)
+    next(layers)
+    first = time.perf_counter()
+    next(layers)
+    check = time.perf_counter()
+    if profiler is not None:
+        profiler.disable()
+    if parts is not None:
+        parts.on = False
+    marks = [check]
+    if later is not None:
+        later.on = True
+    for index in layers:
+        marks.append(time.perf_counter())
+        if later is not None and later.on and index == step.n_layers - 2:
+            later.on = False
+            later.span += marks[-1] - check
+    issued = time.perf_counter()
+    if step.device.type == "cuda":
+        torch.cuda.synchronize()
+    done = time.perf_counter()
+    each = statistics.median(b - a for a, b in zip(marks[:-2], marks[1:-1])) if len(marks) > 2 else 0.0
+    return [1e3 * (t - start) for t in (built, first, check, issued, done)] + [1e3 * each]
+
+
 def main() -> None:
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -98,33 +136,10 @@ def main() -> None:
             "blend@0.05": BlendConfig("blend", 0.05),
         }
         for name, config in kinds.items():
-            def request(profiler=None, parts=None):
-                start = time.perf_counter()
-                if profiler is not None:
-                    profiler.enable()
-                if parts is not None:
-                    parts.on = True
-                source = StoreSource(store, [prefix, *keys], device="cuda").begin()
-                built = time.perf_counter()
-                layers = prefill_layers(step, layout, config, source)
-                next(layers)
-                first = time.perf_counter()
-                next(layers)
-                check = time.perf_counter()
-                if profiler is not None:
-                    profiler.disable()
-                if parts is not None:
-                    parts.on = False
-                marks = [check]
-                for _ in layers:
-                    marks.append(time.perf_counter())
-                issued = time.perf_counter()
-                torch.cuda.synchronize()
-                done = time.perf_counter()
-                # The host's time a later layer (not the last, whose call waits for the GPU's end): above the GPU's
-                # ~0.385 ms a layer of blend@0.05 (s15a timeline), the host, not the GPU, paces the request.
-                each = statistics.median(b - a for a, b in zip(marks[:-2], marks[1:-1])) if len(marks) > 3 else 0.0
-                return [1e3 * (t - start) for t in (built, first, check, issued, done)] + [1e3 * each]
+            def request(profiler=None, parts=None, later=None, config=config):
+                return timed_request(step, layout, config, lambda: StoreSource(store, [prefix, *keys],
+                                                                               device=step.device).begin(),
+                                     profiler, parts, later)
 
             for _ in range(3):
                 request()
@@ -145,6 +160,19 @@ def main() -> None:
                   f"outside every part {1e3 * head - 1e6 * parts.top / REQUESTS:.0f} us):")
             for label, total in sorted(parts.total.items(), key=lambda item: -item[1]):
                 print(f"     {label:28s} {1e6 * total / REQUESTS:7.0f} us in {parts.calls[label] / REQUESTS:4.1f} calls")
+            later = _Parts()
+            later.span = 0.0
+            try:
+                for _ in range(REQUESTS):
+                    request(later=later)
+            finally:
+                later.restore()
+            count = REQUESTS * (step.n_layers - 3)
+            print(f"   a later layer by part (layers 2-{step.n_layers - 2}; host us a layer, inclusive; mean of {REQUESTS} "
+                  f"requests; {1e6 * later.span / count:.0f} us a layer, of it outside every part "
+                  f"{1e6 * (later.span - later.top) / count:.0f} us):")
+            for label, total in sorted(later.total.items(), key=lambda item: -item[1]):
+                print(f"     {label:28s} {1e6 * total / count:7.0f} us in {later.calls[label] / count:4.1f} calls")
             profiler = cProfile.Profile()
             for _ in range(REQUESTS):
                 request(profiler)
