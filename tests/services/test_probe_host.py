@@ -25,7 +25,7 @@ def test_the_timed_request_marks_its_phases_in_order_and_times_the_head_and_the_
     for key, chunk in zip(keys, chunks):
         store.put(key, chunk)
     config = BlendConfig("blend", 0.3, selector="qattn+sink4+nofirst+cachedk")
-    parts, later = _Parts(), None
+    parts = _Parts()
     try:
         with torch.inference_mode():
             marks = timed_request(tiny, layout, config, lambda: StoreSource(store, [prefix, *keys]).begin(),
