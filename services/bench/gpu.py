@@ -233,6 +233,17 @@ def _with_in_flight(layers: int, fn):
         StoreSource.IN_FLIGHT = old
 
 
+def _without_raw_copies(fn):
+    """fn() with the request source's host-to-device copies through PyTorch, not store.dma's raw runtime calls."""
+    from store import dma
+
+    old, dma.copy_async = dma.copy_async, lambda targets, sources, stream: list(range(len(targets)))
+    try:
+        return fn()
+    finally:
+        dma.copy_async = old
+
+
 def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
     step.graphs = graphs
     try:
@@ -594,6 +605,8 @@ def run_bench(config: BenchConfig) -> dict:
                     for layers in (2, 5):
                         plan.append((f"{label}/in-flight{layers}", mode, ratio, tier,
                                      lambda fn=fn, layers=layers: _with_in_flight(layers, fn)))
+                    # What the raw copies (store.dma) give the served row: PyTorch's copies in the same rounds.
+                    plan.append((f"{label}/torch-copies", mode, ratio, tier, lambda fn=fn: _without_raw_copies(fn)))
             if main:
                 # Where one matmul for q/k/v (and for gate/up) pays: full prefill projected apart above 1,024
                 # tokens against the default (fused everywhere with the fused kernels: LlamaStep._apart).
