@@ -10,12 +10,18 @@ K/V blocks are small stand-ins.
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 import torch
 
 from blend.cache import ChunkKV
 from services.bench.gpu import host_us, make_layout, tier_store
+from store.chunks import ChunkStore
+from store.disk_tier import DiskTier
+from store.memory_tier import MemoryTier
 from store.source import StoreSource, layer_views
+from store.tiered import TieredStore
 
 
 def main() -> None:
@@ -46,6 +52,14 @@ def main() -> None:
     gather = host_us(lambda: source._gather(5), args.repeats // 10)
     print(f"StoreSource over the CPU tier, prefix and 10 chunks: built in {build:.0f} us; a layer's lookup "
           f"(_gather) {gather:.1f} us")
+    # As a server's store stacks its tiers (a memory tier above, disk below): every chunk's layers are looked for
+    # tier by tier to find its slowest one (`TieredStore.slowest`), which a one-tier store answers at once.
+    with tempfile.TemporaryDirectory() as folder:
+        # The chunks in the middle tier (the CPU tier above, under a memory tier standing for the GPU one).
+        stacked = ChunkStore(TieredStore([MemoryTier("gpu", "cpu"), store.tiered.tiers[0], DiskTier(Path(folder))],
+                                         [None] * 3))
+        build = host_us(lambda: StoreSource(stacked, [prefix, *keys]), args.repeats // 10)
+        print(f"StoreSource over three tiers (memory, memory, disk), the chunks in the second: built in {build:.0f} us")
 
 
 if __name__ == "__main__":

@@ -175,3 +175,36 @@ def test_quantize_flag_stores_int8_and_reads_back_within_half_a_step(kind, tmp_p
 def test_config_errors_name_the_bad_value(field, value):
     with pytest.raises(ValueError, match=re.escape(f"{field} {value!r}")):
         StoreConfig(**{field: value})
+
+
+class _Counting(MemoryTier):
+    """A memory tier that counts its membership look-ups."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.asked = 0
+
+    def contains(self, key):
+        self.asked += 1
+        return super().contains(key)
+
+
+def test_slowest_names_the_slowest_of_each_entrys_fastest_holder_and_asks_the_bottom_tier_once_it_can():
+    top, middle, bottom = _Counting("gpu"), _Counting("cpu"), _Counting("redis")
+    tiered = TieredStore([top, middle, bottom], [None] * 3)
+    value = torch.zeros(2)
+    for key in ("a", "b", "dup"):
+        top.put(key, value)
+    for key in ("c", "dup"):
+        middle.put(key, value)
+    for key in ("d", "e", "dup"):
+        bottom.put(key, value)
+    assert tiered.slowest(["a", "b"]) == "gpu"
+    assert tiered.slowest(["a", "c", "dup"]) == "cpu"  # "dup": its fastest holder, not its slowest
+    assert tiered.slowest(["c", "missing"]) == "cpu"  # an entry held nowhere is not counted
+    assert tiered.slowest(["missing"]) is None and tiered.slowest([]) is None
+    for tier in (top, middle, bottom):
+        tier.asked = 0
+    assert tiered.slowest(["d", "a", "e", "c"]) == "redis"
+    assert bottom.asked == 1  # the bottom tier's first hit settles it: nothing is slower
+    assert top.asked == 4 and middle.asked == 3  # each faster tier asked about what no faster one holds
