@@ -35,7 +35,8 @@ class TokenIds(tuple):
         return self
 
 
-def _packed(piece) -> np.ndarray:
+def pack_ids(piece) -> np.ndarray:
+    """A piece's token ids as int64: a `TokenIds` one's own packed view, any other sequence converted."""
     packed = getattr(piece, "packed", None)
     return packed if packed is not None else np.fromiter(piece, np.int64, len(piece))
 
@@ -55,7 +56,7 @@ class PromptLayout:
 
     def packed_ids(self) -> np.ndarray:
         """`token_ids` as one int64 array, each `TokenIds` piece (the served chunks) copied as it is packed."""
-        return np.concatenate([_packed(self.prefix), *map(_packed, self.chunks), _packed(self.suffix)])
+        return np.concatenate([pack_ids(self.prefix), *map(pack_ids, self.chunks), pack_ids(self.suffix)])
 
     def __len__(self) -> int:
         return len(self.prefix) + sum(map(len, self.chunks)) + len(self.suffix)

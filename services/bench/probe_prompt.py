@@ -2,7 +2,8 @@
 building it (`blend.prompt.build_layout`) with the passages' token ids remembered (as served) against
 tokenized again each time (the cache cleared before every build, as before the cache); its chunks' keys
 (`Precompute.key`) remembered (as served) against hashed each time; and its token ids made a tensor as
-`prefill_layers` does (through an array) against `torch.tensor` of the list.
+`prefill_layers` does (the layout's packed ids, `PromptLayout.packed_ids`: the chunks carry theirs from the
+tokenizer's cache) against through an array of the list (before) and `torch.tensor` of the list.
 `python3 -m services.bench.probe_prompt` (SmolLM2 on the CPU, the first MuSiQue question's 10 passages, a new
 question each build)."""
 
@@ -47,7 +48,8 @@ def main() -> None:
     steps = {"chunk keys, hashed each time": lambda: (precompute._keys.clear(), [precompute.key(c) for c in layout.chunks]),
              "chunk keys, remembered (served)": lambda: [precompute.key(c) for c in layout.chunks],
              "token ids, torch.tensor of the list": lambda: torch.tensor(ids),
-             "token ids, through an array (served)": lambda: torch.frombuffer(array("q", ids), dtype=torch.int64)}
+             "token ids, through an array": lambda: torch.frombuffer(array("q", layout.token_ids), dtype=torch.int64),
+             "token ids, packed (served)": lambda: torch.from_numpy(layout.packed_ids())}
     for name, fn in steps.items():
         fn()
         took = []

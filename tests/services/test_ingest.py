@@ -253,3 +253,16 @@ def test_chunk_keys_are_remembered_per_tenant_and_equal_the_content_address(kv, 
     kv.key([8])  # a third key in a cache of two: the least recently used (the default tenant's) goes
     assert kv.key(ids, tenant="acme") == other and len(hashed) == 3
     assert kv.key(ids) == first and len(hashed) == 4  # recomputed after eviction, the same address
+
+
+def test_a_chunks_key_is_its_content_address_whether_its_ids_come_packed_or_not(kv, tiny_model):
+    """`Precompute.key` remembers keys by the ids' int64 bytes: a served chunk's `TokenIds`, a plain tuple and a list
+    of the same ids get the one address `chunk_key` gives (remembered or not); a tenant's differs; other ids differ."""
+    from blend.prompt import TokenIds
+
+    ids = tuple(range(100, 140))
+    expected = chunk_key(tiny_model.fingerprint, kv.prefix_ids, ids, tiny_model.step.dtype)
+    kv._keys.clear()
+    assert kv.key(TokenIds(ids)) == expected  # hashed, then remembered
+    assert kv.key(ids) == kv.key(list(ids)) == kv.key(TokenIds(ids)) == expected  # remembered
+    assert kv.key(ids, "acme") != expected and kv.key(ids[:-1]) != expected
