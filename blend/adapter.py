@@ -560,13 +560,12 @@ class LlamaStep:
         return cos, self.signed_sin(sin)
 
     def turn_keys(self, keys: torch.Tensor, turning) -> None:
-        """`turn_in_place` by `turning`'s angles, through the Triton kernel where it runs (`rerotate_kernel`)."""
+        """`turn_in_place` by `turning` (`turning`'s: positions for the Triton kernel, `rerotate.turn_at`, where it
+        runs; else the cos and signed sin tables)."""
         if isinstance(turning, torch.Tensor):
             if self._inv_freq_here is None or self._inv_freq_here.device != keys.device:
                 self._inv_freq_here = self.inv_freq.to(keys.device).contiguous()
             rerotate.turn_at(keys, turning, self._inv_freq_here)
-        elif self.rerotate_kernel:
-            rerotate.turn(keys, *turning)
         else:
             self.turn_in_place(keys, *turning)
 

@@ -18,7 +18,7 @@ import torch
 from blend.cache import ChunkKV
 from store.codec import CODE_DTYPES, DTYPE_CODES
 from store.config import StoreConfig
-from store.keys import check_chunk_key, layer_key, layer_of, manifest_key
+from store.keys import check_chunk_key, layer_key, layer_keys, layer_of, manifest_key
 from store.open import open_tiered
 from store.tiered import TieredStore
 
@@ -179,7 +179,7 @@ class ChunkStore:
         """`layer`, and the name of the tier that served it."""
         if not 0 <= index < manifest.n_layers:
             raise ValueError(f"layer {index} is outside the chunk's {manifest.n_layers} layers")
-        block, tier = self.tiered.get_from(layer_key(key, index))
+        block, tier = self.tiered.get_from(layer_keys(key, manifest.n_layers)[index])
         return self._fits(key, manifest, index, block, tier)
 
     def layers_from(self, chunks: Sequence[tuple[str, Manifest]],
@@ -188,7 +188,7 @@ class ChunkStore:
         for _, manifest in chunks:
             if not 0 <= index < manifest.n_layers:
                 raise ValueError(f"layer {index} is outside the chunk's {manifest.n_layers} layers")
-        found = self.tiered.get_many_from([layer_key(key, index) for key, _ in chunks])
+        found = self.tiered.get_many_from([layer_keys(key, manifest.n_layers)[index] for key, manifest in chunks])
         return [self._fits(key, manifest, index, block, tier)
                 for (key, manifest), (block, tier) in zip(chunks, found)]
 

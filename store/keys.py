@@ -7,10 +7,10 @@ A chunk key is 64 hex digits. Its entries in the tiers are `<chunk key>:m` (the 
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
 import json
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 

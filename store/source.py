@@ -221,7 +221,6 @@ class StoreSource:
             self._issued = -1
             self._asked = -1  # the last layer `layer` handed over
             self._copied = -1  # every layer up to this one is known copied (its ready event completed)
-            self._batch_open = False  # inside `_issue_ahead`, past its first layer
             self._pending_blocks: dict[int, list] = {}
             self._holds = dma.Holds()  # the host blocks of copies not known to be done
         return self
@@ -382,17 +381,15 @@ class StoreSource:
     def _issue_ahead(self, last: int, most: int) -> None:
         """Issue layers up to `last` (at most `most` of them), stopping at a slow-tier layer whose read is not back
         yet: the next `layer` call issues it (waiting only once it is needed)."""
-        try:
-            for layer in range(self._issued + 1, min(last, self._issued + most, self.n_layers - 1) + 1):
-                if self._slow and not (layer in self._reads and self._reads[layer].done()):
-                    return
-                self._issue(layer)
-                self._batch_open = True
-        finally:
-            self._batch_open = False
+        first = self._issued + 1
+        for layer in range(first, min(last, self._issued + most, self.n_layers - 1) + 1):
+            if self._slow and not (layer in self._reads and self._reads[layer].done()):
+                return
+            self._issue(layer, behind=layer > first)
 
-    def _issue(self, layer: int) -> None:
-        """Enqueue layer `layer`'s host-to-device copies on the copy stream (CUDA), layers in order."""
+    def _issue(self, layer: int, behind: bool = False) -> None:
+        """Enqueue layer `layer`'s host-to-device copies on the copy stream (CUDA), layers in order. `behind`: issued
+        right behind the layer before, nothing else on the copy stream between (the same `_issue_ahead` call)."""
         if layer >= self.n_layers or layer <= self._issued:
             return
         if layer > self._issued + 1:
@@ -402,10 +399,10 @@ class StoreSource:
         blocks = self._gather(layer)
         views = self._target(layer)
         copy = self._copy_stream
-        # A layer issued right behind the one before (the same `_issue_ahead` call, nothing else on the copy stream
-        # between) starts where that one ends: its end event is its start, one event fewer a layer on the host.
-        previous = self._marks["copy_end"][layer - 1] if layer and self._batch_open else None
-        start = previous if previous is not None and not self.timeline else _recorded(copy, timing=True)
+        # A layer issued right behind the one before starts where that one ends: its end event is its start, one
+        # event fewer a layer on the host.
+        start = (self._marks["copy_end"][layer - 1] if behind and not self.timeline
+                 else _recorded(copy, timing=True))
         out: list[torch.Tensor | None] = []
         targets, sources = [], []
         for index, block in enumerate(blocks):
