@@ -11,6 +11,11 @@ reduction (sum, or max) is one PyTorch call. Float32 sums and softmax; the produ
 the tensor cores, float32 ones as IEEE products): the same values as the PyTorch operations (which upcast to
 float32 first) up to the order of the sums.
 
+The question's rows (its tokens x the query heads of a KV head) are taken ROWS at a time, a block of them per
+program: the row count is a run-time argument, so one compiled kernel serves every question length (a served
+question's length varies request to request; a row tile sized to it recompiled on the request path, and past
+128 tokens on the 8B shape needed more shared memory than an H200 has).
+
 `mass(q, keys, positions, n_question, scale, groups)`: q [T, H, d] (the question its last n_question rows),
 keys [T, H_kv, d] (any strides with a unit last one: a view of a KV buffer), positions [T] (sorted, each
 question row sees the tokens at positions up to its own) -> [T] float32. Runs on CUDA; on the CPU only under
@@ -24,19 +29,20 @@ from blend import scattered
 
 triton = scattered.triton
 BLOCK_T = 64
+ROWS = 128  # question rows a program takes (the 8B shape's 32-token question: 32 x 4 heads, one block)
 
 if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _logits(Q, K, P, rows, keys, kv, T, Q0, scale, sq_t, sq_h, sk_t, sk_h,
-                N_ROWS: tl.constexpr, SHARE: tl.constexpr, D: tl.constexpr):
+    def _logits(Q, K, P, rows, keys, kv, T, Q0, n_rows, scale, sq_t, sq_h, sk_t, sk_h,
+                SHARE: tl.constexpr, D: tl.constexpr):
         """[R, BLOCK] logits of the group's question rows (row r: question token r // SHARE, head r % SHARE of the
         group) against `keys`, -inf where not seen (a later position, or past the rows or the keys)."""
         dims = tl.arange(0, D)
         token = rows // SHARE
         head = kv * SHARE + rows % SHARE
-        row_ok = rows < N_ROWS
+        row_ok = rows < n_rows
         q = tl.load(Q + token[:, None] * sq_t + head[:, None] * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
         key_ok = keys < T
         k = tl.load(K + keys[:, None] * sk_t + kv * sk_h + dims[None, :], mask=key_ok[:, None], other=0.0)
@@ -49,18 +55,18 @@ if triton is not None:
         seen = row_ok[:, None] & key_ok[None, :] & (at[None, :] <= asked[:, None])
         return tl.where(seen, s, float("-inf"))
 
-    @triton.jit(do_not_specialize=["T", "Q0", "blocks"])
-    def _partials(Q, K, P, M, L, T, Q0, blocks, scale, sq_t, sq_h, sk_t, sk_h,
-                  N_ROWS: tl.constexpr, R: tl.constexpr, SHARE: tl.constexpr, D: tl.constexpr,
-                  BLOCK: tl.constexpr):
-        kv, block = tl.program_id(0), tl.program_id(1)
-        rows = tl.arange(0, R)
+    @triton.jit(do_not_specialize=["T", "Q0", "blocks", "n_rows"])
+    def _partials(Q, K, P, M, L, T, Q0, blocks, n_rows, scale, sq_t, sq_h, sk_t, sk_h,
+                  R: tl.constexpr, SHARE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        """Per (KV head, key block, row block): each of the block's rows' max logit and sum of exp over the keys."""
+        kv, block, row_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = row_block * R + tl.arange(0, R)
         keys = block * BLOCK + tl.arange(0, BLOCK)
-        s = _logits(Q, K, P, rows, keys, kv, T, Q0, scale, sq_t, sq_h, sk_t, sk_h, N_ROWS, SHARE, D)
+        s = _logits(Q, K, P, rows, keys, kv, T, Q0, n_rows, scale, sq_t, sq_h, sk_t, sk_h, SHARE, D)
         m = tl.max(s, axis=1)
         safe = tl.where(m == float("-inf"), 0.0, m)
         total = tl.sum(tl.exp(s - safe[:, None]), axis=1)
-        out = (kv * blocks + block) * R + rows
+        out = ((kv * tl.num_programs(2) + row_block) * blocks + block) * R + tl.arange(0, R)
         tl.store(M + out, m)
         tl.store(L + out, total)
 
@@ -74,25 +80,28 @@ if triton is not None:
             + l_o * tl.exp(tl.where(m_o == float("-inf"), float("-inf"), m_o - safe))
         return new, total
 
-    @triton.jit(do_not_specialize=["T", "Q0", "blocks"])
-    def _mass(Q, K, P, M, L, Out, T, Q0, blocks, scale, sq_t, sq_h, sk_t, sk_h,
-              N_ROWS: tl.constexpr, R: tl.constexpr, SHARE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+    @triton.jit(do_not_specialize=["T", "Q0", "blocks", "n_rows"])
+    def _mass(Q, K, P, M, L, Out, T, Q0, blocks, n_rows, scale, sq_t, sq_h, sk_t, sk_h,
+              R: tl.constexpr, SHARE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
               INTERPRETED_BLOCKS: tl.constexpr):
-        kv, block = tl.program_id(0), tl.program_id(1)
-        rows = tl.arange(0, R)
+        """Per (KV head, key block, row block): the block's rows' softmax mass on each key, summed over the rows."""
+        kv, block, row_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        slot = tl.arange(0, R)
+        rows = row_block * R + slot
+        base = (kv * tl.num_programs(2) + row_block) * blocks
         m = tl.full((R,), float("-inf"), tl.float32)
         total = tl.zeros((R,), tl.float32)
         if INTERPRETED_BLOCKS == 0:  # each row's log-sum-exp over every block's partials
             for other in range(0, blocks):
-                m, total = _combine(M, L, (kv * blocks + other) * R + rows, m, total)
+                m, total = _combine(M, L, (base + other) * R + slot, m, total)
         else:  # Triton's interpreter loops over a constant only
             for other in range(0, INTERPRETED_BLOCKS):
-                m, total = _combine(M, L, (kv * blocks + other) * R + rows, m, total)
+                m, total = _combine(M, L, (base + other) * R + slot, m, total)
         lse = tl.where(total > 0, m + tl.log(tl.maximum(total, 1e-30)), 0.0)
         keys = block * BLOCK + tl.arange(0, BLOCK)
-        s = _logits(Q, K, P, rows, keys, kv, T, Q0, scale, sq_t, sq_h, sk_t, sk_h, N_ROWS, SHARE, D)
+        s = _logits(Q, K, P, rows, keys, kv, T, Q0, n_rows, scale, sq_t, sq_h, sk_t, sk_h, SHARE, D)
         p = tl.where(s == float("-inf"), 0.0, tl.exp(s - lse[:, None]))
-        tl.store(Out + kv * T + keys, tl.sum(p, axis=0), mask=keys < T)
+        tl.store(Out + (kv * tl.num_programs(2) + row_block) * T + keys, tl.sum(p, axis=0), mask=keys < T)
 
 
 def mass(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_question: int, scale: float,
@@ -107,27 +116,28 @@ def mass(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_questio
         raise ValueError("positions must be contiguous int64")
     share = heads // kv_heads
     n_rows = n_question * share
-    rows = max(16, triton.next_power_of_2(n_rows))
+    row_blocks = triton.cdiv(n_rows, ROWS)
     blocks = triton.cdiv(length, BLOCK_T)
-    m = torch.empty(kv_heads * blocks * rows, dtype=torch.float32, device=q.device)
+    m = torch.empty(kv_heads * row_blocks * blocks * ROWS, dtype=torch.float32, device=q.device)
     total = torch.empty_like(m)
-    out = torch.empty(kv_heads, length, dtype=torch.float32, device=q.device)
+    out = torch.empty(kv_heads, row_blocks, length, dtype=torch.float32, device=q.device)
     # The question rows of q are its last n_question; positions hold theirs at the end too (from `first`).
     q_rows = q[tokens - n_question :]
     first = length - n_question
     strides = (q_rows.stride(0), q_rows.stride(1), keys.stride(0), keys.stride(1))
-    consts = dict(N_ROWS=n_rows, R=rows, SHARE=share, D=dim, BLOCK=BLOCK_T)
-    grid = (kv_heads, blocks, 1)
-    scattered._launch(_partials, grid, (q_rows, keys, positions, m, total, length, first, blocks, scale), strides,
-                      consts, (4, 1))
-    scattered._launch(_mass, grid, (q_rows, keys, positions, m, total, out, length, first, blocks, scale), strides,
-                      consts | dict(INTERPRETED_BLOCKS=blocks if scattered.INTERPRETED else 0), (4, 1))
-    return out.amax(dim=0) if groups == "max" else out.sum(dim=0)
-
+    consts = dict(R=ROWS, SHARE=share, D=dim, BLOCK=BLOCK_T)
+    grid = (kv_heads, blocks, row_blocks)
+    scattered._launch(_partials, grid, (q_rows, keys, positions, m, total, length, first, blocks, n_rows, scale),
+                      strides, consts, (4, 1))
+    scattered._launch(_mass, grid, (q_rows, keys, positions, m, total, out, length, first, blocks, n_rows, scale),
+                      strides, consts | dict(INTERPRETED_BLOCKS=blocks if scattered.INTERPRETED else 0), (4, 1))
+    per_kv = out[:, 0] if row_blocks == 1 else out.sum(dim=1)  # [kv_heads, length]: the group's rows summed
+    return per_kv.amax(dim=0) if groups == "max" else per_kv.sum(dim=0)
 
 def compile_variants(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device,
                      reference) -> None:
-    """Compile both kernels for this model shape now (start-up): keys a view of a KV buffer, a 32-token question;
+    """Compile both kernels for this model shape now (start-up; one compiled pair serves every question length): keys a
+    view of a KV buffer, a 32-token question;
     checked against `reference` (the PyTorch operations they replace, `selectors.question_attention`): a kernel
     that computes otherwise here raises, and `LlamaStep.compile_kernels` turns it off, so it is never served."""
     g = torch.Generator().manual_seed(0)

@@ -24,7 +24,9 @@ def _case(tokens, heads, kv_heads, dim, n_question, q_rows=None, dtype=torch.flo
 
 @pytest.mark.parametrize("groups", ["sum", "max"])
 @pytest.mark.parametrize("shape", [(70, 4, 2, 32, 5, None), (200, 8, 2, 32, 7, 20), (130, 4, 4, 16, 3, 3),
-                                   (64, 4, 2, 32, 1, 1)])
+                                   (64, 4, 2, 32, 1, 1),
+                                   # more question rows than a program takes (ROWS): several row blocks
+                                   (150, 4, 2, 16, 70, None), (300, 8, 2, 16, 90, 95)])
 def test_float32_mass_equals_the_pytorch_operations(shape, groups):
     tokens, heads, kv_heads, dim, n_question, q_rows = shape
     q, keys, positions, n_question = _case(tokens, heads, kv_heads, dim, n_question, q_rows)
@@ -40,6 +42,21 @@ def test_bfloat16_mass_at_the_served_shape_equals_the_pytorch_operations():
     got = question_mass.mass(q, keys, positions, n_question, 128 ** -0.5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert torch.equal(got.topk(256).indices.sort().values, want.topk(256).indices.sort().values)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="compiled kernels are cached on CUDA only (the interpreter compiles none)")
+def test_one_compiled_kernel_serves_every_question_length():
+    """A served question's length varies request to request: no length compiles a kernel of its own on the request
+    path (the row count is a run-time argument, the row tile fixed), long questions included."""
+    seen = None
+    for n_question in (32, 33, 57, 200):
+        q, keys, positions, _ = _case(1000, 32, 8, 128, n_question, q_rows=n_question, dtype=torch.bfloat16)
+        want = question_attention(q, keys, positions, n_question, 128 ** -0.5)
+        got = question_mass.mass(q, keys, positions, n_question, 128 ** -0.5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        compiled = {key for key in scattered._COMPILED if key[0] in (question_mass._partials, question_mass._mass)}
+        assert seen is None or compiled == seen, f"a {n_question}-token question compiled a kernel of its own"
+        seen = compiled
 
 
 def test_inputs_of_the_wrong_shape_are_refused():
