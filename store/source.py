@@ -369,6 +369,7 @@ class StoreSource:
             total += self._lengths[index]
         shape, dtype = self._layout()
         own = torch.empty((self.n_layers, total, *shape), dtype=dtype, device=self.device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the copies follow its allocation
         return layer_views(own, [offsets.get(i, 0) for i in range(len(self.segments))], self._lengths, self._host)
 
     def _in_flight(self) -> int:
@@ -406,13 +407,23 @@ class StoreSource:
         out: list[torch.Tensor | None] = []
         targets, sources = [], []
         for index, block in enumerate(blocks):
-            if block is None or block.device == self.device:
+            target = views.get(index)
+            if block is None or (block.device == self.device and target is None):
                 out.append(block)
                 continue
-            target = views.get(index)
+            if block.device == self.device:
+                # A host segment recomputed on the device mid-request (a layer evicted or corrupt after its manifest
+                # was read): `into` claimed it, so the fusor does not place it; its block goes into the buffer here,
+                # on the compute stream that computed it, ahead of the layer's compute.
+                target.copy_(block)
+                out.append(target)
+                continue
             if target is None:  # a segment that arrived on the host unexpectedly (recomputed on CPU)
                 with torch.cuda.stream(copy):
-                    out.append(block.to(self.device, non_blocking=True))
+                    moved = block.to(self.device, non_blocking=True)
+                # Allocated on the copy stream, read on the compute stream: not reused before that read is done.
+                moved.record_stream(torch.cuda.current_stream(self.device))
+                out.append(moved)
                 continue
             targets.append(target)
             sources.append(block)

@@ -215,3 +215,30 @@ def test_a_source_with_nothing_to_copy_looks_each_layer_up_when_asked(cuda_step,
         for block, chunk in zip(blocks[1:], chunks):
             assert torch.equal(block, chunk.kv[layer].to("cuda"))
     assert source.finish().copy_bytes == 0
+
+
+@pytest.mark.parametrize("lost_layer", [0, 2])
+def test_a_layer_lost_mid_request_is_recomputed_into_the_request_buffer(cuda_step, lost_layer, tmp_path):
+    """A CPU-tier chunk whose layer is evicted after its manifest was read is computed on the device on its own
+    (`compute`); `into` claimed the chunk, so the fusor does not place it: the source writes the computed block
+    into the buffer itself, and blend equals blend from memory (not zeros from that layer on)."""
+    layout, prefix, chunks = _entries(cuda_step)
+    store, keys = _store(_tier("cpu", tmp_path), chunks)
+    config = BlendConfig(mode="blend", ratio=0.3)
+    with torch.inference_mode():
+        expected = prefill(cuda_step, layout, config, MemorySource([prefix, *chunks]))
+        computed = []
+
+        def compute(index):
+            computed.append(index)
+            return compute_kv(cuda_step, layout.chunks[index - 1], behind=prefix)
+
+        source = StoreSource(store, [prefix, *keys], compute, device="cuda").begin()
+        store.tiered.delete(layer_key(keys[1], lost_layer))  # evicted between the manifest read and the layer read
+        got = prefill(cuda_step, layout, config, source)
+        source.finish()
+    assert computed == [2] and source.stats.computed == {2: f"missing layer {lost_layer}"}
+    assert got.recomputed == expected.recomputed
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.cache.data[:, : got.length], expected.cache.data[:, : expected.length],
+                               rtol=1e-5, atol=1e-5)
