@@ -163,3 +163,29 @@ def test_a_contiguous_suffix_of_most_keys_attends_as_plain_causal_with_the_same_
     assert used and not unused
     torch.testing.assert_close(fast.logits, dense.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.cache.data, dense.cache.data, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes,n_floats", [((5, 0, 3), 7), ((4, 6), None), ((1,), 2), ((2, 2), 0)])
+def test_the_set_up_arrays_arrive_whole_in_one_copy_each_view_16_byte_aligned(sizes, n_floats):
+    """`_send_all`: int64 arrays (any sizes, odd ones included) and a float32 one as one host-to-device copy; each
+    view holds exactly its array and starts 16 bytes apart from the copy's start (a kernel taking it compiles once)."""
+    import numpy as np
+
+    from blend.fusor import _send_all
+
+    rng = np.random.default_rng(0)
+    ints = [rng.integers(-5, 10_000, size).astype(np.int64) for size in sizes]
+    ints[0] = ints[0].reshape(1, -1)  # shapes are kept
+    floats = None if n_floats is None else np.array([np.nan, np.inf, -np.inf, 3.5, -0.0, 1e-30, 7.25][:n_floats],
+                                                    dtype=np.float32)
+    views, sent_floats = _send_all("cpu", ints, floats)
+    base = views[0].untyped_storage().data_ptr()
+    for view, array in zip(views, ints):
+        assert view.dtype == torch.int64 and tuple(view.shape) == array.shape
+        assert np.array_equal(view.numpy(), array)
+        assert (view.data_ptr() - base) % 16 == 0
+    if floats is None:
+        assert sent_floats is None
+    else:
+        assert sent_floats.dtype == torch.float32 and (sent_floats.data_ptr() - base) % 16 == 0
+        assert np.array_equal(sent_floats.numpy(), floats, equal_nan=True)
