@@ -54,12 +54,17 @@ def test_strided_rows_and_strided_residual():
 @pytest.mark.parametrize("rows", [5, 20])
 def test_each_row_is_what_it_is_alone(rows):
     """A batched decode gives each request, bit for bit, what it gets alone (20 rows: the 32-row tile against
-    the 16-row one of a row alone)."""
+    the 16-row one of a row alone). Bit for bit where the kernel is compiled (CUDA); under Triton's interpreter a
+    tile's product is numpy's matmul, whose BLAS kernel may round a row differently by the tile's row count
+    (OpenBLAS on an AMD EPYC host does), so there to float32 rounding."""
     x, weight, residual = operands(rows, seed=3)
     out = skinny.linear(x, weight, residual)
     for i in range(rows):
         alone = skinny.linear(x[i : i + 1], weight, residual[i : i + 1])
-        assert torch.equal(out[i : i + 1], alone), i
+        if DEVICE.type == "cuda":
+            assert torch.equal(out[i : i + 1], alone), i
+        else:
+            torch.testing.assert_close(out[i : i + 1], alone, rtol=2e-6, atol=2e-6)
 
 
 def test_float16_rounds_once_from_float32():
