@@ -400,10 +400,12 @@ class StoreSource:
         blocks = self._gather(layer)
         views = self._target(layer)
         copy = self._copy_stream
-        # A layer issued right behind the one before starts where that one ends: its end event is its start, one
-        # event fewer a layer on the host.
-        start = (self._marks["copy_end"][layer - 1] if behind and not self.timeline
-                 else _recorded(copy, timing=True))
+        # A layer issued right behind the one before, whose copy is still running, starts where that one ends: its
+        # end event is its start, one event fewer a layer on the host. If that copy is done already (the host took
+        # longer to look this layer up than the copy took: a small model's layers), the stream idled since: a new
+        # start, so the idle time is not counted as copying (`copy_s` sets the loading controller's bandwidth).
+        previous = self._marks["copy_end"][layer - 1] if behind and not self.timeline else None
+        start = previous if previous is not None and not previous.query() else _recorded(copy, timing=True)
         out: list[torch.Tensor | None] = []
         targets, sources = [], []
         for index, block in enumerate(blocks):
