@@ -25,6 +25,10 @@ from blend import scattered
 
 triton = scattered.triton
 BLOCK_T = 32
+# Tokens a `turn_at` program takes: its float64 cos/sin of 8 tokens x d/2 angles fit the registers (8B shape, 4 warps:
+# 78 registers, no spills, compiled offline for sm_90 by `python3 -m services.bench.probe_compile`); 32 tokens x d
+# angles (the twelfth session's first version) spilled 27 KB a thread to local memory.
+TURN_AT_ROWS = 8
 
 if triton is not None:
     import triton.language as tl
@@ -49,12 +53,14 @@ if triton is not None:
     @triton.jit(do_not_specialize=["T"])
     def _turn_at(K, P, F, T, sk_t, sk_h, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
                  INTERPRETED: tl.constexpr):
+        # Each token's D/2 angles once (dims d and d + D/2 share a frequency: emb = cat(angles, angles)), then each
+        # head's two halves: lo' = lo cos + hi (-sin), hi' = hi cos + lo sin, which is x cos + roll(x, D/2) signed_sin
+        # (`turn`'s arithmetic, operation for operation).
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         inside = rows < T
         valid = inside[:, None]
-        dims = tl.arange(0, D)
-        partner = (dims + D // 2) % D
-        freq = tl.load(F + dims % (D // 2))  # emb = cat(angles, angles): dims d and d + D/2 share a frequency
+        half = tl.arange(0, D // 2)
+        freq = tl.load(F + half)
         old = tl.load(P + rows, mask=inside, other=0).to(tl.float32)
         new = tl.load(P + T + rows, mask=inside, other=0).to(tl.float32)
         turned = (new[:, None] * freq[None, :]).to(tl.float64) - (old[:, None] * freq[None, :]).to(tl.float64)
@@ -64,13 +70,13 @@ if triton is not None:
         else:  # the CUDA math library's __nv_cos/__nv_sin, as PyTorch's float64 cos/sin on CUDA
             cos = libdevice.cos(turned).to(tl.float32)
             sin = libdevice.sin(turned).to(tl.float32)
-        sin = tl.where(dims[None, :] < D // 2, -sin, sin)  # `LlamaStep.signed_sin`
+        negated = -sin  # `LlamaStep.signed_sin`'s first half
         for head in tl.static_range(HEADS):
-            base = K + rows[:, None] * sk_t + head * sk_h
-            x = tl.load(base + dims[None, :], mask=valid, other=0.0).to(tl.float32)
-            rolled = tl.load(base + partner[None, :], mask=valid, other=0.0).to(tl.float32)
-            tl.store(base + dims[None, :], (x * cos + rolled * sin).to(K.dtype.element_ty), mask=valid)
-
+            base = K + rows[:, None] * sk_t + head * sk_h + half[None, :]
+            lo = tl.load(base, mask=valid, other=0.0).to(tl.float32)
+            hi = tl.load(base + D // 2, mask=valid, other=0.0).to(tl.float32)
+            tl.store(base, (lo * cos + hi * negated).to(K.dtype.element_ty), mask=valid)
+            tl.store(base + D // 2, (hi * cos + lo * sin).to(K.dtype.element_ty), mask=valid)
 
 def turn(keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
     rows, heads, dim = keys.shape
@@ -94,9 +100,9 @@ def turn_at(keys: torch.Tensor, old_new: torch.Tensor, inv_freq: torch.Tensor) -
         raise ValueError("positions must be contiguous int64 and inverse frequencies float32")
     if rows == 0:
         return
-    scattered._launch(_turn_at, (triton.cdiv(rows, BLOCK_T), 1, 1), (keys, old_new, inv_freq, rows),
+    scattered._launch(_turn_at, (triton.cdiv(rows, TURN_AT_ROWS), 1, 1), (keys, old_new, inv_freq, rows),
                       (keys.stride(0), keys.stride(1)),
-                      dict(HEADS=heads, D=dim, BLOCK_T=BLOCK_T, INTERPRETED=scattered.INTERPRETED), (4, 2))
+                      dict(HEADS=heads, D=dim, BLOCK_T=TURN_AT_ROWS, INTERPRETED=scattered.INTERPRETED), (4, 2))
 
 
 def compile_variants(kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device, inv_freq: torch.Tensor,
