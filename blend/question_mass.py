@@ -11,7 +11,7 @@ reduction (sum, or max) is one PyTorch call. Float32 sums and softmax; the produ
 the tensor cores, float32 ones as IEEE products): the same values as the PyTorch operations (which upcast to
 float32 first) up to the order of the sums.
 
-The question's rows (its tokens x the query heads of a KV head) are taken ROWS at a time, a block of them per
+The question's rows (its tokens x the query heads of a KV head) are taken `rows_for(dtype)` at a time, a block of them per
 program: the row count is a run-time argument, so one compiled kernel serves every question length (a served
 question's length varies request to request; a row tile sized to it recompiled on the request path, and past
 128 tokens on the 8B shape needed more shared memory than an H200 has).
@@ -29,7 +29,15 @@ from blend import scattered
 
 triton = scattered.triton
 BLOCK_T = 64
-ROWS = 128  # question rows a program takes (the 8B shape's 32-token question: 32 x 4 heads, one block)
+# Question rows a program takes: 128 in 16-bit (the 8B shape's 32-token question, 32 x 4 heads, is one block; 168
+# registers, no spills on sm_90), 16 in float32, whose exact products run outside the tensor cores and spill from 32
+# rows on (`python3 -m services.bench.probe_compile`).
+ROWS = 128
+ROWS_FLOAT32 = 16
+
+
+def rows_for(dtype: torch.dtype) -> int:
+    return ROWS_FLOAT32 if dtype == torch.float32 else ROWS
 
 if triton is not None:
     import triton.language as tl
@@ -116,16 +124,17 @@ def mass(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_questio
         raise ValueError("positions must be contiguous int64")
     share = heads // kv_heads
     n_rows = n_question * share
-    row_blocks = triton.cdiv(n_rows, ROWS)
+    tile = rows_for(q.dtype)
+    row_blocks = triton.cdiv(n_rows, tile)
     blocks = triton.cdiv(length, BLOCK_T)
-    m = torch.empty(kv_heads * row_blocks * blocks * ROWS, dtype=torch.float32, device=q.device)
+    m = torch.empty(kv_heads * row_blocks * blocks * tile, dtype=torch.float32, device=q.device)
     total = torch.empty_like(m)
     out = torch.empty(kv_heads, row_blocks, length, dtype=torch.float32, device=q.device)
     # The question rows of q are its last n_question; positions hold theirs at the end too (from `first`).
     q_rows = q[tokens - n_question :]
     first = length - n_question
     strides = (q_rows.stride(0), q_rows.stride(1), keys.stride(0), keys.stride(1))
-    consts = dict(R=ROWS, SHARE=share, D=dim, BLOCK=BLOCK_T)
+    consts = dict(R=tile, SHARE=share, D=dim, BLOCK=BLOCK_T)
     grid = (kv_heads, blocks, row_blocks)
     scattered._launch(_partials, grid, (q_rows, keys, positions, m, total, length, first, blocks, n_rows, scale),
                       strides, consts, (4, 1))

@@ -32,7 +32,8 @@ def _signature(names: str, types: dict) -> dict:
 
 def kernels(share: int, dim: int, dtype: str) -> list[tuple[str, object, dict, dict, tuple[int, int]]]:
     """(name, kernel, signature, constexprs, (warps, stages)) as the served path launches them."""
-    mass = dict(R=question_mass.ROWS, SHARE=share, D=dim, BLOCK=question_mass.BLOCK_T)
+    mass = dict(R=question_mass.ROWS_FLOAT32 if dtype == "*fp32" else question_mass.ROWS, SHARE=share, D=dim,
+                BLOCK=question_mass.BLOCK_T)
     pointers = {"Q": dtype, "K": dtype, "P": "*i64", "M": "*fp32", "L": "*fp32", "Out": "*fp32", "F": "*fp32",
                 "scale": "fp32"}
     return [
