@@ -29,9 +29,9 @@ from blend import scattered
 
 triton = scattered.triton
 BLOCK_T = 64
-# Question rows a program takes: 128 in 16-bit (the 8B shape's 32-token question, 32 x 4 heads, is one block; 168
-# registers, no spills on sm_90), 16 in float32, whose exact products run outside the tensor cores and spill from 32
-# rows on (`python3 -m services.bench.probe_compile`).
+# Question rows a program takes: 128 in 16-bit (the 8B shape's 32-token question, 32 x 4 heads, is one block; 126
+# registers, no spills on sm_90), 16 in float32, whose exact products run outside the tensor cores and spill from 64
+# rows on at head dim 64, from 32 at 128 (compiled offline as served: `python3 -m services.bench.probe_compile`).
 ROWS = 128
 ROWS_FLOAT32 = 16
 

@@ -26,8 +26,8 @@ from blend import scattered
 triton = scattered.triton
 BLOCK_T = 32
 # Tokens a `turn_at` program takes: its float64 cos/sin of 8 tokens x d/2 angles fit the registers (8B shape, 4 warps:
-# 78 registers, no spills, compiled offline for sm_90 by `python3 -m services.bench.probe_compile`); 32 tokens x d
-# angles (the twelfth session's first version) spilled 27 KB a thread to local memory.
+# 74 registers, no spills, compiled offline for sm_90 as served by `python3 -m services.bench.probe_compile`); 32
+# tokens x d angles (the twelfth session's first version) took all 255 registers and spilled 2.8 KB a thread.
 TURN_AT_ROWS = 8
 
 if triton is not None:
