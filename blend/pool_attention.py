@@ -114,9 +114,9 @@ def pieces_for(rows: int, kv_heads: int, longest: int) -> int:
 
 def workspace_for(pieces: int, rows: int, heads: int, dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A graph's own (pieces' outputs [pieces, rows, heads, dim], log2-sum-exps [pieces, rows, heads]),
-    float32, for `decode(..., workspace=)`: fixed addresses across replays."""
-    return (torch.empty(pieces, rows, heads, dim, dtype=torch.float32, device=device),
-            torch.empty(pieces, rows, heads, dtype=torch.float32, device=device))
+    float32, for `decode(..., workspace=)`: fixed addresses across replays (rows padded to a multiple of 16 as
+    `scattered._workspace`'s, so the strides are of the class compiled at start-up)."""
+    return scattered.workspace_for(pieces, rows, heads, dim, device)
 
 
 def _check(q, keys, values, starts, used, pieces, longest, out, workspace) -> None:

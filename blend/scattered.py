@@ -208,23 +208,30 @@ def _launch(kernel, grid, args: tuple, strides: tuple, constexprs: dict, options
 
 # Per device: the pieces' float32 outputs and log-sum-exps, grown as needed and reused by every call (two
 # allocations fewer per split launch on a host-bound path). Calls run in one stream's order, each merge
-# reading its pieces before the next call writes them.
+# reading its pieces before the next call writes them. Their rows are padded to a multiple of 16: the
+# log-sum-exps' piece stride (rows x heads) is a specialised launch argument, and with a head count no multiple of
+# 16 (SmolLM2's 9) it divided by 16 only for some row counts, a class the start-up compile had not met: a compile on
+# a request (the served path's shapes vary).
 _WORKSPACE: dict = {}
 
 
 def _workspace(device: torch.device, pieces: int, rows: int, heads: int, dim: int):
-    size = pieces * rows * heads
+    padded = -(-rows // 16) * 16  # every stride a multiple of 16 (above)
+    size = pieces * padded * heads
     held = _WORKSPACE.get(device)
     if held is None or held[1].numel() < size or held[0].numel() < size * dim:  # (a model of larger heads)
         held = _WORKSPACE[device] = (torch.empty(size * dim, dtype=torch.float32, device=device),
                                      torch.empty(size, dtype=torch.float32, device=device))
-    return held[0][: size * dim].view(pieces, rows, heads, dim), held[1][:size].view(pieces, rows, heads)
+    return (held[0][: size * dim].view(pieces, padded, heads, dim)[:, :rows],
+            held[1][:size].view(pieces, padded, heads)[:, :rows])
 
 
 def workspace_for(pieces: int, rows: int, heads: int, dim: int, device: torch.device):
-    """A graph's own (pieces' outputs, log-sum-exps) for `attention(..., workspace=)`: fixed addresses."""
-    return (torch.empty(pieces, rows, heads, dim, dtype=torch.float32, device=device),
-            torch.empty(pieces, rows, heads, dtype=torch.float32, device=device))
+    """A graph's own (pieces' outputs, log-sum-exps) for `attention(..., workspace=)`: fixed addresses; rows padded
+    as `_workspace`'s."""
+    padded = -(-rows // 16) * 16
+    return (torch.empty(pieces, padded, heads, dim, dtype=torch.float32, device=device)[:, :rows],
+            torch.empty(pieces, padded, heads, dtype=torch.float32, device=device)[:, :rows])
 
 
 def _grouped(heads: int, kv_heads: int) -> bool:

@@ -120,13 +120,16 @@ def test_each_mode_through_the_kernel_equals_the_dense_mask(config, monkeypatch)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="compiling is what this checks (the interpreter compiles nothing)")
-def test_after_compile_variants_no_launch_of_the_step_compiles_again():
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (9, 3)])
+def test_after_compile_variants_no_launch_of_the_step_compiles_again(heads, kv_heads):
     """The server compiles at start-up (`LlamaStep.compile_kernels`): every size a request can bring then
-    finds its kernel compiled (one piece or several, two or three stages, each merge width)."""
+    finds its kernel compiled (one piece or several, two or three stages, each merge width), for a head count
+    that is a multiple of 16 or not (SmolLM2's 9)."""
     from blend.adapter import LlamaStep
     from tests.helpers.model import tiny_model
 
-    step = LlamaStep(tiny_model().to(DEVICE).to(torch.bfloat16))
+    model = tiny_model(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=16 * heads)
+    step = LlamaStep(model.to(DEVICE).to(torch.bfloat16))
     step.compile_kernels()
 
     def compiled() -> int:
@@ -136,13 +139,27 @@ def test_after_compile_variants_no_launch_of_the_step_compiles_again():
     before = compiled()
     buffer = torch.randn(3000, 2, step.n_kv_heads, step.head_dim, device=DEVICE, dtype=torch.bfloat16)
     keys, values = buffer[:, 0].transpose(0, 1), buffer[:, 1].transpose(0, 1)
-    for rows in (1, 31, 290, 800, 2900):
+    # (16, 32: two stages with every stride a multiple of 16; 775: three stages with none, before the workspace's
+    # rows were padded, where heads x rows was a multiple of 16 for some row counts only.)
+    for rows in (1, 16, 31, 32, 290, 775, 800, 2900):
         q = torch.randn(rows, step.n_heads, step.head_dim, device=DEVICE, dtype=torch.bfloat16)
         positions = torch.randperm(3000, device=DEVICE)[:rows].sort().values.to(torch.int32)
         for length in (64, 700, 3000):
             scattered.attention(q, keys[:, :length], values[:, :length], positions.clamp(max=length - 1).sort().values,
                                 0.25)
     assert compiled() == before
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 32, 290, 775])
+@pytest.mark.parametrize("heads", [9, 32])
+def test_the_pieces_workspace_strides_are_multiples_of_16_for_any_row_count(rows, heads):
+    """The split launch's workspace strides are specialised launch arguments: padded rows keep them in one class
+    whatever a request's row count (SmolLM2's 9 heads x 7 rows would not be a multiple of 16)."""
+    for part, lse in (scattered._workspace(torch.device("cpu"), 3, rows, heads, 64),
+                      scattered.workspace_for(3, rows, heads, 64, torch.device("cpu"))):
+        assert part.shape == (3, rows, heads, 64) and lse.shape == (3, rows, heads)
+        assert all(stride % 16 == 0 for stride in part.stride()[:3]) and lse.stride(0) % 16 == 0
+        assert part.stride(-1) == 1 and lse.stride(-1) == 1
 
 
 def test_a_kernel_that_does_not_compile_is_turned_off_with_a_warning_and_the_step_still_answers(monkeypatch, caplog):
