@@ -82,6 +82,9 @@ def causal_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> tor
 # Served prompts differ in length and blend's recompute set in size, so unpadded, nearly every request
 # paid plan builds. Attention is padded to these multiples instead (queries, keys), so shapes repeat.
 CUDA_ATTENTION_BUCKETS = (64, 512)
+# `LlamaStep.warm_attention` warms the padded lengths up to this many tokens (64 lengths, two layouts each: a few
+# seconds of start-up on an H200); a longer prompt's first request of its length pays that length's plan.
+WARM_ATTENTION_TOKENS = 32768
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -514,6 +517,34 @@ class LlamaStep:
         """sin with its first half negated: rotate_half(x) * sin == x.roll(half) * signed_sin(sin)."""
         half = sin.shape[-1] // 2
         return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+    def warm_attention(self, longest: int | None = None) -> int:
+        """Run plain causal attention once at every padded length a served prompt's attention can take (the key
+        bucket's multiples up to `longest`, default `longest_cache`), on keys laid out as in a KV buffer, so no
+        request pays a per-shape plan (cuDNN's SDPA builds one per new shape, 40-66 ms on an H200: the comment at
+        CUDA_ATTENTION_BUCKETS). Full and prefix prefill and blend's layers before the check run plain causal
+        attention past the largest layer-graph bucket; a bench's one prompt warms one shape, a server's prompts
+        many. Start-up; returns how many shapes ran."""
+        if not self.attention_buckets:  # (None on the CPU, where attention builds no plans)
+            return 0
+        longest = min(longest or self.longest_cache or 0, WARM_ATTENTION_TOKENS)
+        if not longest:
+            return 0
+        block = self.attention_buckets[1]
+        widths = range(block, round_up(longest, block) + 1, block)
+        buffer = torch.zeros(widths[-1], 2, self.n_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            for width in widths:
+                # q as the step makes it: its own tensor (the fused RoPE kernel's output, a graph's buffer, padding),
+                # or the query heads of the unfused projection's rotated q and k, a view (a plan is per stride too).
+                qk = torch.zeros(width, self.n_heads + self.n_kv_heads, self.head_dim, dtype=self.dtype,
+                                 device=self.device)
+                for q in (qk[:, : self.n_heads].contiguous(), qk[:, : self.n_heads]):
+                    self.attention(q, buffer[:width, 0].transpose(0, 1), buffer[:width, 1].transpose(0, 1), None,
+                                   True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return len(widths)
 
     def compile_kernels(self) -> float:
         """Compile the Triton kernels this step launches (start-up: the server, the bench); seconds. A kernel

@@ -134,11 +134,24 @@ class Engine:
         return warmup, WarmupThread(warmup, self.catalog if self.shared else None, self.config.warmup_interval_s)
 
     def _compile_kernels(self) -> None:
-        """On the model thread, before the first request: the step's Triton kernels, every variant."""
+        """On the model thread, before the first request: the step's Triton kernels, every variant; plain causal
+        attention at every padded prompt length (per-shape plans); the raw host-to-device copies' one-off check."""
+        from store import dma
+
+        step = self.model.step
         with torch.inference_mode():
-            seconds = self.model.step.compile_kernels()
+            seconds = step.compile_kernels()
         if seconds:
             log.info("Triton kernels compiled in %.1f s", seconds)
+        started = time.perf_counter()
+        shapes = step.warm_attention()
+        if shapes:
+            log.info("causal attention warmed at %d prompt lengths (up to %d tokens) in %.1f s", shapes,
+                     step.longest_cache, time.perf_counter() - started)
+        # store.dma finds the CUDA runtime and checks one copy (a synchronize) at its first use: here, not at the
+        # first request that loads chunks from the CPU tier.
+        log.info("host-to-device copies: %s", "raw cudaMemcpyAsync (store.dma)" if dma.available()
+                 else "PyTorch's (store.dma found no runtime library)")
 
     def _capture_layer_graphs(self, kv_pool=None) -> None:
         """On the model thread, before the first request: every bucket's graphs, so no request pays a capture

@@ -55,3 +55,32 @@ def test_padded_mask_shape_and_rows():
     assert step.mask(torch.arange(10), 10, capacity=32) is None  # plain causal
     # No room in the buffer for the key bucket: exact shapes.
     assert step.mask(positions, 10, capacity=12).shape == (1, 1, 3, 10)
+
+
+def test_start_up_warms_every_padded_causal_shape_a_prompt_can_take(monkeypatch):
+    """`warm_attention` runs plain causal attention at every multiple of the key bucket up to the longest cache, with
+    the served call's layout (query and key strides): a full prefill's and a blend's plain causal calls are all
+    among the shapes warmed, so on CUDA none builds a plan on a request."""
+    import torch.nn.functional as F
+
+    step = LlamaStep(model.tiny_model())
+    step.attention_buckets = (8, 32)
+    real, calls = F.scaled_dot_product_attention, []
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        if is_causal and attn_mask is None:
+            calls.append((tuple(q.shape), q.stride(), tuple(k.shape), k.stride()))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    assert step.warm_attention(100) == 4  # 32, 64, 96, 128
+    warmed = set(calls)
+    assert {shape[0][2] for shape in warmed} == {32, 64, 96, 128}
+    calls.clear()
+    for lengths in ((20, 31, 17), (9, 12)):
+        layout = random_layout(seed=len(lengths), chunk_lengths=lengths)
+        for config in (BlendConfig(mode="full"), BlendConfig(mode="prefix"), BlendConfig(mode="blend", ratio=0.3)):
+            _prefill_and_answer(step, layout, config)
+    assert calls and set(calls) <= warmed
+    step.attention_buckets = None
+    assert step.warm_attention(100) == 0  # the CPU default: no buckets, nothing to warm
