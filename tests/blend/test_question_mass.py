@@ -25,8 +25,8 @@ def _case(tokens, heads, kv_heads, dim, n_question, q_rows=None, dtype=torch.flo
 @pytest.mark.parametrize("groups", ["sum", "max"])
 @pytest.mark.parametrize("shape", [(70, 4, 2, 32, 5, None), (200, 8, 2, 32, 7, 20), (130, 4, 4, 16, 3, 3),
                                    (64, 4, 2, 32, 1, 1),
-                                   # more question rows than a program takes (ROWS): several row blocks
-                                   (150, 4, 2, 16, 70, None), (300, 8, 2, 16, 90, 95)])
+                                   # more question rows than a program takes (`rows_for`): several row blocks
+                                   (100, 4, 2, 16, 20, None), (200, 8, 2, 16, 9, 12)])
 def test_float32_mass_equals_the_pytorch_operations(shape, groups):
     tokens, heads, kv_heads, dim, n_question, q_rows = shape
     q, keys, positions, n_question = _case(tokens, heads, kv_heads, dim, n_question, q_rows)
