@@ -15,7 +15,11 @@ tier (Redis) find each other's entries.
 Admission keeps one-off chunks out of the small memory tiers: a volatile tier that is not the last
 tier takes an entry only once its chunk has been used `admit_after` times (uses are counted per
 request by `note_use`, in a frequency sketch). Persistent tiers and the last tier take everything,
-so nothing is lost to admission.
+so nothing is lost to admission. Admission guards what a tier evicts, not what fills free room: a chunk
+whose whole size fits a faster tier's free room gets a copy there too on its put, whatever its uses (`room_for`,
+`try_put(room=)`), beside the entry in the tier admission chose (which stays: a persistent tier keeps it
+across restarts), so a freshly ingested corpus that fits the CPU tier is read from it from its first request,
+not from disk or Redis.
 """
 
 from __future__ import annotations
@@ -266,12 +270,22 @@ class TieredStore:
             log.warning("store: entry %s was not stored %s", key, failure)
         return failure is None
 
-    def try_put(self, key: str, value: torch.Tensor) -> str | None:
+    def room_for(self, size: int) -> int | None:
+        """The fastest budgeted tier with `size` bytes of free room now (None: none): where a chunk of that size
+        may get a copy on its put whatever its uses, evicting nothing (`try_put(room=)`)."""
+        with self._lock:
+            return next((index for index, lru in enumerate(self._lru)
+                         if lru is not None and self._used[index] + size <= self.budgets[index]), None)
+
+    def try_put(self, key: str, value: torch.Tensor, room: int | None = None) -> str | None:
         """`put` without the log line: None when stored, else why not (for a caller that reports many
-        entries' failures as one, e.g. a chunk's layers)."""
+        entries' failures as one, e.g. a chunk's layers). `room` (`room_for` its whole chunk): a faster tier
+        than the one admission picks gets a copy too (the hierarchy is inclusive, as after a promotion)."""
         bottom = len(self.tiers) - 1
         for index in range(len(self.tiers)):
             if self._admits(index, key) and self._place(index, key, value):
+                if room is not None and room < index:
+                    self._place(room, key, value)
                 if self.write_through and index < bottom and not self._place(bottom, key, value):
                     return f"through to {self.tiers[bottom].name} (kept in {self.tiers[index].name} only)"
                 return None

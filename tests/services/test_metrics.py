@@ -188,12 +188,13 @@ def test_a_closed_metrics_server_no_longer_answers():
 
 @pytest.fixture(scope="module")
 def server(service_model_dir, tmp_path_factory):
-    """CPU (admit on second use) over Redis, metrics on a free port given by the flag."""
+    """A CPU tier of one byte (room for no entry, so chunks are read from Redis) over Redis,
+    metrics on a free port given by the flag."""
     prefix = f"kvblend-metrics-test-{uuid.uuid4().hex}:"
     port = _free_port()
     server = ServerProcess(tmp_path_factory.mktemp("metrics-server"), service_model_dir, {
         "server": {"chunk_tokens": 128, "max_new_tokens": 1000, "default_max_new_tokens": 8},
-        "store": {"disk_path": "", "redis_url": REDIS_URL, "redis_prefix": prefix},
+        "store": {"disk_path": "", "cpu_bytes": 1, "redis_url": REDIS_URL, "redis_prefix": prefix},
     }, flags=("--metrics-port", str(port)))
     server.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield server
@@ -246,8 +247,8 @@ def test_calls_are_counted_by_method_and_status_with_ttft_and_tiers(server, clie
     assert delta(before, after, "kvblend_decode_steps_total") == 2
     assert delta(before, after, "kvblend_decode_step_seconds_total") > 0
     assert client.stats().decode_step_seconds > 0
-    # Tier counters count store entries: a chunk is a manifest and one entry per layer. On a chunk's first
-    # use it is not admitted to the CPU tier yet, so each of its entries is a CPU miss and a Redis hit.
+    # Tier counters count store entries: a chunk is a manifest and one entry per layer. No entry fits this server's
+    # CPU tier, so each of its entries is a CPU miss and a Redis hit.
     layers = json.loads((service_model_dir / "config.json").read_text())["num_hidden_layers"]
     assert delta(before, after, "kvblend_tier_misses_total", tier="cpu") == 2 * (1 + layers)
     assert delta(before, after, "kvblend_tier_hits_total", tier="redis") == 2 * (1 + layers)

@@ -164,3 +164,33 @@ def test_written_through_a_put_the_fast_tier_takes_also_lands_in_the_bottom_tier
     put_all(store, "ab")
     assert held(cpu) == {"a", "b"} and held(disk) == {"a", "b"}
     assert torch.equal(disk.get("b"), block(1))
+
+
+def test_a_chunk_that_fits_the_cpu_tiers_free_room_gets_a_copy_there_on_its_put_and_stays_where_admission_puts_it(
+        tmp_path):
+    """Admission (second use) decides what the CPU tier evicts, not what fills its free room: an ingested chunk that
+    fits is read from the CPU tier from its first use, and disk keeps it (across restarts). A chunk that does not
+    fit the room left gets no copy at all (not some of its layers), and nothing is evicted for one."""
+    from blend.cache import ChunkKV
+    from store.chunks import ChunkStore, Manifest
+    from store.keys import chunk_key, layer_key, manifest_key
+
+    def chunk(seed: int) -> ChunkKV:
+        g = torch.Generator().manual_seed(seed)
+        return ChunkKV(token_ids=tuple(range(seed, seed + 4)), start=3, kv=torch.randn(3, 4, 2, 2, 8, generator=g))
+
+    chunks = [chunk(seed) for seed in range(3)]
+    keys = [chunk_key("fp", [], c.token_ids, c.kv.dtype) for c in chunks]
+    described = Manifest.of(chunks[0]).to_tensor()
+    size = chunks[0].kv.numel() * chunks[0].kv.element_size() + described.numel() * described.element_size()
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    store = ChunkStore(TieredStore([cpu, disk], [int(1.5 * size), None], admit_after=2))  # room for one and a half
+    for key, value in zip(keys, chunks):
+        assert store.put(key, value)
+    entries = [[manifest_key(key)] + [layer_key(key, i) for i in range(3)] for key in keys]
+    assert set(entries[0]) <= held(cpu)  # the first fits the free room: copied there
+    assert not set(entries[1]) & held(cpu) and not set(entries[2]) & held(cpu)  # no room left for a whole one
+    assert all(set(e) <= held(disk) for e in entries)  # every chunk where admission puts it
+    assert store.tiered.stats()["cpu"].evictions == 0
+    source_tiers = [store.tiered.slowest([layer_key(key, i) for i in range(3)]) for key in keys]
+    assert source_tiers == ["cpu", "disk", "disk"]
