@@ -2,7 +2,7 @@
 # The device calls' measurements, one step per call (each under the 600 s a call may run), so a call's
 # command stays short: `source .devcarry/s/env.sh && bash .devcarry/s/setup_X.sh >/dev/null 2>&1;
 # source .devcarry/s/env.sh; bash deploy/gpu-bench/measure.sh STEP`. Output files go to $OUT.
-#   bench    (after setup_a)  GPU unit tests on tiny models, then `kvblend bench` with the Redis row   ~150 s
+#   bench    (after setup_a)  GPU unit tests on tiny models (<= 200 s), then `kvblend bench` with the Redis row (<= 370 s)
 #   kernels  (no setup)       probe_scattered, probe_fused: the Triton kernels' block variants          ~30 s
 #   service  (after setup_b)  bench-service throughput and cpu scenarios                              ~330 s
 #   tests    (after setup_c)  the GPU test modules with the real SmolLM2                               ~200 s
@@ -12,11 +12,11 @@ set -u
 OUT=${OUT:-/tmp/out}
 case "${1:-}" in
   bench)
-    timeout 150 python3 -m pytest -q -rf tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
+    timeout 200 python3 -m pytest -q -rf tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
       tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py tests/blend/test_rerotate.py \
       tests/blend/test_fused.py tests/blend/test_pool_attention.py tests/blend/test_question_mass.py tests/store/test_cuda_source.py tests/store/test_dma.py -k "not smollm2" > "$OUT/tests_tiny.txt" 2>&1
     grep -v "CUDAGraph.cpp" "$OUT/tests_tiny.txt" | grep "^FAILED\|^E  \|passed\|failed" | head -30
-    timeout 420 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
+    timeout 370 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
       --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
       2>&1 | tail -70 ;;
   kernels)
