@@ -99,19 +99,6 @@ class ChunkStore:
                         "not stored %s)", key, len(failed), len(failures), failed[0])
         return not failed
 
-    def put_in_room(self, key: str, chunk: ChunkKV) -> bool:
-        """Copy the chunk into the fastest memory tier with free room for all of it (evicting nothing), and only
-        there; False where none has room. What a request does with a chunk it computed before its first token: a
-        memory copy, so the next request finds it at once, while `put` (the rest: disk, Redis) runs later."""
-        manifest = Manifest.of(chunk)
-        check_chunk_key(key)
-        described = manifest.to_tensor()
-        room = self.tiered.room_for(chunk.kv.numel() * chunk.kv.element_size() + described.numel() * described.element_size())
-        if room is None or not self.tiered.tiers[room].volatile:
-            return False
-        placed = all(self.tiered.place_in(room, layer_key(key, i), chunk.kv[i]) for i in range(manifest.n_layers))
-        return placed and self.tiered.place_in(room, manifest_key(key), described)
-
     def sweep_orphans(self, idle_s: float) -> int:
         """Delete, from every tier, the layers of chunks that have no manifest in any tier and have been idle
         in a persistent tier (disk, Redis) for at least `idle_s` seconds: left by an ingest that died or

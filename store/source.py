@@ -100,15 +100,13 @@ class StoreSource:
 
     def __init__(self, store: ChunkStore, segments: Sequence[Segment], compute: Compute | None = None,
                  device: str | torch.device = "cpu", expected: Sequence[Sequence[int] | None] | None = None,
-                 depth: int = 2, timeline: bool = False, put: Callable[[str, ChunkKV], object] | None = None):
+                 depth: int = 2, timeline: bool = False):
         """`expected[i]`: the token ids segment i must hold (its manifest is checked against them). `timeline`:
         record every layer's marks for `timeline_ms` (a probe's; a served request records only what its
-        figures need, see `layer`). `put(key, chunk)`: how a segment computed on its own is written back to the
-        store (default `store.put`, at once; a server defers it past the request's first token)."""
+        figures need, see `layer`)."""
         self.store = store
         self.segments = list(segments)
         self.compute = compute
-        self._put = put if put is not None else store.put
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # so cuda == cuda:0 compares equal
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -187,7 +185,7 @@ class StoreSource:
         self.computed[index] = chunk
         self.stats.computed[index] = why
         self.stats.tiers[index] = None
-        self._put(key, chunk)
+        self.store.put(key, chunk)
         return chunk
 
     # -- loading --------------------------------------------------------------------------------

@@ -270,10 +270,6 @@ class TieredStore:
             log.warning("store: entry %s was not stored %s", key, failure)
         return failure is None
 
-    def place_in(self, index: int, key: str, value: torch.Tensor) -> bool:
-        """Write into tier `index` alone (what `ChunkStore.put_in_room` copies where `room_for` found room)."""
-        return self._place(index, key, value)
-
     def room_for(self, size: int) -> int | None:
         """The fastest budgeted tier with `size` bytes of free room now (None: none): where a chunk of that size
         may get a copy on its put whatever its uses, evicting nothing (`try_put(room=)`)."""

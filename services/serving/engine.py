@@ -20,7 +20,6 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
 import torch
@@ -87,11 +86,6 @@ class Engine:
             raise ValueError(f"server.check_layer {config.check_layer} is past the model's last layer "
                              f"{model.step.n_layers - 1}")
         self.shared = catalog.redis is not None  # replicas share the catalog and the KV through Redis
-        # Chunks requests computed on their own, written to the store off the model thread (`_write_back`); False:
-        # before the prefill, on the model thread (`services.bench.probe_writeback` compares the two).
-        self.write_behind = True
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kv-writeback")
-        self._writes: list[Future] = []
         self.worker = ModelWorker(config.max_waiting, config.max_active,
                                   batch=decode_together if config.batch_decode else None,
                                   max_kv_bytes=config.max_kv_bytes)
@@ -482,8 +476,7 @@ class Engine:
                                     params.stop)
         job = Generation(request, self.parts, self.store, self.estimates, self.metrics, self.guard,
                          self.degraded_tiers(),
-                         pull=functools.partial(self.warmup.offer, used=True) if self.warmup is not None else None,
-                         write=self._write_back if self.write_behind else None)
+                         pull=functools.partial(self.warmup.offer, used=True) if self.warmup is not None else None)
         job.queued = time.perf_counter()
         try:
             self.worker.submit(job)
@@ -609,28 +602,10 @@ class Engine:
     def warmup_stats(self) -> WarmupStats:
         return self.warmup.stats() if self.warmup is not None else WarmupStats()
 
-    def _write_back(self, computed: list) -> None:
-        """Store chunks a request computed on its own (after its first token: `Generation.write`), on the writer
-        thread, one request's chunks at a time in order. A request that needs one before it is written computes it
-        again (the same K/V); `flush_writes` waits for them."""
-        self._writes.append(self._writer.submit(self._store_all, computed))
-        self._writes = [write for write in self._writes if not write.done()]
-
-    def _store_all(self, computed: list) -> None:
-        with torch.inference_mode():
-            for key, chunk in computed:
-                self.store.put(key, chunk)  # logs what it could not store; a miss later is recomputed
-
-    def flush_writes(self, timeout_s: float | None = None) -> None:
-        """Wait until the chunks requests computed so far are written to the store."""
-        for write in list(self._writes):
-            write.result(timeout=timeout_s)
-
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish the queued and active requests (dropping any left after `timeout_s`), then close."""
         if not self.worker.close(wait=True, timeout=timeout_s):
             self.worker.abort_all(Cancelled("the server stopped before this request finished"))
-        self._writer.shutdown(wait=True)  # the computed chunks handed over are written before the store closes
         if self.warmup_thread is not None:
             self.warmup_thread.stop()
         self.catalog.close()

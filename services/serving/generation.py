@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-from blend.cache import ChunkKV
 from blend.decode import Decoding, advance, settle
 from blend.fusor import BlendConfig, cached_chunks, prefill_layers
 from blend.prompt import DEFAULT_SYSTEM, build_chat_layout, build_layout
@@ -70,16 +69,9 @@ class Generation:
 
     def __init__(self, request: GenerationRequest, model: ModelParts, store: ChunkStore, estimates: LoadEstimates,
                  metrics: Metrics, guard: Guard, degraded_tiers: list[str],
-                 pull: Callable[[list[str]], None] | None = None,
-                 write: Callable[[list[tuple[str, ChunkKV]]], None] | None = None):
+                 pull: Callable[[list[str]], None] | None = None):
         self.request = request
         self.pull = pull  # chunk keys to copy into the CPU tier in the background (the warm-up's offer)
-        # Chunks this request computed on its own (inline documents, chunks missing from the store): copied into a
-        # memory tier with room at once (the next request finds them), and written to the store's other tiers in the
-        # background once its first token is out (`write`), not before its prefill on the model thread: a disk file
-        # or Redis values (~0.1 s a chunk of the 8B shape). Without `write`, all at once (`store.put`).
-        self.write = write
-        self._computed: list[tuple[str, ChunkKV]] = []
         self.model = model
         self.store = store
         self.estimates = estimates
@@ -133,7 +125,6 @@ class Generation:
         if self._filling is not None:  # dropped mid-prefill: close its source (finally blocks run)
             self._filling.close()
             self._filling = None
-        self._write_computed()
         self._decoding = None  # its KV buffer goes back now
         cancelled = isinstance(error, Cancelled)
         self.metrics.ended(cancelled=cancelled, failed=not cancelled)
@@ -219,21 +210,7 @@ class Generation:
         self._filling = None
         self._decoding = Decoding(filled.cache, filled.length, filled.logits, self.request.sampling.chooser(),
                                   use_graph=self.model.decode_graphs)
-        more = self._emit(first=True)
-        self._write_computed()
-        return more
-
-    def _computed_one(self, key: str, chunk: ChunkKV) -> None:
-        """A chunk this request computed on its own: into a memory tier's free room now, the rest later."""
-        self.store.put_in_room(key, chunk)
-        self._computed.append((key, chunk))
-
-    def _write_computed(self) -> None:
-        """Hand the chunks this request computed to the background writer (after its first token, or as it fails:
-        a chunk computed whole is valid K/V whatever became of the request)."""
-        if self._computed:
-            computed, self._computed = self._computed, []
-            self.write(computed)
+        return self._emit(first=True)
 
     def _prefill(self, layout, capacity: int):
         precompute = self.model.precompute
@@ -253,9 +230,8 @@ class Generation:
             return chunk
 
         began = time.perf_counter()
-        put = self._computed_one if self.write is not None else None
         source = StoreSource(self.store, [precompute.prefix, *keys], compute, device=step.device,
-                             expected=[None, *chunks], put=put)
+                             expected=[None, *chunks])
         try:
             skip, config = self._plan(source, config, chunks)
             if chunks and len(skip) == len(chunks):

@@ -43,7 +43,6 @@ def test_inline_documents_are_computed_once_then_blended_from_the_store_and_usab
     assert [d.hit for d in first.documents] == [False, False]
     assert [d.chunks_computed for d in first.documents] == [1, 1]
     assert first.chunk_sources == ["computed", "computed"] and first.chunks_missing == 2
-    engine.flush_writes(30)  # written in the background after the first token
     again, tokens_again, _ = _answer(engine, query="Where is the Seine?", documents=docs, max_new_tokens=6)
     assert [d.hit for d in again.documents] == [True, True] and again.chunks_missing == 0
     prefix = len(engine.precompute.prefix_ids)
@@ -52,34 +51,6 @@ def test_inline_documents_are_computed_once_then_blended_from_the_store_and_usab
     ids = tuple(cid for d in first.documents for cid in d.chunk_ids)
     by_id, tokens_by_id, _ = _answer(engine, query="Where is the Seine?", chunk_ids=ids, max_new_tokens=6)
     assert by_id.chunk_ids == list(ids) and tokens_by_id == tokens
-
-
-def test_a_computed_chunk_is_written_to_the_store_after_the_first_token_not_before_the_prefill(engine, monkeypatch):
-    """The first token does not wait for the store's writes of the chunks the request computed (a disk file, Redis
-    values): they are written on a background thread once it is out. A memory tier with room gets a copy at once,
-    so the next request finds the chunk even before those writes are done."""
-    import threading
-
-    from store.keys import manifest_key
-
-    release, real_put, written = threading.Event(), engine.store.put, []
-
-    def slow_put(key, chunk):  # a store whose writes take as long as the test says
-        assert release.wait(30)
-        written.append(key)
-        return real_put(key, chunk)
-
-    monkeypatch.setattr(engine.store, "put", slow_put)
-    stream = iter(engine.generate("writeback", GenerateParams(query="Where is the Seine?", documents=_docs(1),
-                                                              max_new_tokens=2)))
-    first = next(stream)  # the first token, its write still held back
-    assert first.report.chunks_missing == 1 and written == []
-    list(stream)
-    again, _, _ = _answer(engine, tenant="writeback", query="Where is the Seine?", documents=_docs(1), max_new_tokens=1)
-    assert again.documents[0].hit and again.chunk_sources == ["cpu"] and written == []  # from the CPU tier's copy
-    release.set()
-    engine.flush_writes(30)
-    assert len(written) == 1 and engine.store.tiered.contains(manifest_key(written[0]))
 
 
 def test_an_inline_document_is_keyed_per_tenant(engine):

@@ -194,25 +194,3 @@ def test_a_chunk_that_fits_the_cpu_tiers_free_room_gets_a_copy_there_on_its_put_
     assert store.tiered.stats()["cpu"].evictions == 0
     source_tiers = [store.tiered.slowest([layer_key(key, i) for i in range(3)]) for key in keys]
     assert source_tiers == ["cpu", "disk", "disk"]
-
-
-def test_put_in_room_copies_a_chunk_into_a_memory_tier_with_room_only_and_never_evicts(tmp_path):
-    """What a request does with a chunk it computed before its first token: a memory tier's free room, nothing
-    else (disk comes later, from `put`); no room, no copy."""
-    from blend.cache import ChunkKV
-    from store.chunks import ChunkStore, Manifest
-    from store.keys import chunk_key, layer_key, manifest_key
-
-    chunks = [ChunkKV(token_ids=(seed, 1, 2), start=3, kv=torch.full((2, 3, 2, 2, 8), float(seed))) for seed in range(2)]
-    keys = [chunk_key("fp", [], c.token_ids, c.kv.dtype) for c in chunks]
-    described = Manifest.of(chunks[0]).to_tensor()
-    size = chunks[0].kv.numel() * chunks[0].kv.element_size() + described.numel() * described.element_size()
-    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
-    store = ChunkStore(TieredStore([cpu, disk], [int(1.5 * size), None], admit_after=2))
-    assert store.put_in_room(keys[0], chunks[0])
-    assert held(cpu) == {manifest_key(keys[0]), layer_key(keys[0], 0), layer_key(keys[0], 1)} and not held(disk)
-    assert torch.equal(store.get(keys[0]).kv, chunks[0].kv)
-    assert not store.put_in_room(keys[1], chunks[1])  # no room left for all of it: nothing copied, nothing evicted
-    assert not any(key.startswith(keys[1]) for key in held(cpu)) and store.tiered.stats()["cpu"].evictions == 0
-    assert store.put(keys[0], chunks[0]) and {manifest_key(keys[0])} <= held(disk)  # the later write: disk too
-    assert store.tiered.usage()["cpu"] <= int(1.5 * size)  # the CPU copy replaced, not doubled
