@@ -85,14 +85,16 @@ class ChunkStore:
         the chunk (a tier that is full or down refuses every layer alike)."""
         manifest = Manifest.of(chunk)
         check_chunk_key(key)
-        # A faster tier with free room for the whole chunk gets a copy too, whatever its uses (admission decides what
-        # a tier evicts, not what fills its free room): an ingested corpus that fits the CPU tier is read from there
-        # from its first request, and still kept where admission put it (disk, Redis: across restarts). Decided once
-        # for the chunk, so its layers are not split between a tier and the next.
         described = manifest.to_tensor()
-        room = self.tiered.room_for(chunk.kv.numel() * chunk.kv.element_size() + described.numel() * described.element_size())
-        failures = [self.tiered.try_put(layer_key(key, i), chunk.kv[i], room) for i in range(manifest.n_layers)]
-        failures.append(self.tiered.try_put(manifest_key(key), described, room))
+        failures = [self.tiered.try_put(layer_key(key, i), chunk.kv[i]) for i in range(manifest.n_layers)]
+        failures.append(self.tiered.try_put(manifest_key(key), described))
+        if not any(failures):
+            # A memory tier with free room for the whole chunk gets a copy too, whatever its uses (admission decides
+            # what a tier evicts, not what fills its free room): an ingested corpus that fits the CPU tier is read from
+            # there from its first request, and still kept where admission put it (disk, Redis: across restarts).
+            # All the chunk's entries or none, evicting nothing.
+            self.tiered.copy_into_room([(layer_key(key, i), chunk.kv[i]) for i in range(manifest.n_layers)]
+                                       + [(manifest_key(key), described)])
         failed = [failure for failure in failures if failure is not None]
         if failed:
             log.warning("store: chunk %s: %d of its %d entries (layers and manifest) were not stored (first: "

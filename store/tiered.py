@@ -16,10 +16,10 @@ Admission keeps one-off chunks out of the small memory tiers: a volatile tier th
 tier takes an entry only once its chunk has been used `admit_after` times (uses are counted per
 request by `note_use`, in a frequency sketch). Persistent tiers and the last tier take everything,
 so nothing is lost to admission. Admission guards what a tier evicts, not what fills free room: a chunk
-whose whole size fits a faster tier's free room gets a copy there too on its put, whatever its uses (`room_for`,
-`try_put(room=)`), beside the entry in the tier admission chose (which stays: a persistent tier keeps it
-across restarts), so a freshly ingested corpus that fits the CPU tier is read from it from its first request,
-not from disk or Redis.
+whose whole size fits a memory tier's free room gets a copy there too on its put, whatever its uses
+(`copy_into_room`: all its entries or none, evicting nothing), beside the entry in the tier admission chose
+(which stays: a persistent tier keeps it across restarts), so a freshly ingested corpus that fits the CPU tier
+is read from it from its first request, not from disk or Redis.
 """
 
 from __future__ import annotations
@@ -270,26 +270,32 @@ class TieredStore:
             log.warning("store: entry %s was not stored %s", key, failure)
         return failure is None
 
-    def room_for(self, size: int) -> int | None:
-        """The fastest budgeted tier with `size` bytes of free room now (None: none): where a chunk of that size
-        may get a copy on its put whatever its uses, evicting nothing (`try_put(room=)`)."""
-        with self._lock:
-            return next((index for index, lru in enumerate(self._lru)
-                         if lru is not None and self._used[index] + size <= self.budgets[index]), None)
-
-    def try_put(self, key: str, value: torch.Tensor, room: int | None = None) -> str | None:
+    def try_put(self, key: str, value: torch.Tensor) -> str | None:
         """`put` without the log line: None when stored, else why not (for a caller that reports many
-        entries' failures as one, e.g. a chunk's layers). `room` (`room_for` its whole chunk): a faster tier
-        than the one admission picks gets a copy too (the hierarchy is inclusive, as after a promotion)."""
+        entries' failures as one, e.g. a chunk's layers)."""
         bottom = len(self.tiers) - 1
         for index in range(len(self.tiers)):
             if self._admits(index, key) and self._place(index, key, value):
-                if room is not None and room < index:
-                    self._place(room, key, value)
                 if self.write_through and index < bottom and not self._place(bottom, key, value):
                     return f"through to {self.tiers[bottom].name} (kept in {self.tiers[index].name} only)"
                 return None
         return "anywhere: every tier skipped it or it exceeds every budget"
+
+    def copy_into_room(self, entries: Sequence[tuple[str, torch.Tensor]]) -> str | None:
+        """Copy `entries` (a chunk's layers, then its manifest) into the fastest budgeted memory tier with free room
+        for all of them that does not hold the last one yet: all or none, evicting nothing (checked and placed under
+        the lock, so a concurrent fill cannot make a place evict). The tier's name, or None where none has room."""
+        size = sum(value.numel() * value.element_size() for _, value in entries)
+        with self._lock:
+            for index, (tier, lru) in enumerate(zip(self.tiers, self._lru)):
+                if (lru is None or not tier.volatile or entries[-1][0] in lru
+                        or self._used[index] + size > self.budgets[index]):
+                    continue
+                for key, value in entries:
+                    if not self._place(index, key, value):  # (a memory tier always takes it; were it not, the rest
+                        return None                        # would be left: a reader starts at the manifest, last)
+                return tier.name
+        return None
 
     def make_room(self, name: str, size: int, chunk: str) -> bool:
         """Evict (demoting down) tier `name`'s least recently used entries while they belong to chunks used

@@ -194,3 +194,23 @@ def test_a_chunk_that_fits_the_cpu_tiers_free_room_gets_a_copy_there_on_its_put_
     assert store.tiered.stats()["cpu"].evictions == 0
     source_tiers = [store.tiered.slowest([layer_key(key, i) for i in range(3)]) for key in keys]
     assert source_tiers == ["cpu", "disk", "disk"]
+
+
+def test_the_room_copy_is_all_or_none_and_skips_a_tier_that_already_holds_the_chunk(tmp_path):
+    """`copy_into_room`: where admission already put the chunk in the memory tier (admit on first use) nothing is
+    copied again; a chunk larger than the room left is not copied at all, and nothing is evicted for it."""
+    from blend.cache import ChunkKV
+    from store.chunks import ChunkStore
+    from store.keys import chunk_key
+
+    chunks = [ChunkKV(token_ids=(seed, 5), start=2, kv=torch.full((2, 2, 2, 2, 8), float(seed))) for seed in range(3)]
+    keys = [chunk_key("fp", [], c.token_ids, c.kv.dtype) for c in chunks]
+    cpu, disk = MemoryTier("cpu"), DiskTier(tmp_path)
+    store = ChunkStore(TieredStore([cpu, disk], [1 << 20, None], admit_after=1))
+    assert store.put(keys[0], chunks[0])
+    one = store.tiered.usage()["cpu"]
+    assert not held(disk) and one > 0  # admitted on first use: in the CPU tier once, not twice
+    tiered = store.tiered
+    big = [(f"{keys[1]}:{i}", torch.zeros(1 << 17)) for i in range(3)]  # 1.5 MiB: more than the room left
+    assert tiered.copy_into_room(big) is None and tiered.usage()["cpu"] == one
+    assert tiered.stats()["cpu"].evictions == 0
