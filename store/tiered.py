@@ -283,19 +283,31 @@ class TieredStore:
 
     def copy_into_room(self, entries: Sequence[tuple[str, torch.Tensor]]) -> str | None:
         """Copy `entries` (a chunk's layers, then its manifest) into the fastest budgeted memory tier with free room
-        for all of them that does not hold the last one yet: all or none, evicting nothing (checked and placed under
-        the lock, so a concurrent fill cannot make a place evict). The tier's name, or None where none has room."""
+        for all of them that does not hold the last one yet: all or none, evicting nothing (an entry that would go
+        over the budget, the room taken meanwhile by another thread's put, is not kept, and the chunk's entries
+        copied before it are taken out again). The lock is held an entry at a time, as by every put, not for the
+        whole chunk (a request's look-ups wait for no chunk-sized copy). The tier's name, or None."""
         size = sum(value.numel() * value.element_size() for _, value in entries)
         with self._lock:
-            for index, (tier, lru) in enumerate(zip(self.tiers, self._lru)):
-                if (lru is None or not tier.volatile or entries[-1][0] in lru
-                        or self._used[index] + size > self.budgets[index]):
-                    continue
-                for key, value in entries:
-                    if not self._place(index, key, value):  # (a memory tier always takes it; were it not, the rest
-                        return None                        # would be left: a reader starts at the manifest, last)
-                return tier.name
-        return None
+            index = next((i for i, (tier, lru) in enumerate(zip(self.tiers, self._lru))
+                          if lru is not None and tier.volatile and entries[-1][0] not in lru
+                          and self._used[i] + size <= self.budgets[i]), None)
+        if index is None:
+            return None
+        tier, lru, placed = self.tiers[index], self._lru[index], []
+        for key, value in entries:
+            with self._lock:
+                stored = tier.put(key, value)
+                if stored is not None:
+                    self._used[index] += stored - lru.pop(key, 0)
+                    lru[key] = stored
+                    placed.append(key)
+                fits = stored is not None and self._used[index] <= self.budgets[index]
+            if not fits:
+                for key_placed in placed:
+                    self.drop(tier.name, key_placed)
+                return None
+        return tier.name
 
     def make_room(self, name: str, size: int, chunk: str) -> bool:
         """Evict (demoting down) tier `name`'s least recently used entries while they belong to chunks used

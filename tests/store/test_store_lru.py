@@ -214,3 +214,20 @@ def test_the_room_copy_is_all_or_none_and_skips_a_tier_that_already_holds_the_ch
     big = [(f"{keys[1]}:{i}", torch.zeros(1 << 17)) for i in range(3)]  # 1.5 MiB: more than the room left
     assert tiered.copy_into_room(big) is None and tiered.usage()["cpu"] == one
     assert tiered.stats()["cpu"].evictions == 0
+
+
+def test_a_room_copy_that_runs_out_of_room_midway_takes_its_entries_out_again():
+    """Another thread's put may take the room between the check and the copy: the entry that goes over the budget is
+    not kept and the chunk's entries copied before it are taken out, so no chunk is left split and nothing evicted."""
+
+    class Filling(MemoryTier):  # its last put lands after a concurrent put filled the room
+        def put(self, key, value):
+            size = super().put(key, value)
+            return size + (1 << 20) if key.endswith(":m") else size
+
+    cpu = Filling("cpu")
+    tiered = TieredStore([cpu, MemoryTier("below")], [1 << 19, None], admit_after=1)
+    assert tiered.put("old:0", torch.zeros(16))  # an entry of another chunk, which must stay
+    entries = [(f"new:{i}", torch.ones(64)) for i in range(3)] + [("new:m", torch.ones(4))]
+    assert tiered.copy_into_room(entries) is None
+    assert held(cpu) == {"old:0"} and tiered.stats()["cpu"].evictions == 0
