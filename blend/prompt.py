@@ -87,14 +87,15 @@ CHUNK_IDS_CACHED = 4096
 
 
 @lru_cache(maxsize=CHUNK_IDS_CACHED)
-def _chunk_ids(tokenizer, text: str) -> array:
-    return array("q", encode_user_text(tokenizer, text))
+def _chunk_ids(tokenizer, text: str) -> TokenIds:
+    return TokenIds(array("q", encode_user_text(tokenizer, text)))
 
 
 def encode_chunk(tokenizer, text: str) -> TokenIds:
     """`encode_user_text` of a passage, remembered for the last CHUNK_IDS_CACHED distinct passages (a
-    tokenizer never changes while the process runs: the same text always gives the same ids); packed too."""
-    return TokenIds(_chunk_ids(tokenizer, text))
+    tokenizer never changes while the process runs: the same text always gives the same ids); packed too. The
+    remembered object itself (immutable: a tuple, its packed view read-only), not a copy made per request."""
+    return _chunk_ids(tokenizer, text)
 
 
 @lru_cache(maxsize=256)  # the chat template's fixed pieces: a handful of texts per tokenizer

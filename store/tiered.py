@@ -100,11 +100,12 @@ class TieredStore:
                 if key in lru:
                     lru.move_to_end(key)
 
-    def _place(self, index: int, key: str, value: torch.Tensor) -> bool:
+    def _place(self, index: int, key: str, value: torch.Tensor, evict: bool = True) -> bool:
         """Write into tier `index` and evict its least recently used entries down.
 
         True when the entry is kept: in this tier, or (larger than its budget) passed to one below.
-        False when the tier skipped the write (e.g. Redis is down).
+        False when the tier skipped the write (e.g. Redis is down), or, with `evict=False`, when it does not fit
+        the budget: then it is not kept (taken out again) and nothing is evicted.
         """
         tier, lru = self.tiers[index], self._lru[index]
         if lru is None:
@@ -117,6 +118,10 @@ class TieredStore:
                 return False
             self._used[index] += size - lru.pop(key, 0)
             lru[key] = size
+            if not evict and self._used[index] > self.budgets[index]:
+                self._used[index] -= lru.pop(key)
+                tier.delete(key)
+                return False
             evicted = []
             while self._used[index] > self.budgets[index] and lru:
                 victim, victim_size = lru.popitem(last=False)
@@ -294,20 +299,12 @@ class TieredStore:
                           and self._used[i] + size <= self.budgets[i]), None)
         if index is None:
             return None
-        tier, lru, placed = self.tiers[index], self._lru[index], []
-        for key, value in entries:
-            with self._lock:
-                stored = tier.put(key, value)
-                if stored is not None:
-                    self._used[index] += stored - lru.pop(key, 0)
-                    lru[key] = stored
-                    placed.append(key)
-                fits = stored is not None and self._used[index] <= self.budgets[index]
-            if not fits:
-                for key_placed in placed:
-                    self.drop(tier.name, key_placed)
+        for count, (key, value) in enumerate(entries):
+            if not self._place(index, key, value, evict=False):
+                for placed, _ in entries[:count]:
+                    self.drop(self.tiers[index].name, placed)
                 return None
-        return tier.name
+        return self.tiers[index].name
 
     def make_room(self, name: str, size: int, chunk: str) -> bool:
         """Evict (demoting down) tier `name`'s least recently used entries while they belong to chunks used

@@ -147,7 +147,7 @@ class Engine:
         shapes = step.warm_attention()
         if shapes:
             log.info("causal attention warmed at %d prompt lengths (up to %d tokens) in %.1f s", shapes,
-                     step.longest_cache, time.perf_counter() - started)
+                     shapes * step.attention_buckets[1], time.perf_counter() - started)
         # store.dma finds the CUDA runtime and checks one copy (a synchronize) at its first use: here, not at the
         # first request that loads chunks from the CPU tier.
         log.info("host-to-device copies: %s", "raw cudaMemcpyAsync (store.dma)" if dma.available()
