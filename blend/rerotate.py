@@ -45,7 +45,10 @@ if triton is not None:
             base = K + rows[:, None] * sk_t + head * sk_h
             x = tl.load(base + dims[None, :], mask=valid, other=0.0).to(tl.float32)
             rolled = tl.load(base + partner[None, :], mask=valid, other=0.0).to(tl.float32)
-            tl.store(base + dims[None, :], (x * cos + rolled * sin).to(K.dtype.element_ty), mask=valid)
+            # One explicit fused multiply-add (the product of the rolled half added unrounded), not left to the
+            # compiler's contraction, which may pick either product: `_turn_at` spells the same one, so the two
+            # kernels round alike to the bit on CUDA.
+            tl.store(base + dims[None, :], tl.fma(x, cos, rolled * sin).to(K.dtype.element_ty), mask=valid)
 
 
     from triton.language.extra import libdevice
@@ -55,7 +58,7 @@ if triton is not None:
                  INTERPRETED: tl.constexpr):
         # Each token's D/2 angles once (dims d and d + D/2 share a frequency: emb = cat(angles, angles)), then each
         # head's two halves: lo' = lo cos + hi (-sin), hi' = hi cos + lo sin, which is x cos + roll(x, D/2) signed_sin
-        # (`turn`'s arithmetic, operation for operation).
+        # (`turn`'s arithmetic, operation for operation, its fused multiply-add spelled out alike).
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         inside = rows < T
         valid = inside[:, None]
@@ -75,8 +78,8 @@ if triton is not None:
             base = K + rows[:, None] * sk_t + head * sk_h + half[None, :]
             lo = tl.load(base, mask=valid, other=0.0).to(tl.float32)
             hi = tl.load(base + D // 2, mask=valid, other=0.0).to(tl.float32)
-            tl.store(base, (lo * cos + hi * negated).to(K.dtype.element_ty), mask=valid)
-            tl.store(base + D // 2, (hi * cos + lo * sin).to(K.dtype.element_ty), mask=valid)
+            tl.store(base, tl.fma(lo, cos, hi * negated).to(K.dtype.element_ty), mask=valid)
+            tl.store(base + D // 2, tl.fma(hi, cos, lo * sin).to(K.dtype.element_ty), mask=valid)
 
 def turn(keys: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
     rows, heads, dim = keys.shape

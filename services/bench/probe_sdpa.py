@@ -1,4 +1,6 @@
-"""Probe (not a result): SDPA backends on masked / causal attention with GQA, new shapes vs repeated."""
+"""Probe (not a result): SDPA backends on masked / causal attention with GQA, new shapes vs repeated.
+`decode-1-masked`: one query row over a key length one longer each call (a single request decoding outside the KV
+pool attends over exactly its keys so far): whether a new length costs a new plan (first call >> repeated)."""
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -9,16 +11,19 @@ from services.bench.probe_shapes import _ms as ms
 
 def main():
     dev, bf = "cuda", torch.bfloat16
-    for name in ("causal-default", "causal-flash", "masked-efficient-expanded", "masked-cudnn-bucketed"):
+    for name in ("causal-default", "causal-flash", "masked-efficient-expanded", "masked-cudnn-bucketed",
+                 "decode-1-masked"):
         firsts, again = [], []
         for i in range(6):
-            n = 5184 + 37 * i + 1
-            t = n if name.startswith("causal") else 400 + 11 * i
+            n = 5184 + (i if name.startswith("decode") else 37 * i) + 1
+            t = n if name.startswith("causal") else 1 if name.startswith("decode") else 400 + 11 * i
             q = torch.randn(1, 32, t, 128, device=dev, dtype=bf)
             k = torch.randn(1, 8, n, 128, device=dev, dtype=bf)
             v = torch.randn_like(k)
             mask = causal_mask(torch.arange(n - t, n, device=dev), n, bf)
-            if name == "causal-default":
+            if name == "decode-1-masked":
+                fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
+            elif name == "causal-default":
                 fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
             elif name == "causal-flash":
                 def fn():

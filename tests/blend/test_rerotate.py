@@ -83,6 +83,22 @@ def test_turn_from_positions_equals_the_turn_by_the_steps_tables(rows, dtype):
         torch.testing.assert_close(buffer, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_turn_from_positions_takes_the_steps_cos_and_sin():
+    """Keys (1, 0) in their two halves turn into (cos, sin) exactly (x cos + 0, 0 + 1 sin): the kernel's own cos and
+    sin against the step's tables, apart from the rotation's arithmetic (the test above checks both together)."""
+    rows, heads, dim = 70, 8, 128
+    _, old_new, inv_freq = _positions_case(torch.float32, rows, heads=heads, dim=dim)
+    keys = torch.zeros(rows, heads, dim, device=DEVICE)
+    keys[..., : dim // 2] = 1.0
+    rerotate.turn_at(keys, old_new, inv_freq)
+    cos, signed_sin = _tables(old_new, inv_freq)
+    expected = torch.cat((cos[:, :, : dim // 2], signed_sin[:, :, dim // 2 :]), dim=-1).expand(rows, heads, dim)
+    if DEVICE.type == "cuda":
+        assert torch.equal(keys, expected), f"{(keys != expected).float().mean().item():.3%} of cos/sin differ"
+    else:
+        torch.testing.assert_close(keys, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_float32_turn_from_positions_equals_the_pytorch_passes():
     buffer, old_new, inv_freq = _positions_case(torch.float32, 70)
     expected = buffer.clone()
