@@ -5,7 +5,8 @@ A request from the CPU tier copies ~11 blocks per layer, 32 layers: ~350 copies,
 the request's head (set-up, layer 0, the check layer) is on the critical path. Through PyTorch a copy costs
 the host its dispatch plus, for pinned memory, an event the pinned-memory allocator records so the block is
 not reused before the copy reads it (5.9 us a block on an H200 host: `python3 -m services.bench.probe_host`,
-docs/ops/h200_probe_host_s15b.txt). Here a copy is one runtime call on the raw pointers; the same guarantee
+docs/ops/h200_probe_host_s15b.txt). Here a layer's copies are one runtime call on the raw pointers
+(`cudaMemcpyBatchAsync`, CUDA 12.8 on; else one `cudaMemcpyAsync` a block); the same guarantee
 comes from holding the source blocks until an event recorded after their copies has completed (`Holds`), so a
 block evicted from its tier mid-copy is never freed, and so never reused, under the copy.
 
@@ -30,10 +31,10 @@ _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
 
 @lru_cache(maxsize=1)
-def _memcpy_async():
-    """The runtime's cudaMemcpyAsync, from the libcudart this process already loaded (PyTorch's), else None."""
+def _runtime() -> tuple[ctypes.CDLL | None, str]:
+    """The libcudart this process already loaded (PyTorch's) and its name, else (None, "")."""
     if not torch.cuda.is_available():
-        return None
+        return None, ""
     torch.cuda.init()
     paths = []
     try:
@@ -45,31 +46,116 @@ def _memcpy_async():
                      if name]
     for name in names:
         try:
-            function = ctypes.CDLL(name).cudaMemcpyAsync
+            library = ctypes.CDLL(name)
+            library.cudaMemcpyAsync  # noqa: B018 - a CUDA runtime, or not
         except (OSError, AttributeError):
             continue
-        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-        function.restype = ctypes.c_int
-        if _copies_right(function):
-            return function
-        log.warning("dma: cudaMemcpyAsync from %s did not copy a test block exactly; host-to-device copies go "
-                    "through PyTorch", name)
+        return library, name
+    return None, ""
+
+
+@lru_cache(maxsize=1)
+def _memcpy_async():
+    """The runtime's cudaMemcpyAsync, else None."""
+    library, name = _runtime()
+    if library is None:
+        if torch.cuda.is_available():
+            log.info("dma: no CUDA runtime library found in this process; host-to-device copies go through PyTorch")
         return None
-    log.info("dma: no CUDA runtime library found in this process; host-to-device copies go through PyTorch")
+    function = library.cudaMemcpyAsync
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    if _copies_right(lambda targets, sources, stream: _each(function, targets, sources, stream)):
+        return function
+    log.warning("dma: cudaMemcpyAsync from %s did not copy a test block exactly; host-to-device copies go "
+                "through PyTorch", name)
     return None
 
 
-def _copies_right(memcpy) -> bool:
-    """Once, before any request's copy: a pinned test block copied through `memcpy` on a side stream lands exactly
-    (the library is the process's runtime and the call's arguments are read as meant), else it is not used."""
+class _Location(ctypes.Structure):  # cudaMemLocation
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _Attributes(ctypes.Structure):  # cudaMemcpyAttributes
+    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", _Location), ("dstLocHint", _Location),
+                ("flags", ctypes.c_uint)]
+
+
+_STREAM_ORDER = 1  # cudaMemcpySrcAccessOrderStream: the sources are read in stream order, as cudaMemcpyAsync reads them
+
+
+def bind_batch(function, version: int):
+    """`cudaMemcpyBatchAsync` (CUDA 12.8 on) as `batch(targets, sources, sizes, stream handle) -> error`, the
+    pointers and sizes as Python ints, every copy with one attribute (sources read in stream order). Its signature
+    changed in CUDA 13.0 (the `failIdx` out-argument before the stream went), so the runtime's version picks it;
+    None before 12.8."""
+    if version < 12080:
+        return None
+    function.restype = ctypes.c_int
+    attributes = _Attributes(_STREAM_ORDER, _Location(0, 0), _Location(0, 0), 0)
+    first = (ctypes.c_size_t * 1)(0)  # the attribute applies from the first copy on
+    one, failed = ctypes.c_size_t(1), ctypes.c_size_t(0)
+    arrays: dict[int, tuple] = {}  # copy count -> (pointer array type, size array type)
+
+    def batch(targets: Sequence[int], sources: Sequence[int], sizes: Sequence[int], stream: int) -> int:
+        count = len(targets)
+        types = arrays.get(count)
+        if types is None:
+            types = arrays[count] = (ctypes.c_void_p * count, ctypes.c_size_t * count)
+        pointers, lengths = types
+        if version >= 13000:
+            return function(pointers(*targets), pointers(*sources), lengths(*sizes), ctypes.c_size_t(count),
+                            ctypes.byref(attributes), first, one, ctypes.c_void_p(stream))
+        return function(pointers(*targets), pointers(*sources), lengths(*sizes), ctypes.c_size_t(count),
+                        ctypes.byref(attributes), first, one, ctypes.byref(failed), ctypes.c_void_p(stream))
+    return batch
+
+
+@lru_cache(maxsize=1)
+def _memcpy_batch():
+    """The runtime's cudaMemcpyBatchAsync bound by `bind_batch`, if the runtime has it and a test batch lands
+    exactly (pinned blocks of different sizes), else None: one call issues a layer's ~11
+    copies (28 against 78 us of host time a layer on an H200 host, `python3 -m services.bench.probe_batch_copy`,
+    docs/ops/h200_probe_batch_copy_s18b.txt)."""
+    library, name = _runtime()
+    if library is None or _memcpy_async() is None:
+        return None
+    version = ctypes.c_int(0)
     try:
-        source = torch.arange(4096, dtype=torch.int32).pin_memory()
-        target = torch.full((4096,), -1, dtype=torch.int32, device="cuda")
+        function = library.cudaMemcpyBatchAsync
+        if library.cudaRuntimeGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except AttributeError:
+        return None
+    batch = bind_batch(function, version.value)
+    if batch is None:
+        return None
+    # Pinned blocks only, as a request's are (a pageable block in a batch the runtime refuses is copied one a call).
+    if _copies_right(lambda targets, sources, stream: _batched(batch, targets, sources, stream), pageable=False):
+        return batch
+    log.warning("dma: cudaMemcpyBatchAsync from %s (runtime %d) did not copy a test batch exactly; a copy a call",
+                name, version.value)
+    return None
+
+
+def _copies_right(copy, pageable: bool = True) -> bool:
+    """Once, before any request's copy: test blocks of different sizes (pinned, and one pageable with `pageable`)
+    copied by `copy(targets, sources, stream handle) -> error` on a side stream land exactly and nothing else is
+    written (the library is the process's runtime and the call's arguments are read as meant), else it is not used."""
+    try:
+        middle = torch.arange(7, 1000, dtype=torch.int32)
+        sources = [torch.arange(4096, dtype=torch.int32).pin_memory(), middle if pageable else middle.pin_memory(),
+                   (torch.arange(300, dtype=torch.int32) * 3).pin_memory()]
+        buffer = torch.full((5500,), -1, dtype=torch.int32, device="cuda")
+        targets = [buffer[:4096], buffer[4100:5093], buffer[5100:5400]]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        error = memcpy(target.data_ptr(), source.data_ptr(), source.numel() * 4, _HOST_TO_DEVICE, stream.cuda_stream)
+        error = copy(targets, sources, stream.cuda_stream)
         stream.synchronize()
-        return error == 0 and torch.equal(target.cpu(), source)
+        expected = torch.full((5500,), -1, dtype=torch.int32)
+        for target, source in zip(targets, sources):
+            expected[target.storage_offset() : target.storage_offset() + source.numel()] = source
+        return error == 0 and torch.equal(buffer.cpu(), expected)
     except Exception as err:  # noqa: BLE001 - any failure: PyTorch's copies instead, never a failed request
         log.warning("dma: the test copy failed (%s: %s)", type(err).__name__, err)
         return False
@@ -77,6 +163,11 @@ def _copies_right(memcpy) -> bool:
 
 def available() -> bool:
     return _memcpy_async() is not None
+
+
+def batched() -> bool:
+    """Whether a layer's copies go as one cudaMemcpyBatchAsync (checked once, at the first call)."""
+    return _memcpy_batch() is not None
 
 
 def copy_async(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], stream: torch.cuda.Stream,
@@ -88,21 +179,41 @@ def copy_async(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
     if memcpy is None or stream.device_index != torch.cuda.current_device():
         # (A stream of another device than the current one: PyTorch's copies, which switch devices.)
         return list(range(len(targets)))
-    handle = stream.cuda_stream
-    left = []
+    left, plain_targets, plain_sources = [], [], []
     for index, (target, source) in enumerate(zip(targets, sources)):
         # The plain case's checks in the fewest tensor calls (a layer issues ~11 blocks on the request's host-bound
         # path): `is_cpu`/`is_cuda` make no device object; one `nbytes` with the dtype check stands for the numel
         # and element size checks.
-        size = source.nbytes
-        if (not source.is_cpu or not target.is_cuda or target.nbytes != size or source.dtype != target.dtype
+        if (not source.is_cpu or not target.is_cuda or target.nbytes != source.nbytes or source.dtype != target.dtype
                 or not source.is_contiguous() or not target.is_contiguous()):
             left.append(index)
             continue
-        error = memcpy(target.data_ptr(), source.data_ptr(), size, _HOST_TO_DEVICE, handle)
-        if error:
-            raise RuntimeError(f"cudaMemcpyAsync of a {tuple(source.shape)} block failed with CUDA error {error}")
+        plain_targets.append(target)
+        plain_sources.append(source)
+    batch = _memcpy_batch() if len(plain_targets) > 1 else None
+    if batch is None or _batched(batch, plain_targets, plain_sources, stream.cuda_stream):
+        if batch is not None:
+            # A batch the runtime refused: its error taken off the runtime's last-error slot (else PyTorch's next
+            # launch check would raise it as its own), and the copies issued one a call: each copy is idempotent, so
+            # any the batch did issue are written twice, in stream order, with the same bytes.
+            _runtime()[0].cudaGetLastError()
+        _each(memcpy, plain_targets, plain_sources, stream.cuda_stream, check=True)
     return left
+
+
+def _batched(batch, targets, sources, handle: int) -> int:
+    return batch([t.data_ptr() for t in targets], [s.data_ptr() for s in sources], [s.nbytes for s in sources], handle)
+
+
+def _each(memcpy, targets, sources, handle: int, check: bool = False) -> int:
+    """One cudaMemcpyAsync a block; the first error (`check`: raised)."""
+    for target, source in zip(targets, sources):
+        error = memcpy(target.data_ptr(), source.data_ptr(), source.nbytes, _HOST_TO_DEVICE, handle)
+        if error:
+            if check:
+                raise RuntimeError(f"cudaMemcpyAsync of a {tuple(source.shape)} block failed with CUDA error {error}")
+            return error
+    return 0
 
 
 class Holds:

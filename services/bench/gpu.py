@@ -26,6 +26,7 @@ from blend.graphs import GraphDecoder, LayerGraphs, _record, _warm_up
 from blend.loader import gate
 from blend.prompt import PromptLayout, TokenIds
 from services.settings import SERVED_SELECTOR
+from store import dma
 from store.keys import chunk_key
 from store.source import StoreSource
 
@@ -233,10 +234,17 @@ def _with_in_flight(layers: int, fn):
         StoreSource.IN_FLIGHT = old
 
 
+def _without_batch(fn):
+    """fn() with the request source's raw copies issued one cudaMemcpyAsync a block, not one batch a layer."""
+    old, dma._memcpy_batch = dma._memcpy_batch, lambda: None
+    try:
+        return fn()
+    finally:
+        dma._memcpy_batch = old
+
+
 def _without_raw_copies(fn):
     """fn() with the request source's host-to-device copies through PyTorch, not store.dma's raw runtime calls."""
-    from store import dma
-
     old, dma.copy_async = dma.copy_async, lambda targets, sources, stream: list(range(len(targets)))
     try:
         return fn()
@@ -607,6 +615,9 @@ def run_bench(config: BenchConfig) -> dict:
                                      lambda fn=fn, layers=layers: _with_in_flight(layers, fn)))
                     # What the raw copies (store.dma) give the served row: PyTorch's copies in the same rounds.
                     plan.append((f"{label}/torch-copies", mode, ratio, tier, lambda fn=fn: _without_raw_copies(fn)))
+                    # What one batched call a layer gives (store.dma, cudaMemcpyBatchAsync): a raw call a block instead.
+                    if dma.batched():
+                        plan.append((f"{label}/copy-a-call", mode, ratio, tier, lambda fn=fn: _without_batch(fn)))
             if main:
                 # Where one matmul for q/k/v (and for gate/up) pays: full prefill projected apart above 1,024
                 # tokens against the default (fused everywhere with the fused kernels: LlamaStep._apart).

@@ -150,8 +150,9 @@ class Engine:
                      shapes * step.attention_buckets[1], time.perf_counter() - started)
         # store.dma finds the CUDA runtime and checks one copy (a synchronize) at its first use: here, not at the
         # first request that loads chunks from the CPU tier.
-        log.info("host-to-device copies: %s", "raw cudaMemcpyAsync (store.dma)" if dma.available()
-                 else "PyTorch's (store.dma found no runtime library)")
+        log.info("host-to-device copies: %s", ("raw cudaMemcpyBatchAsync, a layer's copies in one call (store.dma)"
+                                                if dma.batched() else "raw cudaMemcpyAsync (store.dma)")
+                 if dma.available() else "PyTorch's (store.dma found no runtime library)")
 
     def _capture_layer_graphs(self, kv_pool=None) -> None:
         """On the model thread, before the first request: every bucket's graphs, so no request pays a capture

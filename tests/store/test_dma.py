@@ -1,4 +1,6 @@
 """store.dma: raw host-to-device copies and the holding of their source blocks until the copies are done."""
+import ctypes
+
 import pytest
 import torch
 
@@ -74,3 +76,58 @@ def test_copies_land_and_odd_cases_are_left_to_the_caller():
     torch.testing.assert_close(buffer[1].cpu(), sources[0], rtol=0, atol=0)
     torch.testing.assert_close(targets[1].cpu(), sources[1], rtol=0, atol=0)  # pageable: copied too
     assert buffer[0].abs().sum() == 0 and buffer[2].abs().sum() == 0
+
+
+def _recording_batch(version: int):
+    """A stand-in for cudaMemcpyBatchAsync with the signature of `version`'s runtime, recording what it was given."""
+    seen = {}
+    size_p, void_pp = ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_void_p)
+    head = [void_pp, void_pp, size_p, ctypes.c_size_t, ctypes.POINTER(dma._Attributes), size_p, ctypes.c_size_t]
+    tail = [ctypes.c_void_p] if version >= 13000 else [size_p, ctypes.c_void_p]
+
+    def record(dsts, srcs, sizes, count, attrs, first, n_attrs, *rest):
+        seen.update(dsts=[dsts[i] for i in range(count)], srcs=[srcs[i] for i in range(count)],
+                    sizes=[sizes[i] for i in range(count)], order=attrs.contents.srcAccessOrder, first=first[0],
+                    n_attrs=n_attrs, stream=rest[-1], fail_index=len(rest) == 2)
+        return 0
+
+    return ctypes.CFUNCTYPE(ctypes.c_int, *head, *tail)(record), seen
+
+
+@pytest.mark.parametrize("version", [12080, 12090, 13000, 13020])
+def test_the_batch_call_is_bound_as_the_runtimes_version_declares_it(version):
+    function, seen = _recording_batch(version)
+    batch = dma.bind_batch(function, version)
+    assert batch([4096, 8192, 12288], [1 << 20, 2 << 20, 3 << 20], [100, 200, 300], 0xABC0) == 0
+    assert seen == dict(dsts=[4096, 8192, 12288], srcs=[1 << 20, 2 << 20, 3 << 20], sizes=[100, 200, 300],
+                        order=1, first=0, n_attrs=1, stream=0xABC0, fail_index=version < 13000)
+    assert batch([16], [32], [8], 7) == 0 and seen["dsts"] == [16] and seen["stream"] == 7  # another count
+
+
+def test_before_cuda_12_8_there_is_no_batch_call():
+    function, _ = _recording_batch(13000)
+    assert dma.bind_batch(function, 12060) is None
+
+
+@cuda
+def test_a_layers_copies_go_as_one_batch_and_land_exactly_and_a_refused_batch_leaves_no_error_behind():
+    major, minor = (int(x) for x in torch.version.cuda.split(".")[:2])
+    assert dma.batched() == ((major, minor) >= (12, 8))
+    stream = torch.cuda.Stream()
+    sources = [torch.randn(64 + i, 2, 4, 8).pin_memory() for i in range(11)]
+    buffer = torch.zeros(2, sum(s.shape[0] for s in sources) + 3, 2, 4, 8, device="cuda")
+    targets = list(buffer[1, 3:].split([s.shape[0] for s in sources]))
+    stream.wait_stream(torch.cuda.current_stream())
+    assert dma.copy_async(targets, sources, stream) == []
+    stream.synchronize()
+    assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources)) and buffer[0].abs().sum() == 0
+    assert buffer[1, :3].abs().sum() == 0
+    # A pageable block among pinned ones: copied exactly whether the runtime batches it or refuses the batch (then a
+    # call a copy), and PyTorch's next launch finds no error left behind.
+    sources[4] = torch.randn(sources[4].shape)
+    buffer.zero_()
+    stream.wait_stream(torch.cuda.current_stream())
+    assert dma.copy_async(targets, sources, stream) == []
+    stream.synchronize()
+    assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources))
+    assert (torch.ones(4, device="cuda") + 1).sum().item() == 8
