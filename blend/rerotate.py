@@ -7,8 +7,9 @@ passes over float32 copies (`LlamaStep.turn_in_place`: to float, x cos, roll, x 
 docs/ops/h200_probe_profile_s10b.txt) and five launches per layer on a host-bound path. This kernel reads each key once, rotates it in float32 and writes it back rounded once.
 
 `turn(keys, cos, signed_sin)`: keys [T, H_kv, d] (a view into a KV buffer, unit stride along d), cos and
-signed_sin [T, 1, d] float32 (`LlamaStep.turn_between`, `signed_sin`); in place, the same arithmetic as
-`turn_in_place` (x cos + roll(x, d/2) signed_sin in float32). Runs on CUDA; on the CPU only under Triton's
+signed_sin [T, 1, d] float32 (`LlamaStep.turn_between`, `signed_sin`); in place, the arithmetic of
+`turn_in_place` (x cos + roll(x, d/2) signed_sin in float32), to within its rounding (one fused multiply-add where
+PyTorch rounds both products). Runs on CUDA; on the CPU only under Triton's
 interpreter, for the tests.
 
 `turn_at(keys, old_new, inv_freq)`: the same, each token's cos and signed sin computed in the kernel from its
@@ -45,8 +46,8 @@ if triton is not None:
             base = K + rows[:, None] * sk_t + head * sk_h
             x = tl.load(base + dims[None, :], mask=valid, other=0.0).to(tl.float32)
             rolled = tl.load(base + partner[None, :], mask=valid, other=0.0).to(tl.float32)
-            # One explicit fused multiply-add (the product of the rolled half added unrounded), not left to the
-            # compiler's contraction, which may pick either product: `_turn_at` spells the same one, so the two
+            # One explicit fused multiply-add (x cos unrounded, plus the rolled half's product rounded), not left to
+            # the compiler's contraction, which may pick either product: `_turn_at` spells the same one, so the two
             # kernels round alike to the bit on CUDA.
             tl.store(base + dims[None, :], tl.fma(x, cos, rolled * sin).to(K.dtype.element_ty), mask=valid)
 

@@ -28,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+_batch_refused = False  # a batch call was refused once: a copy a call from then on
 
 
 @lru_cache(maxsize=1)
@@ -115,8 +116,9 @@ def bind_batch(function, version: int):
 def _memcpy_batch():
     """The runtime's cudaMemcpyBatchAsync bound by `bind_batch`, if the runtime has it and a test batch lands
     exactly (pinned blocks of different sizes), else None: one call issues a layer's ~11
-    copies (28 against 78 us of host time a layer on an H200 host, `python3 -m services.bench.probe_batch_copy`,
-    docs/ops/h200_probe_batch_copy_s18b.txt)."""
+    copies (the bare batch call 28.1 us of host time a layer on an H200 host, against 77.7 us for `copy_async`
+    issuing a call a block with its checks, `python3 -m services.bench.probe_batch_copy`,
+    docs/ops/h200_probe_batch_copy_s18b.txt; a request showed no difference, s18c in docs/gpu.md)."""
     library, name = _runtime()
     if library is None or _memcpy_async() is None:
         return None
@@ -130,7 +132,7 @@ def _memcpy_batch():
     batch = bind_batch(function, version.value)
     if batch is None:
         return None
-    # Pinned blocks only, as a request's are (a pageable block in a batch the runtime refuses is copied one a call).
+    # Pinned blocks, as a request's are (the runtime takes pageable ones too, per its documentation).
     if _copies_right(lambda targets, sources, stream: _batched(batch, targets, sources, stream), pageable=False):
         return batch
     log.warning("dma: cudaMemcpyBatchAsync from %s (runtime %d) did not copy a test batch exactly; a copy a call",
@@ -151,14 +153,26 @@ def _copies_right(copy, pageable: bool = True) -> bool:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         error = copy(targets, sources, stream.cuda_stream)
+        if error:
+            _clear_error()
+            return False
         stream.synchronize()
         expected = torch.full((5500,), -1, dtype=torch.int32)
         for target, source in zip(targets, sources):
             expected[target.storage_offset() : target.storage_offset() + source.numel()] = source
-        return error == 0 and torch.equal(buffer.cpu(), expected)
+        return torch.equal(buffer.cpu(), expected)
     except Exception as err:  # noqa: BLE001 - any failure: PyTorch's copies instead, never a failed request
+        _clear_error()
         log.warning("dma: the test copy failed (%s: %s)", type(err).__name__, err)
         return False
+
+
+def _clear_error() -> None:
+    """Take a refused call's error off the runtime's last-error slot of this thread: PyTorch's next launch check
+    (cudaGetLastError) would otherwise raise it as its own."""
+    library = _runtime()[0]
+    if library is not None:
+        library.cudaGetLastError()
 
 
 def available() -> bool:
@@ -190,14 +204,19 @@ def copy_async(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
             continue
         plain_targets.append(target)
         plain_sources.append(source)
-    batch = _memcpy_batch() if len(plain_targets) > 1 else None
-    if batch is None or _batched(batch, plain_targets, plain_sources, stream.cuda_stream):
+    global _batch_refused
+    handle = stream.cuda_stream
+    # (Not on the legacy default stream, handle 0, which the batch call does not take.)
+    batch = _memcpy_batch() if len(plain_targets) > 1 and handle and not _batch_refused else None
+    if batch is None or _batched(batch, plain_targets, plain_sources, handle):
         if batch is not None:
-            # A batch the runtime refused: its error taken off the runtime's last-error slot (else PyTorch's next
-            # launch check would raise it as its own), and the copies issued one a call: each copy is idempotent, so
-            # any the batch did issue are written twice, in stream order, with the same bytes.
-            _runtime()[0].cudaGetLastError()
-        _each(memcpy, plain_targets, plain_sources, stream.cuda_stream, check=True)
+            # A batch the runtime refused: its error taken off the last-error slot, the copies issued one a call (each
+            # copy is idempotent: any the batch did issue are written twice, in stream order, with the same bytes),
+            # and no batch again in this process (a refusal for a lasting reason would cost every layer a call).
+            _clear_error()
+            _batch_refused = True
+            log.warning("dma: cudaMemcpyBatchAsync refused a layer's copies; a copy a call from now on")
+        _each(memcpy, plain_targets, plain_sources, handle, check=True)
     return left
 
 

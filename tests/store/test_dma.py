@@ -79,7 +79,8 @@ def test_copies_land_and_odd_cases_are_left_to_the_caller():
 
 
 def _recording_batch(version: int):
-    """A stand-in for cudaMemcpyBatchAsync with the signature of `version`'s runtime, recording what it was given."""
+    """A stand-in for cudaMemcpyBatchAsync with the signature of `version`'s runtime, recording what it was given,
+    called as the real one is: through a function pointer without argument types (ctypes converts nothing)."""
     seen = {}
     size_p, void_pp = ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_void_p)
     head = [void_pp, void_pp, size_p, ctypes.c_size_t, ctypes.POINTER(dma._Attributes), size_p, ctypes.c_size_t]
@@ -89,9 +90,22 @@ def _recording_batch(version: int):
         seen.update(dsts=[dsts[i] for i in range(count)], srcs=[srcs[i] for i in range(count)],
                     sizes=[sizes[i] for i in range(count)], order=attrs.contents.srcAccessOrder, first=first[0],
                     n_attrs=n_attrs, stream=rest[-1], fail_index=len(rest) == 2)
+        if len(rest) == 2:
+            rest[0][0] = 0  # the runtime may write the failed copy's index there
         return 0
 
-    return ctypes.CFUNCTYPE(ctypes.c_int, *head, *tail)(record), seen
+    typed = ctypes.CFUNCTYPE(ctypes.c_int, *head, *tail)(record)
+    untyped = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.cast(typed, ctypes.c_void_p).value)
+    untyped.argtypes = None
+    untyped.keep = typed  # (the callback lives as long as the pointer to it)
+    return untyped, seen
+
+
+def test_the_attribute_struct_is_laid_out_as_the_runtimes():
+    # cudaMemcpyAttributes: an enum, two cudaMemLocation {enum type; int id}, an unsigned int.
+    assert ctypes.sizeof(dma._Attributes) == 24
+    assert [getattr(dma._Attributes, f).offset for f in ("srcAccessOrder", "srcLocHint", "dstLocHint", "flags")] == [
+        0, 4, 12, 20]
 
 
 @pytest.mark.parametrize("version", [12080, 12090, 13000, 13020])
@@ -109,25 +123,72 @@ def test_before_cuda_12_8_there_is_no_batch_call():
     assert dma.bind_batch(function, 12060) is None
 
 
-@cuda
-def test_a_layers_copies_go_as_one_batch_and_land_exactly_and_a_refused_batch_leaves_no_error_behind():
-    major, minor = (int(x) for x in torch.version.cuda.split(".")[:2])
-    assert dma.batched() == ((major, minor) >= (12, 8))
-    stream = torch.cuda.Stream()
-    sources = [torch.randn(64 + i, 2, 4, 8).pin_memory() for i in range(11)]
+class _Library:
+    def __init__(self):
+        self.cleared = 0
+
+    def cudaGetLastError(self):  # noqa: N802 - the runtime's name
+        self.cleared += 1
+        return 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only case: the test copy cannot allocate on CUDA")
+def test_a_failed_test_copy_takes_its_error_off_the_runtime(monkeypatch):
+    library = _Library()
+    monkeypatch.setattr(dma, "_runtime", lambda: (library, "libcudart"))
+    assert dma._copies_right(lambda targets, sources, stream: 0) is False  # (no CUDA here: it fails)
+    assert library.cleared == 1
+
+
+def _runtime_versions() -> tuple[int, int]:
+    library, runtime, driver = dma._runtime()[0], ctypes.c_int(0), ctypes.c_int(0)
+    library.cudaRuntimeGetVersion(ctypes.byref(runtime))
+    library.cudaDriverGetVersion(ctypes.byref(driver))
+    return runtime.value, driver.value
+
+
+def _pinned_layer(count=11):
+    sources = [torch.randn(64 + i, 2, 4, 8).pin_memory() for i in range(count)]
     buffer = torch.zeros(2, sum(s.shape[0] for s in sources) + 3, 2, 4, 8, device="cuda")
-    targets = list(buffer[1, 3:].split([s.shape[0] for s in sources]))
+    return sources, buffer, list(buffer[1, 3:].split([s.shape[0] for s in sources]))
+
+
+@cuda
+def test_a_layers_copies_go_as_one_batch_and_land_exactly(monkeypatch):
+    if min(_runtime_versions()) < 12080:
+        pytest.skip("cudaMemcpyBatchAsync needs a CUDA 12.8 runtime and driver")
+    assert dma.batched()
+    real, calls = dma._memcpy_batch(), []
+    monkeypatch.setattr(dma, "_memcpy_batch", lambda: lambda *args: calls.append(len(args[0])) or real(*args))
+    stream = torch.cuda.Stream()
+    sources, buffer, targets = _pinned_layer()
     stream.wait_stream(torch.cuda.current_stream())
     assert dma.copy_async(targets, sources, stream) == []
     stream.synchronize()
+    assert calls == [11]  # one call for the layer
     assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources)) and buffer[0].abs().sum() == 0
     assert buffer[1, :3].abs().sum() == 0
-    # A pageable block among pinned ones: copied exactly whether the runtime batches it or refuses the batch (then a
-    # call a copy), and PyTorch's next launch finds no error left behind.
+    # A pageable block among pinned ones: copied exactly too.
     sources[4] = torch.randn(sources[4].shape)
     buffer.zero_()
     stream.wait_stream(torch.cuda.current_stream())
     assert dma.copy_async(targets, sources, stream) == []
     stream.synchronize()
     assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources))
-    assert (torch.ones(4, device="cuda") + 1).sum().item() == 8
+
+
+@cuda
+def test_a_refused_batch_is_copied_a_block_a_call_and_no_batch_is_tried_again(monkeypatch, caplog):
+    monkeypatch.setattr(dma, "_batch_refused", False)
+    calls = []
+    monkeypatch.setattr(dma, "_memcpy_batch", lambda: lambda *args: calls.append(1) or 1)  # cudaErrorInvalidValue
+    stream = torch.cuda.Stream()
+    sources, buffer, targets = _pinned_layer()
+    for _ in range(2):
+        buffer.zero_()
+        stream.wait_stream(torch.cuda.current_stream())
+        assert dma.copy_async(targets, sources, stream) == []
+        stream.synchronize()
+        assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources))
+    assert calls == [1] and "refused" in caplog.text
+    assert (torch.ones(4, device="cuda") + 1).sum().item() == 8  # PyTorch's next launch finds no error
