@@ -153,15 +153,17 @@ def _copies_right(copy, pageable: bool = True) -> bool:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         error = copy(targets, sources, stream.cuda_stream)
+        stream.synchronize()  # (also when refused partway: no copy still writes into the buffer once it is freed)
         if error:
             _clear_error()
             return False
-        stream.synchronize()
         expected = torch.full((5500,), -1, dtype=torch.int32)
         for target, source in zip(targets, sources):
             expected[target.storage_offset() : target.storage_offset() + source.numel()] = source
         return torch.equal(buffer.cpu(), expected)
     except Exception as err:  # noqa: BLE001 - any failure: PyTorch's copies instead, never a failed request
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # (as above: nothing still copying into the freed buffer)
         _clear_error()
         log.warning("dma: the test copy failed (%s: %s)", type(err).__name__, err)
         return False

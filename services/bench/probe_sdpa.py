@@ -1,6 +1,8 @@
 """Probe (not a result): SDPA backends on masked / causal attention with GQA, new shapes vs repeated.
-`decode-1-masked`: one query row over a key length one longer each call (a single request decoding outside the KV
-pool attends over exactly its keys so far): whether a new length costs a new plan (first call >> repeated)."""
+`decode-1-masked`: one query row over a key length one longer each call, with a mask; `decode-1-unmasked` without
+one, as a single request decoding outside the KV pool attends (`LlamaStep.step_each` -> `attention`, exactly its keys
+so far), with PyTorch's default backends and with flash alone: whether a new length costs a new plan (first call >>
+repeated)."""
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -12,7 +14,7 @@ from services.bench.probe_shapes import _ms as ms
 def main():
     dev, bf = "cuda", torch.bfloat16
     for name in ("causal-default", "causal-flash", "masked-efficient-expanded", "masked-cudnn-bucketed",
-                 "decode-1-masked"):
+                 "decode-1-masked", "decode-1-unmasked", "decode-1-unmasked-flash"):
         firsts, again = [], []
         for i in range(6):
             n = 5184 + (i if name.startswith("decode") else 37 * i) + 1
@@ -23,6 +25,12 @@ def main():
             mask = causal_mask(torch.arange(n - t, n, device=dev), n, bf)
             if name == "decode-1-masked":
                 fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
+            elif name == "decode-1-unmasked":
+                fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+            elif name == "decode-1-unmasked-flash":
+                def fn():
+                    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             elif name == "causal-default":
                 fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
             elif name == "causal-flash":

@@ -148,8 +148,8 @@ class Engine:
         if shapes:
             log.info("causal attention warmed at %d prompt lengths (up to %d tokens) in %.1f s", shapes,
                      shapes * step.attention_buckets[1], time.perf_counter() - started)
-        # store.dma finds the CUDA runtime and checks one copy (a synchronize) at its first use: here, not at the
-        # first request that loads chunks from the CPU tier.
+        # store.dma finds the CUDA runtime and checks its copies (a test copy a block, then a test batch; each a
+        # synchronize) at its first use: here, not at the first request that loads chunks from the CPU tier.
         log.info("host-to-device copies: %s", ("raw cudaMemcpyBatchAsync, a layer's copies in one call (store.dma)"
                                                 if dma.batched() else "raw cudaMemcpyAsync (store.dma)")
                  if dma.available() else "PyTorch's (store.dma found no runtime library)")
