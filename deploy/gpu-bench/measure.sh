@@ -3,7 +3,7 @@
 # command stays short: `source .devcarry/s/env.sh && bash .devcarry/s/setup_X.sh >/dev/null 2>&1;
 # source .devcarry/s/env.sh; bash deploy/gpu-bench/measure.sh STEP`. Output files go to $OUT.
 #   bench    (after setup_a)  GPU unit tests on tiny models (<= 200 s), then `kvblend bench` with the Redis row (<= 370 s)
-#   kernels  (no setup)       probe_scattered, probe_fused: the Triton kernels' block variants          ~30 s
+#   kernels  (no setup)       probe_scattered, probe_fused, probe_pool_attention, probe_sdpa              ~60 s
 #   service  (after setup_b)  bench-service throughput and cpu scenarios                              ~330 s
 #   tests    (after setup_c)  the GPU test modules with the real SmolLM2                               ~200 s
 #   probe    (no setup)       probe_profile: where each row's time goes (file in $OUT)                 ~60 s
@@ -26,7 +26,9 @@ case "${1:-}" in
     grep "rope" "$OUT/probe_fused.txt"
     timeout 90 python3 -m services.bench.probe_pool_attention --json "$OUT/probe_pool_attention.json" \
       > "$OUT/probe_pool_attention.txt" 2>&1
-    tail -25 "$OUT/probe_pool_attention.txt" ;;
+    tail -25 "$OUT/probe_pool_attention.txt"
+    timeout 90 python3 -m services.bench.probe_sdpa > "$OUT/probe_sdpa.txt" 2>&1  # (decode outside the pool: a plan a token?)
+    tail -8 "$OUT/probe_sdpa.txt" ;;
   service)
     timeout 560 python3 -m services.commands.cli bench-service --device cuda --model /tmp/kv/bench-model \
       --redis-url redis://127.0.0.1:6379/0 --scenarios throughput,cpu --duration 3 --json "$OUT/service.json" \
