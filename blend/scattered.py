@@ -215,8 +215,13 @@ def _launch(kernel, grid, args: tuple, strides: tuple, constexprs: dict, options
 _WORKSPACE: dict = {}
 
 
+def _padded(rows: int) -> int:
+    """Rows a workspace holds for `rows`: a multiple of 16, so every stride is one (above)."""
+    return -(-rows // 16) * 16
+
+
 def _workspace(device: torch.device, pieces: int, rows: int, heads: int, dim: int):
-    padded = -(-rows // 16) * 16  # every stride a multiple of 16 (above)
+    padded = _padded(rows)
     size = pieces * padded * heads
     held = _WORKSPACE.get(device)
     if held is None or held[1].numel() < size or held[0].numel() < size * dim:  # (a model of larger heads)
@@ -229,7 +234,7 @@ def _workspace(device: torch.device, pieces: int, rows: int, heads: int, dim: in
 def workspace_for(pieces: int, rows: int, heads: int, dim: int, device: torch.device):
     """A graph's own (pieces' outputs, log-sum-exps) for `attention(..., workspace=)`: fixed addresses; rows padded
     as `_workspace`'s."""
-    padded = -(-rows // 16) * 16
+    padded = _padded(rows)
     return (torch.empty(pieces, padded, heads, dim, dtype=torch.float32, device=device)[:, :rows],
             torch.empty(pieces, padded, heads, dtype=torch.float32, device=device)[:, :rows])
 

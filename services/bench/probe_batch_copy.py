@@ -15,7 +15,7 @@ import ctypes
 
 import torch
 
-from services.bench.gpu import host_us
+from services.bench.gpu import _without_batch, host_us
 from store import dma
 
 BLOCKS = 11
@@ -51,7 +51,8 @@ def main() -> None:
     if not exact:
         return
     rows = {
-        "store.dma.copy_async, a cudaMemcpyAsync a block": lambda: _a_call_a_block(targets, sources, stream),
+        "store.dma.copy_async, a cudaMemcpyAsync a block": lambda: _without_batch(
+            lambda: dma.copy_async(targets, sources, stream)),
         "store.dma.copy_async as served (one batch where dma.batched())": lambda: dma.copy_async(targets, sources,
                                                                                                  stream),
         "_foreach_copy_ on the copy stream": lambda: _foreach(targets, sources, stream),
@@ -59,14 +60,6 @@ def main() -> None:
     }
     for name, fn in rows.items():
         print(f"   {name}: {host_us(fn)} us a layer")
-
-
-def _a_call_a_block(targets, sources, stream) -> None:
-    served, dma._memcpy_batch = dma._memcpy_batch, lambda: None
-    try:
-        dma.copy_async(targets, sources, stream)
-    finally:
-        dma._memcpy_batch = served
 
 
 def _foreach(targets, sources, stream) -> None:
