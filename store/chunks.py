@@ -193,12 +193,19 @@ class ChunkStore:
     def layers_from(self, chunks: Sequence[tuple[str, Manifest]],
                     index: int) -> list[tuple[torch.Tensor | None, str | None]]:
         """`layer_from` of one layer of several chunks, each tier asked once for all of them."""
+        return self.blocks_from(chunks, [index])[0]
+
+    def blocks_from(self, chunks: Sequence[tuple[str, Manifest]],
+                    layers: Sequence[int]) -> list[list[tuple[torch.Tensor | None, str | None]]]:
+        """`layers_from` of several layers at once (per layer, per chunk), each tier asked once for all of them: a
+        request's source looks a few layers of every chunk up in one pass, not one pass a layer."""
         for _, manifest in chunks:
-            if not 0 <= index < manifest.n_layers:
-                raise ValueError(f"layer {index} is outside the chunk's {manifest.n_layers} layers")
-        found = self.tiered.get_many_from([layer_keys(key, manifest.n_layers)[index] for key, manifest in chunks])
-        return [self._fits(key, manifest, index, block, tier)
-                for (key, manifest), (block, tier) in zip(chunks, found)]
+            for index in layers:
+                if not 0 <= index < manifest.n_layers:
+                    raise ValueError(f"layer {index} is outside the chunk's {manifest.n_layers} layers")
+        every = [layer_keys(key, manifest.n_layers) for key, manifest in chunks]
+        found = iter(self.tiered.get_many_from([keys[index] for index in layers for keys in every]))
+        return [[self._fits(key, manifest, index, *next(found)) for key, manifest in chunks] for index in layers]
 
     def _fits(self, key: str, manifest: Manifest, index: int, block: torch.Tensor | None,
               tier: str | None) -> tuple[torch.Tensor | None, str | None]:

@@ -89,26 +89,33 @@ def bind_batch(function, version: int):
     """`cudaMemcpyBatchAsync` (CUDA 12.8 on) as `batch(targets, sources, sizes, stream handle) -> error`, the
     pointers and sizes as Python ints, every copy with one attribute (sources read in stream order). Its signature
     changed in CUDA 13.0 (the `failIdx` out-argument before the stream went), so the runtime's version picks it;
-    None before 12.8."""
+    None before 12.8. `batch.arrays(targets, sources, sizes)` builds a call's argument arrays once and
+    `batch.call(arrays, stream handle)` issues them (a copy plan made ahead of its layer, `Prepared`)."""
     if version < 12080:
         return None
     function.restype = ctypes.c_int
     attributes = _Attributes(_STREAM_ORDER, _Location(0, 0), _Location(0, 0), 0)
     first = (ctypes.c_size_t * 1)(0)  # the attribute applies from the first copy on
     one, failed = ctypes.c_size_t(1), ctypes.c_size_t(0)
-    arrays: dict[int, tuple] = {}  # copy count -> (pointer array type, size array type)
+    types: dict[int, tuple] = {}  # copy count -> (pointer array type, size array type)
+
+    def arrays(targets: Sequence[int], sources: Sequence[int], sizes: Sequence[int]) -> tuple:
+        count = len(targets)
+        kinds = types.get(count)
+        if kinds is None:
+            kinds = types[count] = (ctypes.c_void_p * count, ctypes.c_size_t * count)
+        pointers, lengths = kinds
+        return pointers(*targets), pointers(*sources), lengths(*sizes), ctypes.c_size_t(count)
+
+    def call(args: tuple, stream: int) -> int:
+        if version >= 13000:
+            return function(*args, ctypes.byref(attributes), first, one, ctypes.c_void_p(stream))
+        return function(*args, ctypes.byref(attributes), first, one, ctypes.byref(failed), ctypes.c_void_p(stream))
 
     def batch(targets: Sequence[int], sources: Sequence[int], sizes: Sequence[int], stream: int) -> int:
-        count = len(targets)
-        types = arrays.get(count)
-        if types is None:
-            types = arrays[count] = (ctypes.c_void_p * count, ctypes.c_size_t * count)
-        pointers, lengths = types
-        if version >= 13000:
-            return function(pointers(*targets), pointers(*sources), lengths(*sizes), ctypes.c_size_t(count),
-                            ctypes.byref(attributes), first, one, ctypes.c_void_p(stream))
-        return function(pointers(*targets), pointers(*sources), lengths(*sizes), ctypes.c_size_t(count),
-                        ctypes.byref(attributes), first, one, ctypes.byref(failed), ctypes.c_void_p(stream))
+        return call(arrays(targets, sources, sizes), stream)
+
+    batch.arrays, batch.call = arrays, call
     return batch
 
 
@@ -220,6 +227,39 @@ def copy_async(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
             log.warning("dma: cudaMemcpyBatchAsync refused a layer's copies; a copy a call from now on")
         _each(memcpy, plain_targets, plain_sources, handle, check=True)
     return left
+
+
+class Prepared:
+    """Host-to-device copies checked and laid out once, ahead of their turn: raw pointers and sizes, the batch call's
+    argument arrays built. `issue(stream)` enqueues them as one cudaMemcpyBatchAsync where the runtime has it, else a
+    cudaMemcpyAsync a copy: no tensor touched on the issuing path (a request's source prepares a few layers' copies
+    in one pass and issues each when its turn comes). The caller checked every copy plain (`copy_async`'s case: a
+    contiguous host block into a contiguous device view of its dtype and size), made sure `available()` and that
+    the stream is of the current device, and holds the source blocks until an event recorded after `issue` is done."""
+
+    __slots__ = ("targets", "sources", "sizes", "nbytes", "_args")
+
+    def __init__(self, targets: Sequence[int], sources: Sequence[int], sizes: Sequence[int]):
+        self.targets, self.sources, self.sizes = list(targets), list(sources), list(sizes)
+        self.nbytes = sum(self.sizes)
+        batch = _memcpy_batch() if len(self.targets) > 1 and not _batch_refused else None
+        self._args = batch.arrays(self.targets, self.sources, self.sizes) if batch is not None else None
+
+    def issue(self, stream: torch.cuda.Stream) -> None:
+        global _batch_refused
+        handle = stream.cuda_stream
+        batch = _memcpy_batch() if self._args is not None and handle and not _batch_refused else None
+        if batch is not None:
+            if not batch.call(self._args, handle):
+                return
+            _clear_error()  # as in copy_async: refused once, a copy a call from now on (each copy idempotent)
+            _batch_refused = True
+            log.warning("dma: cudaMemcpyBatchAsync refused a layer's copies; a copy a call from now on")
+        memcpy = _memcpy_async()
+        for target, source, size in zip(self.targets, self.sources, self.sizes):
+            error = memcpy(target, source, size, _HOST_TO_DEVICE, handle)
+            if error:
+                raise RuntimeError(f"cudaMemcpyAsync of a {size}-byte block failed with CUDA error {error}")
 
 
 def _batched(batch, targets, sources, handle: int) -> int:

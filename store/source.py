@@ -223,6 +223,14 @@ class StoreSource:
             self._copied = -1  # every layer up to this one is known copied (its ready event completed)
             self._pending_blocks: dict[int, list] = {}
             self._holds = dma.Holds()  # the host blocks of copies not known to be done
+            # The copy plan (`_plan`): where every segment is a store key read from a memory tier (no slow tier,
+            # nothing computed), a few layers of every segment are looked up in one pass and their copies laid
+            # out ahead (`dma.Prepared`), so issuing a layer is one runtime call and its event.
+            self._plans: dict[int, tuple] | None = {} if (
+                self.PLAN_LAYERS > 0 and self._host and not self._slow and not self.computed and dma.available()
+                and self.device.index == torch.cuda.current_device()
+                and all(isinstance(self.segments[i], str) for i in self._host)) else None
+            self._planned = -1  # every layer up to this one is planned (or the plan stopped before it)
         return self
 
     # Layers issued: `into` starts ISSUE_FIRST; each `ahead` call (the fusor's, once a layer's compute is enqueued)
@@ -236,6 +244,10 @@ class StoreSource:
     ISSUE_FIRST = 3
     IN_FLIGHT = 3
     AHEAD = 8
+    # Layers a copy plan looks up in one pass (`_plan`; 0: each layer looked up and checked as it is issued). A layer
+    # issued from the per-layer path cost the host ~0.21 ms on an H200 host (docs/ops/h200_probe_host_s18a.txt: the
+    # lookup ~0.06 ms, the copies' checks and calls, two events), most of a blend@0.05 request's host time a layer.
+    PLAN_LAYERS = 4
 
     def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
         """Copy the host-held segments straight into `data` ([layers, capacity, 2, kv_heads, head_dim], the
@@ -397,8 +409,9 @@ class StoreSource:
             self._issue(layer - 1)
         if self._target is None:
             self._target = self._own_target()
-        blocks = self._gather(layer)
-        views = self._target(layer)
+        if self._plans is not None and layer > self._planned:
+            self._plan(layer)
+        planned = self._plans.pop(layer, None) if self._plans else None
         copy = self._copy_stream
         # A layer issued right behind the one before, whose copy is still running, starts where that one ends: its
         # end event is its start, one event fewer a layer on the host. If that copy is done already (the host took
@@ -406,6 +419,96 @@ class StoreSource:
         # start, so the idle time is not counted as copying (`copy_s` sets the loading controller's bandwidth).
         previous = self._marks["copy_end"][layer - 1] if behind and not self.timeline else None
         start = previous if previous is not None and not previous.query() else _recorded(copy, timing=True)
+        if planned is not None:
+            prepared, out, sources, moves = planned
+            prepared.issue(copy)
+            self.stats.copy_bytes += prepared.nbytes
+            if moves:  # host segments found on the device (promoted to the GPU tier since): as `_copies` does
+                torch._foreach_copy_([target for target, _ in moves], [block for _, block in moves])
+        else:
+            out, sources = self._copies(layer, copy)
+        end = _recorded(copy, timing=True)  # also the layer's ready event (a timing event can be waited on)
+        self._holds.add(end, sources)
+        self._marks["copy_start"][layer], self._marks["copy_end"][layer] = start, end
+        self._ready[layer] = end
+        self._pending_blocks[layer] = out
+        self._issued = layer
+
+    def _plan(self, layer: int) -> None:
+        """Look layers `layer`.. (PLAN_LAYERS of them) of every stored segment up in one pass and lay their copies out
+        (`dma.Prepared`), with the blocks the fusor is handed and the host blocks to hold. The plan stops for good
+        at the first layer it cannot carry as a plain copy (a block missing or unfit, on an unexpected device or of
+        another dtype than the buffer): that layer and the rest take the per-layer path, which recomputes what went
+        missing. A block found here is held from now on, so one evicted before its turn is still copied intact."""
+        last = min(layer + self.PLAN_LAYERS, self.n_layers) - 1
+        layers = list(range(self._planned + 1, last + 1))
+        self._planned = last
+        stored = self._stored
+        started = time.perf_counter()
+        found = self.store.blocks_from([(self.segments[i], self.manifests[i]) for i in stored], layers)
+        elapsed = time.perf_counter() - started
+        per_tier: dict[str, int] = {}
+        host = set(self._host)
+        for index, served in zip(layers, found):
+            views = self._target(index)
+            by_segment = dict(zip(stored, served))
+            out: list[torch.Tensor | None] = []
+            targets, sources, sizes, blocks, moves = [], [], [], [], []
+            bytes_in: dict[str, int] = {}
+            for segment in range(len(self.segments)):
+                if segment in self.skip:
+                    out.append(None)
+                    continue
+                entry = by_segment.get(segment)
+                if entry is None:  # held in memory (the system prefix, on the device: `_plans` needs it so)
+                    out.append(self.segments[segment].kv[index])
+                    continue
+                block, tier = entry
+                if block is None:
+                    break
+                if segment in host:
+                    view = views[segment]
+                    size = block.nbytes
+                    if block.dtype != view.dtype or size != view.nbytes:
+                        break
+                    if block.is_cpu:
+                        if not block.is_contiguous() or not view.is_contiguous():
+                            break
+                        targets.append(view.data_ptr())
+                        sources.append(block.data_ptr())
+                        sizes.append(size)
+                        blocks.append(block)
+                    elif block.device == self.device:
+                        # Promoted to the GPU tier since the request began: `into` claimed the segment, so its block
+                        # goes into the buffer on the compute stream when the layer is issued.
+                        moves.append((view, block))
+                    else:
+                        break
+                    out.append(view)
+                elif block.device == self.device:
+                    size = block.nbytes
+                    out.append(block)
+                else:
+                    break
+                bytes_in[tier] = bytes_in.get(tier, 0) + size
+            else:
+                self._plans[index] = (dma.Prepared(targets, sources, sizes), out, blocks, moves)
+                for tier, size in bytes_in.items():
+                    per_tier[tier] = per_tier.get(tier, 0) + size
+                continue
+            self._planned = self.n_layers - 1  # this layer and the rest: the per-layer path (read again there)
+            break
+        total = sum(per_tier.values())
+        read_s, read_bytes = self.stats.read_s, self.stats.read_bytes
+        for tier, size in per_tier.items():  # one pass's time, shared among the tiers that served it by bytes
+            read_s[tier] = read_s.get(tier, 0.0) + elapsed * size / total
+            read_bytes[tier] = read_bytes.get(tier, 0) + size
+
+    def _copies(self, layer: int, copy: torch.cuda.Stream) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+        """The per-layer path: look the layer up, enqueue its copies on `copy`; (the blocks the fusor is handed, the
+        host blocks to hold until the copies are done)."""
+        blocks = self._gather(layer)
+        views = self._target(layer)
         out: list[torch.Tensor | None] = []
         targets, sources = [], []
         for index, block in enumerate(blocks):
@@ -437,12 +540,7 @@ class StoreSource:
         if left:
             with torch.cuda.stream(copy):
                 torch._foreach_copy_([targets[i] for i in left], [sources[i] for i in left], non_blocking=True)
-        end = _recorded(copy, timing=True)  # also the layer's ready event (a timing event can be waited on)
-        self._holds.add(end, sources)
-        self._marks["copy_start"][layer], self._marks["copy_end"][layer] = start, end
-        self._ready[layer] = end
-        self._pending_blocks[layer] = out
-        self._issued = layer
+        return out, sources
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
         if not self._begun:

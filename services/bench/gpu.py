@@ -243,13 +243,14 @@ def _without_batch(fn):
         dma._memcpy_batch = old
 
 
-def _without_raw_copies(fn):
-    """fn() with the request source's host-to-device copies through PyTorch, not store.dma's raw runtime calls."""
-    old, dma.copy_async = dma.copy_async, lambda targets, sources, stream: list(range(len(targets)))
+def _with_plan_layers(layers: int, fn):
+    """fn() with the request source's copy plan looking `layers` layers up in one pass (StoreSource.PLAN_LAYERS; 0:
+    each layer looked up and its copies checked as it is issued, the per-layer path)."""
+    old, StoreSource.PLAN_LAYERS = StoreSource.PLAN_LAYERS, layers
     try:
         return fn()
     finally:
-        dma.copy_async = old
+        StoreSource.PLAN_LAYERS = old
 
 
 def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
@@ -613,11 +614,11 @@ def run_bench(config: BenchConfig) -> dict:
                     for layers in (2, 5):
                         plan.append((f"{label}/in-flight{layers}", mode, ratio, tier,
                                      lambda fn=fn, layers=layers: _with_in_flight(layers, fn)))
-                    # What the raw copies (store.dma) give the served row: PyTorch's copies in the same rounds.
-                    plan.append((f"{label}/torch-copies", mode, ratio, tier, lambda fn=fn: _without_raw_copies(fn)))
-                    # What one batched call a layer gives (store.dma, cudaMemcpyBatchAsync): a raw call a block instead.
-                    if dma.batched():
-                        plan.append((f"{label}/copy-a-call", mode, ratio, tier, lambda fn=fn: _without_batch(fn)))
+                    # What the copy plan gives the served row (a few layers looked up in one pass, each layer's copies
+                    # one prepared runtime call): each layer looked up and checked as it is issued, in the same rounds.
+                    plan.append((f"{label}/looked-up-a-layer", mode, ratio, tier,
+                                 lambda fn=fn: _with_plan_layers(0, fn)))
+                    plan.append((f"{label}/plan8", mode, ratio, tier, lambda fn=fn: _with_plan_layers(8, fn)))
             if main:
                 # Where one matmul for q/k/v (and for gate/up) pays: full prefill projected apart above 1,024
                 # tokens against the default (fused everywhere with the fused kernels: LlamaStep._apart).

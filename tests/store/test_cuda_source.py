@@ -2,6 +2,8 @@
 every tier it delivers exactly the bytes the store holds, blend from it equals blend from memory,
 and with chunk KV in the pinned CPU tier no layer's compute waits for its copy."""
 
+import gc
+
 import pytest
 import torch
 
@@ -217,11 +219,15 @@ def test_a_source_with_nothing_to_copy_looks_each_layer_up_when_asked(cuda_step,
     assert source.finish().copy_bytes == 0
 
 
-@pytest.mark.parametrize("lost_layer", [0, 2])
-def test_a_layer_lost_mid_request_is_recomputed_into_the_request_buffer(cuda_step, lost_layer, tmp_path):
+@pytest.mark.parametrize(("lost_layer", "plan_layers"), [(0, 4), (2, 4), (3, 2), (2, 0)])
+def test_a_layer_lost_mid_request_is_recomputed_into_the_request_buffer(cuda_step, lost_layer, plan_layers,
+                                                                         tmp_path, monkeypatch):
     """A CPU-tier chunk whose layer is evicted after its manifest was read is computed on the device on its own
     (`compute`); `into` claimed the chunk, so the fusor does not place it: the source writes the computed block
-    into the buffer itself, and blend equals blend from memory (not zeros from that layer on)."""
+    into the buffer itself, and blend equals blend from memory (not zeros from that layer on). The copy plan finds
+    the layer missing in its first pass (layer 0 or 2 of 4) or in a later one (layer 3, two layers a pass) and
+    leaves it and the rest to the per-layer path; without a plan (0) that path alone."""
+    monkeypatch.setattr(StoreSource, "PLAN_LAYERS", plan_layers)
     layout, prefix, chunks = _entries(cuda_step)
     store, keys = _store(_tier("cpu", tmp_path), chunks)
     config = BlendConfig(mode="blend", ratio=0.3)
@@ -242,3 +248,99 @@ def test_a_layer_lost_mid_request_is_recomputed_into_the_request_buffer(cuda_ste
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.cache.data[:, : got.length], expected.cache.data[:, : expected.length],
                                rtol=1e-5, atol=1e-5)
+
+
+def _read_through(source: StoreSource, cache, starts) -> list[list]:
+    """The fusor's calls without its compute: `into`, then each layer asked for and `ahead`; `finish`."""
+    source.into(cache.data, starts)
+    handed = []
+    for layer in range(source.n_layers):
+        handed.append(source.layer(layer))
+        source.ahead()
+    source.finish()
+    return handed
+
+
+def test_a_planned_source_looks_a_few_layers_up_a_pass_and_copies_what_the_per_layer_path_copies(monkeypatch):
+    """With the copy plan (PLAN_LAYERS 4) every layer of every chunk is looked up in one pass a four layers and no
+    layer through the per-layer path; the buffer, the blocks handed to the fusor and the request's figures equal
+    the per-layer path's (PLAN_LAYERS 0), and both hold exactly the stored bytes."""
+    deep = LlamaStep(tiny_model(num_hidden_layers=16).to("cuda"))
+    layout, prefix, chunks = _entries(deep, seed=5)
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    starts = [0] + layout.chunk_starts()
+    runs = {}
+    for plan_layers in (4, 0):
+        gathers, passes = [], []
+        with monkeypatch.context() as patch:
+            patch.setattr(StoreSource, "PLAN_LAYERS", plan_layers)
+            gather, blocks_from = StoreSource._gather, store.blocks_from
+            patch.setattr(StoreSource, "_gather", lambda self, layer: gathers.append(layer) or gather(self, layer))
+            patch.setattr(store, "blocks_from",
+                          lambda pairs, layers: passes.append(list(layers)) or blocks_from(pairs, layers))
+            cache = deep.new_cache(len(layout) + 8)
+            source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+            handed = _read_through(source, cache, starts)
+        runs[plan_layers] = (cache, source.stats, handed, gathers, passes)
+    planned, per_layer = runs[4], runs[0]
+    assert planned[3] == [] and planned[4] == [list(range(i, i + 4)) for i in range(0, 16, 4)]
+    assert per_layer[3] == list(range(16)) and per_layer[4] == [[layer] for layer in range(16)]
+    assert torch.equal(planned[0].data, per_layer[0].data)
+    for start, chunk in zip(starts[1:], chunks):
+        assert torch.equal(planned[0].data[:, start : start + len(chunk)], chunk.kv)
+    total = sum(c.kv.numel() * c.kv.element_size() for c in chunks)
+    for _, stats, _, _, _ in (planned, per_layer):
+        assert stats.copy_bytes == total and stats.read_bytes == {"cpu": total} and stats.read_s["cpu"] > 0
+        assert stats.tiers == ["memory", "cpu", "cpu", "cpu"] and stats.computed == {}
+    for ours, theirs in zip(planned[2], per_layer[2]):
+        assert len(ours) == len(theirs) == 4 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_a_block_evicted_after_its_layer_was_planned_is_still_copied_intact(cuda_step):
+    """The plan holds the blocks it looked up: evicted from the tier before their copies are issued (and pinned
+    memory allocated since), they are still what is copied, not freed memory someone reused."""
+    layout, prefix, chunks = _entries(cuda_step, seed=12)
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    starts = [0] + layout.chunk_starts()
+    cache = cuda_step.new_cache(len(layout) + 8)
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    source.into(cache.data, starts)
+    n = source.n_layers
+    assert source._planned == n - 1 and source._issued == StoreSource.ISSUE_FIRST - 1 < n - 1  # the last: planned
+    for layer in range(n):
+        store.tiered.delete(layer_key(keys[1], layer))
+    gc.collect()
+    other = [torch.full(chunks[1].kv[0].shape, 7.0).pin_memory() for _ in range(2 * n)]  # (may reuse freed blocks)
+    for layer in range(n):
+        source.layer(layer)
+        source.ahead()
+    source.finish()
+    assert source.stats.computed == {} and len(other) == 2 * n
+    for start, chunk in zip(starts[1:], chunks):
+        assert torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv)
+
+
+def test_a_host_chunk_promoted_to_the_gpu_tier_mid_request_is_planned_as_a_device_copy():
+    """A chunk read from the CPU tier (so `into` claimed it) whose layers turn up in the GPU tier by the time the plan
+    looks them up is copied into the buffer on the device, in the plan, next to the host copies of the others."""
+    step = LlamaStep(tiny_model().to("cuda"))
+    layout, prefix, chunks = _entries(step, seed=13)
+    gpu, cpu = MemoryTier("gpu", "cuda"), MemoryTier("cpu")
+    store, keys = _store(cpu, chunks)
+    store = ChunkStore(TieredStore([gpu, cpu], [None, None]))  # the same CPU tier, a GPU tier above it, empty
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    assert source.stats.tiers == ["memory", "cpu", "cpu", "cpu"]
+    for layer in range(source.n_layers):  # promoted since
+        gpu.put(layer_key(keys[1], layer), chunks[1].kv[layer])
+    starts = [0] + layout.chunk_starts()
+    cache = step.new_cache(len(layout) + 8)
+    source.into(cache.data, starts)
+    assert all(moves and moves[0][1].is_cuda for _, _, _, moves in source._plans.values())
+    for layer in range(source.n_layers):
+        source.layer(layer)
+        source.ahead()
+    stats = source.finish()
+    for start, chunk in zip(starts[1:], chunks):
+        assert torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv)
+    size = [c.kv.numel() * c.kv.element_size() for c in chunks]
+    assert stats.read_bytes == {"gpu": size[1], "cpu": size[0] + size[2]} and stats.copy_bytes == size[0] + size[2]

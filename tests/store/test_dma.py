@@ -118,6 +118,18 @@ def test_the_batch_call_is_bound_as_the_runtimes_version_declares_it(version):
     assert batch([16], [32], [8], 7) == 0 and seen["dsts"] == [16] and seen["stream"] == 7  # another count
 
 
+@pytest.mark.parametrize("version", [12080, 13000])
+def test_a_batch_prepared_ahead_is_the_same_call(version):
+    """`arrays` once, `call` when the copies' turn comes (`dma.Prepared`): the runtime is given what `batch` gives it."""
+    function, seen = _recording_batch(version)
+    batch = dma.bind_batch(function, version)
+    args = batch.arrays([4096, 8192], [1 << 20, 2 << 20], [100, 200])
+    assert batch.call(args, 0xABC0) == 0
+    assert seen == dict(dsts=[4096, 8192], srcs=[1 << 20, 2 << 20], sizes=[100, 200], order=1, first=0, n_attrs=1,
+                        stream=0xABC0, fail_index=version < 13000)
+    assert batch.call(args, 0x10) == 0 and seen["stream"] == 0x10 and seen["dsts"] == [4096, 8192]  # issued again
+
+
 def test_before_cuda_12_8_there_is_no_batch_call():
     function, _ = _recording_batch(13000)
     assert dma.bind_batch(function, 12060) is None
@@ -192,4 +204,57 @@ def test_a_refused_batch_is_copied_a_block_a_call_and_no_batch_is_tried_again(mo
         stream.synchronize()
         assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources))
     assert calls == [1] and cleared == [1] and "refused" in caplog.text
+    assert (torch.ones(4, device="cuda") + 1).sum().item() == 8  # PyTorch's next launch finds no error
+
+
+def _prepared(sources, targets) -> dma.Prepared:
+    return dma.Prepared([t.data_ptr() for t in targets], [s.data_ptr() for s in sources], [s.nbytes for s in sources])
+
+
+@cuda
+def test_copies_prepared_ahead_land_exactly_as_one_batch(monkeypatch):
+    if min(_runtime_versions()) < 12080:
+        pytest.skip("cudaMemcpyBatchAsync needs a CUDA 12.8 runtime and driver")
+    real = dma._memcpy_batch()
+    calls = []
+
+    class Counting:
+        arrays = staticmethod(real.arrays)
+
+        @staticmethod
+        def call(args, stream):
+            calls.append(args[3].value)
+            return real.call(args, stream)
+
+    monkeypatch.setattr(dma, "_memcpy_batch", lambda: Counting)
+    stream = torch.cuda.Stream()
+    sources, buffer, targets = _pinned_layer()
+    prepared = _prepared(sources, targets)
+    assert prepared.nbytes == sum(s.nbytes for s in sources)
+    for _ in range(2):  # issued twice from the same arrays
+        buffer.zero_()
+        stream.wait_stream(torch.cuda.current_stream())
+        prepared.issue(stream)
+        stream.synchronize()
+        assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources)) and buffer[0].abs().sum() == 0
+        assert buffer[1, :3].abs().sum() == 0
+    assert calls == [11, 11]
+
+
+@cuda
+def test_prepared_copies_a_refused_batch_copies_a_block_a_call(monkeypatch, caplog):
+    monkeypatch.setattr(dma, "_batch_refused", False)
+
+    class Refusing:
+        arrays = staticmethod(lambda targets, sources, sizes: ("args",))
+        call = staticmethod(lambda args, stream: 1)  # cudaErrorInvalidValue
+
+    monkeypatch.setattr(dma, "_memcpy_batch", lambda: Refusing)
+    stream = torch.cuda.Stream()
+    sources, buffer, targets = _pinned_layer()
+    prepared = _prepared(sources, targets)
+    stream.wait_stream(torch.cuda.current_stream())
+    prepared.issue(stream)
+    stream.synchronize()
+    assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources)) and "refused" in caplog.text and dma._batch_refused
     assert (torch.ones(4, device="cuda") + 1).sum().item() == 8  # PyTorch's next launch finds no error

@@ -120,6 +120,25 @@ def test_a_chunk_with_a_missing_layer_is_a_miss_not_a_partial_chunk():
     assert store.get(keys[0]) is None
 
 
+def test_several_layers_of_several_chunks_are_looked_up_in_one_pass_as_each_layer_is_alone():
+    chunks, keys = chunks_and_keys()
+    store = new_store()
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    store.tiered.delete(layer_key(keys[1], 2))  # a miss among hits
+    pairs = [(key, store.manifest(key)) for key in keys]
+    hits_before = store.tiered.stats()["cpu"].hits
+    many = store.blocks_from(pairs, [1, 2, 3])
+    assert store.tiered.stats()["cpu"].hits - hits_before == 8  # every block once: 9 asked, 1 missing
+    for layer, row in zip([1, 2, 3], many):
+        alone = store.layers_from(pairs, layer)
+        assert [tier for _, tier in row] == [tier for _, tier in alone]
+        assert all((a is None and b is None) or torch.equal(a, b) for (a, _), (b, _) in zip(row, alone))
+    assert many[1][1] == (None, None) and torch.equal(many[0][2][0], chunks[2].kv[1])
+    with pytest.raises(ValueError, match="layer 4 is outside the chunk's 4 layers"):
+        store.blocks_from(pairs, [3, 4])
+
+
 def test_put_refuses_kv_that_does_not_fit_its_tokens():
     chunk = make_chunk(0, tokens=4)
     bad = type(chunk)(token_ids=chunk.token_ids[:3], start=0, kv=chunk.kv)
