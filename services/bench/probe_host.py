@@ -30,8 +30,8 @@ from store.source import StoreSource
 REQUESTS = 12
 
 # The head's parts timed apart (`_parts`): (owner, attribute) as the fusor calls them.
-PARTS = [("store.source:StoreSource", n) for n in ("__init__", "begin", "into", "layer", "ahead", "_issue", "_gather",
-                                                   "_in_flight")] + [
+PARTS = [("store.source:StoreSource", n) for n in ("__init__", "begin", "into", "layer", "ahead", "_issue", "_plan",
+                                                   "_copies", "_gather", "_in_flight")] + [
     ("blend.fusor", n) for n in ("_turn", "_ranks", "_send_all", "_sent", "_place", "_keep", "token_scores")] + [
     ("blend.adapter:LlamaStep", n) for n in ("new_cache", "turning", "turn_pair", "signed_sin", "embed", "mask", "cos_sin",
                                               "qkv", "step", "turn_keys")]
