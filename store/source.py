@@ -231,6 +231,9 @@ class StoreSource:
                 and self.device.index == torch.cuda.current_device()
                 and all(isinstance(self.segments[i], str) for i in self._host)) else None
             self._planned = -1  # every layer up to this one is planned (or the plan stopped before it)
+            self._buffer = None  # (the buffer the host segments land in, each segment's start in it)
+            self._table = None  # (`_pointers`)
+            self._views_due: set[int] = set()  # planned layers whose host segments' views `layer` makes
         return self
 
     # Layers issued: `into` starts ISSUE_FIRST; each `ahead` call (the fusor's, once a layer's compute is enqueued)
@@ -262,6 +265,7 @@ class StoreSource:
             raise ValueError(f"into(): {len(starts)} starts for {len(self.segments)} segments, "
                              f"{data.shape[0]} layers in the buffer for the segments' {self.n_layers}")
         self._target = layer_views(data, starts, self._lengths, self._host)
+        self._buffer = (data, starts)
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
         if self._host:  # (nothing to copy, e.g. every chunk in the GPU tier: each layer looked up when asked for)
             self._issue_ahead(self.ISSUE_FIRST - 1, self.ISSUE_FIRST)
@@ -382,7 +386,9 @@ class StoreSource:
         shape, dtype = self._layout()
         own = torch.empty((self.n_layers, total, *shape), dtype=dtype, device=self.device)
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the copies follow its allocation
-        return layer_views(own, [offsets.get(i, 0) for i in range(len(self.segments))], self._lengths, self._host)
+        starts = [offsets.get(i, 0) for i in range(len(self.segments))]
+        self._buffer = (own, starts)
+        return layer_views(own, starts, self._lengths, self._host)
 
     def _in_flight(self) -> int:
         """Issued layers whose copies are not known done (stream order: one event query a layer found done since,
@@ -425,6 +431,7 @@ class StoreSource:
             self.stats.copy_bytes += prepared.nbytes
             if moves:  # host segments found on the device (promoted to the GPU tier since): as `_copies` does
                 torch._foreach_copy_([target for target, _ in moves], [block for _, block in moves])
+            self._views_due.add(layer)
         else:
             out, sources = self._copies(layer, copy)
         end = _recorded(copy, timing=True)  # also the layer's ready event (a timing event can be waited on)
@@ -434,12 +441,39 @@ class StoreSource:
         self._pending_blocks[layer] = out
         self._issued = layer
 
+    def _pointers(self):
+        """(the buffer's address, bytes a layer, {host segment: (its offset in a layer, its bytes)}) for the plan's
+        copies, by arithmetic instead of a view a block; checked once that a layer's rows are contiguous and that
+        each host segment's manifest (which every block read is checked against, `ChunkStore._fits`) fits its place
+        in the buffer: dtype, token shape and length. None where not: no plan (the per-layer path copies those)."""
+        data, starts = self._buffer
+        if not data[0].is_contiguous():
+            return None
+        size = data.element_size()
+        token = data.stride(1) * size
+        places = {}
+        for index in self._host:
+            manifest = self.manifests[index]
+            shape = manifest.block_shape
+            if (manifest.dtype != data.dtype or tuple(shape[1:]) != tuple(data.shape[2:])
+                    or shape[0] != self._lengths[index]):
+                return None
+            places[index] = (starts[index] * token, shape[0] * token)
+        return data.data_ptr(), data.stride(0) * size, places
+
     def _plan(self, layer: int) -> None:
         """Look layers `layer`.. (PLAN_LAYERS of them) of every stored segment up in one pass and lay their copies out
-        (`dma.Prepared`), with the blocks the fusor is handed and the host blocks to hold. The plan stops for good
-        at the first layer it cannot carry as a plain copy (a block missing or unfit, on an unexpected device or of
-        another dtype than the buffer): that layer and the rest take the per-layer path, which recomputes what went
-        missing. A block found here is held from now on, so one evicted before its turn is still copied intact."""
+        (`dma.Prepared`), with the blocks the fusor is handed (the host segments' views made by `layer`) and the host
+        blocks to hold. The plan stops for good at the first layer it cannot carry as a plain copy (a block missing,
+        not contiguous or on an unexpected device): that layer and the rest take the per-layer path, which
+        recomputes what went missing. A block found here is held from now on, so one evicted before its turn is
+        still copied intact."""
+        if self._table is None:
+            self._table = self._pointers()
+            if self._table is None:
+                self._plans = None
+                return
+        base, layer_bytes, places = self._table
         last = min(layer + self.PLAN_LAYERS, self.n_layers) - 1
         layers = list(range(self._planned + 1, last + 1))
         self._planned = last
@@ -448,46 +482,37 @@ class StoreSource:
         found = self.store.blocks_from([(self.segments[i], self.manifests[i]) for i in stored], layers)
         elapsed = time.perf_counter() - started
         per_tier: dict[str, int] = {}
-        host = set(self._host)
+        device, skip, segments = self.device, self.skip, self.segments
+        held = [i for i in range(len(segments)) if i not in skip and isinstance(segments[i], ChunkKV)]
         for index, served in zip(layers, found):
-            views = self._target(index)
-            by_segment = dict(zip(stored, served))
-            out: list[torch.Tensor | None] = []
+            at = base + index * layer_bytes
+            out: list[torch.Tensor | None] = [None] * len(segments)
+            for segment in held:  # held in memory (the system prefix, on the device: `_plans` needs it so)
+                out[segment] = segments[segment].kv[index]
             targets, sources, sizes, blocks, moves = [], [], [], [], []
             bytes_in: dict[str, int] = {}
-            for segment in range(len(self.segments)):
-                if segment in self.skip:
-                    out.append(None)
-                    continue
-                entry = by_segment.get(segment)
-                if entry is None:  # held in memory (the system prefix, on the device: `_plans` needs it so)
-                    out.append(self.segments[segment].kv[index])
-                    continue
-                block, tier = entry
+            for segment, (block, tier) in zip(stored, served):
                 if block is None:
                     break
-                if segment in host:
-                    view = views[segment]
-                    size = block.nbytes
-                    if block.dtype != view.dtype or size != view.nbytes:
-                        break
+                place = places.get(segment)
+                if place is not None:  # a host segment: its view is `layer`'s to make
+                    offset, size = place
                     if block.is_cpu:
-                        if not block.is_contiguous() or not view.is_contiguous():
+                        if not block.is_contiguous():
                             break
-                        targets.append(view.data_ptr())
+                        targets.append(at + offset)
                         sources.append(block.data_ptr())
                         sizes.append(size)
                         blocks.append(block)
-                    elif block.device == self.device:
+                    elif block.device == device:
                         # Promoted to the GPU tier since the request began: `into` claimed the segment, so its block
                         # goes into the buffer on the compute stream when the layer is issued.
-                        moves.append((view, block))
+                        moves.append((self._target(index)[segment], block))
                     else:
                         break
-                    out.append(view)
-                elif block.device == self.device:
+                elif block.device == device:
                     size = block.nbytes
-                    out.append(block)
+                    out[segment] = block
                 else:
                     break
                 bytes_in[tier] = bytes_in.get(tier, 0) + size
@@ -564,6 +589,10 @@ class StoreSource:
         # else its copy is done already (the usual case past the first layers): nothing to wait for and no stall
         # to time, so no wait and no two events on the host's critical path (a layer without marks stalled 0 s).
         blocks = self._pending_blocks.pop(index)
+        if index in self._views_due:  # a planned layer: the host segments' views (the fusor places none of them)
+            self._views_due.discard(index)
+            for segment, view in self._target(index).items():
+                blocks[segment] = view
         if index + 1 == self.n_layers:
             self.close()
         return blocks

@@ -344,3 +344,22 @@ def test_a_host_chunk_promoted_to_the_gpu_tier_mid_request_is_planned_as_a_devic
         assert torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv)
     size = [c.kv.numel() * c.kv.element_size() for c in chunks]
     assert stats.read_bytes == {"gpu": size[1], "cpu": size[0] + size[2]} and stats.copy_bytes == size[0] + size[2]
+
+
+def test_a_buffer_the_chunks_do_not_fit_as_stored_gets_no_plan_and_the_per_layer_path_converts(cuda_step):
+    """A request buffer of another dtype than the stored K/V (the plan's copies are raw bytes): no plan, and the
+    per-layer path's PyTorch copies convert, as before the plan."""
+    layout, prefix, chunks = _entries(cuda_step, seed=14)
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    starts = [0] + layout.chunk_starts()
+    data = torch.zeros(cuda_step.n_layers, len(layout) + 8, *chunks[0].kv.shape[2:], dtype=torch.float16,
+                       device="cuda")
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    source.into(data, starts)
+    assert source._plans is None and source._issued == StoreSource.ISSUE_FIRST - 1
+    for layer in range(source.n_layers):
+        source.layer(layer)
+        source.ahead()
+    source.finish()
+    for start, chunk in zip(starts[1:], chunks):
+        assert torch.equal(data[:, start : start + len(chunk)], chunk.kv.half())
