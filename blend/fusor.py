@@ -219,6 +219,12 @@ def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
     }
 
 
+# With +cachedk the layers before the check layer run the question alone: the GPU has next to nothing queued, so the
+# source's `ahead` there (issuing later layers' copies) would sit on the request's critical path, the host's head
+# (docs/gpu.md, sixteenth session). The copies `KVSource.into` started cover the head; the check layer's `ahead`
+# follows the kept tokens' steps. True: `ahead` after every layer (the bench's /early-ahead rows).
+AHEAD_BEFORE_CHECK = False
+
 # A computed token's fixed rank where it has one (`_ranks`): never dropped, a chunk-start sink, the first chunk.
 NEVER_DROPPED, SINK, EXACT = float("inf"), torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max
 
@@ -351,7 +357,8 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
             _place(step, cache, layer, source.layer(layer), new_starts, turn, unplaced)
         if layer not in schedule:
             h = step.step(layer, h, positions, cache, n, mask, rope)
-            ahead()
+            if not early or AHEAD_BEFORE_CHECK:
+                ahead()
             yield layer
             continue
         q, k, v = step.qkv(layer, h, positions, rope)

@@ -244,7 +244,9 @@ class StoreSource:
     # ranked, then kept issuing while the stream was well ahead, during layers 3-14 of blend@0.05 that took 0.45-0.7
     # ms each against 0.385 later, their copies long done (docs/ops/h200_bench_s15a.json, timeline_served_0.05).
     # Topping up issues where the stream runs low and spares the host where it does not.
-    ISSUE_FIRST = 3
+    # (Four, not three, since the fusor's question-only layers before a +cachedk check layer issue nothing more:
+    # blend@0.05 is bound by its copies, ~0.4 ms a layer on an H200, and its head takes ~2 ms of host time.)
+    ISSUE_FIRST = 4
     IN_FLIGHT = 3
     AHEAD = 8
     # Layers a copy plan looks up in one pass (`_plan`; 0: each layer looked up and checked as it is issued). A layer

@@ -23,7 +23,7 @@ case "${1:-}" in
     timeout 120 python3 -m services.bench.probe_scattered > "$OUT/probe_scattered.txt" 2>&1
     grep "host issue\|dense mask" "$OUT/probe_scattered.txt"
     timeout 60 python3 -m services.bench.probe_fused > "$OUT/probe_fused.txt" 2>&1
-    grep "rope" "$OUT/probe_fused.txt"
+    grep "rope\|silu" "$OUT/probe_fused.txt"  # (and silu_mul's block shapes)
     timeout 90 python3 -m services.bench.probe_pool_attention --json "$OUT/probe_pool_attention.json" \
       > "$OUT/probe_pool_attention.txt" 2>&1
     tail -25 "$OUT/probe_pool_attention.txt"

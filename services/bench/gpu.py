@@ -21,6 +21,7 @@ import torch
 from blend.adapter import LlamaStep
 from blend.cache import ChunkKV, KVCache
 from blend.decode import Decoding, Sampling, advance, decode
+from blend import fusor
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
 from blend.graphs import GraphDecoder, LayerGraphs, _record, _warm_up
 from blend.loader import gate
@@ -241,6 +242,17 @@ def _without_batch(fn):
         return fn()
     finally:
         dma._memcpy_batch = old
+
+
+def _with_early_ahead(fn):
+    """fn() as the sixteenth session served it: the source's `ahead` after the question-only layers before a +cachedk
+    check layer too (fusor.AHEAD_BEFORE_CHECK), three layers' copies started by `into` (StoreSource.ISSUE_FIRST)."""
+    old = fusor.AHEAD_BEFORE_CHECK, StoreSource.ISSUE_FIRST
+    fusor.AHEAD_BEFORE_CHECK, StoreSource.ISSUE_FIRST = True, 3
+    try:
+        return fn()
+    finally:
+        fusor.AHEAD_BEFORE_CHECK, StoreSource.ISSUE_FIRST = old
 
 
 def _with_plan_layers(layers: int, fn):
@@ -619,6 +631,7 @@ def run_bench(config: BenchConfig) -> dict:
                     plan.append((f"{label}/looked-up-a-layer", mode, ratio, tier,
                                  lambda fn=fn: _with_plan_layers(0, fn)))
                     plan.append((f"{label}/plan8", mode, ratio, tier, lambda fn=fn: _with_plan_layers(8, fn)))
+                    plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_early_ahead(fn)))
             if main:
                 # Where one matmul for q/k/v (and for gate/up) pays: full prefill projected apart above 1,024
                 # tokens against the default (fused everywhere with the fused kernels: LlamaStep._apart).

@@ -77,3 +77,38 @@ def test_it_needs_the_question_attention_scorer_and_one_check_at_layer_one():
         BlendConfig("blend", 0.15, selector="qattn+cachedk", gradual_layers=3)
     with pytest.raises(ValueError, match="check_layer 2"):
         BlendConfig("blend", 0.15, check_layer=2, selector="qattn+cachedk")
+
+
+class _Recording(MemorySource):
+    """A memory source that records the fusor's calls: ("layer", i) and "ahead"."""
+
+    def __init__(self, entries):
+        super().__init__(entries)
+        self.calls = []
+
+    def layer(self, index):
+        self.calls.append(("layer", index))
+        return super().layer(index)
+
+    def ahead(self):
+        self.calls.append("ahead")
+
+
+@pytest.mark.parametrize(("selector", "early_ahead", "first_ahead"), [
+    ("qattn+sink2+nofirst+cachedk", False, 1),  # the question-only layer 0 issues nothing more: the head's host
+    ("qattn+sink2+nofirst+cachedk", True, 0),
+    ("qattn+sink2+nofirst", False, 0),  # layer 0 over every token: `ahead` after it as after every layer
+])
+def test_with_cached_keys_the_source_is_asked_ahead_only_from_the_check_layer_on(tiny, monkeypatch, selector,
+                                                                                 early_ahead, first_ahead):
+    layout = random_layout(1, (9, 14, 11))
+    prefix, chunks = _cached(tiny, layout)
+    monkeypatch.setattr(fusor, "AHEAD_BEFORE_CHECK", early_ahead)
+    source = _Recording([prefix, *chunks])
+    prefill(tiny, layout, BlendConfig("blend", 0.3, 1, selector), source)
+    expected = []
+    for layer in range(tiny.n_layers):
+        expected.append(("layer", layer))
+        if layer >= first_ahead:
+            expected.append("ahead")
+    assert source.calls == expected
