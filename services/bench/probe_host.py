@@ -10,6 +10,7 @@ the host cost of a few primitives the head calls. Writes the .prof files to $OUT
 from __future__ import annotations
 
 import cProfile
+import gc
 import importlib
 import inspect
 import io
@@ -135,7 +136,14 @@ def main() -> None:
             "blend@0.15/cachedk": BlendConfig("blend", 0.15, selector="qattn+sink4+nofirst+cachedk"),
             "blend@0.05": BlendConfig("blend", 0.05),
         }
+        # The collector off while requests are timed, as `kvblend bench` times them (services/bench/gpu.py
+        # `_interleaved`): a collection landing in one of the 12 requests a part's mean is taken over inflates it (s20a's
+        # parts, e.g. `_turn` at ~0.1 ms a request, were taken with it on).
+        gc.collect()
+        gc.disable()
         for name, config in kinds.items():
+            gc.collect()
+
             def request(profiler=None, parts=None, later=None, config=config):
                 return timed_request(step, layout, config, lambda: StoreSource(store, [prefix, *keys],
                                                                                device=step.device).begin(),
@@ -188,6 +196,7 @@ def main() -> None:
             body = text.getvalue().split("ncalls", 1)[-1]
             print("cumulative, ours: ncalls" + "\n".join(line[:150] for line in body.splitlines()[:32]))
 
+        gc.enable()
         # The host cost of primitives the head calls, each alone.
         host = torch.empty(512, 2, 8, 128, dtype=torch.bfloat16, pin_memory=True)
         dev = torch.empty(512, 2, 8, 128, dtype=torch.bfloat16, device="cuda")
