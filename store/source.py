@@ -10,7 +10,9 @@ A segment is a store key or a `ChunkKV` already in memory (the system prefix). P
   (`into`, which the fusor calls once it has the buffer): no staging buffer, no device-side placement
   copy, and no buffer to recycle, so the copies run back to back from the first layer to the last
   while the compute stream works (a few layers are issued per `layer` call, so the host never spends
-  a long spell issuing); a source read without `into` copies into a device buffer of its own;
+  a long spell issuing); a source read without `into` copies into a device buffer of its own. Where
+  every such segment is read from a memory tier, a copy plan (`_plan`) looks a few layers of them up in
+  one pass and lays each layer's copies out ahead, so issuing a layer is one runtime call;
 - an entry in a slow tier (disk, Redis) is read by a prefetch thread `depth` layers ahead, one batch
   per layer for all such segments (from Redis pipelined GETs over a few sockets, received straight
   into pinned memory), then copied the same way (issued ahead only once read: the host never waits
