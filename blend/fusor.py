@@ -219,10 +219,11 @@ def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
     }
 
 
-# With +cachedk the layers before the check layer run the question alone: the GPU has next to nothing queued, so the
-# source's `ahead` there (issuing later layers' copies) would sit on the request's critical path, the host's head
-# (docs/gpu.md, sixteenth session). The copies `KVSource.into` started cover the head; the check layer's `ahead`
-# follows the kept tokens' steps. True: `ahead` after every layer (the bench's /early-ahead rows).
+# With +cachedk layer 0 (the check layer is 1) runs the positions never dropped alone (the question, chunks prefilled
+# in full): the GPU has next to nothing queued, so the source's `ahead` there (issuing later layers' copies) would sit
+# on the request's critical path, the host's head (docs/gpu.md, sixteenth session). The copies `KVSource.into` started
+# cover the head; the check layer's `ahead` follows the kept tokens' steps. True: `ahead` after every layer (the
+# bench's /early-ahead rows).
 AHEAD_BEFORE_CHECK = False
 
 # A computed token's fixed rank where it has one (`_ranks`): never dropped, a chunk-start sink, the first chunk.

@@ -225,9 +225,10 @@ class StoreSource:
             self._copied = -1  # every layer up to this one is known copied (its ready event completed)
             self._pending_blocks: dict[int, list] = {}
             self._holds = dma.Holds()  # the host blocks of copies not known to be done
-            # The copy plan (`_plan`): where every segment is a store key read from a memory tier (no slow tier,
-            # nothing computed), a few layers of every segment are looked up in one pass and their copies laid
-            # out ahead (`dma.Prepared`), so issuing a layer is one runtime call and its event.
+            # The copy plan (`_plan`): where every host segment is a store key read from a memory tier (no slow tier,
+            # nothing computed; segments on the device may be anything), a few layers of every stored segment are
+            # looked up in one pass and their copies laid out ahead (`dma.Prepared`), so issuing a layer is one
+            # runtime call and its event.
             self._plans: dict[int, tuple] | None = {} if (
                 self.PLAN_LAYERS > 0 and self._host and not self._slow and not self.computed and dma.available()
                 and self.device.index == torch.cuda.current_device()
@@ -449,7 +450,8 @@ class StoreSource:
         """(the buffer's address, bytes a layer, {host segment: (its offset in a layer, its bytes)}) for the plan's
         copies, by arithmetic instead of a view a block; checked once that a layer's rows are contiguous and that
         each host segment's manifest (which every block read is checked against, `ChunkStore._fits`) fits its place
-        in the buffer: dtype, token shape and length. None where not: no plan (the per-layer path copies those)."""
+        in the buffer: dtype, token shape, and its rows inside the buffer (raw copies are not bounds-checked as a
+        view's copy is). None where not: no plan (the per-layer path copies those)."""
         data, starts = self._buffer
         if not data[0].is_contiguous():
             return None
@@ -460,7 +462,7 @@ class StoreSource:
             manifest = self.manifests[index]
             shape = manifest.block_shape
             if (manifest.dtype != data.dtype or tuple(shape[1:]) != tuple(data.shape[2:])
-                    or shape[0] != self._lengths[index]):
+                    or not 0 <= starts[index] <= data.shape[1] - shape[0]):
                 return None
             places[index] = (starts[index] * token, shape[0] * token)
         return data.data_ptr(), data.stride(0) * size, places
@@ -471,7 +473,9 @@ class StoreSource:
         blocks to hold. The plan stops for good at the first layer it cannot carry as a plain copy (a block missing,
         not contiguous or on an unexpected device): that layer and the rest take the per-layer path, which
         recomputes what went missing. A block found here is held from now on, so one evicted before its turn is
-        still copied intact."""
+        still copied intact. (Where the plan stops, the pass's later layers were looked up for nothing: the store
+        counts those hits twice and the pass's time goes to the layers planned; a request stopped early counts the
+        bytes of layers planned and never issued.)"""
         if self._table is None:
             self._table = self._pointers()
             if self._table is None:
@@ -656,6 +660,8 @@ class StoreSource:
                 for layer in range(self.n_layers) if all(marks[name][layer] is not None for name in marks)]
 
     def close(self) -> None:
+        if self.cuda and self._begun:
+            self._plans = None  # planned layers never issued (a request stopped early): their blocks let go
         if self.cuda and self._begun and self._issued >= 0:
             # Work the compute stream enqueues from now on (a buffer given back and taken again) follows
             # every copy issued into it.

@@ -213,7 +213,7 @@ def main() -> None:
             "wait_event": lambda: torch.cuda.current_stream().wait_event(event),
             "one H2D copy_ of a 2 MB block (pinned)": lambda: dev.copy_(host, non_blocking=True),
             "_foreach_copy_ of 11 blocks H2D": lambda: torch._foreach_copy_(targets, sources, non_blocking=True),
-            "dma.copy_async of 11 blocks H2D (served)": lambda: dma.copy_async(targets, sources, stream),
+            "dma.copy_async of 11 blocks H2D (the per-layer path)": lambda: dma.copy_async(targets, sources, stream),
             "with torch.cuda.stream(s): pass": lambda: _enter(stream),
             "small tensor .to(cuda, non_blocking)": lambda: small.to("cuda", non_blocking=True),
             "empty on cuda": lambda: torch.empty(6000, device="cuda"),

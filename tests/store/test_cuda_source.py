@@ -148,6 +148,7 @@ def test_the_served_path_equals_it_without_the_twelfth_sessions_kernels_and_raw_
         served = prefill(cuda_step, layout, config, StoreSource(store, [prefix, *keys], device="cuda").begin())
         with monkeypatch.context() as patch:
             patch.setattr(dma, "copy_async", lambda targets, sources, stream: list(range(len(targets))))
+            patch.setattr(StoreSource, "PLAN_LAYERS", 0)  # (the copy plan's copies are raw ones too)
             patch.setattr(cuda_step, "question_kernel", False)
             patch.setattr(cuda_step, "rerotate_kernel", False)
             plain = prefill(cuda_step, layout, config, StoreSource(store, [prefix, *keys], device="cuda").begin())
@@ -321,9 +322,12 @@ def test_a_block_evicted_after_its_layer_was_planned_is_still_copied_intact(cuda
         assert torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv)
 
 
-def test_a_host_chunk_promoted_to_the_gpu_tier_mid_request_is_planned_as_a_device_copy():
+def test_a_host_chunk_promoted_to_the_gpu_tier_mid_request_is_planned_as_a_device_copy(monkeypatch):
     """A chunk read from the CPU tier (so `into` claimed it) whose layers turn up in the GPU tier by the time the plan
     looks them up is copied into the buffer on the device, in the plan, next to the host copies of the others."""
+    monkeypatch.setattr(StoreSource, "ISSUE_FIRST", 1)  # layers 1-3 planned by `into`, issued later
+    gathers, gather = [], StoreSource._gather
+    monkeypatch.setattr(StoreSource, "_gather", lambda self, layer: gathers.append(layer) or gather(self, layer))
     step = LlamaStep(tiny_model().to("cuda"))
     layout, prefix, chunks = _entries(step, seed=13)
     gpu, cpu = MemoryTier("gpu", "cuda"), MemoryTier("cpu")
@@ -336,13 +340,15 @@ def test_a_host_chunk_promoted_to_the_gpu_tier_mid_request_is_planned_as_a_devic
     starts = [0] + layout.chunk_starts()
     cache = step.new_cache(len(layout) + 8)
     source.into(cache.data, starts)
-    assert all(moves and moves[0][1].is_cuda for _, _, _, moves in source._plans.values())
+    assert sorted(source._plans) == [1, 2, 3]
+    assert all(len(moves) == 1 and moves[0][1].is_cuda for _, _, _, moves in source._plans.values())
     for layer in range(source.n_layers):
         source.layer(layer)
         source.ahead()
     stats = source.finish()
     for start, chunk in zip(starts[1:], chunks):
         assert torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv)
+    assert gathers == []  # every layer from the plan
     size = [c.kv.numel() * c.kv.element_size() for c in chunks]
     assert stats.read_bytes == {"gpu": size[1], "cpu": size[0] + size[2]} and stats.copy_bytes == size[0] + size[2]
 
