@@ -5,7 +5,7 @@
 #   bench    (after setup_a)  GPU unit tests on tiny models (<= 200 s), then `kvblend bench` with the Redis row (<= 370 s)
 #   kernels  (no setup)       probe_scattered, probe_fused, probe_pool_attention, probe_sdpa              ~60 s
 #   service  (after setup_b)  bench-service throughput and cpu scenarios                              ~330 s
-#   tests    (after setup_c)  the GPU test modules with the real SmolLM2                               ~200 s
+#   tests    (after setup_c)  the GPU test modules with the real SmolLM2 (file in $OUT)              ~200 s
 #   probe    (no setup)       probe_profile: where each row's time goes (file in $OUT)                 ~60 s
 #   host     (no setup)       probe_host: the served head's host time by phase, its cProfile (files in $OUT) ~60 s
 set -u
@@ -37,7 +37,8 @@ case "${1:-}" in
     if [ -s /tmp/kv/setup_c.err ]; then cat /tmp/kv/setup_c.err; exit 1; fi  # (setup_c's output is not shown)
     timeout 500 python3 -m pytest -q -s tests/services/test_gpu_serving.py tests/blend/test_batched_decode.py \
       tests/blend/test_kv_pool.py tests/blend/test_graph_decode.py tests/store/test_cuda_source.py \
-      tests/store/test_store_source.py 2>&1 | grep -v "Loading weights\|Writing model" | tail -25 ;;
+      tests/store/test_store_source.py 2>&1 | grep -v "Loading weights\|Writing model" > "$OUT/tests_smollm2.txt"
+    tail -25 "$OUT/tests_smollm2.txt" ;;
   probe)
     timeout 300 python3 -m services.bench.probe_profile > "$OUT/probe_profile.txt" 2>&1
     grep "==\|captured" "$OUT/probe_profile.txt" ;;
