@@ -614,9 +614,10 @@ def run_bench(config: BenchConfig) -> dict:
                 for label, mode, ratio, tier, fn in list(plan[2:]):
                     plan.append((f"{label}+graphs", mode, ratio, tier, lambda fn=fn: _with_graphs(step, graphs, fn)))
             if pool_graphs is not None and main:
-                # Each layer as one graph over a KV pool (served by default: server.pool_layer_graphs) against the rows above.
+                # Each layer as one graph over a KV pool (served by default: server.pool_layer_graphs) against the rows above;
+                # the GPU tier's too, so issue 16's tier item compares the two tiers as served.
                 for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
-                        "reuse", "blend@0.05/cpu", "blend@0.15/cpu")]:
+                        "reuse", "blend@0.05/cpu", "blend@0.15/cpu", "blend@0.05/gpu", "blend@0.15/gpu")]:
                     plan.append((f"{label}+poolgraphs", mode, ratio, tier,
                                  lambda fn=fn: _with_pool_graphs(step, pool_graphs, fn)))
                 # The served rows with fewer and more layers' copies kept in flight than served (StoreSource.IN_FLIGHT):
