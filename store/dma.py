@@ -198,11 +198,10 @@ def copy_async(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
     """Enqueue targets[i] <- sources[i] on `stream` (host -> device, no wait); returns the indices not copied
     (not a plain case, or no runtime library): the caller copies those itself. The caller holds `sources`
     until an event recorded on `stream` after this call has completed (`Holds`)."""
-    memcpy = _memcpy_async()
-    if memcpy is None or stream.device_index != torch.cuda.current_device():
+    if _memcpy_async() is None or stream.device_index != torch.cuda.current_device():
         # (A stream of another device than the current one: PyTorch's copies, which switch devices.)
         return list(range(len(targets)))
-    left, plain_targets, plain_sources = [], [], []
+    left, to, since, sizes = [], [], [], []
     for index, (target, source) in enumerate(zip(targets, sources)):
         # The plain case's checks in the fewest tensor calls (a layer issues ~11 blocks on the request's host-bound
         # path): `is_cpu`/`is_cuda` make no device object; one `nbytes` with the dtype check stands for the numel
@@ -211,21 +210,11 @@ def copy_async(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
                 or not source.is_contiguous() or not target.is_contiguous()):
             left.append(index)
             continue
-        plain_targets.append(target)
-        plain_sources.append(source)
-    global _batch_refused
-    handle = stream.cuda_stream
-    # (Not on the legacy default stream, handle 0, which the batch call does not take.)
-    batch = _memcpy_batch() if len(plain_targets) > 1 and handle and not _batch_refused else None
-    if batch is None or _batched(batch, plain_targets, plain_sources, handle):
-        if batch is not None:
-            # A batch the runtime refused: its error taken off the last-error slot, the copies issued one a call (each
-            # copy is idempotent: any the batch did issue are written twice, in stream order, with the same bytes),
-            # and no batch again in this process (a refusal for a lasting reason would cost every layer a call).
-            _clear_error()
-            _batch_refused = True
-            log.warning("dma: cudaMemcpyBatchAsync refused a layer's copies; a copy a call from now on")
-        _each(memcpy, plain_targets, plain_sources, handle, check=True)
+        to.append(target.data_ptr())
+        since.append(source.data_ptr())
+        sizes.append(source.nbytes)
+    if to:
+        Prepared(to, since, sizes).issue(stream)  # one batch call where the runtime has it
     return left
 
 
@@ -248,11 +237,15 @@ class Prepared:
     def issue(self, stream: torch.cuda.Stream) -> None:
         global _batch_refused
         handle = stream.cuda_stream
+        # (Not on the legacy default stream, handle 0, which the batch call does not take.)
         batch = _memcpy_batch() if self._args is not None and handle and not _batch_refused else None
         if batch is not None:
             if not batch.call(self._args, handle):
                 return
-            _clear_error()  # as in copy_async: refused once, a copy a call from now on (each copy idempotent)
+            # A batch the runtime refused: its error taken off the last-error slot, the copies issued one a call (each
+            # copy is idempotent: any the batch did issue are written twice, in stream order, with the same bytes),
+            # and no batch again in this process (a refusal for a lasting reason would cost every layer a call).
+            _clear_error()
             _batch_refused = True
             log.warning("dma: cudaMemcpyBatchAsync refused a layer's copies; a copy a call from now on")
         memcpy = _memcpy_async()
@@ -266,13 +259,11 @@ def _batched(batch, targets, sources, handle: int) -> int:
     return batch([t.data_ptr() for t in targets], [s.data_ptr() for s in sources], [s.nbytes for s in sources], handle)
 
 
-def _each(memcpy, targets, sources, handle: int, check: bool = False) -> int:
-    """One cudaMemcpyAsync a block; the first error (`check`: raised)."""
+def _each(memcpy, targets, sources, handle: int) -> int:
+    """One cudaMemcpyAsync a block (the start-up test copy); the first error."""
     for target, source in zip(targets, sources):
         error = memcpy(target.data_ptr(), source.data_ptr(), source.nbytes, _HOST_TO_DEVICE, handle)
         if error:
-            if check:
-                raise RuntimeError(f"cudaMemcpyAsync of a {tuple(source.shape)} block failed with CUDA error {error}")
             return error
     return 0
 

@@ -340,11 +340,7 @@ class StoreSource:
                 if block is not None:
                     found[index] = block
                     per_tier[tier] = per_tier.get(tier, 0) + block.numel() * block.element_size()
-            total = sum(per_tier.values())
-            read_s, read_bytes = self.stats.read_s, self.stats.read_bytes
-            for tier, size in per_tier.items():  # one batch's time, shared among the tiers that served it by bytes
-                read_s[tier] = read_s.get(tier, 0.0) + elapsed * size / total
-                read_bytes[tier] = read_bytes.get(tier, 0) + size
+            self._count_reads(elapsed, per_tier)
         if len(found) == len(indices) and not pin:
             return found  # every block served (the usual case): nothing to recompute or pin
         blocks = {}
@@ -531,9 +527,14 @@ class StoreSource:
                 continue
             self._planned = self.n_layers - 1  # this layer and the rest: the per-layer path (read again there)
             break
+        self._count_reads(elapsed, per_tier)
+
+    def _count_reads(self, elapsed: float, per_tier: dict[str, int]) -> None:
+        """One lookup pass's seconds and bytes into the request's figures, its time shared among the tiers that
+        served it by bytes (the loading controller's read rates)."""
         total = sum(per_tier.values())
         read_s, read_bytes = self.stats.read_s, self.stats.read_bytes
-        for tier, size in per_tier.items():  # one pass's time, shared among the tiers that served it by bytes
+        for tier, size in per_tier.items():
             read_s[tier] = read_s.get(tier, 0.0) + elapsed * size / total
             read_bytes[tier] = read_bytes.get(tier, 0) + size
 

@@ -53,8 +53,7 @@ def main() -> None:
     rows = {
         "store.dma.copy_async, a cudaMemcpyAsync a block": lambda: _without_batch(
             lambda: dma.copy_async(targets, sources, stream)),
-        "store.dma.copy_async as served (one batch where dma.batched())": lambda: dma.copy_async(targets, sources,
-                                                                                                 stream),
+        "store.dma.copy_async (one batch where dma.batched())": lambda: dma.copy_async(targets, sources, stream),
         "_foreach_copy_ on the copy stream": lambda: _foreach(targets, sources, stream),
         "the bare cudaMemcpyBatchAsync (pointer arrays built per call)": lambda: batch(targets, sources, stream),
     }

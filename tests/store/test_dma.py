@@ -170,8 +170,8 @@ def test_a_layers_copies_go_as_one_batch_and_land_exactly(monkeypatch):
     if min(_runtime_versions()) < 12080:
         pytest.skip("cudaMemcpyBatchAsync needs a CUDA 12.8 runtime and driver")
     assert dma.batched()
-    real, calls = dma._memcpy_batch(), []
-    monkeypatch.setattr(dma, "_memcpy_batch", lambda: lambda *args: calls.append(len(args[0])) or real(*args))
+    calls = []
+    monkeypatch.setattr(dma, "_memcpy_batch", lambda counting=_counting(dma._memcpy_batch(), calls): counting)
     stream = torch.cuda.Stream()
     sources, buffer, targets = _pinned_layer()
     stream.wait_stream(torch.cuda.current_stream())
@@ -194,7 +194,7 @@ def test_a_refused_batch_is_copied_a_block_a_call_and_no_batch_is_tried_again(mo
     monkeypatch.setattr(dma, "_batch_refused", False)
     calls, cleared, clear = [], [], dma._clear_error
     monkeypatch.setattr(dma, "_clear_error", lambda: cleared.append(1) or clear())
-    monkeypatch.setattr(dma, "_memcpy_batch", lambda: lambda *args: calls.append(1) or 1)  # cudaErrorInvalidValue
+    monkeypatch.setattr(dma, "_memcpy_batch", lambda refusing=_refusing(calls): refusing)
     stream = torch.cuda.Stream()
     sources, buffer, targets = _pinned_layer()
     for _ in range(2):
@@ -207,6 +207,30 @@ def test_a_refused_batch_is_copied_a_block_a_call_and_no_batch_is_tried_again(mo
     assert (torch.ones(4, device="cuda") + 1).sum().item() == 8  # PyTorch's next launch finds no error
 
 
+def _counting(real, calls):
+    """The bound batch call, each call's copy count recorded in `calls`."""
+    class Counting:
+        arrays = staticmethod(real.arrays)
+
+        @staticmethod
+        def call(args, stream):
+            calls.append(args[3].value)
+            return real.call(args, stream)
+    return Counting
+
+
+def _refusing(calls):
+    """A batch call the runtime refuses (cudaErrorInvalidValue), each call recorded in `calls`."""
+    class Refusing:
+        arrays = staticmethod(lambda targets, sources, sizes: ("args",))
+
+        @staticmethod
+        def call(args, stream):
+            calls.append(1)
+            return 1
+    return Refusing
+
+
 def _prepared(sources, targets) -> dma.Prepared:
     return dma.Prepared([t.data_ptr() for t in targets], [s.data_ptr() for s in sources], [s.nbytes for s in sources])
 
@@ -215,18 +239,8 @@ def _prepared(sources, targets) -> dma.Prepared:
 def test_copies_prepared_ahead_land_exactly_as_one_batch(monkeypatch):
     if min(_runtime_versions()) < 12080:
         pytest.skip("cudaMemcpyBatchAsync needs a CUDA 12.8 runtime and driver")
-    real = dma._memcpy_batch()
     calls = []
-
-    class Counting:
-        arrays = staticmethod(real.arrays)
-
-        @staticmethod
-        def call(args, stream):
-            calls.append(args[3].value)
-            return real.call(args, stream)
-
-    monkeypatch.setattr(dma, "_memcpy_batch", lambda: Counting)
+    monkeypatch.setattr(dma, "_memcpy_batch", lambda counting=_counting(dma._memcpy_batch(), calls): counting)
     stream = torch.cuda.Stream()
     sources, buffer, targets = _pinned_layer()
     prepared = _prepared(sources, targets)
@@ -244,12 +258,8 @@ def test_copies_prepared_ahead_land_exactly_as_one_batch(monkeypatch):
 @cuda
 def test_prepared_copies_a_refused_batch_copies_a_block_a_call(monkeypatch, caplog):
     monkeypatch.setattr(dma, "_batch_refused", False)
-
-    class Refusing:
-        arrays = staticmethod(lambda targets, sources, sizes: ("args",))
-        call = staticmethod(lambda args, stream: 1)  # cudaErrorInvalidValue
-
-    monkeypatch.setattr(dma, "_memcpy_batch", lambda: Refusing)
+    calls = []
+    monkeypatch.setattr(dma, "_memcpy_batch", lambda refusing=_refusing(calls): refusing)
     stream = torch.cuda.Stream()
     sources, buffer, targets = _pinned_layer()
     prepared = _prepared(sources, targets)
@@ -257,4 +267,5 @@ def test_prepared_copies_a_refused_batch_copies_a_block_a_call(monkeypatch, capl
     prepared.issue(stream)
     stream.synchronize()
     assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources)) and "refused" in caplog.text and dma._batch_refused
+    assert calls == [1]
     assert (torch.ones(4, device="cuda") + 1).sum().item() == 8  # PyTorch's next launch finds no error
