@@ -226,43 +226,22 @@ def _with_pool_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
         step.kv_pool, step.graphs = old
 
 
-def _with_in_flight(layers: int, fn):
-    """fn() with the request source keeping `layers` layers' copies in flight (StoreSource.IN_FLIGHT)."""
-    old, StoreSource.IN_FLIGHT = StoreSource.IN_FLIGHT, layers
+def _with_settings(settings, fn):
+    """fn() with each (owner, name, value) of `settings` set, then set back: the request source's knobs
+    (StoreSource.IN_FLIGHT, ISSUE_FIRST, PLAN_LAYERS) and the fusor's (AHEAD_BEFORE_CHECK) for a variant row."""
+    old = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+    for owner, name, value in settings:
+        setattr(owner, name, value)
     try:
         return fn()
     finally:
-        StoreSource.IN_FLIGHT = old
+        for owner, name, value in old:
+            setattr(owner, name, value)
 
 
 def _without_batch(fn):
     """fn() with the request source's raw copies issued one cudaMemcpyAsync a block, not one batch a layer."""
-    old, dma._memcpy_batch = dma._memcpy_batch, lambda: None
-    try:
-        return fn()
-    finally:
-        dma._memcpy_batch = old
-
-
-def _with_early_ahead(fn):
-    """fn() as the sixteenth session served it: the source's `ahead` after the question-only layers before a +cachedk
-    check layer too (fusor.AHEAD_BEFORE_CHECK), three layers' copies started by `into` (StoreSource.ISSUE_FIRST)."""
-    old = fusor.AHEAD_BEFORE_CHECK, StoreSource.ISSUE_FIRST
-    fusor.AHEAD_BEFORE_CHECK, StoreSource.ISSUE_FIRST = True, 3
-    try:
-        return fn()
-    finally:
-        fusor.AHEAD_BEFORE_CHECK, StoreSource.ISSUE_FIRST = old
-
-
-def _with_plan_layers(layers: int, fn):
-    """fn() with the request source's copy plan looking `layers` layers up in one pass (StoreSource.PLAN_LAYERS; 0:
-    each layer looked up and its copies checked as it is issued, the per-layer path)."""
-    old, StoreSource.PLAN_LAYERS = StoreSource.PLAN_LAYERS, layers
-    try:
-        return fn()
-    finally:
-        StoreSource.PLAN_LAYERS = old
+    return _with_settings([(dma, "_memcpy_batch", lambda: None)], fn)
 
 
 def _with_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
@@ -626,13 +605,18 @@ def run_bench(config: BenchConfig) -> dict:
                         "blend@0.05/cpu+poolgraphs", "blend@0.15/cpu+poolgraphs")]:
                     for layers in (2, 5):
                         plan.append((f"{label}/in-flight{layers}", mode, ratio, tier,
-                                     lambda fn=fn, layers=layers: _with_in_flight(layers, fn)))
+                                     lambda fn=fn, layers=layers: _with_settings(
+                                         [(StoreSource, "IN_FLIGHT", layers)], fn)))
                     # What the copy plan gives the served row (a few layers looked up in one pass, each layer's copies
                     # one prepared runtime call): each layer looked up and checked as it is issued, in the same rounds.
                     plan.append((f"{label}/looked-up-a-layer", mode, ratio, tier,
-                                 lambda fn=fn: _with_plan_layers(0, fn)))
-                    plan.append((f"{label}/plan8", mode, ratio, tier, lambda fn=fn: _with_plan_layers(8, fn)))
-                    plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_early_ahead(fn)))
+                                 lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 0)], fn)))
+                    plan.append((f"{label}/plan8", mode, ratio, tier,
+                                 lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 8)], fn)))
+                    # As the sixteenth session's s20a served it: `ahead` after the question-only layer 0 too, three
+                    # layers' copies started by `into`.
+                    plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(fusor, "AHEAD_BEFORE_CHECK", True), (StoreSource, "ISSUE_FIRST", 3)], fn)))
             if main:
                 # Where one matmul for q/k/v (and for gate/up) pays: full prefill projected apart above 1,024
                 # tokens against the default (fused everywhere with the fused kernels: LlamaStep._apart).
