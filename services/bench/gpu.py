@@ -474,9 +474,12 @@ def copy_timeline(step, layout, store, prefix, keys, config: BlendConfig | None 
         end.record()
         torch.cuda.synchronize()
         done = time.perf_counter()
+        first_copy = source._marks["copy_start"][0]
         return source, {"host_build_begin_ms": round(1e3 * (built - start), 3),
                         "host_to_first_layer_ms": round(1e3 * (first - start), 3),
                         "host_issue_all_ms": round(1e3 * (issued - start), 3),
+                        # The request's GPU origin to the first copy's start: the layers' marks count from that copy.
+                        "first_copy_ms": round(origin.elapsed_time(first_copy), 3) if first_copy is not None else None,
                         "gpu_span_ms": round(origin.elapsed_time(end), 3), "wall_ms": round(1e3 * (done - start), 3)}
 
     run = one if pool_graphs is None else (lambda: _with_pool_graphs(step, pool_graphs, one))
@@ -651,10 +654,11 @@ def run_bench(config: BenchConfig) -> dict:
                 full = by_label["full"]
                 meta["full_median_over_min"] = round(statistics.median(full) / min(full), 3)
                 meta["timeline"] = copy_timeline(step, layout, stores["cpu"][0], prefix, stores["cpu"][1])
-                # The acceptance's blend@0.05 row as served (its selector, whole-layer graphs): where its time goes.
-                meta["timeline_served_0.05"] = copy_timeline(
-                    step, layout, stores["cpu"][0], prefix, stores["cpu"][1],
-                    BlendConfig("blend", ratio=0.05, selector=config.selectors[0]), pool_graphs)
+                # The acceptance's blend rows as served (their selector, whole-layer graphs): where their time goes.
+                for ratio in (0.05, 0.15):
+                    meta[f"timeline_served_{ratio:g}"] = copy_timeline(
+                        step, layout, stores["cpu"][0], prefix, stores["cpu"][1],
+                        BlendConfig("blend", ratio=ratio, selector=config.selectors[0]), pool_graphs)
                 meta["decode"] = time_decode(step, model, layout, repeats=max(3, config.repeats // 4), graphs=graphs)
                 meta["decode_batch"] = time_batch_decode(step, layout, graphs)
                 if config.profile:
