@@ -252,6 +252,8 @@ class Prepared:
         for target, source, size in zip(self.targets, self.sources, self.sizes):
             error = memcpy(target, source, size, _HOST_TO_DEVICE, handle)
             if error:
+                _clear_error()  # (else PyTorch's next launch check raises it as its own)
+                stream.synchronize()  # the copies queued before it: done before the caller lets their blocks go
                 raise RuntimeError(f"cudaMemcpyAsync of a {size}-byte block failed with CUDA error {error}")
 
 

@@ -36,6 +36,7 @@ read: the fusor gets None for them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -426,15 +427,21 @@ class StoreSource:
         # start, so the idle time is not counted as copying (`copy_s` sets the loading controller's bandwidth).
         previous = self._marks["copy_end"][layer - 1] if behind and not self.timeline else None
         start = previous if previous is not None and not previous.query() else _recorded(copy, timing=True)
-        if planned is not None:
-            prepared, out, sources, moves = planned
-            prepared.issue(copy)
-            self.stats.copy_bytes += prepared.nbytes
-            if moves:  # host segments found on the device (promoted to the GPU tier since): as `_copies` does
-                torch._foreach_copy_([target for target, _ in moves], [block for _, block in moves])
-            self._views_due.add(layer)
-        else:
-            out, sources = self._copies(layer, copy)
+        try:
+            if planned is not None:
+                prepared, out, sources, moves = planned
+                prepared.issue(copy)
+                self.stats.copy_bytes += prepared.nbytes
+                if moves:  # host segments found on the device (promoted to the GPU tier since): as `_copies` does
+                    torch._foreach_copy_([target for target, _ in moves], [block for _, block in moves])
+                self._views_due.add(layer)
+            else:
+                out, sources = self._copies(layer, copy)
+        except BaseException:
+            # Copies of this layer may be queued with no event or hold of their own yet: none may still read a block
+            # or write the buffer once the error has let them go (a buffer given back is reused at once).
+            copy.synchronize()
+            raise
         end = _recorded(copy, timing=True)  # also the layer's ready event (a timing event can be waited on)
         self._holds.add(end, sources)
         self._marks["copy_start"][layer], self._marks["copy_end"][layer] = start, end
@@ -449,10 +456,14 @@ class StoreSource:
         in the buffer: dtype, token shape, and its rows inside the buffer (raw copies are not bounds-checked as a
         view's copy is). None where not: no plan (the per-layer path copies those)."""
         data, starts = self._buffer
-        if not data[0].is_contiguous():
+        # A token's rows back to back and the layers apart (a view of a pool's range has the pool's layer stride);
+        # stride(1) asked outright: `is_contiguous` ignores the stride of a dimension of size 1 (a 1-token buffer).
+        per_token = math.prod(data.shape[2:])
+        if (data.device != self.device or not data[0].is_contiguous() or data.stride(1) != per_token
+                or data.stride(0) < data.shape[1] * per_token):
             return None
         size = data.element_size()
-        token = data.stride(1) * size
+        token = per_token * size
         places = {}
         for index in self._host:
             manifest = self.manifests[index]

@@ -370,3 +370,31 @@ def test_a_buffer_the_chunks_do_not_fit_as_stored_gets_no_plan_and_the_per_layer
     source.finish()
     for start, chunk in zip(starts[1:], chunks):
         assert torch.equal(data[:, start : start + len(chunk)], chunk.kv.half())
+
+
+def test_a_planned_source_writes_a_pool_ranges_segments_and_nothing_outside_the_range(cuda_step, monkeypatch):
+    """The served buffer is a range of the KV pool (a view whose layer stride is the pool's): the plan's raw copies
+    land in each chunk's rows of every layer of the range and write nothing else of the pool."""
+    gathers, gather = [], StoreSource._gather
+    monkeypatch.setattr(StoreSource, "_gather", lambda self, layer: gathers.append(layer) or gather(self, layer))
+    layout, prefix, chunks = _entries(cuda_step, seed=15)
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    starts = [0] + layout.chunk_starts()
+    capacity = len(layout) + 8
+    shape = chunks[0].kv.shape[2:]
+    pool = torch.full((cuda_step.n_layers, 3 * capacity, *shape), -3.0, dtype=chunks[0].kv.dtype, device="cuda")
+    data = pool[:, capacity : 2 * capacity]
+
+    class Range:  # what `_read_through` reads of a cache
+        pass
+
+    cache = Range()
+    cache.data = data
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    _read_through(source, cache, starts)
+    assert gathers == []  # every layer copied from the plan
+    for start, chunk in zip(starts[1:], chunks):
+        assert torch.equal(data[:, start : start + len(chunk)], chunk.kv)
+    outside = torch.cat((pool[:, :capacity], pool[:, 2 * capacity :], data[:, starts[-1] + len(chunks[-1]) :]), dim=1)
+    assert bool((outside == -3.0).all())  # nor the range's rows past the chunks (the question's, spare ones)
+    assert bool((data[:, : len(prefix)] == prefix.kv).all())  # the prefix placed by `into` on the compute stream

@@ -239,6 +239,7 @@ def _prepared(sources, targets) -> dma.Prepared:
 def test_copies_prepared_ahead_land_exactly_as_one_batch(monkeypatch):
     if min(_runtime_versions()) < 12080:
         pytest.skip("cudaMemcpyBatchAsync needs a CUDA 12.8 runtime and driver")
+    assert dma.batched()
     calls = []
     monkeypatch.setattr(dma, "_memcpy_batch", lambda counting=_counting(dma._memcpy_batch(), calls): counting)
     stream = torch.cuda.Stream()
@@ -268,4 +269,28 @@ def test_prepared_copies_a_refused_batch_copies_a_block_a_call(monkeypatch, capl
     stream.synchronize()
     assert torch.equal(buffer[1, 3:].cpu(), torch.cat(sources)) and "refused" in caplog.text and dma._batch_refused
     assert calls == [1]
+    assert (torch.ones(4, device="cuda") + 1).sum().item() == 8  # PyTorch's next launch finds no error
+
+
+@cuda
+def test_a_copy_refused_partway_leaves_nothing_queued_and_no_error_behind(monkeypatch):
+    """A layer's third copy refused by the runtime: the error says so, the two queued before it are done when it is
+    raised (their blocks and the buffer may be let go at once) and the runtime's last-error slot is clear."""
+    monkeypatch.setattr(dma, "_batch_refused", True)  # a copy a call
+    real, calls, cleared, clear = dma._memcpy_async(), [], [], dma._clear_error
+    assert real is not None
+
+    def third_refused(target, source, size, kind, stream):
+        calls.append(size)
+        return 1 if len(calls) == 3 else real(target, source, size, kind, stream)
+
+    monkeypatch.setattr(dma, "_memcpy_async", lambda: third_refused)
+    monkeypatch.setattr(dma, "_clear_error", lambda: cleared.append(1) or clear())
+    stream = torch.cuda.Stream()
+    sources, buffer, targets = _pinned_layer()
+    stream.wait_stream(torch.cuda.current_stream())
+    with pytest.raises(RuntimeError, match=f"{sources[2].nbytes}-byte block failed"):
+        _prepared(sources, targets).issue(stream)
+    assert stream.query() and len(calls) == 3 and cleared == [1]
+    assert torch.equal(buffer[1, 3:3 + 64 + 65].cpu(), torch.cat(sources[:2]))
     assert (torch.ones(4, device="cuda") + 1).sum().item() == 8  # PyTorch's next launch finds no error

@@ -229,3 +229,62 @@ def test_layer_views_are_each_segments_own_slice_of_the_layer(starts, lengths, i
         for index in indices:
             expected = torch.full((lengths[index], 2, 1, 2), 10.0 * layer + index + 1)
             assert torch.equal(data[layer, starts[index] : starts[index] + lengths[index]], expected)
+
+
+def _pointers_of(data, starts, manifests):
+    """`StoreSource._pointers` for a request buffer `data` and segments at `starts` (one manifest each), on the device
+    `data` is on: what the copy plan's raw copies would write."""
+    from types import SimpleNamespace
+
+    holder = SimpleNamespace(_buffer=(data, starts), device=data.device, _host=list(range(len(manifests))),
+                             manifests=manifests)
+    return StoreSource._pointers(holder)
+
+
+def _manifest(tokens, kv_heads=2, head_dim=4, dtype=torch.float32):
+    from store.chunks import Manifest
+
+    return Manifest(tuple(range(tokens)), 0, 3, kv_heads, head_dim, dtype)
+
+
+def test_the_copy_plans_addresses_are_each_segments_view_in_a_pool_range_and_nothing_outside_it():
+    """The plan writes by raw addresses (no view, no bounds check of PyTorch's): in a request's range of a KV pool
+    (a view whose layer stride is the pool's), each segment's address and size are those of its view, every layer."""
+    pool = torch.zeros(3, 40, 2, 2, 4)
+    data = pool[:, 11:29]  # the request's range: 18 token rows of every layer
+    manifests, starts = [_manifest(5), _manifest(7)], [2, 9]
+    base, layer_bytes, places = _pointers_of(data, starts, manifests)
+    for layer in range(3):
+        for index, manifest in enumerate(manifests):
+            view = data[layer, starts[index] : starts[index] + len(manifest.token_ids)]
+            offset, size = places[index]
+            assert (base + layer * layer_bytes + offset, size) == (view.data_ptr(), view.nbytes)
+    assert layer_bytes == pool.stride(0) * pool.element_size()
+
+
+@pytest.mark.parametrize("case", ["past the end", "before the start", "other dtype", "other token shape",
+                                  "rows apart", "layers overlapping"])
+def test_a_buffer_the_segments_do_not_fit_gets_no_copy_plan(case):
+    """Where a raw copy could write outside a segment's place (its rows past the buffer's, a token of another size,
+    rows not back to back) the plan is refused (None) and the per-layer path's checked copies take the request."""
+    data, starts, manifests = torch.zeros(3, 18, 2, 2, 4), [2, 9], [_manifest(5), _manifest(7)]
+    if case == "past the end":
+        starts = [2, 12]  # 12 + 7 > 18
+    elif case == "before the start":
+        starts = [-1, 9]
+    elif case == "other dtype":
+        manifests = [_manifest(5), _manifest(7, dtype=torch.bfloat16)]
+    elif case == "other token shape":
+        manifests = [_manifest(5), _manifest(7, head_dim=8)]
+    elif case == "rows apart":
+        data = torch.zeros(3, 18, 2, 2, 8)[..., :4]  # a token's numbers not back to back
+    else:
+        data = torch.zeros(60, 2, 2, 4).as_strided((3, 18, 2, 2, 4), (16 * 16, 16, 8, 4, 1))  # layer stride < 18 rows
+    assert _pointers_of(data, starts, manifests) is None
+
+
+def test_a_one_token_buffer_whose_token_stride_is_not_a_tokens_size_gets_no_copy_plan():
+    """`is_contiguous` ignores the stride of a dimension of size 1; the plan's token size does not trust it."""
+    data = torch.zeros(3, 4, 2, 2, 4)[:, :1].as_strided((3, 1, 2, 2, 4), (64, 32, 8, 4, 1))
+    assert data[0].is_contiguous() and data.stride(1) != 16
+    assert _pointers_of(data, [0], [_manifest(1)]) is None
