@@ -46,6 +46,7 @@ class ServerProcess:
             if line is None:
                 break
             if "kvblend: serving" in line:
+                self.serving_line = line
                 return int(line.split(" on ", 1)[1].split()[0].rsplit(":", 1)[1])
         self.process.kill()
         self.process.wait()

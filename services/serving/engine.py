@@ -33,6 +33,7 @@ from services.precompute import Precompute
 from services.serving.catalog import Catalog
 from services.serving.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotFound, Overloaded, ServiceError,
                                      Unavailable)
+from services.serving.gc_pauses import Pauses
 from services.serving.generation import Generation, ModelParts, decode_together
 from services.serving.guard import Guard
 from services.serving.loading import LoadEstimates, probe_tiers
@@ -118,6 +119,7 @@ class Engine:
                 log.info("KV pool: off for a %s model (16-bit floats only); buffers of their own", model.step.dtype)
         self.worker.call(self._measure_prefill)
         self.warmup, self.warmup_thread = self._start_warmup()
+        self.gc = Pauses()  # last: a start-up that fails leaves no callback behind
 
     def _start_warmup(self) -> tuple[Warmup | None, WarmupThread | None]:
         """With a CPU tier above a bottom tier and `warmup_interval_s`: the warm-up, which pulls into the
@@ -610,3 +612,4 @@ class Engine:
         if self.warmup_thread is not None:
             self.warmup_thread.stop()
         self.catalog.close()
+        self.gc.close()

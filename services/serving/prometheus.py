@@ -100,6 +100,22 @@ class EngineCollector:
             up.add_metric([name], 1 if available else 0)
         yield up
 
+        pauses = engine.gc.snapshot()
+        collections = CounterMetricFamily("kvblend_gc_collections", "Python garbage collections, by generation",
+                                          labels=["generation"])
+        seconds = CounterMetricFamily("kvblend_gc_pause_seconds", "seconds the process stood in Python garbage "
+                                      "collections (the thread that ran one waited), by generation",
+                                      labels=["generation"])
+        for generation, (count, spent) in enumerate(zip(pauses["collections"], pauses["seconds"], strict=True)):
+            collections.add_metric([str(generation)], count)
+            seconds.add_metric([str(generation)], spent)
+        yield collections
+        yield seconds
+        yield GaugeMetricFamily("kvblend_gc_longest_pause_seconds", "the longest Python garbage collection so far",
+                                value=pauses["longest_s"])
+        yield GaugeMetricFamily("kvblend_gc_frozen_objects", "objects start-up left out of the collector's walks "
+                                "(gc.freeze)", value=pauses["frozen"])
+
         waiting, active = engine.worker.depth()
         yield GaugeMetricFamily("kvblend_queue_depth", "Generate requests queued, not started yet", value=waiting)
         yield GaugeMetricFamily("kvblend_active_requests", "Generate requests started and not ended", value=active)

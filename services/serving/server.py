@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 
 from proto import kvblend_pb2 as pb
 from proto import kvblend_pb2_grpc as pb_grpc
-from services.serving import errors
+from services.serving import errors, gc_pauses
 from services.serving.auth import Tenants
 from services.settings import AuthConfig, ServeSettings
 
@@ -403,12 +403,16 @@ def serve(settings: ServeSettings) -> int:
         signal.signal(signum, lambda *_: stop.set())
     engine = Engine.open(settings)
     server = Server(engine, settings)
+    # Start-up's objects (model, tokenizer, retriever: ~400,000) out of the collector's reach: a full collection in a
+    # request's thread would otherwise walk them all (services/serving/gc_pauses.py).
+    frozen = gc_pauses.freeze_start_up()
     server.start()
     scheme = "tls" if settings.tls.enabled else "plaintext"
     catalog = "shared through Redis" if settings.server.catalog == "redis" else "local"
     print(f"kvblend: serving {settings.model.spec} on {settings.server.host}:{server.port} ({scheme}, "
           f"auth {'on' if settings.auth.enabled else 'off'}, catalog {catalog}, tiers "
-          f"{', '.join(t.name for t in engine.store.tiered.tiers)})", flush=True)
+          f"{', '.join(t.name for t in engine.store.tiered.tiers)}; {frozen} start-up objects frozen for the "
+          f"garbage collector)", flush=True)
     if server.metrics is not None:
         scheme = "https" if settings.server.metrics_tls else "http"
         print(f"kvblend: metrics on {scheme}://{settings.server.metrics_url_host}:{server.metrics.port}/metrics",

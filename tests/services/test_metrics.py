@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import time
@@ -17,6 +18,7 @@ from tests.helpers.service import DOCUMENTS, ServerProcess, delete_redis_prefix,
 from tests.helpers.kv import REDIS_URL
 
 from services.serving import prometheus
+from services.serving.gc_pauses import Pauses
 from services.serving.metrics import Metrics
 from store.memory_tier import MemoryTier
 from store.redis_tier import RedisTier
@@ -59,10 +61,32 @@ def light_engine(tiers, budgets) -> SimpleNamespace:
     """What the collector reads of an engine: metrics, store.tiered, worker.depth() and kv_bytes(),
     tier_availability(), warmup_stats(), pool_stats()."""
     tiered = TieredStore(tiers, budgets)
-    return SimpleNamespace(metrics=Metrics(), store=SimpleNamespace(tiered=tiered), worker=Worker(),
+    return SimpleNamespace(metrics=Metrics(), store=SimpleNamespace(tiered=tiered), worker=Worker(), gc=_NoPauses(),
                            tier_availability=lambda: {t.name: getattr(t, "available", True) for t in tiers},
                            warmup_stats=WarmupStats,
                            pool_stats=lambda: {"kv_pool_bytes": 1 << 30, "kv_pool_free_bytes": 3 << 28, "kv_pool_misses": 2})
+
+
+class _NoPauses:
+    """An engine's garbage-collector counters before any collection (`Pauses` without its process-wide callback)."""
+
+    def snapshot(self) -> dict:
+        return {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "longest_s": 0.0, "frozen": 0}
+
+
+def test_garbage_collections_and_their_pauses_are_reported_by_generation(serve):
+    engine = light_engine([MemoryTier("cpu")], [1 << 20])
+    engine.gc = Pauses()
+    try:
+        gc.collect(2)
+        samples = scrape(serve(engine))
+    finally:
+        engine.gc.close()
+    assert value(samples, "kvblend_gc_collections_total", generation="2") >= 1
+    assert value(samples, "kvblend_gc_pause_seconds_total", generation="2") > 0
+    assert value(samples, "kvblend_gc_collections_total", generation="0") is not None
+    assert value(samples, "kvblend_gc_longest_pause_seconds") > 0
+    assert value(samples, "kvblend_gc_frozen_objects") == gc.get_freeze_count()
 
 
 def never(*_):
@@ -225,6 +249,18 @@ def wait_for(url: str, condition, timeout: float = 30.0) -> dict:
 
 def test_serve_prints_the_metrics_address(server):
     assert f"kvblend: metrics on {server.metrics_url}\n" in server.output(timeout=2)
+
+
+def test_a_served_process_freezes_its_start_up_objects_and_counts_its_collections(server):
+    """`kvblend serve` moves start-up's objects out of the collector's walks and says how many; the metrics show them
+    and every collection since, by generation."""
+    frozen = int(server.serving_line.split(" start-up objects frozen")[0].rsplit(" ", 1)[1])
+    samples = scrape(server.metrics_url)
+    # (Frozen objects still go when nothing refers to them: the count only falls after start-up.)
+    assert 10_000 < value(samples, "kvblend_gc_frozen_objects") <= frozen
+    for generation in "012":
+        assert value(samples, "kvblend_gc_collections_total", generation=generation) >= 0
+        assert value(samples, "kvblend_gc_pause_seconds_total", generation=generation) >= 0
 
 
 def test_calls_are_counted_by_method_and_status_with_ttft_and_tiers(server, client, chunk_ids, service_model_dir):
