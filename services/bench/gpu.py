@@ -616,6 +616,11 @@ def run_bench(config: BenchConfig) -> dict:
                                  lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 0)], fn)))
                     plan.append((f"{label}/plan8", mode, ratio, tier,
                                  lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 8)], fn)))
+                    # The head's host work cut to what its layers need: `into` looks up and issues layers 0 and 1 only
+                    # (the check layer's); the rest follow the kept tokens' steps (`ahead`), the copy stream idle
+                    # between: what that costs at 0.05 (copy-bound) against what it spares the head at 0.15.
+                    plan.append((f"{label}/first2", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(StoreSource, "ISSUE_FIRST", 2), (StoreSource, "PLAN_LAYERS", 2)], fn)))
                     # As the sixteenth session's s20a served it: `ahead` after the question-only layer 0 too, three
                     # layers' copies started by `into`.
                     plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_settings(
