@@ -158,8 +158,9 @@ def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn
 
 
 def _turn(old_starts, new_starts, lengths, skip):
-    """(lo, hi, old_new) for re-rotating the placed segments in [lo, hi) by token (`turn_in_place`):
-    old_new [2, hi - lo] (int64, numpy) holds each token's position when computed, then now; None if none moves."""
+    """(lo, hi, old_new, moving) for re-rotating the placed segments in [lo, hi) by token (`turn_in_place`):
+    old_new [2, hi - lo] (int64, numpy) holds each token's position when computed, then now; moving lists the
+    segments that moved; None if none moves."""
     moving = [i for i, (old, new) in enumerate(zip(old_starts, new_starts)) if i not in skip and old != new]
     if not moving:
         return None
@@ -171,7 +172,7 @@ def _turn(old_starts, new_starts, lengths, skip):
     shift = np.zeros(hi - lo, dtype=np.int64)
     for i in moving:
         shift[new_starts[i] - lo : new_starts[i] - lo + lengths[i]] = new_starts[i] - old_starts[i]
-    return lo, hi, np.stack((now - shift, now))
+    return lo, hi, np.stack((now - shift, now)), moving
 
 
 def _send_all(device, ints: Sequence[np.ndarray], floats: np.ndarray | None = None):
@@ -342,7 +343,15 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     (ids, fixed, rows, *old_new), ranks = _send_all(device, ints, ranks)
     turn = None
     if moving is not None:
-        turn = (moving[0], moving[1], step.turning(old_new[0]))
+        lo, hi, _, moved = moving
+        turning = step.turning(old_new[0])
+        turn = (lo, hi, turning)
+        # Where the source placed every moving segment itself, it may re-rotate them too, each layer once its copies
+        # are done, off the compute stream (`StoreSource.turn_with`): then no layer's `_place` turns them.
+        offer = getattr(source, "turn_with", None)
+        if offer is not None and all(index in placed for index in moved) and offer(
+                lambda layer: step.turn_keys(cache.data[layer, lo:hi, 0], turning)):
+            turn = None
     if early:
         computing, positions = positions, fixed
         h = step.embed(ids[positions])

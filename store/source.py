@@ -238,6 +238,13 @@ class StoreSource:
             self._buffer = None  # (the buffer the host segments land in, each segment's start in it)
             self._table = None  # (`_pointers`)
             self._views_due: set[int] = set()  # planned layers whose host segments' views `layer` makes
+            # Host segments' rows written on the compute stream when their layer was issued (a block found on the
+            # device: promoted, or recomputed): per layer, an event after those writes, else None.
+            self._written: list[torch.cuda.Event | None] = [None] * self.n_layers
+            self._turner = None  # `turn_with`'s: layer -> the re-rotation enqueued on the current stream
+            self._turned: list[torch.cuda.Event | None] = [None] * self.n_layers
+            self._turned_upto = -1  # every layer up to this one is known re-rotated (its event completed)
+            self._last_turned = -1
         return self
 
     # Layers issued: `into` starts ISSUE_FIRST; each `ahead` call (the fusor's, once a layer's compute is enqueued)
@@ -257,6 +264,45 @@ class StoreSource:
     # issued from the per-layer path cost the host ~0.21 ms on an H200 host (docs/ops/h200_probe_host_s18a.txt: the
     # lookup ~0.06 ms, the copies' checks and calls, two events), most of a blend@0.05 request's host time a layer.
     PLAN_LAYERS = 4
+    # The placed chunks' keys re-rotated on a stream of their own, each layer once its copies are done (`turn_with`),
+    # not by the fusor on the compute stream ahead of the layer's compute (~8 us a layer of 10 x 512 8B-shape tokens on
+    # an H200, s13b's profile): off until the bench's `/turn-aside` rows show it pays.
+    TURN_ASIDE = False
+
+    def turn_with(self, turner: Callable[[int], None]) -> bool:
+        """Offer the placed segments' re-rotation: `turner(layer)` enqueues that layer's on the current stream (the
+        fusor's, over the request buffer's range of moving segments, every one of them placed by `into`). True where
+        this source takes it (CUDA, TURN_ASIDE, after `into`): each layer's then runs on a stream of its own once the
+        layer's copies (and any write of its host segments on the compute stream) are done, and the compute stream
+        waits for it before the layer's compute (`layer`); False: the caller turns each layer itself."""
+        if not (self.cuda and self._begun and self.TURN_ASIDE and self._buffer is not None and self._host):
+            return False
+        here = self.device.index == torch.cuda.current_device()
+        self._turn_stream = torch.cuda.Stream() if here else torch.cuda.Stream(self.device)
+        # What the turner reads was made on the compute stream (the request's positions, sent at set-up).
+        self._turn_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._turner = turner
+        return True
+
+    def _turn(self, layer: int) -> None:
+        """Enqueue layer `layer`'s re-rotation on the turn stream (once), after its copies and writes."""
+        if self._turned[layer] is not None:
+            return
+        stream = self._turn_stream
+        stream.wait_event(self._ready[layer])
+        if self._written[layer] is not None:
+            stream.wait_event(self._written[layer])
+        with torch.cuda.stream(stream):
+            self._turner(layer)
+        self._turned[layer] = _recorded(stream)
+        self._last_turned = layer
+
+    def _turned_done(self) -> int:
+        """The last layer up to which every re-rotation is known done (stream order: one query a layer found done)."""
+        while self._turned_upto < self._last_turned and self._turned[self._turned_upto + 1] is not None \
+                and self._turned[self._turned_upto + 1].query():
+            self._turned_upto += 1
+        return self._turned_upto
 
     def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
         """Copy the host-held segments straight into `data` ([layers, capacity, 2, kv_heads, head_dim], the
@@ -434,9 +480,12 @@ class StoreSource:
                 self.stats.copy_bytes += prepared.nbytes
                 if moves:  # host segments found on the device (promoted to the GPU tier since): as `_copies` does
                     torch._foreach_copy_([target for target, _ in moves], [block for _, block in moves])
+                    self._written[layer] = _recorded(torch.cuda.current_stream(self.device))
                 self._views_due.add(layer)
             else:
-                out, sources = self._copies(layer, copy)
+                out, sources, wrote = self._copies(layer, copy)
+                if wrote:
+                    self._written[layer] = _recorded(torch.cuda.current_stream(self.device))
         except BaseException:
             # Copies of this layer may be queued with no event or hold of their own yet: none may still read a block
             # or write the buffer once the error has let them go (a buffer given back is reused at once).
@@ -549,13 +598,15 @@ class StoreSource:
             read_s[tier] = read_s.get(tier, 0.0) + elapsed * size / total
             read_bytes[tier] = read_bytes.get(tier, 0) + size
 
-    def _copies(self, layer: int, copy: torch.cuda.Stream) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+    def _copies(self, layer: int, copy: torch.cuda.Stream) -> tuple[list[torch.Tensor | None], list[torch.Tensor], bool]:
         """The per-layer path: look the layer up, enqueue its copies on `copy`; (the blocks the fusor is handed, the
-        host blocks to hold until the copies are done)."""
+        host blocks to hold until the copies are done, whether a host segment's rows were written on the compute
+        stream)."""
         blocks = self._gather(layer)
         views = self._target(layer)
         out: list[torch.Tensor | None] = []
         targets, sources = [], []
+        wrote = False
         for index, block in enumerate(blocks):
             target = views.get(index)
             if block is None or (block.device == self.device and target is None):
@@ -567,6 +618,7 @@ class StoreSource:
                 # on the compute stream that computed it, ahead of the layer's compute.
                 target.copy_(block)
                 out.append(target)
+                wrote = True
                 continue
             if target is None:  # a segment that arrived on the host unexpectedly (recomputed on CPU)
                 with torch.cuda.stream(copy):
@@ -585,7 +637,7 @@ class StoreSource:
         if left:
             with torch.cuda.stream(copy):
                 torch._foreach_copy_([targets[i] for i in left], [sources[i] for i in left], non_blocking=True)
-        return out, sources
+        return out, sources, wrote
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
         if not self._begun:
@@ -601,10 +653,14 @@ class StoreSource:
         self._issue(index)
         self._asked = index
         self._in_flight()
-        if self.timeline or index > self._copied:
+        gate, done = self._ready[index], index <= self._copied
+        if self._turner is not None:  # the layer is ready once re-rotated (after its copies)
+            self._turn(index)
+            gate, done = self._turned[index], index <= self._turned_done()
+        if self.timeline or not done:
             # The copy may still run: the compute stream waits for it, between two marks that time the stall.
             self._marks["asked"][index] = _recorded(compute, timing=True)
-            compute.wait_event(self._ready[index])
+            compute.wait_event(gate)
             self._marks["compute_start"][index] = _recorded(compute, timing=True)
         # else its copy is done already (the usual case past the first layers): nothing to wait for and no stall
         # to time, so no wait and no two events on the host's critical path (a layer without marks stalled 0 s).
@@ -622,10 +678,14 @@ class StoreSource:
         the host issues them while the GPU works, not before its next work (on an H200 the request's head is bound
         by its host time). Tops the copy stream up to IN_FLIGHT layers not yet copied, never past AHEAD beyond the
         layer asked for last (a source with nothing to copy issues none: each layer is looked up when asked for)."""
-        if not (self.cuda and self._begun and self._host) or self._issued + 1 >= self.n_layers:
+        if not (self.cuda and self._begun and self._host):
             return
-        self._issue_ahead(self._asked + self.AHEAD, self.IN_FLIGHT - self._in_flight())
-        self._holds.release_done()
+        if self._issued + 1 < self.n_layers:
+            self._issue_ahead(self._asked + self.AHEAD, self.IN_FLIGHT - self._in_flight())
+            self._holds.release_done()
+        if self._turner is not None:  # each issued layer's re-rotation queued behind its copies, ahead of its turn
+            for layer in range(self._last_turned + 1, self._issued + 1):
+                self._turn(layer)
 
     def finish(self) -> LoadStats:
         """After the prefill's results were read back (a synchronize happened): the GPU-side figures."""
@@ -678,6 +738,9 @@ class StoreSource:
             # Work the compute stream enqueues from now on (a buffer given back and taken again) follows
             # every copy issued into it.
             torch.cuda.current_stream(self.device).wait_event(self._ready[self._issued])
+            if self._last_turned >= 0:  # and every re-rotation (the buffer's rows it rewrites, the positions it reads)
+                torch.cuda.current_stream(self.device).wait_event(self._turned[self._last_turned])
+            self._turner = None
             self._holds.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)

@@ -228,7 +228,8 @@ def _with_pool_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
 
 def _with_settings(settings, fn):
     """fn() with each (owner, name, value) of `settings` set, then set back: the request source's knobs
-    (StoreSource.IN_FLIGHT, ISSUE_FIRST, PLAN_LAYERS) and the fusor's (AHEAD_BEFORE_CHECK) for a variant row."""
+    (StoreSource.IN_FLIGHT, ISSUE_FIRST, PLAN_LAYERS, TURN_ASIDE) and the fusor's (AHEAD_BEFORE_CHECK) for a variant
+    row."""
     old = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
     for owner, name, value in settings:
         setattr(owner, name, value)
@@ -621,6 +622,10 @@ def run_bench(config: BenchConfig) -> dict:
                     # between: what that costs at 0.05 (copy-bound) against what it spares the head at 0.15.
                     plan.append((f"{label}/first2", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "ISSUE_FIRST", 2), (StoreSource, "PLAN_LAYERS", 2)], fn)))
+                    # The placed chunks' keys re-rotated on the source's own stream once each layer's copies are done,
+                    # not on the compute stream before each layer (StoreSource.TURN_ASIDE, off as served until this pays).
+                    plan.append((f"{label}/turn-aside", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(StoreSource, "TURN_ASIDE", True)], fn)))
                     # As the sixteenth session's s20a served it: `ahead` after the question-only layer 0 too, three
                     # layers' copies started by `into`.
                     plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_settings(

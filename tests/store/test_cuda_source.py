@@ -398,3 +398,71 @@ def test_a_planned_source_writes_a_pool_ranges_segments_and_nothing_outside_the_
     outside = torch.cat((pool[:, :capacity], pool[:, 2 * capacity :], data[:, starts[-1] + len(chunks[-1]) :]), dim=1)
     assert bool((outside == -3.0).all())  # nor the range's rows past the chunks (the question's, spare ones)
     assert bool((data[:, : len(prefix)] == prefix.kv).all())  # the prefix placed by `into` on the compute stream
+
+
+@pytest.mark.parametrize("ratio", [0.15, 0.5])
+def test_keys_turned_aside_give_what_the_fusor_turning_them_gives(cuda_step, ratio, monkeypatch):
+    """The served selector from the pinned CPU tier with the placed chunks' re-rotation on the source's own stream
+    (`StoreSource.TURN_ASIDE`), against the fusor turning each layer on the compute stream: the same kernel on the
+    same rows, so the same cache and logits to the bit; every layer turned once, by the source."""
+    from services.settings import SERVED_SELECTOR
+
+    layout, prefix, chunks = _entries(cuda_step, seed=6, lengths=(60, 45, 70, 52))
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    config = BlendConfig(mode="blend", ratio=ratio, selector=SERVED_SELECTOR)
+    turned = []
+    with torch.inference_mode():
+        plain = prefill(cuda_step, layout, config, StoreSource(store, [prefix, *keys], device="cuda").begin())
+        monkeypatch.setattr(StoreSource, "TURN_ASIDE", True)
+        turn = StoreSource._turn
+        monkeypatch.setattr(StoreSource, "_turn", lambda self, layer: turned.append(layer) or turn(self, layer))
+        source = StoreSource(store, [prefix, *keys], device="cuda", timeline=True).begin()
+        aside = prefill(cuda_step, layout, config, source)
+        source.finish()
+    assert source._turner is None and source._last_turned == cuda_step.n_layers - 1
+    assert sorted(set(turned)) == list(range(cuda_step.n_layers))
+    assert all(event is not None for event in source._turned)
+    assert aside.recomputed == plain.recomputed > 0
+    assert torch.equal(aside.logits, plain.logits)
+    assert torch.equal(aside.cache.data[:, : plain.length], plain.cache.data[:, : plain.length])
+
+
+def test_a_turn_aside_follows_the_layers_copies_and_a_promoted_blocks_write_on_the_compute_stream(monkeypatch):
+    """The source's re-rotation of a layer runs after everything that lands in its rows: the layer's copies (copy
+    stream) and a promoted chunk's device copy (compute stream). A turner that adds 1 to the rows shows it: every
+    layer of every chunk ends as stored + 1, the promoted chunk's too (turned before its write, it would lack it)."""
+    monkeypatch.setattr(StoreSource, "TURN_ASIDE", True)
+    monkeypatch.setattr(StoreSource, "ISSUE_FIRST", 1)
+    step = LlamaStep(tiny_model().to("cuda"))
+    layout, prefix, chunks = _entries(step, seed=16)
+    gpu, cpu = MemoryTier("gpu", "cuda"), MemoryTier("cpu")
+    _, keys = _store(cpu, chunks)
+    store = ChunkStore(TieredStore([gpu, cpu], [None, None]))
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    for layer in range(source.n_layers):  # promoted since the request began
+        gpu.put(layer_key(keys[2], layer), chunks[2].kv[layer])
+    starts = [0] + layout.chunk_starts()
+    cache = step.new_cache(len(layout) + 8)
+    source.into(cache.data, starts)
+    lo, hi = starts[1], starts[-1] + len(chunks[-1])
+    assert source.turn_with(lambda layer: cache.data[layer, lo:hi].add_(1.0))
+    for layer in range(source.n_layers):
+        source.layer(layer)
+        source.ahead()
+    source.finish()
+    assert all(event is not None for event in source._written)  # the promoted chunk's writes, every layer
+    for start, chunk in zip(starts[1:], chunks):
+        assert torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv.to("cuda") + 1.0)
+
+
+def test_a_source_turns_keys_aside_only_when_asked_and_after_into(cuda_step, monkeypatch):
+    layout, prefix, chunks = _entries(cuda_step, seed=17)
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    source.into(cuda_step.new_cache(len(layout) + 8).data, [0] + layout.chunk_starts())
+    assert not source.turn_with(lambda layer: None)  # TURN_ASIDE off (the served default until measured)
+    monkeypatch.setattr(StoreSource, "TURN_ASIDE", True)
+    early = StoreSource(store, [prefix, *keys], device="cuda").begin()
+    assert not early.turn_with(lambda layer: None)  # no buffer yet: nothing placed to turn
+    source.close()
+    early.close()

@@ -288,3 +288,14 @@ def test_a_one_token_buffer_whose_token_stride_is_not_a_tokens_size_gets_no_copy
     data = torch.zeros(3, 4, 2, 2, 4)[:, :1].as_strided((3, 1, 2, 2, 4), (64, 32, 8, 4, 1))
     assert data[0].is_contiguous() and data.stride(1) != 16
     assert _pointers_of(data, [0], [_manifest(1)]) is None
+
+
+def test_a_cpu_source_leaves_the_re_rotation_to_the_fusor(monkeypatch):
+    """`turn_with` is a CUDA source's (a stream of its own): on the CPU it declines, so blend turns keys as before."""
+    monkeypatch.setattr(StoreSource, "TURN_ASIDE", True)
+    chunks, keys = chunks_and_keys()
+    store = new_store()
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    source = StoreSource(store, keys).begin()
+    assert not source.turn_with(lambda layer: None)
