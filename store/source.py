@@ -245,6 +245,7 @@ class StoreSource:
             self._turned: list[torch.cuda.Event | None] = [None] * self.n_layers
             self._turned_upto = -1  # every layer up to this one is known re-rotated (its event completed)
             self._last_turned = -1
+            self._into = False  # `into` placed the host segments into the request's buffer
         return self
 
     # Layers issued: `into` starts ISSUE_FIRST; each `ahead` call (the fusor's, once a layer's compute is enqueued)
@@ -268,6 +269,7 @@ class StoreSource:
     # not by the fusor on the compute stream ahead of the layer's compute (~8 us a layer of 10 x 512 8B-shape tokens on
     # an H200, s13b's profile): off until the bench's `/turn-aside` rows show it pays.
     TURN_ASIDE = False
+    _turn_streams: dict = {}  # device index -> the stream the turns run on (`turn_with`)
 
     def turn_with(self, turner: Callable[[int], None]) -> bool:
         """Offer the placed segments' re-rotation: `turner(layer)` enqueues that layer's on the current stream (the
@@ -275,14 +277,25 @@ class StoreSource:
         this source takes it (CUDA, TURN_ASIDE, after `into`): each layer's then runs on a stream of its own once the
         layer's copies (and any write of its host segments on the compute stream) are done, and the compute stream
         waits for it before the layer's compute (`layer`); False: the caller turns each layer itself."""
-        if not (self.cuda and self._begun and self.TURN_ASIDE and self._buffer is not None and self._host):
+        if not (self.cuda and self._begun and self.TURN_ASIDE and self._into and self._host):
             return False
-        here = self.device.index == torch.cuda.current_device()
-        self._turn_stream = torch.cuda.Stream() if here else torch.cuda.Stream(self.device)
-        # What the turner reads was made on the compute stream (the request's positions, sent at set-up).
-        self._turn_stream.wait_stream(torch.cuda.current_stream(self.device))
+        # One stream a device for every request's turns (a model thread runs one request's layers at a time): the
+        # PyTorch fallback's temporaries stay in one stream's cache, not in one of each of PyTorch's pooled streams.
+        stream = StoreSource._turn_streams.get(self.device.index)
+        if stream is None:
+            stream = StoreSource._turn_streams[self.device.index] = torch.cuda.Stream(self.device)
+        self._turn_stream = stream
+        # What the turner reads was made on the compute stream (the request's positions, sent at set-up; the rows
+        # the source wrote there while issuing layers before now).
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         self._turner = turner
         return True
+
+    def _mark_written(self, layer: int) -> None:
+        """Layer `layer`'s host-segment rows were just written on the compute stream: its turn (if the source turns
+        keys, `turn_with`) waits for that too."""
+        if self._turner is not None:
+            self._written[layer] = _recorded(torch.cuda.current_stream(self.device))
 
     def _turn(self, layer: int) -> None:
         """Enqueue layer `layer`'s re-rotation on the turn stream (once), after its copies and writes."""
@@ -318,6 +331,7 @@ class StoreSource:
                              f"{data.shape[0]} layers in the buffer for the segments' {self.n_layers}")
         self._target = layer_views(data, starts, self._lengths, self._host)
         self._buffer = (data, starts)
+        self._into = True
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
         if self._host:  # (nothing to copy, e.g. every chunk in the GPU tier: each layer looked up when asked for)
             self._issue_ahead(self.ISSUE_FIRST - 1, self.ISSUE_FIRST)
@@ -480,12 +494,12 @@ class StoreSource:
                 self.stats.copy_bytes += prepared.nbytes
                 if moves:  # host segments found on the device (promoted to the GPU tier since): as `_copies` does
                     torch._foreach_copy_([target for target, _ in moves], [block for _, block in moves])
-                    self._written[layer] = _recorded(torch.cuda.current_stream(self.device))
+                    self._mark_written(layer)
                 self._views_due.add(layer)
             else:
                 out, sources, wrote = self._copies(layer, copy)
                 if wrote:
-                    self._written[layer] = _recorded(torch.cuda.current_stream(self.device))
+                    self._mark_written(layer)
         except BaseException:
             # Copies of this layer may be queued with no event or hold of their own yet: none may still read a block
             # or write the buffer once the error has let them go (a buffer given back is reused at once).

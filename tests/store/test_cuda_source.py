@@ -220,15 +220,18 @@ def test_a_source_with_nothing_to_copy_looks_each_layer_up_when_asked(cuda_step,
     assert source.finish().copy_bytes == 0
 
 
+@pytest.mark.parametrize("aside", [False, True], ids=["turned-by-the-fusor", "turned-aside"])
 @pytest.mark.parametrize(("lost_layer", "plan_layers"), [(0, 4), (2, 4), (3, 2), (2, 0)])
-def test_a_layer_lost_mid_request_is_recomputed_into_the_request_buffer(cuda_step, lost_layer, plan_layers,
+def test_a_layer_lost_mid_request_is_recomputed_into_the_request_buffer(cuda_step, lost_layer, plan_layers, aside,
                                                                          tmp_path, monkeypatch):
     """A CPU-tier chunk whose layer is evicted after its manifest was read is computed on the device on its own
     (`compute`); `into` claimed the chunk, so the fusor does not place it: the source writes the computed block
     into the buffer itself, and blend equals blend from memory (not zeros from that layer on). The copy plan finds
     the layer missing in its first pass (layer 0 or 2 of 4) or in a later one (layer 3, two layers a pass) and
-    leaves it and the rest to the per-layer path; without a plan (0) that path alone."""
+    leaves it and the rest to the per-layer path; without a plan (0) that path alone. With the keys turned aside
+    (`StoreSource.TURN_ASIDE`), each layer's turn follows the source's write of the computed block."""
     monkeypatch.setattr(StoreSource, "PLAN_LAYERS", plan_layers)
+    monkeypatch.setattr(StoreSource, "TURN_ASIDE", aside)
     layout, prefix, chunks = _entries(cuda_step)
     store, keys = _store(_tier("cpu", tmp_path), chunks)
     config = BlendConfig(mode="blend", ratio=0.3)
@@ -410,36 +413,55 @@ def test_keys_turned_aside_give_what_the_fusor_turning_them_gives(cuda_step, rat
     layout, prefix, chunks = _entries(cuda_step, seed=6, lengths=(60, 45, 70, 52))
     store, keys = _store(MemoryTier("cpu"), chunks)
     config = BlendConfig(mode="blend", ratio=ratio, selector=SERVED_SELECTOR)
-    turned = []
+    streams = []  # the stream each layer's keys were turned on
+    turn_keys = cuda_step.turn_keys
+    monkeypatch.setattr(cuda_step, "turn_keys", lambda keys, turning: streams.append(
+        torch.cuda.current_stream().cuda_stream) or turn_keys(keys, turning))
     with torch.inference_mode():
         plain = prefill(cuda_step, layout, config, StoreSource(store, [prefix, *keys], device="cuda").begin())
+        compute = torch.cuda.current_stream().cuda_stream
+        assert streams == [compute] * cuda_step.n_layers  # the fusor's: each layer on the compute stream
+        streams.clear()
         monkeypatch.setattr(StoreSource, "TURN_ASIDE", True)
-        turn = StoreSource._turn
-        monkeypatch.setattr(StoreSource, "_turn", lambda self, layer: turned.append(layer) or turn(self, layer))
         source = StoreSource(store, [prefix, *keys], device="cuda", timeline=True).begin()
         aside = prefill(cuda_step, layout, config, source)
         source.finish()
     assert source._turner is None and source._last_turned == cuda_step.n_layers - 1
-    assert sorted(set(turned)) == list(range(cuda_step.n_layers))
+    assert len(streams) == cuda_step.n_layers and compute not in streams  # once a layer, all on the turn stream
     assert all(event is not None for event in source._turned)
     assert aside.recomputed == plain.recomputed > 0
     assert torch.equal(aside.logits, plain.logits)
     assert torch.equal(aside.cache.data[:, : plain.length], plain.cache.data[:, : plain.length])
 
 
-def test_a_turn_aside_follows_the_layers_copies_and_a_promoted_blocks_write_on_the_compute_stream(monkeypatch):
-    """The source's re-rotation of a layer runs after everything that lands in its rows: the layer's copies (copy
-    stream) and a promoted chunk's device copy (compute stream). A turner that adds 1 to the rows shows it: every
-    layer of every chunk ends as stored + 1, the promoted chunk's too (turned before its write, it would lack it)."""
+_ISSUE, _MARK = StoreSource._issue, StoreSource._mark_written
+
+
+def _turned_plus_one(step, monkeypatch, wait_for_writes: bool) -> list[bool]:
+    """Per chunk, whether every layer's rows ended as stored + 1 under a turner that adds 1, with the compute and copy
+    streams held back (a GPU sleep) before each layer is issued, so a turn that did not wait for a write lands first
+    (`wait_for_writes` False: the compute-stream writes' events left out, a negative control)."""
     monkeypatch.setattr(StoreSource, "TURN_ASIDE", True)
     monkeypatch.setattr(StoreSource, "ISSUE_FIRST", 1)
-    step = LlamaStep(tiny_model().to("cuda"))
+    issue = _ISSUE
+
+    def held_back(self, layer, behind=False):
+        if layer == self._issued + 1:
+            # The copies held back (a turn that did not wait for them would land first, then be copied over), the
+            # compute stream three times as long (its writes land after the layer's copies are done).
+            with torch.cuda.stream(self._copy_stream):
+                torch.cuda._sleep(10_000_000)
+            torch.cuda._sleep(30_000_000)
+        issue(self, layer, behind)
+
+    monkeypatch.setattr(StoreSource, "_issue", held_back)
+    monkeypatch.setattr(StoreSource, "_mark_written", _MARK if wait_for_writes else (lambda self, layer: None))
     layout, prefix, chunks = _entries(step, seed=16)
     gpu, cpu = MemoryTier("gpu", "cuda"), MemoryTier("cpu")
     _, keys = _store(cpu, chunks)
     store = ChunkStore(TieredStore([gpu, cpu], [None, None]))
     source = StoreSource(store, [prefix, *keys], device="cuda").begin()
-    for layer in range(source.n_layers):  # promoted since the request began
+    for layer in range(1, source.n_layers):  # promoted since the request began (after `into` planned layer 0)
         gpu.put(layer_key(keys[2], layer), chunks[2].kv[layer])
     starts = [0] + layout.chunk_starts()
     cache = step.new_cache(len(layout) + 8)
@@ -450,9 +472,18 @@ def test_a_turn_aside_follows_the_layers_copies_and_a_promoted_blocks_write_on_t
         source.layer(layer)
         source.ahead()
     source.finish()
-    assert all(event is not None for event in source._written)  # the promoted chunk's writes, every layer
-    for start, chunk in zip(starts[1:], chunks):
-        assert torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv.to("cuda") + 1.0)
+    return [torch.equal(cache.data[:, start : start + len(chunk)], chunk.kv.to("cuda") + 1.0)
+            for start, chunk in zip(starts[1:], chunks)]
+
+
+def test_a_turn_aside_follows_the_layers_copies_and_a_promoted_blocks_write_on_the_compute_stream(monkeypatch):
+    """The source's re-rotation of a layer runs after everything that lands in its rows: the layer's copies (copy
+    stream) and a promoted chunk's device copy (compute stream), both held back. A turner that adds 1 to the rows
+    shows it: every layer of every chunk ends as stored + 1, the promoted chunk's too; without the wait for the
+    compute stream's writes (the control) the promoted chunk's layers are turned before their write and lack it."""
+    step = LlamaStep(tiny_model().to("cuda"))
+    assert _turned_plus_one(step, monkeypatch, wait_for_writes=True) == [True, True, True]
+    assert _turned_plus_one(step, monkeypatch, wait_for_writes=False) == [True, False, True]
 
 
 def test_a_source_turns_keys_aside_only_when_asked_and_after_into(cuda_step, monkeypatch):
