@@ -671,6 +671,7 @@ def test_metrics_table_matches_what_the_collector_exports():
     from types import SimpleNamespace
 
     from services.serving import prometheus
+    from services.serving.gc_pauses import Pauses
     from services.serving.metrics import Metrics
     from store.memory_tier import MemoryTier
     from store.tiered import TieredStore
@@ -684,12 +685,16 @@ def test_metrics_table_matches_what_the_collector_exports():
     engine = SimpleNamespace(metrics=Metrics(), store=SimpleNamespace(tiered=TieredStore(tiers, [1 << 20, None])),
                              worker=SimpleNamespace(depth=lambda: (0, 0), kv_bytes=lambda: (0, 0)),
                              tier_availability=lambda: {t.name: True for t in tiers}, warmup_stats=WarmupStats,
-                             pool_stats=lambda: {"kv_pool_bytes": 0, "kv_pool_free_bytes": 0, "kv_pool_misses": 0})
+                             pool_stats=lambda: {"kv_pool_bytes": 0, "kv_pool_free_bytes": 0, "kv_pool_misses": 0},
+                             gc=Pauses())
     engine.metrics.rpc("Generate", "OK")
     exported = {}
-    for family in prometheus.EngineCollector(engine).collect():
-        name = family.name + ("_total" if family.type == "counter" else "")
-        exported[name] = (family.type, {k for sample in family.samples for k in sample.labels} - {"le"})
+    try:
+        for family in prometheus.EngineCollector(engine).collect():
+            name = family.name + ("_total" if family.type == "counter" else "")
+            exported[name] = (family.type, {k for sample in family.samples for k in sample.labels} - {"le"})
+    finally:
+        engine.gc.close()
     documented = {row[0].strip("`"): (row[1], {x.strip().strip("`") for x in row[2].split(",") if x.strip()})
                   for row in doc_table("## Metrics")}
     assert documented == exported
