@@ -186,6 +186,13 @@ def request_pool(step: LlamaStep, prompt_tokens: int, requests: int = 3):
                   step.device, block, step.longest_cache)
 
 
+def variant_base(label: str, labels) -> str | None:
+    """The row a variant row varies (its label less the last "/" part, where that row ran too), else None: a variant
+    is compared with it per round (`speedup_vs_base`), not only through each one's ratio to full prefill."""
+    base = label.rsplit("/", 1)[0] if "/" in label else None
+    return base if base in labels and base != label else None
+
+
 def _paired(base: list[float], times: list[float]) -> float:
     """Median over rounds of base / this; rows timed apart from the rounds use medians instead."""
     if len(base) != len(times):
@@ -660,6 +667,9 @@ def run_bench(config: BenchConfig) -> dict:
                              "median_over_min": round(statistics.median(t) / min(t), 3),
                              "speedup_vs_full": _paired(by_label["full"], t),
                              "speedup_vs_hf": _paired(by_label["hf_full"], t)})
+                base = variant_base(label, by_label)
+                if base is not None:  # > 1: the variant is faster than the row it varies, in the same rounds
+                    rows[-1]["base"], rows[-1]["speedup_vs_base"] = base, _paired(by_label[base], t)
             if main:
                 full = by_label["full"]
                 meta["full_median_over_min"] = round(statistics.median(full) / min(full), 3)
@@ -683,7 +693,8 @@ def run_bench(config: BenchConfig) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ["chunks", "tokens", "label", "ttft_ms", "ttft_min_ms", "speedup_vs_full", "speedup_vs_hf"]
+    columns = ["chunks", "tokens", "label", "ttft_ms", "ttft_min_ms", "speedup_vs_full", "speedup_vs_hf",
+               "speedup_vs_base"]
     cells = [[str(row.get(c, "-")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     return "\n".join(["  ".join(c.ljust(w) for c, w in zip(columns, widths))]

@@ -31,3 +31,16 @@ def test_batch_decode_row_times_both_attention_paths_and_they_agree():
     assert row["same_tokens"] is True and row["batch"] == 3 and row["layer_graphs"] is True
     assert row["per_request_attention_ms_per_step"] > 0 and row["batched_attention_ms_per_step"] > 0
     assert step.graphs is None and step.batched_attention is False  # the step is left as it was
+
+
+def test_a_variant_row_is_compared_with_the_row_it_varies_and_other_rows_with_none():
+    from services.bench.gpu import _paired, variant_base
+
+    labels = {"full", "blend@0.05/cpu", "blend@0.05/cpu+poolgraphs", "blend@0.05/cpu+poolgraphs/first2",
+              "blend@0.05/cpu/qattn+sink4+nofirst", "blend@0.05/gpu+poolgraphs", "reuse+poolgraphs"}
+    assert variant_base("blend@0.05/cpu+poolgraphs/first2", labels) == "blend@0.05/cpu+poolgraphs"
+    assert variant_base("blend@0.05/cpu/qattn+sink4+nofirst", labels) == "blend@0.05/cpu"
+    for label in ("full", "blend@0.05/cpu", "blend@0.05/gpu+poolgraphs", "reuse+poolgraphs"):
+        assert variant_base(label, labels) is None  # ("blend@0.05" ran as no row)
+    # Per round: the variant's time against its base's in the same round, the median of those ratios.
+    assert _paired([10.0, 20.0, 12.0], [8.0, 25.0, 10.0]) == 1.2
