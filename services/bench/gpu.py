@@ -633,6 +633,9 @@ def run_bench(config: BenchConfig) -> dict:
                     # not on the compute stream before each layer (StoreSource.TURN_ASIDE, off as served until this pays).
                     plan.append((f"{label}/turn-aside", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "TURN_ASIDE", True)], fn)))
+                    plan.append((f"{label}/first2+turn-aside", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(StoreSource, "ISSUE_FIRST", 2), (StoreSource, "PLAN_LAYERS", 2),
+                         (StoreSource, "TURN_ASIDE", True)], fn)))
                     # As the sixteenth session's s20a served it: `ahead` after the question-only layer 0 too, three
                     # layers' copies started by `into`.
                     plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_settings(
