@@ -15,7 +15,7 @@ layer i + 1 while layer i computes; the fusor never does I/O itself.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -92,6 +92,11 @@ class KVSource(Protocol):
         """The asked layer's compute is enqueued: a source may start loading later layers now."""
         ...
 
+    def turn_with(self, turner: Callable[[int], None]) -> bool:
+        """After `into`, the re-rotation of the segments it placed (`turner(layer)` enqueues a layer's): True where
+        the source runs it itself, each layer before handing the layer over; False: the fusor turns each layer."""
+        ...
+
 
 class MemorySource:
     """Chunk KV already in memory on the compute device."""
@@ -108,6 +113,9 @@ class MemorySource:
 
     def ahead(self) -> None:
         pass  # nothing to load
+
+    def turn_with(self, turner: Callable[[int], None]) -> bool:
+        return False  # nothing placed: the fusor turns what it places
 
 
 @dataclass
@@ -348,8 +356,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         turn = (lo, hi, turning)
         # Where the source placed every moving segment itself, it may re-rotate them too, each layer once its copies
         # are done, off the compute stream (`StoreSource.turn_with`): then no layer's `_place` turns them.
-        offer = getattr(source, "turn_with", None)
-        if offer is not None and all(index in placed for index in moved) and offer(
+        if source is not None and all(index in placed for index in moved) and source.turn_with(
                 lambda layer: step.turn_keys(cache.data[layer, lo:hi, 0], turning)):
             turn = None
     if early:

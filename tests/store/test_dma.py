@@ -165,15 +165,20 @@ def _pinned_layer(count=11):
     return sources, buffer, list(buffer[1, 3:].split([s.shape[0] for s in sources]))
 
 
-@cuda
-def test_a_layers_copies_go_as_one_batch_and_land_exactly(monkeypatch):
+def _counted_batch(monkeypatch):
+    """(calls, stream, sources, buffer, targets): the runtime's batch call (skipped before CUDA 12.8) counted in
+    `calls`, a side stream and a pinned layer (`_pinned_layer`)."""
     if min(_runtime_versions()) < 12080:
         pytest.skip("cudaMemcpyBatchAsync needs a CUDA 12.8 runtime and driver")
     assert dma.batched()
     calls = []
     monkeypatch.setattr(dma, "_memcpy_batch", lambda counting=_counting(dma._memcpy_batch(), calls): counting)
-    stream = torch.cuda.Stream()
-    sources, buffer, targets = _pinned_layer()
+    return (calls, torch.cuda.Stream(), *_pinned_layer())
+
+
+@cuda
+def test_a_layers_copies_go_as_one_batch_and_land_exactly(monkeypatch):
+    calls, stream, sources, buffer, targets = _counted_batch(monkeypatch)
     stream.wait_stream(torch.cuda.current_stream())
     assert dma.copy_async(targets, sources, stream) == []
     stream.synchronize()
@@ -237,13 +242,7 @@ def _prepared(sources, targets) -> dma.Prepared:
 
 @cuda
 def test_copies_prepared_ahead_land_exactly_as_one_batch(monkeypatch):
-    if min(_runtime_versions()) < 12080:
-        pytest.skip("cudaMemcpyBatchAsync needs a CUDA 12.8 runtime and driver")
-    assert dma.batched()
-    calls = []
-    monkeypatch.setattr(dma, "_memcpy_batch", lambda counting=_counting(dma._memcpy_batch(), calls): counting)
-    stream = torch.cuda.Stream()
-    sources, buffer, targets = _pinned_layer()
+    calls, stream, sources, buffer, targets = _counted_batch(monkeypatch)
     prepared = _prepared(sources, targets)
     assert prepared.nbytes == sum(s.nbytes for s in sources)
     for _ in range(2):  # issued twice from the same arrays
