@@ -18,6 +18,7 @@ On CPU both run their bodies eagerly: the code the graphs record, and what the C
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 
@@ -163,6 +164,23 @@ class _Bucket:
         self.whole: list = []  # per layer, with a KV pool: the whole layer as one graph (`LayerGraphs.whole`)
         self.last_rows: tuple | None = None  # (positions tensor, cache offset) `pool_rows` was made from
         self.last_bounds: tuple[int, int] | None = None
+        self.held: weakref.ref | None = None  # the view of `h` handed over as a layer's output (`LayerGraphs.CHAIN`)
+        self.moved_out = 0  # handed-over views given storage of their own before another use of the bucket (`take`)
+
+    def take(self, h: torch.Tensor) -> bool:
+        """Before this bucket's `h` is written: True where `h` is the view it handed over last (the caller's previous
+        layer's output: its rows are in place, and passing it back consumes it). Otherwise that view, if its holder
+        still has it, first moves its rows into storage of its own (`Tensor.set_`: the holder's tensor keeps its
+        values; a copy is enqueued, ordered before this bucket's next write), and False."""
+        held = self.held() if self.held is not None else None
+        self.held = None
+        if held is None:
+            return False
+        if held is h:
+            return True
+        held.set_(held.clone())
+        self.moved_out += 1
+        return False
 
     def pooled(self, step: LlamaStep, keys_hint: int) -> None:
         """The whole-layer graphs' own buffers: each token's pool row (padding rows: scratch row 0), as
@@ -187,6 +205,14 @@ class LayerGraphs(_Buckets):
     instead of ~45. The bodies are `LlamaStep.qkv` and `LlamaStep._project` themselves; on CPU they
     run eagerly on the same buffers (what the CPU tests check). One model thread uses them at a time.
     """
+
+    # `whole` hands its output over as a view of the bucket's buffer, not a copy, and the caller's next layer of the
+    # same bucket takes it in place: two copies of h a layer fewer (the clone out, the copy back in; ~8 us a layer of
+    # an 800-row step on an H200, two launches on the host). The bucket remembers that view, and any other use of the
+    # bucket first gives its holder the rows in storage of its own (`_Bucket.take`): a prefill yields between layers
+    # and the server may run another request's steps on the same bucket then. Off until the bench's `/chained` rows
+    # show it pays.
+    CHAIN = False
 
     def __init__(self, step: LlamaStep, buckets: tuple[int, ...] = LAYER_BUCKETS, kv_pool: KVPool | None = None,
                  keys_hint: int = 8192):
@@ -239,11 +265,12 @@ class LayerGraphs(_Buckets):
     def whole(self, layer: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor:
         """`LlamaStep.step` for h [n, hidden] at positions [n] of `cache` (a range of the KV pool, keys
         0..length-1) as one graph: q/k/v, the KV write into the pool, attention over the request's rows
-        (each token seeing positions up to its own), o_proj and MLP. Returns the layer's output [n, hidden], a
-        fresh tensor (the bucket's buffers are shared: a prefill may yield between layers to other requests)."""
+        (each token seeing positions up to its own), o_proj and MLP. Returns the layer's output [n, hidden]: a
+        fresh tensor, or with `CHAIN` the bucket's rows, handed over (the bucket's buffers are shared: a prefill may
+        yield between layers to other requests, and any other use of the bucket first moves those rows out, `take`)."""
         n = h.shape[0]
         b = self._set(self.bucket(n))
-        if h.data_ptr() != b.h.data_ptr():
+        if not b.take(h) and h.data_ptr() != b.h.data_ptr():
             b.h[:n].copy_(h)
         if b.last_rows is None or b.last_rows[0] is not positions or b.last_rows[1] != cache.offset:
             b.positions[:n].copy_(positions)
@@ -262,7 +289,11 @@ class LayerGraphs(_Buckets):
             b.whole[layer].replay()
         else:
             self._whole_body(b, layer)
-        return b.h[:n].clone()
+        if not self.CHAIN:
+            return b.h[:n].clone()
+        out = b.h[:n]
+        b.held = weakref.ref(out)
+        return out
 
     def pre(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
         """(bucket, q, kv) for h [n, hidden] at positions [n]: the layer's rotated q [rows, heads, d] (the
@@ -270,7 +301,8 @@ class LayerGraphs(_Buckets):
         kv_heads, d], as views of the bucket's buffers (valid until its next replay)."""
         n = h.shape[0]
         b = self._set(self.bucket(n))
-        if h.data_ptr() != b.h.data_ptr():  # not the previous layer's chained output (already in place)
+        # (Not the previous layer's output, handed over or chained: already in place.)
+        if not b.take(h) and h.data_ptr() != b.h.data_ptr():
             b.h[:n].copy_(h)
         if b.last_positions is not positions:
             b.positions[:n].copy_(positions)

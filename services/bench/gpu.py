@@ -235,8 +235,8 @@ def _with_pool_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
 
 def _with_settings(settings, fn):
     """fn() with each (owner, name, value) of `settings` set, then set back: the request source's knobs
-    (StoreSource.IN_FLIGHT, ISSUE_FIRST, PLAN_LAYERS, TURN_ASIDE) and the fusor's (AHEAD_BEFORE_CHECK) for a variant
-    row."""
+    (StoreSource.IN_FLIGHT, ISSUE_FIRST, PLAN_LAYERS, TURN_ASIDE), the fusor's (AHEAD_BEFORE_CHECK) and the layer
+    graphs' (LayerGraphs.CHAIN) for a variant row."""
     old = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
     for owner, name, value in settings:
         setattr(owner, name, value)
@@ -636,6 +636,13 @@ def run_bench(config: BenchConfig) -> dict:
                     plan.append((f"{label}/first2+turn-aside", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "ISSUE_FIRST", 2), (StoreSource, "PLAN_LAYERS", 2),
                          (StoreSource, "TURN_ASIDE", True)], fn)))
+                    # Each whole-layer graph's output handed over as its bucket's rows and taken back in place by the
+                    # next layer (LayerGraphs.CHAIN, off as served until this pays): two copies of h a layer fewer.
+                    plan.append((f"{label}/chained", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(LayerGraphs, "CHAIN", True)], fn)))
+                    plan.append((f"{label}/first2+turn-aside+chained", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(StoreSource, "ISSUE_FIRST", 2), (StoreSource, "PLAN_LAYERS", 2),
+                         (StoreSource, "TURN_ASIDE", True), (LayerGraphs, "CHAIN", True)], fn)))
                     # As the sixteenth session's s20a served it: `ahead` after the question-only layer 0 too, three
                     # layers' copies started by `into`.
                     plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_settings(

@@ -3,12 +3,14 @@ buffers; their bodies run eagerly on the CPU, so here they must give what the pl
 mode and in batched decode, with buckets small enough that every step runs padded rows (stale rows of
 earlier steps among them). On CUDA the captured graphs are checked against eager (skipped without)."""
 
+import weakref
+
 import pytest
 import torch
 
 from blend.adapter import LlamaStep
 from blend.decode import Decoding, advance
-from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill
+from blend.fusor import BlendConfig, MemorySource, cached_entries, compute_kv, prefill, prefill_layers
 from blend.graphs import LayerGraphs
 from blend.scattered import INTERPRETED as _INTERPRETED
 from tests.helpers import model
@@ -138,3 +140,76 @@ def test_captured_whole_layer_graphs_over_the_kv_pool_equal_eager_on_cuda(config
     want, got = _first_logits(eager, layouts, config), _first_logits(pooled, layouts, config)
     for (logits, _, _), (want_logits, _, _) in zip(got, want):
         assert (logits - want_logits).abs().max() <= 2e-2 * want_logits.abs().max()
+
+
+def _alternating(step, layouts, config):
+    """Each layout prefilled layer by layer, the requests' layers alternating (as the server may run other requests'
+    layers between a prefill's slices): [(first-token logits, K/V)]."""
+    with torch.inference_mode():
+        runs = []
+        for layout in layouts:
+            prefix = compute_kv(step, layout.prefix)
+            chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
+            runs.append(prefill_layers(step, layout, config, MemorySource(cached_entries(config.mode, prefix, chunks,
+                                                                                         layout)), len(layout) + 4))
+        done = [None] * len(runs)
+        while any(filled is None for filled in done):
+            for index, run in enumerate(runs):
+                if done[index] is None:
+                    try:
+                        next(run)
+                    except StopIteration as stop:
+                        done[index] = stop.value
+        return [(filled.logits, filled.cache.data[:, : filled.length].clone()) for filled in done]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and not _INTERPRETED, reason="needs CUDA or Triton's interpreter")
+def test_chained_whole_layer_outputs_survive_another_request_on_the_bucket(monkeypatch):
+    """`LayerGraphs.CHAIN`: each whole layer's output is the bucket's own rows, taken back in place by the next layer;
+    two requests of the same shape prefilled with their layers alternating share every bucket, so each step of one
+    runs between two of the other's: the view it holds must get its rows moved out first (`_Bucket.take`), and both
+    give what each gives alone on the plain step (CPU: bodies under the interpreter; CUDA: captured graphs)."""
+    config = POOLED_MODES[2]
+    cuda = torch.cuda.is_available()
+    hf = model.tiny_model().to("cuda", torch.bfloat16) if cuda else model.tiny_model()
+    plain, pooled = LlamaStep(hf), _pooled_step(hf, (2, 4, 16, 32, 64))
+    if cuda:
+        pooled.graphs.capture_all()
+    lengths = (12, 9, 10)
+    layouts = [random_layout(seed=5, chunk_lengths=lengths), random_layout(seed=6, chunk_lengths=lengths)]
+    want = [(logits, kv) for logits, kv, _ in _first_logits(plain, layouts, config)]
+    monkeypatch.setattr(LayerGraphs, "CHAIN", True)
+    got = _alternating(pooled, layouts, config)
+    assert sum(b.moved_out for b in pooled.graphs._sets.values()) > 0  # the other request's steps came between
+    for (logits, kv), (want_logits, want_kv) in zip(got, want):
+        if cuda:  # bf16: graphs against eager kernels (the gate's tolerance)
+            assert (logits - want_logits).abs().max() <= 2e-2 * want_logits.abs().max()
+        else:
+            torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(kv, want_kv, rtol=1e-4, atol=1e-4)
+    # One request alone: every later layer takes the view handed over, nothing moved out.
+    before = sum(b.moved_out for b in pooled.graphs._sets.values())
+    alone = _alternating(pooled, layouts[:1], config)
+    assert sum(b.moved_out for b in pooled.graphs._sets.values()) == before
+    torch.testing.assert_close(alone[0][0], got[0][0], rtol=0, atol=0)
+
+
+def test_a_handed_over_view_keeps_its_rows_when_the_bucket_is_reused():
+    """`_Bucket.take` on its own (any device): the view handed over keeps its values once another input comes, and
+    passing that view back is taken in place."""
+    from blend.graphs import _Bucket
+
+    step = LlamaStep(model.tiny_model())
+    b = _Bucket(step, 8)
+    with torch.inference_mode():
+        b.h.copy_(torch.arange(b.h.numel(), dtype=b.h.dtype).view_as(b.h))
+        out = b.h[:5]
+        b.held = weakref.ref(out)
+        assert b.take(out) and b.held is None and b.moved_out == 0  # passed back: in place, consumed
+        b.held = weakref.ref(out)
+        rows = out.clone()
+        other = torch.full((5, b.h.shape[1]), -1.0)
+        assert not b.take(other) and b.moved_out == 1
+        b.h[:5].copy_(other)
+        assert torch.equal(out, rows) and out.data_ptr() != b.h.data_ptr()
+        assert not b.take(other) and b.moved_out == 1  # nothing held any more
