@@ -58,7 +58,7 @@ def main() -> None:
         positions32 = positions.to(torch.int32)
         for config in CONFIGS:
             use(config)
-            for splits in (None, 1):
+            for splits in (None, 1, 2):
                 out = scattered.attention(q, keys, values, positions32, D ** -0.5, splits=splits)
                 err = (out.float() - reference).abs().max().item()
                 ms = timed(lambda: scattered.attention(q, keys, values, positions32, D ** -0.5, splits=splits), 30)
