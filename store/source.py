@@ -256,19 +256,22 @@ class StoreSource:
     # ranked, then kept issuing while the stream was well ahead, during layers 3-14 of blend@0.05 that took 0.45-0.7
     # ms each against 0.385 later, their copies long done (docs/ops/h200_bench_s15a.json, timeline_served_0.05).
     # Topping up issues where the stream runs low and spares the host where it does not.
-    # (Four, not three, since the fusor's question-only layers before a +cachedk check layer issue nothing more:
-    # blend@0.05 is bound by its copies, ~0.4 ms a layer on an H200, and its head takes ~2 ms of host time.)
-    ISSUE_FIRST = 4
+    # Two: the layers the head computes (a +cachedk check layer's 0 and 1); the rest are looked up and issued by the
+    # check layer's `ahead`, once the kept tokens' steps are enqueued, so the host does it while the GPU works, not
+    # on the request's critical path (the bench's `/first2` rows against four, docs/gpu.md eighteenth session).
+    ISSUE_FIRST = 2
     IN_FLIGHT = 3
     AHEAD = 8
     # Layers a copy plan looks up in one pass (`_plan`; 0: each layer looked up and checked as it is issued). A layer
     # issued from the per-layer path cost the host ~0.21 ms on an H200 host (docs/ops/h200_probe_host_s18a.txt: the
     # lookup ~0.06 ms, the copies' checks and calls, two events), most of a blend@0.05 request's host time a layer.
-    PLAN_LAYERS = 4
+    # Two, with ISSUE_FIRST: `into` plans only the layers it issues.
+    PLAN_LAYERS = 2
     # The placed chunks' keys re-rotated on a stream of their own, each layer once its copies are done (`turn_with`),
     # not by the fusor on the compute stream ahead of the layer's compute (~8 us a layer of 10 x 512 8B-shape tokens on
-    # an H200, s13b's profile): off until the bench's `/turn-aside` rows show it pays.
-    TURN_ASIDE = False
+    # an H200, s13b's profile): on since the bench's rows paired it with the fusor's turning (docs/gpu.md, eighteenth
+    # session; its `/turn-inline` rows keep the pair).
+    TURN_ASIDE = True
     _turn_streams: dict = {}  # device index -> the stream the turns run on (`turn_with`)
 
     def turn_with(self, turner: Callable[[int], None]) -> bool:

@@ -651,28 +651,25 @@ def run_bench(config: BenchConfig) -> dict:
                                  lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 0)], fn)))
                     plan.append((f"{label}/plan8", mode, ratio, tier,
                                  lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 8)], fn)))
-                    # The head's host work cut to what its layers need: `into` looks up and issues layers 0 and 1 only
-                    # (the check layer's); the rest follow the kept tokens' steps (`ahead`), the copy stream idle
-                    # between: what that costs at 0.05 (copy-bound) against what it spares the head at 0.15.
-                    plan.append((f"{label}/first2", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(StoreSource, "ISSUE_FIRST", 2), (StoreSource, "PLAN_LAYERS", 2)], fn)))
-                    # The placed chunks' keys re-rotated on the source's own stream once each layer's copies are done,
-                    # not on the compute stream before each layer (StoreSource.TURN_ASIDE, off as served until this pays).
-                    plan.append((f"{label}/turn-aside", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(StoreSource, "TURN_ASIDE", True)], fn)))
-                    plan.append((f"{label}/first2+turn-aside", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(StoreSource, "ISSUE_FIRST", 2), (StoreSource, "PLAN_LAYERS", 2),
-                         (StoreSource, "TURN_ASIDE", True)], fn)))
-                    # Each whole-layer graph's output handed over as its bucket's rows and taken back in place by the
-                    # next layer (LayerGraphs.CHAIN, off as served until this pays): two copies of h a layer fewer.
-                    plan.append((f"{label}/chained", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(LayerGraphs, "CHAIN", True)], fn)))
+                    # Each of the eighteenth session's served defaults set back, and all of them together (the
+                    # request as s20a and s21 served it), against the served row in the same rounds:
+                    # - `/four-first`: `into` looks up and issues four layers (StoreSource.ISSUE_FIRST, PLAN_LAYERS 4),
+                    #   not the head's two; the head's host time against the copy stream's idle spell it spares;
+                    # - `/turn-inline`: the placed keys re-rotated by the fusor on the compute stream before each
+                    #   layer (StoreSource.TURN_ASIDE off), not on the source's stream once the layer's copies are done;
+                    # - `/copied`: each whole-layer graph's output cloned out and copied back in (LayerGraphs.CHAIN off).
+                    plan.append((f"{label}/four-first", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(StoreSource, "ISSUE_FIRST", 4), (StoreSource, "PLAN_LAYERS", 4)], fn)))
+                    plan.append((f"{label}/turn-inline", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(StoreSource, "TURN_ASIDE", False)], fn)))
+                    plan.append((f"{label}/copied", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(LayerGraphs, "CHAIN", False)], fn)))
+                    plan.append((f"{label}/as-s21", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(StoreSource, "ISSUE_FIRST", 4), (StoreSource, "PLAN_LAYERS", 4),
+                         (StoreSource, "TURN_ASIDE", False), (LayerGraphs, "CHAIN", False)], fn)))
                     if split_graphs is not None:
                         plan.append((f"{label}/split-more", mode, ratio, tier,
                                      lambda fn=unpooled[label]: _with_pool_graphs(step, split_graphs, fn)))
-                    plan.append((f"{label}/first2+turn-aside+chained", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(StoreSource, "ISSUE_FIRST", 2), (StoreSource, "PLAN_LAYERS", 2),
-                         (StoreSource, "TURN_ASIDE", True), (LayerGraphs, "CHAIN", True)], fn)))
                     # As the sixteenth session's s20a served it: `ahead` after the question-only layer 0 too, three
                     # layers' copies started by `into`.
                     plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_settings(

@@ -97,7 +97,10 @@ def _pooled_step(hf, buckets):
 
     step = LlamaStep(hf)
     step.scattered_attention = True
-    step.kv_pool = KVPool(step.n_layers, 240, step.n_kv_heads, step.head_dim, step.dtype, step.device, block=16)
+    # Room for three requests' buffers past the scratch block: on CUDA a buffer is padded to the attention's key
+    # bucket (512 positions), so a pool of the CPU's 240 positions would hold none and no step would run pooled.
+    tokens = 240 if step.attention_buckets is None else 16 + 3 * step.cache_tokens(64)
+    step.kv_pool = KVPool(step.n_layers, tokens, step.n_kv_heads, step.head_dim, step.dtype, step.device, block=16)
     # Keys hint 256: one piece a step on the CPU (the interpreter is slow; the split path with device bounds
     # is checked in test_scattered.py); on CUDA, two pieces for the larger buckets.
     step.graphs = LayerGraphs(step, buckets=buckets, kv_pool=step.kv_pool,
@@ -138,6 +141,8 @@ def test_captured_whole_layer_graphs_over_the_kv_pool_equal_eager_on_cuda(config
     assert pooled.graphs.capture_all() > 0 and all(b.whole for b in pooled.graphs._sets.values())
     layouts = [random_layout(seed=5, chunk_lengths=(20, 25, 18)), random_layout(seed=6, chunk_lengths=(7, 12))]
     want, got = _first_logits(eager, layouts, config), _first_logits(pooled, layouts, config)
+    assert all(cache.pool is pooled.kv_pool for *_, cache in got)
+    assert any(b.last_rows is not None for b in pooled.graphs._sets.values())  # the whole-layer graphs ran
     for (logits, _, _), (want_logits, _, _) in zip(got, want):
         assert (logits - want_logits).abs().max() <= 2e-2 * want_logits.abs().max()
 
@@ -180,6 +185,7 @@ def test_chained_whole_layer_outputs_survive_another_request_on_the_bucket(monke
     want = [(logits, kv) for logits, kv, _ in _first_logits(plain, layouts, config)]
     monkeypatch.setattr(LayerGraphs, "CHAIN", True)
     got = _alternating(pooled, layouts, config)
+    assert any(b.last_rows is not None for b in pooled.graphs._sets.values())  # the whole-layer path ran
     assert sum(b.moved_out for b in pooled.graphs._sets.values()) > 0  # the other request's steps came between
     for (logits, kv), (want_logits, want_kv) in zip(got, want):
         if cuda:  # bf16: graphs against eager kernels (the gate's tolerance)

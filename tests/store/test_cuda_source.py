@@ -304,6 +304,7 @@ def test_a_block_evicted_after_its_layer_was_planned_is_still_copied_intact(cuda
     """The plan holds the blocks it looked up: evicted from the tier before their copies are issued (and pinned
     memory allocated since), they are still what is copied, not freed memory someone reused."""
     monkeypatch.setattr(StoreSource, "ISSUE_FIRST", 2)  # layers 2 and 3 planned by `into`, not yet issued
+    monkeypatch.setattr(StoreSource, "PLAN_LAYERS", 4)
     layout, prefix, chunks = _entries(cuda_step, seed=12)
     store, keys = _store(MemoryTier("cpu"), chunks)
     starts = [0] + layout.chunk_starts()
@@ -329,6 +330,7 @@ def test_a_host_chunk_promoted_to_the_gpu_tier_mid_request_is_planned_as_a_devic
     """A chunk read from the CPU tier (so `into` claimed it) whose layers turn up in the GPU tier by the time the plan
     looks them up is copied into the buffer on the device, in the plan, next to the host copies of the others."""
     monkeypatch.setattr(StoreSource, "ISSUE_FIRST", 1)  # layers 1-3 planned by `into`, issued later
+    monkeypatch.setattr(StoreSource, "PLAN_LAYERS", 4)
     gathers, gather = [], StoreSource._gather
     monkeypatch.setattr(StoreSource, "_gather", lambda self, layer: gathers.append(layer) or gather(self, layer))
     step = LlamaStep(tiny_model().to("cuda"))
@@ -417,6 +419,7 @@ def test_keys_turned_aside_give_what_the_fusor_turning_them_gives(cuda_step, rat
     turn_keys = cuda_step.turn_keys
     monkeypatch.setattr(cuda_step, "turn_keys", lambda keys, turning: streams.append(
         torch.cuda.current_stream().cuda_stream) or turn_keys(keys, turning))
+    monkeypatch.setattr(StoreSource, "TURN_ASIDE", False)
     with torch.inference_mode():
         plain = prefill(cuda_step, layout, config, StoreSource(store, [prefix, *keys], device="cuda").begin())
         compute = torch.cuda.current_stream().cuda_stream
@@ -483,15 +486,16 @@ def test_a_turn_aside_follows_the_layers_copies_and_a_promoted_blocks_write_on_t
     compute stream's writes (the control) the promoted chunk's layers are turned before their write and lack it."""
     step = LlamaStep(tiny_model().to("cuda"))
     assert _turned_plus_one(step, monkeypatch, wait_for_writes=True) == [True, True, True]
-    assert _turned_plus_one(step, monkeypatch, wait_for_writes=False) == [True, False, True]
+    assert _turned_plus_one(step, monkeypatch, wait_for_writes=False) == [True, True, False]  # chunks[2] promoted
 
 
 def test_a_source_turns_keys_aside_only_when_asked_and_after_into(cuda_step, monkeypatch):
     layout, prefix, chunks = _entries(cuda_step, seed=17)
     store, keys = _store(MemoryTier("cpu"), chunks)
+    monkeypatch.setattr(StoreSource, "TURN_ASIDE", False)
     source = StoreSource(store, [prefix, *keys], device="cuda").begin()
     source.into(cuda_step.new_cache(len(layout) + 8).data, [0] + layout.chunk_starts())
-    assert not source.turn_with(lambda layer: None)  # TURN_ASIDE off (the served default until measured)
+    assert not source.turn_with(lambda layer: None)  # TURN_ASIDE off
     monkeypatch.setattr(StoreSource, "TURN_ASIDE", True)
     early = StoreSource(store, [prefix, *keys], device="cuda").begin()
     assert not early.turn_with(lambda layer: None)  # no buffer yet: nothing placed to turn
