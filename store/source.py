@@ -383,15 +383,20 @@ class StoreSource:
             chunk = self._recompute(index, f"missing layer {layer}")
         return chunk.kv[layer]
 
-    def _read_slow(self, layer: int) -> dict[int, torch.Tensor]:
-        """Layer `layer` of every slow-tier segment as one batch (from Redis: pipelined GETs, a few sockets)."""
-        return self._read_batch(self._slow, layer, pin=self.cuda)
+    def _read_slow(self, layer: int) -> dict[int, torch.Tensor | None]:
+        """Layer `layer` of every slow-tier segment as one batch (from Redis: pipelined GETs, a few sockets). Runs on
+        the prefetch thread, so it recomputes nothing: a segment that went missing is None, and `_gather` recomputes
+        it on the model thread (the model's step is one thread's: its graphs share buffers between requests,
+        `LayerGraphs`)."""
+        return self._read_batch(self._slow, layer, pin=self.cuda, recompute=False)
 
-    def _read_batch(self, indices: Sequence[int], layer: int, pin: bool = False) -> dict[int, torch.Tensor]:
+    def _read_batch(self, indices: Sequence[int], layer: int, pin: bool = False,
+                    recompute: bool = True) -> dict[int, torch.Tensor | None]:
         """Layer `layer` of the segments `indices` (store keys), the store asked once for all of them (each
         tier once: one lookup pass instead of one per chunk, which on a GPU host was ~1/4 of a blend
-        request's host time); what went missing is recomputed as by `_read`. `pin`: blocks in pageable host
-        memory are pinned (a slow tier's, so each copy to the device is one asynchronous DMA)."""
+        request's host time); what went missing is recomputed as by `_read` (`recompute` False: None). `pin`:
+        blocks in pageable host memory are pinned (a slow tier's, so each copy to the device is one asynchronous
+        DMA)."""
         computed = self.computed
         stored = [index for index in indices if index not in computed] if computed else indices
         found: dict[int, torch.Tensor] = {}
@@ -411,6 +416,9 @@ class StoreSource:
         for index in indices:
             block = found.get(index)
             if block is None:  # computed already, or went missing: recomputed from this layer on
+                if not recompute and index not in computed:
+                    blocks[index] = None
+                    continue
                 block = self._read(index, layer)
             if pin and block.device.type == "cpu" and not block.is_pinned():
                 block = block.pin_memory()  # so its copy to the device is one asynchronous DMA
@@ -436,7 +444,10 @@ class StoreSource:
             if index in self.skip:
                 blocks.append(None)
             elif index in slow and index not in self.computed:
-                blocks.append(slow[index])
+                block = slow[index]
+                if block is None:  # went missing (`_read_slow`): recomputed here, on the model thread
+                    block = self._recompute(index, f"missing layer {layer}").kv[layer]
+                blocks.append(block)
             else:
                 block = batch.get(index)
                 blocks.append(block if block is not None else self._read(index, layer))

@@ -149,7 +149,9 @@ def test_a_forged_chunk_gives_the_honest_answer_with_a_secret(tiny, open_tier, s
         return
     assert calls == [2]
     assert torch.equal(got.logits, honest.logits)
-    assert store.tiered.stats()[tier.name].corrupt == 1  # the first forged layer; the rest recomputed over
+    # The forged layers read before the chunk was recomputed: the first, and those the prefetch thread had read ahead
+    # (it recomputes nothing: the model thread does, `StoreSource._read_slow`); the rest recomputed over.
+    assert 1 <= store.tiered.stats()[tier.name].corrupt <= 1 + StoreSource(store, []).depth
     again, calls = blend_through_store(tiny, layout, entries, store, keys)
     assert calls == [] and torch.equal(again.logits, honest.logits)
 

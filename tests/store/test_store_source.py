@@ -208,6 +208,27 @@ def test_a_chunk_with_one_layer_left_only_on_disk_is_a_disk_chunk_read_ahead_and
     assert source.stats.read_bytes["cpu"] == N_LAYERS * size[0] + (N_LAYERS - 1) * size[1]
 
 
+def test_a_slow_tier_chunk_gone_missing_is_recomputed_on_the_model_thread_not_the_prefetch_thread(tmp_path):
+    """A disk chunk's layer lost after its manifest was read: the prefetch thread, which reads disk and Redis ahead,
+    leaves it out, and the reading (model) thread recomputes it, so the model's step (whose graphs share buffers between
+    requests) never runs on two threads; the chunk then comes whole from the recomputed K/V."""
+    import threading
+
+    chunks, keys = chunks_and_keys(2)
+    store = ChunkStore(TieredStore([DiskTier(tmp_path)], [None]))
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    threads = []
+    compute, calls = computing(chunks)
+    with StoreSource(store, keys, lambda index: threads.append(threading.current_thread()) or compute(index)) as source:
+        assert source.begin()._slow == [0, 1]
+        store.tiered.delete(layer_key(keys[1], 2))  # (layers 0 and 1 are read ahead already or about to be)
+        got = layers_of(source)
+    assert calls == [1] and threads == [threading.main_thread()]
+    for ours, theirs in zip(got, layers_of(MemorySource(chunks))):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
 @pytest.mark.parametrize("starts,lengths,indices", [
     ([0, 3, 8, 8, 12], [3, 5, 0, 4, 2], [1, 2, 3, 4]),  # back to back (one empty): one split a layer
     ([0, 3, 8, 12], [3, 5, 4, 2], [3, 1]),  # a gap (segment 2 not asked for): a view each
