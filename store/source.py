@@ -445,7 +445,11 @@ class StoreSource:
                 blocks.append(None)
             elif index in slow and index not in self.computed:
                 block = slow[index]
-                if block is None:  # went missing (`_read_slow`): recomputed here, on the model thread
+                if block is None:  # went missing (`_read_slow`): recomputed here, on the model thread, once the
+                    # reads ahead are done: one of them may find a corrupt entry of it and delete it, which must not
+                    # land after the recompute wrote the chunk back (the next request would miss it again).
+                    for read in list(self._reads.values()):
+                        read.exception()  # (waits; a read's own error is raised where its layer is gathered)
                     block = self._recompute(index, f"missing layer {layer}").kv[layer]
                 blocks.append(block)
             else:
