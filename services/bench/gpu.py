@@ -651,22 +651,24 @@ def run_bench(config: BenchConfig) -> dict:
                                  lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 0)], fn)))
                     plan.append((f"{label}/plan8", mode, ratio, tier,
                                  lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 8)], fn)))
-                    # Each of the eighteenth session's served defaults set back, and all of them together (the
-                    # request as s20a and s21 served it), against the served row in the same rounds:
+                    # Each of the eighteenth session's served defaults set back, both together (the request as s20a
+                    # and s21 served it), and the hand-over not yet served, against the served row in the same rounds:
                     # - `/four-first`: `into` looks up and issues four layers (StoreSource.ISSUE_FIRST, PLAN_LAYERS 4),
                     #   not the head's two; the head's host time against the copy stream's idle spell it spares;
                     # - `/turn-inline`: the placed keys re-rotated by the fusor on the compute stream before each
                     #   layer (StoreSource.TURN_ASIDE off), not on the source's stream once the layer's copies are done;
-                    # - `/copied`: each whole-layer graph's output cloned out and copied back in (LayerGraphs.CHAIN off).
+                    # - `/chained`: each whole-layer graph's output handed over as its bucket's rows and taken back in
+                    #   place by the next layer (LayerGraphs.CHAIN, off as served until its CUDA test has run), not
+                    #   cloned out and copied back in.
                     plan.append((f"{label}/four-first", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "ISSUE_FIRST", 4), (StoreSource, "PLAN_LAYERS", 4)], fn)))
                     plan.append((f"{label}/turn-inline", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "TURN_ASIDE", False)], fn)))
-                    plan.append((f"{label}/copied", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(LayerGraphs, "CHAIN", False)], fn)))
+                    plan.append((f"{label}/chained", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(LayerGraphs, "CHAIN", True)], fn)))
                     plan.append((f"{label}/as-s21", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "ISSUE_FIRST", 4), (StoreSource, "PLAN_LAYERS", 4),
-                         (StoreSource, "TURN_ASIDE", False), (LayerGraphs, "CHAIN", False)], fn)))
+                         (StoreSource, "TURN_ASIDE", False)], fn)))
                     if split_graphs is not None:
                         plan.append((f"{label}/split-more", mode, ratio, tier,
                                      lambda fn=unpooled[label]: _with_pool_graphs(step, split_graphs, fn)))
