@@ -21,7 +21,7 @@ import torch
 from blend.adapter import LlamaStep
 from blend.cache import ChunkKV, KVCache
 from blend.decode import Decoding, Sampling, advance, decode
-from blend import fusor, scattered
+from blend import fusor
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
 from blend.graphs import GraphDecoder, LayerGraphs, _record, _warm_up
 from blend.loader import gate
@@ -231,18 +231,6 @@ def _with_pool_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
         return fn()
     finally:
         step.kv_pool, step.graphs = old
-
-
-def _captured_split(step: LlamaStep, kv_pool, programs: int) -> LayerGraphs:
-    """Whole-layer graphs over `kv_pool` captured with the scattered attention split for `programs` programs
-    (scattered.TARGET_PROGRAMS; each bucket's pieces are fixed at its capture)."""
-    old, scattered.TARGET_PROGRAMS = scattered.TARGET_PROGRAMS, programs
-    try:
-        graphs = LayerGraphs(step, kv_pool=kv_pool)
-        graphs.capture_all()
-        return graphs
-    finally:
-        scattered.TARGET_PROGRAMS = old
 
 
 def _with_settings(settings, fn):
@@ -558,7 +546,7 @@ def run_bench(config: BenchConfig) -> dict:
                       "host_us_per_launch": [host_us_per_launch(step.device)]}  # start; end appended below
     with torch.inference_mode():
         meta["triton_compile_s"] = round(step.compile_kernels(), 2)  # once, at start-up, as the server does
-    graphs = pool_graphs = split_graphs = None
+    graphs = pool_graphs = None
     if config.layer_graphs:
         graphs = LayerGraphs(step)
         with torch.inference_mode():
@@ -573,19 +561,6 @@ def run_bench(config: BenchConfig) -> dict:
             except Exception as err:  # noqa: BLE001
                 pool_graphs, meta["pool_layer_graphs_error"] = None, f"{type(err).__name__}: {err}"
                 print(f"whole-layer graphs over the KV pool: no rows ({meta['pool_layer_graphs_error']})")
-            if pool_graphs is not None:
-                # The same graphs with the scattered attention's key walk split for twice the programs
-                # (scattered.TARGET_PROGRAMS): at 0.15 the served split is one piece, 400 programs whose walks run
-                # from a few keys to the whole prompt, so the longest ones end the kernel well after the average.
-                try:
-                    with torch.inference_mode():
-                        split_graphs = _captured_split(step, kv_pool, 2 * scattered.TARGET_PROGRAMS)
-                    meta["split_graphs_pieces"] = {rows: b.pieces for rows, b in split_graphs._sets.items()
-                                                   if rows in (288, 800)}
-                    meta["pool_graphs_pieces"] = {rows: b.pieces for rows, b in pool_graphs._sets.items()
-                                                  if rows in (288, 800)}
-                except Exception as err:  # noqa: BLE001
-                    meta["split_graphs_error"] = f"{type(err).__name__}: {err}"
     fingerprint = f"bench-{config.shape}"
     with torch.inference_mode():
         for n_chunks in config.chunks:
@@ -631,12 +606,10 @@ def run_bench(config: BenchConfig) -> dict:
             if pool_graphs is not None and main:
                 # Each layer as one graph over a KV pool (served by default: server.pool_layer_graphs) against the rows above;
                 # the GPU tier's too, so issue 16's tier item compares the two tiers as served.
-                unpooled = {}
                 for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
                         "reuse", "blend@0.05/cpu", "blend@0.15/cpu", "blend@0.05/gpu", "blend@0.15/gpu")]:
                     plan.append((f"{label}+poolgraphs", mode, ratio, tier,
                                  lambda fn=fn: _with_pool_graphs(step, pool_graphs, fn)))
-                    unpooled[f"{label}+poolgraphs"] = fn
                 # The served rows with fewer and more layers' copies kept in flight than served (StoreSource.IN_FLIGHT):
                 # where the copy stream runs dry against where issuing costs the host more than it gives.
                 for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
@@ -669,9 +642,6 @@ def run_bench(config: BenchConfig) -> dict:
                     plan.append((f"{label}/as-s21", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "ISSUE_FIRST", 4), (StoreSource, "PLAN_LAYERS", 4),
                          (StoreSource, "TURN_ASIDE", False)], fn)))
-                    if split_graphs is not None:
-                        plan.append((f"{label}/split-more", mode, ratio, tier,
-                                     lambda fn=unpooled[label]: _with_pool_graphs(step, split_graphs, fn)))
                     # As the sixteenth session's s20a served it: `ahead` after the question-only layer 0 too, three
                     # layers' copies started by `into`.
                     plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_settings(
