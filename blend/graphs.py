@@ -210,10 +210,12 @@ class LayerGraphs(_Buckets):
     # same bucket takes it in place: two copies of h a layer fewer (the clone out, the copy back in; ~8 us a layer of
     # an 800-row step on an H200, two launches on the host). The bucket remembers that view, and any other use of the
     # bucket first gives its holder the rows in storage of its own (`_Bucket.take`): a prefill yields between layers
-    # and the server may run another request's steps on the same bucket then. Off as served until its CUDA test (two
-    # requests alternating on the captured whole-layer graphs) has run on a GPU: the H100's bench paired it (s22a,
-    # docs/gpu.md eighteenth session) but checked no output; the bench's `/chained` rows keep the pair.
-    CHAIN = False
+    # and the server may run another request's steps on the same bucket then. On as served since the nineteenth
+    # session (the H100's bench paired it, s22a, docs/gpu.md eighteenth session: with the other two defaults 1.085 and
+    # 1.011 at 0.05 and 0.15 against 1.061 and 1.002 without it); its CUDA test (two requests alternating on the
+    # captured whole-layer graphs) runs first in every bench call (`measure.sh bench`); the bench's `/unchained` rows
+    # keep the pair.
+    CHAIN = True
 
     def __init__(self, step: LlamaStep, buckets: tuple[int, ...] = LAYER_BUCKETS, kv_pool: KVPool | None = None,
                  keys_hint: int = 8192):

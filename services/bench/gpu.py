@@ -624,24 +624,24 @@ def run_bench(config: BenchConfig) -> dict:
                                  lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 0)], fn)))
                     plan.append((f"{label}/plan8", mode, ratio, tier,
                                  lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 8)], fn)))
-                    # Each of the eighteenth session's served defaults set back, both together (the request as s20a
-                    # and s21 served it), and the hand-over not yet served, against the served row in the same rounds:
+                    # Each of the eighteenth and nineteenth sessions' served defaults set back, and all three together
+                    # (`/as-s21`: the request as s20a and s21 served it), against the served row in the same rounds:
                     # - `/four-first`: `into` looks up and issues four layers (StoreSource.ISSUE_FIRST, PLAN_LAYERS 4),
                     #   not the head's two; the head's host time against the copy stream's idle spell it spares;
                     # - `/turn-inline`: the placed keys re-rotated by the fusor on the compute stream before each
                     #   layer (StoreSource.TURN_ASIDE off), not on the source's stream once the layer's copies are done;
-                    # - `/chained`: each whole-layer graph's output handed over as its bucket's rows and taken back in
-                    #   place by the next layer (LayerGraphs.CHAIN, off as served until its CUDA test has run), not
-                    #   cloned out and copied back in.
+                    # - `/unchained`: each whole-layer graph's output cloned out of its bucket and copied back in by
+                    #   the next layer (LayerGraphs.CHAIN off), not handed over as the bucket's rows (served since the
+                    #   nineteenth session).
                     plan.append((f"{label}/four-first", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "ISSUE_FIRST", 4), (StoreSource, "PLAN_LAYERS", 4)], fn)))
                     plan.append((f"{label}/turn-inline", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "TURN_ASIDE", False)], fn)))
-                    plan.append((f"{label}/chained", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(LayerGraphs, "CHAIN", True)], fn)))
+                    plan.append((f"{label}/unchained", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(LayerGraphs, "CHAIN", False)], fn)))
                     plan.append((f"{label}/as-s21", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "ISSUE_FIRST", 4), (StoreSource, "PLAN_LAYERS", 4),
-                         (StoreSource, "TURN_ASIDE", False)], fn)))
+                         (StoreSource, "TURN_ASIDE", False), (LayerGraphs, "CHAIN", False)], fn)))
                     # As the sixteenth session's s20a served it: `ahead` after the question-only layer 0 too, three
                     # layers' copies started by `into`.
                     plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_settings(
