@@ -34,8 +34,8 @@ MLP_WARPS = 4
 # sets); larger ones keep PyTorch's kernel, measured at full prefill's size.
 NORM_ROWS = 1024
 # H200 (docs/ops/h200_probe_profile_s11c.txt): silu_mul over a full prefill's 5,184 x 14,336 ran at ~2 TB/s
-# (0.229 ms a layer for 446 MB), about half the card's bandwidth; `services.bench.probe_fused` times other
-# block shapes for the next device session.
+# (0.229 ms a layer for 446 MB), about half the card's bandwidth, with the column bound unspecialised (scalar
+# loads: `_silu_mul`); `services.bench.probe_fused` times it and other block shapes (nineteenth session on).
 
 if triton is not None:
     import triton.language as tl
@@ -78,7 +78,9 @@ if triton is not None:
         tl.store(dst + lo, out_lo.to(QO.dtype.element_ty), mask=valid)
         tl.store(dst + hi, out_hi.to(QO.dtype.element_ty), mask=valid)
 
-    @triton.jit(do_not_specialize=["T", "N"])
+    # N (the MLP's width, one value a model) is specialised: with it a runtime value of unknown divisibility the
+    # column mask's constancy was one element, so every load and store was scalar (2 bytes a lane), not 16-byte vectors.
+    @triton.jit(do_not_specialize=["T"])
     def _silu_mul(G, U, Out, T, N, sg_t, su_t, so_t, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         columns = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
@@ -136,7 +138,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
     if rows == 0:
         return out
     grid = (triton.cdiv(rows, MLP_ROWS), triton.cdiv(columns, MLP_COLUMNS), 1)
-    scattered._launch(_silu_mul, grid, (gate, up, out, rows, columns), (gate.stride(0), up.stride(0), out.stride(0)),
+    scattered._launch(_silu_mul, grid, (gate, up, out, rows), (columns, gate.stride(0), up.stride(0), out.stride(0)),
                       dict(ROWS=MLP_ROWS, COLUMNS=MLP_COLUMNS), (MLP_WARPS, 2))
     return out
 
