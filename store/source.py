@@ -209,7 +209,13 @@ class StoreSource:
             for layer in range(min(self.depth, self.n_layers)):
                 self._reads[layer] = self._pool.submit(self._read_slow, layer)
         if self.cuda:
-            self._host = [i for i in range(len(self.segments)) if i not in self.skip and self._on_host(i)]
+            # The segments this source places in the request's buffer itself (`into`), on its copy stream: those read
+            # into host memory and, with PLACE_DEVICE, the GPU tier's (a device-to-device copy a layer each).
+            self._device_placed = {i for i, segment in enumerate(self.segments)
+                                   if self.PLACE_DEVICE and i not in self.skip and isinstance(segment, str)
+                                   and i not in self.computed and not self._on_host(i)}
+            self._host = [i for i in range(len(self.segments))
+                          if i not in self.skip and (self._on_host(i) or i in self._device_placed)]
             self._lengths = self.lengths()
             self._target = None  # layer -> {segment: the device view its copy lands in} (`into`, or our own)
             # One of PyTorch's pooled streams (no stream created); without the device argument where it is the
@@ -272,6 +278,12 @@ class StoreSource:
     # an H200, s13b's profile): on since the bench's rows paired it with the fusor's turning (docs/gpu.md, eighteenth
     # session; its `/turn-inline` rows keep the pair).
     TURN_ASIDE = True
+    # GPU-tier segments placed into the request's buffer by `into` too, each layer's as a device-to-device copy on the
+    # copy stream (and so re-rotated aside with the rest), not handed to the fusor, which copied them on the compute
+    # stream ahead of each layer and turned their keys there: at 0.15 the GPU tier ran 1.3% slower than the CPU tier on
+    # the H200 (s23a, docs/gpu.md nineteenth session), its placement on the critical path. The bench's
+    # `/placed-inline` rows set it back.
+    PLACE_DEVICE = True
     _turn_streams: dict = {}  # device index -> the stream the turns run on (`turn_with`)
 
     def turn_with(self, turner: Callable[[int], None]) -> bool:
@@ -321,8 +333,8 @@ class StoreSource:
         return self._turned_upto
 
     def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
-        """Copy the host-held segments straight into `data` ([layers, capacity, 2, kv_heads, head_dim], the
-        request's KV buffer), segment i at positions starts[i]..., and place the device-held whole ones (the
+        """Copy the host-held segments (and with PLACE_DEVICE the GPU tier's) straight into `data` ([layers, capacity, 2,
+        kv_heads, head_dim], the request's KV buffer) on the copy stream, segment i at positions starts[i]..., and place the device-held whole ones (the
         system prefix) there at once; returns their indices (the fusor does not place them). CUDA only
         (elsewhere none: the fusor copies host blocks itself); call after `begin` and before the first `layer`."""
         if not self.cuda or not self._begun:
@@ -494,6 +506,9 @@ class StoreSource:
         if layer > self._issued + 1:
             self._issue(layer - 1)
         if self._target is None:
+            if self._device_placed:  # no `into`: the fusor places the GPU tier's blocks where they are, uncopied
+                self._host = [i for i in self._host if i not in self._device_placed]
+                self._device_placed = set()
             self._target = self._own_target()
         if self._plans is not None and layer > self._planned:
             self._plan(layer)
@@ -507,9 +522,13 @@ class StoreSource:
         start = previous if previous is not None and not previous.query() else _recorded(copy, timing=True)
         try:
             if planned is not None:
-                prepared, out, sources, moves = planned
+                prepared, out, sources, moves, placed = planned
                 prepared.issue(copy)
                 self.stats.copy_bytes += prepared.nbytes
+                if placed:  # the GPU tier's blocks, device to device on the copy stream (held with the host blocks)
+                    with torch.cuda.stream(copy):
+                        torch._foreach_copy_([target for target, _ in placed], [block for _, block in placed],
+                                             non_blocking=True)
                 if moves:  # host segments found on the device (promoted to the GPU tier since): as `_copies` does
                     torch._foreach_copy_([target for target, _ in moves], [block for _, block in moves])
                     self._mark_written(layer)
@@ -585,7 +604,8 @@ class StoreSource:
             out: list[torch.Tensor | None] = [None] * len(segments)
             for segment in held:  # held in memory (the system prefix, on the device: `_plans` needs it so)
                 out[segment] = segments[segment].kv[index]
-            targets, sources, sizes, blocks, moves = [], [], [], [], []
+            targets, sources, sizes, blocks, moves, placed = [], [], [], [], [], []
+            views = None
             bytes_in: dict[str, int] = {}
             for segment, (block, tier) in zip(stored, served):
                 if block is None:
@@ -601,9 +621,14 @@ class StoreSource:
                         sizes.append(size)
                         blocks.append(block)
                     elif block.device == device:
-                        # Promoted to the GPU tier since the request began: `into` claimed the segment, so its block
-                        # goes into the buffer on the compute stream when the layer is issued.
-                        moves.append((self._target(index)[segment], block))
+                        views = self._target(index) if views is None else views
+                        if segment in self._device_placed:  # the GPU tier's: copied on the copy stream, held
+                            placed.append((views[segment], block))
+                            blocks.append(block)
+                        else:
+                            # Promoted to the GPU tier since the request began: `into` claimed the segment, so its
+                            # block goes into the buffer on the compute stream when the layer is issued.
+                            moves.append((views[segment], block))
                     else:
                         break
                 elif block.device == device:
@@ -613,7 +638,7 @@ class StoreSource:
                     break
                 bytes_in[tier] = bytes_in.get(tier, 0) + size
             else:
-                self._plans[index] = (dma.Prepared(targets, sources, sizes), out, blocks, moves)
+                self._plans[index] = (dma.Prepared(targets, sources, sizes), out, blocks, moves, placed)
                 for tier, size in bytes_in.items():
                     per_tier[tier] = per_tier.get(tier, 0) + size
                 continue
@@ -637,12 +662,16 @@ class StoreSource:
         blocks = self._gather(layer)
         views = self._target(layer)
         out: list[torch.Tensor | None] = []
-        targets, sources = [], []
+        targets, sources, placed = [], [], []
         wrote = False
         for index, block in enumerate(blocks):
             target = views.get(index)
             if block is None or (block.device == self.device and target is None):
                 out.append(block)
+                continue
+            if block.device == self.device and index in self._device_placed and index not in self.computed:
+                placed.append((target, block))  # the GPU tier's: device to device on the copy stream, held
+                out.append(target)
                 continue
             if block.device == self.device:
                 # A host segment recomputed on the device mid-request (a layer evicted or corrupt after its manifest
@@ -666,10 +695,11 @@ class StoreSource:
         # The layer's copies as runtime calls on raw pointers (store.dma: no PyTorch dispatch or pinned-memory
         # event a block; the blocks are held here until the copies are done); the rest through PyTorch in one call.
         left = dma.copy_async(targets, sources, copy) if targets else []
-        if left:
+        if left or placed:
             with torch.cuda.stream(copy):
-                torch._foreach_copy_([targets[i] for i in left], [sources[i] for i in left], non_blocking=True)
-        return out, sources, wrote
+                torch._foreach_copy_([targets[i] for i in left] + [target for target, _ in placed],
+                                     [sources[i] for i in left] + [block for _, block in placed], non_blocking=True)
+        return out, sources + [block for _, block in placed], wrote
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
         if not self._begun:

@@ -501,3 +501,41 @@ def test_a_source_turns_keys_aside_only_when_asked_and_after_into(cuda_step, mon
     assert not early.turn_with(lambda layer: None)  # no buffer yet: nothing placed to turn
     source.close()
     early.close()
+
+
+@pytest.mark.parametrize("plan_layers", [2, 0], ids=["planned", "per-layer"])
+def test_gpu_tier_chunks_are_placed_on_the_copy_stream_and_give_what_the_fusor_placing_them_gives(
+        cuda_step, plan_layers, monkeypatch):
+    """`StoreSource.PLACE_DEVICE`: the GPU tier's chunks are copied into the request's buffer by the source, on its
+    copy stream (held back here by a GPU sleep before every layer's copies, so a compute stream that did not wait for
+    them would read stale rows), and re-rotated aside; the cache and logits are those of the fusor placing and turning
+    them on the compute stream, to the bit, from the copy plan and from the per-layer path."""
+    from services.settings import SERVED_SELECTOR
+
+    layout, prefix, chunks = _entries(cuda_step, seed=8, lengths=(60, 45, 70))
+    store, keys = _store(MemoryTier("gpu", "cuda"), chunks)
+    config = BlendConfig(mode="blend", ratio=0.15, selector=SERVED_SELECTOR)
+    monkeypatch.setattr(StoreSource, "PLAN_LAYERS", plan_layers)
+    issue = StoreSource._issue
+
+    def held_back(self, layer, behind=False):
+        with torch.cuda.stream(self._copy_stream):
+            torch.cuda._sleep(2_000_000)
+        issue(self, layer, behind)
+
+    with torch.inference_mode():
+        monkeypatch.setattr(StoreSource, "PLACE_DEVICE", False)
+        inline = StoreSource(store, [prefix, *keys], device="cuda").begin()
+        want = prefill(cuda_step, layout, config, inline)
+        inline.finish()
+        monkeypatch.setattr(StoreSource, "PLACE_DEVICE", True)
+        monkeypatch.setattr(StoreSource, "_issue", held_back)
+        source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+        got = prefill(cuda_step, layout, config, source)
+        source.finish()
+    assert inline._host == [] and source._device_placed == {1, 2, 3}
+    assert source._issued == cuda_step.n_layers - 1 and source._turned[-1] is not None  # placed and turned aside
+    assert source.stats.copy_bytes == 0  # (device-to-device copies are not the host-to-device bandwidth's samples)
+    assert got.recomputed == want.recomputed > 0
+    assert torch.equal(got.logits, want.logits)
+    assert torch.equal(got.cache.data[:, : want.length], want.cache.data[:, : want.length])
