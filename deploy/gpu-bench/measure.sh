@@ -3,6 +3,7 @@
 # command stays short: `source .devcarry/s/env.sh && bash .devcarry/s/setup_X.sh >/dev/null 2>&1;
 # source .devcarry/s/env.sh; bash deploy/gpu-bench/measure.sh STEP`. Output files go to $OUT.
 #   bench    (after setup_a)  GPU unit tests on tiny models (<= 200 s), then `kvblend bench` with the Redis row (<= 370 s)
+#   bench-source (after setup_a) the request source's CUDA tests (~30 s), then the bench as above
 #   kernels  (no setup)       probe_scattered, probe_fused, probe_pool_attention, probe_sdpa              ~60 s
 #   service  (after setup_b)  bench-service throughput and cpu scenarios                              ~330 s
 #   tests    (after setup_c)  the GPU test modules with the real SmolLM2 (file in $OUT)              ~200 s
@@ -19,6 +20,12 @@ case "${1:-}" in
     timeout 370 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
       --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
       2>&1 | tail -70 ;;
+  bench-source)  # (after setup_a; a short budget) the request source's CUDA tests only, then the same bench
+    timeout 120 python3 -m pytest -q -rf tests/store/test_cuda_source.py tests/store/test_dma.py > "$OUT/tests_tiny.txt" 2>&1
+    grep "^FAILED\|passed\|failed" "$OUT/tests_tiny.txt" | head -10
+    timeout 370 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
+      --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
+      2>&1 | tail -20 ;;
   kernels)
     timeout 120 python3 -m services.bench.probe_scattered > "$OUT/probe_scattered.txt" 2>&1
     grep "host issue\|dense mask" "$OUT/probe_scattered.txt"
