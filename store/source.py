@@ -281,9 +281,9 @@ class StoreSource:
     # GPU-tier segments placed into the request's buffer by `into` too, each layer's as a device-to-device copy on the
     # copy stream (and so re-rotated aside with the rest), not handed to the fusor, which copied them on the compute
     # stream ahead of each layer and turned their keys there: at 0.15 the GPU tier ran 1.3% slower than the CPU tier on
-    # the H200 (s23a, docs/gpu.md nineteenth session), its placement on the critical path. The bench's
-    # `/placed-inline` rows set it back.
-    PLACE_DEVICE = True
+    # the H200 (s23a, docs/gpu.md nineteenth session), its placement on the critical path. Off as served until its CUDA
+    # test has run on a GPU (built after the session's one device call); the bench's `/placed-aside` rows pair it.
+    PLACE_DEVICE = False
     _turn_streams: dict = {}  # device index -> the stream the turns run on (`turn_with`)
 
     def turn_with(self, turner: Callable[[int], None]) -> bool:
