@@ -335,8 +335,9 @@ class StoreSource:
     def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
         """Copy the host-held segments (and with PLACE_DEVICE the GPU tier's) straight into `data` ([layers, capacity,
         2, kv_heads, head_dim], the request's KV buffer) on the copy stream, segment i at positions starts[i]..., and
-        place the device-held whole ones (the system prefix) there at once; returns their indices (the fusor does not place them). CUDA only
-        (elsewhere none: the fusor copies host blocks itself); call after `begin` and before the first `layer`."""
+        place the device-held whole ones (the system prefix) there at once; returns their indices (the fusor does not
+        place them). CUDA only (elsewhere none: the fusor copies host blocks itself); call after `begin` and before the
+        first `layer`."""
         if not self.cuda or not self._begun:
             return set()
         if self._issued >= 0:
