@@ -281,8 +281,12 @@ class StoreSource:
     # GPU-tier segments placed into the request's buffer by `into` too, each layer's as a device-to-device copy on the
     # copy stream (and so re-rotated aside with the rest), not handed to the fusor, which copied them on the compute
     # stream ahead of each layer and turned their keys there: at 0.15 the GPU tier ran 1.3% slower than the CPU tier on
-    # the H200 (s23a, docs/gpu.md nineteenth session), its placement on the critical path. Off as served until its CUDA
-    # test has run on a GPU (built after the session's one device call); the bench's `/placed-aside` rows pair it.
+    # the H200 (s23a, docs/gpu.md nineteenth session), its placement on the critical path. Off as served: its CUDA test
+    # has not passed on a GPU yet, and a review found a race to mend first: a GPU-tier block written on the compute
+    # stream after `into` (promoted from a lower tier by a later lookup pass, or re-put by an interleaved request) may
+    # be read by the copy stream before that write lands (the copy stream waits for the compute stream only at
+    # `into`); such blocks must go through `moves` (the compute stream) or behind an event of it. The bench's
+    # `/placed-aside` rows pair it (the bench's blocks are resident from the start: no such write).
     PLACE_DEVICE = False
     _turn_streams: dict = {}  # device index -> the stream the turns run on (`turn_with`)
 

@@ -23,7 +23,7 @@ case "${1:-}" in
   bench-source)  # (after setup_a; a short budget) the request source's CUDA tests only, then the same bench
     timeout 120 python3 -m pytest -q -rf tests/store/test_cuda_source.py tests/store/test_dma.py > "$OUT/tests_tiny.txt" 2>&1
     grep "^FAILED\|passed\|failed" "$OUT/tests_tiny.txt" | head -10
-    timeout 370 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
+    timeout 370 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats "${REPEATS:-12}" --chunks 10 \
       --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
       2>&1 | tail -20 ;;
   kernels)
