@@ -211,11 +211,13 @@ class StoreSource:
         if self.cuda:
             # The segments this source places in the request's buffer itself (`into`), on its copy stream: those read
             # into host memory and, with PLACE_DEVICE, the GPU tier's (a device-to-device copy a layer each).
-            self._device_placed = {i for i, segment in enumerate(self.segments)
-                                   if self.PLACE_DEVICE and i not in self.skip and isinstance(segment, str)
-                                   and i not in self.computed and not self._on_host(i)}
+            self._device_placed: set[int] = set()
+            if self.PLACE_DEVICE:
+                self._device_placed = {i for i, segment in enumerate(self.segments)
+                                       if i not in self.skip and isinstance(segment, str) and i not in self.computed
+                                       and not self._on_host(i)}
             self._host = [i for i in range(len(self.segments))
-                          if i not in self.skip and (self._on_host(i) or i in self._device_placed)]
+                          if i not in self.skip and (i in self._device_placed or self._on_host(i))]
             self._lengths = self.lengths()
             self._target = None  # layer -> {segment: the device view its copy lands in} (`into`, or our own)
             # One of PyTorch's pooled streams (no stream created); without the device argument where it is the
@@ -281,12 +283,10 @@ class StoreSource:
     # GPU-tier segments placed into the request's buffer by `into` too, each layer's as a device-to-device copy on the
     # copy stream (and so re-rotated aside with the rest), not handed to the fusor, which copied them on the compute
     # stream ahead of each layer and turned their keys there: at 0.15 the GPU tier ran 1.3% slower than the CPU tier on
-    # the H200 (s23a, docs/gpu.md nineteenth session), its placement on the critical path. Off as served: its CUDA test
-    # has not passed on a GPU yet, and a review found a race to mend first: a GPU-tier block written on the compute
-    # stream after `into` (promoted from a lower tier by a later lookup pass, or re-put by an interleaved request) may
-    # be read by the copy stream before that write lands (the copy stream waits for the compute stream only at
-    # `into`); such blocks must go through `moves` (the compute stream) or behind an event of it. The bench's
-    # `/placed-aside` rows pair it (the bench's blocks are resident from the start: no such write).
+    # the H200 (s23a, docs/gpu.md nineteenth session), its placement on the critical path. A GPU-tier block may have been
+    # written on the compute stream after `into` (promoted from a lower tier by a later lookup pass, or re-put by an
+    # interleaved request), so its copy waits for the compute stream's work enqueued before it was looked up
+    # (`_copy_placed`). Off as served until its CUDA test has passed on a GPU; the bench's `/placed-aside` rows pair it.
     PLACE_DEVICE = False
     _turn_streams: dict = {}  # device index -> the stream the turns run on (`turn_with`)
 
@@ -530,10 +530,8 @@ class StoreSource:
                 prepared, out, sources, moves, placed = planned
                 prepared.issue(copy)
                 self.stats.copy_bytes += prepared.nbytes
-                if placed:  # the GPU tier's blocks, device to device on the copy stream (held with the host blocks)
-                    with torch.cuda.stream(copy):
-                        torch._foreach_copy_([target for target, _ in placed], [block for _, block in placed],
-                                             non_blocking=True)
+                if placed:  # the GPU tier's blocks (held with the host blocks)
+                    self._copy_placed(placed, copy)
                 if moves:  # host segments found on the device (promoted to the GPU tier since): as `_copies` does
                     torch._foreach_copy_([target for target, _ in moves], [block for _, block in moves])
                     self._mark_written(layer)
@@ -700,11 +698,20 @@ class StoreSource:
         # The layer's copies as runtime calls on raw pointers (store.dma: no PyTorch dispatch or pinned-memory
         # event a block; the blocks are held here until the copies are done); the rest through PyTorch in one call.
         left = dma.copy_async(targets, sources, copy) if targets else []
-        if left or placed:
+        if left:
             with torch.cuda.stream(copy):
-                torch._foreach_copy_([targets[i] for i in left] + [target for target, _ in placed],
-                                     [sources[i] for i in left] + [block for _, block in placed], non_blocking=True)
+                torch._foreach_copy_([targets[i] for i in left], [sources[i] for i in left], non_blocking=True)
+        if placed:
+            self._copy_placed(placed, copy)
         return out, sources + [block for _, block in placed], wrote
+
+    def _copy_placed(self, placed: list[tuple[torch.Tensor, torch.Tensor]], copy: torch.cuda.Stream) -> None:
+        """The GPU tier's (target view, block) pairs copied device to device on the copy stream (PLACE_DEVICE), behind
+        the compute stream's work enqueued so far: a block written there after `into` (promoted, or re-put) was
+        written before the host looked it up, so its write is in that work."""
+        copy.wait_event(_recorded(torch.cuda.current_stream(self.device)))
+        with torch.cuda.stream(copy):
+            torch._foreach_copy_([target for target, _ in placed], [block for _, block in placed], non_blocking=True)
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
         if not self._begun:

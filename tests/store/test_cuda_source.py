@@ -523,16 +523,25 @@ def test_gpu_tier_chunks_are_placed_on_the_copy_stream_and_give_what_the_fusor_p
             torch.cuda._sleep(2_000_000)
         issue(self, layer, behind)
 
+    streams = []  # the stream each multi-tensor copy ran on (the fusor's placement and the source's D2D copies)
+    foreach_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda *args, **kwargs: streams.append(
+        torch.cuda.current_stream().cuda_stream) or foreach_copy(*args, **kwargs))
     with torch.inference_mode():
         monkeypatch.setattr(StoreSource, "PLACE_DEVICE", False)
         inline = StoreSource(store, [prefix, *keys], device="cuda").begin()
         want = prefill(cuda_step, layout, config, inline)
         inline.finish()
+        compute = torch.cuda.current_stream().cuda_stream
+        assert streams and set(streams) == {compute}  # the fusor placed them, on the compute stream
+        streams.clear()
         monkeypatch.setattr(StoreSource, "PLACE_DEVICE", True)
         monkeypatch.setattr(StoreSource, "_issue", held_back)
         source = StoreSource(store, [prefix, *keys], device="cuda").begin()
         got = prefill(cuda_step, layout, config, source)
         source.finish()
+    assert set(streams) == {source._copy_stream.cuda_stream}  # every layer's, by the source on its copy stream
+    assert (source._table is not None) == (plan_layers > 0)  # the copy plan carried them where it was on
     assert inline._host == [] and source._device_placed == {1, 2, 3}
     assert source._issued == cuda_step.n_layers - 1 and source._turned[-1] is not None  # placed and turned aside
     assert source.stats.copy_bytes == 0  # (device-to-device copies are not the host-to-device bandwidth's samples)
