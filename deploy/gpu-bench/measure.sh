@@ -11,21 +11,23 @@
 #   host     (no setup)       probe_host: the served head's host time by phase, its cProfile (files in $OUT) ~60 s
 set -u
 OUT=${OUT:-/tmp/out}
+
+bench() {  # `kvblend bench` with the Redis row ($REPEATS rounds, default 12), the last $1 lines of its output shown
+  timeout 370 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats "${REPEATS:-12}" --chunks 10 \
+    --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
+    2>&1 | tail -"$1"
+}
 case "${1:-}" in
   bench)
     timeout 200 python3 -m pytest -q -rf tests/blend/test_kv_pool.py tests/blend/test_layer_graphs.py \
       tests/blend/test_adapter.py tests/blend/test_graph_decode.py tests/blend/test_scattered.py tests/blend/test_rerotate.py \
       tests/blend/test_fused.py tests/blend/test_pool_attention.py tests/blend/test_question_mass.py tests/store/test_cuda_source.py tests/store/test_dma.py -k "not smollm2" > "$OUT/tests_tiny.txt" 2>&1
     grep -v "CUDAGraph.cpp" "$OUT/tests_tiny.txt" | grep "^FAILED\|^E  \|passed\|failed" | head -30
-    timeout 370 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats 12 --chunks 10 \
-      --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
-      2>&1 | tail -70 ;;
+    bench 70 ;;
   bench-source)  # (after setup_a; a short budget) the request source's CUDA tests only, then the same bench
     timeout 120 python3 -m pytest -q -rf tests/store/test_cuda_source.py tests/store/test_dma.py > "$OUT/tests_tiny.txt" 2>&1
     grep "^FAILED\|passed\|failed" "$OUT/tests_tiny.txt" | head -10
-    timeout 370 python3 -m services.commands.cli bench --json "$OUT/bench.json" --repeats "${REPEATS:-12}" --chunks 10 \
-      --redis-url redis://127.0.0.1:6379/0 --selectors 'qattn+sink4+nofirst+cachedk,qattn+sink4+nofirst' \
-      2>&1 | tail -20 ;;
+    bench 20 ;;
   kernels)
     timeout 120 python3 -m services.bench.probe_scattered > "$OUT/probe_scattered.txt" 2>&1
     grep "host issue\|dense mask" "$OUT/probe_scattered.txt"
