@@ -55,5 +55,5 @@ case "${1:-}" in
     timeout 300 python3 -m services.bench.probe_host > "$OUT/probe_host.txt" 2>&1
     grep "^== \|head under\|head by part\|^     [A-Za-z_]" "$OUT/probe_host.txt"; sed -n '/== primitives/,$p' "$OUT/probe_host.txt" ;;
   *)
-    echo "usage: measure.sh bench|kernels|service|tests|probe|host" >&2; exit 2 ;;
+    echo "usage: measure.sh bench|bench-source|kernels|service|tests|probe|host" >&2; exit 2 ;;
 esac
