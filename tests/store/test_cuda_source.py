@@ -346,7 +346,7 @@ def test_a_host_chunk_promoted_to_the_gpu_tier_mid_request_is_planned_as_a_devic
     cache = step.new_cache(len(layout) + 8)
     source.into(cache.data, starts)
     assert sorted(source._plans) == [1, 2, 3]
-    assert all(len(moves) == 1 and moves[0][1].is_cuda for _, _, _, moves in source._plans.values())
+    assert all(len(moves) == 1 and moves[0][1].is_cuda for _, _, _, moves, _ in source._plans.values())
     for layer in range(source.n_layers):
         source.layer(layer)
         source.ahead()
@@ -548,3 +548,42 @@ def test_gpu_tier_chunks_are_placed_on_the_copy_stream_and_give_what_the_fusor_p
     assert got.recomputed == want.recomputed > 0
     assert torch.equal(got.logits, want.logits)
     assert torch.equal(got.cache.data[:, : want.length], want.cache.data[:, : want.length])
+
+
+@pytest.mark.parametrize("plan_layers", [0, 2])
+def test_a_gpu_tier_block_put_after_into_is_copied_only_once_written(cuda_step, plan_layers, monkeypatch):
+    """PLACE_DEVICE: the source's device-to-device copies wait for the compute stream only where a GPU-tier entry
+    was put since `into` (its write queued there, here behind a long kernel): the rows copied are the new blocks'
+    (the layers looked up before the put keep the old ones they hold); where nothing was put, no copy waits beyond
+    `into`'s one wait, so none waits for the layer the compute stream has just been given."""
+    monkeypatch.setattr(StoreSource, "PLACE_DEVICE", True)
+    monkeypatch.setattr(StoreSource, "ISSUE_FIRST", 1)
+    monkeypatch.setattr(StoreSource, "PLAN_LAYERS", plan_layers)
+    layout, prefix, chunks = _entries(cuda_step, seed=14)
+    gpu = MemoryTier("gpu", "cuda")
+    store, keys = _store(gpu, chunks)
+    starts = [0] + layout.chunk_starts()
+    waits = {}
+    for late in (False, True):
+        cache = cuda_step.new_cache(len(layout) + 8)
+        source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+        copy, counted = source._copy_stream, waits.setdefault(late, [])
+        copy.wait_event = lambda event, wait=copy.wait_event, counted=counted: counted.append(event) or wait(event)
+        source.into(cache.data, starts)
+        n, first_new = source.n_layers, max(source._issued, source._planned) + 1
+        assert source._device_placed == {1, 2, 3} and 1 <= first_new < n
+        if late:
+            torch.cuda._sleep(100_000_000)  # the compute stream busy well past the host's lookups and copies
+            for layer in range(first_new, n):  # written on the compute stream, after the sleep
+                gpu.put(layer_key(keys[1], layer), chunks[1].kv[layer] * 2)
+        for layer in range(n):
+            source.layer(layer)
+            source.ahead()
+        source.finish()
+        torch.cuda.synchronize()
+        for start, chunk in zip(starts[1:], chunks):
+            want = chunk.kv.clone()
+            if late and chunk is chunks[1]:
+                want[first_new:] *= 2
+            assert torch.equal(cache.data[:, start : start + len(chunk)], want)
+    assert len(waits[False]) == 1 and len(waits[True]) > 1
