@@ -27,7 +27,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+# cudaMemcpyDefault: the direction inferred from the pointers (unified addressing): host to device, and device to device
+# for a request's GPU-tier blocks (store.source, PLACE_DEVICE_DMA).
+_DEFAULT_KIND = 4
 _batch_refused = False  # a batch call was refused once: a copy a call from then on
 
 
@@ -250,7 +252,7 @@ class Prepared:
             log.warning("dma: cudaMemcpyBatchAsync refused a layer's copies; a copy a call from now on")
         memcpy = _memcpy_async()
         for target, source, size in zip(self.targets, self.sources, self.sizes):
-            error = memcpy(target, source, size, _HOST_TO_DEVICE, handle)
+            error = memcpy(target, source, size, _DEFAULT_KIND, handle)
             if error:
                 _clear_error()  # (else PyTorch's next launch check raises it as its own)
                 stream.synchronize()  # the copies queued before it: done before the caller lets their blocks go
@@ -264,7 +266,7 @@ def _batched(batch, targets, sources, handle: int) -> int:
 def _each(memcpy, targets, sources, handle: int) -> int:
     """One cudaMemcpyAsync a block (the start-up test copy); the first error."""
     for target, source in zip(targets, sources):
-        error = memcpy(target.data_ptr(), source.data_ptr(), source.nbytes, _HOST_TO_DEVICE, handle)
+        error = memcpy(target.data_ptr(), source.data_ptr(), source.nbytes, _DEFAULT_KIND, handle)
         if error:
             return error
     return 0
