@@ -27,9 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# cudaMemcpyDefault: the direction inferred from the pointers (unified addressing): host to device, and device to device
-# for a request's GPU-tier blocks (store.source, PLACE_DEVICE_DMA).
-_DEFAULT_KIND = 4
+_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 _batch_refused = False  # a batch call was refused once: a copy a call from then on
 
 
@@ -252,7 +250,7 @@ class Prepared:
             log.warning("dma: cudaMemcpyBatchAsync refused a layer's copies; a copy a call from now on")
         memcpy = _memcpy_async()
         for target, source, size in zip(self.targets, self.sources, self.sizes):
-            error = memcpy(target, source, size, _DEFAULT_KIND, handle)
+            error = memcpy(target, source, size, _HOST_TO_DEVICE, handle)
             if error:
                 _clear_error()  # (else PyTorch's next launch check raises it as its own)
                 stream.synchronize()  # the copies queued before it: done before the caller lets their blocks go
@@ -266,7 +264,7 @@ def _batched(batch, targets, sources, handle: int) -> int:
 def _each(memcpy, targets, sources, handle: int) -> int:
     """One cudaMemcpyAsync a block (the start-up test copy); the first error."""
     for target, source in zip(targets, sources):
-        error = memcpy(target.data_ptr(), source.data_ptr(), source.nbytes, _DEFAULT_KIND, handle)
+        error = memcpy(target.data_ptr(), source.data_ptr(), source.nbytes, _HOST_TO_DEVICE, handle)
         if error:
             return error
     return 0

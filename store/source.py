@@ -288,10 +288,6 @@ class StoreSource:
     # interleaved request), so its copy waits for the compute stream's work enqueued before it was looked up
     # (`_copy_placed`). Off as served until its CUDA test has passed on a GPU; the bench's `/placed-aside` rows pair it.
     PLACE_DEVICE = False
-    # With PLACE_DEVICE, the copy plan's GPU-tier blocks copied by the runtime's copy call with the host blocks (one
-    # cudaMemcpyBatchAsync a layer: the copy engines, no SMs taken from the compute stream's kernels), not by a
-    # multi-tensor copy kernel on the copy stream. The bench's `/placed-dma` rows pair it.
-    PLACE_DEVICE_DMA = False
     _turn_streams: dict = {}  # device index -> the stream the turns run on (`turn_with`)
 
     def turn_with(self, turner: Callable[[int], None]) -> bool:
@@ -533,11 +529,9 @@ class StoreSource:
         start = previous if previous is not None and not previous.query() else _recorded(copy, timing=True)
         try:
             if planned is not None:
-                prepared, out, sources, moves, placed, device_bytes = planned
-                if device_bytes:  # GPU-tier blocks among the runtime's copies
-                    self._wait_for_writes(copy)
+                prepared, out, sources, moves, placed = planned
                 prepared.issue(copy)
-                self.stats.copy_bytes += prepared.nbytes - device_bytes
+                self.stats.copy_bytes += prepared.nbytes
                 if placed:  # the GPU tier's blocks (held with the host blocks)
                     self._copy_placed(placed, copy)
                 if moves:  # host segments found on the device (promoted to the GPU tier since): as `_copies` does
@@ -616,7 +610,6 @@ class StoreSource:
             for segment in held:  # held in memory (the system prefix, on the device: `_plans` needs it so)
                 out[segment] = segments[segment].kv[index]
             targets, sources, sizes, blocks, moves, placed = [], [], [], [], [], []
-            device_bytes = 0
             views = None
             bytes_in: dict[str, int] = {}
             for segment, (block, tier) in zip(stored, served):
@@ -632,14 +625,6 @@ class StoreSource:
                         sources.append(block.data_ptr())
                         sizes.append(size)
                         blocks.append(block)
-                    elif (block.device == device and segment in self._device_placed and self.PLACE_DEVICE_DMA
-                          and block.is_contiguous()):
-                        # the GPU tier's, with the host blocks' copies (the same arithmetic, checked the same)
-                        targets.append(at + offset)
-                        sources.append(block.data_ptr())
-                        sizes.append(size)
-                        blocks.append(block)
-                        device_bytes += size
                     elif block.device == device:
                         views = self._target(index) if views is None else views
                         if segment in self._device_placed:  # the GPU tier's: copied on the copy stream, held
@@ -658,7 +643,7 @@ class StoreSource:
                     break
                 bytes_in[tier] = bytes_in.get(tier, 0) + size
             else:
-                self._plans[index] = (dma.Prepared(targets, sources, sizes), out, blocks, moves, placed, device_bytes)
+                self._plans[index] = (dma.Prepared(targets, sources, sizes), out, blocks, moves, placed)
                 for tier, size in bytes_in.items():
                     per_tier[tier] = per_tier.get(tier, 0) + size
                 continue
@@ -730,15 +715,10 @@ class StoreSource:
         the host looked it up). Not waiting where nothing was put keeps the copies off the compute stream's path: a
         copy waiting for the layer just enqueued held every layer's compute behind its own copy and turn (s24a's
         `/placed-aside` rows, 0.9x the served GPU-tier row at 0.05)."""
-        self._wait_for_writes(copy)
-        with torch.cuda.stream(copy):
-            torch._foreach_copy_([target for target, _ in placed], [block for _, block in placed], non_blocking=True)
-
-    def _wait_for_writes(self, copy: torch.cuda.Stream) -> None:
-        """Before GPU-tier blocks are copied on `copy`: where a GPU-memory tier was put to since `into`, the copy
-        stream waits for the compute stream's work enqueued so far (`_copy_placed`)."""
         if self._device_writes() != self._writes:
             copy.wait_event(_recorded(torch.cuda.current_stream(self.device)))
+        with torch.cuda.stream(copy):
+            torch._foreach_copy_([target for target, _ in placed], [block for _, block in placed], non_blocking=True)
 
     def _device_writes(self) -> tuple[int, ...]:
         """Entries put so far into each tier held in GPU memory (`MemoryTier.writes`)."""

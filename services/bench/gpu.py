@@ -617,9 +617,6 @@ def run_bench(config: BenchConfig) -> dict:
                         "blend@0.05/gpu+poolgraphs", "blend@0.15/gpu+poolgraphs")]:
                     plan.append((f"{label}/placed-aside", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "PLACE_DEVICE", True)], fn)))
-                    # (and copied by the runtime's copy call with any host blocks: copy engines, not a copy kernel)
-                    plan.append((f"{label}/placed-dma", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(StoreSource, "PLACE_DEVICE", True), (StoreSource, "PLACE_DEVICE_DMA", True)], fn)))
                 # The served rows with fewer and more layers' copies kept in flight than served (StoreSource.IN_FLIGHT):
                 # where the copy stream runs dry against where issuing costs the host more than it gives.
                 for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (

@@ -503,22 +503,19 @@ def test_a_source_turns_keys_aside_only_when_asked_and_after_into(cuda_step, mon
     early.close()
 
 
-@pytest.mark.parametrize(("plan_layers", "by_dma"), [(2, False), (0, False), (2, True)],
-                         ids=["planned", "per-layer", "planned-dma"])
+@pytest.mark.parametrize("plan_layers", [2, 0], ids=["planned", "per-layer"])
 def test_gpu_tier_chunks_are_placed_on_the_copy_stream_and_give_what_the_fusor_placing_them_gives(
-        cuda_step, plan_layers, by_dma, monkeypatch):
+        cuda_step, plan_layers, monkeypatch):
     """`StoreSource.PLACE_DEVICE`: the GPU tier's chunks are copied into the request's buffer by the source, on its
     copy stream (held back here by a GPU sleep before every layer's copies, so a compute stream that did not wait for
     them would read stale rows), and re-rotated aside; the cache and logits are those of the fusor placing and turning
-    them on the compute stream, to the bit, from the copy plan and from the per-layer path, and with
-    PLACE_DEVICE_DMA (the plan's copies by the runtime's copy call: no copy kernel)."""
+    them on the compute stream, to the bit, from the copy plan and from the per-layer path."""
     from services.settings import SERVED_SELECTOR
 
     layout, prefix, chunks = _entries(cuda_step, seed=8, lengths=(60, 45, 70))
     store, keys = _store(MemoryTier("gpu", "cuda"), chunks)
     config = BlendConfig(mode="blend", ratio=0.15, selector=SERVED_SELECTOR)
     monkeypatch.setattr(StoreSource, "PLAN_LAYERS", plan_layers)
-    monkeypatch.setattr(StoreSource, "PLACE_DEVICE_DMA", by_dma)
     issue = StoreSource._issue
 
     def held_back(self, layer, behind=False):
@@ -543,8 +540,7 @@ def test_gpu_tier_chunks_are_placed_on_the_copy_stream_and_give_what_the_fusor_p
         source = StoreSource(store, [prefix, *keys], device="cuda").begin()
         got = prefill(cuda_step, layout, config, source)
         source.finish()
-    # every layer's by the source on its copy stream: a copy kernel, or the runtime's copies (no kernel)
-    assert set(streams) == (set() if by_dma else {source._copy_stream.cuda_stream})
+    assert set(streams) == {source._copy_stream.cuda_stream}  # every layer's, by the source on its copy stream
     assert (source._table is not None) == (plan_layers > 0)  # the copy plan carried them where it was on
     assert inline._host == [] and source._device_placed == {1, 2, 3}
     assert source._issued == cuda_step.n_layers - 1 and source._turned[-1] is not None  # placed and turned aside
@@ -554,8 +550,8 @@ def test_gpu_tier_chunks_are_placed_on_the_copy_stream_and_give_what_the_fusor_p
     assert torch.equal(got.cache.data[:, : want.length], want.cache.data[:, : want.length])
 
 
-@pytest.mark.parametrize(("plan_layers", "by_dma"), [(0, False), (2, False), (2, True)])
-def test_a_gpu_tier_block_put_after_into_is_copied_only_once_written(cuda_step, plan_layers, by_dma, monkeypatch):
+@pytest.mark.parametrize("plan_layers", [0, 2])
+def test_a_gpu_tier_block_put_after_into_is_copied_only_once_written(cuda_step, plan_layers, monkeypatch):
     """PLACE_DEVICE: the source's device-to-device copies wait for the compute stream only where a GPU-tier entry
     was put since `into` (its write queued there, here behind a long kernel): the rows copied are the new blocks'
     (the layers looked up before the put keep the old ones they hold); where nothing was put, no copy waits beyond
@@ -563,7 +559,6 @@ def test_a_gpu_tier_block_put_after_into_is_copied_only_once_written(cuda_step, 
     monkeypatch.setattr(StoreSource, "PLACE_DEVICE", True)
     monkeypatch.setattr(StoreSource, "ISSUE_FIRST", 1)
     monkeypatch.setattr(StoreSource, "PLAN_LAYERS", plan_layers)
-    monkeypatch.setattr(StoreSource, "PLACE_DEVICE_DMA", by_dma)
     layout, prefix, chunks = _entries(cuda_step, seed=14)
     gpu = MemoryTier("gpu", "cuda")
     store, keys = _store(gpu, chunks)
