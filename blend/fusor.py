@@ -78,10 +78,11 @@ class KVSource(Protocol):
 
     starts: Sequence[int]  # the position each segment's K was rotated at when it was computed
 
-    def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
+    def into(self, data: torch.Tensor, starts: Sequence[int], device_too: bool = True) -> set[int]:
         """The request's KV buffer ([layers, capacity, 2, kv_heads, head_dim]) and where each segment goes
         in it, before the first `layer`: a source may copy segments straight there; it returns their
-        indices, which the fusor then does not place (their blocks from `layer` are views of `data`)."""
+        indices, which the fusor then does not place (their blocks from `layer` are views of `data`).
+        `device_too` False: segments already in the compute device's memory are left to the fusor."""
         ...
 
     def layer(self, index: int) -> Sequence[torch.Tensor]:
@@ -105,7 +106,7 @@ class MemorySource:
         self.entries = list(entries)
         self.starts = [entry.start if entry is not None else 0 for entry in self.entries]
 
-    def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
+    def into(self, data: torch.Tensor, starts: Sequence[int], device_too: bool = True) -> set[int]:
         return set()  # in memory already: the fusor places each layer by one device-side copy
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
@@ -235,6 +236,14 @@ def _schedule(config: BlendConfig, n_layers: int) -> dict[int, float]:
 # bench's /early-ahead rows).
 AHEAD_BEFORE_CHECK = False
 
+# Chunks the source finds in GPU memory are placed by the source (copied into the request's buffer on its copy stream
+# and their keys turned aside, `KVSource.into`'s device_too; StoreSource.PLACE_DEVICE) where blend recomputes at least
+# this share of the chunk tokens, else by the fusor on the compute stream ahead of each layer. Aside, the placing
+# leaves the compute stream but costs the host the source's per-layer issuing: at 0.15 the GPU-bound request gained
+# (1.027 and 1.028 the fusor placing them, two H100 runs, docs/gpu.md twentieth session), at 0.05 the host-bound one
+# lost (0.985, 0.956). The bench's `/placed-aside` and `/placed-inline` rows pair the two at both ratios.
+PLACE_ASIDE_FROM = 0.15
+
 # A computed token's fixed rank where it has one (`_ranks`): never dropped, a chunk-start sink, the first chunk.
 NEVER_DROPPED, SINK, EXACT = float("inf"), torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max
 
@@ -311,7 +320,8 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
     if forced and (config.mode != "blend" or forced[0] < 0 or forced[-1] >= len(layout.chunks)):
         raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
     skip = {1 + index for index in forced}
-    placed = source.into(cache.data, new_starts) if source is not None else set()  # first: copies start now
+    aside = config.mode == "blend" and config.ratio >= PLACE_ASIDE_FROM
+    placed = source.into(cache.data, new_starts, aside) if source is not None else set()  # first: copies start now
     unplaced = [index for index in range(len(new_starts)) if index not in placed]
     moving = _turn(old_starts, new_starts, lengths, skip)  # the same for every layer
     covered = boundaries[len(old_starts)]  # prompt tokens the placed segments fill

@@ -280,14 +280,15 @@ class StoreSource:
     # an H200, s13b's profile): on since the bench's rows paired it with the fusor's turning (docs/gpu.md, eighteenth
     # session; its `/turn-inline` rows keep the pair).
     TURN_ASIDE = True
-    # GPU-tier segments placed into the request's buffer by `into` too, each layer's as a device-to-device copy on the
-    # copy stream (and so re-rotated aside with the rest), not handed to the fusor, which copied them on the compute
-    # stream ahead of each layer and turned their keys there: at 0.15 the GPU tier ran 1.3% slower than the CPU tier on
-    # the H200 (s23a, docs/gpu.md nineteenth session), its placement on the critical path. A GPU-tier block may have been
-    # written on the compute stream after `into` (promoted from a lower tier by a later lookup pass, or re-put by an
-    # interleaved request), so its copy waits for the compute stream's work enqueued before it was looked up
-    # (`_copy_placed`). Off as served until its CUDA test has passed on a GPU; the bench's `/placed-aside` rows pair it.
-    PLACE_DEVICE = False
+    # GPU-tier segments placed into the request's buffer by `into` too (where its caller asks: `device_too`, the fusor's
+    # PLACE_ASIDE_FROM), each layer's as a device-to-device copy on the copy stream (and so re-rotated aside with the
+    # rest), not handed to the fusor, which copies them on the compute stream ahead of each layer and turns their keys
+    # there: at 0.15 the GPU tier ran 1.3% slower than the CPU tier on the H200 (s23a, docs/gpu.md nineteenth session),
+    # its placement on the critical path. A GPU-tier block put after `into` (promoted from a lower tier by a later
+    # lookup pass, or re-put by an interleaved request) may be written on the compute stream after it, so then the
+    # copies wait for the compute stream's work enqueued before it was looked up (`_copy_placed`). The bench's
+    # `/placed-inline` rows pair it off.
+    PLACE_DEVICE = True
     _turn_streams: dict = {}  # device index -> the stream the turns run on (`turn_with`)
 
     def turn_with(self, turner: Callable[[int], None]) -> bool:
@@ -336,12 +337,12 @@ class StoreSource:
             self._turned_upto += 1
         return self._turned_upto
 
-    def into(self, data: torch.Tensor, starts: Sequence[int]) -> set[int]:
-        """Copy the host-held segments (and with PLACE_DEVICE the GPU tier's) straight into `data` ([layers, capacity,
-        2, kv_heads, head_dim], the request's KV buffer) on the copy stream, segment i at positions starts[i]..., and
-        place the device-held whole ones (the system prefix) there at once; returns their indices (the fusor does not
-        place them). CUDA only (elsewhere none: the fusor copies host blocks itself); call after `begin` and before the
-        first `layer`."""
+    def into(self, data: torch.Tensor, starts: Sequence[int], device_too: bool = True) -> set[int]:
+        """Copy the host-held segments (and with PLACE_DEVICE and `device_too` the GPU tier's) straight into `data`
+        ([layers, capacity, 2, kv_heads, head_dim], the request's KV buffer) on the copy stream, segment i at positions
+        starts[i]..., and place the device-held whole ones (the system prefix) there at once; returns their indices
+        (the fusor does not place them). CUDA only (elsewhere none: the fusor copies host blocks itself); call after
+        `begin` and before the first `layer`."""
         if not self.cuda or not self._begun:
             return set()
         if self._issued >= 0:
@@ -349,6 +350,8 @@ class StoreSource:
         if len(starts) < len(self.segments) or data.shape[0] != self.n_layers:
             raise ValueError(f"into(): {len(starts)} starts for {len(self.segments)} segments, "
                              f"{data.shape[0]} layers in the buffer for the segments' {self.n_layers}")
+        if not device_too:
+            self._leave_device_placed()
         self._target = layer_views(data, starts, self._lengths, self._host)
         self._buffer = (data, starts)
         self._into = True
@@ -365,6 +368,12 @@ class StoreSource:
             kv = self.segments[i].kv
             data[:, starts[i] : starts[i] + kv.shape[1]].copy_(kv)
         return set(self._host) | set(resident)
+
+    def _leave_device_placed(self) -> None:
+        """The GPU tier's segments left to the fusor (handed over as the tier's blocks), not copied by this source."""
+        if self._device_placed:
+            self._host = [i for i in self._host if i not in self._device_placed]
+            self._device_placed = set()
 
     def _on_host(self, index: int) -> bool:
         """Whether this segment's layers arrive in host memory (and so need a copy to the device)."""
@@ -513,9 +522,7 @@ class StoreSource:
         if layer > self._issued + 1:
             self._issue(layer - 1)
         if self._target is None:
-            if self._device_placed:  # no `into`: the fusor places the GPU tier's blocks where they are, uncopied
-                self._host = [i for i in self._host if i not in self._device_placed]
-                self._device_placed = set()
+            self._leave_device_placed()  # no `into`: the fusor places the GPU tier's blocks where they are, uncopied
             self._target = self._own_target()
         if self._plans is not None and layer > self._planned:
             self._plan(layer)

@@ -235,8 +235,8 @@ def _with_pool_graphs(step: LlamaStep, graphs: LayerGraphs, fn):
 
 def _with_settings(settings, fn):
     """fn() with each (owner, name, value) of `settings` set, then set back: the request source's knobs
-    (StoreSource.IN_FLIGHT, ISSUE_FIRST, PLAN_LAYERS, TURN_ASIDE), the fusor's (AHEAD_BEFORE_CHECK) and the layer
-    graphs' (LayerGraphs.CHAIN) for a variant row."""
+    (StoreSource.IN_FLIGHT, ISSUE_FIRST, PLAN_LAYERS, TURN_ASIDE, PLACE_DEVICE), the fusor's (AHEAD_BEFORE_CHECK,
+    PLACE_ASIDE_FROM) and the layer graphs' (LayerGraphs.CHAIN) for a variant row."""
     old = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
     for owner, name, value in settings:
         setattr(owner, name, value)
@@ -611,12 +611,15 @@ def run_bench(config: BenchConfig) -> dict:
                     plan.append((f"{label}+poolgraphs", mode, ratio, tier,
                                  lambda fn=fn: _with_pool_graphs(step, pool_graphs, fn)))
                 # The GPU tier's rows with its chunks placed by the source on its copy stream (and their keys turned
-                # aside), not by the fusor on the compute stream (StoreSource.PLACE_DEVICE, off as served until its
-                # CUDA test has run).
+                # aside) at every ratio, and by the fusor on the compute stream at every ratio: served, the first from
+                # fusor.PLACE_ASIDE_FROM on (StoreSource.PLACE_DEVICE), so at each ratio one of the two pairs the
+                # served row against itself (a check of the rounds' noise).
                 for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
                         "blend@0.05/gpu+poolgraphs", "blend@0.15/gpu+poolgraphs")]:
                     plan.append((f"{label}/placed-aside", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(StoreSource, "PLACE_DEVICE", True)], fn)))
+                        [(StoreSource, "PLACE_DEVICE", True), (fusor, "PLACE_ASIDE_FROM", 0.0)], fn)))
+                    plan.append((f"{label}/placed-inline", mode, ratio, tier, lambda fn=fn: _with_settings(
+                        [(StoreSource, "PLACE_DEVICE", False)], fn)))
                 # The served rows with fewer and more layers' copies kept in flight than served (StoreSource.IN_FLIGHT):
                 # where the copy stream runs dry against where issuing costs the host more than it gives.
                 for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (

@@ -7,6 +7,7 @@ import gc
 import pytest
 import torch
 
+from blend import fusor
 from blend.adapter import LlamaStep
 from blend.fusor import BlendConfig, MemorySource, compute_kv, prefill
 from store.chunks import ChunkStore
@@ -515,6 +516,7 @@ def test_gpu_tier_chunks_are_placed_on_the_copy_stream_and_give_what_the_fusor_p
     layout, prefix, chunks = _entries(cuda_step, seed=8, lengths=(60, 45, 70))
     store, keys = _store(MemoryTier("gpu", "cuda"), chunks)
     config = BlendConfig(mode="blend", ratio=0.15, selector=SERVED_SELECTOR)
+    monkeypatch.setattr(fusor, "PLACE_ASIDE_FROM", 0.1)  # (the served threshold may move: 0.15 is above this one)
     monkeypatch.setattr(StoreSource, "PLAN_LAYERS", plan_layers)
     issue = StoreSource._issue
 
@@ -587,3 +589,30 @@ def test_a_gpu_tier_block_put_after_into_is_copied_only_once_written(cuda_step, 
                 want[first_new:] *= 2
             assert torch.equal(cache.data[:, start : start + len(chunk)], want)
     assert len(waits[False]) == 1 and len(waits[True]) > 1
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.3])
+def test_the_fusor_leaves_the_gpu_tier_to_the_source_only_from_its_ratio_on(cuda_step, ratio, monkeypatch):
+    """With PLACE_DEVICE served, the fusor asks the source to place the GPU tier's chunks (`into`'s device_too) only
+    where blend recomputes at least PLACE_ASIDE_FROM of the tokens (there the request is bound by the GPU, below by the
+    host's issuing); below it the fusor places them on the compute stream, the source copies nothing. Either way the
+    prefill is the one of the fusor placing them, to the bit."""
+    from services.settings import SERVED_SELECTOR
+
+    monkeypatch.setattr(fusor, "PLACE_ASIDE_FROM", 0.15)
+    layout, prefix, chunks = _entries(cuda_step, seed=9, lengths=(60, 45, 70))
+    store, keys = _store(MemoryTier("gpu", "cuda"), chunks)
+    config = BlendConfig(mode="blend", ratio=ratio, selector=SERVED_SELECTOR)
+    with torch.inference_mode():
+        results = {}
+        for place in (False, True):
+            monkeypatch.setattr(StoreSource, "PLACE_DEVICE", place)
+            source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+            results[place] = prefill(cuda_step, layout, config, source)
+            source.finish()
+    aside = ratio >= 0.15
+    assert source._device_placed == ({1, 2, 3} if aside else set()) and bool(source._host) == aside
+    assert (source._turner is not None) == aside  # the keys turned aside by the source, or by the fusor
+    assert torch.equal(results[True].logits, results[False].logits)
+    length = results[False].length
+    assert torch.equal(results[True].cache.data[:, :length], results[False].cache.data[:, :length])
