@@ -204,13 +204,14 @@ def test_a_timeline_source_marks_every_layer(cuda_step):
 
 
 def test_a_source_with_nothing_to_copy_looks_each_layer_up_when_asked(cuda_step, tmp_path):
-    """Every chunk in the GPU tier (and the prefix in memory): no copies to keep in flight, so no layer is issued
-    ahead of the one asked for (a lookup and two events each, on the head's critical path for nothing)."""
+    """Every chunk in the GPU tier (and the prefix in memory) and left to the fusor (`into`'s device_too False, as
+    below fusor.PLACE_ASIDE_FROM): no copies to keep in flight, so no layer is issued ahead of the one asked for (a
+    lookup and two events each, on the head's critical path for nothing)."""
     layout, prefix, chunks = _entries(cuda_step, seed=9)
     store, keys = _store(_tier("gpu", tmp_path), chunks)
     cache = cuda_step.new_cache(len(layout) + 8)
     source = StoreSource(store, [prefix, *keys], device="cuda").begin()
-    source.into(cache.data, [0] + layout.chunk_starts())
+    source.into(cache.data, [0] + layout.chunk_starts(), device_too=False)
     assert source._issued == -1
     for layer in range(source.n_layers):
         blocks = source.layer(layer)
@@ -612,7 +613,7 @@ def test_the_fusor_leaves_the_gpu_tier_to_the_source_only_from_its_ratio_on(cuda
             source.finish()
     aside = ratio >= 0.15
     assert source._device_placed == ({1, 2, 3} if aside else set()) and bool(source._host) == aside
-    assert (source._turner is not None) == aside  # the keys turned aside by the source, or by the fusor
+    assert (source._turned[-1] is not None) == aside  # the keys turned aside by the source, or by the fusor
     assert torch.equal(results[True].logits, results[False].logits)
     length = results[False].length
     assert torch.equal(results[True].cache.data[:, :length], results[False].cache.data[:, :length])
