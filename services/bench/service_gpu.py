@@ -322,7 +322,7 @@ def format_table(rows: list[dict], fusor: dict) -> str:
     columns = ["scenario", "step", "mode", "ratio", "clients", "requests", "failed", "requests_per_s", "output_tokens_per_s",
                "server_ttft_p50_ms",
                "server_ttft_p99_ms", "client_ttft_p50_ms", "client_ttft_p99_ms", "load_wait_share",
-               "speedup_vs_full", "vs_fusor"]
+               "speedup_vs_full", "vs_fusor", "gain_vs_fusor"]
     cells = []
     for row in rows:
         cells.append([f"{row.get(c):.3g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns])
@@ -335,8 +335,9 @@ def format_table(rows: list[dict], fusor: dict) -> str:
 
 
 def _compare(rows: list[dict], fusor: dict) -> None:
-    """Per row: speed-up over the same scenario's full mode at the same load, and the ratio of the
-    server's TTFT to the fusor-only figure of the same path."""
+    """Per row: speed-up over the same scenario's full mode at the same load, the ratio of the server's TTFT to the
+    fusor-only figure of the same path (`vs_fusor`), and of the server's speed-up over full to the fusor-only one
+    (`gain_vs_fusor`, one client: issue 16's "improved by the same factor as the fusor-only bench, within 20%")."""
     full = {(r["scenario"], r["clients"]): r["server_ttft_p50_ms"] for r in rows if r["mode"] == "full"}
     full_any = {r["clients"]: r["server_ttft_p50_ms"] for r in rows if r["mode"] == "full" and r["scenario"] == "gpu"}
     for row in rows:
@@ -346,10 +347,21 @@ def _compare(rows: list[dict], fusor: dict) -> None:
         label = ("full" if row["mode"] == "full" else "reuse" if row["mode"] == "reuse"
                  else f"blend@{row['ratio']:g}/{tier}" if tier else None)
         if label and label != "full" and row["scenario"] != "cpu-eager" and row["scenario"] != "redis":
-            label += "+graphs"  # the server runs the per-layer graphs unless the scenario turns them off
+            # The server runs the layer graphs unless the scenario turns them off, and over its KV pool (on by default)
+            # each whole layer as one graph (server.pool_layer_graphs): the bench's +poolgraphs rows where it has one.
+            label += "+poolgraphs" if f"{label}+poolgraphs" in fusor else "+graphs"
         reference = fusor.get(label) if label else None
-        row["vs_fusor"] = row["server_ttft_p50_ms"] / reference["ttft_ms"] if reference and row["clients"] == 1 \
-            else None
+        one = reference is not None and row["clients"] == 1
+        row["vs_fusor"] = row["server_ttft_p50_ms"] / reference["ttft_ms"] if one else None
+        fusor_gain = fusor["full"]["ttft_ms"] / reference["ttft_ms"] if one and "full" in fusor else None
+        row["gain_vs_fusor"] = row["speedup_vs_full"] / fusor_gain if fusor_gain and row["speedup_vs_full"] else None
+
+
+def rescore(path: Path) -> str:
+    """A saved run's table (`--json` of `bench-service --device cuda`) compared again by this code's `_compare`."""
+    record = json.loads(Path(path).read_text())
+    _compare(record["rows"], record["fusor"])
+    return f"{record['gpu']}, torch {record['torch']}\n" + format_table(record["rows"], record["fusor"])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -423,3 +435,11 @@ def run(config: GpuServiceBenchConfig) -> int:
     if config.plot:
         plot(rows, config.plot)
     return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":  # python3 -m services.bench.service_gpu --rescore RUN.json
+    import argparse
+
+    parser = argparse.ArgumentParser(description=rescore.__doc__)
+    parser.add_argument("--rescore", type=Path, required=True)
+    print(rescore(parser.parse_args().rescore))

@@ -49,3 +49,25 @@ def test_a_load_row_reports_the_model_threads_time_per_decode_step(service_model
     assert row["decode_steps"] >= 5  # 6 tokens: the first from the prefill, five steps
     assert 1.0 <= row["decode_batch_mean"] <= 2.0
     assert row["decode_step_ms"] > 0 and row["decode_ms_per_token_p50"] > 0  # both read (their ratio is a figure)
+
+
+def test_the_service_rows_are_compared_with_the_fusor_row_of_the_path_the_server_runs():
+    """`_compare`: a blend row of a scenario with the layer graphs is set against the bench's +poolgraphs row where the
+    bench has one (the server runs each whole layer as one graph over its KV pool by default), else +graphs; the
+    eager scenario against the eager row; `gain_vs_fusor` is the server's speed-up over full against the fusor's."""
+    from services.bench.service_gpu import _compare
+
+    fusor = {"full": {"ttft_ms": 100.0}, "blend@0.15/cpu+graphs": {"ttft_ms": 30.0},
+             "blend@0.15/cpu+poolgraphs": {"ttft_ms": 20.0}, "blend@0.05/cpu+graphs": {"ttft_ms": 25.0},
+             "blend@0.15/cpu": {"ttft_ms": 40.0}}
+    rows = [{"scenario": "cpu", "mode": "full", "ratio": None, "clients": 1, "server_ttft_p50_ms": 90.0},
+            {"scenario": "cpu", "mode": "blend", "ratio": 0.15, "clients": 1, "server_ttft_p50_ms": 22.5},
+            {"scenario": "cpu", "mode": "blend", "ratio": 0.05, "clients": 1, "server_ttft_p50_ms": 30.0},
+            {"scenario": "cpu-eager", "mode": "blend", "ratio": 0.15, "clients": 1, "server_ttft_p50_ms": 44.0},
+            {"scenario": "cpu", "mode": "blend", "ratio": 0.15, "clients": 8, "server_ttft_p50_ms": 60.0}]
+    _compare(rows, fusor)
+    pool, graphs, eager, loaded = rows[1], rows[2], rows[3], rows[4]
+    assert pool["vs_fusor"] == 22.5 / 20.0 and pool["gain_vs_fusor"] == (90.0 / 22.5) / (100.0 / 20.0)
+    assert graphs["vs_fusor"] == 30.0 / 25.0  # no +poolgraphs row for it: the per-layer graphs'
+    assert eager["vs_fusor"] == 44.0 / 40.0
+    assert loaded["vs_fusor"] is None and loaded["gain_vs_fusor"] is None  # (the fusor's figures are one client's)
