@@ -82,7 +82,7 @@ class KVSource(Protocol):
         """The request's KV buffer ([layers, capacity, 2, kv_heads, head_dim]) and where each segment goes
         in it, before the first `layer`: a source may copy segments straight there; it returns their
         indices, which the fusor then does not place (their blocks from `layer` are views of `data`).
-        `device_too` False: segments already in the compute device's memory are left to the fusor."""
+        `device_too` False: the store's GPU-tier segments are left to the fusor (handed over by `layer`)."""
         ...
 
     def layer(self, index: int) -> Sequence[torch.Tensor]:
@@ -153,7 +153,8 @@ def _sent(tensor: torch.Tensor, device) -> torch.Tensor:
 
 def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn, unplaced: Sequence[int]) -> None:
     # `unplaced`: the segments the source did not copy into the buffer itself (`KVSource.into`; on a GPU's served
-    # path none: nothing to walk a layer); None among them: a chunk prefilled in full instead of loaded. One
+    # path the GPU tier's below PLACE_ASIDE_FROM, else none); None among them: a chunk prefilled in full instead of
+    # loaded. One
     # multi-tensor copy: a launch per layer, not one per chunk (on a GPU the step is bound by launches, issue 16).
     pairs = [(cache.data[layer, new_starts[index] : new_starts[index] + blocks[index].shape[0]], blocks[index])
              for index in unplaced if blocks[index] is not None and blocks[index].shape[0]]

@@ -15,8 +15,9 @@ class MemoryTier:
     volatile = True
     available = True  # health (store.tier.Health): a local memory tier is never down
     skipped_writes = 0
-    # Entries put so far (`put`): a request that copies this tier's blocks on a stream of its own checks that none was
-    # written since it began, so not on its compute stream after it (store.source, PLACE_DEVICE).
+    # GPU-memory entries put so far (`put`; counted before the entry can be read): a request that copies this tier's
+    # blocks on a stream of its own checks whether one was put since it last waited for the compute stream, on which
+    # the put's copy may still be queued (store.source, PLACE_DEVICE).
     writes = 0
 
     def __init__(self, name: str, device: str | torch.device = "cpu", pin: bool | None = None):
@@ -54,8 +55,9 @@ class MemoryTier:
         with self._lock:
             old = self._entries.get(key)
             self._bytes += size - (0 if old is None else old.numel() * old.element_size())
+            if stored.is_cuda:
+                self.writes += 1
             self._entries[key] = stored
-            self.writes += 1
         return size
 
     def delete(self, key: str) -> None:

@@ -4,7 +4,9 @@ each from wherever it is, on any device.
 A segment is a store key or a `ChunkKV` already in memory (the system prefix). Per layer:
 
 - an entry already on the compute device (the GPU tier, an in-memory segment, a chunk just computed)
-  is handed over in place, no copy;
+  is handed over in place, no copy, for the fusor to place; where the fusor asks (`into`'s device_too, from
+  blend's fusor.PLACE_ASIDE_FROM on), the GPU tier's are copied into the request's buffer by this source on its
+  copy stream instead (PLACE_DEVICE);
 - an entry in host memory (the CPU tier, pinned on a CUDA machine) is copied as one contiguous
   asynchronous DMA per segment and layer, on a side copy stream, straight into the request's KV buffer
   (`into`, which the fusor calls once it has the buffer): no staging buffer, no device-side placement
@@ -210,7 +212,8 @@ class StoreSource:
                 self._reads[layer] = self._pool.submit(self._read_slow, layer)
         if self.cuda:
             # The segments this source places in the request's buffer itself (`into`), on its copy stream: those read
-            # into host memory and, with PLACE_DEVICE, the GPU tier's (a device-to-device copy a layer each).
+            # into host memory and, with PLACE_DEVICE, the GPU tier's (a device-to-device copy a layer each), unless
+            # `into` leaves those to the fusor (device_too False) or is not called.
             self._device_placed: set[int] = set()
             if self.PLACE_DEVICE:
                 self._device_placed = {i for i, segment in enumerate(self.segments)
@@ -254,6 +257,7 @@ class StoreSource:
             self._turned_upto = -1  # every layer up to this one is known re-rotated (its event completed)
             self._last_turned = -1
             self._into = False  # `into` placed the host segments into the request's buffer
+            self._writes: tuple[int, ...] | None = ()  # GPU-memory tiers' puts when last waited for (`_copy_placed`)
         return self
 
     # Layers issued: `into` starts ISSUE_FIRST; each `ahead` call (the fusor's, once a layer's compute is enqueued)
@@ -355,9 +359,10 @@ class StoreSource:
         self._target = layer_views(data, starts, self._lengths, self._host)
         self._buffer = (data, starts)
         self._into = True
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
-        # (and every GPU-tier block put so far on the compute stream is written: `_copy_placed` checks none was since)
+        # The GPU-memory tiers' puts counted before the wait below, so every one counted is written when the copies run
+        # (`_copy_placed` checks none was put since).
         self._writes = self._device_writes() if self._device_placed else ()
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
         if self._host:  # (nothing to copy, e.g. every chunk in the GPU tier: each layer looked up when asked for)
             self._issue_ahead(self.ISSUE_FIRST - 1, self.ISSUE_FIRST)
         # Segments held whole on the device (the system prefix): every layer placed now by one copy on the
@@ -370,10 +375,13 @@ class StoreSource:
         return set(self._host) | set(resident)
 
     def _leave_device_placed(self) -> None:
-        """The GPU tier's segments left to the fusor (handed over as the tier's blocks), not copied by this source."""
+        """The GPU tier's segments left to the fusor (handed over as the tier's blocks), not copied by this source; with
+        nothing left to copy, no copy plan: each layer looked up when asked for, as without PLACE_DEVICE."""
         if self._device_placed:
             self._host = [i for i in self._host if i not in self._device_placed]
             self._device_placed = set()
+            if not self._host:
+                self._plans = None
 
     def _on_host(self, index: int) -> bool:
         """Whether this segment's layers arrive in host memory (and so need a copy to the device)."""
@@ -721,16 +729,30 @@ class StoreSource:
         after that, so then the copies also wait for the compute stream's work enqueued so far (it was written before
         the host looked it up). Not waiting where nothing was put keeps the copies off the compute stream's path: a
         copy waiting for the layer just enqueued held every layer's compute behind its own copy and turn (s24a's
-        `/placed-aside` rows, 0.9x the served GPU-tier row at 0.05)."""
-        if self._device_writes() != self._writes:
+        `/placed-aside` rows, 0.9x the served GPU-tier row at 0.05). The count is read before the event is recorded,
+        so it becomes the count waited for: a later put makes only the copies after it wait. (Every thread that puts
+        into a GPU tier does so on the device's default stream, the compute stream here: serving and blend set no
+        other.)"""
+        writes = self._device_writes()
+        if writes is None or writes != self._writes:
             copy.wait_event(_recorded(torch.cuda.current_stream(self.device)))
+            self._writes = writes
         with torch.cuda.stream(copy):
             torch._foreach_copy_([target for target, _ in placed], [block for _, block in placed], non_blocking=True)
 
-    def _device_writes(self) -> tuple[int, ...]:
-        """Entries put so far into each tier held in GPU memory (`MemoryTier.writes`)."""
-        return tuple(tier.writes for tier in self.store.tiered.tiers
-                     if getattr(getattr(tier, "device", None), "type", None) == "cuda")
+    def _device_writes(self) -> tuple[int, ...] | None:
+        """GPU-memory blocks put so far into each tier held in GPU memory (`MemoryTier.writes`); None where such a tier
+        does not count its puts (then every copy of the GPU tier's blocks waits)."""
+        counts = []
+        for tier in self.store.tiered.tiers:
+            device = getattr(tier, "device", None)
+            if device is None or torch.device(device).type != "cuda":
+                continue
+            count = getattr(tier, "writes", None)
+            if count is None:
+                return None
+            counts.append(count)
+        return tuple(counts)
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
         if not self._begun:

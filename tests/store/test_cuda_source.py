@@ -212,7 +212,7 @@ def test_a_source_with_nothing_to_copy_looks_each_layer_up_when_asked(cuda_step,
     cache = cuda_step.new_cache(len(layout) + 8)
     source = StoreSource(store, [prefix, *keys], device="cuda").begin()
     source.into(cache.data, [0] + layout.chunk_starts(), device_too=False)
-    assert source._issued == -1
+    assert source._issued == -1 and source._plans is None  # (no copy plan: nothing to copy)
     for layer in range(source.n_layers):
         blocks = source.layer(layer)
         source.ahead()
@@ -614,6 +614,7 @@ def test_the_fusor_leaves_the_gpu_tier_to_the_source_only_from_its_ratio_on(cuda
     aside = ratio >= 0.15
     assert source._device_placed == ({1, 2, 3} if aside else set()) and bool(source._host) == aside
     assert (source._turned[-1] is not None) == aside  # the keys turned aside by the source, or by the fusor
+    assert (source._plans is None) == (not aside)  # below: each layer looked up when asked, as with PLACE_DEVICE off
     assert torch.equal(results[True].logits, results[False].logits)
     length = results[False].length
     assert torch.equal(results[True].cache.data[:, :length], results[False].cache.data[:, :length])
