@@ -320,3 +320,20 @@ def test_a_cpu_source_leaves_the_re_rotation_to_the_fusor(monkeypatch):
         store.put(key, chunk)
     source = StoreSource(store, keys).begin()
     assert not source.turn_with(lambda layer: None)
+
+
+def test_the_gpu_memory_tiers_puts_are_counted_and_a_tier_that_does_not_count_makes_every_copy_wait():
+    """`StoreSource._device_writes`: one count per tier held in GPU memory (a MemoryTier counts only GPU blocks put, so
+    a CPU tier is not among them); a GPU-memory tier without the count gives None, on which every device-to-device copy
+    of the GPU tier waits for the compute stream (PLACE_DEVICE). Checked on the CPU: no block is put on a GPU here."""
+
+    class Uncounted:  # a tier held in GPU memory that keeps no count of its puts
+        name, device = "gpu", "cuda"
+
+    cpu = MemoryTier("cpu")
+    cpu.put("k", torch.ones(2))
+    assert cpu.writes == 0  # a host block: nothing a device copy could overtake
+    counted = StoreSource(ChunkStore(TieredStore([cpu], [None])), [])
+    assert counted._device_writes() == ()
+    uncounted = StoreSource(ChunkStore(TieredStore([Uncounted(), cpu], [None, None])), [])
+    assert uncounted._device_writes() is None
