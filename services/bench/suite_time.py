@@ -42,6 +42,13 @@ def run_suite(checkout: Path) -> tuple[float, dict[str, float], str]:
     return wall, dict(tests), lines[-1] if lines else ""
 
 
+def movers(base: dict[str, float], head: dict[str, float], count: int = 12) -> list[tuple[str, float, float]]:
+    """The `count` tests whose time grew most from base to head ((test, base s, head s); a test only the head has
+    counts from 0 s): where a slower head's time went."""
+    grown = sorted(head, key=lambda test: base.get(test, 0.0) - head[test])[:count]
+    return [(test, round(base.get(test, 0.0), 2), round(head[test], 2)) for test in grown]
+
+
 def compare(base: dict[str, float], head: dict[str, float]) -> dict:
     shared = set(base) & set(head)
     return {"shared_tests": len(shared), "shared_base_s": round(sum(base[t] for t in shared), 1),
@@ -72,12 +79,13 @@ def main() -> None:
         (base_wall, base_tests, base_last), (head_wall, head_tests, head_last) = runs["base"], runs["head"]
         pair = {"order": list(order), "base_wall_s": round(base_wall, 1), "head_wall_s": round(head_wall, 1),
                 "head_over_base": round(head_wall / base_wall, 3), "base_result": base_last, "head_result": head_last,
-                **compare(base_tests, head_tests)}
+                **compare(base_tests, head_tests), "grew_most": movers(base_tests, head_tests)}
         pairs.append(pair)
         print(f"pair {index + 1} ({' then '.join(order)}): wall base {pair['base_wall_s']} s, head {pair['head_wall_s']} s "
               f"({pair['head_over_base']:.3f}x); tests in both {pair['shared_base_s']} s -> {pair['shared_head_s']} s; "
               f"only the head's {pair['head_only_tests']} tests {pair['head_only_s']} s; only the base's "
               f"{pair['base_only_tests']} tests {pair['base_only_s']} s")
+        print("  grew most (base s -> head s): " + "; ".join(f"{test} {was} -> {now}" for test, was, now in pair["grew_most"]))
     walls = {name: statistics.mean(p[f"{name}_wall_s"] for p in pairs) for name in ("base", "head")}
     added = statistics.median(p["head_only_s"] - p["base_only_s"] for p in pairs)
     summary = {"base_mean_wall_s": round(walls["base"], 1), "head_mean_wall_s": round(walls["head"], 1),
