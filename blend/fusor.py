@@ -154,8 +154,8 @@ def _sent(tensor: torch.Tensor, device) -> torch.Tensor:
 def _place(step: LlamaStep, cache: KVCache, layer: int, blocks, new_starts, turn, unplaced: Sequence[int]) -> None:
     # `unplaced`: the segments the source did not copy into the buffer itself (`KVSource.into`; on a GPU's served
     # path the GPU tier's below PLACE_ASIDE_FROM, else none); None among them: a chunk prefilled in full instead of
-    # loaded. One
-    # multi-tensor copy: a launch per layer, not one per chunk (on a GPU the step is bound by launches, issue 16).
+    # loaded. One multi-tensor copy: a launch per layer, not one per chunk (on a GPU the step is bound by launches,
+    # issue 16).
     pairs = [(cache.data[layer, new_starts[index] : new_starts[index] + blocks[index].shape[0]], blocks[index])
              for index in unplaced if blocks[index] is not None and blocks[index].shape[0]]
     if pairs:

@@ -288,12 +288,13 @@ class StoreSource:
     # PLACE_ASIDE_FROM), each layer's as a device-to-device copy on the copy stream (and so re-rotated aside with the
     # rest), not handed to the fusor, which copies them on the compute stream ahead of each layer and turns their keys
     # there: at 0.15 the GPU tier ran 1.3% slower than the CPU tier on the H200 (s23a, docs/gpu.md nineteenth session),
-    # its placement on the critical path. A GPU-tier block put after `into` (promoted from a lower tier by a later
-    # lookup pass, or re-put by an interleaved request) may be written on the compute stream after it, so then the
-    # copies wait for the compute stream's work enqueued before it was looked up (`_copy_placed`). The bench's
-    # `/placed-inline` rows pair it off.
+    # its placement on the critical path. A GPU-tier block put since the copies last waited for the compute stream (at
+    # `into`, or after an earlier put) may still be written there (promoted from a lower tier by a later lookup pass,
+    # or re-put by an interleaved request), so then the copies wait for the compute stream's work enqueued when they
+    # are issued, after the lookup (`_copy_placed`). The bench's `/placed-inline` rows pair it off.
     PLACE_DEVICE = True
     _turn_streams: dict = {}  # device index -> the stream the turns run on (`turn_with`)
+    _gpu_tiers: list | None = None  # the store's tiers held in GPU memory (`_device_writes`), once looked for
 
     def turn_with(self, turner: Callable[[int], None]) -> bool:
         """Offer the placed segments' re-rotation: `turner(layer)` enqueues that layer's on the current stream (the
@@ -725,9 +726,9 @@ class StoreSource:
     def _copy_placed(self, placed: list[tuple[torch.Tensor, torch.Tensor]], copy: torch.cuda.Stream) -> None:
         """The GPU tier's (target view, block) pairs copied device to device on the copy stream (PLACE_DEVICE). The
         copy stream waited at `into` for the compute stream's work then, so for every block put before; a block put
-        since (promoted by a lookup pass, or re-put by an interleaved request) may be written on the compute stream
-        after that, so then the copies also wait for the compute stream's work enqueued so far (it was written before
-        the host looked it up). Not waiting where nothing was put keeps the copies off the compute stream's path: a
+        since the copies last waited (promoted by a lookup pass, or re-put by an interleaved request) may be written
+        on the compute stream after that, so then the copies also wait for the compute stream's work enqueued so far
+        (it was written before the host looked it up). Not waiting where nothing was put keeps the copies off the compute stream's path: a
         copy waiting for the layer just enqueued held every layer's compute behind its own copy and turn (s24a's
         `/placed-aside` rows, 0.9x the served GPU-tier row at 0.05). The count is read before the event is recorded,
         so it becomes the count waited for: a later put makes only the copies after it wait. (Every thread that puts
@@ -743,16 +744,12 @@ class StoreSource:
     def _device_writes(self) -> tuple[int, ...] | None:
         """GPU-memory blocks put so far into each tier held in GPU memory (`MemoryTier.writes`); None where such a tier
         does not count its puts (then every copy of the GPU tier's blocks waits)."""
-        counts = []
-        for tier in self.store.tiered.tiers:
-            device = getattr(tier, "device", None)
-            if device is None or torch.device(device).type != "cuda":
-                continue
-            count = getattr(tier, "writes", None)
-            if count is None:
-                return None
-            counts.append(count)
-        return tuple(counts)
+        tiers = self._gpu_tiers
+        if tiers is None:  # found once (the counts are read for each layer issued, on the host's critical path)
+            tiers = self._gpu_tiers = [tier for tier in self.store.tiered.tiers if getattr(tier, "device", None)
+                                       is not None and torch.device(tier.device).type == "cuda"]
+        counts = tuple(getattr(tier, "writes", None) for tier in tiers)
+        return None if None in counts else counts
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
         if not self._begun:

@@ -82,17 +82,19 @@ def test_each_mode_through_the_fused_kernels_equals_the_pytorch_passes(config, f
     layout = random_layout(seed=4, chunk_lengths=(20, 35, 27))  # (ragged against ROPE_ROWS and MLP_ROWS)
     blend_config = BlendConfig(**config)
     calls = []
-    # The norm kernel for the steps of at most 8 rows (the system prefix's own K/V, 6 tokens), in two of the cases:
-    # interpreted, a program a row, it dominated this test's time with the chunks' steps too (64 rows: 13.6 and 9.4 s
-    # of the suite on this 2-core machine, against PyTorch's passes alone).
+    # The norm kernel for the steps of at most 8 rows (the system prefix's own K/V, 6 tokens; with +cachedk the
+    # question's 5 rows before the check layer), in two of the cases: interpreted, a program a row, it dominated this
+    # test's time with the chunks' steps too (64 rows: 13.6 and 9.4 s of the suite on this 2-core machine). The
+    # prefix's K/V is compared too: in full prefill it is the norm kernel's only output.
     monkeypatch.setattr(fused, "NORM_ROWS", norm_rows)
     for name in ("rope_qkv", "silu_mul", "rms_norm"):
         kernel = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, kernel=kernel, name=name, **k: calls.append(name) or kernel(*a, **k))
-    results = []
+    results, prefixes = [], []
     for kernels in (False, True):
         step.fused_kernels = kernels
         prefix = compute_kv(step, layout.prefix)
+        prefixes.append(prefix.kv)
         source = None  # (full prefill reads no cache: no chunk's own K/V computed for it)
         if blend_config.mode != "full":
             chunks = [compute_kv(step, ids, behind=prefix) for ids in layout.chunks]
@@ -103,6 +105,7 @@ def test_each_mode_through_the_fused_kernels_equals_the_pytorch_passes(config, f
     assert calls.count("rope_qkv") >= step.n_layers and calls.count("silu_mul") >= step.n_layers
     assert calls.count("rms_norm") >= (2 * step.n_layers if norm_rows else 0)
     assert_same_prefill(through_kernels, plain)
+    torch.testing.assert_close(prefixes[1], prefixes[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="Triton's interpreter converts bfloat16 wrongly (numpy has none)")

@@ -330,10 +330,19 @@ def test_the_gpu_memory_tiers_puts_are_counted_and_a_tier_that_does_not_count_ma
     class Uncounted:  # a tier held in GPU memory that keeps no count of its puts
         name, device = "gpu", "cuda"
 
+    class Counted:  # one that does (a MemoryTier on a GPU, which this machine may not have)
+        def __init__(self, name, device, writes):
+            self.name, self.device, self.writes = name, device, writes
+
     cpu = MemoryTier("cpu")
     cpu.put("k", torch.ones(2))
     assert cpu.writes == 0  # a host block: nothing a device copy could overtake
-    counted = StoreSource(ChunkStore(TieredStore([cpu], [None])), [])
-    assert counted._device_writes() == ()
+    only_cpu = StoreSource(ChunkStore(TieredStore([cpu], [None])), [])
+    assert only_cpu._device_writes() == ()
+    first, second = Counted("gpu", torch.device("cuda", 0), 3), Counted("gpu2", "cuda:1", 0)
+    counted = StoreSource(ChunkStore(TieredStore([first, cpu, second], [None, None, None])), [])
+    assert counted._device_writes() == (3, 0)
+    first.writes += 1  # a put since: the counts differ from those waited for
+    assert counted._device_writes() == (4, 0)
     uncounted = StoreSource(ChunkStore(TieredStore([Uncounted(), cpu], [None, None])), [])
     assert uncounted._device_writes() is None
