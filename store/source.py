@@ -211,16 +211,10 @@ class StoreSource:
             for layer in range(min(self.depth, self.n_layers)):
                 self._reads[layer] = self._pool.submit(self._read_slow, layer)
         if self.cuda:
-            # The segments this source places in the request's buffer itself (`into`), on its copy stream: those read
-            # into host memory and, with PLACE_DEVICE, the GPU tier's (a device-to-device copy a layer each), unless
-            # `into` leaves those to the fusor (device_too False) or is not called.
+            # The segments this source places in the request's buffer itself, on its copy stream: those read into
+            # host memory, and the GPU tier's where `into` takes them too (PLACE_DEVICE, device_too).
+            self._host = [i for i in range(len(self.segments)) if i not in self.skip and self._on_host(i)]
             self._device_placed: set[int] = set()
-            if self.PLACE_DEVICE:
-                self._device_placed = {i for i, segment in enumerate(self.segments)
-                                       if i not in self.skip and isinstance(segment, str) and i not in self.computed
-                                       and not self._on_host(i)}
-            self._host = [i for i in range(len(self.segments))
-                          if i not in self.skip and (i in self._device_placed or self._on_host(i))]
             self._lengths = self.lengths()
             self._target = None  # layer -> {segment: the device view its copy lands in} (`into`, or our own)
             # One of PyTorch's pooled streams (no stream created); without the device argument where it is the
@@ -241,10 +235,7 @@ class StoreSource:
             # nothing computed; segments on the device may be anything), a few layers of every stored segment are
             # looked up in one pass and their copies laid out ahead (`dma.Prepared`), so issuing a layer is one
             # runtime call and its event.
-            self._plans: dict[int, tuple] | None = {} if (
-                self.PLAN_LAYERS > 0 and self._host and not self._slow and not self.computed and dma.available()
-                and self.device.index == torch.cuda.current_device()
-                and all(isinstance(self.segments[i], str) for i in self._host)) else None
+            self._plans: dict[int, tuple] | None = {} if self._plannable() else None
             self._planned = -1  # every layer up to this one is planned (or the plan stopped before it)
             self._buffer = None  # (the buffer the host segments land in, each segment's start in it)
             self._table = None  # (`_pointers`)
@@ -355,8 +346,13 @@ class StoreSource:
         if len(starts) < len(self.segments) or data.shape[0] != self.n_layers:
             raise ValueError(f"into(): {len(starts)} starts for {len(self.segments)} segments, "
                              f"{data.shape[0]} layers in the buffer for the segments' {self.n_layers}")
-        if not device_too:
-            self._leave_device_placed()
+        if device_too and self.PLACE_DEVICE:
+            self._device_placed = {i for i, segment in enumerate(self.segments)
+                                   if i not in self.skip and isinstance(segment, str) and i not in self.computed
+                                   and not self._on_host(i)}
+            if self._device_placed:
+                self._host = sorted(set(self._host) | self._device_placed)
+                self._plans = {} if self._plannable() else None
         self._target = layer_views(data, starts, self._lengths, self._host)
         self._buffer = (data, starts)
         self._into = True
@@ -375,14 +371,11 @@ class StoreSource:
             data[:, starts[i] : starts[i] + kv.shape[1]].copy_(kv)
         return set(self._host) | set(resident)
 
-    def _leave_device_placed(self) -> None:
-        """The GPU tier's segments left to the fusor (handed over as the tier's blocks), not copied by this source; with
-        nothing left to copy, no copy plan: each layer looked up when asked for, as without PLACE_DEVICE."""
-        if self._device_placed:
-            self._host = [i for i in self._host if i not in self._device_placed]
-            self._device_placed = set()
-            if not self._host:
-                self._plans = None
+    def _plannable(self) -> bool:
+        """Whether the copies of `_host` may follow a copy plan (`_plan`; `_plans`, set by `begin` and by `into`)."""
+        return (self.PLAN_LAYERS > 0 and bool(self._host) and not self._slow and not self.computed
+                and dma.available() and self.device.index == torch.cuda.current_device()
+                and all(isinstance(self.segments[i], str) for i in self._host))
 
     def _on_host(self, index: int) -> bool:
         """Whether this segment's layers arrive in host memory (and so need a copy to the device)."""
@@ -531,7 +524,6 @@ class StoreSource:
         if layer > self._issued + 1:
             self._issue(layer - 1)
         if self._target is None:
-            self._leave_device_placed()  # no `into`: the fusor places the GPU tier's blocks where they are, uncopied
             self._target = self._own_target()
         if self._plans is not None and layer > self._planned:
             self._plan(layer)

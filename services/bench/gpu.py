@@ -620,11 +620,11 @@ def run_bench(config: BenchConfig) -> dict:
                         [(StoreSource, "PLACE_DEVICE", True), (fusor, "PLACE_ASIDE_FROM", 0.0)], fn)))
                     plan.append((f"{label}/placed-inline", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "PLACE_DEVICE", False)], fn)))
-                # Two layers' copies in flight, not three, for the GPU tier placed aside as for the CPU tier below
-                # (`/in-flight2`: 1.012-1.033 of the served row at 0.15 in six runs, s23a and the twentieth session's).
-                plan += [(f"{label}/in-flight2", mode, ratio, tier, lambda fn=fn: _with_settings(
-                    [(StoreSource, "IN_FLIGHT", 2)], fn)) for label, mode, ratio, tier, fn in plan
-                    if label == "blend@0.15/gpu+poolgraphs"]
+                    if ratio >= fusor.PLACE_ASIDE_FROM:
+                        # Two layers' copies in flight, not three, for the GPU tier placed aside, as for the CPU tier
+                        # below (`/in-flight2`: 1.012-1.033 of the served row at 0.15 in six runs, s23a and s24a-g).
+                        plan.append((f"{label}/in-flight2", mode, ratio, tier, lambda fn=fn: _with_settings(
+                            [(StoreSource, "IN_FLIGHT", 2)], fn)))
                 # The served rows with fewer and more layers' copies kept in flight than served (StoreSource.IN_FLIGHT):
                 # where the copy stream runs dry against where issuing costs the host more than it gives.
                 for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
