@@ -78,11 +78,13 @@ class KVSource(Protocol):
 
     starts: Sequence[int]  # the position each segment's K was rotated at when it was computed
 
-    def into(self, data: torch.Tensor, starts: Sequence[int], device_too: bool = True) -> set[int]:
+    def into(self, data: torch.Tensor, starts: Sequence[int], device_too: bool = True,
+             first: int | None = None) -> set[int]:
         """The request's KV buffer ([layers, capacity, 2, kv_heads, head_dim]) and where each segment goes
         in it, before the first `layer`: a source may copy segments straight there; it returns their
         indices, which the fusor then does not place (their blocks from `layer` are views of `data`).
-        `device_too` False: the store's GPU-tier segments are left to the fusor (handed over by `layer`)."""
+        `device_too` False: the store's GPU-tier segments are left to the fusor (handed over by `layer`).
+        `first`: how many layers' copies to start now (None: the source's own choice)."""
         ...
 
     def layer(self, index: int) -> Sequence[torch.Tensor]:
@@ -106,7 +108,8 @@ class MemorySource:
         self.entries = list(entries)
         self.starts = [entry.start if entry is not None else 0 for entry in self.entries]
 
-    def into(self, data: torch.Tensor, starts: Sequence[int], device_too: bool = True) -> set[int]:
+    def into(self, data: torch.Tensor, starts: Sequence[int], device_too: bool = True,
+             first: int | None = None) -> set[int]:
         return set()  # in memory already: the fusor places each layer by one device-side copy
 
     def layer(self, index: int) -> list[torch.Tensor | None]:
@@ -245,6 +248,14 @@ AHEAD_BEFORE_CHECK = False
 # lost (0.985, 0.956). The bench's `/placed-aside` and `/placed-inline` rows pair the two at both ratios.
 PLACE_ASIDE_FROM = 0.15
 
+# Below PLACE_ASIDE_FROM the request is bound by its copies (blend@0.05 on an H200: a layer's compute ~0.365 ms against
+# its copy's ~0.385): there `into` starts COPY_BOUND_FIRST layers' copies (and looks them up in one pass), not the
+# source's own two, so the copy stream does not idle while the host sets up and ranks. On the H200 four won at 0.05 in
+# three runs (1.046 in s23a, 1.044 and 1.051 in s25a/b, the bench's `/four-first` rows) and lost at 0.15 (0.964,
+# 0.963, 0.962); on the H100 it was neutral at 0.05 (0.998, 0.993; docs/gpu.md twenty-first session). None: the
+# source's choice at every ratio (the bench's `/two-first` rows).
+COPY_BOUND_FIRST: int | None = 4
+
 # A computed token's fixed rank where it has one (`_ranks`): never dropped, a chunk-start sink, the first chunk.
 NEVER_DROPPED, SINK, EXACT = float("inf"), torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max
 
@@ -322,7 +333,9 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
     skip = {1 + index for index in forced}
     aside = config.mode == "blend" and config.ratio >= PLACE_ASIDE_FROM
-    placed = source.into(cache.data, new_starts, aside) if source is not None else set()  # first: copies start now
+    first = COPY_BOUND_FIRST if config.mode == "blend" and not aside else None
+    # First: the copies start now.
+    placed = source.into(cache.data, new_starts, aside, first) if source is not None else set()
     unplaced = [index for index in range(len(new_starts)) if index not in placed]
     moving = _turn(old_starts, new_starts, lengths, skip)  # the same for every layer
     covered = boundaries[len(old_starts)]  # prompt tokens the placed segments fill

@@ -333,12 +333,16 @@ class StoreSource:
             self._turned_upto += 1
         return self._turned_upto
 
-    def into(self, data: torch.Tensor, starts: Sequence[int], device_too: bool = True) -> set[int]:
+    def into(self, data: torch.Tensor, starts: Sequence[int], device_too: bool = True,
+             first: int | None = None) -> set[int]:
         """Copy the host-held segments (and with PLACE_DEVICE and `device_too` the GPU tier's) straight into `data`
         ([layers, capacity, 2, kv_heads, head_dim], the request's KV buffer) on the copy stream, segment i at positions
         starts[i]..., and place the device-held whole ones (the system prefix) there at once; returns their indices
-        (the fusor does not place them). CUDA only (elsewhere none: the fusor copies host blocks itself); call after
-        `begin` and before the first `layer`."""
+        (the fusor does not place them). `first`: the layers whose copies start now, looked up in one pass (None:
+        ISSUE_FIRST; the rest as `ahead` and `layer` ask). CUDA only (elsewhere none: the fusor copies host blocks
+        itself); call after `begin` and before the first `layer`."""
+        if first is not None and (isinstance(first, bool) or not isinstance(first, int) or first < 1):
+            raise ValueError(f"into(): first={first!r} layers to start; need a positive int or None")
         if not self.cuda or not self._begun:
             return set()
         if self._issued >= 0:
@@ -361,7 +365,10 @@ class StoreSource:
         self._writes = self._device_writes() if self._device_placed else ()
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
         if self._host:  # (nothing to copy, e.g. every chunk in the GPU tier: each layer looked up when asked for)
-            self._issue_ahead(self.ISSUE_FIRST - 1, self.ISSUE_FIRST)
+            first = self.ISSUE_FIRST if first is None else first
+            if self._plans is not None and first > self.PLAN_LAYERS:
+                self._plan(0, first)  # the layers started now in one lookup pass
+            self._issue_ahead(first - 1, first)
         # Segments held whole on the device (the system prefix): every layer placed now by one copy on the
         # compute stream, not one small copy per layer by the fusor.
         resident = [i for i, segment in enumerate(self.segments)
@@ -587,8 +594,8 @@ class StoreSource:
             places[index] = (starts[index] * token, shape[0] * token)
         return data.data_ptr(), data.stride(0) * size, places
 
-    def _plan(self, layer: int) -> None:
-        """Look layers `layer`.. (PLAN_LAYERS of them) of every stored segment up in one pass and lay their copies out
+    def _plan(self, layer: int, count: int | None = None) -> None:
+        """Look layers `layer`.. (`count`, else PLAN_LAYERS of them) of every stored segment up in one pass and lay their copies out
         (`dma.Prepared`), with the blocks the fusor is handed (the host segments' views made by `layer`) and the host
         blocks to hold. The plan stops for good at the first layer it cannot carry as a plain copy (a block missing,
         not contiguous or on an unexpected device): that layer and the rest take the per-layer path, which
@@ -602,7 +609,7 @@ class StoreSource:
                 self._plans = None
                 return
         base, layer_bytes, places = self._table
-        last = min(layer + self.PLAN_LAYERS, self.n_layers) - 1
+        last = min(layer + (self.PLAN_LAYERS if count is None else count), self.n_layers) - 1
         layers = list(range(self._planned + 1, last + 1))
         self._planned = last
         stored = self._stored

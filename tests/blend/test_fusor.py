@@ -189,3 +189,29 @@ def test_the_set_up_arrays_arrive_whole_in_one_copy_each_view_16_byte_aligned(si
     else:
         assert sent_floats.dtype == torch.float32 and (sent_floats.data_ptr() - base) % 16 == 0
         assert np.array_equal(sent_floats.numpy(), floats, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode, ratio, first", [("blend", 0.05, 4), ("blend", 0.15, None), ("blend", 0.5, None),
+                                                ("reuse", 0.15, None), ("prefix", 0.15, None)])
+def test_the_fusor_asks_for_more_first_layers_only_where_blend_is_bound_by_its_copies(tiny, monkeypatch, mode, ratio,
+                                                                                    first):
+    """`into`'s `first`: COPY_BOUND_FIRST where blend recomputes less than PLACE_ASIDE_FROM of the tokens, else the
+    source's own choice (None)."""
+    from blend import fusor
+
+    monkeypatch.setattr(fusor, "PLACE_ASIDE_FROM", 0.15)
+    monkeypatch.setattr(fusor, "COPY_BOUND_FIRST", 4)
+    asked = []
+
+    class Recording(MemorySource):
+        def into(self, data, starts, device_too=True, first=None):
+            asked.append((device_too, first))
+            return super().into(data, starts, device_too, first)
+
+    layout = random_layout(seed=5)
+    prefix = compute_kv(tiny, layout.prefix)
+    chunks = [compute_kv(tiny, ids, behind=prefix) for ids in layout.chunks]
+    config = BlendConfig(mode=mode, ratio=ratio)
+    with torch.inference_mode():
+        prefill(tiny, layout, config, Recording(cached_entries(mode, prefix, chunks, layout)))
+    assert asked == [(mode == "blend" and ratio >= 0.15, first)]

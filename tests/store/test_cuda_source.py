@@ -620,3 +620,49 @@ def test_the_fusor_leaves_the_gpu_tier_to_the_source_only_from_its_ratio_on(cuda
     assert torch.equal(results[True].logits, results[False].logits)
     length = results[False].length
     assert torch.equal(results[True].cache.data[:, :length], results[False].cache.data[:, :length])
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.3])
+def test_where_the_request_is_bound_by_its_copies_into_starts_more_layers_in_one_lookup_with_the_same_prefill(
+        cuda_step, ratio, monkeypatch):
+    """Below PLACE_ASIDE_FROM the fusor asks `into` for COPY_BOUND_FIRST layers' copies at once: they are looked up in
+    one pass (one plan of that many layers) and issued before the first layer is asked for; from it on, the source's
+    ISSUE_FIRST. Either way the prefill equals the one of the source's own first layers, to the bit."""
+    from services.settings import SERVED_SELECTOR
+
+    monkeypatch.setattr(fusor, "PLACE_ASIDE_FROM", 0.15)
+    monkeypatch.setattr(StoreSource, "ISSUE_FIRST", 2)
+    monkeypatch.setattr(StoreSource, "PLAN_LAYERS", 2)
+    deep = LlamaStep(tiny_model(num_hidden_layers=8).to("cuda"))
+    layout, prefix, chunks = _entries(deep, seed=14, lengths=(60, 45, 70))
+    store, keys = _store(MemoryTier("cpu"), chunks)
+    config = BlendConfig(mode="blend", ratio=ratio, selector=SERVED_SELECTOR)
+    seen = []
+    into, plan = StoreSource.into, StoreSource._plan
+
+    def recording_into(self, data, starts, device_too=True, first=None):
+        placed = into(self, data, starts, device_too, first)
+        seen.append((first, self._issued, self._planned))
+        return placed
+
+    def counting_plan(self, layer, count=None):
+        seen.append(("plan", layer, count))
+        return plan(self, layer, count)
+
+    monkeypatch.setattr(StoreSource, "into", recording_into)
+    monkeypatch.setattr(StoreSource, "_plan", counting_plan)
+    with torch.inference_mode():
+        results = {}
+        for first in (None, 4):
+            monkeypatch.setattr(fusor, "COPY_BOUND_FIRST", first)
+            seen.clear()
+            source = StoreSource(store, [prefix, *keys], device="cuda").begin()
+            results[first] = prefill(deep, layout, config, source)
+            source.finish()
+            bound = ratio < 0.15 and first == 4
+            # (the passed count, the last layer issued, the last planned) when `into` returned
+            assert seen[1] == ((4, 3, 3) if bound else (None, 1, 1)), seen
+            assert seen[0] == (("plan", 0, 4) if bound else ("plan", 0, None))  # one lookup pass for what starts
+    assert torch.equal(results[4].logits, results[None].logits)
+    length = results[None].length
+    assert torch.equal(results[4].cache.data[:, :length], results[None].cache.data[:, :length])

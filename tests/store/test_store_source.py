@@ -346,3 +346,14 @@ def test_the_gpu_memory_tiers_puts_are_counted_and_a_tier_that_does_not_count_ma
     assert counted._device_writes() == (4, 0)
     uncounted = StoreSource(ChunkStore(TieredStore([Uncounted(), cpu], [None, None])), [])
     assert uncounted._device_writes() is None
+
+
+@pytest.mark.parametrize("first", [0, -1, 2.0, True, "4"])
+def test_into_refuses_a_count_of_first_layers_that_is_not_a_positive_int_naming_it(first):
+    chunks, keys = chunks_and_keys()
+    store = new_store()
+    for key, chunk in zip(keys, chunks):
+        store.put(key, chunk)
+    source = StoreSource(store, keys).begin()
+    with pytest.raises(ValueError, match=f"first={first!r}"):
+        source.into(torch.zeros(N_LAYERS, 32, 2, 1, 4), [0, 4, 9], first=first)
