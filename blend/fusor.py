@@ -249,12 +249,25 @@ AHEAD_BEFORE_CHECK = False
 PLACE_ASIDE_FROM = 0.15
 
 # Below PLACE_ASIDE_FROM the request is bound by its copies (blend@0.05 on an H200: a layer's compute ~0.365 ms against
-# its copy's ~0.385): there `into` starts COPY_BOUND_FIRST layers' copies (and looks them up in one pass), not the
-# source's own two, so the copy stream does not idle while the host sets up and ranks. On the H200 four won at 0.05 in
-# three runs (1.046 in s23a, 1.044 and 1.051 in s25a/b, the bench's `/four-first` rows) and lost at 0.15 (0.964,
-# 0.963, 0.962); on the H100 it was neutral at 0.05 (0.998, 0.993; docs/gpu.md twenty-first session). None: the
-# source's choice at every ratio (the bench's `/two-first` rows).
-COPY_BOUND_FIRST: int | None = 4
+# its copy's ~0.385): there `into` may start more layers' copies at once (looked up in one pass) than the source's own
+# two, so the copy stream does not idle while the host sets up and ranks, at the cost of that host time in the head.
+# Which wins was measured per machine, so it is chosen by the card's name (a table, as tuned kernel configs are; a
+# card not named: the source's own): on the H200 four won at 0.05 in three runs (1.046 in s23a, 1.044 and 1.051 in
+# s25a/b, the bench's `/four-first` rows) and lost at 0.15 (0.964, 0.963, 0.962); on the H100 four lost at 0.05 in
+# three runs (the bench's `/two-first` rows 1.041, 1.049, 1.079 of it, s25d-f; docs/gpu.md twenty-first session).
+COPY_BOUND_FIRST: dict[str, int] = {"NVIDIA H200": 4}
+
+
+def _card_name(device: torch.device) -> str | None:
+    """The CUDA card's name (`torch.cuda.get_device_name`), None off CUDA."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def _copy_bound_first(device: torch.device) -> int | None:
+    """The layers `into` starts where blend is bound by its copies, on this device (COPY_BOUND_FIRST); None: the
+    source's own."""
+    name = _card_name(device)
+    return COPY_BOUND_FIRST.get(name) if name is not None else None
 
 # A computed token's fixed rank where it has one (`_ranks`): never dropped, a chunk-start sink, the first chunk.
 NEVER_DROPPED, SINK, EXACT = float("inf"), torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max
@@ -333,7 +346,7 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
     skip = {1 + index for index in forced}
     aside = config.mode == "blend" and config.ratio >= PLACE_ASIDE_FROM
-    first = COPY_BOUND_FIRST if config.mode == "blend" and not aside else None
+    first = _copy_bound_first(cache.data.device) if config.mode == "blend" and not aside else None
     # First: the copies start now.
     placed = source.into(cache.data, new_starts, aside, first) if source is not None else set()
     unplaced = [index for index in range(len(new_starts)) if index not in placed]

@@ -641,21 +641,23 @@ def run_bench(config: BenchConfig) -> dict:
                                  lambda fn=fn: _with_settings([(StoreSource, "PLAN_LAYERS", 8)], fn)))
                     # Each of the eighteenth and nineteenth sessions' served defaults set back, and all three together
                     # (`/as-s21`: the request as s20a and s21 served it), against the served row in the same rounds:
-                    # - `/four-first` (from fusor.PLACE_ASIDE_FROM on; below it four are served, fusor.COPY_BOUND_FIRST,
-                    #   and `/two-first` sets the source's two back): `into` looks up and issues four layers
-                    #   (StoreSource.ISSUE_FIRST, PLAN_LAYERS 4), not the head's two; the head's host time against the
-                    #   copy stream's idle spell it spares;
+                    # - `/four-first`: `into` looks up and issues four layers (StoreSource.ISSUE_FIRST, PLAN_LAYERS 4;
+                    #   below fusor.PLACE_ASIDE_FROM, fusor.COPY_BOUND_FIRST for this card), not the head's two; the
+                    #   head's host time against the copy stream's idle spell it spares. Where this card is served
+                    #   four below PLACE_ASIDE_FROM (the H200), `/two-first` there sets the source's two back;
                     # - `/turn-inline`: the placed keys re-rotated by the fusor on the compute stream before each
                     #   layer (StoreSource.TURN_ASIDE off), not on the source's stream once the layer's copies are done;
                     # - `/unchained`: each whole-layer graph's output cloned out of its bucket and copied back in by
                     #   the next layer (LayerGraphs.CHAIN off), not handed over as the bucket's rows (served since the
                     #   nineteenth session).
-                    if ratio < fusor.PLACE_ASIDE_FROM:
+                    card = fusor._card_name(torch.device(step.device))
+                    if ratio < fusor.PLACE_ASIDE_FROM and fusor.COPY_BOUND_FIRST.get(card) == 4:
                         plan.append((f"{label}/two-first", mode, ratio, tier, lambda fn=fn: _with_settings(
-                            [(fusor, "COPY_BOUND_FIRST", None)], fn)))
+                            [(fusor, "COPY_BOUND_FIRST", {})], fn)))
                     else:
-                        plan.append((f"{label}/four-first", mode, ratio, tier, lambda fn=fn: _with_settings(
-                            [(StoreSource, "ISSUE_FIRST", 4), (StoreSource, "PLAN_LAYERS", 4)], fn)))
+                        plan.append((f"{label}/four-first", mode, ratio, tier, lambda fn=fn, card=card: _with_settings(
+                            [(StoreSource, "ISSUE_FIRST", 4), (StoreSource, "PLAN_LAYERS", 4),
+                             (fusor, "COPY_BOUND_FIRST", {card: 4})], fn)))
                     plan.append((f"{label}/turn-inline", mode, ratio, tier, lambda fn=fn: _with_settings(
                         [(StoreSource, "TURN_ASIDE", False)], fn)))
                     plan.append((f"{label}/unchained", mode, ratio, tier, lambda fn=fn: _with_settings(
@@ -666,7 +668,7 @@ def run_bench(config: BenchConfig) -> dict:
                     # As the sixteenth session's s20a served it: `ahead` after the question-only layer 0 too, three
                     # layers' copies started by `into`.
                     plan.append((f"{label}/early-ahead", mode, ratio, tier, lambda fn=fn: _with_settings(
-                        [(fusor, "AHEAD_BEFORE_CHECK", True), (fusor, "COPY_BOUND_FIRST", None),
+                        [(fusor, "AHEAD_BEFORE_CHECK", True), (fusor, "COPY_BOUND_FIRST", {}),
                          (StoreSource, "ISSUE_FIRST", 3)], fn)))
             if main:
                 # Where one matmul for q/k/v (and for gate/up) pays: full prefill projected apart above 1,024

@@ -195,12 +195,13 @@ def test_the_set_up_arrays_arrive_whole_in_one_copy_each_view_16_byte_aligned(si
                                                 ("reuse", 0.15, None), ("prefix", 0.15, None)])
 def test_the_fusor_asks_for_more_first_layers_only_where_blend_is_bound_by_its_copies(tiny, monkeypatch, mode, ratio,
                                                                                     first):
-    """`into`'s `first`: COPY_BOUND_FIRST where blend recomputes less than PLACE_ASIDE_FROM of the tokens, else the
-    source's own choice (None)."""
+    """`into`'s `first`: the card's COPY_BOUND_FIRST where blend recomputes less than PLACE_ASIDE_FROM of the tokens,
+    else the source's own choice (None)."""
     from blend import fusor
 
     monkeypatch.setattr(fusor, "PLACE_ASIDE_FROM", 0.15)
-    monkeypatch.setattr(fusor, "COPY_BOUND_FIRST", 4)
+    monkeypatch.setattr(fusor, "COPY_BOUND_FIRST", {"Tuned card": 4})
+    monkeypatch.setattr(fusor, "_card_name", lambda device: "Tuned card")  # (this CPU stands in for one)
     asked = []
 
     class Recording(MemorySource):
@@ -215,3 +216,14 @@ def test_the_fusor_asks_for_more_first_layers_only_where_blend_is_bound_by_its_c
     with torch.inference_mode():
         prefill(tiny, layout, config, Recording(cached_entries(mode, prefix, chunks, layout)))
     assert asked == [(mode == "blend" and ratio >= 0.15, first)]
+
+
+def test_a_card_without_a_tuned_count_and_a_cpu_leave_the_first_layers_to_the_source(monkeypatch):
+    from blend import fusor
+
+    monkeypatch.setattr(fusor, "COPY_BOUND_FIRST", {"Tuned card": 4})
+    assert fusor._copy_bound_first(torch.device("cpu")) is None  # (no card name off CUDA)
+    monkeypatch.setattr(fusor, "_card_name", lambda device: "Other card")
+    assert fusor._copy_bound_first(torch.device("cpu")) is None
+    monkeypatch.setattr(fusor, "_card_name", lambda device: "Tuned card")
+    assert fusor._copy_bound_first(torch.device("cpu")) == 4

@@ -625,7 +625,7 @@ def test_the_fusor_leaves_the_gpu_tier_to_the_source_only_from_its_ratio_on(cuda
 @pytest.mark.parametrize("ratio", [0.05, 0.3])
 def test_where_the_request_is_bound_by_its_copies_into_starts_more_layers_in_one_lookup_with_the_same_prefill(
         cuda_step, ratio, monkeypatch):
-    """Below PLACE_ASIDE_FROM the fusor asks `into` for COPY_BOUND_FIRST layers' copies at once: they are looked up in
+    """Below PLACE_ASIDE_FROM the fusor asks `into` for the card's COPY_BOUND_FIRST layers' copies at once: they are looked up in
     one pass (one plan of that many layers) and issued before the first layer is asked for; from it on, the source's
     ISSUE_FIRST. Either way the prefill equals the one of the source's own first layers, to the bit."""
     from services.settings import SERVED_SELECTOR
@@ -654,7 +654,7 @@ def test_where_the_request_is_bound_by_its_copies_into_starts_more_layers_in_one
     with torch.inference_mode():
         results = {}
         for first in (None, 4):
-            monkeypatch.setattr(fusor, "COPY_BOUND_FIRST", first)
+            monkeypatch.setattr(fusor, "COPY_BOUND_FIRST", {torch.cuda.get_device_name(): first} if first else {})
             seen.clear()
             source = StoreSource(store, [prefix, *keys], device="cuda").begin()
             results[first] = prefill(deep, layout, config, source)
