@@ -237,6 +237,7 @@ class StoreSource:
             # runtime call and its event.
             self._plans: dict[int, tuple] | None = {} if self._plannable() else None
             self._planned = -1  # every layer up to this one is planned (or the plan stopped before it)
+            self._plan_layers = self.PLAN_LAYERS  # layers a lookup pass plans (`into` may raise it to its `first`)
             self._buffer = None  # (the buffer the host segments land in, each segment's start in it)
             self._table = None  # (`_pointers`)
             self._views_due: set[int] = set()  # planned layers whose host segments' views `layer` makes
@@ -339,7 +340,7 @@ class StoreSource:
         ([layers, capacity, 2, kv_heads, head_dim], the request's KV buffer) on the copy stream, segment i at positions
         starts[i]..., and place the device-held whole ones (the system prefix) there at once; returns their indices
         (the fusor does not place them). `first`: the layers whose copies start now, looked up in one pass (None:
-        ISSUE_FIRST; the rest as `ahead` and `layer` ask). CUDA only (elsewhere none: the fusor copies host blocks
+        ISSUE_FIRST; the rest as `ahead` and `layer` ask, a pass looking up as many, or PLAN_LAYERS if more). CUDA only (elsewhere none: the fusor copies host blocks
         itself); call after `begin` and before the first `layer`."""
         if first is not None and (isinstance(first, bool) or not isinstance(first, int) or first < 1):
             raise ValueError(f"into(): first={first!r} layers to start; need a positive int or None")
@@ -366,8 +367,9 @@ class StoreSource:
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
         if self._host:  # (nothing to copy, e.g. every chunk in the GPU tier: each layer looked up when asked for)
             first = self.ISSUE_FIRST if first is None else first
-            if self._plans is not None and first > self.PLAN_LAYERS:
-                self._plan(0, first)  # the layers started now in one lookup pass
+            # The layers started now looked up in one pass, and as many a pass after (the bench's `/four-first` rows:
+            # ISSUE_FIRST and PLAN_LAYERS both 4).
+            self._plan_layers = max(self.PLAN_LAYERS, first)
             self._issue_ahead(first - 1, first)
         # Segments held whole on the device (the system prefix): every layer placed now by one copy on the
         # compute stream, not one small copy per layer by the fusor.
@@ -594,8 +596,8 @@ class StoreSource:
             places[index] = (starts[index] * token, shape[0] * token)
         return data.data_ptr(), data.stride(0) * size, places
 
-    def _plan(self, layer: int, count: int | None = None) -> None:
-        """Look layers `layer`.. (`count`, else PLAN_LAYERS of them) of every stored segment up in one pass and lay their copies out
+    def _plan(self, layer: int) -> None:
+        """Look layers `layer`.. (PLAN_LAYERS of them, or `into`'s `first` if more) of every stored segment up in one pass and lay their copies out
         (`dma.Prepared`), with the blocks the fusor is handed (the host segments' views made by `layer`) and the host
         blocks to hold. The plan stops for good at the first layer it cannot carry as a plain copy (a block missing,
         not contiguous or on an unexpected device): that layer and the rest take the per-layer path, which
@@ -609,7 +611,7 @@ class StoreSource:
                 self._plans = None
                 return
         base, layer_bytes, places = self._table
-        last = min(layer + (self.PLAN_LAYERS if count is None else count), self.n_layers) - 1
+        last = min(layer + self._plan_layers, self.n_layers) - 1
         layers = list(range(self._planned + 1, last + 1))
         self._planned = last
         stored = self._stored

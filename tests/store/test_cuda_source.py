@@ -645,9 +645,9 @@ def test_where_the_request_is_bound_by_its_copies_into_starts_more_layers_in_one
         seen.append((first, self._issued, self._planned))
         return placed
 
-    def counting_plan(self, layer, count=None):
-        seen.append(("plan", layer, count))
-        return plan(self, layer, count)
+    def counting_plan(self, layer):
+        seen.append(("plan", layer, self._plan_layers))
+        return plan(self, layer)
 
     monkeypatch.setattr(StoreSource, "into", recording_into)
     monkeypatch.setattr(StoreSource, "_plan", counting_plan)
@@ -662,7 +662,10 @@ def test_where_the_request_is_bound_by_its_copies_into_starts_more_layers_in_one
             bound = ratio < 0.15 and first == 4
             # (the passed count, the last layer issued, the last planned) when `into` returned
             assert seen[1] == ((4, 3, 3) if bound else (None, 1, 1)), seen
-            assert seen[0] == (("plan", 0, 4) if bound else ("plan", 0, None))  # one lookup pass for what starts
+            # One lookup pass for what starts, and as many layers a pass after (as ISSUE_FIRST, PLAN_LAYERS 4 would)
+            passes = [entry for entry in seen if entry[0] == "plan"]
+            assert passes[0] == ("plan", 0, 4 if bound else 2)
+            assert [layer for _, layer, _ in passes] == list(range(0, deep.n_layers, 4 if bound else 2))
     assert torch.equal(results[4].logits, results[None].logits)
     length = results[None].length
     assert torch.equal(results[4].cache.data[:, :length], results[None].cache.data[:, :length])
