@@ -249,8 +249,9 @@ AHEAD_BEFORE_CHECK = False
 PLACE_ASIDE_FROM = 0.15
 
 # Below PLACE_ASIDE_FROM the request is bound by its copies (blend@0.05 on an H200: a layer's compute ~0.365 ms against
-# its copy's ~0.385): there `into` may start more layers' copies at once (looked up in one pass) than the source's own
-# two, so the copy stream does not idle while the host sets up and ranks, at the cost of that host time in the head.
+# its copy's ~0.385): there `into` may start more layers' copies at once (looked up in one pass, and each later
+# lookup pass of the request covering as many) than the source's own two, so the copy stream does not idle while the
+# host sets up and ranks, at the cost of that host time in the head.
 # Which wins was measured per machine, so it is chosen by the card's name (a table, as tuned kernel configs are; a
 # card not named: the source's own): on the H200 four won at 0.05 in three runs (1.046 in s23a, 1.044 and 1.051 in
 # s25a/b, the bench's `/four-first` rows) and lost at 0.15 (0.964, 0.963, 0.962); on the H100 four lost at 0.05 in
@@ -258,9 +259,18 @@ PLACE_ASIDE_FROM = 0.15
 COPY_BOUND_FIRST: dict[str, int] = {"NVIDIA H200": 4}
 
 
+_card_names: dict[int, str] = {}
+
+
 def _card_name(device: torch.device) -> str | None:
-    """The CUDA card's name (`torch.cuda.get_device_name`), None off CUDA."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    """The CUDA card's name (`torch.cuda.get_device_name`, once a device: the head is host-bound), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name = _card_names.get(index)
+    if name is None:
+        name = _card_names[index] = torch.cuda.get_device_name(index)
+    return name
 
 
 def _copy_bound_first(device: torch.device) -> int | None:
@@ -346,9 +356,9 @@ def prefill_layers(step: LlamaStep, layout: PromptLayout, config: BlendConfig, s
         raise ValueError(f"recompute chunks {forced} need blend mode and indices below {len(layout.chunks)}")
     skip = {1 + index for index in forced}
     aside = config.mode == "blend" and config.ratio >= PLACE_ASIDE_FROM
-    first = _copy_bound_first(cache.data.device) if config.mode == "blend" and not aside else None
+    first_layers = _copy_bound_first(cache.data.device) if config.mode == "blend" and not aside else None
     # First: the copies start now.
-    placed = source.into(cache.data, new_starts, aside, first) if source is not None else set()
+    placed = source.into(cache.data, new_starts, aside, first_layers) if source is not None else set()
     unplaced = [index for index in range(len(new_starts)) if index not in placed]
     moving = _turn(old_starts, new_starts, lengths, skip)  # the same for every layer
     covered = boundaries[len(old_starts)]  # prompt tokens the placed segments fill

@@ -252,8 +252,9 @@ class StoreSource:
             self._writes: tuple[int, ...] | None = ()  # GPU-memory tiers' puts when last waited for (`_copy_placed`)
         return self
 
-    # Layers issued: `into` starts ISSUE_FIRST; each `ahead` call (the fusor's, once a layer's compute is enqueued)
-    # tops the copy stream up to IN_FLIGHT layers not yet copied (never past AHEAD layers beyond the one asked for);
+    # Layers issued: `into` starts ISSUE_FIRST (unless its caller names a count: blend's fusor asks four below its
+    # PLACE_ASIDE_FROM on the H200, fusor.COPY_BOUND_FIRST); each `ahead` call (the fusor's, once a layer's compute is
+    # enqueued) tops the copy stream up to IN_FLIGHT layers not yet copied (never past AHEAD layers beyond the one asked for);
     # `layer` issues the asked layer itself if it is not yet. A layer of 10 x 512
     # 8B-shape tokens copies in ~0.41 ms on an H200 and costs the host ~0.2 ms to issue (less through store.dma):
     # a fixed two a call (the earlier rule) left the stream idle for 0.9 and 1.4 ms while the host set up and
@@ -339,9 +340,10 @@ class StoreSource:
         """Copy the host-held segments (and with PLACE_DEVICE and `device_too` the GPU tier's) straight into `data`
         ([layers, capacity, 2, kv_heads, head_dim], the request's KV buffer) on the copy stream, segment i at positions
         starts[i]..., and place the device-held whole ones (the system prefix) there at once; returns their indices
-        (the fusor does not place them). `first`: the layers whose copies start now, looked up in one pass (None:
-        ISSUE_FIRST; the rest as `ahead` and `layer` ask, a pass looking up as many, or PLAN_LAYERS if more). CUDA only (elsewhere none: the fusor copies host blocks
-        itself); call after `begin` and before the first `layer`."""
+        (the fusor does not place them). `first`: the layers whose copies start now, looked up in one pass, and each
+        later lookup pass covering as many (or PLAN_LAYERS if more); None: ISSUE_FIRST start now, passes of
+        PLAN_LAYERS. CUDA only (elsewhere none: the fusor copies host blocks itself); call after `begin` and before the
+        first `layer`."""
         if first is not None and (isinstance(first, bool) or not isinstance(first, int) or first < 1):
             raise ValueError(f"into(): first={first!r} layers to start; need a positive int or None")
         if not self.cuda or not self._begun:
@@ -366,10 +368,11 @@ class StoreSource:
         self._writes = self._device_writes() if self._device_placed else ()
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer exists (and is zeroed)
         if self._host:  # (nothing to copy, e.g. every chunk in the GPU tier: each layer looked up when asked for)
+            if first is not None:
+                # The layers started now looked up in one pass, and as many a pass after (the bench's `/four-first`
+                # rows: ISSUE_FIRST and PLAN_LAYERS both 4).
+                self._plan_layers = max(self.PLAN_LAYERS, first)
             first = self.ISSUE_FIRST if first is None else first
-            # The layers started now looked up in one pass, and as many a pass after (the bench's `/four-first` rows:
-            # ISSUE_FIRST and PLAN_LAYERS both 4).
-            self._plan_layers = max(self.PLAN_LAYERS, first)
             self._issue_ahead(first - 1, first)
         # Segments held whole on the device (the system prefix): every layer placed now by one copy on the
         # compute stream, not one small copy per layer by the fusor.
@@ -597,7 +600,8 @@ class StoreSource:
         return data.data_ptr(), data.stride(0) * size, places
 
     def _plan(self, layer: int) -> None:
-        """Look layers `layer`.. (PLAN_LAYERS of them, or `into`'s `first` if more) of every stored segment up in one pass and lay their copies out
+        """Look layers `layer`.. (PLAN_LAYERS of them, or `into`'s `first` if more) of every stored segment up in one
+        pass and lay their copies out
         (`dma.Prepared`), with the blocks the fusor is handed (the host segments' views made by `layer`) and the host
         blocks to hold. The plan stops for good at the first layer it cannot carry as a plain copy (a block missing,
         not contiguous or on an unexpected device): that layer and the rest take the per-layer path, which

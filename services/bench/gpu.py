@@ -644,14 +644,15 @@ def run_bench(config: BenchConfig) -> dict:
                     # - `/four-first`: `into` looks up and issues four layers (StoreSource.ISSUE_FIRST, PLAN_LAYERS 4;
                     #   below fusor.PLACE_ASIDE_FROM, fusor.COPY_BOUND_FIRST for this card), not the head's two; the
                     #   head's host time against the copy stream's idle spell it spares. Where this card is served
-                    #   four below PLACE_ASIDE_FROM (the H200), `/two-first` there sets the source's two back;
+                    #   more below PLACE_ASIDE_FROM (the H200: four), `/two-first` there sets the source's two back
+                    #   (the other rows there keep the card's count: e.g. `/looked-up-a-layer` issues four at first);
                     # - `/turn-inline`: the placed keys re-rotated by the fusor on the compute stream before each
                     #   layer (StoreSource.TURN_ASIDE off), not on the source's stream once the layer's copies are done;
                     # - `/unchained`: each whole-layer graph's output cloned out of its bucket and copied back in by
                     #   the next layer (LayerGraphs.CHAIN off), not handed over as the bucket's rows (served since the
                     #   nineteenth session).
                     card = fusor._card_name(torch.device(step.device))
-                    if ratio < fusor.PLACE_ASIDE_FROM and fusor.COPY_BOUND_FIRST.get(card) == 4:
+                    if ratio < fusor.PLACE_ASIDE_FROM and fusor.COPY_BOUND_FIRST.get(card) is not None:
                         plan.append((f"{label}/two-first", mode, ratio, tier, lambda fn=fn: _with_settings(
                             [(fusor, "COPY_BOUND_FIRST", {})], fn)))
                     else:

@@ -625,9 +625,9 @@ def test_the_fusor_leaves_the_gpu_tier_to_the_source_only_from_its_ratio_on(cuda
 @pytest.mark.parametrize("ratio", [0.05, 0.3])
 def test_where_the_request_is_bound_by_its_copies_into_starts_more_layers_in_one_lookup_with_the_same_prefill(
         cuda_step, ratio, monkeypatch):
-    """Below PLACE_ASIDE_FROM the fusor asks `into` for the card's COPY_BOUND_FIRST layers' copies at once: they are looked up in
-    one pass (one plan of that many layers) and issued before the first layer is asked for; from it on, the source's
-    ISSUE_FIRST. Either way the prefill equals the one of the source's own first layers, to the bit."""
+    """Below PLACE_ASIDE_FROM the fusor asks `into` for the card's COPY_BOUND_FIRST layers' copies at once: they are
+    looked up in one pass and issued before the first layer is asked for, and each later pass covers as many; from it
+    on, the source's ISSUE_FIRST and passes of PLAN_LAYERS. Either way the prefill is the same, to the bit."""
     from services.settings import SERVED_SELECTOR
 
     monkeypatch.setattr(fusor, "PLACE_ASIDE_FROM", 0.15)
