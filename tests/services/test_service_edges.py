@@ -89,7 +89,9 @@ def test_a_stream_ended_by_its_deadline_is_counted_as_deadline_exceeded_a_real_c
     the server's, and it reaches the server as a cancel); a cancel well before the deadline is CANCELLED."""
     seed = client.ingest(DOCUMENTS[:1], timeout=60).documents[0].chunk_ids[0]
     assert _generate_counted(server, client, seed, 0.5, None) == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 0, "OK": 0}
-    assert _generate_counted(server, client, seed, 1.0, 0.97) == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 0, "OK": 0}
+    # (0.7 s: the stream must still run when the client gives up; the tiny model's 900 tokens, its context's worth,
+    # took under a second on a quiet run of the whole suite, and the stream ended OK before a 0.97 s cancel.)
+    assert _generate_counted(server, client, seed, 0.7, 0.67) == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 0, "OK": 0}
     assert _generate_counted(server, client, seed, 5.0, 0.3) == {"DEADLINE_EXCEEDED": 0, "CANCELLED": 1, "OK": 0}
 
 
