@@ -254,8 +254,8 @@ class StoreSource:
 
     # Layers issued: `into` starts ISSUE_FIRST (unless its caller names a count: blend's fusor asks four below its
     # PLACE_ASIDE_FROM on the H200, fusor.COPY_BOUND_FIRST); each `ahead` call (the fusor's, once a layer's compute is
-    # enqueued) tops the copy stream up to IN_FLIGHT layers not yet copied (never past AHEAD layers beyond the one asked for);
-    # `layer` issues the asked layer itself if it is not yet. A layer of 10 x 512
+    # enqueued) tops the copy stream up to IN_FLIGHT layers not yet copied (never past AHEAD layers beyond the one
+    # asked for); `layer` issues the asked layer itself if it is not yet. A layer of 10 x 512
     # 8B-shape tokens copies in ~0.41 ms on an H200 and costs the host ~0.2 ms to issue (less through store.dma):
     # a fixed two a call (the earlier rule) left the stream idle for 0.9 and 1.4 ms while the host set up and
     # ranked, then kept issuing while the stream was well ahead, during layers 3-14 of blend@0.05 that took 0.45-0.7
@@ -601,8 +601,7 @@ class StoreSource:
 
     def _plan(self, layer: int) -> None:
         """Look layers `layer`.. (PLAN_LAYERS of them, or `into`'s `first` if more) of every stored segment up in one
-        pass and lay their copies out
-        (`dma.Prepared`), with the blocks the fusor is handed (the host segments' views made by `layer`) and the host
+        pass and lay their copies out (`dma.Prepared`), with the blocks the fusor is handed (the host segments' views made by `layer`) and the host
         blocks to hold. The plan stops for good at the first layer it cannot carry as a plain copy (a block missing,
         not contiguous or on an unexpected device): that layer and the rest take the per-layer path, which
         recomputes what went missing. A block found here is held from now on, so one evicted before its turn is
