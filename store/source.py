@@ -603,11 +603,11 @@ class StoreSource:
         """Look layers `layer`.. (PLAN_LAYERS of them, or `into`'s `first` if more) of every stored segment up in one
         pass and lay their copies out (`dma.Prepared`), with the blocks the fusor is handed (the host segments' views
         made by `layer`) and the host blocks to hold. The plan stops for good at the first layer it cannot carry as a
-        plain copy (a block missing, not contiguous or on an unexpected device): that layer and the rest take the per-
-        layer path, which recomputes what went missing. A block found here is held from now on, so one evicted before
-        its turn is still copied intact. (Where the plan stops, the pass's later layers were looked up for nothing: the
-        store counts those hits twice and the pass's time goes to the layers planned; a request stopped early counts the
-        bytes of layers planned and never issued.)"""
+        plain copy (a block missing, not contiguous or on an unexpected device): that layer and the rest take the
+        per-layer path, which recomputes what went missing. A block found here is held from now on, so one evicted
+        before its turn is still copied intact. (Where the plan stops, the pass's later layers were looked up for
+        nothing: the store counts those hits twice and the pass's time goes to the layers planned; a request stopped
+        early counts the bytes of layers planned and never issued.)"""
         if self._table is None:
             self._table = self._pointers()
             if self._table is None:
