@@ -15,6 +15,7 @@ layer i + 1 while layer i computes; the fusor never does I/O itself.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -259,18 +260,14 @@ PLACE_ASIDE_FROM = 0.15
 COPY_BOUND_FIRST: dict[str, int] = {"NVIDIA H200": 4}
 
 
-_card_names: dict[int, str] = {}
-
-
 def _card_name(device: torch.device) -> str | None:
     """The CUDA card's name (`torch.cuda.get_device_name`, once a device: the head is host-bound), None off CUDA."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    name = _card_names.get(index)
-    if name is None:
-        name = _card_names[index] = torch.cuda.get_device_name(index)
-    return name
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_cuda_name = functools.cache(torch.cuda.get_device_name)
 
 
 def _copy_bound_first(device: torch.device) -> int | None:

@@ -728,16 +728,16 @@ class StoreSource:
         return out, sources + [block for _, block in placed], wrote
 
     def _copy_placed(self, placed: list[tuple[torch.Tensor, torch.Tensor]], copy: torch.cuda.Stream) -> None:
-        """The GPU tier's (target view, block) pairs copied device to device on the copy stream (PLACE_DEVICE). The
-        copy stream waited at `into` for the compute stream's work then, so for every block put before; a block put
-        since the copies last waited (promoted by a lookup pass, or re-put by an interleaved request) may be written
-        on the compute stream after that, so then the copies also wait for the compute stream's work enqueued so far
-        (it was written before the host looked it up). Not waiting where nothing was put keeps the copies off the compute stream's path: a
-        copy waiting for the layer just enqueued held every layer's compute behind its own copy and turn (s24a's
-        `/placed-aside` rows, 0.9x the served GPU-tier row at 0.05). The count is read before the event is recorded,
-        so it becomes the count waited for: a later put makes only the copies after it wait. (Every thread that puts
-        into a GPU tier does so on the device's default stream, the compute stream here: serving and blend set no
-        other.)"""
+        """The GPU tier's (target view, block) pairs copied device to device on the copy stream (PLACE_DEVICE). The copy
+        stream waited at `into` for the compute stream's work then, so for every block put before; a block put since the
+        copies last waited (promoted by a lookup pass, or re-put by an interleaved request) may be written on the
+        compute stream after that, so then the copies also wait for the compute stream's work enqueued so far (it was
+        written before the host looked it up). Not waiting where nothing was put keeps the copies off the compute
+        stream's path: a copy waiting for the layer just enqueued held every layer's compute behind its own copy and
+        turn (s24a's `/placed-aside` rows, 0.9x the served GPU-tier row at 0.05). The count is read before the event is
+        recorded, so it becomes the count waited for: a later put makes only the copies after it wait. (Every thread
+        that puts into a GPU tier does so on the device's default stream, the compute stream here: serving and blend set
+        no other.)"""
         writes = self._device_writes()
         if writes is None or writes != self._writes:
             copy.wait_event(_recorded(torch.cuda.current_stream(self.device)))

@@ -625,6 +625,7 @@ def run_bench(config: BenchConfig) -> dict:
                         # below (`/in-flight2`: 1.012-1.033 of the served row at 0.15 in six runs, s23a and s24a-g).
                         plan.append((f"{label}/in-flight2", mode, ratio, tier, lambda fn=fn: _with_settings(
                             [(StoreSource, "IN_FLIGHT", 2)], fn)))
+                card = fusor._card_name(torch.device(step.device))  # (fusor.COPY_BOUND_FIRST's key)
                 # The served rows with fewer and more layers' copies kept in flight than served (StoreSource.IN_FLIGHT):
                 # where the copy stream runs dry against where issuing costs the host more than it gives.
                 for label, mode, ratio, tier, fn in [r for r in plan if r[0] in (
@@ -651,7 +652,6 @@ def run_bench(config: BenchConfig) -> dict:
                     # - `/unchained`: each whole-layer graph's output cloned out of its bucket and copied back in by
                     #   the next layer (LayerGraphs.CHAIN off), not handed over as the bucket's rows (served since the
                     #   nineteenth session).
-                    card = fusor._card_name(torch.device(step.device))
                     if ratio < fusor.PLACE_ASIDE_FROM and fusor.COPY_BOUND_FIRST.get(card) is not None:
                         plan.append((f"{label}/two-first", mode, ratio, tier, lambda fn=fn: _with_settings(
                             [(fusor, "COPY_BOUND_FIRST", {})], fn)))
